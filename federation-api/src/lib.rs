@@ -3,6 +3,83 @@
 //! both directions with validation. This crate does no I/O and knows nothing
 //! of the gateway.
 
-pub mod domain;
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod convert;
+pub mod domain;
+pub mod validate;
+
+pub use convert::{
+    DecodeError, TYPE_URL_V1ALPHA1, TYPE_URL_V1ALPHA2, decode_any, encode_any, from_v1alpha1,
+    to_v1alpha1, to_v1alpha2, type_url,
+};
 pub use domain::{ApiVersion, Endpoint, FederatedService, Instance, Protocol, UnknownProtocol};
+pub use validate::{Problem, ValidationError, is_dns_label, is_dns_name};
+
+/// The encoded `FileDescriptorSet` of every Hamlet proto (imports included),
+/// for gRPC server reflection and descriptor-level tests.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/hamlet_descriptor.bin"));
+
+/// Code generated from `proto/` by prost and tonic (messages, clients, servers).
+/// The module tree mirrors the proto packages so generated cross-references resolve.
+pub mod proto {
+    pub mod federation {
+        pub mod types {
+            pub mod v1alpha2 {
+                #![allow(
+                    clippy::all,
+                    clippy::pedantic,
+                    clippy::unwrap_used,
+                    clippy::expect_used,
+                    missing_docs
+                )]
+                tonic::include_proto!("federation.types.v1alpha2");
+            }
+            pub mod v1alpha1 {
+                #![allow(
+                    clippy::all,
+                    clippy::pedantic,
+                    clippy::unwrap_used,
+                    clippy::expect_used,
+                    missing_docs
+                )]
+                tonic::include_proto!("federation.types.v1alpha1");
+            }
+        }
+        pub mod resourcediscovery {
+            pub mod v1alpha2 {
+                #![allow(
+                    clippy::all,
+                    clippy::pedantic,
+                    clippy::unwrap_used,
+                    clippy::expect_used,
+                    missing_docs
+                )]
+                tonic::include_proto!("federation.resourcediscovery.v1alpha2");
+            }
+            pub mod v1alpha1 {
+                #![allow(
+                    clippy::all,
+                    clippy::pedantic,
+                    clippy::unwrap_used,
+                    clippy::expect_used,
+                    missing_docs
+                )]
+                tonic::include_proto!("federation.resourcediscovery.v1alpha1");
+            }
+        }
+    }
+    pub mod google {
+        pub mod rpc {
+            #![allow(
+                clippy::all,
+                clippy::pedantic,
+                clippy::unwrap_used,
+                clippy::expect_used,
+                missing_docs
+            )]
+            tonic::include_proto!("google.rpc");
+        }
+    }
+}

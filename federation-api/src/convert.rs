@@ -1,0 +1,368 @@
+//! Conversions between the generated proto messages and the catalog domain
+//! types, for both Hamlet versions, plus packing into and out of
+//! `google.protobuf.Any`. Every import normalizes and validates, so a
+//! [`FederatedService`] that came from a peer always satisfies
+//! [`FederatedService::validate`]. Proto structs are destructured without
+//! `..`, so a field added to a `.proto` fails to compile here until handled.
+//!
+//! # v1alpha1 mapping
+//!
+//! v1alpha1 has no instances and a single SAN, so the mapping is lossy:
+//!
+//! * import: `sans` = `[san]` if `san` is non-empty, else empty; `instances`
+//!   = one instance per distinct entry of `protocols` (case-insensitive,
+//!   first wins), with `id` = the protocol in lower case (`"http"`) and no
+//!   metadata, selectors or description; the v1alpha1 `id` field is ignored,
+//!   because the domain identifies a service by `name`.
+//! * export: `id` = `name`; `san` = the first SAN or empty; `protocols` =
+//!   the distinct instance protocols in instance order; `endpoints` =
+//!   address and port (endpoint labels and descriptions are dropped);
+//!   `description`, `tags`, `labels` and `fqdn` are carried as they are.
+
+use std::collections::BTreeMap;
+
+use prost::Message;
+
+use crate::domain::{ApiVersion, Endpoint, FederatedService, Instance, Protocol};
+use crate::proto::federation::types::{v1alpha1, v1alpha2};
+use crate::validate::{Problem, ValidationError};
+
+/// Type URL of a `v1alpha2` `FederatedService` packed in an `Any`.
+pub const TYPE_URL_V1ALPHA2: &str =
+    "type.googleapis.com/federation.types.v1alpha2.FederatedService";
+/// Type URL of a `v1alpha1` `FederatedService` packed in an `Any`.
+pub const TYPE_URL_V1ALPHA1: &str =
+    "type.googleapis.com/federation.types.v1alpha1.FederatedService";
+
+/// The `FederatedService` type URL (also the stream's `resource_url`) of `version`.
+pub fn type_url(version: ApiVersion) -> &'static str {
+    match version {
+        ApiVersion::V1alpha2 => TYPE_URL_V1ALPHA2,
+        ApiVersion::V1alpha1 => TYPE_URL_V1ALPHA1,
+    }
+}
+
+/// Why a resource received from a peer could not be turned into a service.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("resource has type url {got:?}, expected {expected:?}")]
+    WrongTypeUrl { expected: &'static str, got: String },
+    #[error("resource is not a valid protobuf message: {0}")]
+    Protobuf(String),
+    #[error("invalid federated service: {0}")]
+    Invalid(#[from] ValidationError),
+}
+
+/// Peers differ on case and on the trailing dot; the catalog keys on one spelling.
+fn normalize_fqdn(fqdn: String) -> String {
+    let lower = fqdn.to_ascii_lowercase();
+    match lower.strip_suffix('.') {
+        Some(stripped) => stripped.to_owned(),
+        None => lower,
+    }
+}
+
+fn port_from_wire(i: usize, port: u32) -> Result<u16, ValidationError> {
+    match u16::try_from(port) {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err(ValidationError::new(
+            format!("endpoints[{i}].port"),
+            Problem::PortOutOfRange(u64::from(port)),
+        )),
+    }
+}
+
+fn parse_protocol(field: String, s: &str) -> Result<Protocol, ValidationError> {
+    s.parse()
+        .map_err(|_| ValidationError::new(field, Problem::UnknownProtocol(s.to_owned())))
+}
+
+impl TryFrom<v1alpha2::FederatedService> for FederatedService {
+    type Error = ValidationError;
+
+    /// Imports a `v1alpha2` message: parses ports and protocols, normalizes
+    /// the fqdn and checks every `v1alpha2` rule.
+    fn try_from(p: v1alpha2::FederatedService) -> Result<Self, Self::Error> {
+        let v1alpha2::FederatedService {
+            name,
+            description,
+            tags,
+            labels,
+            fqdn,
+            endpoints,
+            sans,
+            instances,
+        } = p;
+
+        let endpoints = endpoints
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let v1alpha2::federated_service::Endpoint {
+                    address,
+                    port,
+                    labels,
+                    description,
+                } = e;
+                Ok(Endpoint {
+                    address,
+                    port: port_from_wire(i, port)?,
+                    labels,
+                    description,
+                })
+            })
+            .collect::<Result<Vec<_>, ValidationError>>()?;
+
+        let instances = instances
+            .into_iter()
+            .enumerate()
+            .map(|(i, inst)| {
+                let v1alpha2::federated_service::Instance {
+                    id,
+                    protocol,
+                    metadata,
+                    endpoint_selector,
+                    description,
+                } = inst;
+                Ok(Instance {
+                    id,
+                    protocol: parse_protocol(format!("instances[{i}].protocol"), &protocol)?,
+                    metadata: metadata.into_iter().collect(),
+                    endpoint_selector,
+                    description,
+                })
+            })
+            .collect::<Result<Vec<_>, ValidationError>>()?;
+
+        let svc = FederatedService {
+            name,
+            description,
+            tags,
+            labels: labels.into_iter().collect(),
+            fqdn: normalize_fqdn(fqdn),
+            endpoints,
+            sans,
+            instances,
+        };
+        svc.validate(ApiVersion::V1alpha2)?;
+        Ok(svc)
+    }
+}
+
+/// Exports `svc` as a `v1alpha2` message. Every domain field has a home, so
+/// this is lossless.
+pub fn to_v1alpha2(svc: &FederatedService) -> v1alpha2::FederatedService {
+    let FederatedService {
+        name,
+        description,
+        tags,
+        labels,
+        fqdn,
+        endpoints,
+        sans,
+        instances,
+    } = svc;
+    v1alpha2::FederatedService {
+        name: name.clone(),
+        description: description.clone(),
+        tags: tags.clone(),
+        labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        fqdn: fqdn.clone(),
+        endpoints: endpoints
+            .iter()
+            .map(|e| {
+                let Endpoint {
+                    address,
+                    port,
+                    labels,
+                    description,
+                } = e;
+                v1alpha2::federated_service::Endpoint {
+                    address: address.clone(),
+                    port: u32::from(*port),
+                    labels: labels.clone(),
+                    description: description.clone(),
+                }
+            })
+            .collect(),
+        sans: sans.clone(),
+        instances: instances
+            .iter()
+            .map(|inst| {
+                let Instance {
+                    id,
+                    protocol,
+                    metadata,
+                    endpoint_selector,
+                    description,
+                } = inst;
+                v1alpha2::federated_service::Instance {
+                    id: id.clone(),
+                    protocol: protocol.as_str().to_owned(),
+                    metadata: metadata
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                    endpoint_selector: endpoint_selector.clone(),
+                    description: description.clone(),
+                }
+            })
+            .collect(),
+    }
+}
+
+impl TryFrom<v1alpha1::FederatedService> for FederatedService {
+    type Error = ValidationError;
+
+    /// See [`from_v1alpha1`].
+    fn try_from(p: v1alpha1::FederatedService) -> Result<Self, Self::Error> {
+        from_v1alpha1(p)
+    }
+}
+
+/// Imports a `v1alpha1` message per the mapping in the module docs, then
+/// checks every `v1alpha1` rule. Unknown protocols fail with field
+/// `protocols[i]`.
+pub fn from_v1alpha1(p: v1alpha1::FederatedService) -> Result<FederatedService, ValidationError> {
+    let v1alpha1::FederatedService {
+        name,
+        description,
+        tags,
+        labels,
+        fqdn,
+        // The domain identifies a service by `name`; v1alpha1's separate id
+        // has no home and no consumer-visible meaning.
+        id: _,
+        san,
+        protocols,
+        endpoints,
+    } = p;
+
+    let endpoints = endpoints
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let v1alpha1::federated_service::Endpoint { address, port } = e;
+            Ok(Endpoint {
+                address,
+                port: port_from_wire(i, port)?,
+                labels: Vec::new(),
+                description: String::new(),
+            })
+        })
+        .collect::<Result<Vec<_>, ValidationError>>()?;
+
+    let mut instances: Vec<Instance> = Vec::new();
+    for (i, raw) in protocols.iter().enumerate() {
+        let protocol = parse_protocol(format!("protocols[{i}]"), raw)?;
+        // A repeated protocol would give two instances the same id; it says
+        // nothing new, so the first one stands.
+        if instances.iter().any(|inst| inst.protocol == protocol) {
+            continue;
+        }
+        instances.push(Instance {
+            id: protocol.as_str().to_ascii_lowercase(),
+            protocol,
+            metadata: BTreeMap::new(),
+            endpoint_selector: Vec::new(),
+            description: String::new(),
+        });
+    }
+
+    let svc = FederatedService {
+        name,
+        description,
+        tags,
+        labels: labels.into_iter().collect(),
+        fqdn: normalize_fqdn(fqdn),
+        endpoints,
+        sans: if san.is_empty() {
+            Vec::new()
+        } else {
+            vec![san]
+        },
+        instances,
+    };
+    svc.validate(ApiVersion::V1alpha1)?;
+    Ok(svc)
+}
+
+/// Exports `svc` as a `v1alpha1` message per the mapping in the module docs.
+pub fn to_v1alpha1(svc: &FederatedService) -> v1alpha1::FederatedService {
+    let FederatedService {
+        name,
+        description,
+        tags,
+        labels,
+        fqdn,
+        endpoints,
+        sans,
+        instances,
+    } = svc;
+    let mut protocols: Vec<String> = Vec::new();
+    for inst in instances {
+        let p = inst.protocol.as_str();
+        if !protocols.iter().any(|q| q == p) {
+            protocols.push(p.to_owned());
+        }
+    }
+    v1alpha1::FederatedService {
+        name: name.clone(),
+        description: description.clone(),
+        tags: tags.clone(),
+        labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        fqdn: fqdn.clone(),
+        id: name.clone(),
+        san: sans.first().cloned().unwrap_or_default(),
+        protocols,
+        endpoints: endpoints
+            .iter()
+            .map(|e| v1alpha1::federated_service::Endpoint {
+                address: e.address.clone(),
+                port: u32::from(e.port),
+            })
+            .collect(),
+    }
+}
+
+/// Packs `svc` as the `FederatedService` of `version` in an `Any` whose
+/// type URL is [`type_url`]`(version)`.
+pub fn encode_any(svc: &FederatedService, version: ApiVersion) -> prost_types::Any {
+    let value = match version {
+        ApiVersion::V1alpha2 => to_v1alpha2(svc).encode_to_vec(),
+        ApiVersion::V1alpha1 => to_v1alpha1(svc).encode_to_vec(),
+    };
+    prost_types::Any {
+        type_url: type_url(version).to_owned(),
+        value,
+    }
+}
+
+/// Unpacks, normalizes and validates a `FederatedService` of `version` from
+/// an `Any` received from a peer.
+pub fn decode_any(
+    any: &prost_types::Any,
+    version: ApiVersion,
+) -> Result<FederatedService, DecodeError> {
+    let expected = type_url(version);
+    if any.type_url != expected {
+        return Err(DecodeError::WrongTypeUrl {
+            expected,
+            got: any.type_url.clone(),
+        });
+    }
+    let bytes = any.value.as_slice();
+    let svc = match version {
+        ApiVersion::V1alpha2 => v1alpha2::FederatedService::decode(bytes)
+            .map_err(|e| DecodeError::Protobuf(e.to_string()))?
+            .try_into()?,
+        ApiVersion::V1alpha1 => from_v1alpha1(
+            v1alpha1::FederatedService::decode(bytes)
+                .map_err(|e| DecodeError::Protobuf(e.to_string()))?,
+        )?,
+    };
+    Ok(svc)
+}
+
+#[cfg(test)]
+mod tests;
