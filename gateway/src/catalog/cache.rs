@@ -1,0 +1,570 @@
+//! The on-disk import cache: one JSON file per peer,
+//! `<cache dir>/imports-<peer>.json`, so imports survive a restart while the
+//! peer is unreachable. Writes are atomic (temporary file, fsync, rename,
+//! fsync of the directory): a crash leaves the old file or the new one,
+//! never half of one. This module only reads and writes files; deciding
+//! what is stale is the federation room's job.
+//!
+//! The functions block on file I/O; call them from `spawn_blocking`. Exactly
+//! one writer per peer is assumed (the consumer task of that peer), since
+//! the temporary file name is fixed.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use elsinore_federation_api::{Endpoint, FederatedService, Instance, UnknownProtocol};
+use serde::{Deserialize, Serialize};
+
+/// The file format version this build writes and reads.
+pub const VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("peer name {0:?} cannot be used in a cache file name")]
+    InvalidPeerName(String),
+    #[error("cannot create cache directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write cache file {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read cache file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot encode cache file {path}: {source}")]
+    Encode {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("cache file {path} is corrupt: {source}")]
+    Corrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("cache file {path} has version {version}, this build reads version {VERSION}")]
+    UnsupportedVersion { path: PathBuf, version: u64 },
+    #[error("cache file {path} belongs to peer {found:?}, expected {expected:?}")]
+    PeerMismatch {
+        path: PathBuf,
+        expected: String,
+        found: String,
+    },
+    #[error("cache file {path}, entry {index}: {source}")]
+    InvalidEntry {
+        path: PathBuf,
+        index: usize,
+        source: UnknownProtocol,
+    },
+}
+
+/// The cache file of `peer` in `dir`. Peer names are DNS labels (config
+/// validates that), but this is a file name, so anything that could leave
+/// the directory is refused here as well.
+pub fn path_for(dir: &Path, peer: &str) -> Result<PathBuf, CacheError> {
+    if peer.is_empty() || peer.contains(['/', '\\', '\0']) || peer.contains("..") {
+        return Err(CacheError::InvalidPeerName(peer.to_owned()));
+    }
+    Ok(dir.join(format!("imports-{peer}.json")))
+}
+
+/// Replaces the cache file of `peer` with `entries` (each with when it was
+/// last confirmed by the peer), atomically. Creates `dir` if missing.
+pub fn save(
+    dir: &Path,
+    peer: &str,
+    entries: &[(std::sync::Arc<FederatedService>, SystemTime)],
+) -> Result<(), CacheError> {
+    let path = path_for(dir, peer)?;
+    fs::create_dir_all(dir).map_err(|source| CacheError::CreateDir {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let file = CacheFile {
+        version: u64::from(VERSION),
+        peer: peer.to_owned(),
+        saved_at: unix_seconds(SystemTime::now()),
+        entries: entries
+            .iter()
+            .map(|(service, confirmed)| CachedEntry {
+                confirmed_at: unix_seconds(*confirmed),
+                service: CachedService::from(&**service),
+            })
+            .collect(),
+    };
+    let bytes = serde_json::to_vec_pretty(&file).map_err(|source| CacheError::Encode {
+        path: path.clone(),
+        source,
+    })?;
+
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = PathBuf::from(tmp_name);
+    let result = write_synced(&tmp, &bytes).and_then(|()| fs::rename(&tmp, &path));
+    if let Err(source) = result {
+        // Best effort: a leftover .tmp is harmless (the next save truncates
+        // it) but would confuse an operator looking at the directory.
+        let _ = fs::remove_file(&tmp);
+        return Err(CacheError::Write { path, source });
+    }
+    // The rename is durable only once the directory entry is on disk.
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| CacheError::Write {
+            path: dir.to_owned(),
+            source,
+        })
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = File::create(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// Reads the cache file of `peer`. A missing file is an empty cache; any
+/// other problem is an error naming the file, which the caller logs before
+/// starting empty.
+pub fn load(dir: &Path, peer: &str) -> Result<Vec<(FederatedService, SystemTime)>, CacheError> {
+    let path = path_for(dir, peer)?;
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(CacheError::Read { path, source }),
+    };
+    // Check the version before the shape, so a file from a newer build says
+    // "unsupported version" rather than some missing-field message.
+    let probe: VersionProbe =
+        serde_json::from_slice(&bytes).map_err(|source| CacheError::Corrupt {
+            path: path.clone(),
+            source,
+        })?;
+    if probe.version != u64::from(VERSION) {
+        return Err(CacheError::UnsupportedVersion {
+            path,
+            version: probe.version,
+        });
+    }
+    let file: CacheFile = serde_json::from_slice(&bytes).map_err(|source| CacheError::Corrupt {
+        path: path.clone(),
+        source,
+    })?;
+    if file.peer != peer {
+        return Err(CacheError::PeerMismatch {
+            path,
+            expected: peer.to_owned(),
+            found: file.peer,
+        });
+    }
+    file.entries
+        .into_iter()
+        .enumerate()
+        .map(|(index, e)| {
+            let service = FederatedService::try_from(e.service).map_err(|source| {
+                CacheError::InvalidEntry {
+                    path: path.clone(),
+                    index,
+                    source,
+                }
+            })?;
+            Ok((service, UNIX_EPOCH + Duration::from_secs(e.confirmed_at)))
+        })
+        .collect()
+}
+
+/// Seconds since the epoch; times before it (a broken clock) count as 0.
+fn unix_seconds(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[derive(Deserialize)]
+struct VersionProbe {
+    version: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CacheFile {
+    version: u64,
+    peer: String,
+    saved_at: u64,
+    entries: Vec<CachedEntry>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CachedEntry {
+    confirmed_at: u64,
+    service: CachedService,
+}
+
+/// Serde mirror of [`FederatedService`]; the domain type stays free of
+/// serde so the file format can only change here, on purpose.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CachedService {
+    pub name: String,
+    pub description: String,
+    pub tags: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub fqdn: String,
+    pub endpoints: Vec<CachedEndpoint>,
+    pub sans: Vec<String>,
+    pub instances: Vec<CachedInstance>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CachedEndpoint {
+    pub address: String,
+    pub port: u16,
+    pub labels: Vec<String>,
+    pub description: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CachedInstance {
+    pub id: String,
+    /// The wire spelling, e.g. `HTTP`.
+    pub protocol: String,
+    pub metadata: BTreeMap<String, String>,
+    pub endpoint_selector: Vec<String>,
+    pub description: String,
+}
+
+// The conversions destructure exhaustively so a new domain field fails to
+// compile until the file format handles it.
+
+impl From<&FederatedService> for CachedService {
+    fn from(s: &FederatedService) -> Self {
+        let FederatedService {
+            name,
+            description,
+            tags,
+            labels,
+            fqdn,
+            endpoints,
+            sans,
+            instances,
+        } = s;
+        CachedService {
+            name: name.clone(),
+            description: description.clone(),
+            tags: tags.clone(),
+            labels: labels.clone(),
+            fqdn: fqdn.clone(),
+            endpoints: endpoints.iter().map(CachedEndpoint::from).collect(),
+            sans: sans.clone(),
+            instances: instances.iter().map(CachedInstance::from).collect(),
+        }
+    }
+}
+
+impl From<&Endpoint> for CachedEndpoint {
+    fn from(e: &Endpoint) -> Self {
+        let Endpoint {
+            address,
+            port,
+            labels,
+            description,
+        } = e;
+        CachedEndpoint {
+            address: address.clone(),
+            port: *port,
+            labels: labels.clone(),
+            description: description.clone(),
+        }
+    }
+}
+
+impl From<&Instance> for CachedInstance {
+    fn from(i: &Instance) -> Self {
+        let Instance {
+            id,
+            protocol,
+            metadata,
+            endpoint_selector,
+            description,
+        } = i;
+        CachedInstance {
+            id: id.clone(),
+            protocol: protocol.as_str().to_owned(),
+            metadata: metadata.clone(),
+            endpoint_selector: endpoint_selector.clone(),
+            description: description.clone(),
+        }
+    }
+}
+
+impl TryFrom<CachedService> for FederatedService {
+    type Error = UnknownProtocol;
+    fn try_from(s: CachedService) -> Result<Self, Self::Error> {
+        let CachedService {
+            name,
+            description,
+            tags,
+            labels,
+            fqdn,
+            endpoints,
+            sans,
+            instances,
+        } = s;
+        Ok(FederatedService {
+            name,
+            description,
+            tags,
+            labels,
+            fqdn,
+            endpoints: endpoints.into_iter().map(Endpoint::from).collect(),
+            sans,
+            instances: instances
+                .into_iter()
+                .map(Instance::try_from)
+                .collect::<Result<_, _>>()?,
+        })
+    }
+}
+
+impl From<CachedEndpoint> for Endpoint {
+    fn from(e: CachedEndpoint) -> Self {
+        let CachedEndpoint {
+            address,
+            port,
+            labels,
+            description,
+        } = e;
+        Endpoint {
+            address,
+            port,
+            labels,
+            description,
+        }
+    }
+}
+
+impl TryFrom<CachedInstance> for Instance {
+    type Error = UnknownProtocol;
+    fn try_from(i: CachedInstance) -> Result<Self, Self::Error> {
+        let CachedInstance {
+            id,
+            protocol,
+            metadata,
+            endpoint_selector,
+            description,
+        } = i;
+        Ok(Instance {
+            id,
+            protocol: protocol.parse()?,
+            metadata,
+            endpoint_selector,
+            description,
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use elsinore_federation_api::Protocol;
+
+    fn service(name: &str, protocol: Protocol) -> FederatedService {
+        FederatedService {
+            name: name.to_owned(),
+            description: "the reviews".to_owned(),
+            tags: vec!["t1".to_owned()],
+            labels: BTreeMap::from([("elsinore.io/mesh".to_owned(), "mesh-b".to_owned())]),
+            fqdn: format!("{name}.mesh-b.global"),
+            endpoints: vec![Endpoint {
+                address: "gw.mesh-b.example".to_owned(),
+                port: 15443,
+                labels: vec!["zone=a".to_owned()],
+                description: "ingress".to_owned(),
+            }],
+            sans: vec!["spiffe://mesh-b.example/ns/elsinore/sa/gateway".to_owned()],
+            instances: vec![Instance {
+                id: "mesh-b".to_owned(),
+                protocol,
+                metadata: BTreeMap::from([("SNI".to_owned(), format!("{name}.mesh-b.global"))]),
+                endpoint_selector: vec!["zone=a".to_owned()],
+                description: "i".to_owned(),
+            }],
+        }
+    }
+
+    fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let entries = vec![
+            (
+                Arc::new(service("reviews", Protocol::Http)),
+                at(1_700_000_000),
+            ),
+            (
+                Arc::new(service("ratings", Protocol::Grpc)),
+                at(1_700_000_123),
+            ),
+        ];
+        save(dir.path(), "mesh-b", &entries).unwrap();
+        let loaded = load(dir.path(), "mesh-b").unwrap();
+        let expected: Vec<_> = entries.iter().map(|(s, t)| ((**s).clone(), *t)).collect();
+        assert_eq!(loaded, expected);
+
+        // The documented format: camelCase keys, protocol as its name.
+        let text = fs::read_to_string(dir.path().join("imports-mesh-b.json")).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(json["version"], 1);
+        assert_eq!(json["peer"], "mesh-b");
+        assert!(json["savedAt"].as_u64().unwrap() > 1_700_000_000);
+        assert_eq!(json["entries"][0]["confirmedAt"], 1_700_000_000);
+        let inst = &json["entries"][1]["service"]["instances"][0];
+        assert_eq!(inst["protocol"], "GRPC");
+        assert_eq!(inst["endpointSelector"][0], "zone=a");
+
+        // Sub-second precision is not kept, by design.
+        let fractional = vec![(entries[0].0.clone(), at(5) + Duration::from_millis(900))];
+        save(dir.path(), "mesh-b", &fractional).unwrap();
+        assert_eq!(load(dir.path(), "mesh-b").unwrap()[0].1, at(5));
+    }
+
+    #[test]
+    fn save_creates_dir_replaces_and_leaves_no_tmp() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("nested").join("cache");
+        save(
+            &dir,
+            "mesh-b",
+            &[(Arc::new(service("a", Protocol::Tcp)), at(1))],
+        )
+        .unwrap();
+        save(
+            &dir,
+            "mesh-b",
+            &[(Arc::new(service("b", Protocol::Tls)), at(2))],
+        )
+        .unwrap();
+        let loaded = load(&dir, "mesh-b").unwrap();
+        assert_eq!(loaded, vec![(service("b", Protocol::Tls), at(2))]);
+        let files: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(files, ["imports-mesh-b.json"]);
+
+        // Saving nothing is a valid (empty) cache, distinct per peer.
+        save(&dir, "mesh-c", &[]).unwrap();
+        assert!(load(&dir, "mesh-c").unwrap().is_empty());
+        assert_eq!(load(&dir, "mesh-b").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn failed_save_keeps_the_old_file() {
+        let dir = tempfile::tempdir().unwrap();
+        save(
+            dir.path(),
+            "mesh-b",
+            &[(Arc::new(service("a", Protocol::Tcp)), at(1))],
+        )
+        .unwrap();
+        // A directory squatting on the temporary name makes the write fail
+        // before the rename: the old file must be untouched.
+        fs::create_dir(dir.path().join("imports-mesh-b.json.tmp")).unwrap();
+        let err = save(dir.path(), "mesh-b", &[]).unwrap_err();
+        assert!(matches!(err, CacheError::Write { .. }), "{err}");
+        assert!(err.to_string().contains("imports-mesh-b.json"), "{err}");
+        assert_eq!(load(dir.path(), "mesh-b").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn missing_file_is_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(load(dir.path(), "mesh-b").unwrap().is_empty());
+        assert!(
+            load(&dir.path().join("absent"), "mesh-b")
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn corrupt_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("imports-mesh-b.json");
+        for garbage in [
+            "{\"version\": 1, \"peer\": \"mesh-b\", \"entr",
+            "not json",
+            "{}",
+        ] {
+            fs::write(&path, garbage).unwrap();
+            let err = load(dir.path(), "mesh-b").unwrap_err();
+            assert!(matches!(err, CacheError::Corrupt { .. }), "{err}");
+            assert!(err.to_string().contains(&*path.to_string_lossy()), "{err}");
+        }
+    }
+
+    #[test]
+    fn unknown_version_wrong_peer_and_bad_protocol_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("imports-mesh-b.json");
+        fs::write(&path, r#"{"version": 2, "whatever": true}"#).unwrap();
+        let err = load(dir.path(), "mesh-b").unwrap_err();
+        assert!(
+            matches!(err, CacheError::UnsupportedVersion { version: 2, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("imports-mesh-b.json"));
+
+        save(dir.path(), "mesh-c", &[]).unwrap();
+        fs::rename(dir.path().join("imports-mesh-c.json"), &path).unwrap();
+        let err = load(dir.path(), "mesh-b").unwrap_err();
+        assert!(matches!(err, CacheError::PeerMismatch { .. }), "{err}");
+
+        save(
+            dir.path(),
+            "mesh-b",
+            &[(Arc::new(service("a", Protocol::Http)), at(1))],
+        )
+        .unwrap();
+        let text = fs::read_to_string(&path)
+            .unwrap()
+            .replace("\"HTTP\"", "\"SMTP\"");
+        fs::write(&path, text).unwrap();
+        let err = load(dir.path(), "mesh-b").unwrap_err();
+        assert!(
+            matches!(err, CacheError::InvalidEntry { index: 0, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("SMTP"), "{err}");
+    }
+
+    #[test]
+    fn unsafe_peer_names_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for bad in ["", "../x", "a/b", "..", "a\\b"] {
+            assert!(matches!(
+                save(dir.path(), bad, &[]),
+                Err(CacheError::InvalidPeerName(_))
+            ));
+            assert!(matches!(
+                load(dir.path(), bad),
+                Err(CacheError::InvalidPeerName(_))
+            ));
+        }
+        assert!(fs::read_dir(dir.path()).unwrap().next().is_none());
+    }
+}
