@@ -4,6 +4,18 @@
 //! domain, and minting of development CAs and gateway certificates. Knows
 //! nothing of the gateway.
 
-pub mod spiffe;
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod error;
+pub mod identity;
+pub mod mint;
+pub mod spiffe;
+pub mod svid;
+pub mod tls;
+
+pub use error::CertError;
+pub use identity::{Identity, TrustBundle};
+pub use mint::{Ca, InitFiles, Issued, init};
 pub use spiffe::{SpiffeError, SpiffeId, TrustDomain};
+pub use svid::{not_after, peer_spiffe_id, spiffe_id_of};
+pub use tls::{client_config, server_config};

@@ -23,11 +23,15 @@ pub enum SpiffeError {
     EmptyTrustDomain,
     #[error("trust domain {0:?} is too long (at most 255 bytes)")]
     TrustDomainTooLong(String),
-    #[error("trust domain {0:?} has a character other than lower-case letters, digits, '.', '-' or '_'")]
+    #[error(
+        "trust domain {0:?} has a character other than lower-case letters, digits, '.', '-' or '_'"
+    )]
     BadTrustDomainChar(String),
     #[error("SPIFFE ID {0:?} does not start with spiffe://")]
     MissingScheme(String),
-    #[error("SPIFFE ID {0:?} has an invalid path (segments must be non-empty, not '.' or '..', of letters, digits, '.', '-', '_')")]
+    #[error(
+        "SPIFFE ID {0:?} has an invalid path (segments must be non-empty, not '.' or '..', of letters, digits, '.', '-', '_')"
+    )]
     BadPath(String),
     #[error("SPIFFE ID {0:?} must not have a query, fragment, port or user info")]
     Extra(String),
@@ -48,10 +52,9 @@ impl FromStr for TrustDomain {
         if s.len() > 255 {
             return Err(SpiffeError::TrustDomainTooLong(s.to_owned()));
         }
-        if !s
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
-        {
+        if !s.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+        }) {
             return Err(SpiffeError::BadTrustDomainChar(s.to_owned()));
         }
         Ok(TrustDomain(s.to_owned()))
@@ -144,10 +147,15 @@ mod tests {
 
     #[test]
     fn parses_and_prints() {
-        let id: SpiffeId = "spiffe://mesh-a.example/ns/elsinore/sa/gateway".parse().unwrap();
+        let id: SpiffeId = "spiffe://mesh-a.example/ns/elsinore/sa/gateway"
+            .parse()
+            .unwrap();
         assert_eq!(id.trust_domain().as_str(), "mesh-a.example");
         assert_eq!(id.path(), "/ns/elsinore/sa/gateway");
-        assert_eq!(id.to_string(), "spiffe://mesh-a.example/ns/elsinore/sa/gateway");
+        assert_eq!(
+            id.to_string(),
+            "spiffe://mesh-a.example/ns/elsinore/sa/gateway"
+        );
         assert_eq!(id, SpiffeId::gateway("mesh-a.example".parse().unwrap()));
     }
 

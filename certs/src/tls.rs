@@ -1,0 +1,333 @@
+//! rustls configurations for SPIFFE mTLS: a server that requires a client
+//! certificate and checks it against the bundle of the trust domain the
+//! certificate claims, and a client that checks the server against one peer's
+//! bundle and, optionally, a list of allowed SPIFFE IDs. Authentication is by
+//! URI SAN and chain only; DNS names are never consulted. Both configs carry
+//! their own aws-lc-rs provider so no process-global provider is needed.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
+};
+use rustls_pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
+
+use crate::error::CertError;
+use crate::identity::{Identity, TrustBundle};
+use crate::spiffe::{SpiffeId, TrustDomain};
+use crate::svid::spiffe_id_of;
+
+/// The one crypto provider of this crate, passed to every config explicitly.
+pub(crate) fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Turns our error into the rustls error that aborts the handshake; the
+/// `CertError` travels inside so callers that log the handshake failure see
+/// which ID, bundle or SAN was at fault (and can downcast it).
+fn reject(e: CertError) -> rustls::Error {
+    tracing::debug!(error = %e, "rejecting peer certificate");
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+}
+
+/// Verifies `end_entity` (plus the peer's `intermediates`) up to one of
+/// `anchors`, for the given extended key usage.
+fn verify_chain(
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    anchors: &[TrustAnchor<'_>],
+    now: UnixTime,
+    usage: webpki::KeyUsage,
+    algs: &WebPkiSupportedAlgorithms,
+) -> Result<(), webpki::Error> {
+    let ee = webpki::EndEntityCert::try_from(end_entity)?;
+    ee.verify_for_usage(algs.all, anchors, intermediates, now, usage, None, None)
+        .map(|_| ())
+}
+
+/// Builds the server side of mTLS.
+///
+/// A client certificate is required; a client without one fails the
+/// handshake. The client's leaf must be an SVID (exactly one `spiffe://` URI
+/// SAN), and then:
+///
+/// - if a bundle is configured for the trust domain it claims, its chain
+///   must verify (client-auth usage) to *that* bundle and no other, so a CA
+///   of one peer can never mint identities of another peer;
+/// - if no bundle is configured for its trust domain, the chain must still
+///   verify to one of the configured bundles, and the handshake then
+///   **succeeds**: the application must check [`crate::peer_spiffe_id`]
+///   against the trust domains it serves and refuse with a clear reason (gRPC
+///   `Unauthenticated`, ingress close) — a TLS alert would tell the peer
+///   nothing. Callers must therefore never treat a completed handshake alone
+///   as authorization;
+/// - a chain that verifies to no configured bundle is rejected.
+///
+/// Bundles must have distinct trust domains, and there must be at least one.
+pub fn server_config(
+    identity: &Identity,
+    bundles: &[TrustBundle],
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ServerConfig>, CertError> {
+    if bundles.is_empty() {
+        return Err(CertError::NoTrustBundles);
+    }
+    let mut by_domain = BTreeMap::new();
+    for b in bundles {
+        if by_domain
+            .insert(b.trust_domain().clone(), b.clone())
+            .is_some()
+        {
+            return Err(CertError::DuplicateTrustDomain(b.trust_domain().clone()));
+        }
+    }
+    let provider = provider();
+    let verifier = SpiffeClientVerifier {
+        bundles: by_domain,
+        algs: provider.signature_verification_algorithms,
+    };
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_single_cert(identity.cert_chain().to_vec(), identity.private_key())?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+/// Builds the client side of mTLS towards one peer, presenting `identity`.
+///
+/// The server's chain must verify (server-auth usage) to `peer`'s bundle, its
+/// SPIFFE ID must be in `peer`'s trust domain and, if `allowed_ids` is
+/// `Some`, be one of them.
+///
+/// The `ServerName` the caller passes to `connect` is **not** checked against
+/// the certificate: SPIFFE authenticates a workload by its URI SAN, and the
+/// name we dial is an SNI routing key or an address chosen from the catalog,
+/// not an identity. Checking it as well would only make callers mint DNS SANs
+/// to satisfy a check that adds nothing over the URI SAN. Any `ServerName`
+/// (including an IP address) may be used.
+pub fn client_config(
+    identity: &Identity,
+    peer: &TrustBundle,
+    allowed_ids: Option<&[SpiffeId]>,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ClientConfig>, CertError> {
+    let provider = provider();
+    let verifier = SpiffeServerVerifier {
+        bundle: peer.clone(),
+        allowed_ids: allowed_ids.map(<[SpiffeId]>::to_vec),
+        algs: provider.signature_verification_algorithms,
+    };
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_auth_cert(identity.cert_chain().to_vec(), identity.private_key())?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+#[derive(Debug)]
+struct SpiffeClientVerifier {
+    bundles: BTreeMap<TrustDomain, TrustBundle>,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl SpiffeClientVerifier {
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), CertError> {
+        let id = spiffe_id_of(end_entity)?;
+        let usage = webpki::KeyUsage::client_auth();
+        if let Some(bundle) = self.bundles.get(id.trust_domain()) {
+            return verify_chain(
+                end_entity,
+                intermediates,
+                bundle.anchors(),
+                now,
+                usage,
+                &self.algs,
+            )
+            .map_err(|e| CertError::ChainInvalid {
+                against: format!("the trust bundle of {}", bundle.trust_domain()),
+                id,
+                reason: e.to_string(),
+            });
+        }
+        // Unknown trust domain: accept only what one of our own bundles
+        // vouches for, and leave the refusal to the application (see
+        // `server_config`).
+        let verified = self.bundles.values().any(|b| {
+            verify_chain(
+                end_entity,
+                intermediates,
+                b.anchors(),
+                now,
+                usage,
+                &self.algs,
+            )
+            .is_ok()
+        });
+        if verified {
+            Ok(())
+        } else {
+            Err(CertError::UnknownTrustDomain {
+                id,
+                known: self.known(),
+            })
+        }
+    }
+
+    fn known(&self) -> String {
+        self.bundles
+            .keys()
+            .map(TrustDomain::as_str)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // An empty list makes clients send their certificate whatever CA
+        // issued it; our clients have exactly one identity anyway.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.check(end_entity, intermediates, now)
+            .map(|()| ClientCertVerified::assertion())
+            .map_err(reject)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+#[derive(Debug)]
+struct SpiffeServerVerifier {
+    bundle: TrustBundle,
+    allowed_ids: Option<Vec<SpiffeId>>,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl SpiffeServerVerifier {
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), CertError> {
+        let id = spiffe_id_of(end_entity)?;
+        verify_chain(
+            end_entity,
+            intermediates,
+            self.bundle.anchors(),
+            now,
+            webpki::KeyUsage::server_auth(),
+            &self.algs,
+        )
+        .map_err(|e| CertError::ChainInvalid {
+            id: id.clone(),
+            against: format!("the trust bundle of {}", self.bundle.trust_domain()),
+            reason: e.to_string(),
+        })?;
+        // The bundle's CA may sign for other trust domains too (a shared
+        // root); only IDs of the peer's own trust domain are the peer.
+        if id.trust_domain() != self.bundle.trust_domain() {
+            return Err(CertError::WrongTrustDomain {
+                expected: self.bundle.trust_domain().clone(),
+                got: id,
+            });
+        }
+        if let Some(allowed) = &self.allowed_ids
+            && !allowed.contains(&id)
+        {
+            return Err(CertError::SanMismatch {
+                expected: allowed
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                got: id,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.check(end_entity, intermediates, now)
+            .map(|()| ServerCertVerified::assertion())
+            .map_err(reject)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
