@@ -1,1 +1,1149 @@
-//! placeholder
+//! The consumer side of the Hamlet federation stream, one session per peer, as
+//! a sans-I/O state machine: events in (stream opened, a response, stream
+//! closed, a tick), decisions out (ACK or NACK, what changed in the imports,
+//! names to remove, when to reconnect). It owns the services imported from
+//! that one peer, the snapshot in progress, the staleness clock and the
+//! reconnect backoff. It must not do I/O, spawn tasks, read the clock or draw
+//! random numbers: time and jitter are passed in so every edge case is a
+//! deterministic unit test. Decoding and validation of the wire message
+//! happen in the caller; the caller also applies the returned changes to the
+//! catalog and the on-disk cache.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use elsinore_federation_api::FederatedService;
+use tokio::time::Instant;
+
+/// The spec asks for a reconnect backoff of at least one second.
+const MIN_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Timing knobs of one consumer session (already validated config).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerSettings {
+    /// How long imports keep being served after the stream is lost (or since
+    /// the on-disk cache was written) without a completed resync.
+    pub stale_after: Duration,
+    /// Without a snapshot-size announcement (a foreign owner), the snapshot
+    /// counts as complete after this long without a response.
+    pub snapshot_quiet_period: Duration,
+    /// First reconnect delay; raised to 1 s if lower.
+    pub backoff_initial: Duration,
+    /// Upper bound of the reconnect delay; raised to 1 s if lower.
+    pub backoff_max: Duration,
+}
+
+/// One imported service and when the owner last sent it to us.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Imported {
+    /// The full object as the owner last sent it (never a diff).
+    pub service: Arc<FederatedService>,
+    /// When the owner last sent this object (for a cache entry: when the
+    /// cache says it was received).
+    pub confirmed_at: Instant,
+}
+
+/// What a response asks us to do. v1alpha1 `CREATE` and `UPDATE` both map to
+/// [`Operation::Upsert`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    /// Create or replace the named service.
+    Upsert,
+    /// Remove the named service.
+    Delete,
+    /// `UNKNOWN` (0) or a value this build does not know; always NACKed.
+    Unknown(i32),
+}
+
+/// What to send back to the owner for one response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// Status OK with the response's nonce.
+    Ack { nonce: String },
+    /// A non-OK status (the caller picks `InvalidArgument`) with a message
+    /// naming the resource and the problem.
+    Nack { nonce: String, message: String },
+}
+
+/// How one response changed the imports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// This service name was added or replaced.
+    Upserted(String),
+    /// This service name was removed.
+    Deleted(String),
+    /// Nothing changed (a NACK, or a delete of a name we did not have).
+    Unchanged,
+}
+
+/// The result of [`ConsumerSession::on_response`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handled {
+    /// Send this back on the stream.
+    pub reply: Reply,
+    /// What this response itself changed.
+    pub change: Change,
+    /// Names removed because this response completed the snapshot and they
+    /// were not in it (reconciliation); usually empty.
+    pub reconciled: Vec<String>,
+}
+
+/// Why a stream (or a dial attempt) ended, as far as retrying is concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// gRPC `Unauthenticated`: we are not federated with this owner.
+    Unauthenticated(String),
+    /// gRPC `InvalidArgument`: the owner found our request malformed.
+    InvalidArgument(String),
+    /// Anything else (`Unavailable`, a reset, a dial failure, end of stream).
+    Other(String),
+}
+
+/// What the caller should do after a stream ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AfterClose {
+    /// Dial again at this time.
+    ReconnectAt(Instant),
+    /// Do not dial again; the reason is also in [`SyncState::Failed`].
+    GiveUp { reason: String },
+}
+
+/// Where the session stands, for `/peers` and readiness.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncState {
+    /// No stream has been opened yet and nothing was restored.
+    Connecting,
+    /// A stream is open; its snapshot is not complete yet.
+    Syncing,
+    /// The stream's snapshot is complete; imports mirror the owner.
+    Synced,
+    /// No stream; imports are served until `since + stale_after`.
+    Disconnected { since: Instant },
+    /// The owner refused us in a way that forbids retrying.
+    Failed { reason: String },
+    /// We left on purpose ([`ConsumerSession::shutdown_on_purpose`]).
+    Stopped,
+}
+
+/// Counters and flags of one session, for metrics and `/peers`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConsumerStats {
+    /// Responses received, on all streams.
+    pub messages: u64,
+    /// Responses ACKed.
+    pub acks: u64,
+    /// Responses NACKed.
+    pub nacks: u64,
+    /// When the last ACK was decided.
+    pub last_ack_at: Option<Instant>,
+    /// The last NACK: resource name (empty if unknown) and message.
+    pub last_nack: Option<(String, String)>,
+    /// Reconnects scheduled.
+    pub reconnects: u64,
+    /// Whether the open stream's snapshot is complete.
+    pub snapshot_complete: bool,
+    /// Whether a stream is open.
+    pub connected: bool,
+}
+
+/// The stream currently open, and its snapshot in progress.
+#[derive(Debug)]
+struct Stream {
+    /// Snapshot size from the owner's metadata (our extension), if any.
+    announced: Option<usize>,
+    /// Responses received on this stream.
+    responses: usize,
+    /// Stream open, or the last response; the quiet period counts from here.
+    last_activity: Instant,
+    /// Names the owner showed us in this snapshot (upserted or NACKed):
+    /// reconciliation keeps these.
+    seen: BTreeSet<String>,
+    /// Names upserted successfully on this stream: fresh data that survives
+    /// the staleness cut-off of older entries.
+    fresh: BTreeSet<String>,
+    complete: bool,
+}
+
+/// What applying one response did, before the snapshot bookkeeping.
+enum Outcome {
+    Upserted(String),
+    Deleted {
+        name: String,
+        existed: bool,
+    },
+    Rejected {
+        name: Option<String>,
+        message: String,
+    },
+}
+
+/// The consumer state machine for one peer. See the module docs.
+#[derive(Debug)]
+pub struct ConsumerSession {
+    settings: ConsumerSettings,
+    imports: BTreeMap<String, Imported>,
+    state: SyncState,
+    stream: Option<Stream>,
+    /// Start of the staleness clock: the first disconnect (or the cache's
+    /// time) since the last completed snapshot. `None` while synced and once
+    /// the stale cut-off has fired.
+    stale_since: Option<Instant>,
+    /// Consecutive failed streams or dials since the last completed snapshot.
+    failures: u32,
+    stats: ConsumerStats,
+}
+
+impl ConsumerSession {
+    /// A session with no imports, in [`SyncState::Connecting`]. Backoff
+    /// figures below one second are raised to one second.
+    pub fn new(mut settings: ConsumerSettings) -> Self {
+        settings.backoff_initial = settings.backoff_initial.max(MIN_BACKOFF);
+        settings.backoff_max = settings.backoff_max.max(MIN_BACKOFF);
+        Self {
+            settings,
+            imports: BTreeMap::new(),
+            state: SyncState::Connecting,
+            stream: None,
+            stale_since: None,
+            failures: 0,
+            stats: ConsumerStats::default(),
+        }
+    }
+
+    /// Restores entries from the on-disk cache at start-up, before the first
+    /// stream opens; `age` is how old each entry is. Entries at least
+    /// `stale_after` old are dropped; a name already imported is not
+    /// overwritten. The restored entries then behave like imports from a
+    /// lost stream: the state becomes `Disconnected { since: now - youngest
+    /// age }`, so staleness keeps counting from the cache's time, and the
+    /// next completed snapshot reconciles them.
+    pub fn restore(&mut self, entries: Vec<(FederatedService, Duration)>, now: Instant) {
+        let mut youngest: Option<Duration> = None;
+        for (service, age) in entries {
+            if age >= self.settings.stale_after || self.imports.contains_key(&service.name) {
+                continue;
+            }
+            youngest = Some(youngest.map_or(age, |y| y.min(age)));
+            let confirmed_at = now.checked_sub(age).unwrap_or(now);
+            self.imports.insert(
+                service.name.clone(),
+                Imported {
+                    service: Arc::new(service),
+                    confirmed_at,
+                },
+            );
+        }
+        let Some(age) = youngest else { return };
+        let since = now.checked_sub(age).unwrap_or(now);
+        let since = self.stale_since.map_or(since, |s| s.min(since));
+        self.stale_since = Some(since);
+        if self.stream.is_none() {
+            self.state = SyncState::Disconnected { since };
+        }
+    }
+
+    /// A new stream is open (the first request was sent). Resets the
+    /// snapshot in progress. `announced_snapshot_size` is the owner's
+    /// snapshot-size metadata, `None` for a foreign owner. With an announced
+    /// size of 0 the snapshot is complete at once, and the names it
+    /// reconciled away are returned. Opening while a stream is still open
+    /// counts as losing the old one (without a backoff).
+    pub fn on_stream_open(
+        &mut self,
+        now: Instant,
+        announced_snapshot_size: Option<usize>,
+    ) -> Vec<String> {
+        if self.stream.is_some() {
+            self.stale_since.get_or_insert(now);
+        }
+        self.stream = Some(Stream {
+            announced: announced_snapshot_size,
+            responses: 0,
+            last_activity: now,
+            seen: BTreeSet::new(),
+            fresh: BTreeSet::new(),
+            complete: false,
+        });
+        self.state = SyncState::Syncing;
+        if announced_snapshot_size == Some(0) {
+            self.complete_snapshot()
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// One response from the owner. `resource_id` is the name the owner put
+    /// in `resource_id` (empty on v1alpha1, which has no such field);
+    /// `service` is the decoded and validated resource, or the decoding or
+    /// validation message.
+    ///
+    /// Upsert: a decoding error, or a service whose name differs from a
+    /// non-empty `resource_id`, is NACKed and the old entry of that name is
+    /// left in place; otherwise the service is stored and ACKed. Delete:
+    /// removes `resource_id` (or, when empty, the decoded service's name);
+    /// an unknown name is ACKed without change. Every response counts
+    /// towards the snapshot in progress; a NACKed name counts as seen (the
+    /// owner still has it). A response with no stream open is NACKed.
+    pub fn on_response(
+        &mut self,
+        now: Instant,
+        nonce: &str,
+        resource_id: &str,
+        op: Operation,
+        service: Result<FederatedService, String>,
+    ) -> Handled {
+        self.stats.messages += 1;
+        let outcome = if self.stream.is_some() {
+            self.apply(now, resource_id, op, service)
+        } else {
+            // Only a caller bug gets here; applying it would import data no
+            // stream vouches for.
+            Outcome::Rejected {
+                name: non_empty(resource_id),
+                message: "response received with no stream open".to_owned(),
+            }
+        };
+
+        let (reply, change) = match outcome {
+            Outcome::Upserted(name) => {
+                if let Some(stream) = self.stream.as_mut() {
+                    stream.seen.insert(name.clone());
+                    stream.fresh.insert(name.clone());
+                }
+                (self.ack(now, nonce), Change::Upserted(name))
+            }
+            Outcome::Deleted { name, existed } => {
+                if let Some(stream) = self.stream.as_mut() {
+                    stream.fresh.remove(&name);
+                }
+                let change = if existed {
+                    Change::Deleted(name)
+                } else {
+                    Change::Unchanged
+                };
+                (self.ack(now, nonce), change)
+            }
+            Outcome::Rejected { name, message } => {
+                if let (Some(stream), Some(name)) = (self.stream.as_mut(), &name) {
+                    stream.seen.insert(name.clone());
+                }
+                self.stats.nacks += 1;
+                self.stats.last_nack = Some((name.unwrap_or_default(), message.clone()));
+                let reply = Reply::Nack {
+                    nonce: nonce.to_owned(),
+                    message,
+                };
+                (reply, Change::Unchanged)
+            }
+        };
+
+        let mut reconciled = Vec::new();
+        if let Some(stream) = self.stream.as_mut() {
+            stream.responses += 1;
+            stream.last_activity = now;
+            let reached = stream.announced.is_some_and(|n| stream.responses >= n);
+            if reached && !stream.complete {
+                reconciled = self.complete_snapshot();
+            }
+        }
+        Handled {
+            reply,
+            change,
+            reconciled,
+        }
+    }
+
+    /// Time passes. Completes a quiet-period snapshot (returning the names
+    /// reconciled away), or, once `stale_after` has passed since the
+    /// disconnect without a completed resync, drops every import not freshly
+    /// upserted on the open stream (returning those names).
+    pub fn on_tick(&mut self, now: Instant) -> Vec<String> {
+        if self.quiet_deadline().is_some_and(|d| now >= d) {
+            return self.complete_snapshot();
+        }
+        if self.stale_deadline().is_some_and(|d| now >= d) {
+            self.stale_since = None;
+            let empty = BTreeSet::new();
+            let fresh = self.stream.as_ref().map_or(&empty, |s| &s.fresh);
+            let dropped: Vec<String> = self
+                .imports
+                .keys()
+                .filter(|name| !fresh.contains(*name))
+                .cloned()
+                .collect();
+            for name in &dropped {
+                self.imports.remove(name);
+            }
+            return dropped;
+        }
+        Vec::new()
+    }
+
+    /// The stream ended, or a dial attempt failed. Imports are kept and the
+    /// staleness clock starts (unless it already runs from an earlier
+    /// disconnect not followed by a completed snapshot). `Unauthenticated`
+    /// and `InvalidArgument` give up for good; anything else schedules a
+    /// reconnect with exponential backoff: `backoff_initial` doubled per
+    /// consecutive failure, capped at `backoff_max`, scaled by
+    /// `0.5 + jitter / 2` (`jitter` in `[0, 1)`), never below one second.
+    pub fn on_stream_closed(
+        &mut self,
+        now: Instant,
+        reason: CloseReason,
+        jitter: f64,
+    ) -> AfterClose {
+        self.stream = None;
+        let since = *self.stale_since.get_or_insert(now);
+        let give_up = match reason {
+            CloseReason::Unauthenticated(message) => format!("unauthenticated: {message}"),
+            CloseReason::InvalidArgument(message) => format!("invalid argument: {message}"),
+            CloseReason::Other(_) => {
+                self.state = SyncState::Disconnected { since };
+                self.failures = self.failures.saturating_add(1);
+                self.stats.reconnects += 1;
+                let delay = self.backoff_delay(jitter);
+                let at = now
+                    .checked_add(delay)
+                    .or_else(|| now.checked_add(MIN_BACKOFF))
+                    .unwrap_or(now);
+                return AfterClose::ReconnectAt(at);
+            }
+        };
+        self.state = SyncState::Failed {
+            reason: give_up.clone(),
+        };
+        AfterClose::GiveUp { reason: give_up }
+    }
+
+    /// The earliest time at which [`Self::on_tick`] has something to do.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        match (self.quiet_deadline(), self.stale_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The services imported from this peer, by name.
+    pub fn imports(&self) -> &BTreeMap<String, Imported> {
+        &self.imports
+    }
+
+    /// Where the session stands.
+    pub fn state(&self) -> &SyncState {
+        &self.state
+    }
+
+    /// Counters and flags for metrics and `/peers`.
+    pub fn stats(&self) -> ConsumerStats {
+        let mut stats = self.stats.clone();
+        stats.connected = self.stream.is_some();
+        stats.snapshot_complete = self.stream.as_ref().is_some_and(|s| s.complete);
+        stats
+    }
+
+    /// We leave on purpose (the peer was removed from config): everything
+    /// imported from this owner is deleted and its names returned. The
+    /// session is finished afterwards.
+    pub fn shutdown_on_purpose(&mut self) -> Vec<String> {
+        self.stream = None;
+        self.stale_since = None;
+        self.state = SyncState::Stopped;
+        std::mem::take(&mut self.imports).into_keys().collect()
+    }
+
+    fn apply(
+        &mut self,
+        now: Instant,
+        resource_id: &str,
+        op: Operation,
+        service: Result<FederatedService, String>,
+    ) -> Outcome {
+        match op {
+            Operation::Upsert => match service {
+                Err(problem) => Outcome::Rejected {
+                    name: non_empty(resource_id),
+                    message: rejection(resource_id, &problem),
+                },
+                Ok(service) if !resource_id.is_empty() && service.name != resource_id => {
+                    Outcome::Rejected {
+                        name: non_empty(resource_id),
+                        message: rejection(
+                            resource_id,
+                            &format!("resource_id does not match service name {:?}", service.name),
+                        ),
+                    }
+                }
+                Ok(service) => {
+                    let name = service.name.clone();
+                    self.imports.insert(
+                        name.clone(),
+                        Imported {
+                            service: Arc::new(service),
+                            confirmed_at: now,
+                        },
+                    );
+                    Outcome::Upserted(name)
+                }
+            },
+            Operation::Delete => {
+                // v1alpha1 has no resource_id: the delete carries the object.
+                let name = match (non_empty(resource_id), service) {
+                    (Some(name), _) => name,
+                    (None, Ok(service)) => service.name,
+                    (None, Err(problem)) => {
+                        return Outcome::Rejected {
+                            name: None,
+                            message: rejection("", &format!("delete names no service: {problem}")),
+                        };
+                    }
+                };
+                let existed = self.imports.remove(&name).is_some();
+                Outcome::Deleted { name, existed }
+            }
+            Operation::Unknown(code) => Outcome::Rejected {
+                name: non_empty(resource_id),
+                message: rejection(resource_id, &format!("unknown operation {code}")),
+            },
+        }
+    }
+
+    fn ack(&mut self, now: Instant, nonce: &str) -> Reply {
+        self.stats.acks += 1;
+        self.stats.last_ack_at = Some(now);
+        Reply::Ack {
+            nonce: nonce.to_owned(),
+        }
+    }
+
+    /// Removes every import the open stream's snapshot did not show us.
+    fn complete_snapshot(&mut self) -> Vec<String> {
+        let Some(stream) = self.stream.as_mut() else {
+            return Vec::new();
+        };
+        if stream.complete {
+            return Vec::new();
+        }
+        stream.complete = true;
+        stream.fresh.clear();
+        let seen = std::mem::take(&mut stream.seen);
+        let removed: Vec<String> = self
+            .imports
+            .keys()
+            .filter(|name| !seen.contains(*name))
+            .cloned()
+            .collect();
+        for name in &removed {
+            self.imports.remove(name);
+        }
+        self.stale_since = None;
+        self.failures = 0;
+        self.state = SyncState::Synced;
+        removed
+    }
+
+    /// When a snapshot without a size announcement counts as complete.
+    fn quiet_deadline(&self) -> Option<Instant> {
+        let stream = self.stream.as_ref()?;
+        if stream.complete || stream.announced.is_some() {
+            return None;
+        }
+        stream
+            .last_activity
+            .checked_add(self.settings.snapshot_quiet_period)
+    }
+
+    /// When imports not confirmed by the open stream become stale.
+    fn stale_deadline(&self) -> Option<Instant> {
+        self.stale_since?.checked_add(self.settings.stale_after)
+    }
+
+    /// The reconnect delay for the current count of consecutive failures.
+    fn backoff_delay(&self, jitter: f64) -> Duration {
+        let exponent = self.failures.saturating_sub(1).min(31);
+        let base = self
+            .settings
+            .backoff_initial
+            .saturating_mul(1u32 << exponent)
+            .min(self.settings.backoff_max);
+        let jitter = if jitter.is_finite() {
+            jitter.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        base.mul_f64(0.5 + jitter / 2.0)
+            .clamp(MIN_BACKOFF, self.settings.backoff_max)
+    }
+}
+
+fn non_empty(name: &str) -> Option<String> {
+    (!name.is_empty()).then(|| name.to_owned())
+}
+
+/// A NACK message naming the resource and the problem.
+fn rejection(resource_id: &str, problem: &str) -> String {
+    if resource_id.is_empty() {
+        format!("rejected resource: {problem}")
+    } else {
+        format!("rejected service {resource_id:?}: {problem}")
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const STALE: Duration = Duration::from_secs(300);
+    const QUIET: Duration = Duration::from_secs(2);
+
+    fn settings() -> ConsumerSettings {
+        ConsumerSettings {
+            stale_after: STALE,
+            snapshot_quiet_period: QUIET,
+            backoff_initial: Duration::from_secs(2),
+            backoff_max: Duration::from_secs(10),
+        }
+    }
+
+    /// A base time well after boot, so subtracting cache ages never
+    /// underflows the monotonic clock.
+    fn t0() -> Instant {
+        Instant::now() + Duration::from_secs(86_400)
+    }
+
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    fn svc(name: &str, description: &str) -> FederatedService {
+        FederatedService {
+            name: name.to_owned(),
+            description: description.to_owned(),
+            tags: Vec::new(),
+            labels: BTreeMap::new(),
+            fqdn: format!("{name}.mesh-a.global"),
+            endpoints: Vec::new(),
+            sans: vec!["spiffe://mesh-a.example/gateway".to_owned()],
+            instances: Vec::new(),
+        }
+    }
+
+    fn upsert(s: &mut ConsumerSession, now: Instant, name: &str) -> Handled {
+        s.on_response(
+            now,
+            &format!("n-{name}"),
+            name,
+            Operation::Upsert,
+            Ok(svc(name, "")),
+        )
+    }
+
+    fn names(s: &ConsumerSession) -> Vec<String> {
+        s.imports().keys().cloned().collect()
+    }
+
+    /// A session synced with `names` on a first stream, then disconnected at
+    /// `at`.
+    fn lost_stream_with(names: &[&str], at: Instant) -> ConsumerSession {
+        let mut s = ConsumerSession::new(settings());
+        s.on_stream_open(at, Some(names.len()));
+        for name in names {
+            upsert(&mut s, at, name);
+        }
+        assert_eq!(s.state(), &SyncState::Synced);
+        s.on_stream_closed(at, CloseReason::Other("reset".into()), 0.5);
+        s
+    }
+
+    #[test]
+    fn announced_size_completes_after_n_responses_and_removes_unseen() {
+        let t = t0();
+        let mut s = lost_stream_with(&["a", "b", "c"], t);
+        assert!(s.on_stream_open(t + secs(1), Some(2)).is_empty());
+        assert_eq!(s.state(), &SyncState::Syncing);
+        let first = upsert(&mut s, t + secs(1), "a");
+        assert!(first.reconciled.is_empty());
+        assert_eq!(s.state(), &SyncState::Syncing);
+        assert!(!s.stats().snapshot_complete);
+        // The second response is a delete: it still counts towards the size.
+        let second = s.on_response(t + secs(1), "n2", "c", Operation::Delete, Err("x".into()));
+        assert_eq!(second.change, Change::Deleted("c".into()));
+        assert_eq!(second.reconciled, vec!["b".to_owned()]);
+        assert_eq!(s.state(), &SyncState::Synced);
+        assert!(s.stats().snapshot_complete);
+        assert_eq!(names(&s), vec!["a".to_owned()]);
+    }
+
+    #[test]
+    fn announced_zero_completes_at_open() {
+        let t = t0();
+        let mut s = lost_stream_with(&["a", "b"], t);
+        let removed = s.on_stream_open(t + secs(1), Some(0));
+        assert_eq!(removed, vec!["a".to_owned(), "b".to_owned()]);
+        assert_eq!(s.state(), &SyncState::Synced);
+        assert!(s.imports().is_empty());
+    }
+
+    #[test]
+    fn quiet_period_completes_a_foreign_snapshot() {
+        let t = t0();
+        let mut s = lost_stream_with(&["a", "b"], t);
+        s.on_stream_open(t + secs(10), None);
+        upsert(&mut s, t + secs(11), "a");
+        // Quiet period counts from the last response, not from the open.
+        assert_eq!(s.next_deadline(), Some(t + secs(11) + QUIET));
+        assert!(
+            s.on_tick(t + secs(11) + QUIET - Duration::from_millis(1))
+                .is_empty()
+        );
+        assert_eq!(s.state(), &SyncState::Syncing);
+        assert_eq!(s.on_tick(t + secs(11) + QUIET), vec!["b".to_owned()]);
+        assert_eq!(s.state(), &SyncState::Synced);
+        assert_eq!(names(&s), vec!["a".to_owned()]);
+        assert_eq!(s.next_deadline(), None);
+    }
+
+    #[test]
+    fn quiet_period_without_responses_counts_from_open() {
+        let t = t0();
+        let mut s = lost_stream_with(&["a"], t);
+        s.on_stream_open(t + secs(5), None);
+        assert_eq!(s.next_deadline(), Some(t + secs(5) + QUIET));
+        assert_eq!(s.on_tick(t + secs(5) + QUIET), vec!["a".to_owned()]);
+        assert_eq!(s.state(), &SyncState::Synced);
+    }
+
+    #[test]
+    fn nack_keeps_old_entry_and_counts_as_seen() {
+        let t = t0();
+        let mut s = ConsumerSession::new(settings());
+        s.on_stream_open(t, Some(2));
+        s.on_response(t, "1", "a", Operation::Upsert, Ok(svc("a", "v1")));
+        upsert(&mut s, t, "b");
+        s.on_stream_closed(t, CloseReason::Other("eof".into()), 0.0);
+
+        s.on_stream_open(t + secs(3), Some(2));
+        let h = s.on_response(
+            t + secs(3),
+            "n7",
+            "a",
+            Operation::Upsert,
+            Err("missing fqdn".into()),
+        );
+        let Reply::Nack { nonce, message } = &h.reply else {
+            panic!("expected a nack, got {:?}", h.reply)
+        };
+        assert_eq!(nonce, "n7");
+        assert!(
+            message.contains("\"a\"") && message.contains("missing fqdn"),
+            "{message}"
+        );
+        assert_eq!(h.change, Change::Unchanged);
+        let h = upsert(&mut s, t + secs(3), "c");
+        assert_eq!(h.reconciled, vec!["b".to_owned()]);
+        assert_eq!(names(&s), vec!["a".to_owned(), "c".to_owned()]);
+        let kept = &s.imports()["a"];
+        assert_eq!(kept.service.description, "v1");
+        assert_eq!(kept.confirmed_at, t);
+        let stats = s.stats();
+        assert_eq!((stats.messages, stats.acks, stats.nacks), (4, 3, 1));
+        assert_eq!(stats.last_nack.as_ref().map(|(n, _)| n.as_str()), Some("a"));
+        assert_eq!(stats.last_ack_at, Some(t + secs(3)));
+    }
+
+    #[test]
+    fn upsert_replaces_and_records_confirmation_time() {
+        let t = t0();
+        let mut s = ConsumerSession::new(settings());
+        s.on_stream_open(t, Some(0));
+        s.on_response(t, "1", "a", Operation::Upsert, Ok(svc("a", "v1")));
+        let h = s.on_response(t + secs(9), "2", "a", Operation::Upsert, Ok(svc("a", "v2")));
+        assert_eq!(h.reply, Reply::Ack { nonce: "2".into() });
+        assert_eq!(h.change, Change::Upserted("a".into()));
+        assert_eq!(s.imports()["a"].service.description, "v2");
+        assert_eq!(s.imports()["a"].confirmed_at, t + secs(9));
+    }
+
+    #[test]
+    fn name_mismatch_is_nacked_and_old_entry_kept() {
+        let t = t0();
+        let mut s = ConsumerSession::new(settings());
+        s.on_stream_open(t, Some(0));
+        s.on_response(t, "1", "a", Operation::Upsert, Ok(svc("a", "v1")));
+        let h = s.on_response(t, "2", "a", Operation::Upsert, Ok(svc("z", "v2")));
+        let Reply::Nack { message, .. } = &h.reply else {
+            panic!("expected a nack")
+        };
+        assert!(
+            message.contains("\"a\"") && message.contains("\"z\""),
+            "{message}"
+        );
+        assert_eq!(names(&s), vec!["a".to_owned()]);
+        assert_eq!(s.imports()["a"].service.description, "v1");
+    }
+
+    #[test]
+    fn delete_removes_and_unknown_name_is_acked_unchanged() {
+        let t = t0();
+        let mut s = ConsumerSession::new(settings());
+        s.on_stream_open(t, Some(0));
+        upsert(&mut s, t, "a");
+        let h = s.on_response(t, "d1", "a", Operation::Delete, Err("no resource".into()));
+        assert_eq!(h.reply, Reply::Ack { nonce: "d1".into() });
+        assert_eq!(h.change, Change::Deleted("a".into()));
+        let h = s.on_response(
+            t,
+            "d2",
+            "ghost",
+            Operation::Delete,
+            Err("no resource".into()),
+        );
+        assert_eq!(h.reply, Reply::Ack { nonce: "d2".into() });
+        assert_eq!(h.change, Change::Unchanged);
+        assert!(s.imports().is_empty());
+    }
+
+    #[test]
+    fn v1alpha1_delete_without_resource_id_uses_the_object_name() {
+        let t = t0();
+        let mut s = ConsumerSession::new(settings());
+        s.on_stream_open(t, Some(0));
+        s.on_response(t, "1", "", Operation::Upsert, Ok(svc("a", "")));
+        assert_eq!(names(&s), vec!["a".to_owned()]);
+        let h = s.on_response(t, "2", "", Operation::Delete, Ok(svc("a", "")));
+        assert_eq!(h.change, Change::Deleted("a".into()));
+        let h = s.on_response(t, "3", "", Operation::Delete, Err("bad any".into()));
+        assert!(matches!(h.reply, Reply::Nack { .. }));
+    }
+
+    #[test]
+    fn unknown_operation_and_response_without_stream_are_nacked() {
+        let t = t0();
+        let mut s = ConsumerSession::new(settings());
+        let h = upsert(&mut s, t, "a");
+        assert!(matches!(h.reply, Reply::Nack { .. }));
+        assert!(s.imports().is_empty());
+        s.on_stream_open(t, Some(0));
+        let h = s.on_response(t, "u", "a", Operation::Unknown(0), Ok(svc("a", "")));
+        let Reply::Nack { message, .. } = &h.reply else {
+            panic!("expected a nack")
+        };
+        assert!(message.contains("unknown operation 0"), "{message}");
+        assert!(s.imports().is_empty());
+        assert_eq!(s.stats().nacks, 2);
+    }
+
+    #[test]
+    fn lost_stream_keeps_imports_until_stale() {
+        let t = t0();
+        let mut s = lost_stream_with(&["a", "b"], t);
+        assert_eq!(s.state(), &SyncState::Disconnected { since: t });
+        assert!(!s.stats().connected);
+        assert_eq!(s.next_deadline(), Some(t + STALE));
+        assert!(s.on_tick(t + STALE - Duration::from_millis(1)).is_empty());
+        assert_eq!(names(&s).len(), 2);
+        assert_eq!(s.on_tick(t + STALE), vec!["a".to_owned(), "b".to_owned()]);
+        assert!(s.imports().is_empty());
+        assert_eq!(s.next_deadline(), None);
+        assert!(s.on_tick(t + STALE * 2).is_empty());
+    }
+
+    #[test]
+    fn staleness_counts_from_disconnect_while_resync_incomplete() {
+        let t = t0();
+        let mut s = lost_stream_with(&["a", "b"], t);
+        s.on_stream_open(t + secs(60), Some(10));
+        upsert(&mut s, t + secs(61), "b");
+        // A second loss before the snapshot completed keeps the first clock.
+        s.on_stream_closed(t + secs(62), CloseReason::Other("reset".into()), 0.0);
+        assert_eq!(s.state(), &SyncState::Disconnected { since: t });
+        s.on_stream_open(t + secs(70), Some(10));
+        upsert(&mut s, t + secs(71), "c");
+        assert_eq!(s.next_deadline(), Some(t + STALE));
+        // Only what the open stream freshly confirmed survives.
+        assert_eq!(s.on_tick(t + STALE), vec!["a".to_owned(), "b".to_owned()]);
+        assert_eq!(names(&s), vec!["c".to_owned()]);
+    }
+
+    #[test]
+    fn completed_resync_stops_the_stale_clock() {
+        let t = t0();
+        let mut s = lost_stream_with(&["a"], t);
+        s.on_stream_open(t + secs(1), Some(1));
+        upsert(&mut s, t + secs(1), "a");
+        assert_eq!(s.next_deadline(), None);
+        assert!(s.on_tick(t + STALE * 3).is_empty());
+        assert_eq!(names(&s), vec!["a".to_owned()]);
+    }
+
+    #[test]
+    fn backoff_doubles_caps_jitters_and_resets_after_sync() {
+        let t = t0();
+        let mut s = ConsumerSession::new(settings());
+        let delay = |s: &mut ConsumerSession, jitter: f64| match s.on_stream_closed(
+            t,
+            CloseReason::Other("unavailable".into()),
+            jitter,
+        ) {
+            AfterClose::ReconnectAt(at) => at - t,
+            other => panic!("expected a reconnect, got {other:?}"),
+        };
+        // Jitter 0 halves the base; the floor of 1 s applies.
+        let low: Vec<_> = (0..5).map(|_| delay(&mut s, 0.0)).collect();
+        assert_eq!(low, [secs(1), secs(2), secs(4), secs(5), secs(5)]);
+        let mut s = ConsumerSession::new(settings());
+        let high: Vec<_> = (0..5).map(|_| delay(&mut s, 0.999_999)).collect();
+        let expected = [2.0, 4.0, 8.0, 10.0, 10.0];
+        for (got, want) in high.iter().zip(expected) {
+            assert!((got.as_secs_f64() - want).abs() < 0.001, "{high:?}");
+        }
+        assert_eq!(s.stats().reconnects, 5);
+        s.on_stream_open(t, Some(0));
+        assert_eq!(delay(&mut s, 0.0), secs(1));
+        assert_eq!(delay(&mut s, 0.0), secs(2));
+        assert_eq!(s.stats().reconnects, 7);
+    }
+
+    #[test]
+    fn backoff_below_one_second_is_raised() {
+        let t = t0();
+        let mut s = ConsumerSession::new(ConsumerSettings {
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_millis(200),
+            ..settings()
+        });
+        for _ in 0..4 {
+            let after = s.on_stream_closed(t, CloseReason::Other("x".into()), 0.0);
+            assert_eq!(after, AfterClose::ReconnectAt(t + secs(1)));
+        }
+    }
+
+    #[test]
+    fn unauthenticated_and_invalid_argument_give_up() {
+        let t = t0();
+        let mut s = lost_stream_with(&["a"], t);
+        let after = s.on_stream_closed(t, CloseReason::Unauthenticated("who are you".into()), 0.3);
+        let AfterClose::GiveUp { reason } = after else {
+            panic!("expected give up")
+        };
+        assert!(reason.contains("who are you"));
+        assert_eq!(s.state(), &SyncState::Failed { reason });
+        // Imports are still served until stale.
+        assert_eq!(names(&s), vec!["a".to_owned()]);
+        assert_eq!(s.on_tick(t + STALE), vec!["a".to_owned()]);
+
+        let mut s = ConsumerSession::new(settings());
+        let after = s.on_stream_closed(t, CloseReason::InvalidArgument("bad url".into()), 0.3);
+        assert!(matches!(after, AfterClose::GiveUp { reason } if reason.contains("bad url")));
+        assert!(matches!(s.state(), SyncState::Failed { .. }));
+        assert_eq!(s.stats().reconnects, 0);
+    }
+
+    #[test]
+    fn restore_drops_old_entries_and_keeps_counting_from_cache_time() {
+        let now = t0();
+        let mut s = ConsumerSession::new(settings());
+        s.restore(
+            vec![
+                (svc("old", ""), STALE),
+                (svc("a", ""), secs(100)),
+                (svc("b", ""), secs(40)),
+            ],
+            now,
+        );
+        assert_eq!(names(&s), vec!["a".to_owned(), "b".to_owned()]);
+        assert_eq!(s.imports()["a"].confirmed_at, now - secs(100));
+        assert_eq!(
+            s.state(),
+            &SyncState::Disconnected {
+                since: now - secs(40)
+            }
+        );
+        assert_eq!(s.next_deadline(), Some(now - secs(40) + STALE));
+        assert_eq!(
+            s.on_tick(now - secs(40) + STALE),
+            vec!["a".to_owned(), "b".to_owned()]
+        );
+    }
+
+    #[test]
+    fn restored_entries_are_reconciled_like_a_lost_stream() {
+        let now = t0();
+        let mut s = ConsumerSession::new(settings());
+        s.restore(
+            vec![(svc("a", "cached"), secs(5)), (svc("b", ""), secs(5))],
+            now,
+        );
+        s.on_stream_open(now, Some(1));
+        let h = upsert(&mut s, now, "a");
+        assert_eq!(h.reconciled, vec!["b".to_owned()]);
+        assert_eq!(names(&s), vec!["a".to_owned()]);
+        assert_eq!(s.imports()["a"].service.description, "");
+    }
+
+    #[test]
+    fn restore_with_nothing_usable_changes_nothing() {
+        let now = t0();
+        let mut s = ConsumerSession::new(settings());
+        s.restore(vec![(svc("old", ""), STALE * 2)], now);
+        assert!(s.imports().is_empty());
+        assert_eq!(s.state(), &SyncState::Connecting);
+        assert_eq!(s.next_deadline(), None);
+    }
+
+    #[test]
+    fn shutdown_on_purpose_deletes_everything() {
+        let t = t0();
+        let mut s = ConsumerSession::new(settings());
+        s.on_stream_open(t, None);
+        upsert(&mut s, t, "a");
+        upsert(&mut s, t, "b");
+        assert_eq!(
+            s.shutdown_on_purpose(),
+            vec!["a".to_owned(), "b".to_owned()]
+        );
+        assert!(s.imports().is_empty());
+        assert_eq!(s.state(), &SyncState::Stopped);
+        assert_eq!(s.next_deadline(), None);
+        assert!(!s.stats().connected);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Open(Option<usize>),
+        Close(u8, f64),
+        Upsert(usize),
+        BadUpsert(usize),
+        Mismatch(usize),
+        Delete(usize),
+        Unknown(usize),
+        Tick,
+    }
+
+    const NAMES: [&str; 5] = ["a", "b", "c", "d", "e"];
+
+    fn step() -> impl Strategy<Value = Step> {
+        let name = 0..NAMES.len();
+        prop_oneof![
+            1 => prop::option::of(0..6usize).prop_map(Step::Open),
+            1 => (0..8u8, 0.0..1.0f64).prop_map(|(r, j)| Step::Close(r, j)),
+            4 => name.clone().prop_map(Step::Upsert),
+            1 => name.clone().prop_map(Step::BadUpsert),
+            1 => name.clone().prop_map(Step::Mismatch),
+            2 => name.clone().prop_map(Step::Delete),
+            1 => name.prop_map(Step::Unknown),
+            3 => Just(Step::Tick),
+        ]
+    }
+
+    /// The last thing the current stream said about a name.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Last {
+        Upserted,
+        Deleted,
+        Nacked { present: bool },
+    }
+
+    proptest! {
+        #[test]
+        fn random_interleavings_keep_the_invariants(
+            initial_ms in 0..3_000u64,
+            max_ms in 1_000..20_000u64,
+            steps in prop::collection::vec((step(), 0..200_000u64), 1..60),
+        ) {
+            let backoff_max = Duration::from_millis(max_ms);
+            let mut s = ConsumerSession::new(ConsumerSettings {
+                stale_after: secs(300),
+                snapshot_quiet_period: secs(2),
+                backoff_initial: Duration::from_millis(initial_ms),
+                backoff_max,
+            });
+            let mut now = t0();
+            let mut last: BTreeMap<String, Last> = BTreeMap::new();
+            let mut nonce = 0u64;
+            for (step, advance_ms) in steps {
+                now += Duration::from_millis(advance_ms);
+                nonce += 1;
+                let n = nonce.to_string();
+                let was_complete = s.stats().snapshot_complete;
+                let mut record = |s: &ConsumerSession, name: &str, event: Last| {
+                    let event = match event {
+                        Last::Nacked { .. } => Last::Nacked {
+                            present: s.imports().contains_key(name),
+                        },
+                        other => other,
+                    };
+                    last.insert(name.to_owned(), event);
+                };
+                match step {
+                    Step::Open(size) => {
+                        last.clear();
+                        s.on_stream_open(now, size);
+                    }
+                    Step::Close(kind, jitter) => {
+                        let reason = match kind {
+                            0 => CloseReason::Unauthenticated("no".into()),
+                            1 => CloseReason::InvalidArgument("bad".into()),
+                            _ => CloseReason::Other("unavailable".into()),
+                        };
+                        last.clear();
+                        if let AfterClose::ReconnectAt(at) = s.on_stream_closed(now, reason, jitter) {
+                            let delay = at - now;
+                            prop_assert!(delay >= secs(1), "{delay:?}");
+                            prop_assert!(delay <= backoff_max.max(secs(1)), "{delay:?}");
+                        }
+                    }
+                    Step::Upsert(i) | Step::BadUpsert(i) | Step::Mismatch(i) | Step::Unknown(i) => {
+                        let name = NAMES[i];
+                        let (op, service) = match step {
+                            Step::Upsert(_) => (Operation::Upsert, Ok(svc(name, &n))),
+                            Step::BadUpsert(_) => (Operation::Upsert, Err("bad".into())),
+                            Step::Mismatch(_) => (Operation::Upsert, Ok(svc("other", &n))),
+                            _ => (Operation::Unknown(7), Ok(svc(name, &n))),
+                        };
+                        let open = s.stats().connected;
+                        let event = if matches!(step, Step::Upsert(_)) && open {
+                            Last::Upserted
+                        } else {
+                            Last::Nacked { present: false }
+                        };
+                        if open {
+                            record(&s, name, event);
+                        }
+                        s.on_response(now, &n, name, op, service);
+                    }
+                    Step::Delete(i) => {
+                        if s.stats().connected {
+                            record(&s, NAMES[i], Last::Deleted);
+                        }
+                        s.on_response(now, &n, NAMES[i], Operation::Delete, Err("gone".into()));
+                    }
+                    Step::Tick => {
+                        let dropped = s.on_tick(now);
+                        if !s.stats().snapshot_complete {
+                            // A stale cut-off, not reconciliation: the old
+                            // copies kept by a NACK are gone now.
+                            for name in dropped {
+                                if let Some(l @ Last::Nacked { .. }) = last.get_mut(&name) {
+                                    *l = Last::Nacked { present: false };
+                                }
+                            }
+                        }
+                    }
+                }
+                let stats = s.stats();
+                if stats.snapshot_complete {
+                    prop_assert_eq!(s.state(), &SyncState::Synced);
+                    let expected: Vec<String> = last
+                        .iter()
+                        .filter(|(_, l)| matches!(l, Last::Upserted | Last::Nacked { present: true }))
+                        .map(|(name, _)| name.clone())
+                        .collect();
+                    prop_assert_eq!(names(&s), expected, "just completed: {}", !was_complete);
+                }
+            }
+        }
+    }
+}

@@ -1,1 +1,1123 @@
-//! placeholder
+//! The owner side of one Hamlet federation stream, as a sans-I/O state
+//! machine: one [`OwnerSession`] per consumer stream. It owns the snapshot
+//! bookkeeping, the *pending* map (latest state per service name not yet
+//! sent), the messages in flight (nonce → name) with their send times, nonce
+//! generation and ACK/NACK accounting. It does no I/O and spawns nothing: the
+//! tonic code around it feeds events in (`start`, `on_request`, `on_catalog`,
+//! `on_tick`) with the current time, and drains `poll_send` into the stream.
+//! It knows nothing of protos; the caller turns an [`Outgoing`] into a
+//! `StreamResponse` of the negotiated [`ApiVersion`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use elsinore_federation_api::{ApiVersion, FederatedService};
+use tokio::time::Instant;
+
+/// The `resource_url` a consumer must send on its first request, and that
+/// every response carries, for the given API version.
+pub fn resource_url(version: ApiVersion) -> &'static str {
+    match version {
+        ApiVersion::V1alpha2 => "type.googleapis.com/federation.types.v1alpha2.FederatedService",
+        ApiVersion::V1alpha1 => "type.googleapis.com/federation.types.v1alpha1.FederatedService",
+    }
+}
+
+/// What the owner decided for this stream before the first request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnerSettings {
+    /// The wire version of the stream (decides the resource URL and whether
+    /// the context is echoed).
+    pub version: ApiVersion,
+    /// Messages allowed in flight: 1 with a foreign peer (as the spec asks),
+    /// or what two Elsinore gateways negotiated. 0 is treated as 1.
+    pub window: u32,
+    /// How long a message may stay unacknowledged before the stream is ended.
+    pub ack_timeout: Duration,
+}
+
+/// The operation of one outgoing message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Full state of the service. `created` is true when the consumer does
+    /// not have the name from this stream (never sent, or last sent as a
+    /// DELETE): v1alpha1 encodes that as CREATE, otherwise as UPDATE.
+    Upsert { created: bool },
+    /// The service is gone.
+    Delete,
+}
+
+/// One message for the caller to encode and send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    /// Unique per stream; the consumer echoes it in its ACK/NACK.
+    pub nonce: String,
+    /// The service name (`resource_id` in v1alpha2).
+    pub name: String,
+    /// Upsert or delete.
+    pub op: Op,
+    /// The full object: `Some` for [`Op::Upsert`], `None` for [`Op::Delete`].
+    pub service: Option<Arc<FederatedService>>,
+    /// The context the consumer gave on its first request (v1alpha2); empty
+    /// for v1alpha1, which has no such field.
+    pub context: String,
+}
+
+/// The `status` of a consumer request (a `google.rpc.Status`, details dropped).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    /// 0 is an ACK, anything else a NACK.
+    pub code: i32,
+    /// The consumer's reason for a NACK.
+    pub message: String,
+}
+
+/// What a consumer request meant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AckOutcome {
+    /// The message carrying `name` was accepted.
+    Acked { name: String },
+    /// The message carrying `name` was rejected; it is not resent until the
+    /// service changes again.
+    Nacked {
+        name: String,
+        code: i32,
+        message: String,
+    },
+    /// The nonce matches nothing in flight (stale, duplicate or made up);
+    /// counted and otherwise ignored.
+    UnknownNonce { nonce: String },
+}
+
+/// Why the session refuses an event or ends the stream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    /// The first request asked for another resource type (→ InvalidArgument).
+    #[error("bad resource url {got:?}, expected {expected:?}")]
+    BadResourceUrl { expected: &'static str, got: String },
+    /// A message stayed unacknowledged too long (→ the stream is ended).
+    #[error("no ack for nonce {nonce:?} (service {name:?}) after {waited:?}")]
+    AckTimeout {
+        nonce: String,
+        name: String,
+        waited: Duration,
+    },
+    /// An ACK/NACK arrived before the first request (→ InvalidArgument).
+    #[error("request with a response nonce before the first request")]
+    NotStarted,
+    /// A second "first request" on the same stream (→ InvalidArgument).
+    #[error("stream already started")]
+    AlreadyStarted,
+}
+
+/// Counters and gauges of one session, for metrics and the admin API.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OwnerStats {
+    /// Messages handed out by `poll_send`.
+    pub sent: u64,
+    /// ACKs of in-flight nonces.
+    pub acks: u64,
+    /// NACKs of in-flight nonces.
+    pub nacks: u64,
+    /// Requests whose nonce matched nothing in flight.
+    pub unknown_nonces: u64,
+    /// Messages currently awaiting an ACK/NACK.
+    pub in_flight: usize,
+    /// Names with a state not yet sent.
+    pub pending: usize,
+    /// The last NACK: (service name, consumer's message).
+    pub last_nack: Option<(String, String)>,
+}
+
+/// The latest not-yet-sent state of one name.
+#[derive(Debug, Clone)]
+enum PendingOp {
+    Upsert(Arc<FederatedService>),
+    Delete,
+}
+
+#[derive(Debug, Clone)]
+struct Pending {
+    op: PendingOp,
+    /// Place in line, fixed when the name first became pending so that a
+    /// service changing on every round trip cannot starve the others.
+    order: u64,
+}
+
+#[derive(Debug, Clone)]
+struct InFlight {
+    nonce: String,
+    name: String,
+    sent_at: Instant,
+}
+
+/// The owner side of one consumer stream. See the module docs.
+#[derive(Debug)]
+pub struct OwnerSession {
+    settings: OwnerSettings,
+    /// `Some(context)` once the first request was accepted.
+    context: Option<String>,
+    /// Random per session, so nonces of two streams never collide and a
+    /// nonce from an older stream is recognised as unknown.
+    nonce_prefix: String,
+    /// Sequence of the next nonce; also orders `in_flight` by send time.
+    next_seq: u64,
+    /// The last catalog view given to us: what the consumer should end with.
+    known: BTreeMap<String, Arc<FederatedService>>,
+    /// What the consumer has been sent, in flight included: the last UPSERT
+    /// per name; a name whose last message was a DELETE is absent.
+    sent: BTreeMap<String, Arc<FederatedService>>,
+    /// Latest unsent state per name, plus its place in line.
+    pending: BTreeMap<String, Pending>,
+    /// `order` → name, the send order of `pending`.
+    queue: BTreeMap<u64, String>,
+    next_order: u64,
+    /// Snapshot names not sent yet; nothing else is sent while non-empty.
+    snapshot_remaining: BTreeSet<String>,
+    snapshot_size: usize,
+    /// seq → message, so the first entry is the oldest.
+    in_flight: BTreeMap<u64, InFlight>,
+    in_flight_names: BTreeSet<String>,
+    stats: OwnerStats,
+}
+
+impl OwnerSession {
+    /// A session waiting for the consumer's first request.
+    pub fn new(settings: OwnerSettings) -> Self {
+        let settings = OwnerSettings {
+            window: settings.window.max(1),
+            ..settings
+        };
+        Self {
+            settings,
+            context: None,
+            nonce_prefix: format!("{:016x}", rand::random::<u64>()),
+            next_seq: 0,
+            known: BTreeMap::new(),
+            sent: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            queue: BTreeMap::new(),
+            next_order: 0,
+            snapshot_remaining: BTreeSet::new(),
+            snapshot_size: 0,
+            in_flight: BTreeMap::new(),
+            in_flight_names: BTreeSet::new(),
+            stats: OwnerStats::default(),
+        }
+    }
+
+    /// The settings in force (window already clamped to at least 1).
+    pub fn settings(&self) -> &OwnerSettings {
+        &self.settings
+    }
+
+    /// The consumer's first request: checks `resource_url` against the
+    /// session's version, remembers `context` (v1alpha2 only; v1alpha1 has
+    /// none) and makes every name of `snapshot` pending. On error the session
+    /// stays unstarted.
+    pub fn start(
+        &mut self,
+        resource_url: &str,
+        context: String,
+        snapshot: BTreeMap<String, Arc<FederatedService>>,
+    ) -> Result<(), SessionError> {
+        if self.context.is_some() {
+            return Err(SessionError::AlreadyStarted);
+        }
+        let expected = self::resource_url(self.settings.version);
+        if resource_url != expected {
+            return Err(SessionError::BadResourceUrl {
+                expected,
+                got: resource_url.to_owned(),
+            });
+        }
+        self.context = Some(match self.settings.version {
+            ApiVersion::V1alpha2 => context,
+            ApiVersion::V1alpha1 => String::new(),
+        });
+        self.snapshot_size = snapshot.len();
+        self.snapshot_remaining = snapshot.keys().cloned().collect();
+        for (name, service) in &snapshot {
+            self.set_pending(name, PendingOp::Upsert(Arc::clone(service)));
+        }
+        self.known = snapshot;
+        Ok(())
+    }
+
+    /// How many messages form the initial snapshot: the first that many
+    /// messages from `poll_send` are exactly the snapshot's names, once each.
+    /// The caller announces it in the initial response metadata.
+    pub fn snapshot_size(&self) -> usize {
+        self.snapshot_size
+    }
+
+    /// True once every snapshot message has been handed out (not
+    /// necessarily acknowledged).
+    pub fn snapshot_sent(&self) -> bool {
+        self.context.is_some() && self.snapshot_remaining.is_empty()
+    }
+
+    /// A later consumer request: an ACK (`status` absent or code 0) or a NACK
+    /// of `nonce`. A NACK frees the slot and is recorded but not resent: the
+    /// consumer keeps its old entry and the next change of the service is
+    /// sent as usual. `now` is unused today; it is part of the event so that
+    /// round-trip timing can be added without changing callers.
+    pub fn on_request(
+        &mut self,
+        nonce: &str,
+        status: Option<Status>,
+        _now: Instant,
+    ) -> Result<AckOutcome, SessionError> {
+        if self.context.is_none() {
+            return Err(SessionError::NotStarted);
+        }
+        let Some(message) = self.take_in_flight(nonce) else {
+            self.stats.unknown_nonces += 1;
+            return Ok(AckOutcome::UnknownNonce {
+                nonce: nonce.to_owned(),
+            });
+        };
+        self.in_flight_names.remove(&message.name);
+        match status {
+            Some(Status { code, message: why }) if code != 0 => {
+                self.stats.nacks += 1;
+                self.stats.last_nack = Some((message.name.clone(), why.clone()));
+                Ok(AckOutcome::Nacked {
+                    name: message.name,
+                    code,
+                    message: why,
+                })
+            }
+            _ => {
+                self.stats.acks += 1;
+                Ok(AckOutcome::Acked { name: message.name })
+            }
+        }
+    }
+
+    /// The catalog visible to this peer changed; `view` is the new full view.
+    /// Names new or changed (compared by value) become pending upserts,
+    /// vanished names pending deletes. Ignored before `start`, which carries
+    /// the view the stream begins with.
+    pub fn on_catalog(&mut self, view: &BTreeMap<String, Arc<FederatedService>>) {
+        if self.context.is_none() {
+            return;
+        }
+        let mut changes = Vec::new();
+        for (name, service) in view {
+            if self.known.get(name).is_none_or(|old| !same(old, service)) {
+                changes.push((name.clone(), Some(Arc::clone(service))));
+            }
+        }
+        for name in self.known.keys() {
+            if !view.contains_key(name) {
+                changes.push((name.clone(), None));
+            }
+        }
+        for (name, desired) in changes {
+            self.desire(&name, desired);
+        }
+        self.known = view.clone();
+    }
+
+    /// The next message to send, if a window slot is free and something is
+    /// pending; call until `None`. While the snapshot is not fully sent, only
+    /// snapshot names are sent.
+    pub fn poll_send(&mut self, now: Instant) -> Option<Outgoing> {
+        let context = self.context.clone()?;
+        if self.in_flight.len() >= self.settings.window as usize {
+            return None;
+        }
+        let name = if let Some(name) = self.snapshot_remaining.pop_first() {
+            // A snapshot name was never sent, so it cannot be in flight, and
+            // `desire` keeps a pending entry for it until it is sent.
+            name
+        } else {
+            self.queue
+                .values()
+                .find(|name| !self.in_flight_names.contains(*name))?
+                .clone()
+        };
+        let pending = self.pending.remove(&name)?;
+        self.queue.remove(&pending.order);
+        let (op, service) = match pending.op {
+            PendingOp::Upsert(service) => {
+                let previous = self.sent.insert(name.clone(), Arc::clone(&service));
+                (
+                    Op::Upsert {
+                        created: previous.is_none(),
+                    },
+                    Some(service),
+                )
+            }
+            PendingOp::Delete => {
+                self.sent.remove(&name);
+                (Op::Delete, None)
+            }
+        };
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let nonce = format!("{}-{seq}", self.nonce_prefix);
+        self.in_flight.insert(
+            seq,
+            InFlight {
+                nonce: nonce.clone(),
+                name: name.clone(),
+                sent_at: now,
+            },
+        );
+        self.in_flight_names.insert(name.clone());
+        self.stats.sent += 1;
+        Some(Outgoing {
+            nonce,
+            name,
+            op,
+            service,
+            context,
+        })
+    }
+
+    /// Ends the stream with [`SessionError::AckTimeout`] once the oldest
+    /// message in flight has waited `ack_timeout` (at or after
+    /// [`Self::next_deadline`], so a caller sleeping until the deadline is
+    /// not woken for nothing).
+    pub fn on_tick(&mut self, now: Instant) -> Result<(), SessionError> {
+        let Some(oldest) = self.in_flight.values().next() else {
+            return Ok(());
+        };
+        let waited = now.saturating_duration_since(oldest.sent_at);
+        if waited >= self.settings.ack_timeout {
+            return Err(SessionError::AckTimeout {
+                nonce: oldest.nonce.clone(),
+                name: oldest.name.clone(),
+                waited,
+            });
+        }
+        Ok(())
+    }
+
+    /// When `on_tick` will fail if nothing is acknowledged meanwhile; `None`
+    /// when nothing is in flight.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.in_flight
+            .values()
+            .next()
+            .map(|oldest| oldest.sent_at + self.settings.ack_timeout)
+    }
+
+    /// Counters and gauges of this session.
+    pub fn stats(&self) -> OwnerStats {
+        OwnerStats {
+            in_flight: self.in_flight.len(),
+            pending: self.pending.len(),
+            ..self.stats.clone()
+        }
+    }
+
+    /// Records that the consumer should end up with `desired` for `name`
+    /// (`None` = absent) and updates the pending entry accordingly.
+    fn desire(&mut self, name: &str, desired: Option<Arc<FederatedService>>) {
+        if self.snapshot_remaining.contains(name) {
+            // The snapshot slot is sent whatever happens, so the consumer's
+            // count of snapshot messages stays right: latest state, or a
+            // DELETE if the name vanished before its turn.
+            let op = desired.map_or(PendingOp::Delete, PendingOp::Upsert);
+            self.set_pending(name, op);
+            return;
+        }
+        let already = match (&desired, self.sent.get(name)) {
+            (Some(want), Some(have)) => same(want, have),
+            (None, None) => true,
+            _ => false,
+        };
+        if already {
+            // The consumer has (or is being sent) exactly this: nothing to
+            // send, and a delete of a name it never got is dropped.
+            self.clear_pending(name);
+        } else {
+            let op = desired.map_or(PendingOp::Delete, PendingOp::Upsert);
+            self.set_pending(name, op);
+        }
+    }
+
+    fn set_pending(&mut self, name: &str, op: PendingOp) {
+        if let Some(entry) = self.pending.get_mut(name) {
+            entry.op = op;
+            return;
+        }
+        let order = self.next_order;
+        self.next_order += 1;
+        self.pending.insert(name.to_owned(), Pending { op, order });
+        self.queue.insert(order, name.to_owned());
+    }
+
+    fn clear_pending(&mut self, name: &str) {
+        if let Some(entry) = self.pending.remove(name) {
+            self.queue.remove(&entry.order);
+        }
+    }
+
+    fn take_in_flight(&mut self, nonce: &str) -> Option<InFlight> {
+        let seq = nonce
+            .strip_prefix(self.nonce_prefix.as_str())?
+            .strip_prefix('-')?
+            .parse::<u64>()
+            .ok()?;
+        // The parse accepts forms like "+1"; the stored nonce is the truth.
+        if self.in_flight.get(&seq)?.nonce != nonce {
+            return None;
+        }
+        self.in_flight.remove(&seq)
+    }
+}
+
+fn same(a: &Arc<FederatedService>, b: &Arc<FederatedService>) -> bool {
+    Arc::ptr_eq(a, b) || a == b
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use elsinore_federation_api::{Endpoint, Instance, Protocol};
+    use proptest::prelude::*;
+
+    const V2_URL: &str = "type.googleapis.com/federation.types.v1alpha2.FederatedService";
+    const V1_URL: &str = "type.googleapis.com/federation.types.v1alpha1.FederatedService";
+    const TIMEOUT: Duration = Duration::from_secs(30);
+
+    /// A service whose content differs by `version` (put in the description).
+    fn svc(name: &str, version: u32) -> Arc<FederatedService> {
+        Arc::new(FederatedService {
+            name: name.to_owned(),
+            description: format!("v{version}"),
+            tags: vec!["web".to_owned()],
+            labels: BTreeMap::from([("team".to_owned(), "a".to_owned())]),
+            fqdn: format!("{name}.mesh-a.example"),
+            endpoints: vec![Endpoint {
+                address: "10.0.0.1".to_owned(),
+                port: 15443,
+                labels: vec![],
+                description: String::new(),
+            }],
+            sans: vec!["spiffe://mesh-a.example/ns/gw/sa/ingress".to_owned()],
+            instances: vec![Instance {
+                id: "i1".to_owned(),
+                protocol: Protocol::Http,
+                metadata: BTreeMap::from([("SNI".to_owned(), format!("{name}.internal"))]),
+                endpoint_selector: vec![],
+                description: String::new(),
+            }],
+        })
+    }
+
+    fn view(entries: &[(&str, u32)]) -> BTreeMap<String, Arc<FederatedService>> {
+        entries
+            .iter()
+            .map(|(name, version)| ((*name).to_owned(), svc(name, *version)))
+            .collect()
+    }
+
+    fn session(window: u32) -> OwnerSession {
+        OwnerSession::new(OwnerSettings {
+            version: ApiVersion::V1alpha2,
+            window,
+            ack_timeout: TIMEOUT,
+        })
+    }
+
+    fn started(window: u32, snapshot: &[(&str, u32)]) -> OwnerSession {
+        let mut s = session(window);
+        s.start(V2_URL, "ctx".to_owned(), view(snapshot)).unwrap();
+        s
+    }
+
+    fn drain(s: &mut OwnerSession, now: Instant) -> Vec<Outgoing> {
+        std::iter::from_fn(|| s.poll_send(now)).collect()
+    }
+
+    fn ack(s: &mut OwnerSession, msg: &Outgoing, now: Instant) -> AckOutcome {
+        s.on_request(&msg.nonce, None, now).unwrap()
+    }
+
+    fn version_of(msg: &Outgoing) -> Option<String> {
+        msg.service.as_ref().map(|s| s.description.clone())
+    }
+
+    #[test]
+    fn resource_url_must_match_the_version() {
+        let mut s = session(1);
+        let err = s.start(V1_URL, String::new(), BTreeMap::new()).unwrap_err();
+        assert_eq!(
+            err,
+            SessionError::BadResourceUrl {
+                expected: V2_URL,
+                got: V1_URL.to_owned()
+            }
+        );
+        // Still unstarted: a correct first request is accepted afterwards.
+        assert!(s.poll_send(Instant::now()).is_none());
+        s.start(V2_URL, String::new(), BTreeMap::new()).unwrap();
+
+        let mut s1 = OwnerSession::new(OwnerSettings {
+            version: ApiVersion::V1alpha1,
+            window: 1,
+            ack_timeout: TIMEOUT,
+        });
+        assert!(matches!(
+            s1.start(V2_URL, String::new(), BTreeMap::new()),
+            Err(SessionError::BadResourceUrl { .. })
+        ));
+        s1.start(V1_URL, String::new(), BTreeMap::new()).unwrap();
+    }
+
+    #[test]
+    fn request_before_start_and_second_start_are_errors() {
+        let now = Instant::now();
+        let mut s = session(1);
+        assert_eq!(
+            s.on_request("x-1", None, now),
+            Err(SessionError::NotStarted)
+        );
+        s.start(V2_URL, String::new(), BTreeMap::new()).unwrap();
+        assert_eq!(
+            s.start(V2_URL, String::new(), BTreeMap::new()),
+            Err(SessionError::AlreadyStarted)
+        );
+    }
+
+    #[test]
+    fn nothing_is_sent_before_start() {
+        let mut s = session(4);
+        s.on_catalog(&view(&[("a", 1)]));
+        assert!(s.poll_send(Instant::now()).is_none());
+        assert_eq!(s.stats().pending, 0);
+    }
+
+    #[test]
+    fn snapshot_is_every_name_once_with_its_state() {
+        let now = Instant::now();
+        let mut s = started(8, &[("a", 1), ("b", 1), ("c", 1)]);
+        assert_eq!(s.snapshot_size(), 3);
+        let sent = drain(&mut s, now);
+        let names: Vec<_> = sent.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        assert!(sent.iter().all(|m| m.op == Op::Upsert { created: true }));
+        assert_eq!(sent[1].service.as_deref(), Some(&*svc("b", 1)));
+        assert!(s.snapshot_sent());
+    }
+
+    #[test]
+    fn empty_snapshot_has_size_zero_and_sends_nothing() {
+        let mut s = started(1, &[]);
+        assert_eq!(s.snapshot_size(), 0);
+        assert!(s.snapshot_sent());
+        assert!(s.poll_send(Instant::now()).is_none());
+    }
+
+    #[test]
+    fn snapshot_goes_before_later_changes() {
+        let now = Instant::now();
+        let mut s = started(1, &[("m", 1), ("n", 1)]);
+        // "a" sorts first and "m" changes after its slot was used: neither
+        // may overtake the snapshot's remaining "n".
+        let first = s.poll_send(now).unwrap();
+        assert_eq!(first.name, "m");
+        s.on_catalog(&view(&[("a", 1), ("m", 2), ("n", 1)]));
+        ack(&mut s, &first, now);
+        let mut order = Vec::new();
+        while let Some(msg) = s.poll_send(now) {
+            order.push((msg.name.clone(), version_of(&msg)));
+            ack(&mut s, &msg, now);
+        }
+        assert_eq!(
+            order,
+            [
+                ("n".to_owned(), Some("v1".to_owned())),
+                // Changes of one catalog update queue in name order.
+                ("a".to_owned(), Some("v1".to_owned())),
+                ("m".to_owned(), Some("v2".to_owned())),
+            ]
+        );
+    }
+
+    #[test]
+    fn snapshot_name_changed_before_sending_is_sent_once_latest() {
+        let now = Instant::now();
+        let mut s = started(1, &[("a", 1), ("b", 1)]);
+        for version in 2..=5 {
+            s.on_catalog(&view(&[("a", 1), ("b", version)]));
+        }
+        let mut sent = Vec::new();
+        while let Some(msg) = s.poll_send(now) {
+            ack(&mut s, &msg, now);
+            sent.push(msg);
+        }
+        assert_eq!(sent.len(), 2);
+        assert_eq!(sent[1].name, "b");
+        assert_eq!(version_of(&sent[1]).as_deref(), Some("v5"));
+    }
+
+    #[test]
+    fn snapshot_name_deleted_before_sending_is_a_delete_in_its_slot() {
+        let now = Instant::now();
+        let mut s = started(1, &[("a", 1), ("b", 1)]);
+        s.on_catalog(&view(&[("a", 1)]));
+        let first = s.poll_send(now).unwrap();
+        ack(&mut s, &first, now);
+        let second = s.poll_send(now).unwrap();
+        assert_eq!((second.name.as_str(), second.op), ("b", Op::Delete));
+        assert!(second.service.is_none());
+        ack(&mut s, &second, now);
+        assert!(s.poll_send(now).is_none());
+        assert_eq!(s.stats().sent as usize, s.snapshot_size());
+        // Coming back after that DELETE is a creation again.
+        s.on_catalog(&view(&[("a", 1), ("b", 2)]));
+        let again = s.poll_send(now).unwrap();
+        assert_eq!(again.op, Op::Upsert { created: true });
+    }
+
+    #[test]
+    fn pending_is_a_map_ten_changes_one_message() {
+        let now = Instant::now();
+        let mut s = started(1, &[("a", 1)]);
+        let first = s.poll_send(now).unwrap();
+        // The consumer is slow: "a" changes ten times while in flight.
+        for version in 2..=11 {
+            s.on_catalog(&view(&[("a", version)]));
+            assert_eq!(s.stats().pending, 1);
+        }
+        assert!(s.poll_send(now).is_none(), "a is still in flight");
+        ack(&mut s, &first, now);
+        let next = s.poll_send(now).unwrap();
+        assert_eq!(version_of(&next).as_deref(), Some("v11"));
+        assert_eq!(next.op, Op::Upsert { created: false });
+        ack(&mut s, &next, now);
+        assert!(s.poll_send(now).is_none());
+        assert_eq!(s.stats().sent, 2);
+    }
+
+    #[test]
+    fn pending_memory_is_bounded_by_names() {
+        let now = Instant::now();
+        let mut s = started(1, &[("a", 1), ("b", 1), ("c", 1)]);
+        let _stuck = s.poll_send(now).unwrap(); // never acknowledged
+        for version in 2..1000 {
+            s.on_catalog(&view(&[("a", version), ("b", version), ("c", version)]));
+        }
+        assert!(s.stats().pending <= 3);
+        assert_eq!(s.stats().in_flight, 1);
+    }
+
+    #[test]
+    fn never_two_in_flight_for_one_name() {
+        let now = Instant::now();
+        let mut s = started(4, &[("a", 1)]);
+        let first = s.poll_send(now).unwrap();
+        s.on_catalog(&view(&[("a", 2), ("b", 1)]));
+        // A slot is free, but "a" is in flight: only "b" may go.
+        let sent = drain(&mut s, now);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].name, "b");
+        s.on_request(
+            &first.nonce,
+            Some(Status {
+                code: 3,
+                message: "bad".into(),
+            }),
+            now,
+        )
+        .unwrap();
+        let next = s.poll_send(now).unwrap();
+        assert_eq!(
+            (next.name.as_str(), version_of(&next)),
+            ("a", Some("v2".to_owned()))
+        );
+    }
+
+    #[test]
+    fn window_limits_messages_in_flight() {
+        let now = Instant::now();
+        let names: Vec<(String, u32)> = (0..10).map(|i| (format!("s{i}"), 1)).collect();
+        let entries: Vec<(&str, u32)> = names.iter().map(|(n, v)| (n.as_str(), *v)).collect();
+
+        let mut one = started(1, &entries);
+        let sent = drain(&mut one, now);
+        assert_eq!(sent.len(), 1);
+        ack(&mut one, &sent[0], now);
+        assert_eq!(drain(&mut one, now).len(), 1);
+
+        let mut four = started(4, &entries);
+        let sent = drain(&mut four, now);
+        assert_eq!(sent.len(), 4);
+        assert_eq!(four.stats().in_flight, 4);
+        ack(&mut four, &sent[2], now);
+        assert_eq!(drain(&mut four, now).len(), 1);
+
+        // A window of 0 would deadlock the stream; it counts as 1.
+        let mut zero = started(0, &entries);
+        assert_eq!(drain(&mut zero, now).len(), 1);
+    }
+
+    #[test]
+    fn nonces_are_unique_within_and_across_streams() {
+        let now = Instant::now();
+        let names: Vec<String> = (0..50).map(|i| format!("s{i}")).collect();
+        let entries: Vec<(&str, u32)> = names.iter().map(|n| (n.as_str(), 1)).collect();
+        let mut seen = BTreeSet::new();
+        for _ in 0..2 {
+            let mut s = started(100, &entries);
+            for msg in drain(&mut s, now) {
+                assert!(seen.insert(msg.nonce), "duplicate nonce");
+            }
+        }
+        assert_eq!(seen.len(), 100);
+    }
+
+    #[test]
+    fn a_nonce_of_another_stream_is_unknown() {
+        let now = Instant::now();
+        let mut a = started(1, &[("x", 1)]);
+        let mut b = started(1, &[("x", 1)]);
+        let from_a = a.poll_send(now).unwrap();
+        let _from_b = b.poll_send(now).unwrap();
+        assert_eq!(
+            ack(&mut b, &from_a, now),
+            AckOutcome::UnknownNonce {
+                nonce: from_a.nonce.clone()
+            }
+        );
+        assert_eq!(b.stats().in_flight, 1);
+    }
+
+    #[test]
+    fn delete_of_a_never_sent_name_is_dropped() {
+        let now = Instant::now();
+        let mut s = started(1, &[("a", 1)]);
+        let first = s.poll_send(now).unwrap();
+        // "b" appears and vanishes while "a" holds the only slot.
+        s.on_catalog(&view(&[("a", 1), ("b", 1)]));
+        assert_eq!(s.stats().pending, 1);
+        s.on_catalog(&view(&[("a", 1)]));
+        assert_eq!(s.stats().pending, 0);
+        ack(&mut s, &first, now);
+        assert!(s.poll_send(now).is_none());
+    }
+
+    #[test]
+    fn delete_of_a_sent_name_is_sent_and_recreation_is_created() {
+        let now = Instant::now();
+        let mut s = started(1, &[("a", 1)]);
+        let first = s.poll_send(now).unwrap();
+        ack(&mut s, &first, now);
+        s.on_catalog(&BTreeMap::new());
+        let delete = s.poll_send(now).unwrap();
+        assert_eq!((delete.name.as_str(), delete.op), ("a", Op::Delete));
+        ack(&mut s, &delete, now);
+        s.on_catalog(&view(&[("a", 2)]));
+        let again = s.poll_send(now).unwrap();
+        assert_eq!(again.op, Op::Upsert { created: true });
+        ack(&mut s, &again, now);
+        s.on_catalog(&view(&[("a", 3)]));
+        assert_eq!(s.poll_send(now).unwrap().op, Op::Upsert { created: false });
+    }
+
+    #[test]
+    fn upsert_equal_to_what_was_sent_is_not_resent() {
+        let now = Instant::now();
+        let mut s = started(1, &[("a", 1)]);
+        let first = s.poll_send(now).unwrap();
+        // A fresh Arc with equal content is no change.
+        s.on_catalog(&view(&[("a", 1)]));
+        assert_eq!(s.stats().pending, 0);
+        // A change and back while in flight: the consumer already gets v1.
+        s.on_catalog(&view(&[("a", 2)]));
+        s.on_catalog(&view(&[("a", 1)]));
+        assert_eq!(s.stats().pending, 0);
+        ack(&mut s, &first, now);
+        assert!(s.poll_send(now).is_none());
+    }
+
+    #[test]
+    fn nack_is_counted_recorded_and_not_resent() {
+        let now = Instant::now();
+        let mut s = started(1, &[("a", 1), ("b", 1)]);
+        let first = s.poll_send(now).unwrap();
+        let outcome = s
+            .on_request(
+                &first.nonce,
+                Some(Status {
+                    code: 3,
+                    message: "missing fqdn".into(),
+                }),
+                now,
+            )
+            .unwrap();
+        assert_eq!(
+            outcome,
+            AckOutcome::Nacked {
+                name: "a".into(),
+                code: 3,
+                message: "missing fqdn".into()
+            }
+        );
+        let stats = s.stats();
+        assert_eq!((stats.nacks, stats.acks, stats.in_flight), (1, 0, 0));
+        assert_eq!(stats.last_nack, Some(("a".into(), "missing fqdn".into())));
+        // The slot is free for "b", and "a" is not sent again by itself.
+        let second = s.poll_send(now).unwrap();
+        assert_eq!(second.name, "b");
+        ack(&mut s, &second, now);
+        assert!(s.poll_send(now).is_none());
+        // A later change of "a" is sent, as an update of what was sent.
+        s.on_catalog(&view(&[("a", 2), ("b", 1)]));
+        let resent = s.poll_send(now).unwrap();
+        assert_eq!(
+            (resent.name.as_str(), resent.op),
+            ("a", Op::Upsert { created: false })
+        );
+    }
+
+    #[test]
+    fn ack_with_code_zero_and_a_message_is_an_ack() {
+        let now = Instant::now();
+        let mut s = started(1, &[("a", 1)]);
+        let first = s.poll_send(now).unwrap();
+        let status = Some(Status {
+            code: 0,
+            message: "ok".into(),
+        });
+        assert_eq!(
+            s.on_request(&first.nonce, status, now).unwrap(),
+            AckOutcome::Acked { name: "a".into() }
+        );
+        assert_eq!(s.stats().acks, 1);
+    }
+
+    #[test]
+    fn unknown_and_duplicate_nonces_are_counted_and_ignored() {
+        let now = Instant::now();
+        let mut s = started(1, &[("a", 1), ("b", 1)]);
+        let first = s.poll_send(now).unwrap();
+        for bogus in ["", "nonsense", "0-0"] {
+            assert_eq!(
+                s.on_request(bogus, None, now).unwrap(),
+                AckOutcome::UnknownNonce {
+                    nonce: bogus.to_owned()
+                }
+            );
+        }
+        // A mangled form of a real nonce is not that nonce.
+        let plus = first.nonce.replace('-', "-+");
+        assert!(matches!(
+            s.on_request(&plus, None, now).unwrap(),
+            AckOutcome::UnknownNonce { .. }
+        ));
+        assert_eq!(s.stats().in_flight, 1);
+        ack(&mut s, &first, now);
+        assert!(matches!(
+            ack(&mut s, &first, now),
+            AckOutcome::UnknownNonce { .. }
+        ));
+        let stats = s.stats();
+        assert_eq!((stats.acks, stats.unknown_nonces), (1, 5));
+    }
+
+    #[test]
+    fn context_is_echoed_on_v1alpha2_and_empty_on_v1alpha1() {
+        let now = Instant::now();
+        let mut s = session(2);
+        s.start(V2_URL, "tenant-7".into(), view(&[("a", 1)]))
+            .unwrap();
+        s.on_catalog(&view(&[("a", 1), ("b", 1)]));
+        let sent = drain(&mut s, now);
+        assert_eq!(sent.len(), 2);
+        assert!(sent.iter().all(|m| m.context == "tenant-7"));
+
+        let mut s1 = OwnerSession::new(OwnerSettings {
+            version: ApiVersion::V1alpha1,
+            window: 1,
+            ack_timeout: TIMEOUT,
+        });
+        s1.start(V1_URL, "ignored".into(), view(&[("a", 1)]))
+            .unwrap();
+        assert_eq!(s1.poll_send(now).unwrap().context, "");
+    }
+
+    #[test]
+    fn unacknowledged_message_times_out_at_the_deadline() {
+        let t0 = Instant::now();
+        let mut s = started(2, &[("a", 1), ("b", 1)]);
+        assert_eq!(s.next_deadline(), None);
+        assert_eq!(s.on_tick(t0 + TIMEOUT * 10), Ok(()));
+        let a = s.poll_send(t0).unwrap();
+        let b = s.poll_send(t0 + Duration::from_secs(5)).unwrap();
+        assert_eq!(s.next_deadline(), Some(t0 + TIMEOUT));
+        assert_eq!(s.on_tick(t0 + TIMEOUT - Duration::from_millis(1)), Ok(()));
+        // Acknowledging the oldest moves the deadline to the next oldest.
+        ack(&mut s, &a, t0 + Duration::from_secs(10));
+        let deadline = t0 + Duration::from_secs(5) + TIMEOUT;
+        assert_eq!(s.next_deadline(), Some(deadline));
+        assert_eq!(s.on_tick(t0 + TIMEOUT), Ok(()));
+        let err = s.on_tick(deadline).unwrap_err();
+        assert_eq!(
+            err,
+            SessionError::AckTimeout {
+                nonce: b.nonce.clone(),
+                name: "b".into(),
+                waited: TIMEOUT
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timeout_works_with_paused_time() {
+        let mut s = started(1, &[("a", 1)]);
+        s.poll_send(Instant::now()).unwrap();
+        let deadline = s.next_deadline().unwrap();
+        tokio::time::sleep_until(deadline).await;
+        assert!(matches!(
+            s.on_tick(Instant::now()),
+            Err(SessionError::AckTimeout { .. })
+        ));
+    }
+
+    #[derive(Debug, Clone)]
+    enum Action {
+        /// Put service `name` at `version` into the view.
+        Set(u8, u32),
+        /// Remove service `name` from the view.
+        Remove(u8),
+        /// ACK (or NACK) the in-flight message at this index (modulo).
+        Reply(usize, bool),
+        /// Reply with a nonce nobody sent.
+        Bogus,
+        /// Send up to this many messages.
+        Poll(u8),
+    }
+
+    fn action() -> impl Strategy<Value = Action> {
+        prop_oneof![
+            3 => (0u8..6, 0u32..3).prop_map(|(n, v)| Action::Set(n, v)),
+            2 => (0u8..6).prop_map(Action::Remove),
+            3 => (any::<usize>(), prop::bool::weighted(0.2)).prop_map(|(i, nack)| Action::Reply(i, nack)),
+            1 => Just(Action::Bogus),
+            3 => (1u8..4).prop_map(Action::Poll),
+        ]
+    }
+
+    /// The consumer side as a plain map, with the owner's invariants checked
+    /// on every message it receives.
+    struct Consumer {
+        model: BTreeMap<String, Arc<FederatedService>>,
+        in_flight: Vec<Outgoing>,
+        received: Vec<Outgoing>,
+    }
+
+    impl Consumer {
+        fn receive(&mut self, msg: Outgoing, window: u32) {
+            assert!(
+                self.in_flight.iter().all(|m| m.name != msg.name),
+                "two in flight for {}",
+                msg.name
+            );
+            match msg.op {
+                Op::Upsert { created } => {
+                    assert_eq!(created, !self.model.contains_key(&msg.name));
+                    let service = msg.service.clone().expect("upsert carries the service");
+                    assert_eq!(service.name, msg.name);
+                    self.model.insert(msg.name.clone(), service);
+                }
+                Op::Delete => {
+                    assert!(msg.service.is_none());
+                    self.model.remove(&msg.name);
+                }
+            }
+            self.in_flight.push(msg.clone());
+            self.received.push(msg);
+            assert!(self.in_flight.len() <= window.max(1) as usize);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn interleavings_keep_invariants_and_converge(
+            window in 1u32..5,
+            initial in prop::collection::btree_map(0u8..6, 0u32..3, 0..6),
+            actions in prop::collection::vec(action(), 0..60),
+        ) {
+            let now = Instant::now();
+            let name = |n: u8| format!("s{n}");
+            let mut current: BTreeMap<String, Arc<FederatedService>> =
+                initial.iter().map(|(n, v)| (name(*n), svc(&name(*n), *v))).collect();
+            let snapshot_names: BTreeSet<String> = current.keys().cloned().collect();
+            let mut seen_names = snapshot_names.clone();
+            let mut s = session(window);
+            s.start(V2_URL, "c".into(), current.clone()).unwrap();
+            prop_assert_eq!(s.snapshot_size(), snapshot_names.len());
+            let mut consumer = Consumer { model: BTreeMap::new(), in_flight: Vec::new(), received: Vec::new() };
+
+            for action in actions {
+                match action {
+                    Action::Set(n, v) => {
+                        current.insert(name(n), svc(&name(n), v));
+                        seen_names.insert(name(n));
+                        s.on_catalog(&current);
+                    }
+                    Action::Remove(n) => {
+                        current.remove(&name(n));
+                        s.on_catalog(&current);
+                    }
+                    Action::Reply(i, nack) => {
+                        if !consumer.in_flight.is_empty() {
+                            let msg = consumer.in_flight.remove(i % consumer.in_flight.len());
+                            let status = nack.then(|| Status { code: 3, message: "no".into() });
+                            let outcome = s.on_request(&msg.nonce, status, now).unwrap();
+                            prop_assert!(
+                                !matches!(outcome, AckOutcome::UnknownNonce { .. }),
+                                "in-flight nonce was unknown"
+                            );
+                        }
+                    }
+                    Action::Bogus => {
+                        let outcome = s.on_request("bogus", None, now).unwrap();
+                        prop_assert!(matches!(outcome, AckOutcome::UnknownNonce { .. }), "bogus nonce was accepted");
+                    }
+                    Action::Poll(k) => {
+                        for _ in 0..k {
+                            let Some(msg) = s.poll_send(now) else { break };
+                            consumer.receive(msg, window);
+                        }
+                    }
+                }
+                let stats = s.stats();
+                prop_assert!(stats.in_flight <= window as usize);
+                prop_assert_eq!(stats.in_flight, consumer.in_flight.len());
+                prop_assert!(stats.pending <= seen_names.len());
+            }
+
+            // Let the consumer catch up: send and ACK until quiet.
+            loop {
+                while let Some(msg) = s.poll_send(now) {
+                    consumer.receive(msg, window);
+                }
+                if consumer.in_flight.is_empty() {
+                    break;
+                }
+                for msg in std::mem::take(&mut consumer.in_flight) {
+                    s.on_request(&msg.nonce, None, now).unwrap();
+                }
+            }
+            let stats = s.stats();
+            prop_assert_eq!((stats.in_flight, stats.pending), (0, 0));
+            prop_assert_eq!(&consumer.model, &current);
+
+            // The first snapshot_size messages are exactly the snapshot names.
+            let head: BTreeSet<String> = consumer.received.iter()
+                .take(s.snapshot_size()).map(|m| m.name.clone()).collect();
+            prop_assert_eq!(head.len(), s.snapshot_size());
+            prop_assert_eq!(head, snapshot_names);
+        }
+    }
+}
