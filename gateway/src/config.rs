@@ -3,13 +3,24 @@
 //! naming its YAML path. `elsinore check` runs exactly this path. Defaults
 //! live in one place ([`defaults`]).
 
+use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use elsinore_certs::TrustDomain;
 pub use elsinore_federation_api::ApiVersion;
 use elsinore_federation_api::Protocol;
+
+pub mod defaults;
+mod locate;
+mod names;
+mod raw;
+#[cfg(test)]
+mod tests;
+mod validate;
+
+pub use names::parse_host_port;
 
 /// A fully validated gateway configuration. Paths are already resolved
 /// relative to the config file's directory.
@@ -123,4 +134,158 @@ pub struct FederationTuning {
     /// Reconnect backoff: first delay (>= 1s) and cap. Defaults 1s and 30s.
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
+}
+
+impl Default for Listeners {
+    fn default() -> Self {
+        Listeners {
+            federation: defaults::FEDERATION_LISTENER,
+            admin: defaults::ADMIN_LISTENER,
+            ingress: Some(defaults::INGRESS_LISTENER),
+            egress: Some(defaults::EGRESS_LISTENER),
+            dns: Some(defaults::DNS_LISTENER),
+        }
+    }
+}
+
+impl Default for Imports {
+    fn default() -> Self {
+        Imports {
+            stale_after: defaults::STALE_AFTER,
+            cache_dir: None,
+        }
+    }
+}
+
+impl Default for FederationTuning {
+    fn default() -> Self {
+        FederationTuning {
+            window: defaults::WINDOW,
+            ack_timeout: defaults::ACK_TIMEOUT,
+            snapshot_quiet_period: defaults::SNAPSHOT_QUIET_PERIOD,
+            backoff_initial: defaults::BACKOFF_INITIAL,
+            backoff_max: defaults::BACKOFF_MAX,
+        }
+    }
+}
+
+/// One problem in a config, located by its YAML path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// E.g. `exports[0].backends[1]` or `peers[2].trustDomain`; empty for
+    /// the document as a whole (unreadable file, YAML syntax).
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Every problem found in a config, in document order, never empty when
+/// returned as an error. Displays one `<path>: <message>` per line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl From<ConfigError> for ConfigErrors {
+    fn from(e: ConfigError) -> Self {
+        ConfigErrors(vec![e])
+    }
+}
+
+impl Config {
+    /// Parses and validates YAML text. Pure: relative paths are joined to
+    /// `base_dir` but nothing is read, so `elsinore check` and tests can run
+    /// it anywhere; [`Config::check_files`] does the filesystem half.
+    pub fn from_yaml_str(text: &str, base_dir: &Path) -> Result<Config, ConfigErrors> {
+        let raw: raw::RawConfig =
+            serde_saphyr::from_str(text).map_err(|e| locate::serde_error(text, &e))?;
+        validate::validate(raw, base_dir)
+    }
+
+    /// Checks that the identity certificate and key and every peer's trust
+    /// bundle are readable regular files. Their content is the certs
+    /// module's business.
+    pub fn check_files(&self) -> Result<(), ConfigErrors> {
+        let mut errors = Vec::new();
+        let mut check = |path: String, file: &Path| {
+            if let Err(message) = readable_file(file) {
+                errors.push(ConfigError::new(path, message));
+            }
+        };
+        check(
+            "identity.certificate".to_owned(),
+            &self.identity.certificate,
+        );
+        check("identity.privateKey".to_owned(), &self.identity.private_key);
+        for (i, peer) in self.peers.iter().enumerate() {
+            check(format!("peers[{i}].trustBundle"), &peer.trust_bundle);
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    /// Reads, validates and checks the files of the config at `path`;
+    /// relative paths inside it are relative to its directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(
+                "",
+                format!("cannot read config file \"{}\": {e}", path.display()),
+            )
+        })?;
+        let base_dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        let config = Config::from_yaml_str(&text, base_dir)?;
+        config.check_files()?;
+        Ok(config)
+    }
+}
+
+fn readable_file(file: &Path) -> Result<(), String> {
+    let meta =
+        std::fs::metadata(file).map_err(|e| format!("cannot read \"{}\": {e}", file.display()))?;
+    if !meta.is_file() {
+        return Err(format!("\"{}\" is not a regular file", file.display()));
+    }
+    // Metadata alone does not prove we may read it (permissions, ACLs).
+    std::fs::File::open(file)
+        .map(drop)
+        .map_err(|e| format!("cannot read \"{}\": {e}", file.display()))
 }

@@ -1,0 +1,51 @@
+//! Every default the config applies, in one place, so the docs, the
+//! validation and the rest of the gateway agree on them.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::time::Duration;
+
+use super::ApiVersion;
+
+/// Hamlet federation API listener (gRPC over mTLS, faces peers).
+pub const FEDERATION_LISTENER: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8008));
+/// Admin HTTP listener (operators and probes only, hence loopback).
+pub const ADMIN_LISTENER: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15000));
+/// Data-plane ingress listener (mTLS from peers).
+pub const INGRESS_LISTENER: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 15443));
+/// Data-plane egress listener (plaintext from local apps, hence loopback).
+pub const EGRESS_LISTENER: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15001));
+/// DNS responder for imported names.
+pub const DNS_LISTENER: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15053));
+
+/// Advertised address when `advertise` is omitted (allowed only without
+/// exports, so no peer is ever told to dial it) and the ingress listener
+/// binds the unspecified address.
+pub const ADVERTISE_ADDRESS: &str = "localhost";
+
+/// Suffix of default export FQDNs: `<export>.<mesh>.global`.
+pub const FQDN_SUFFIX: &str = "global";
+
+/// Wire version spoken to a peer unless `apiVersion` says otherwise.
+pub const API_VERSION: ApiVersion = ApiVersion::V1alpha2;
+
+/// How long imports outlive a lost stream.
+pub const STALE_AFTER: Duration = Duration::from_secs(5 * 60);
+
+/// In-flight message window offered to and accepted from another Elsinore.
+pub const WINDOW: u32 = 256;
+/// Largest window the config accepts.
+pub const MAX_WINDOW: u32 = 4096;
+/// An unacknowledged message older than this ends the stream (owner side).
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// Silence after which a foreign owner's snapshot counts as complete.
+pub const SNAPSHOT_QUIET_PERIOD: Duration = Duration::from_secs(2);
+/// First reconnect delay.
+pub const BACKOFF_INITIAL: Duration = Duration::from_secs(1);
+/// The spec forbids reconnecting faster than this.
+pub const MIN_BACKOFF_INITIAL: Duration = Duration::from_secs(1);
+/// Reconnect delay cap.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);

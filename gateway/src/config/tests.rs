@@ -1,0 +1,892 @@
+//! Tests of the config module: the example shapes parse to the expected
+//! typed values, defaults apply, and every rule reports its YAML path.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::*;
+
+const BASE: &str = "/etc/elsinore";
+
+fn parse(text: &str) -> Result<Config, ConfigErrors> {
+    Config::from_yaml_str(text, Path::new(BASE))
+}
+
+fn ok(text: &str) -> Config {
+    match parse(text) {
+        Ok(c) => c,
+        Err(e) => panic!("expected a valid config, got:\n{e}\n--- yaml:\n{text}"),
+    }
+}
+
+fn errs(text: &str) -> Vec<ConfigError> {
+    match parse(text) {
+        Ok(c) => panic!("expected errors, got {c:#?}\n--- yaml:\n{text}"),
+        Err(ConfigErrors(e)) => {
+            assert!(!e.is_empty(), "an error result must hold errors");
+            e
+        }
+    }
+}
+
+/// Asserts that `text` is rejected with an error at exactly `path` whose
+/// message contains every one of `needles`.
+#[track_caller]
+fn assert_err(text: &str, path: &str, needles: &[&str]) {
+    let errors = errs(text);
+    let hit = errors
+        .iter()
+        .any(|e| e.path == path && needles.iter().all(|n| e.message.contains(n)));
+    assert!(
+        hit,
+        "no error at {path:?} containing {needles:?}; got:\n{}\n--- yaml:\n{text}",
+        ConfigErrors(errors.clone())
+    );
+}
+
+const HEAD: &str = "mesh: { name: mesh-a, trustDomain: mesh-a.example }
+identity: { certificate: certs/gw.pem, privateKey: certs/gw.key }
+";
+const ADVERTISE: &str = "advertise: { address: gw.mesh-a.example }\n";
+const PEER_B: &str = "peers:
+  - { name: mesh-b, trustDomain: mesh-b.example, trustBundle: b.pem }
+";
+
+fn doc(rest: &str) -> String {
+    format!("{HEAD}{rest}")
+}
+
+/// A config with advertise, peer mesh-b, and the given exports (flow maps).
+fn with_exports(exports: &[&str]) -> String {
+    let mut s = doc(ADVERTISE);
+    s.push_str(PEER_B);
+    s.push_str("exports:\n");
+    for e in exports {
+        s.push_str(&format!("  - {e}\n"));
+    }
+    s
+}
+
+fn with_peers(peers: &[&str]) -> String {
+    let mut s = doc("peers:\n");
+    for p in peers {
+        s.push_str(&format!("  - {p}\n"));
+    }
+    s
+}
+
+fn hp(host: &str, port: u16) -> HostPort {
+    HostPort {
+        host: host.to_owned(),
+        port,
+    }
+}
+
+const FULL: &str = r#"
+mesh: { name: mesh-a, trustDomain: mesh-a.example }
+identity: { certificate: certs/a/gateway.pem, privateKey: certs/a/gateway.key }
+listeners: { federation: "0.0.0.0:8008", admin: "127.0.0.1:15000", ingress: "0.0.0.0:15443", egress: "127.0.0.1:15001", dns: "127.0.0.1:15053" }
+advertise: { address: gw.mesh-a.example, port: 15443 }
+exports:
+  - name: reviews
+    fqdn: reviews.mesh-a.global
+    protocol: HTTP
+    port: 9080
+    backends: ["reviews.default.svc.cluster.local:9080", "10.0.0.1:9080", "[::1]:9080"]
+    peers: [mesh-b]
+peers:
+  - name: mesh-b
+    trustDomain: mesh-b.example
+    trustBundle: certs/b/ca.pem
+    federation: "gw.mesh-b.example:8008"
+    apiVersion: v1alpha2
+imports: { staleAfter: 5m, cacheDir: /var/lib/elsinore }
+federation: { window: 256, ackTimeout: 30s, snapshotQuietPeriod: 2s, backoff: { initial: 1s, max: 30s } }
+"#;
+
+#[test]
+fn full_example_parses_to_typed_values() {
+    let expected = Config {
+        mesh: Mesh {
+            name: "mesh-a".to_owned(),
+            trust_domain: "mesh-a.example".parse().unwrap(),
+        },
+        identity: IdentityFiles {
+            certificate: PathBuf::from("/etc/elsinore/certs/a/gateway.pem"),
+            private_key: PathBuf::from("/etc/elsinore/certs/a/gateway.key"),
+        },
+        listeners: Listeners {
+            federation: "0.0.0.0:8008".parse().unwrap(),
+            admin: "127.0.0.1:15000".parse().unwrap(),
+            ingress: Some("0.0.0.0:15443".parse().unwrap()),
+            egress: Some("127.0.0.1:15001".parse().unwrap()),
+            dns: Some("127.0.0.1:15053".parse().unwrap()),
+        },
+        advertise: Advertise {
+            address: "gw.mesh-a.example".to_owned(),
+            port: 15443,
+        },
+        exports: vec![Export {
+            name: "reviews".to_owned(),
+            fqdn: "reviews.mesh-a.global".to_owned(),
+            protocol: Protocol::Http,
+            port: 9080,
+            backends: vec![
+                hp("reviews.default.svc.cluster.local", 9080),
+                hp("10.0.0.1", 9080),
+                hp("::1", 9080),
+            ],
+            peers: vec!["mesh-b".to_owned()],
+        }],
+        peers: vec![Peer {
+            name: "mesh-b".to_owned(),
+            trust_domain: "mesh-b.example".parse().unwrap(),
+            trust_bundle: PathBuf::from("/etc/elsinore/certs/b/ca.pem"),
+            federation: Some(hp("gw.mesh-b.example", 8008)),
+            api_version: ApiVersion::V1alpha2,
+        }],
+        imports: Imports {
+            stale_after: Duration::from_secs(300),
+            cache_dir: Some(PathBuf::from("/var/lib/elsinore")),
+        },
+        federation: FederationTuning {
+            window: 256,
+            ack_timeout: Duration::from_secs(30),
+            snapshot_quiet_period: Duration::from_secs(2),
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(30),
+        },
+    };
+    assert_eq!(ok(FULL), expected);
+}
+
+#[test]
+fn defaults_apply_to_a_minimal_config() {
+    let c = ok(HEAD);
+    assert_eq!(c.listeners, Listeners::default());
+    assert_eq!(c.listeners.federation, "0.0.0.0:8008".parse().unwrap());
+    assert_eq!(c.listeners.admin, "127.0.0.1:15000".parse().unwrap());
+    assert_eq!(c.listeners.ingress, Some("0.0.0.0:15443".parse().unwrap()));
+    assert_eq!(c.listeners.egress, Some("127.0.0.1:15001".parse().unwrap()));
+    assert_eq!(c.listeners.dns, Some("127.0.0.1:15053".parse().unwrap()));
+    // No exports: advertise may be omitted and is never shown to anyone.
+    assert_eq!(
+        c.advertise,
+        Advertise {
+            address: "localhost".to_owned(),
+            port: 15443
+        }
+    );
+    assert!(c.exports.is_empty() && c.peers.is_empty());
+    assert_eq!(c.imports.stale_after, Duration::from_secs(300));
+    assert_eq!(c.imports.cache_dir, None);
+    assert_eq!(c.imports, Imports::default());
+    assert_eq!(c.federation, FederationTuning::default());
+    assert_eq!(c.federation.window, 256);
+    assert_eq!(c.federation.ack_timeout, Duration::from_secs(30));
+    assert_eq!(c.federation.snapshot_quiet_period, Duration::from_secs(2));
+    assert_eq!(c.federation.backoff_initial, Duration::from_secs(1));
+    assert_eq!(c.federation.backoff_max, Duration::from_secs(30));
+}
+
+#[test]
+fn export_and_peer_defaults() {
+    let c = ok(&with_exports(&[
+        r#"{ name: ratings, protocol: tcp, backends: ["ratings:9081", "10.0.0.2:1"] }"#,
+    ]));
+    let e = &c.exports[0];
+    assert_eq!(e.fqdn, "ratings.mesh-a.global");
+    assert_eq!(e.port, 9081, "port defaults to the first backend's");
+    assert_eq!(e.protocol, Protocol::Tcp);
+    assert!(e.peers.is_empty(), "no peers: allowed, visible to no one");
+    // advertise.port defaults to the ingress listener's port.
+    assert_eq!(c.advertise.port, 15443);
+    let p = &c.peers[0];
+    assert_eq!(p.api_version, ApiVersion::V1alpha2);
+    assert_eq!(p.federation, None);
+
+    let c = ok(&format!(
+        "{}listeners: {{ ingress: \"127.0.0.1:18443\" }}\n",
+        with_exports(&[r#"{ name: a, protocol: HTTP, backends: ["a:1"] }"#])
+    ));
+    assert_eq!(c.advertise.port, 18443);
+}
+
+#[test]
+fn mesh_name_must_be_a_dns_label() {
+    for bad in [
+        "Mesh-A",
+        "-mesh",
+        "mesh-",
+        "mesh_a",
+        "mesh.a",
+        &"m".repeat(64),
+    ] {
+        let text = HEAD.replace("name: mesh-a", &format!("name: \"{bad}\""));
+        assert_err(
+            &text,
+            "mesh.name",
+            &[&format!("{bad:?} is not a DNS label")],
+        );
+    }
+    ok(&HEAD.replace("name: mesh-a", &format!("name: {}", "m".repeat(63))));
+}
+
+#[test]
+fn trust_domains_are_parsed() {
+    let text = HEAD.replace("trustDomain: mesh-a.example", "trustDomain: Mesh-A.example");
+    assert_err(&text, "mesh.trustDomain", &["\"Mesh-A.example\""]);
+    let text = HEAD.replace("trustDomain: mesh-a.example", "trustDomain: \"\"");
+    assert_err(&text, "mesh.trustDomain", &["empty"]);
+    assert_err(
+        &with_peers(&["{ name: mesh-b, trustDomain: \"mesh b\", trustBundle: b.pem }"]),
+        "peers[0].trustDomain",
+        &["\"mesh b\""],
+    );
+}
+
+#[test]
+fn listeners_must_be_socket_addresses() {
+    assert_err(
+        &doc("listeners: { admin: \"localhost:15000\" }\n"),
+        "listeners.admin",
+        &["\"localhost:15000\" is not a socket address"],
+    );
+    assert_err(
+        &doc("listeners: { dns: \"127.0.0.1\" }\n"),
+        "listeners.dns",
+        &["\"127.0.0.1\""],
+    );
+    assert_err(
+        &doc("listeners: { egress: \"127.0.0.1:15000\" }\n"),
+        "listeners.egress",
+        &["127.0.0.1:15000 is already used by listeners.admin"],
+    );
+    // Port 0 (any free port) may repeat; tests bind everything that way.
+    let c = ok(&doc(
+        "listeners: { federation: \"127.0.0.1:0\", admin: \"127.0.0.1:0\", ingress: \"[::1]:0\" }\n",
+    ));
+    assert_eq!(c.listeners.ingress, Some("[::1]:0".parse().unwrap()));
+}
+
+#[test]
+fn advertise_is_required_with_exports_and_checked() {
+    let text = format!(
+        "{HEAD}{PEER_B}exports:\n  - {{ name: reviews, protocol: HTTP, backends: [\"r:1\"] }}\n"
+    );
+    assert_err(
+        &text,
+        "advertise",
+        &["required when there are exports", "\"reviews\""],
+    );
+
+    let text = with_exports(&[r#"{ name: a, protocol: HTTP, backends: ["a:1"] }"#]);
+    for (bad, path, needle) in [
+        (
+            "address: bad_host",
+            "advertise.address",
+            "\"bad_host\" is not an IP address or DNS name",
+        ),
+        (
+            "address: gw.example, port: 0",
+            "advertise.port",
+            "0 is not a port in 1..=65535",
+        ),
+        (
+            "address: gw.example, port: 70000",
+            "advertise.port",
+            "70000 is not a port",
+        ),
+    ] {
+        let t = text.replace("address: gw.mesh-a.example", bad);
+        assert_err(&t, path, &[needle]);
+    }
+    let t = format!("{text}listeners: {{ ingress: \"127.0.0.1:0\" }}\n");
+    assert_err(
+        &t,
+        "advertise.port",
+        &["required when listeners.ingress has port 0"],
+    );
+    let c = ok(&text.replace("address: gw.mesh-a.example", "address: \"::1\", port: 443"));
+    assert_eq!(
+        c.advertise,
+        Advertise {
+            address: "::1".to_owned(),
+            port: 443
+        }
+    );
+}
+
+#[test]
+fn export_names_are_unique_dns_labels() {
+    assert_err(
+        &with_exports(&[r#"{ name: Reviews, protocol: HTTP, backends: ["r:1"] }"#]),
+        "exports[0].name",
+        &["\"Reviews\" is not a DNS label"],
+    );
+    assert_err(
+        &with_exports(&[
+            r#"{ name: reviews, protocol: HTTP, backends: ["r:1"] }"#,
+            r#"{ name: details, protocol: HTTP, backends: ["d:1"] }"#,
+            r#"{ name: reviews, fqdn: other.example, protocol: HTTP, backends: ["r:1"] }"#,
+        ]),
+        "exports[2].name",
+        &["duplicate export name \"reviews\" (also exports[0])"],
+    );
+}
+
+#[test]
+fn fqdns_are_valid_lowercased_and_unique() {
+    let c = ok(&with_exports(&[
+        r#"{ name: reviews, fqdn: Reviews.Mesh-A.Global., protocol: HTTP, backends: ["r:1"] }"#,
+    ]));
+    assert_eq!(c.exports[0].fqdn, "reviews.mesh-a.global");
+    for bad in [
+        "reviews..global",
+        "-reviews.global",
+        "reviews_x.global",
+        "10.0.0.1",
+    ] {
+        assert_err(
+            &with_exports(&[&format!(
+                r#"{{ name: reviews, fqdn: "{bad}", protocol: HTTP, backends: ["r:1"] }}"#
+            )]),
+            "exports[0].fqdn",
+            &[&format!("{bad:?} is not a valid DNS name")],
+        );
+    }
+    // An explicit fqdn colliding with another export's default one.
+    assert_err(
+        &with_exports(&[
+            r#"{ name: reviews, protocol: HTTP, backends: ["r:1"] }"#,
+            r#"{ name: details, fqdn: REVIEWS.mesh-a.global, protocol: HTTP, backends: ["d:1"] }"#,
+        ]),
+        "exports[1].fqdn",
+        &["duplicate fqdn \"reviews.mesh-a.global\" (also exports[0])"],
+    );
+    assert_err(
+        &with_exports(&[
+            r#"{ name: details, fqdn: reviews.mesh-a.global, protocol: HTTP, backends: ["d:1"] }"#,
+            r#"{ name: reviews, protocol: HTTP, backends: ["r:1"] }"#,
+        ]),
+        "exports[1].fqdn",
+        &["duplicate fqdn \"reviews.mesh-a.global\" (the default for this name)"],
+    );
+}
+
+#[test]
+fn protocol_must_parse() {
+    assert_err(
+        &with_exports(&[r#"{ name: reviews, protocol: SOAP, backends: ["r:1"] }"#]),
+        "exports[0].protocol",
+        &["unknown protocol \"SOAP\"", "HTTP, HTTPS, GRPC"],
+    );
+    for (p, want) in [
+        ("HTTP", Protocol::Http),
+        ("HTTPS", Protocol::Https),
+        ("GRPC", Protocol::Grpc),
+        ("HTTP2", Protocol::Http2),
+        ("MONGO", Protocol::Mongo),
+        ("TCP", Protocol::Tcp),
+        ("TLS", Protocol::Tls),
+        ("MTLS", Protocol::Mtls),
+    ] {
+        let c = ok(&with_exports(&[&format!(
+            r#"{{ name: x, protocol: {p}, backends: ["x:1"] }}"#
+        )]));
+        assert_eq!(c.exports[0].protocol, want);
+    }
+}
+
+#[test]
+fn backends_are_required_host_ports() {
+    assert_err(
+        &with_exports(&["{ name: reviews, protocol: HTTP, port: 80, backends: [] }"]),
+        "exports[0].backends",
+        &["at least one backend is required"],
+    );
+    assert_err(
+        &with_exports(&["{ name: reviews, protocol: HTTP, port: 80 }"]),
+        "exports[0].backends",
+        &["at least one backend is required"],
+    );
+    for (bad, needle) in [
+        ("reviews", "has no port"),
+        ("reviews:0", "port \"0\""),
+        ("reviews:99999", "port \"99999\""),
+        ("::1:80", "without brackets"),
+        ("bad_host:80", "host \"bad_host\""),
+    ] {
+        assert_err(
+            &with_exports(&[&format!(
+                r#"{{ name: reviews, protocol: HTTP, port: 80, backends: ["ok:1", "{bad}"] }}"#
+            )]),
+            "exports[0].backends[1]",
+            &[needle, &format!("{bad:?}")],
+        );
+    }
+}
+
+#[test]
+fn export_port_defaults_and_range() {
+    let c = ok(&with_exports(&[
+        r#"{ name: a, protocol: HTTP, backends: ["[::1]:8443", "b:1"] }"#,
+        r#"{ name: b, protocol: HTTP, port: 80, backends: ["b:9000"] }"#,
+    ]));
+    assert_eq!((c.exports[0].port, c.exports[1].port), (8443, 80));
+    assert_eq!(c.exports[0].backends[0], hp("::1", 8443));
+    for bad in ["0", "65536", "-1"] {
+        assert_err(
+            &with_exports(&[&format!(
+                r#"{{ name: a, protocol: HTTP, port: {bad}, backends: ["a:1"] }}"#
+            )]),
+            "exports[0].port",
+            &[&format!("{bad} is not a port in 1..=65535")],
+        );
+    }
+}
+
+#[test]
+fn export_peers_must_be_configured() {
+    let errors = errs(&with_exports(&[
+        r#"{ name: reviews, protocol: HTTP, backends: ["r:1"], peers: [mesh-b, mesh-z] }"#,
+    ]));
+    assert_eq!(
+        errors,
+        vec![ConfigError::new(
+            "exports[0].peers[1]",
+            "unknown peer \"mesh-z\" (configured peers: mesh-b)"
+        )]
+    );
+    assert_eq!(
+        ConfigErrors(errors).to_string(),
+        "exports[0].peers[1]: unknown peer \"mesh-z\" (configured peers: mesh-b)"
+    );
+    let text = format!(
+        "{HEAD}{ADVERTISE}exports:\n  - {{ name: r, protocol: HTTP, backends: [\"r:1\"], peers: [mesh-b] }}\n"
+    );
+    assert_err(&text, "exports[0].peers[0]", &["(configured peers: none)"]);
+    assert_err(
+        &with_exports(&[
+            r#"{ name: r, protocol: HTTP, backends: ["r:1"], peers: [mesh-b, mesh-b] }"#,
+        ]),
+        "exports[0].peers[1]",
+        &["\"mesh-b\" is listed twice"],
+    );
+}
+
+#[test]
+fn peer_names_are_unique_dns_labels() {
+    assert_err(
+        &with_peers(&["{ name: Mesh-B, trustDomain: mesh-b.example, trustBundle: b.pem }"]),
+        "peers[0].name",
+        &["\"Mesh-B\" is not a DNS label"],
+    );
+    assert_err(
+        &with_peers(&[
+            "{ name: mesh-b, trustDomain: mesh-b.example, trustBundle: b.pem }",
+            "{ name: mesh-b, trustDomain: mesh-c.example, trustBundle: c.pem }",
+        ]),
+        "peers[1].name",
+        &["duplicate peer name \"mesh-b\" (also peers[0])"],
+    );
+}
+
+#[test]
+fn peer_trust_domains_are_unique_and_not_ours() {
+    assert_err(
+        &with_peers(&[
+            "{ name: mesh-b, trustDomain: mesh-b.example, trustBundle: b.pem }",
+            "{ name: mesh-c, trustDomain: mesh-b.example, trustBundle: c.pem }",
+        ]),
+        "peers[1].trustDomain",
+        &["duplicate trust domain \"mesh-b.example\" (also peers[0])"],
+    );
+    assert_err(
+        &with_peers(&["{ name: mesh-b, trustDomain: mesh-a.example, trustBundle: b.pem }"]),
+        "peers[0].trustDomain",
+        &["\"mesh-a.example\" is our own trust domain"],
+    );
+}
+
+#[test]
+fn peer_federation_address_and_api_version() {
+    let c = ok(&with_peers(&[
+        "{ name: mesh-b, trustDomain: mesh-b.example, trustBundle: b.pem, federation: \"[::1]:8008\", apiVersion: v1alpha1 }",
+    ]));
+    assert_eq!(c.peers[0].federation, Some(hp("::1", 8008)));
+    assert_eq!(c.peers[0].api_version, ApiVersion::V1alpha1);
+    assert_err(
+        &with_peers(&[
+            "{ name: mesh-b, trustDomain: mesh-b.example, trustBundle: b.pem, federation: gw.mesh-b.example }",
+        ]),
+        "peers[0].federation",
+        &["\"gw.mesh-b.example\" has no port"],
+    );
+    assert_err(
+        &with_peers(&[
+            "{ name: mesh-b, trustDomain: mesh-b.example, trustBundle: b.pem, apiVersion: V1alpha2 }",
+        ]),
+        "peers[0].apiVersion",
+        &["unknown API version \"V1alpha2\" (expected one of v1alpha2, v1alpha1)"],
+    );
+    assert_err(
+        &with_peers(&["{ name: mesh-b, trustDomain: mesh-b.example, trustBundle: \"\" }"]),
+        "peers[0].trustBundle",
+        &["must not be empty"],
+    );
+}
+
+#[test]
+fn imports_rules() {
+    assert_err(
+        &doc("imports: { staleAfter: 0s }\n"),
+        "imports.staleAfter",
+        &["\"0s\" must be greater than 0"],
+    );
+    assert_err(
+        &doc("imports: { staleAfter: soon }\n"),
+        "imports.staleAfter",
+        &["\"soon\" is not a duration"],
+    );
+    let c = ok(&doc("imports: { staleAfter: 1h30m, cacheDir: cache }\n"));
+    assert_eq!(c.imports.stale_after, Duration::from_secs(90 * 60));
+    assert_eq!(
+        c.imports.cache_dir,
+        Some(PathBuf::from("/etc/elsinore/cache"))
+    );
+}
+
+#[test]
+fn federation_tuning_rules() {
+    for bad in ["0", "4097", "-3"] {
+        assert_err(
+            &doc(&format!("federation: {{ window: {bad} }}\n")),
+            "federation.window",
+            &[&format!("{bad} is out of range 1..=4096")],
+        );
+    }
+    assert_eq!(
+        ok(&doc("federation: { window: 4096 }\n")).federation.window,
+        4096
+    );
+    assert_eq!(ok(&doc("federation: { window: 1 }\n")).federation.window, 1);
+    assert_err(
+        &doc("federation: { ackTimeout: 30 parsecs }\n"),
+        "federation.ackTimeout",
+        &["\"30 parsecs\" is not a duration"],
+    );
+    assert_err(
+        &doc("federation: { ackTimeout: 0s }\n"),
+        "federation.ackTimeout",
+        &["must be greater than 0"],
+    );
+    assert_err(
+        &doc("federation: { snapshotQuietPeriod: 0ms }\n"),
+        "federation.snapshotQuietPeriod",
+        &["\"0ms\" must be greater than 0"],
+    );
+    assert_err(
+        &doc("federation: { backoff: { initial: 500ms } }\n"),
+        "federation.backoff.initial",
+        &["\"500ms\" is below the minimum of 1s"],
+    );
+    assert_err(
+        &doc("federation: { backoff: { initial: 10s, max: 5s } }\n"),
+        "federation.backoff.max",
+        &["5s is less than federation.backoff.initial (10s)"],
+    );
+    // max defaults to 30s, so an initial above it is caught at max.
+    assert_err(
+        &doc("federation: { backoff: { initial: 1m } }\n"),
+        "federation.backoff.max",
+        &["30s is less than federation.backoff.initial (1m)"],
+    );
+    let c = ok(&doc(
+        "federation: { window: 16, ackTimeout: 5s, snapshotQuietPeriod: 250ms, backoff: { initial: 2s, max: 2s } }\n",
+    ));
+    assert_eq!(
+        c.federation,
+        FederationTuning {
+            window: 16,
+            ack_timeout: Duration::from_secs(5),
+            snapshot_quiet_period: Duration::from_millis(250),
+            backoff_initial: Duration::from_secs(2),
+            backoff_max: Duration::from_secs(2),
+        }
+    );
+}
+
+#[test]
+fn unknown_keys_are_rejected_with_their_path() {
+    let e = errs(&doc("exprots: []\n"));
+    assert_eq!(e.len(), 1);
+    assert_eq!(e[0].path, "exprots");
+    assert!(e[0].message.contains("unknown field `exprots`"), "{}", e[0]);
+    assert!(
+        e[0].message.contains("exports"),
+        "names the expected keys: {}",
+        e[0]
+    );
+    assert!(e[0].message.contains("(line 3, column 1)"), "{}", e[0]);
+
+    let text = with_exports(&[r#"{ name: a, protocol: HTTP, backends: ["a:1"] }"#])
+        .replace("- { name: a,", "- { name: a, prot: 3,");
+    assert_err(
+        &text,
+        "exports[0].prot",
+        &["unknown field `prot`", "backends"],
+    );
+
+    let text = doc("federation:\n  backoff:\n    initial: 1s\n    maximum: 1m\n");
+    assert_err(
+        &text,
+        "federation.backoff.maximum",
+        &["unknown field `maximum`", "(line 6, column 5)"],
+    );
+}
+
+#[test]
+fn missing_keys_and_wrong_types_are_located() {
+    assert_err(
+        "mesh: { name: mesh-a }\nidentity: { certificate: c, privateKey: k }\n",
+        "mesh",
+        &["missing field `trustDomain`"],
+    );
+    assert_err(
+        &doc("peers:\n  - name: mesh-b\n    trustDomain: mesh-b.example\n"),
+        "peers[0]",
+        &["missing field `trustBundle`"],
+    );
+    assert_err(
+        &with_exports(&[r#"{ name: a, protocol: HTTP, port: eighty, backends: ["a:1"] }"#]),
+        "exports[0].port",
+        &["expected an integer (line 7, column 38)"],
+    );
+    assert_err(&doc("exports: 3\n"), "exports", &["sequence"]);
+}
+
+#[test]
+fn syntax_errors_and_empty_documents() {
+    let e = errs("mesh: [\n");
+    assert_eq!(e.len(), 1);
+    assert_eq!(e[0].path, "");
+    assert!(e[0].message.contains("line"), "{}", e[0]);
+    let e = errs("# nothing yet\n");
+    assert_eq!(
+        e,
+        [ConfigError::new(
+            "",
+            "the config is empty (it needs at least mesh and identity)"
+        )]
+    );
+    // Document-level errors print without a leading ": ".
+    assert!(!ConfigErrors(e).to_string().starts_with(':'));
+    assert_err(
+        "mesh: { name: a, trustDomain: a.example, name: b }\n",
+        "mesh.name",
+        &["duplicate mapping key: name (line 1, column 42)"],
+    );
+    let e = errs("mesh: { name: a, trustDomain: a.example, name: b }\n");
+    assert!(!e[0].message.contains("DuplicateKeyPolicy"), "{}", e[0]);
+}
+
+#[test]
+fn all_errors_are_reported_one_per_line() {
+    let text = r#"
+mesh: { name: Mesh-A, trustDomain: mesh-a.example }
+identity: { certificate: c.pem, privateKey: "" }
+listeners: { admin: nowhere }
+exports:
+  - { name: reviews, protocol: SOAP, backends: ["r"], peers: [mesh-z] }
+peers:
+  - { name: mesh-b, trustDomain: mesh-b.example, trustBundle: b.pem, apiVersion: v2 }
+imports: { staleAfter: 0s }
+federation: { window: 0, backoff: { initial: 100ms } }
+"#;
+    let errors = errs(text);
+    let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "mesh.name",
+            "identity.privateKey",
+            "listeners.admin",
+            "advertise",
+            "exports[0].protocol",
+            "exports[0].backends[0]",
+            "exports[0].peers[0]",
+            "peers[0].apiVersion",
+            "imports.staleAfter",
+            "federation.window",
+            "federation.backoff.initial",
+        ]
+    );
+    let shown = ConfigErrors(errors.clone()).to_string();
+    let lines: Vec<&str> = shown.lines().collect();
+    assert_eq!(lines.len(), errors.len());
+    for (line, e) in lines.iter().zip(&errors) {
+        assert_eq!(*line, format!("{}: {}", e.path, e.message));
+    }
+}
+
+#[test]
+fn relative_paths_resolve_against_base_dir() {
+    let text = doc(&format!(
+        "{PEER_B}imports: {{ cacheDir: /var/cache/elsinore }}\n"
+    ))
+    .replace("certificate: certs/gw.pem", "certificate: /abs/gw.pem");
+    let c = Config::from_yaml_str(&text, Path::new("/srv/gw")).unwrap();
+    assert_eq!(c.identity.certificate, PathBuf::from("/abs/gw.pem"));
+    assert_eq!(
+        c.identity.private_key,
+        PathBuf::from("/srv/gw/certs/gw.key")
+    );
+    assert_eq!(c.peers[0].trust_bundle, PathBuf::from("/srv/gw/b.pem"));
+    assert_eq!(
+        c.imports.cache_dir,
+        Some(PathBuf::from("/var/cache/elsinore"))
+    );
+    let c = Config::from_yaml_str(&text, Path::new("conf")).unwrap();
+    assert_eq!(c.identity.private_key, PathBuf::from("conf/certs/gw.key"));
+}
+
+#[test]
+fn check_files_reports_missing_and_unreadable_files() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("certs")).unwrap();
+    std::fs::write(dir.path().join("certs/gw.pem"), "cert").unwrap();
+    std::fs::write(dir.path().join("certs/gw.key"), "key").unwrap();
+    std::fs::create_dir(dir.path().join("c.pem")).unwrap();
+    let text = doc("peers:
+  - { name: mesh-b, trustDomain: mesh-b.example, trustBundle: b.pem }
+  - { name: mesh-c, trustDomain: mesh-c.example, trustBundle: c.pem }
+");
+    let c = Config::from_yaml_str(&text, dir.path()).unwrap();
+    let ConfigErrors(errors) = c.check_files().unwrap_err();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    let missing = dir.path().join("b.pem");
+    assert_eq!(errors[0].path, "peers[0].trustBundle");
+    assert!(
+        errors[0]
+            .message
+            .contains(&format!("cannot read \"{}\"", missing.display())),
+        "{}",
+        errors[0]
+    );
+    assert_eq!(errors[1].path, "peers[1].trustBundle");
+    assert!(
+        errors[1].message.contains("is not a regular file"),
+        "{}",
+        errors[1]
+    );
+
+    std::fs::write(&missing, "bundle").unwrap();
+    std::fs::remove_dir(dir.path().join("c.pem")).unwrap();
+    std::fs::write(dir.path().join("c.pem"), "bundle").unwrap();
+    c.check_files().unwrap();
+
+    std::fs::remove_file(dir.path().join("certs/gw.key")).unwrap();
+    let ConfigErrors(errors) = c.check_files().unwrap_err();
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].path, "identity.privateKey");
+}
+
+#[test]
+fn load_reads_resolves_and_checks() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("certs")).unwrap();
+    for f in ["certs/gw.pem", "certs/gw.key", "b.pem"] {
+        std::fs::write(dir.path().join(f), "x").unwrap();
+    }
+    let file = dir.path().join("gateway.yaml");
+    std::fs::write(&file, doc(PEER_B)).unwrap();
+    let c = Config::load(&file).unwrap();
+    assert_eq!(c.identity.certificate, dir.path().join("certs/gw.pem"));
+    assert_eq!(c.peers[0].trust_bundle, dir.path().join("b.pem"));
+
+    std::fs::remove_file(dir.path().join("b.pem")).unwrap();
+    let e = Config::load(&file).unwrap_err();
+    assert_eq!(e.0[0].path, "peers[0].trustBundle");
+
+    let nowhere = dir.path().join("nope.yaml");
+    let e = Config::load(&nowhere).unwrap_err();
+    assert_eq!(e.0.len(), 1);
+    assert_eq!(e.0[0].path, "");
+    assert!(e.0[0].message.contains("cannot read config file"), "{}", e);
+    assert!(
+        e.0[0].message.contains(&nowhere.display().to_string()),
+        "{}",
+        e
+    );
+
+    std::fs::write(&file, "mesh: {}\n").unwrap();
+    let e = Config::load(&file).unwrap_err();
+    assert!(e.to_string().contains("missing field"), "{e}");
+}
+
+#[test]
+fn deploy_examples_parse() {
+    let base = Path::new("/examples");
+    let a = Config::from_yaml_str(include_str!("../../../deploy/examples/mesh-a.yaml"), base)
+        .unwrap_or_else(|e| panic!("mesh-a.yaml:\n{e}"));
+    let b = Config::from_yaml_str(include_str!("../../../deploy/examples/mesh-b.yaml"), base)
+        .unwrap_or_else(|e| panic!("mesh-b.yaml:\n{e}"));
+
+    assert_eq!(a.mesh.name, "mesh-a");
+    assert_eq!(b.mesh.name, "mesh-b");
+    let names = |c: &Config| c.exports.iter().map(|e| e.name.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&a), ["reviews", "ratings"]);
+    assert_eq!(names(&b), ["details"]);
+    assert_eq!(a.exports[0].protocol, Protocol::Http);
+    assert_eq!(a.exports[0].backends, [hp("127.0.0.1", 9080)]);
+    assert_eq!(a.exports[1].protocol, Protocol::Tcp);
+    assert!(a.exports.iter().all(|e| e.peers == ["mesh-b"]));
+    assert!(b.exports.iter().all(|e| e.peers == ["mesh-a"]));
+
+    // Each dials the other's federation listener and trusts the other's CA.
+    assert_eq!(a.peers[0].trust_domain, b.mesh.trust_domain);
+    assert_eq!(b.peers[0].trust_domain, a.mesh.trust_domain);
+    assert_eq!(
+        a.peers[0].federation.as_ref().map(ToString::to_string),
+        Some(b.listeners.federation.to_string())
+    );
+    assert_eq!(
+        b.peers[0].federation.as_ref().map(ToString::to_string),
+        Some(a.listeners.federation.to_string())
+    );
+    assert_eq!(a.peers[0].trust_bundle, base.join("certs/mesh-b/ca.pem"));
+    assert_eq!(b.peers[0].trust_bundle, base.join("certs/mesh-a/ca.pem"));
+    assert_eq!(
+        a.identity.certificate,
+        base.join("certs/mesh-a/gateway.pem")
+    );
+    assert_eq!(
+        Some(a.advertise.port),
+        a.listeners.ingress.map(|s| s.port())
+    );
+    assert_eq!(
+        Some(b.advertise.port),
+        b.listeners.ingress.map(|s| s.port())
+    );
+
+    // Both run on one machine: no listener address is shared.
+    let all = |c: &Config| {
+        let l = &c.listeners;
+        [
+            Some(l.federation),
+            Some(l.admin),
+            l.ingress,
+            l.egress,
+            l.dns,
+        ]
+    };
+    let mut seen = std::collections::HashSet::new();
+    for addr in all(&a).into_iter().chain(all(&b)) {
+        let addr = addr.unwrap();
+        assert!(addr.ip().is_loopback(), "{addr}");
+        assert!(seen.insert(addr), "{addr} used twice");
+    }
+}

@@ -1,0 +1,527 @@
+//! Raw config → typed [`Config`]: applies the defaults, parses addresses,
+//! durations and trust domains, resolves relative paths, and checks every
+//! rule. It keeps going after an error so one run reports them all; each
+//! error names the YAML path and the offending value. No filesystem access.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use elsinore_certs::TrustDomain;
+use elsinore_federation_api::Protocol;
+
+use super::names::{is_dns_label, is_dns_name, is_host, parse_host_port};
+use super::raw::{
+    RawAdvertise, RawConfig, RawExport, RawFederation, RawImports, RawListeners, RawPeer,
+};
+use super::{
+    Advertise, ApiVersion, Config, ConfigError, ConfigErrors, Export, FederationTuning,
+    IdentityFiles, Imports, Listeners, Mesh, Peer, defaults,
+};
+
+const LABEL_RULE: &str =
+    "lower-case letters, digits and '-', 1 to 63 long, not starting or ending with '-'";
+
+/// Validates `raw`, resolving relative paths against `base_dir`.
+pub(super) fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, ConfigErrors> {
+    let mut v = Validator {
+        base_dir,
+        errors: Vec::new(),
+    };
+    let mesh = v.mesh(&raw.mesh.name, &raw.mesh.trust_domain);
+    let identity = IdentityFiles {
+        certificate: v.path("identity.certificate", &raw.identity.certificate),
+        private_key: v.path("identity.privateKey", &raw.identity.private_key),
+    };
+    let listeners = v.listeners(&raw.listeners);
+    let advertise = v.advertise(raw.advertise.as_ref(), &raw.exports, &listeners);
+    let peer_names: Vec<&str> = raw.peers.iter().map(|p| p.name.as_str()).collect();
+    let exports = v.exports(&raw.exports, &raw.mesh.name, &peer_names);
+    let peers = v.peers(&raw.peers, mesh.as_ref().map(|m| &m.trust_domain));
+    let imports = v.imports(&raw.imports);
+    let federation = v.federation(&raw.federation);
+    match mesh {
+        Some(mesh) if v.errors.is_empty() => Ok(Config {
+            mesh,
+            identity,
+            listeners,
+            advertise,
+            exports,
+            peers,
+            imports,
+            federation,
+        }),
+        _ => Err(ConfigErrors(v.errors)),
+    }
+}
+
+struct Validator<'a> {
+    base_dir: &'a Path,
+    errors: Vec<ConfigError>,
+}
+
+impl Validator<'_> {
+    fn error(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ConfigError::new(path, message));
+    }
+
+    fn mesh(&mut self, name: &str, trust_domain: &str) -> Option<Mesh> {
+        if !is_dns_label(name) {
+            self.error(
+                "mesh.name",
+                format!("{name:?} is not a DNS label ({LABEL_RULE})"),
+            );
+        }
+        let trust_domain = self.trust_domain("mesh.trustDomain", trust_domain)?;
+        Some(Mesh {
+            name: name.to_owned(),
+            trust_domain,
+        })
+    }
+
+    fn trust_domain(&mut self, path: &str, s: &str) -> Option<TrustDomain> {
+        match TrustDomain::from_str(s) {
+            Ok(td) => Some(td),
+            Err(e) => {
+                self.error(path, e.to_string());
+                None
+            }
+        }
+    }
+
+    /// A file or directory path: non-empty, resolved against the config's
+    /// directory when relative.
+    fn path(&mut self, path: &str, s: &str) -> PathBuf {
+        if s.is_empty() {
+            self.error(path, "must not be empty");
+        }
+        let p = Path::new(s);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    fn socket_addr(&mut self, path: &str, s: Option<&str>, default: SocketAddr) -> SocketAddr {
+        let Some(s) = s else { return default };
+        match s.parse() {
+            Ok(addr) => addr,
+            Err(_) => {
+                self.error(
+                    path,
+                    format!("{s:?} is not a socket address (expected ip:port, e.g. {default})"),
+                );
+                default
+            }
+        }
+    }
+
+    fn listeners(&mut self, raw: &RawListeners) -> Listeners {
+        let federation = self.socket_addr(
+            "listeners.federation",
+            raw.federation.as_deref(),
+            defaults::FEDERATION_LISTENER,
+        );
+        let admin = self.socket_addr(
+            "listeners.admin",
+            raw.admin.as_deref(),
+            defaults::ADMIN_LISTENER,
+        );
+        let ingress = self.socket_addr(
+            "listeners.ingress",
+            raw.ingress.as_deref(),
+            defaults::INGRESS_LISTENER,
+        );
+        let egress = self.socket_addr(
+            "listeners.egress",
+            raw.egress.as_deref(),
+            defaults::EGRESS_LISTENER,
+        );
+        let dns = self.socket_addr("listeners.dns", raw.dns.as_deref(), defaults::DNS_LISTENER);
+        // Two listeners on one fixed address would fail at bind time with a
+        // less helpful message. Port 0 (any free port) never collides.
+        let all = [
+            ("federation", federation),
+            ("admin", admin),
+            ("ingress", ingress),
+            ("egress", egress),
+            ("dns", dns),
+        ];
+        for (i, (name, addr)) in all.iter().enumerate() {
+            if addr.port() == 0 {
+                continue;
+            }
+            if let Some((other, _)) = all[..i].iter().find(|(_, a)| a == addr) {
+                self.error(
+                    format!("listeners.{name}"),
+                    format!("{addr} is already used by listeners.{other}"),
+                );
+            }
+        }
+        Listeners {
+            federation,
+            admin,
+            ingress: Some(ingress),
+            egress: Some(egress),
+            dns: Some(dns),
+        }
+    }
+
+    fn port(&mut self, path: &str, p: i64) -> u16 {
+        match u16::try_from(p) {
+            Ok(port) if port != 0 => port,
+            _ => {
+                self.error(path, format!("{p} is not a port in 1..=65535"));
+                0
+            }
+        }
+    }
+
+    fn advertise(
+        &mut self,
+        raw: Option<&RawAdvertise>,
+        exports: &[RawExport],
+        listeners: &Listeners,
+    ) -> Advertise {
+        let ingress = listeners.ingress.unwrap_or(defaults::INGRESS_LISTENER);
+        let Some(raw) = raw else {
+            if let Some(first) = exports.first() {
+                self.error(
+                    "advertise",
+                    format!(
+                        "required when there are exports (exports[0] is {:?}): peers must be told where to send traffic",
+                        first.name
+                    ),
+                );
+            }
+            // Never shown to a peer: without exports nothing is advertised.
+            let address = if ingress.ip().is_unspecified() {
+                defaults::ADVERTISE_ADDRESS.to_owned()
+            } else {
+                ingress.ip().to_string()
+            };
+            return Advertise {
+                address,
+                port: ingress.port(),
+            };
+        };
+        if !is_host(&raw.address) {
+            self.error(
+                "advertise.address",
+                format!("{:?} is not an IP address or DNS name", raw.address),
+            );
+        }
+        let port = match raw.port {
+            Some(p) => self.port("advertise.port", p),
+            None if ingress.port() == 0 => {
+                self.error(
+                    "advertise.port",
+                    "required when listeners.ingress has port 0 (the default is the ingress port)",
+                );
+                0
+            }
+            None => ingress.port(),
+        };
+        Advertise {
+            address: raw.address.clone(),
+            port,
+        }
+    }
+
+    fn exports(&mut self, raw: &[RawExport], mesh_name: &str, peer_names: &[&str]) -> Vec<Export> {
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut fqdns: HashMap<String, usize> = HashMap::new();
+        let mut out = Vec::new();
+        for (i, e) in raw.iter().enumerate() {
+            let at = format!("exports[{i}]");
+            let errors_before = self.errors.len();
+            if !is_dns_label(&e.name) {
+                self.error(
+                    format!("{at}.name"),
+                    format!("{:?} is not a DNS label ({LABEL_RULE})", e.name),
+                );
+            } else if let Some(first) = names.insert(&e.name, i) {
+                names.insert(&e.name, first);
+                self.error(
+                    format!("{at}.name"),
+                    format!("duplicate export name {:?} (also exports[{first}])", e.name),
+                );
+            }
+            let fqdn = match &e.fqdn {
+                Some(f) => {
+                    let lower = f.to_ascii_lowercase();
+                    let fqdn = lower.strip_suffix('.').unwrap_or(&lower).to_owned();
+                    if is_dns_name(&fqdn) {
+                        Some(fqdn)
+                    } else {
+                        self.error(
+                            format!("{at}.fqdn"),
+                            format!("{f:?} is not a valid DNS name"),
+                        );
+                        None
+                    }
+                }
+                // An invalid name or mesh name is already reported; a
+                // default built from it would only add noise.
+                None if is_dns_label(&e.name) && is_dns_label(mesh_name) => {
+                    Some(format!("{}.{mesh_name}.{}", e.name, defaults::FQDN_SUFFIX))
+                }
+                None => None,
+            };
+            if let Some(fqdn) = &fqdn {
+                if let Some(&first) = fqdns.get(fqdn) {
+                    let how = if e.fqdn.is_none() {
+                        " (the default for this name)"
+                    } else {
+                        ""
+                    };
+                    self.error(
+                        format!("{at}.fqdn"),
+                        format!("duplicate fqdn {fqdn:?}{how} (also exports[{first}])"),
+                    );
+                } else {
+                    fqdns.insert(fqdn.clone(), i);
+                }
+            }
+            let protocol = match Protocol::from_str(&e.protocol) {
+                Ok(p) => Some(p),
+                Err(err) => {
+                    self.error(format!("{at}.protocol"), err.to_string());
+                    None
+                }
+            };
+            if e.backends.is_empty() {
+                self.error(format!("{at}.backends"), "at least one backend is required");
+            }
+            let mut backends = Vec::new();
+            for (j, b) in e.backends.iter().enumerate() {
+                match parse_host_port(b) {
+                    Ok(hp) => backends.push(hp),
+                    Err(msg) => self.error(format!("{at}.backends[{j}]"), msg),
+                }
+            }
+            let port = match e.port {
+                Some(p) => self.port(&format!("{at}.port"), p),
+                // Only a valid first backend gives a default; a bad one is
+                // already reported at its own path.
+                None => match e.backends.first().map(|b| parse_host_port(b)) {
+                    Some(Ok(hp)) => hp.port,
+                    _ => 0,
+                },
+            };
+            let mut peers: Vec<String> = Vec::new();
+            for (j, p) in e.peers.iter().enumerate() {
+                if !peer_names.contains(&p.as_str()) {
+                    let configured = if peer_names.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        peer_names.join(", ")
+                    };
+                    self.error(
+                        format!("{at}.peers[{j}]"),
+                        format!("unknown peer {p:?} (configured peers: {configured})"),
+                    );
+                } else if let Some(first) = peers.iter().position(|q| q == p) {
+                    self.error(
+                        format!("{at}.peers[{j}]"),
+                        format!("peer {p:?} is listed twice (also {at}.peers[{first}])"),
+                    );
+                } else {
+                    peers.push(p.clone());
+                }
+            }
+            if let (Some(fqdn), Some(protocol), true) =
+                (fqdn, protocol, self.errors.len() == errors_before)
+            {
+                out.push(Export {
+                    name: e.name.clone(),
+                    fqdn,
+                    protocol,
+                    port,
+                    backends,
+                    peers,
+                });
+            }
+        }
+        out
+    }
+
+    fn peers(&mut self, raw: &[RawPeer], own: Option<&TrustDomain>) -> Vec<Peer> {
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut domains: HashMap<TrustDomain, usize> = HashMap::new();
+        let mut out = Vec::new();
+        for (i, p) in raw.iter().enumerate() {
+            let at = format!("peers[{i}]");
+            let errors_before = self.errors.len();
+            if !is_dns_label(&p.name) {
+                self.error(
+                    format!("{at}.name"),
+                    format!("{:?} is not a DNS label ({LABEL_RULE})", p.name),
+                );
+            } else if let Some(first) = names.insert(&p.name, i) {
+                names.insert(&p.name, first);
+                self.error(
+                    format!("{at}.name"),
+                    format!("duplicate peer name {:?} (also peers[{first}])", p.name),
+                );
+            }
+            let trust_domain = self.trust_domain(&format!("{at}.trustDomain"), &p.trust_domain);
+            if let Some(td) = &trust_domain {
+                if own == Some(td) {
+                    self.error(
+                        format!("{at}.trustDomain"),
+                        format!("{:?} is our own trust domain (mesh.trustDomain); a peer must have its own", td.as_str()),
+                    );
+                } else if let Some(&first) = domains.get(td) {
+                    self.error(
+                        format!("{at}.trustDomain"),
+                        format!(
+                            "duplicate trust domain {:?} (also peers[{first}])",
+                            td.as_str()
+                        ),
+                    );
+                } else {
+                    domains.insert(td.clone(), i);
+                }
+            }
+            let trust_bundle = self.path(&format!("{at}.trustBundle"), &p.trust_bundle);
+            let federation = match &p.federation {
+                None => None,
+                Some(s) => match parse_host_port(s) {
+                    Ok(hp) => Some(hp),
+                    Err(msg) => {
+                        self.error(format!("{at}.federation"), msg);
+                        None
+                    }
+                },
+            };
+            let api_version = match p.api_version.as_deref() {
+                None => defaults::API_VERSION,
+                Some("v1alpha2") => ApiVersion::V1alpha2,
+                Some("v1alpha1") => ApiVersion::V1alpha1,
+                Some(other) => {
+                    self.error(
+                        format!("{at}.apiVersion"),
+                        format!(
+                            "unknown API version {other:?} (expected one of v1alpha2, v1alpha1)"
+                        ),
+                    );
+                    defaults::API_VERSION
+                }
+            };
+            if let (Some(trust_domain), true) = (trust_domain, self.errors.len() == errors_before) {
+                out.push(Peer {
+                    name: p.name.clone(),
+                    trust_domain,
+                    trust_bundle,
+                    federation,
+                    api_version,
+                });
+            }
+        }
+        out
+    }
+
+    fn duration(&mut self, path: &str, s: Option<&str>, default: Duration) -> Duration {
+        let Some(s) = s else { return default };
+        match humantime::parse_duration(s) {
+            Ok(d) => d,
+            Err(e) => {
+                self.error(
+                    path,
+                    format!("{s:?} is not a duration (e.g. 30s, 5m, 1h30m): {e}"),
+                );
+                default
+            }
+        }
+    }
+
+    fn positive_duration(&mut self, path: &str, s: Option<&str>, default: Duration) -> Duration {
+        let d = self.duration(path, s, default);
+        if d.is_zero() {
+            self.error(
+                path,
+                format!("{:?} must be greater than 0", s.unwrap_or("0s")),
+            );
+        }
+        d
+    }
+
+    fn imports(&mut self, raw: &RawImports) -> Imports {
+        Imports {
+            stale_after: self.positive_duration(
+                "imports.staleAfter",
+                raw.stale_after.as_deref(),
+                defaults::STALE_AFTER,
+            ),
+            cache_dir: raw
+                .cache_dir
+                .as_deref()
+                .map(|dir| self.path("imports.cacheDir", dir)),
+        }
+    }
+
+    fn federation(&mut self, raw: &RawFederation) -> FederationTuning {
+        let window = match raw.window {
+            None => defaults::WINDOW,
+            Some(w) => match u32::try_from(w) {
+                Ok(w) if (1..=defaults::MAX_WINDOW).contains(&w) => w,
+                _ => {
+                    self.error(
+                        "federation.window",
+                        format!("{w} is out of range 1..={}", defaults::MAX_WINDOW),
+                    );
+                    defaults::WINDOW
+                }
+            },
+        };
+        let ack_timeout = self.positive_duration(
+            "federation.ackTimeout",
+            raw.ack_timeout.as_deref(),
+            defaults::ACK_TIMEOUT,
+        );
+        let snapshot_quiet_period = self.positive_duration(
+            "federation.snapshotQuietPeriod",
+            raw.snapshot_quiet_period.as_deref(),
+            defaults::SNAPSHOT_QUIET_PERIOD,
+        );
+        let initial_raw = raw.backoff.initial.as_deref();
+        let backoff_initial = self.duration(
+            "federation.backoff.initial",
+            initial_raw,
+            defaults::BACKOFF_INITIAL,
+        );
+        if backoff_initial < defaults::MIN_BACKOFF_INITIAL {
+            self.error(
+                "federation.backoff.initial",
+                format!(
+                    "{:?} is below the minimum of {} (the Hamlet spec forbids faster reconnects)",
+                    initial_raw.unwrap_or_default(),
+                    humantime::format_duration(defaults::MIN_BACKOFF_INITIAL)
+                ),
+            );
+        }
+        let max_raw = raw.backoff.max.as_deref();
+        let backoff_max = self.duration("federation.backoff.max", max_raw, defaults::BACKOFF_MAX);
+        if backoff_max < backoff_initial {
+            self.error(
+                "federation.backoff.max",
+                format!(
+                    "{} is less than federation.backoff.initial ({})",
+                    humantime::format_duration(backoff_max),
+                    humantime::format_duration(backoff_initial)
+                ),
+            );
+        }
+        FederationTuning {
+            window,
+            ack_timeout,
+            snapshot_quiet_period,
+            backoff_initial,
+            backoff_max,
+        }
+    }
+}
