@@ -1,7 +1,19 @@
 //! Federation: the owner side (our `DiscoveryService`, one session per
 //! consumer stream) and the consumer side (one dialer per peer). The protocol
 //! logic lives in sans-I/O state machines ([`owner_session`],
-//! [`consumer_session`]); the tonic code around them only moves messages.
+//! [`consumer_session`]); the tonic code around them ([`owner`],
+//! [`consumer`], [`transport`]) only moves messages.
 
+pub mod consumer;
 pub mod consumer_session;
+pub mod owner;
 pub mod owner_session;
+pub mod transport;
+
+/// Response metadata (owner → consumer): how many messages form the initial
+/// snapshot, so a consumer knows when it is complete. Foreign peers ignore it.
+pub const SNAPSHOT_SIZE_HEADER: &str = "elsinore-snapshot-size";
+/// Request metadata (consumer → owner) asking for a window of in-flight
+/// messages; the owner answers with the window it grants. Only sent and
+/// honoured between Elsinore gateways.
+pub const WINDOW_HEADER: &str = "elsinore-window";

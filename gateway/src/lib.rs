@@ -1,7 +1,15 @@
 //! The Elsinore gateway: config, catalog, federation (owner and consumer
 //! sides of the Hamlet stream), admin, and the CLI behind the `elsinore`
-//! binary.
+//! binary. Data flows one way: config → catalog → federation → catalog.
 
+pub mod admin;
 pub mod catalog;
+pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod federation;
+pub mod reload;
+pub mod runtime;
+pub mod state;
+
+pub use runtime::{Gateway, Listeners, StartError, StartOptions};

@@ -1,0 +1,213 @@
+//! The admin HTTP listener: `/live`, `/ready`, `/catalog`, `/peers`. Read
+//! only; it reads the shared snapshots and never blocks the other rooms.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::state::{OwnerCounters, Shared, consumer_views};
+
+/// Serves the admin API until `shutdown`.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    tracing::warn!(%error, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(route(&shared, &req)) }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection(TokioIo::new(tcp), service);
+            tokio::select! {
+                _ = conn => {}
+                _ = shutdown.cancelled() => {}
+            }
+        });
+    }
+}
+
+fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported\n");
+    }
+    match req.uri().path() {
+        "/live" => text(StatusCode::OK, "live\n"),
+        "/ready" => {
+            let (ready, waiting) = readiness(shared);
+            if ready {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("not ready: waiting for {}\n", waiting.join(", ")),
+                )
+            }
+        }
+        "/catalog" => json_response(catalog_json(shared)),
+        "/peers" => json_response(peers_json(shared)),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /live, /ready, /catalog, /peers\n",
+        ),
+    }
+}
+
+/// Ready when the listeners are bound and every peer we dial has synced or failed once.
+pub fn readiness(shared: &Shared) -> (bool, Vec<String>) {
+    let mut waiting = Vec::new();
+    if !shared.listeners_bound.load(Ordering::Acquire) {
+        waiting.push("listeners".to_owned());
+    }
+    for peer in &shared.peers {
+        if !peer.consumer.borrow().attempted {
+            waiting.push(format!("peer {}", peer.config.name));
+        }
+    }
+    (waiting.is_empty(), waiting)
+}
+
+/// The `/catalog` document: exports, and imports per peer with sync state.
+pub fn catalog_json(shared: &Shared) -> Value {
+    let exports = shared.exports.borrow().clone();
+    let imports = shared.imports.borrow().clone();
+    let exports: Vec<Value> = exports
+        .iter()
+        .map(|(name, e)| {
+            json!({
+                "name": name,
+                "fqdn": e.service.fqdn,
+                "protocol": e.protocol.as_str(),
+                "port": e.port,
+                "backends": e.backends.iter().map(|b| b.to_string()).collect::<Vec<_>>(),
+                "peers": e.peers,
+            })
+        })
+        .collect();
+    let mut per_peer = serde_json::Map::new();
+    for (peer, view) in consumer_views(shared) {
+        let mut services: Vec<Value> = imports
+            .for_peer(&peer)
+            .map(|(registered, r)| {
+                json!({
+                    "name": r.name,
+                    "fqdn": registered,
+                    "originalFqdn": r.original_fqdn,
+                    "aliased": r.alias,
+                })
+            })
+            .collect();
+        services.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        per_peer.insert(
+            peer,
+            json!({
+                "state": view.state,
+                "detail": view.detail,
+                "snapshotComplete": view.snapshot_complete,
+                "services": services,
+            }),
+        );
+    }
+    let collisions: Vec<Value> = imports
+        .collisions
+        .iter()
+        .map(|c| json!({ "peer": c.peer, "name": c.name, "fqdn": c.fqdn, "with": c.with.to_string(), "resolution": match &c.resolution {
+            crate::catalog::Resolution::Aliased(alias) => format!("aliased as {alias}"),
+            crate::catalog::Resolution::Dropped => "dropped".to_owned(),
+        } }))
+        .collect();
+    json!({
+        "mesh": shared.mesh,
+        "exports": exports,
+        "imports": per_peer,
+        "collisions": collisions,
+    })
+}
+
+/// The `/peers` document: both roles of every peer.
+pub fn peers_json(shared: &Shared) -> Value {
+    let peers: Vec<Value> = shared
+        .peers
+        .iter()
+        .map(|p| {
+            let c = p.consumer.borrow().clone();
+            let o = &p.owner;
+            let owner_last_nack = o.last_nack.lock().ok().and_then(|g| g.clone());
+            json!({
+                "name": p.config.name,
+                "trustDomain": p.config.trust_domain.as_str(),
+                "apiVersion": p.config.api_version.as_str(),
+                "federation": p.config.federation.as_ref().map(|h| h.to_string()),
+                "consumer": {
+                    "state": c.state,
+                    "detail": c.detail,
+                    "connected": c.connected,
+                    "snapshotComplete": c.snapshot_complete,
+                    "messages": c.messages,
+                    "acks": c.acks,
+                    "nacks": c.nacks,
+                    "reconnects": c.reconnects,
+                    "lastAck": c.last_ack_at.map(unix),
+                    "lastNack": c.last_nack.as_ref().map(|(s, m)| json!({"service": s, "message": m})),
+                    "imported": c.services.len(),
+                },
+                "owner": {
+                    "streamsOpen": OwnerCounters::get(&o.streams_open),
+                    "streamsTotal": OwnerCounters::get(&o.streams_total),
+                    "sent": OwnerCounters::get(&o.sent),
+                    "acks": OwnerCounters::get(&o.acks),
+                    "nacks": OwnerCounters::get(&o.nacks),
+                    "unknownNonces": OwnerCounters::get(&o.unknown_nonces),
+                    "lastNack": owner_last_nack.map(|(s, m)| json!({"service": s, "message": m})),
+                },
+            })
+        })
+        .collect();
+    json!({ "mesh": shared.mesh, "peers": peers })
+}
+
+fn unix(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_owned())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn json_response(v: Value) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec_pretty(&v).unwrap_or_default();
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}

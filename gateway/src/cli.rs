@@ -1,0 +1,280 @@
+//! The `elsinore` command line: `run`, `check`, `certs init`, `demo`,
+//! `catalog`. Every flag can also be set through an `ELSINORE_*` variable.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use elsinore_certs::TrustDomain;
+
+use crate::config::Config;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "elsinore",
+    version,
+    about = "Elsinore: a multi-mesh federation gateway (Hamlet API over mTLS)"
+)]
+pub struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        env = "ELSINORE_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+    /// Log filter (tracing env-filter syntax), e.g. `info,elsinore_gateway=debug`.
+    #[arg(long, global = true, env = "ELSINORE_LOG", default_value = "info")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a gateway from a config file.
+    Run {
+        #[arg(long, env = "ELSINORE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate a config file (and the certificates it names) without starting anything.
+    Check {
+        #[arg(long, env = "ELSINORE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Certificate helpers.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// Start two meshes federating on loopback, print what each imported, run until Ctrl-C.
+    Demo {
+        /// Where to write the demo's certificates and caches (default: a fresh temporary directory).
+        #[arg(long, env = "ELSINORE_DEMO_DIR")]
+        dir: Option<PathBuf>,
+    },
+    /// Print a running gateway's catalog (from its admin listener).
+    Catalog {
+        #[arg(long, env = "ELSINORE_ADMIN", default_value = "127.0.0.1:15000")]
+        admin: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Mint a mesh CA and a gateway certificate (spiffe://TD/ns/elsinore/sa/gateway).
+    Init {
+        #[arg(long, env = "ELSINORE_TRUST_DOMAIN")]
+        trust_domain: String,
+        #[arg(long, env = "ELSINORE_CERTS_OUT")]
+        out: PathBuf,
+        /// DNS names for the gateway certificate (repeatable).
+        #[arg(long = "dns", env = "ELSINORE_CERTS_DNS", value_delimiter = ',')]
+        dns: Vec<String>,
+        /// IP addresses for the gateway certificate (repeatable).
+        #[arg(long = "ip", env = "ELSINORE_CERTS_IP", value_delimiter = ',')]
+        ip: Vec<IpAddr>,
+    },
+}
+
+/// Sets up logging as asked.
+pub fn init_tracing(cli: &Cli) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Runs a parsed command line.
+pub async fn main(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run { config } => run(&config).await,
+        Command::Check { config } => Ok(check(&config)),
+        Command::Certs {
+            command:
+                CertsCommand::Init {
+                    trust_domain,
+                    out,
+                    dns,
+                    ip,
+                },
+        } => {
+            let td: TrustDomain = trust_domain
+                .parse()
+                .with_context(|| format!("--trust-domain {trust_domain:?}"))?;
+            let files = elsinore_certs::mint::init(&td, &out, &dns, &ip)?;
+            println!(
+                "minted CA {} and gateway certificate {} (spiffe://{}/ns/elsinore/sa/gateway)",
+                files.ca_cert.display(),
+                files.gateway_cert.display(),
+                td
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { dir } => demo(dir).await,
+        Command::Catalog { admin } => catalog(&admin).await,
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(errors) => {
+            for e in &errors.0 {
+                if e.path.is_empty() {
+                    eprintln!("error: {}", e.message);
+                } else {
+                    eprintln!("error: {}: {}", e.path, e.message);
+                }
+            }
+            eprintln!("{}: {} error(s)", path.display(), errors.0.len());
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut failed = false;
+    match elsinore_certs::Identity::load(&config.identity.certificate, &config.identity.private_key)
+    {
+        Ok(id) if id.spiffe_id().trust_domain() != &config.mesh.trust_domain => {
+            eprintln!(
+                "error: identity.certificate: SPIFFE ID {} is not in trust domain {}",
+                id.spiffe_id(),
+                config.mesh.trust_domain
+            );
+            failed = true;
+        }
+        Ok(_) => {}
+        Err(e) => {
+            eprintln!("error: identity: {e}");
+            failed = true;
+        }
+    }
+    for (i, peer) in config.peers.iter().enumerate() {
+        if let Err(e) =
+            elsinore_certs::TrustBundle::load(peer.trust_domain.clone(), &peer.trust_bundle)
+        {
+            eprintln!("error: peers[{i}].trustBundle: {e}");
+            failed = true;
+        }
+    }
+    if failed {
+        return ExitCode::FAILURE;
+    }
+    println!(
+        "{}: OK (mesh {}, {} export(s), {} peer(s))",
+        path.display(),
+        config.mesh.name,
+        config.exports.len(),
+        config.peers.len()
+    );
+    ExitCode::SUCCESS
+}
+
+async fn run(path: &Path) -> anyhow::Result<ExitCode> {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{}: invalid config:\n{errors}", path.display());
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let gateway = crate::runtime::Gateway::start(
+        config,
+        crate::runtime::StartOptions {
+            config_path: Some(path.to_owned()),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let token = gateway.shutdown_token();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        token.cancel();
+    });
+    gateway.wait().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn demo(dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let (dir, _temp) = match dir {
+        Some(d) => (d, None),
+        None => {
+            let t = tempfile::Builder::new()
+                .prefix("elsinore-demo-")
+                .tempdir()?;
+            (t.path().to_owned(), Some(t))
+        }
+    };
+    let demo = crate::demo::Demo::start(&dir).await?;
+    demo.wait_ready(std::time::Duration::from_secs(30)).await?;
+    println!(
+        "Elsinore demo: two meshes federating over mTLS on loopback ({})",
+        dir.display()
+    );
+    print!("{}", demo.summary());
+    println!(
+        "Inspect: curl http://{}/catalog   (Ctrl-C to stop)",
+        demo.b.admin_addr
+    );
+    shutdown_signal().await;
+    demo.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn catalog(admin: &str) -> anyhow::Result<ExitCode> {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(admin)
+        .await
+        .with_context(|| format!("connect to admin listener {admin}"))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = http::Request::get("/catalog")
+        .header(http::header::HOST, admin)
+        .body(http_body_util::Empty::<hyper::body::Bytes>::new())?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    println!("{}", String::from_utf8_lossy(&body));
+    Ok(if status.is_success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

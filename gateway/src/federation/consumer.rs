@@ -1,0 +1,549 @@
+//! The consumer side on the wire: one task per peer with a `federation`
+//! address. It dials the peer over mTLS, opens the stream in the peer's API
+//! version, feeds every response to the [`ConsumerSession`], sends back its
+//! ACK/NACK, publishes the imports, persists them to the cache, and
+//! reconnects with backoff when the session says so.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use elsinore_certs::{Identity, TrustBundle};
+use elsinore_federation_api::proto::federation::resourcediscovery::{
+    v1alpha1 as rd1, v1alpha2 as rd2,
+};
+use elsinore_federation_api::proto::federation::types::v1alpha1 as t1;
+use elsinore_federation_api::proto::google::rpc;
+use elsinore_federation_api::{ApiVersion, decode_any, type_url};
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+use tonic::{Code, Request, Streaming};
+
+use super::consumer_session::{
+    AfterClose, CloseReason, ConsumerSession, ConsumerSettings, Operation, Reply, SyncState,
+};
+use super::owner::sleep_until_opt;
+use super::{SNAPSHOT_SIZE_HEADER, WINDOW_HEADER};
+use crate::catalog::cache;
+use crate::config::HostPort;
+use crate::state::{ConsumerView, PeerState, Shared};
+
+/// How often a changed import set is published at most (readers see a batch).
+const PUBLISH_EVERY: Duration = Duration::from_millis(50);
+/// How often a changed import set is written to the cache at most.
+const SAVE_EVERY: Duration = Duration::from_secs(1);
+
+/// Everything one consumer task needs.
+pub struct ConsumerTask {
+    pub shared: Arc<Shared>,
+    pub peer: Arc<PeerState>,
+    pub address: HostPort,
+    pub identity: Identity,
+    pub bundle: TrustBundle,
+    pub settings: ConsumerSettings,
+    pub window: u32,
+    pub cache_dir: Option<std::path::PathBuf>,
+    pub shutdown: CancellationToken,
+}
+
+/// A version-neutral owner response.
+struct InResponse {
+    nonce: String,
+    resource_id: String,
+    operation: Operation,
+    decoded: Result<elsinore_federation_api::FederatedService, String>,
+}
+
+/// The open stream in one of the two versions.
+enum Wire {
+    V2 {
+        rx: Streaming<rd2::BidirectionalStream>,
+        tx: mpsc::Sender<rd2::BidirectionalStream>,
+        context: String,
+    },
+    V1 {
+        rx: Streaming<rd1::StreamResponse>,
+        tx: mpsc::Sender<rd1::StreamRequest>,
+    },
+}
+
+impl Wire {
+    async fn next(&mut self) -> Result<Option<InResponse>, tonic::Status> {
+        match self {
+            Wire::V2 { rx, .. } => loop {
+                let Some(m) = rx.message().await? else {
+                    return Ok(None);
+                };
+                // A bidirectional wrapper without a response carries nothing for us.
+                let Some(r) = m.response else { continue };
+                let version = ApiVersion::V1alpha2;
+                let (operation, decoded) =
+                    match rd2::stream_response::Operation::try_from(r.operation) {
+                        Ok(rd2::stream_response::Operation::Upsert) => (
+                            Operation::Upsert,
+                            match &r.resource {
+                                Some(any) => decode_any(any, version).map_err(|e| e.to_string()),
+                                None => Err("UPSERT without a resource".to_owned()),
+                            },
+                        ),
+                        Ok(rd2::stream_response::Operation::Delete) => {
+                            (Operation::Delete, Err("delete".to_owned()))
+                        }
+                        _ => (
+                            Operation::Unknown(r.operation),
+                            Err(format!("operation {} is not UPSERT or DELETE", r.operation)),
+                        ),
+                    };
+                return Ok(Some(InResponse {
+                    nonce: r.nonce,
+                    resource_id: r.resource_id,
+                    operation,
+                    decoded,
+                }));
+            },
+            Wire::V1 { rx, .. } => {
+                let Some(r) = rx.message().await? else {
+                    return Ok(None);
+                };
+                let version = ApiVersion::V1alpha1;
+                use rd1::stream_response::Operation as Op1;
+                let (operation, decoded, resource_id) = match Op1::try_from(r.operation) {
+                    Ok(Op1::Create | Op1::Update) => match &r.resource {
+                        Some(any) => {
+                            let decoded = decode_any(any, version).map_err(|e| e.to_string());
+                            let id = decoded.as_ref().map(|s| s.name.clone()).unwrap_or_default();
+                            (Operation::Upsert, decoded, id)
+                        }
+                        None => (
+                            Operation::Upsert,
+                            Err("CREATE/UPDATE without a resource".to_owned()),
+                            String::new(),
+                        ),
+                    },
+                    Ok(Op1::Delete) => {
+                        // v1alpha1 has no resource_id: the name travels in the resource.
+                        let name = r
+                            .resource
+                            .as_ref()
+                            .and_then(|any| t1::FederatedService::decode(any.value.as_slice()).ok())
+                            .map(|s| s.name)
+                            .unwrap_or_default();
+                        (Operation::Delete, Err("delete".to_owned()), name)
+                    }
+                    _ => (
+                        Operation::Unknown(r.operation),
+                        Err(format!(
+                            "operation {} is not CREATE, UPDATE or DELETE",
+                            r.operation
+                        )),
+                        String::new(),
+                    ),
+                };
+                Ok(Some(InResponse {
+                    nonce: r.nonce,
+                    resource_id,
+                    operation,
+                    decoded,
+                }))
+            }
+        }
+    }
+
+    async fn reply(&mut self, reply: Reply) -> bool {
+        let (nonce, status) = match reply {
+            Reply::Ack { nonce } => (
+                nonce,
+                rpc::Status {
+                    code: Code::Ok as i32,
+                    message: String::new(),
+                    details: vec![],
+                },
+            ),
+            Reply::Nack { nonce, message } => (
+                nonce,
+                rpc::Status {
+                    code: Code::InvalidArgument as i32,
+                    message,
+                    details: vec![],
+                },
+            ),
+        };
+        match self {
+            Wire::V2 { tx, context, .. } => tx
+                .send(rd2::BidirectionalStream {
+                    request: Some(rd2::StreamRequest {
+                        resource_url: type_url(ApiVersion::V1alpha2).to_owned(),
+                        response_nonce: nonce,
+                        status: Some(status),
+                        context: context.clone(),
+                    }),
+                    response: None,
+                })
+                .await
+                .is_ok(),
+            Wire::V1 { tx, .. } => tx
+                .send(rd1::StreamRequest {
+                    resource_url: type_url(ApiVersion::V1alpha1).to_owned(),
+                    response_nonce: nonce,
+                    status: Some(status),
+                })
+                .await
+                .is_ok(),
+        }
+    }
+}
+
+fn close_reason(status: &tonic::Status) -> CloseReason {
+    let text = format!("{:?}: {}", status.code(), status.message());
+    match status.code() {
+        Code::Unauthenticated => CloseReason::Unauthenticated(text),
+        Code::InvalidArgument => CloseReason::InvalidArgument(text),
+        _ => CloseReason::Other(text),
+    }
+}
+
+impl ConsumerTask {
+    /// Runs until shutdown.
+    pub async fn run(self) {
+        let name = self.peer.config.name.clone();
+        let span = tracing::info_span!("consumer", peer = %name, address = %self.address);
+        tracing::Instrument::instrument(self.run_inner(), span).await
+    }
+
+    async fn run_inner(self) {
+        let mut session = ConsumerSession::new(self.settings.clone());
+        let mut stats = Counters::default();
+        self.restore_cache(&mut session);
+        self.publish(&session, &stats);
+        let client_config = match elsinore_certs::client_config(
+            &self.identity,
+            &self.bundle,
+            None,
+            &[b"h2"],
+        ) {
+            Ok(c) => c,
+            Err(error) => {
+                tracing::error!(%error, "cannot build the TLS client config; not dialing this peer");
+                stats.failed = Some(error.to_string());
+                self.publish(&session, &stats);
+                return;
+            }
+        };
+        let mut attempt_at = Instant::now();
+        loop {
+            // Wait for the next attempt while still expiring stale imports.
+            while Instant::now() < attempt_at || stats.failed.is_some() {
+                let deadline = match (session.next_deadline(), stats.failed.is_some()) {
+                    (Some(d), true) => Some(d),
+                    (None, true) => None,
+                    (d, false) => Some(d.map_or(attempt_at, |d| d.min(attempt_at))),
+                };
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return self.finish(&session),
+                    _ = sleep_until_opt(deadline) => {}
+                }
+                if !session.on_tick(Instant::now()).is_empty() {
+                    self.publish(&session, &stats);
+                    self.save_cache(&session);
+                }
+            }
+            let end = self
+                .one_stream(&client_config, &mut session, &mut stats)
+                .await;
+            let Some(reason) = end else {
+                return self.finish(&session);
+            };
+            tracing::warn!(reason = ?reason, "federation stream lost");
+            match session.on_stream_closed(Instant::now(), reason, rand::random::<f64>()) {
+                AfterClose::ReconnectAt(at) => {
+                    stats.reconnects += 1;
+                    attempt_at = at;
+                }
+                AfterClose::GiveUp { reason } => {
+                    tracing::error!(%reason, "peer refused federation; not retrying");
+                    stats.failed = Some(reason);
+                }
+            }
+            stats.connected = false;
+            stats.attempted = true;
+            self.publish(&session, &stats);
+            self.save_cache(&session);
+        }
+    }
+
+    /// One connection attempt and stream. `None` = shutdown.
+    async fn one_stream(
+        &self,
+        client_config: &Arc<rustls::ClientConfig>,
+        session: &mut ConsumerSession,
+        stats: &mut Counters,
+    ) -> Option<CloseReason> {
+        let mut wire = tokio::select! {
+            _ = self.shutdown.cancelled() => return None,
+            opened = self.open(client_config, session) => match opened {
+                Ok(wire) => wire,
+                Err(status) => return Some(close_reason(&status)),
+            },
+        };
+        stats.connected = true;
+        self.publish(session, stats);
+        let mut dirty_since: Option<Instant> = None;
+        let mut last_save = Instant::now();
+        let mut unsaved = false;
+        loop {
+            let publish_at = dirty_since.map(|t| t + PUBLISH_EVERY);
+            let deadline = match (session.next_deadline(), publish_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return None,
+                next = wire.next() => match next {
+                    Err(status) => return Some(close_reason(&status)),
+                    Ok(None) => return Some(CloseReason::Other("owner closed the stream".to_owned())),
+                    Ok(Some(r)) => {
+                        let was_complete = session.stats().snapshot_complete;
+                        let handled = session.on_response(Instant::now(), &r.nonce, &r.resource_id, r.operation, r.decoded);
+                        let reply = handled.reply;
+                        if !handled.reconciled.is_empty() {
+                            tracing::info!(removed = ?handled.reconciled, "snapshot complete: removed entries the owner no longer has");
+                        }
+                        if let Reply::Nack { message, .. } = &reply {
+                            tracing::warn!(service = %r.resource_id, %message, "NACKed an entry");
+                        }
+                        if !wire.reply(reply).await {
+                            return Some(CloseReason::Other("request stream closed".to_owned()));
+                        }
+                        dirty_since.get_or_insert_with(Instant::now);
+                        unsaved = true;
+                        if !was_complete && session.stats().snapshot_complete {
+                            // Snapshot complete: publish and persist at once.
+                            dirty_since = Some(Instant::now() - PUBLISH_EVERY);
+                        }
+                    }
+                },
+                _ = sleep_until_opt(deadline) => {}
+            }
+            let now = Instant::now();
+            if !session.on_tick(now).is_empty() {
+                dirty_since.get_or_insert(now);
+                unsaved = true;
+            }
+            if dirty_since.is_some_and(|t| now >= t + PUBLISH_EVERY) {
+                stats.attempted |= session.stats().snapshot_complete;
+                self.publish(session, stats);
+                dirty_since = None;
+                if unsaved && (now >= last_save + SAVE_EVERY || session.stats().snapshot_complete) {
+                    self.save_cache(session);
+                    last_save = now;
+                    unsaved = false;
+                }
+            }
+        }
+    }
+
+    async fn open(
+        &self,
+        client_config: &Arc<rustls::ClientConfig>,
+        session: &mut ConsumerSession,
+    ) -> Result<Wire, tonic::Status> {
+        let address = self.address.to_string();
+        let config = client_config.clone();
+        let dial_address = address.clone();
+        // Every connection tonic makes is a fresh mTLS dial to the peer.
+        let connector = tower::service_fn(move |_uri: http::Uri| {
+            let address = dial_address.clone();
+            let config = config.clone();
+            async move { super::transport::dial_mtls(&address, config).await }
+        });
+        let channel = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| tonic::Status::invalid_argument(format!("peer address {address}: {e}")))?
+            .connect_timeout(Duration::from_secs(10))
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .connect_with_connector(connector)
+            .await
+            .map_err(|e| {
+                tonic::Status::unavailable(format!("dial {address}: {}", error_chain(&e)))
+            })?;
+        let window = self.window.to_string();
+        let (wire, headers) = match self.peer.config.api_version {
+            ApiVersion::V1alpha2 => {
+                let context = format!("elsinore/{}", self.shared.mesh);
+                let (tx, rx) = mpsc::channel(self.window as usize + 8);
+                let _ = tx
+                    .send(rd2::BidirectionalStream {
+                        request: Some(rd2::StreamRequest {
+                            resource_url: type_url(ApiVersion::V1alpha2).to_owned(),
+                            response_nonce: String::new(),
+                            status: None,
+                            context: context.clone(),
+                        }),
+                        response: None,
+                    })
+                    .await;
+                let mut request = Request::new(ReceiverStream::new(rx));
+                insert_header(&mut request, &window);
+                let mut client =
+                    rd2::discovery_service_client::DiscoveryServiceClient::new(channel)
+                        .max_decoding_message_size(16 * 1024 * 1024);
+                let response = client.establish_stream(request).await?;
+                let headers = response.metadata().clone();
+                (
+                    Wire::V2 {
+                        rx: response.into_inner(),
+                        tx,
+                        context,
+                    },
+                    headers,
+                )
+            }
+            ApiVersion::V1alpha1 => {
+                let (tx, rx) = mpsc::channel(self.window as usize + 8);
+                let _ = tx
+                    .send(rd1::StreamRequest {
+                        resource_url: type_url(ApiVersion::V1alpha1).to_owned(),
+                        response_nonce: String::new(),
+                        status: None,
+                    })
+                    .await;
+                let mut request = Request::new(ReceiverStream::new(rx));
+                insert_header(&mut request, &window);
+                let mut client =
+                    rd1::discovery_service_client::DiscoveryServiceClient::new(channel)
+                        .max_decoding_message_size(16 * 1024 * 1024);
+                let response = client.establish_stream(request).await?;
+                let headers = response.metadata().clone();
+                (
+                    Wire::V1 {
+                        rx: response.into_inner(),
+                        tx,
+                    },
+                    headers,
+                )
+            }
+        };
+        let size = headers
+            .get(SNAPSHOT_SIZE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        let granted = headers
+            .get(WINDOW_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("1");
+        tracing::info!(snapshot_size = ?size, window = granted, "federation stream open");
+        let removed = session.on_stream_open(Instant::now(), size);
+        if !removed.is_empty() {
+            tracing::info!(removed = ?removed, "empty snapshot: removed entries the owner no longer has");
+        }
+        Ok(wire)
+    }
+
+    fn restore_cache(&self, session: &mut ConsumerSession) {
+        let Some(dir) = &self.cache_dir else { return };
+        match cache::load(dir, &self.peer.config.name) {
+            Ok(entries) if entries.is_empty() => {}
+            Ok(entries) => {
+                let now = SystemTime::now();
+                let n = entries.len();
+                let entries = entries
+                    .into_iter()
+                    .map(|(svc, at)| (svc, now.duration_since(at).unwrap_or_default()))
+                    .collect();
+                session.restore(entries, Instant::now());
+                tracing::info!(
+                    entries = n,
+                    kept = session.imports().len(),
+                    "restored imports from the cache"
+                );
+            }
+            Err(error) => {
+                tracing::error!(%error, "import cache unreadable; starting without it");
+            }
+        }
+    }
+
+    fn save_cache(&self, session: &ConsumerSession) {
+        let Some(dir) = &self.cache_dir else { return };
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let entries: Vec<_> = session
+            .imports()
+            .values()
+            .map(|i| {
+                (
+                    i.service.clone(),
+                    wall - now.saturating_duration_since(i.confirmed_at),
+                )
+            })
+            .collect();
+        if let Err(error) = cache::save(dir, &self.peer.config.name, &entries) {
+            tracing::error!(%error, "could not write the import cache");
+        }
+    }
+
+    fn finish(&self, session: &ConsumerSession) {
+        self.save_cache(session);
+    }
+
+    fn publish(&self, session: &ConsumerSession, counters: &Counters) {
+        let s = session.stats();
+        let (state, detail) = match session.state() {
+            SyncState::Connecting => ("connecting", None),
+            SyncState::Syncing => ("syncing", None),
+            SyncState::Synced => ("synced", None),
+            SyncState::Disconnected { .. } => ("disconnected", None),
+            SyncState::Failed { reason } => ("failed", Some(reason.clone())),
+            SyncState::Stopped => ("stopped", None),
+        };
+        let view = ConsumerView {
+            state,
+            detail: detail.or_else(|| counters.failed.clone()),
+            attempted: counters.attempted || s.snapshot_complete || counters.failed.is_some(),
+            connected: counters.connected,
+            snapshot_complete: s.snapshot_complete,
+            messages: s.messages,
+            acks: s.acks,
+            nacks: s.nacks,
+            reconnects: counters.reconnects,
+            last_ack_at: s.last_ack_at.map(|t| SystemTime::now() - t.elapsed()),
+            last_nack: s.last_nack.clone(),
+            services: session
+                .imports()
+                .values()
+                .map(|i| i.service.clone())
+                .collect(),
+        };
+        self.peer.consumer.send_replace(Arc::new(view));
+        self.shared.imports_changed.notify_one();
+    }
+}
+
+/// Driver-side counters the session does not keep.
+#[derive(Default)]
+struct Counters {
+    connected: bool,
+    attempted: bool,
+    reconnects: u64,
+    failed: Option<String>,
+}
+
+fn insert_header<T>(request: &mut Request<T>, window: &str) {
+    if let Ok(v) = window.parse() {
+        request.metadata_mut().insert(WINDOW_HEADER, v);
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}

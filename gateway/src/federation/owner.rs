@@ -1,0 +1,385 @@
+//! The owner side on the wire: our `DiscoveryService` for both API versions.
+//! Each stream gets one task that owns an [`OwnerSession`]; this file only
+//! authenticates the caller, negotiates the window, and moves messages
+//! between tonic and the session.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use elsinore_federation_api::proto::federation::resourcediscovery::{
+    v1alpha1 as rd1, v1alpha2 as rd2,
+};
+use elsinore_federation_api::proto::federation::types::v1alpha1 as t1;
+use elsinore_federation_api::proto::google::rpc;
+use elsinore_federation_api::{ApiVersion, FederatedService, encode_any, type_url};
+use futures_util::{Stream, StreamExt};
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::owner_session::{AckOutcome, Op, Outgoing, OwnerSession, OwnerSettings};
+use super::transport::PeerConn;
+use super::{SNAPSHOT_SIZE_HEADER, WINDOW_HEADER};
+use crate::state::{OwnerCounters, PeerState, Shared};
+
+/// How long a consumer may take to send its first request.
+const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Settings of the owner side, from config.
+#[derive(Debug, Clone)]
+pub struct OwnerOptions {
+    /// The largest window we grant another Elsinore.
+    pub max_window: u32,
+    pub ack_timeout: Duration,
+}
+
+/// Serves `DiscoveryService` (v1alpha2 and v1alpha1) for one gateway.
+#[derive(Clone)]
+pub struct OwnerService {
+    shared: Arc<Shared>,
+    options: OwnerOptions,
+    shutdown: CancellationToken,
+}
+
+/// A version-neutral consumer request.
+struct Inbound {
+    resource_url: String,
+    nonce: String,
+    status: Option<rpc::Status>,
+    context: String,
+}
+
+type InboundStream = Pin<Box<dyn Stream<Item = Result<Inbound, Status>> + Send>>;
+
+impl OwnerService {
+    pub fn new(shared: Arc<Shared>, options: OwnerOptions, shutdown: CancellationToken) -> Self {
+        OwnerService {
+            shared,
+            options,
+            shutdown,
+        }
+    }
+
+    /// Identifies the caller by the trust domain of its verified SPIFFE ID.
+    fn authenticate<T>(&self, request: &Request<T>) -> Result<Arc<PeerState>, Status> {
+        let conn = request
+            .extensions()
+            .get::<PeerConn>()
+            .ok_or_else(|| Status::unauthenticated("no verified client certificate"))?;
+        let id = conn
+            .spiffe_id
+            .as_ref()
+            .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))?;
+        match self.shared.peer_for(id.trust_domain()) {
+            Some(peer) => Ok(peer.clone()),
+            None => {
+                tracing::warn!(client.addr = %conn.remote, spiffe_id = %id, "refused federation stream from a trust domain that is not a configured peer");
+                Err(Status::unauthenticated(format!(
+                    "trust domain {} is not a federated peer of mesh {}",
+                    id.trust_domain(),
+                    self.shared.mesh
+                )))
+            }
+        }
+    }
+
+    /// Negotiates the window: only a caller that asked (another Elsinore)
+    /// gets more than one message in flight.
+    fn negotiate_window<T>(&self, request: &Request<T>) -> Option<u32> {
+        let asked = request.metadata().get(WINDOW_HEADER)?.to_str().ok()?;
+        let asked: u32 = asked.parse().ok()?;
+        Some(asked.clamp(1, self.options.max_window.max(1)))
+    }
+
+    fn open<M: Send + 'static>(
+        &self,
+        peer: Arc<PeerState>,
+        version: ApiVersion,
+        window: Option<u32>,
+        inbound: InboundStream,
+        encode: fn(&Outgoing, ApiVersion) -> M,
+    ) -> Result<Response<ReceiverStream<Result<M, Status>>>, Status> {
+        let snapshot = self.shared.exports.borrow().visible_to(&peer.config.name);
+        let size = snapshot.len();
+        let negotiated = window.unwrap_or(1);
+        let (tx, rx) = mpsc::channel(negotiated as usize + 1);
+        let session = OwnerSession::new(OwnerSettings {
+            version,
+            window: negotiated,
+            ack_timeout: self.options.ack_timeout,
+        });
+        let exports = self.shared.exports.subscribe();
+        let shutdown = self.shutdown.clone();
+        let span = tracing::info_span!("owner_stream", peer = %peer.config.name, version = %version, window = negotiated);
+        tokio::spawn(tracing::Instrument::instrument(
+            drive(
+                session, peer, snapshot, inbound, exports, tx, encode, shutdown,
+            ),
+            span,
+        ));
+        let mut response = Response::new(ReceiverStream::new(rx));
+        response
+            .metadata_mut()
+            .insert(SNAPSHOT_SIZE_HEADER, size.into());
+        if let Some(w) = window {
+            response.metadata_mut().insert(WINDOW_HEADER, w.into());
+        }
+        Ok(response)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn drive<M: Send + 'static>(
+    mut session: OwnerSession,
+    peer: Arc<PeerState>,
+    snapshot: BTreeMap<String, Arc<FederatedService>>,
+    mut inbound: InboundStream,
+    mut exports: tokio::sync::watch::Receiver<Arc<crate::catalog::ExportCatalog>>,
+    tx: mpsc::Sender<Result<M, Status>>,
+    encode: fn(&Outgoing, ApiVersion) -> M,
+    shutdown: CancellationToken,
+) {
+    let counters = &peer.owner;
+    OwnerCounters::bump(&counters.streams_total);
+    OwnerCounters::bump(&counters.streams_open);
+    let end = run_stream(
+        &mut session,
+        &peer,
+        snapshot,
+        &mut inbound,
+        &mut exports,
+        &tx,
+        encode,
+        &shutdown,
+    )
+    .await;
+    counters
+        .streams_open
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    match end {
+        Ok(()) => tracing::info!("consumer closed the stream"),
+        Err(status) => {
+            tracing::info!(code = ?status.code(), message = status.message(), "stream ended");
+            let _ = tx.send(Err(status)).await;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_stream<M: Send + 'static>(
+    session: &mut OwnerSession,
+    peer: &PeerState,
+    snapshot: BTreeMap<String, Arc<FederatedService>>,
+    inbound: &mut InboundStream,
+    exports: &mut tokio::sync::watch::Receiver<Arc<crate::catalog::ExportCatalog>>,
+    tx: &mpsc::Sender<Result<M, Status>>,
+    encode: fn(&Outgoing, ApiVersion) -> M,
+    shutdown: &CancellationToken,
+) -> Result<(), Status> {
+    let version = session_version(session);
+    let first = tokio::select! {
+        _ = shutdown.cancelled() => return Err(Status::unavailable("gateway shutting down")),
+        first = tokio::time::timeout(FIRST_REQUEST_TIMEOUT, inbound.next()) => first,
+    };
+    let first = match first {
+        Err(_) => return Err(Status::deadline_exceeded("no initial request received")),
+        Ok(None) => return Ok(()),
+        Ok(Some(first)) => first?,
+    };
+    if first.status.is_some() || !first.nonce.is_empty() {
+        return Err(Status::invalid_argument(
+            "the first request must not carry a response_nonce or status",
+        ));
+    }
+    session
+        .start(&first.resource_url, first.context, snapshot)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    exports.mark_changed();
+    let name = &peer.config.name;
+    loop {
+        let now = tokio::time::Instant::now();
+        while let Some(out) = session.poll_send(now) {
+            OwnerCounters::bump(&peer.owner.sent);
+            if tx.send(Ok(encode(&out, version))).await.is_err() {
+                return Ok(());
+            }
+        }
+        let deadline = session.next_deadline();
+        tokio::select! {
+            _ = shutdown.cancelled() => return Err(Status::unavailable("gateway shutting down")),
+            request = inbound.next() => match request {
+                None => return Ok(()),
+                Some(Err(status)) => {
+                    tracing::debug!(code = ?status.code(), "inbound stream error");
+                    return Ok(());
+                }
+                Some(Ok(request)) => {
+                    let status = request.status.map(|s| super::owner_session::Status { code: s.code, message: s.message });
+                    let outcome = session
+                        .on_request(&request.nonce, status, tokio::time::Instant::now())
+                        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                    match outcome {
+                        AckOutcome::Acked { .. } => OwnerCounters::bump(&peer.owner.acks),
+                        AckOutcome::Nacked { name: service, code, message } => {
+                            OwnerCounters::bump(&peer.owner.nacks);
+                            tracing::warn!(peer = %name, service = %service, code, %message, "consumer NACKed a service");
+                            if let Ok(mut last) = peer.owner.last_nack.lock() {
+                                *last = Some((service, message));
+                            }
+                        }
+                        AckOutcome::UnknownNonce { nonce } => {
+                            OwnerCounters::bump(&peer.owner.unknown_nonces);
+                            tracing::debug!(%nonce, "ACK/NACK for an unknown nonce ignored");
+                        }
+                    }
+                }
+            },
+            changed = exports.changed() => {
+                if changed.is_err() {
+                    return Err(Status::unavailable("gateway shutting down"));
+                }
+                let view = exports.borrow_and_update().visible_to(name);
+                session.on_catalog(&view);
+            }
+            _ = sleep_until_opt(deadline) => {
+                session
+                    .on_tick(tokio::time::Instant::now())
+                    .map_err(|e| Status::deadline_exceeded(e.to_string()))?;
+            }
+        }
+    }
+}
+
+fn session_version(session: &OwnerSession) -> ApiVersion {
+    session.settings().version
+}
+
+pub(crate) async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn encode_v1alpha2(out: &Outgoing, version: ApiVersion) -> rd2::BidirectionalStream {
+    let (operation, resource) = match (&out.op, &out.service) {
+        (Op::Upsert { .. }, Some(svc)) => (
+            rd2::stream_response::Operation::Upsert,
+            Some(encode_any(svc, version)),
+        ),
+        _ => (rd2::stream_response::Operation::Delete, None),
+    };
+    rd2::BidirectionalStream {
+        request: None,
+        response: Some(rd2::StreamResponse {
+            nonce: out.nonce.clone(),
+            resource_url: type_url(version).to_owned(),
+            resource_id: out.name.clone(),
+            resource,
+            operation: operation as i32,
+            context: out.context.clone(),
+        }),
+    }
+}
+
+fn encode_v1alpha1(out: &Outgoing, version: ApiVersion) -> rd1::StreamResponse {
+    let (operation, resource) = match (&out.op, &out.service) {
+        (Op::Upsert { created }, Some(svc)) => (
+            if *created {
+                rd1::stream_response::Operation::Create
+            } else {
+                rd1::stream_response::Operation::Update
+            },
+            encode_any(svc, version),
+        ),
+        // v1alpha1 has no resource_id: a DELETE names the service inside the resource.
+        _ => (
+            rd1::stream_response::Operation::Delete,
+            prost_types::Any {
+                type_url: type_url(version).to_owned(),
+                value: t1::FederatedService {
+                    name: out.name.clone(),
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            },
+        ),
+    };
+    rd1::StreamResponse {
+        nonce: out.nonce.clone(),
+        resource_url: type_url(version).to_owned(),
+        resource: Some(resource),
+        operation: operation as i32,
+    }
+}
+
+#[tonic::async_trait]
+impl rd2::discovery_service_server::DiscoveryService for OwnerService {
+    type EstablishStreamStream = ReceiverStream<Result<rd2::BidirectionalStream, Status>>;
+
+    async fn establish_stream(
+        &self,
+        request: Request<Streaming<rd2::BidirectionalStream>>,
+    ) -> Result<Response<Self::EstablishStreamStream>, Status> {
+        let peer = self.authenticate(&request)?;
+        let window = self.negotiate_window(&request);
+        let inbound = request.into_inner().map(|m| {
+            let m = m?;
+            let r = m.request.ok_or_else(|| {
+                Status::invalid_argument(
+                    "expected a request; an owner pushing to us (response messages) is not supported",
+                )
+            })?;
+            Ok(Inbound {
+                resource_url: r.resource_url,
+                nonce: r.response_nonce,
+                status: r.status,
+                context: r.context,
+            })
+        });
+        self.open(
+            peer,
+            ApiVersion::V1alpha2,
+            window,
+            Box::pin(inbound),
+            encode_v1alpha2,
+        )
+    }
+}
+
+/// The v1alpha1 face of the same service.
+#[derive(Clone)]
+pub struct OwnerServiceV1alpha1(pub OwnerService);
+
+#[tonic::async_trait]
+impl rd1::discovery_service_server::DiscoveryService for OwnerServiceV1alpha1 {
+    type EstablishStreamStream = ReceiverStream<Result<rd1::StreamResponse, Status>>;
+
+    async fn establish_stream(
+        &self,
+        request: Request<Streaming<rd1::StreamRequest>>,
+    ) -> Result<Response<Self::EstablishStreamStream>, Status> {
+        let peer = self.0.authenticate(&request)?;
+        let window = self.0.negotiate_window(&request);
+        let inbound = request.into_inner().map(|r| {
+            let r = r?;
+            Ok(Inbound {
+                resource_url: r.resource_url,
+                nonce: r.response_nonce,
+                status: r.status,
+                context: String::new(),
+            })
+        });
+        self.0.open(
+            peer,
+            ApiVersion::V1alpha1,
+            window,
+            Box::pin(inbound),
+            encode_v1alpha1,
+        )
+    }
+}

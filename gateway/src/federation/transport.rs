@@ -1,0 +1,161 @@
+//! mTLS transport for the Hamlet API: the accept loop that terminates TLS for
+//! our `DiscoveryService` (handshakes run concurrently, bounded by a timeout,
+//! so one slow client never stalls another) and the connector a consumer
+//! uses to dial a peer. Peer identity is read from the verified client
+//! certificate and handed to the gRPC handlers as a request extension.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use elsinore_certs::SpiffeId;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::{TlsAcceptor, TlsConnector, server::TlsStream};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Connected;
+
+/// How long a peer may take to complete the TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the federation handlers know about the caller: its address and the
+/// SPIFFE ID from its verified certificate.
+#[derive(Debug, Clone)]
+pub struct PeerConn {
+    pub remote: SocketAddr,
+    pub spiffe_id: Result<SpiffeId, String>,
+}
+
+/// A TLS-terminated connection that exposes [`PeerConn`] to tonic.
+pub struct MtlsConn {
+    inner: TlsStream<TcpStream>,
+    info: PeerConn,
+}
+
+impl Connected for MtlsConn {
+    type ConnectInfo = PeerConn;
+    fn connect_info(&self) -> PeerConn {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for MtlsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for MtlsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Accepts TCP connections and completes TLS handshakes, yielding
+/// authenticated connections on the returned channel until `shutdown`.
+/// Handshake failures (no certificate, wrong CA, wrong trust domain) are
+/// logged with the client address and never reach the gRPC layer.
+pub fn accept_mtls(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    shutdown: CancellationToken,
+) -> (
+    mpsc::Receiver<Result<MtlsConn, io::Error>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = mpsc::channel(64);
+    let acceptor = TlsAcceptor::from(config);
+    let task = tokio::spawn(async move {
+        loop {
+            let (tcp, remote) = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(error) => {
+                        // EMFILE and friends: back off briefly instead of spinning.
+                        tracing::warn!(%error, "federation listener accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let spiffe_id =
+                            elsinore_certs::peer_spiffe_id(tls.get_ref().1.peer_certificates())
+                                .map_err(|e| e.to_string());
+                        let conn = MtlsConn {
+                            inner: tls,
+                            info: PeerConn { remote, spiffe_id },
+                        };
+                        let _ = tx.send(Ok(conn)).await;
+                    }
+                    Ok(Err(error)) => {
+                        tracing::warn!(client.addr = %remote, %error, "federation TLS handshake refused");
+                    }
+                    Err(_) => {
+                        tracing::warn!(client.addr = %remote, "federation TLS handshake timed out");
+                    }
+                }
+            });
+        }
+    });
+    (rx, task)
+}
+
+/// Dials `address` (host:port, resolved by the system resolver) and runs the
+/// TLS client handshake with `config`, which verifies the peer by its trust
+/// bundle and SPIFFE ID (the DNS name is not what authenticates a peer).
+pub async fn dial_mtls(
+    address: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>, io::Error> {
+    let tcp = TcpStream::connect(address).await?;
+    let _ = tcp.set_nodelay(true);
+    let host = address
+        .rsplit_once(':')
+        .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
+        .unwrap_or(address);
+    let server_name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .unwrap_or_else(|_| rustls::pki_types::ServerName::from(std::net::Ipv4Addr::LOCALHOST));
+    let tls = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        TlsConnector::from(config).connect(server_name, tcp),
+    )
+    .await
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+    Ok(TokioIo::new(tls))
+}

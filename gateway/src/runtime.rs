@@ -1,0 +1,237 @@
+//! A running gateway: binds (or adopts) its listeners, loads its identity
+//! and the peers' bundles, and owns every task — the federation server, one
+//! consumer per dialed peer, the imports merger, the admin API and the
+//! config reloader. One cancellation token drains them all.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use elsinore_certs::{Identity, TrustBundle};
+use elsinore_federation_api::proto::federation::resourcediscovery::{
+    v1alpha1 as rd1, v1alpha2 as rd2,
+};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::ExportCatalog;
+use crate::config::Config;
+use crate::federation::consumer::ConsumerTask;
+use crate::federation::consumer_session::ConsumerSettings;
+use crate::federation::owner::{OwnerOptions, OwnerService, OwnerServiceV1alpha1};
+use crate::state::{Shared, new_shared, run_merger};
+
+/// Why a gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("identity: {0}")]
+    Identity(elsinore_certs::CertError),
+    #[error("identity {got} does not belong to this mesh's trust domain {expected}")]
+    IdentityTrustDomain { expected: String, got: String },
+    #[error("peer {peer}: trust bundle: {source}")]
+    Bundle {
+        peer: String,
+        source: elsinore_certs::CertError,
+    },
+    #[error("TLS server config: {0}")]
+    Tls(elsinore_certs::CertError),
+    #[error("bind {listener} listener on {addr}: {source}")]
+    Bind {
+        listener: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Listeners a caller may bind itself (tests bind `127.0.0.1:0` and pass them in).
+#[derive(Default)]
+pub struct Listeners {
+    pub federation: Option<TcpListener>,
+    pub admin: Option<TcpListener>,
+}
+
+/// Start-up options besides the config.
+#[derive(Default)]
+pub struct StartOptions {
+    pub listeners: Listeners,
+    /// The config file, watched for changes to `exports` (also reloaded on SIGHUP).
+    pub config_path: Option<PathBuf>,
+}
+
+/// A running gateway.
+pub struct Gateway {
+    pub federation_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl Gateway {
+    /// Starts every room. Returns once the listeners are bound.
+    pub async fn start(config: Config, options: StartOptions) -> Result<Gateway, StartError> {
+        let identity = Identity::load(&config.identity.certificate, &config.identity.private_key)
+            .map_err(StartError::Identity)?;
+        if identity.spiffe_id().trust_domain() != &config.mesh.trust_domain {
+            return Err(StartError::IdentityTrustDomain {
+                expected: config.mesh.trust_domain.to_string(),
+                got: identity.spiffe_id().to_string(),
+            });
+        }
+        let mut bundles = Vec::with_capacity(config.peers.len());
+        for peer in &config.peers {
+            let bundle = TrustBundle::load(peer.trust_domain.clone(), &peer.trust_bundle).map_err(
+                |source| StartError::Bundle {
+                    peer: peer.name.clone(),
+                    source,
+                },
+            )?;
+            bundles.push(bundle);
+        }
+        let server_tls = elsinore_certs::server_config(&identity, &bundles, &[b"h2"])
+            .map_err(StartError::Tls)?;
+
+        let federation = match options.listeners.federation {
+            Some(l) => l,
+            None => bind("federation", config.listeners.federation).await?,
+        };
+        let admin = match options.listeners.admin {
+            Some(l) => l,
+            None => bind("admin", config.listeners.admin).await?,
+        };
+        let federation_addr = federation.local_addr().map_err(|source| StartError::Bind {
+            listener: "federation",
+            addr: config.listeners.federation,
+            source,
+        })?;
+        let admin_addr = admin.local_addr().map_err(|source| StartError::Bind {
+            listener: "admin",
+            addr: config.listeners.admin,
+            source,
+        })?;
+
+        let exports = ExportCatalog::from_config(&config, identity.spiffe_id());
+        let shared = new_shared(config.mesh.name.clone(), exports, &config.peers);
+        let shutdown = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+
+        // Owner side: one gRPC server for both API versions.
+        let owner = OwnerService::new(
+            shared.clone(),
+            OwnerOptions {
+                max_window: config.federation.window,
+                ack_timeout: config.federation.ack_timeout,
+            },
+            shutdown.clone(),
+        );
+        let (incoming, accept_task) =
+            crate::federation::transport::accept_mtls(federation, server_tls, shutdown.clone());
+        tasks.spawn(async move {
+            let _ = accept_task.await;
+        });
+        let server_shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            let result = tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+                .add_service(
+                    rd2::discovery_service_server::DiscoveryServiceServer::new(owner.clone())
+                        .max_decoding_message_size(16 * 1024 * 1024),
+                )
+                .add_service(
+                    rd1::discovery_service_server::DiscoveryServiceServer::new(
+                        OwnerServiceV1alpha1(owner),
+                    )
+                    .max_decoding_message_size(16 * 1024 * 1024),
+                )
+                .serve_with_incoming_shutdown(
+                    ReceiverStream::new(incoming),
+                    server_shutdown.cancelled_owned(),
+                )
+                .await;
+            if let Err(error) = result {
+                tracing::error!(%error, "federation server failed");
+            }
+        });
+
+        // Consumer side: one task per peer we dial.
+        let settings = ConsumerSettings {
+            stale_after: config.imports.stale_after,
+            snapshot_quiet_period: config.federation.snapshot_quiet_period,
+            backoff_initial: config.federation.backoff_initial,
+            backoff_max: config.federation.backoff_max,
+        };
+        for (peer, bundle) in shared.peers.iter().zip(bundles) {
+            let Some(address) = peer.config.federation.clone() else {
+                continue;
+            };
+            let task = ConsumerTask {
+                shared: shared.clone(),
+                peer: peer.clone(),
+                address,
+                identity: identity.clone(),
+                bundle,
+                settings: settings.clone(),
+                window: config.federation.window,
+                cache_dir: config.imports.cache_dir.clone(),
+                shutdown: shutdown.clone(),
+            };
+            tasks.spawn(task.run());
+        }
+
+        tasks.spawn(run_merger(shared.clone(), shutdown.clone()));
+        tasks.spawn(crate::admin::serve(admin, shared.clone(), shutdown.clone()));
+        if let Some(path) = options.config_path {
+            tasks.spawn(crate::reload::run(
+                path,
+                config.clone(),
+                identity.spiffe_id().clone(),
+                shared.clone(),
+                shutdown.clone(),
+            ));
+        }
+        shared.listeners_bound.store(true, Ordering::Release);
+        tracing::info!(mesh = %config.mesh.name, federation = %federation_addr, admin = %admin_addr, "gateway started");
+        Ok(Gateway {
+            federation_addr,
+            admin_addr,
+            shared,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Replaces the exported catalog (what a config reload does).
+    pub fn set_exports(&self, exports: ExportCatalog) {
+        self.shared.exports.send_replace(Arc::new(exports));
+    }
+
+    /// A token that stops this gateway when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Drains every task and waits for them.
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Runs until the shutdown token is cancelled, then drains.
+    pub async fn wait(mut self) {
+        self.shutdown.cancelled().await;
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+async fn bind(listener: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            listener,
+            addr,
+            source,
+        })
+}
