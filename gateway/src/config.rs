@@ -34,6 +34,7 @@ pub struct Config {
     pub peers: Vec<Peer>,
     pub imports: Imports,
     pub federation: FederationTuning,
+    pub proxy: ProxyTuning,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -288,4 +289,96 @@ fn readable_file(file: &Path) -> Result<(), String> {
     std::fs::File::open(file)
         .map(drop)
         .map_err(|e| format!("cannot read \"{}\": {e}", file.display()))
+}
+
+/// Data-plane tuning (config key `proxy`, all optional).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProxyTuning {
+    /// The IPv4 range egress VIPs are allocated from. Default 127.77.0.0/16
+    /// (inside 127.0.0.0/8, so it works without privileges on Linux).
+    pub vip_range: VipRange,
+    /// Dialing a backend or a remote gateway. Default 5s.
+    pub connect_timeout: Duration,
+    /// Completing a TLS handshake, either side. Default 10s.
+    pub handshake_timeout: Duration,
+    /// A connection (TCP splice or idle HTTP keep-alive) with no traffic this long is closed. Default 5m.
+    pub idle_timeout: Duration,
+    /// An HTTP request waiting this long for its response headers gets 504. Default 60s.
+    pub request_timeout: Duration,
+    /// Concurrent connections per listener; beyond this, new connections are closed at once. Default 10000.
+    pub max_connections: usize,
+    /// HTTP/2 max concurrent streams advertised on every HTTP/2 connection we serve. Default 1000.
+    pub http2_max_concurrent_streams: u32,
+}
+
+/// An IPv4 CIDR range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VipRange {
+    pub network: std::net::Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl VipRange {
+    /// Number of addresses in the range.
+    pub fn size(&self) -> u64 {
+        1u64 << (32 - u32::from(self.prefix))
+    }
+
+    /// The `i`-th address of the range (wrapping).
+    pub fn nth(&self, i: u64) -> std::net::Ipv4Addr {
+        let base = u32::from(self.network);
+        let offset = (i % self.size()) as u32;
+        std::net::Ipv4Addr::from(base.wrapping_add(offset))
+    }
+
+    pub fn contains(&self, ip: std::net::Ipv4Addr) -> bool {
+        let mask = if self.prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(self.prefix))
+        };
+        u32::from(ip) & mask == u32::from(self.network) & mask
+    }
+}
+
+impl std::fmt::Display for VipRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
+impl std::str::FromStr for VipRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (ip, prefix) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not a CIDR range like 127.77.0.0/16"))?;
+        let network: std::net::Ipv4Addr = ip
+            .parse()
+            .map_err(|_| format!("{ip:?} is not an IPv4 address"))?;
+        let prefix: u8 = prefix
+            .parse()
+            .ok()
+            .filter(|p| (8..=30).contains(p))
+            .ok_or_else(|| format!("prefix {prefix:?} must be between 8 and 30"))?;
+        let mask = u32::MAX << (32 - u32::from(prefix));
+        if u32::from(network) & !mask != 0 {
+            return Err(format!("{s} has host bits set"));
+        }
+        Ok(VipRange { network, prefix })
+    }
+}
+
+impl Default for ProxyTuning {
+    fn default() -> Self {
+        ProxyTuning {
+            vip_range: defaults::VIP_RANGE,
+            connect_timeout: defaults::CONNECT_TIMEOUT,
+            handshake_timeout: defaults::HANDSHAKE_TIMEOUT,
+            idle_timeout: defaults::IDLE_TIMEOUT,
+            request_timeout: defaults::REQUEST_TIMEOUT,
+            max_connections: defaults::MAX_CONNECTIONS,
+            http2_max_concurrent_streams: defaults::HTTP2_MAX_CONCURRENT_STREAMS,
+        }
+    }
 }

@@ -121,6 +121,7 @@ fn config(
             backoff_initial: defaults::BACKOFF_INITIAL,
             backoff_max: defaults::BACKOFF_MAX,
         },
+        proxy: crate::config::ProxyTuning::default(),
     }
 }
 

@@ -215,6 +215,7 @@ pub(crate) mod tests {
                 backoff_initial: Duration::from_secs(1),
                 backoff_max: Duration::from_secs(30),
             },
+            proxy: crate::config::ProxyTuning::default(),
         }
     }
 

@@ -49,3 +49,21 @@ pub const BACKOFF_INITIAL: Duration = Duration::from_secs(1);
 pub const MIN_BACKOFF_INITIAL: Duration = Duration::from_secs(1);
 /// Reconnect delay cap.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Egress VIP range: inside 127.0.0.0/8, usable without privileges.
+pub const VIP_RANGE: super::VipRange = super::VipRange {
+    network: Ipv4Addr::new(127, 77, 0, 0),
+    prefix: 16,
+};
+/// Dialing a backend or a remote gateway.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Completing a TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Closing connections without traffic.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Waiting for an HTTP response's headers.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Concurrent connections per listener.
+pub const MAX_CONNECTIONS: usize = 10_000;
+/// HTTP/2 max concurrent streams per connection we serve.
+pub const HTTP2_MAX_CONCURRENT_STREAMS: u32 = 1000;

@@ -22,6 +22,8 @@ pub(super) struct RawConfig {
     pub imports: RawImports,
     #[serde(default)]
     pub federation: RawFederation,
+    #[serde(default)]
+    pub proxy: RawProxy,
 }
 
 #[derive(Debug, Deserialize)]
@@ -102,4 +104,16 @@ pub(super) struct RawFederation {
 pub(super) struct RawBackoff {
     pub initial: Option<String>,
     pub max: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RawProxy {
+    pub vip_range: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub handshake_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub request_timeout: Option<String>,
+    pub max_connections: Option<i64>,
+    pub http2_max_concurrent_streams: Option<i64>,
 }

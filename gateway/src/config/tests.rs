@@ -158,6 +158,7 @@ fn full_example_parses_to_typed_values() {
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(30),
         },
+        proxy: crate::config::ProxyTuning::default(),
     };
     assert_eq!(ok(FULL), expected);
 }

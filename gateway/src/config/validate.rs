@@ -14,11 +14,11 @@ use elsinore_federation_api::Protocol;
 
 use super::names::{is_dns_label, is_dns_name, is_host, parse_host_port};
 use super::raw::{
-    RawAdvertise, RawConfig, RawExport, RawFederation, RawImports, RawListeners, RawPeer,
+    RawAdvertise, RawConfig, RawExport, RawFederation, RawImports, RawListeners, RawPeer, RawProxy,
 };
 use super::{
     Advertise, ApiVersion, Config, ConfigError, ConfigErrors, Export, FederationTuning,
-    IdentityFiles, Imports, Listeners, Mesh, Peer, defaults,
+    IdentityFiles, Imports, Listeners, Mesh, Peer, ProxyTuning, defaults,
 };
 
 const LABEL_RULE: &str =
@@ -42,6 +42,7 @@ pub(super) fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Config
     let peers = v.peers(&raw.peers, mesh.as_ref().map(|m| &m.trust_domain));
     let imports = v.imports(&raw.imports);
     let federation = v.federation(&raw.federation);
+    let proxy = v.proxy(&raw.proxy);
     match mesh {
         Some(mesh) if v.errors.is_empty() => Ok(Config {
             mesh,
@@ -52,6 +53,7 @@ pub(super) fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Config
             peers,
             imports,
             federation,
+            proxy,
         }),
         _ => Err(ConfigErrors(v.errors)),
     }
@@ -522,6 +524,66 @@ impl Validator<'_> {
             snapshot_quiet_period,
             backoff_initial,
             backoff_max,
+        }
+    }
+
+    fn proxy(&mut self, raw: &RawProxy) -> ProxyTuning {
+        let vip_range = match raw.vip_range.as_deref() {
+            None => defaults::VIP_RANGE,
+            Some(r) => match r.parse::<super::VipRange>() {
+                Ok(range) => range,
+                Err(msg) => {
+                    self.error("proxy.vipRange", msg);
+                    defaults::VIP_RANGE
+                }
+            },
+        };
+        let mut count = |path: &str, v: Option<i64>, default: u64, max: u64| -> u64 {
+            match v {
+                None => default,
+                Some(n) if n >= 1 && (n as u64) <= max => n as u64,
+                Some(n) => {
+                    self.error(path, format!("{n} is out of range 1..={max}"));
+                    default
+                }
+            }
+        };
+        let max_connections = count(
+            "proxy.maxConnections",
+            raw.max_connections,
+            defaults::MAX_CONNECTIONS as u64,
+            1_000_000,
+        ) as usize;
+        let http2_max_concurrent_streams = count(
+            "proxy.http2MaxConcurrentStreams",
+            raw.http2_max_concurrent_streams,
+            u64::from(defaults::HTTP2_MAX_CONCURRENT_STREAMS),
+            u64::from(u32::MAX),
+        ) as u32;
+        ProxyTuning {
+            vip_range,
+            connect_timeout: self.positive_duration(
+                "proxy.connectTimeout",
+                raw.connect_timeout.as_deref(),
+                defaults::CONNECT_TIMEOUT,
+            ),
+            handshake_timeout: self.positive_duration(
+                "proxy.handshakeTimeout",
+                raw.handshake_timeout.as_deref(),
+                defaults::HANDSHAKE_TIMEOUT,
+            ),
+            idle_timeout: self.positive_duration(
+                "proxy.idleTimeout",
+                raw.idle_timeout.as_deref(),
+                defaults::IDLE_TIMEOUT,
+            ),
+            request_timeout: self.positive_duration(
+                "proxy.requestTimeout",
+                raw.request_timeout.as_deref(),
+                defaults::REQUEST_TIMEOUT,
+            ),
+            max_connections,
+            http2_max_concurrent_streams,
         }
     }
 }
