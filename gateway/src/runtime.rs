@@ -181,7 +181,11 @@ impl Gateway {
             tasks.spawn(task.run());
         }
 
-        tasks.spawn(run_merger(shared.clone(), shutdown.clone()));
+        tasks.spawn(run_merger(
+            shared.clone(),
+            config.proxy.vip_range,
+            shutdown.clone(),
+        ));
         tasks.spawn(crate::admin::serve(admin, shared.clone(), shutdown.clone()));
         if let Some(path) = options.config_path {
             tasks.spawn(crate::reload::run(

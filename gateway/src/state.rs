@@ -16,13 +16,16 @@ use tokio::sync::{Notify, watch};
 
 use crate::catalog::ExportCatalog;
 use crate::catalog::imports::ImportsView;
-use crate::config::Peer;
+use crate::config::{Peer, VipRange};
+use crate::dns::vip::{VipAllocator, VipTable};
 
 /// Everything the tasks of one gateway share.
 pub struct Shared {
     pub mesh: String,
     pub exports: watch::Sender<Arc<ExportCatalog>>,
     pub imports: watch::Sender<Arc<ImportsView>>,
+    /// VIPs of the imports, published by the merger right after `imports`.
+    pub vips: watch::Sender<Arc<VipTable>>,
     /// Peers in config order (the order is the aliasing priority).
     pub peers: Vec<Arc<PeerState>>,
     pub peer_by_trust_domain: HashMap<TrustDomain, usize>,
@@ -125,6 +128,7 @@ pub fn new_shared(mesh: String, exports: ExportCatalog, peers: &[Peer]) -> Arc<S
         mesh,
         exports: watch::Sender::new(Arc::new(exports)),
         imports: watch::Sender::new(Arc::new(ImportsView::default())),
+        vips: watch::Sender::new(Arc::new(VipTable::default())),
         peers,
         peer_by_trust_domain,
         imports_changed: Notify::new(),
@@ -134,11 +138,18 @@ pub fn new_shared(mesh: String, exports: ExportCatalog, peers: &[Peer]) -> Arc<S
 
 /// Rebuilds the merged imports view whenever a consumer reports a change or
 /// the local exports change (local names win over imported ones).
-pub async fn run_merger(shared: Arc<Shared>, shutdown: tokio_util::sync::CancellationToken) {
+pub async fn run_merger(
+    shared: Arc<Shared>,
+    vip_range: VipRange,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
     let mut exports = shared.exports.subscribe();
+    let mut vips = VipAllocator::new(vip_range);
     loop {
         let view = merge(&shared);
+        let table = vips.update(&view);
         shared.imports.send_replace(Arc::new(view));
+        shared.vips.send_replace(Arc::new(table));
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = shared.imports_changed.notified() => {}
