@@ -2,4 +2,5 @@
 //! answers imported names with those VIPs, and the resolver for backend and
 //! peer addresses given as names.
 
+pub mod resolver;
 pub mod vip;
