@@ -1,0 +1,175 @@
+//! The `elsinore` binary as a user runs it: `certs init`, `check` (errors
+//! named by YAML path, exit status) and `demo` (the README's first command).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_elsinore");
+
+/// Kills the child by its own pid when the test ends, however it ends.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn certs_init(dir: &Path, td: &str) {
+    let out = Command::new(BIN)
+        .args(["certs", "init", "--trust-domain", td, "--out"])
+        .arg(dir)
+        .args(["--ip", "127.0.0.1", "--dns", "localhost"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "certs init failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in ["ca.pem", "ca.key", "gateway.pem", "gateway.key"] {
+        assert!(dir.join(f).is_file(), "{f} not written");
+    }
+}
+
+fn write_config(dir: &Path, export_peer: &str) -> std::path::PathBuf {
+    let path = dir.join("mesh-a.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+mesh: {{ name: mesh-a, trustDomain: mesh-a.test }}
+identity: {{ certificate: a/gateway.pem, privateKey: a/gateway.key }}
+listeners: {{ federation: "127.0.0.1:0", admin: "127.0.0.1:0", ingress: "127.0.0.1:0", egress: "127.0.0.1:0", dns: "127.0.0.1:0" }}
+advertise: {{ address: 127.0.0.1, port: 15443 }}
+exports:
+  - name: reviews
+    protocol: HTTP
+    backends: ["127.0.0.1:9080"]
+    peers: [{export_peer}]
+peers:
+  - name: mesh-b
+    trustDomain: mesh-b.test
+    trustBundle: b/ca.pem
+"#
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn certs_init_then_check_accepts_a_good_config() {
+    let dir = tempfile::tempdir().unwrap();
+    certs_init(&dir.path().join("a"), "mesh-a.test");
+    certs_init(&dir.path().join("b"), "mesh-b.test");
+    let config = write_config(dir.path(), "mesh-b");
+    let out = Command::new(BIN)
+        .arg("check")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "check failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("OK (mesh mesh-a, 1 export(s), 1 peer(s))"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn certs_init_refuses_to_overwrite_a_ca_key() {
+    let dir = tempfile::tempdir().unwrap();
+    certs_init(dir.path(), "mesh-a.test");
+    let out = Command::new(BIN)
+        .args(["certs", "init", "--trust-domain", "mesh-a.test", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ca.key"));
+}
+
+#[test]
+fn check_names_each_error_by_yaml_path_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    certs_init(&dir.path().join("a"), "mesh-a.test");
+    // No b/ca.pem on disk and an export to a peer that does not exist.
+    let config = write_config(dir.path(), "mesh-z");
+    let out = Command::new(BIN)
+        .arg("check")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "check accepted a bad config");
+    assert!(stderr.contains("exports[0].peers[0]"), "{stderr}");
+    assert!(stderr.contains("mesh-z"), "{stderr}");
+}
+
+#[test]
+fn check_also_verifies_the_certificates_it_names() {
+    let dir = tempfile::tempdir().unwrap();
+    certs_init(&dir.path().join("a"), "mesh-a.test");
+    certs_init(&dir.path().join("b"), "mesh-b.test");
+    let config = write_config(dir.path(), "mesh-b");
+    std::fs::write(dir.path().join("b/ca.pem"), "not a certificate\n").unwrap();
+    let out = Command::new(BIN)
+        .arg("check")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("peers[0].trustBundle"), "{stderr}");
+}
+
+#[test]
+fn demo_federates_two_meshes_and_prints_the_imports() {
+    let dir = tempfile::tempdir().unwrap();
+    let child = Command::new(BIN)
+        .arg("demo")
+        .arg("--dir")
+        .arg(dir.path())
+        .env("ELSINORE_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut guard = Guard(child);
+    let stdout = guard.0.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !seen.iter().any(|l: &String| l.starts_with("Inspect:")) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("demo did not finish starting; output so far: {seen:#?}"),
+        }
+    }
+    let text = seen.join("\n");
+    assert!(text.contains("imported reviews.mesh-a.global"), "{text}");
+    assert!(text.contains("imported ratings.mesh-a.global"), "{text}");
+    assert!(text.contains("imported details.mesh-b.global"), "{text}");
+}
