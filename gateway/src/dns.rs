@@ -3,4 +3,5 @@
 //! peer addresses given as names.
 
 pub mod resolver;
+pub mod responder;
 pub mod vip;

@@ -1,13 +1,249 @@
-//! Resolution of backend and peer addresses given as names.
-//! (Placeholder body using the system resolver; being replaced by hickory.)
+//! Resolution of backend and peer addresses given as names. IP literals are
+//! returned without a lookup; `localhost` (and names under it, RFC 6761) go
+//! to the OS resolver, which reads `/etc/hosts` the way every other program
+//! on the host does; everything else goes to one process-wide hickory
+//! resolver built from `/etc/resolv.conf` (and `/etc/hosts`), whose cache
+//! honours record TTLs. If the system configuration cannot be read, the OS
+//! resolver (`getaddrinfo` via tokio) is used instead. This module resolves
+//! only; it never serves (that is [`super::responder`]).
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::OnceLock;
 
-/// Resolves `host:port` to socket addresses. An IP literal is returned as is.
+use hickory_resolver::TokioResolver;
+use hickory_resolver::config::ResolveHosts;
+
+/// The process-wide resolver, built on first use. A global because the
+/// cache is only worth having if every caller shares it, and because the
+/// call sites (backend and peer dialers) are leaf functions with no state to
+/// carry one. `None` records that the system configuration was unreadable.
+///
+/// The resolver spawns its connection tasks on the runtime of the lookup
+/// that opened them; the gateway has one runtime, so that is always alive.
+static SYSTEM: OnceLock<Option<TokioResolver>> = OnceLock::new();
+
+fn system_resolver() -> Option<&'static TokioResolver> {
+    SYSTEM
+        .get_or_init(|| {
+            let built = TokioResolver::builder_tokio().and_then(|mut builder| {
+                // Names in /etc/hosts must resolve as they do for the OS.
+                builder.options_mut().use_hosts_file = ResolveHosts::Always;
+                builder.build()
+            });
+            match built {
+                Ok(resolver) => Some(resolver),
+                Err(error) => {
+                    tracing::warn!(%error, "system DNS configuration unreadable; using the OS resolver");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+/// Resolves `host:port` to socket addresses. An IP literal (IPv6 with or
+/// without brackets) is returned as is, without a lookup. A name that
+/// resolves to nothing is an [`io::ErrorKind::NotFound`] error.
 pub async fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
-    if let Ok(ip) = host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>() {
+    if let Some(ip) = ip_literal(host) {
         return Ok(vec![SocketAddr::new(ip, port)]);
     }
-    Ok(tokio::net::lookup_host((host, port)).await?.collect())
+    if is_localhost(host) {
+        // getaddrinfo matches /etc/hosts entries only without the root dot.
+        return lookup_os(host.trim_end_matches('.'), port).await;
+    }
+    match system_resolver() {
+        Some(resolver) => resolve_with(resolver, host, port).await,
+        None => lookup_os(host, port).await,
+    }
+}
+
+fn ip_literal(host: &str) -> Option<IpAddr> {
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    bare.parse().ok()
+}
+
+fn is_localhost(host: &str) -> bool {
+    let host = host.trim_end_matches('.');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .len()
+            .checked_sub(".localhost".len())
+            .and_then(|at| host.get(at..))
+            .is_some_and(|tail| tail.eq_ignore_ascii_case(".localhost"))
+}
+
+async fn lookup_os(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
+    if addrs.is_empty() {
+        return Err(not_found(host));
+    }
+    Ok(addrs)
+}
+
+/// Resolves through `resolver`; separate from [`resolve`] so tests can point
+/// a resolver at a loopback server instead of the system's.
+async fn resolve_with(
+    resolver: &TokioResolver,
+    host: &str,
+    port: u16,
+) -> io::Result<Vec<SocketAddr>> {
+    match resolver.lookup_ip(host).await {
+        Ok(lookup) => {
+            let addrs: Vec<SocketAddr> =
+                lookup.iter().map(|ip| SocketAddr::new(ip, port)).collect();
+            if addrs.is_empty() {
+                return Err(not_found(host));
+            }
+            Ok(addrs)
+        }
+        Err(error) if error.is_no_records_found() => Err(not_found(host)),
+        Err(error) => Err(io::Error::other(format!("cannot resolve {host}: {error}"))),
+    }
+}
+
+fn not_found(host: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::NotFound, format!("no address for {host}"))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::catalog::imports::resolve as resolve_imports;
+    use crate::dns::vip::{VipAllocator, VipTable};
+    use elsinore_federation_api::{Endpoint, FederatedService, Instance, Protocol};
+    use hickory_resolver::config::{NameServerConfig, ResolverConfig};
+    use hickory_resolver::net::runtime::TokioRuntimeProvider;
+    use std::collections::BTreeSet;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tokio::net::{TcpListener, UdpSocket};
+    use tokio_util::sync::CancellationToken;
+
+    #[tokio::test]
+    async fn ip_literals_pass_through() {
+        let v4 = resolve("10.1.2.3", 443).await.unwrap();
+        assert_eq!(
+            v4,
+            vec![SocketAddr::new(Ipv4Addr::new(10, 1, 2, 3).into(), 443)]
+        );
+        for host in ["::1", "[::1]"] {
+            let v6 = resolve(host, 8080).await.unwrap();
+            assert_eq!(v6, vec![SocketAddr::new(Ipv6Addr::LOCALHOST.into(), 8080)]);
+        }
+    }
+
+    #[tokio::test]
+    async fn localhost_resolves_to_loopback() {
+        for host in ["localhost", "LOCALHOST.", "api.localhost"] {
+            let addrs = match resolve(host, 9000).await {
+                Ok(addrs) => addrs,
+                // Some hosts have no entry for *.localhost; `localhost` itself must work.
+                Err(_) if host == "api.localhost" => continue,
+                Err(e) => panic!("{host}: {e}"),
+            };
+            assert!(!addrs.is_empty(), "{host}");
+            assert!(
+                addrs
+                    .iter()
+                    .all(|a| a.ip().is_loopback() && a.port() == 9000),
+                "{host}: {addrs:?}"
+            );
+        }
+        assert!(is_localhost("a.b.Localhost"));
+        assert!(!is_localhost("notlocalhost"));
+        assert!(!is_localhost("localhost.example"));
+    }
+
+    /// hickory against our own responder on loopback: names resolve through
+    /// DNS, and a name that does not exist is `NotFound`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn resolves_names_through_dns() {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            let service = Arc::new(FederatedService {
+                name: "reviews".into(),
+                description: String::new(),
+                tags: vec![],
+                labels: Default::default(),
+                fqdn: "reviews.default.global".into(),
+                endpoints: vec![Endpoint {
+                    address: "127.0.0.1".into(),
+                    port: 15443,
+                    labels: vec![],
+                    description: String::new(),
+                }],
+                sans: vec!["spiffe://a/x".into()],
+                instances: vec![Instance {
+                    id: "gw".into(),
+                    protocol: Protocol::Http,
+                    metadata: Default::default(),
+                    endpoint_selector: vec![],
+                    description: String::new(),
+                }],
+            });
+            let view = resolve_imports(&BTreeSet::new(), &[("mesh-a".to_owned(), vec![service])]);
+            let table: Arc<VipTable> =
+                Arc::new(VipAllocator::new("127.77.0.0/16".parse().unwrap()).update(&view));
+            let vip = table.lookup_name("reviews.default.global").unwrap().vip;
+
+            let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let port = udp.local_addr().unwrap().port();
+            // Same port on TCP, as a DNS client expects.
+            let tcp = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+            let (_tables, rx) = tokio::sync::watch::channel(table);
+            let shutdown = CancellationToken::new();
+            let server = tokio::spawn(super::super::responder::serve(
+                udp,
+                tcp,
+                rx,
+                shutdown.clone(),
+            ));
+
+            let mut ns = NameServerConfig::udp_and_tcp(Ipv4Addr::LOCALHOST.into());
+            for conn in &mut ns.connections {
+                conn.port = port;
+            }
+            let mut builder = TokioResolver::builder_with_config(
+                ResolverConfig::from_name_servers(vec![ns]),
+                TokioRuntimeProvider::default(),
+            );
+            let opts = builder.options_mut();
+            opts.use_hosts_file = ResolveHosts::Never;
+            opts.attempts = 1;
+            opts.timeout = Duration::from_secs(2);
+            let resolver = builder.build().unwrap();
+
+            let addrs = resolve_with(&resolver, "reviews.default.global.", 8080)
+                .await
+                .unwrap();
+            assert_eq!(addrs, vec![SocketAddr::new(vip.into(), 8080)]);
+            let addrs = resolve_with(&resolver, "gw.reviews.default.global.", 80)
+                .await
+                .unwrap();
+            assert_eq!(addrs, vec![SocketAddr::new(vip.into(), 80)]);
+            let err = resolve_with(&resolver, "nope.default.global.", 80)
+                .await
+                .unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
+            let err = resolve_with(&resolver, "example.com.", 80)
+                .await
+                .unwrap_err();
+            assert_ne!(
+                err.kind(),
+                io::ErrorKind::NotFound,
+                "REFUSED is not an answer: {err}"
+            );
+
+            shutdown.cancel();
+            server.await.unwrap();
+        })
+        .await
+        .unwrap();
+    }
 }
