@@ -157,6 +157,7 @@ impl Demo {
                     listeners: crate::runtime::Listeners {
                         federation: Some(fed),
                         admin: Some(admin),
+                        ..Default::default()
                     },
                     config_path: None,
                 },

@@ -12,7 +12,7 @@ use elsinore_certs::{Identity, TrustBundle};
 use elsinore_federation_api::proto::federation::resourcediscovery::{
     v1alpha1 as rd1, v1alpha2 as rd2,
 };
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -22,6 +22,9 @@ use crate::config::Config;
 use crate::federation::consumer::ConsumerTask;
 use crate::federation::consumer_session::ConsumerSettings;
 use crate::federation::owner::{OwnerOptions, OwnerService, OwnerServiceV1alpha1};
+use crate::proxy::ProxyContext;
+use crate::proxy::egress::EgressStats;
+use crate::proxy::ingress::IngressStats;
 use crate::state::{Shared, new_shared, run_merger};
 
 /// Why a gateway could not start.
@@ -51,6 +54,10 @@ pub enum StartError {
 pub struct Listeners {
     pub federation: Option<TcpListener>,
     pub admin: Option<TcpListener>,
+    pub ingress: Option<TcpListener>,
+    pub egress: Option<TcpListener>,
+    pub dns_udp: Option<UdpSocket>,
+    pub dns_tcp: Option<TcpListener>,
 }
 
 /// Start-up options besides the config.
@@ -65,6 +72,12 @@ pub struct StartOptions {
 pub struct Gateway {
     pub federation_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// Data-plane listeners (`None` when not configured).
+    pub ingress_addr: Option<SocketAddr>,
+    pub egress_addr: Option<SocketAddr>,
+    pub dns_addr: Option<SocketAddr>,
+    pub ingress_stats: Arc<IngressStats>,
+    pub egress_stats: Arc<EgressStats>,
     pub shared: Arc<Shared>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
@@ -72,7 +85,7 @@ pub struct Gateway {
 
 impl Gateway {
     /// Starts every room. Returns once the listeners are bound.
-    pub async fn start(config: Config, options: StartOptions) -> Result<Gateway, StartError> {
+    pub async fn start(config: Config, mut options: StartOptions) -> Result<Gateway, StartError> {
         let identity = Identity::load(&config.identity.certificate, &config.identity.private_key)
             .map_err(StartError::Identity)?;
         if identity.spiffe_id().trust_domain() != &config.mesh.trust_domain {
@@ -94,11 +107,11 @@ impl Gateway {
         let server_tls = elsinore_certs::server_config(&identity, &bundles, &[b"h2"])
             .map_err(StartError::Tls)?;
 
-        let federation = match options.listeners.federation {
+        let federation = match options.listeners.federation.take() {
             Some(l) => l,
             None => bind("federation", config.listeners.federation).await?,
         };
-        let admin = match options.listeners.admin {
+        let admin = match options.listeners.admin.take() {
             Some(l) => l,
             None => bind("admin", config.listeners.admin).await?,
         };
@@ -112,6 +125,22 @@ impl Gateway {
             addr: config.listeners.admin,
             source,
         })?;
+
+        let given = &mut options.listeners;
+        let ingress = bind_opt("ingress", given.ingress.take(), config.listeners.ingress).await?;
+        let egress = bind_opt("egress", given.egress.take(), config.listeners.egress).await?;
+        let dns = match (
+            given.dns_udp.take(),
+            given.dns_tcp.take(),
+            config.listeners.dns,
+        ) {
+            (Some(udp), Some(tcp), _) => Some((udp, tcp)),
+            (_, _, Some(addr)) => Some(bind_dns(addr).await?),
+            _ => None,
+        };
+        let ingress_addr = ingress.as_ref().and_then(|l| l.local_addr().ok());
+        let egress_addr = egress.as_ref().and_then(|l| l.local_addr().ok());
+        let dns_addr = dns.as_ref().and_then(|(u, _)| u.local_addr().ok());
 
         let exports = ExportCatalog::from_config(&config, identity.spiffe_id());
         let shared = new_shared(config.mesh.name.clone(), exports, &config.peers);
@@ -163,6 +192,12 @@ impl Gateway {
             backoff_initial: config.federation.backoff_initial,
             backoff_max: config.federation.backoff_max,
         };
+        let bundle_map: std::collections::HashMap<String, TrustBundle> = shared
+            .peers
+            .iter()
+            .zip(bundles.iter())
+            .map(|(p, b)| (p.config.name.clone(), b.clone()))
+            .collect();
         for (peer, bundle) in shared.peers.iter().zip(bundles) {
             let Some(address) = peer.config.federation.clone() else {
                 continue;
@@ -187,7 +222,39 @@ impl Gateway {
             shutdown.clone(),
         ));
         tasks.spawn(crate::admin::serve(admin, shared.clone(), shutdown.clone()));
-        if let Some(path) = options.config_path {
+
+        // Data plane.
+        let proxy = ProxyContext {
+            shared: shared.clone(),
+            identity: identity.clone(),
+            bundles: Arc::new(bundle_map),
+            tuning: config.proxy.clone(),
+            shutdown: shutdown.clone(),
+        };
+        let ingress_stats = Arc::new(IngressStats::default());
+        let egress_stats = Arc::new(EgressStats::default());
+        if let Some(listener) = ingress {
+            let (ctx, stats) = (proxy.clone(), ingress_stats.clone());
+            tasks.spawn(async move {
+                if let Err(error) = crate::proxy::ingress::serve(listener, ctx, stats).await {
+                    tracing::error!(%error, "ingress listener failed");
+                }
+            });
+        }
+        tasks.spawn(crate::proxy::egress::run(
+            proxy.clone(),
+            egress,
+            egress_stats.clone(),
+        ));
+        if let Some((udp, tcp)) = dns {
+            tasks.spawn(crate::dns::responder::serve(
+                udp,
+                tcp,
+                shared.vips.subscribe(),
+                shutdown.clone(),
+            ));
+        }
+        if let Some(path) = options.config_path.take() {
             tasks.spawn(crate::reload::run(
                 path,
                 config.clone(),
@@ -201,6 +268,11 @@ impl Gateway {
         Ok(Gateway {
             federation_addr,
             admin_addr,
+            ingress_addr,
+            egress_addr,
+            dns_addr,
+            ingress_stats,
+            egress_stats,
             shared,
             shutdown,
             tasks,
@@ -227,6 +299,46 @@ impl Gateway {
     pub async fn wait(mut self) {
         self.shutdown.cancelled().await;
         while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Binds the DNS responder's UDP socket and a TCP listener on the same
+/// port. With port 0 the kernel picks the UDP port, which may be taken over
+/// TCP: try again with another.
+async fn bind_dns(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), StartError> {
+    let mut attempts = 0;
+    loop {
+        let udp = UdpSocket::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                listener: "dns (udp)",
+                addr,
+                source,
+            })?;
+        let tcp_addr = udp.local_addr().unwrap_or(addr);
+        match TcpListener::bind(tcp_addr).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(_) if addr.port() == 0 && attempts < 16 => attempts += 1,
+            Err(source) => {
+                return Err(StartError::Bind {
+                    listener: "dns (tcp)",
+                    addr: tcp_addr,
+                    source,
+                });
+            }
+        }
+    }
+}
+
+async fn bind_opt(
+    listener: &'static str,
+    given: Option<TcpListener>,
+    addr: Option<SocketAddr>,
+) -> Result<Option<TcpListener>, StartError> {
+    match (given, addr) {
+        (Some(l), _) => Ok(Some(l)),
+        (None, Some(addr)) => Ok(Some(bind(listener, addr).await?)),
+        (None, None) => Ok(None),
     }
 }
 

@@ -357,6 +357,7 @@ impl MeshFixture {
                 listeners: Listeners {
                     federation: Some(federation),
                     admin: Some(admin),
+                    ..Default::default()
                 },
                 config_path: Some(path.clone()),
             },

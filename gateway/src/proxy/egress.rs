@@ -1,1 +1,1868 @@
-//! placeholder
+//! The egress side of the data plane: what local apps connect to. Every
+//! imported service gets a listener on its VIP and port (kept in step with
+//! the published VIP table: bound when an import appears, closed when it is
+//! withdrawn), plus an optional catch-all HTTP listener that routes by Host.
+//! A connection is mapped to its import, and traffic goes to one of the
+//! owner's ingress endpoints over mTLS, presenting our identity, with the
+//! instance's SNI, verifying that the owner's certificate chains to that
+//! peer's bundle and carries one of the service's `sans`.
+//!
+//! Raw TCP (and TLS, MONGO, HTTPS, which we do not terminate) gets one mTLS
+//! connection per client connection, spliced. HTTP, HTTP2 and gRPC are
+//! served to the app as HTTP (1.1 or h2c) and each request is forwarded over
+//! a pooled HTTP/2 connection ([`super::pool`]), so many requests share a few
+//! TLS connections between the gateways.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io;
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use elsinore_certs::SpiffeId;
+use elsinore_federation_api::{Endpoint, Instance, Protocol};
+use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version, header};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::ProxyContext;
+use super::error::{ErrorKind, ProxyError, Side};
+use super::pool::{H2Pool, PoolKey, PoolLimits};
+use super::splice::splice;
+use crate::dns::resolver;
+use crate::dns::vip::{VipEntry, VipTable};
+
+/// The body of every response egress gives to a local app.
+type RespBody = BoxBody<Bytes, hyper::Error>;
+
+/// HTTP/2 connections to one remote endpoint (per SNI, peer and SANs).
+const MAX_CONNS_PER_KEY: usize = 4;
+/// Streams on one pooled connection before a second one is worth opening.
+const STREAMS_PER_CONN: usize = 100;
+/// Client configs cached at most; a catalog with more distinct (peer, SANs)
+/// pairs just rebuilds some (cheap next to the handshake that follows).
+const TLS_CACHE_MAX: usize = 256;
+/// How long an HTTP connection may drain after shutdown or idleness.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a failed VIP bind is retried even without a catalog change.
+const BIND_RETRY: Duration = Duration::from_secs(5);
+
+/// Counters of the egress side, read by admin and tests.
+#[derive(Debug, Default)]
+pub struct EgressStats {
+    /// Client connections accepted and served (all listeners).
+    pub connections: AtomicU64,
+    /// Client connections closed at once because the listener was at `maxConnections`.
+    pub refused_over_cap: AtomicU64,
+    /// New TLS connections to remote gateways that completed the handshake.
+    pub upstream_connects: AtomicU64,
+    /// TLS handshakes to remote gateways that failed or timed out
+    /// (including certificates that did not verify).
+    pub upstream_handshake_failures: AtomicU64,
+    /// HTTP requests received from local apps.
+    pub requests: AtomicU64,
+    pub errors_downstream: AtomicU64,
+    pub errors_upstream: AtomicU64,
+    pub errors_internal: AtomicU64,
+}
+
+/// A copy of [`EgressStats`] at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EgressStatsSnapshot {
+    pub connections: u64,
+    pub refused_over_cap: u64,
+    pub upstream_connects: u64,
+    pub upstream_handshake_failures: u64,
+    pub requests: u64,
+    pub errors_downstream: u64,
+    pub errors_upstream: u64,
+    pub errors_internal: u64,
+}
+
+impl EgressStats {
+    pub fn snapshot(&self) -> EgressStatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        EgressStatsSnapshot {
+            connections: get(&self.connections),
+            refused_over_cap: get(&self.refused_over_cap),
+            upstream_connects: get(&self.upstream_connects),
+            upstream_handshake_failures: get(&self.upstream_handshake_failures),
+            requests: get(&self.requests),
+            errors_downstream: get(&self.errors_downstream),
+            errors_upstream: get(&self.errors_upstream),
+            errors_internal: get(&self.errors_internal),
+        }
+    }
+
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn error(&self, e: &ProxyError) {
+        Self::bump(match e.side {
+            Side::Downstream => &self.errors_downstream,
+            Side::Upstream => &self.errors_upstream,
+            Side::Internal => &self.errors_internal,
+        });
+    }
+}
+
+/// Runs the egress until `ctx.shutdown`: keeps one listener per entry of the
+/// VIP table, and serves `catch_all` (HTTP routed by Host) if given.
+pub async fn run(ctx: ProxyContext, catch_all: Option<TcpListener>, stats: Arc<EgressStats>) {
+    let egress = Arc::new(Egress::new(ctx.clone(), stats));
+    let catch_all = catch_all.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "egress catch-all HTTP listener serving");
+        }
+        Listener::spawn(&egress, listener, Route::CatchAll, &ctx.shutdown)
+    });
+    let mut vips = ctx.shared.vips.subscribe();
+    let mut listeners: HashMap<SocketAddrV4, Listener> = HashMap::new();
+    loop {
+        let table = vips.borrow_and_update().clone();
+        egress.table.store(table.clone());
+        let failed = egress.reconcile(&table, &mut listeners).await;
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            changed = vips.changed() => if changed.is_err() { break },
+            // A port another process held may have been freed.
+            _ = tokio::time::sleep(BIND_RETRY), if failed => {}
+        }
+    }
+    for (_, listener) in listeners.drain() {
+        listener.stop().await;
+    }
+    if let Some(listener) = catch_all {
+        listener.stop().await;
+    }
+}
+
+/// Which listener a connection came in on.
+#[derive(Debug, Clone, Copy)]
+enum Route {
+    /// A service VIP and port: the address is the route.
+    Vip(SocketAddrV4),
+    /// The catch-all listener: HTTP routed by Host.
+    CatchAll,
+}
+
+/// How a service's traffic is carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Terminated as HTTP and multiplexed over pooled HTTP/2.
+    Http,
+    /// Spliced over one mTLS connection per client connection.
+    Stream,
+}
+
+fn mode_of(protocol: Protocol) -> Mode {
+    match protocol {
+        Protocol::Http | Protocol::Http2 | Protocol::Grpc => Mode::Http,
+        Protocol::Https | Protocol::Mongo | Protocol::Tcp | Protocol::Tls | Protocol::Mtls => {
+            Mode::Stream
+        }
+    }
+}
+
+/// The service's mode is its first instance's (the VIP port is taken from
+/// the instances in the same order).
+fn service_mode(entry: &VipEntry) -> Mode {
+    entry
+        .import
+        .service
+        .instances
+        .first()
+        .map_or(Mode::Stream, |i| mode_of(i.protocol))
+}
+
+/// Every (instance, endpoint) pair of the service's instances in `mode`.
+fn targets(entry: &VipEntry, mode: Mode) -> Vec<(&Instance, &Endpoint)> {
+    let svc = &entry.import.service;
+    svc.instances
+        .iter()
+        .filter(|i| mode_of(i.protocol) == mode)
+        .flat_map(|i| svc.endpoints_for(i).into_iter().map(move |e| (i, e)))
+        .collect()
+}
+
+/// The SNI the owner's ingress routes on: the instance's `SNI` metadata,
+/// else the FQDN the owner gave the service.
+fn sni_for<'a>(instance: &'a Instance, entry: &'a VipEntry) -> &'a str {
+    instance
+        .sni()
+        .filter(|s| !s.is_empty())
+        .unwrap_or(&entry.import.original_fqdn)
+}
+
+/// One running accept loop.
+struct Listener {
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Listener {
+    fn spawn(
+        egress: &Arc<Egress>,
+        listener: TcpListener,
+        route: Route,
+        shutdown: &CancellationToken,
+    ) -> Listener {
+        let cancel = shutdown.child_token();
+        let task = tokio::spawn(egress.clone().accept_loop(listener, route, cancel.clone()));
+        Listener { cancel, task }
+    }
+
+    /// Stops accepting and waits until the socket is closed, so a connect
+    /// right after is refused. Connections already accepted carry on.
+    async fn stop(self) {
+        self.cancel.cancel();
+        let _ = self.task.await;
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct TlsKey {
+    peer: String,
+    sans: Vec<String>,
+    h2: bool,
+}
+
+struct Egress {
+    ctx: ProxyContext,
+    stats: Arc<EgressStats>,
+    /// The latest VIP table, read lock-free per connection and per request.
+    table: ArcSwap<VipTable>,
+    tls: Mutex<HashMap<TlsKey, Arc<rustls::ClientConfig>>>,
+    pool: H2Pool<Incoming>,
+    /// Round-robin position over a service's endpoints.
+    next: AtomicUsize,
+    http: auto::Builder<TokioExecutor>,
+}
+
+impl Egress {
+    fn new(ctx: ProxyContext, stats: Arc<EgressStats>) -> Egress {
+        let mut http = auto::Builder::new(TokioExecutor::new());
+        // An app gets `requestTimeout` to send request headers, as on ingress.
+        http.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(ctx.tuning.request_timeout);
+        http.http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(ctx.tuning.http2_max_concurrent_streams);
+        let pool = H2Pool::new(PoolLimits {
+            max_per_key: MAX_CONNS_PER_KEY,
+            streams_per_conn: STREAMS_PER_CONN,
+            idle_timeout: ctx.tuning.idle_timeout,
+        });
+        let table = ArcSwap::new(ctx.shared.vips.borrow().clone());
+        Egress {
+            table,
+            ctx,
+            stats,
+            tls: Mutex::new(HashMap::new()),
+            pool,
+            next: AtomicUsize::new(0),
+            http,
+        }
+    }
+
+    /// Brings the listeners in line with `table`. Returns whether some VIP
+    /// could not be bound (retried later).
+    async fn reconcile(
+        self: &Arc<Self>,
+        table: &VipTable,
+        listeners: &mut HashMap<SocketAddrV4, Listener>,
+    ) -> bool {
+        let wanted: HashMap<SocketAddrV4, &Arc<VipEntry>> = table
+            .iter()
+            .filter(|e| e.port != 0)
+            .map(|e| (SocketAddrV4::new(e.vip, e.port), e))
+            .collect();
+        let gone: Vec<SocketAddrV4> = listeners
+            .keys()
+            .filter(|a| !wanted.contains_key(a))
+            .copied()
+            .collect();
+        for addr in gone {
+            if let Some(listener) = listeners.remove(&addr) {
+                listener.stop().await;
+                tracing::info!(%addr, "egress VIP listener closed: import withdrawn");
+            }
+        }
+        let mut failed = false;
+        for (addr, entry) in wanted {
+            if listeners.contains_key(&addr) {
+                continue;
+            }
+            match TcpListener::bind(addr).await {
+                Ok(l) => {
+                    tracing::info!(%addr, service = %entry.fqdn, peer = %entry.import.peer, "egress VIP listener bound");
+                    listeners.insert(
+                        addr,
+                        Listener::spawn(self, l, Route::Vip(addr), &self.ctx.shutdown),
+                    );
+                }
+                Err(error) => {
+                    failed = true;
+                    tracing::warn!(%addr, service = %entry.fqdn, %error, "cannot bind egress VIP listener; retrying later");
+                }
+            }
+        }
+        failed
+    }
+
+    async fn accept_loop(
+        self: Arc<Self>,
+        listener: TcpListener,
+        route: Route,
+        cancel: CancellationToken,
+    ) {
+        let cap = self
+            .ctx
+            .tuning
+            .max_connections
+            .clamp(1, Semaphore::MAX_PERMITS);
+        let limit = Arc::new(Semaphore::new(cap));
+        loop {
+            let (tcp, client) = tokio::select! {
+                _ = cancel.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(error) => {
+                        // EMFILE and friends: back off briefly instead of spinning.
+                        tracing::warn!(%error, "egress accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(permit) = limit.clone().try_acquire_owned() else {
+                EgressStats::bump(&self.stats.refused_over_cap);
+                tracing::debug!(client.addr = %client, max_connections = cap, "egress listener at its connection cap; closing");
+                drop(tcp);
+                continue;
+            };
+            EgressStats::bump(&self.stats.connections);
+            let _ = tcp.set_nodelay(true);
+            let egress = self.clone();
+            tokio::spawn(async move {
+                egress.connection(tcp, client, route).await;
+                drop(permit);
+            });
+        }
+    }
+
+    async fn connection(self: Arc<Self>, tcp: TcpStream, client: SocketAddr, route: Route) {
+        let addr = match route {
+            Route::CatchAll => {
+                let span =
+                    tracing::info_span!("egress", client.addr = %client, listener = "catch-all");
+                return self.serve_http(tcp, route).instrument(span).await;
+            }
+            Route::Vip(addr) => addr,
+        };
+        let entry = self.lookup_vip(addr);
+        let Some(entry) = entry else {
+            tracing::debug!(client.addr = %client, %addr, "connection to a VIP no longer imported; closing");
+            return;
+        };
+        let span = tracing::info_span!("egress", client.addr = %client, service = %entry.fqdn, peer = %entry.import.peer);
+        async move {
+            match service_mode(&entry) {
+                Mode::Http => self.serve_http(tcp, route).await,
+                Mode::Stream => match self.serve_stream(&entry, tcp).await {
+                    Ok(()) => {}
+                    Err(e) if e.kind == ErrorKind::IdleTimeout => {
+                        tracing::debug!(error = %e, "connection closed");
+                    }
+                    Err(e) => {
+                        self.stats.error(&e);
+                        tracing::warn!(error = %e, side = %e.side, "egress connection failed");
+                    }
+                },
+            }
+        }
+        .instrument(span)
+        .await;
+    }
+
+    fn lookup_vip(&self, addr: SocketAddrV4) -> Option<Arc<VipEntry>> {
+        self.table
+            .load()
+            .lookup_vip(*addr.ip())
+            .filter(|e| e.port == addr.port())
+            .cloned()
+    }
+
+    /// Client configs per (peer, SANs, ALPN), built on first use.
+    fn client_config(
+        &self,
+        entry: &VipEntry,
+        h2: bool,
+    ) -> Result<Arc<rustls::ClientConfig>, ProxyError> {
+        let import = &entry.import;
+        let key = TlsKey {
+            peer: import.peer.clone(),
+            sans: import.service.sans.clone(),
+            h2,
+        };
+        if let Some(config) = lock(&self.tls).get(&key) {
+            return Ok(config.clone());
+        }
+        let bundle = self.ctx.bundles.get(&import.peer).ok_or_else(|| {
+            ProxyError::internal(
+                ErrorKind::HandshakeFailed,
+                format!("no trust bundle configured for peer {}", import.peer),
+            )
+        })?;
+        let allowed: Vec<SpiffeId> = import
+            .service
+            .sans
+            .iter()
+            .filter_map(|san| match san.parse::<SpiffeId>() {
+                Ok(id) => Some(id),
+                Err(error) => {
+                    tracing::debug!(%san, %error, service = %entry.fqdn, "ignoring a SAN that is not a SPIFFE ID");
+                    None
+                }
+            })
+            .collect();
+        if allowed.is_empty() {
+            // Without an identity to expect, any certificate of the peer's
+            // trust domain would do: that is not what `sans` promises.
+            return Err(ProxyError::upstream(
+                ErrorKind::HandshakeFailed,
+                format!(
+                    "service {} of peer {} lists no SPIFFE ID in its sans ({:?}); refusing to connect",
+                    entry.fqdn, import.peer, import.service.sans
+                ),
+            )
+            .with_retry_safe(false));
+        }
+        let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[] };
+        let config =
+            elsinore_certs::client_config(&self.ctx.identity, bundle, Some(&allowed), alpn)
+                .map_err(|e| {
+                    ProxyError::internal(
+                        ErrorKind::HandshakeFailed,
+                        format!(
+                            "cannot build the TLS client config for peer {}: {e}",
+                            import.peer
+                        ),
+                    )
+                })?;
+        let mut cache = lock(&self.tls);
+        if cache.len() >= TLS_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(key, config.clone());
+        Ok(config)
+    }
+
+    /// Connects to one endpoint of the owner and completes the mTLS handshake.
+    async fn dial_tls(
+        &self,
+        entry: &VipEntry,
+        endpoint: &Endpoint,
+        sni: &str,
+        config: Arc<rustls::ClientConfig>,
+    ) -> Result<TlsStream<TcpStream>, ProxyError> {
+        let tuning = &self.ctx.tuning;
+        let target = format!("{}:{}", endpoint.address, endpoint.port);
+        let resolved = tokio::time::timeout(
+            tuning.connect_timeout,
+            resolver::resolve(&endpoint.address, endpoint.port),
+        )
+        .await;
+        let addrs = match resolved {
+            Ok(Ok(addrs)) if !addrs.is_empty() => addrs,
+            Ok(Ok(_)) => {
+                return Err(ProxyError::upstream(
+                    ErrorKind::ConnectFailed,
+                    format!("{target}: name resolves to no address"),
+                ));
+            }
+            Ok(Err(e)) => {
+                return Err(ProxyError::upstream(
+                    ErrorKind::ConnectFailed,
+                    format!("resolving {target}: {e}"),
+                ));
+            }
+            Err(_) => {
+                return Err(ProxyError::upstream(
+                    ErrorKind::ConnectTimeout,
+                    format!("resolving {target} took over {:?}", tuning.connect_timeout),
+                ));
+            }
+        };
+        let mut last = None;
+        let mut tcp = None;
+        for addr in addrs {
+            match tokio::time::timeout(tuning.connect_timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => {
+                    tcp = Some(s);
+                    break;
+                }
+                Ok(Err(e)) => {
+                    last = Some(ProxyError::upstream(
+                        ErrorKind::ConnectFailed,
+                        format!("{target} ({addr}): {e}"),
+                    ));
+                }
+                Err(_) => {
+                    last = Some(ProxyError::upstream(
+                        ErrorKind::ConnectTimeout,
+                        format!(
+                            "{target} ({addr}): no answer within {:?}",
+                            tuning.connect_timeout
+                        ),
+                    ));
+                }
+            }
+        }
+        let Some(tcp) = tcp else {
+            return Err(last.unwrap_or_else(|| {
+                ProxyError::upstream(ErrorKind::ConnectFailed, format!("{target}: no address"))
+            }));
+        };
+        let _ = tcp.set_nodelay(true);
+        let server_name =
+            rustls::pki_types::ServerName::try_from(sni.to_owned()).map_err(|_| {
+                ProxyError::upstream(
+                    ErrorKind::HandshakeFailed,
+                    format!("SNI {sni:?} of {} is not a valid server name", entry.fqdn),
+                )
+                .with_retry_safe(false)
+            })?;
+        let handshake = TlsConnector::from(config).connect(server_name, tcp);
+        match tokio::time::timeout(tuning.handshake_timeout, handshake).await {
+            Ok(Ok(tls)) => {
+                EgressStats::bump(&self.stats.upstream_connects);
+                tracing::debug!(endpoint = %target, %sni, "mTLS connection to remote gateway established");
+                Ok(tls)
+            }
+            Ok(Err(e)) => {
+                EgressStats::bump(&self.stats.upstream_handshake_failures);
+                let reason = tls_reason(&e);
+                tracing::warn!(endpoint = %target, %sni, peer = %entry.import.peer, %reason, "mTLS handshake with remote gateway failed");
+                Err(ProxyError::upstream(
+                    ErrorKind::HandshakeFailed,
+                    format!("{target} (SNI {sni}): {reason}"),
+                ))
+            }
+            Err(_) => {
+                EgressStats::bump(&self.stats.upstream_handshake_failures);
+                tracing::warn!(endpoint = %target, %sni, peer = %entry.import.peer, "mTLS handshake with remote gateway timed out");
+                Err(ProxyError::upstream(
+                    ErrorKind::HandshakeTimeout,
+                    format!(
+                        "{target} (SNI {sni}): no handshake within {:?}",
+                        tuning.handshake_timeout
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// A raw connection: one mTLS connection to the first endpoint (in
+    /// round-robin order) that answers, then the splice.
+    async fn serve_stream(&self, entry: &VipEntry, client: TcpStream) -> Result<(), ProxyError> {
+        let targets = targets(entry, Mode::Stream);
+        if targets.is_empty() {
+            return Err(no_endpoints(entry));
+        }
+        let config = self.client_config(entry, false)?;
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut last = None;
+        let mut upstream = None;
+        for k in 0..targets.len() {
+            let (instance, endpoint) = targets[(start + k) % targets.len()];
+            match self
+                .dial_tls(entry, endpoint, sni_for(instance, entry), config.clone())
+                .await
+            {
+                Ok(tls) => {
+                    upstream = Some(tls);
+                    break;
+                }
+                Err(e) if e.retry_safe => {
+                    tracing::debug!(error = %e, "endpoint failed; trying the next");
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let Some(upstream) = upstream else {
+            return Err(last.unwrap_or_else(|| no_endpoints(entry)));
+        };
+        let (sent, received) = tokio::select! {
+            spliced = splice(client, upstream, self.ctx.tuning.idle_timeout) => spliced?,
+            _ = self.ctx.shutdown.cancelled() => return Ok(()),
+        };
+        tracing::debug!(sent, received, "connection finished");
+        Ok(())
+    }
+
+    /// Serves HTTP/1.1 or h2c (prior knowledge) to a local app.
+    async fn serve_http(self: Arc<Self>, tcp: TcpStream, route: Route) {
+        let egress = self.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let egress = egress.clone();
+            async move { Ok::<_, Infallible>(egress.handle(route, req).await) }
+        });
+        let activity = Arc::new(Activity::new());
+        let io = TokioIo::new(ActivityIo {
+            inner: tcp,
+            activity: activity.clone(),
+        });
+        let conn = self.http.serve_connection(io, service);
+        tokio::pin!(conn);
+        let idle = self.ctx.tuning.idle_timeout;
+        let idle_check = activity.idle(idle);
+        tokio::pin!(idle_check);
+        let drain = tokio::select! {
+            served = conn.as_mut() => {
+                if let Err(error) = served {
+                    tracing::debug!(%error, "downstream HTTP connection ended with an error");
+                }
+                return;
+            }
+            _ = self.ctx.shutdown.cancelled() => "shutting down",
+            _ = idle_check.as_mut() => "idle",
+        };
+        tracing::debug!(
+            reason = drain,
+            "closing downstream HTTP connection gracefully"
+        );
+        // In-flight requests finish; new ones are refused (HTTP/2 GOAWAY).
+        conn.as_mut().graceful_shutdown();
+        if tokio::time::timeout(DRAIN_TIMEOUT, conn).await.is_err() {
+            tracing::debug!(
+                "downstream HTTP connection still busy after {DRAIN_TIMEOUT:?}; closing"
+            );
+        }
+    }
+
+    async fn handle(&self, route: Route, req: Request<Incoming>) -> Response<RespBody> {
+        EgressStats::bump(&self.stats.requests);
+        let grpc = is_grpc(req.headers());
+        let result = match self.route(route, &req) {
+            Ok(entry) => {
+                let span = tracing::debug_span!("request", service = %entry.fqdn, peer = %entry.import.peer);
+                self.forward(entry, req).instrument(span).await
+            }
+            Err(e) => Err(e),
+        };
+        result.unwrap_or_else(|e| {
+            self.stats.error(&e);
+            if e.side == Side::Downstream {
+                tracing::debug!(error = %e, "request refused");
+            } else {
+                tracing::warn!(error = %e, side = %e.side, "request failed");
+            }
+            error_response(&e, grpc)
+        })
+    }
+
+    fn route(&self, route: Route, req: &Request<Incoming>) -> Result<Arc<VipEntry>, ProxyError> {
+        match route {
+            Route::Vip(addr) => self.lookup_vip(addr).ok_or_else(|| {
+                ProxyError::upstream(
+                    ErrorKind::NoRoute,
+                    format!("{addr} is no longer an imported service"),
+                )
+            }),
+            Route::CatchAll => {
+                let host = request_host(req).ok_or_else(|| {
+                    ProxyError::downstream(
+                        ErrorKind::NoRoute,
+                        "request has no Host; this listener routes by Host to imported services",
+                    )
+                })?;
+                let (name, _) = split_host(host);
+                let entry = self
+                    .table
+                    .load()
+                    .lookup_name(name)
+                    .cloned()
+                    .ok_or_else(|| {
+                        ProxyError::downstream(
+                            ErrorKind::NoRoute,
+                            format!("no imported service is named {name:?}"),
+                        )
+                    })?;
+                if service_mode(&entry) != Mode::Http {
+                    let protocol = entry
+                        .import
+                        .service
+                        .instances
+                        .first()
+                        .map_or("TCP", |i| i.protocol.as_str());
+                    return Err(ProxyError::downstream(
+                        ErrorKind::Protocol,
+                        format!(
+                            "{} is a {protocol} import, not HTTP: connect to {}:{} instead",
+                            entry.fqdn, entry.vip, entry.port
+                        ),
+                    ));
+                }
+                Ok(entry)
+            }
+        }
+    }
+
+    /// Forwards one request over a pooled HTTP/2 connection, trying the
+    /// endpoints in round-robin order until one can be reached.
+    async fn forward(
+        &self,
+        entry: Arc<VipEntry>,
+        req: Request<Incoming>,
+    ) -> Result<Response<RespBody>, ProxyError> {
+        let targets = targets(&entry, Mode::Http);
+        if targets.is_empty() {
+            return Err(no_endpoints(&entry));
+        }
+        let version = req.version();
+        let mut req = upstream_request(req, &entry)?;
+        let config = self.client_config(&entry, true)?;
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut last = None;
+        'targets: for k in 0..targets.len() {
+            let (instance, endpoint) = targets[(start + k) % targets.len()];
+            let sni = sni_for(instance, &entry);
+            let key = PoolKey {
+                endpoint: format!("{}:{}", endpoint.address, endpoint.port),
+                sni: sni.to_owned(),
+                peer: entry.import.peer.clone(),
+                sans: entry.import.service.sans.clone(),
+            };
+            // A pooled connection may close between the lease and the send;
+            // the request comes back unsent then and goes on a fresh lease.
+            for _ in 0..2 {
+                let dial = || self.dial_h2(&entry, endpoint, sni, config.clone());
+                let lease = match self.pool.get(&key, dial).await {
+                    Ok(lease) => lease,
+                    Err(e) if e.retry_safe => {
+                        tracing::debug!(error = %e, "endpoint failed; trying the next");
+                        last = Some(e);
+                        continue 'targets;
+                    }
+                    Err(e) => return Err(e),
+                };
+                let mut sender = lease.sender;
+                let in_flight = lease.in_flight;
+                let timeout = self.ctx.tuning.request_timeout;
+                let sent = tokio::time::timeout(timeout, sender.try_send_request(req)).await;
+                match sent {
+                    Err(_) => {
+                        return Err(ProxyError::upstream(
+                            ErrorKind::RequestTimeout,
+                            format!("no response from {} within {timeout:?}", key.endpoint),
+                        ));
+                    }
+                    Ok(Ok(resp)) => {
+                        let (mut parts, body) = resp.into_parts();
+                        parts.version = version;
+                        // The stream counts as load on its connection until
+                        // the body is done (or dropped).
+                        let body = body
+                            .map_frame(move |frame| {
+                                let _stream = &in_flight;
+                                frame
+                            })
+                            .boxed();
+                        return Ok(Response::from_parts(parts, body));
+                    }
+                    Ok(Err(mut e)) => match e.take_message() {
+                        Some(unsent) => req = unsent,
+                        None => {
+                            return Err(ProxyError::upstream(
+                                ErrorKind::Protocol,
+                                format!("{}: {}", key.endpoint, e.error()),
+                            ));
+                        }
+                    },
+                }
+            }
+            last = Some(ProxyError::upstream(
+                ErrorKind::ConnectFailed,
+                format!("{}: connections keep closing", key.endpoint),
+            ));
+        }
+        Err(last.unwrap_or_else(|| no_endpoints(&entry)))
+    }
+
+    /// A new pooled connection: mTLS with ALPN h2, then the HTTP/2 handshake.
+    async fn dial_h2(
+        &self,
+        entry: &VipEntry,
+        endpoint: &Endpoint,
+        sni: &str,
+        config: Arc<rustls::ClientConfig>,
+    ) -> Result<SendRequest<Incoming>, ProxyError> {
+        let tls = self.dial_tls(entry, endpoint, sni, config).await?;
+        let target = format!("{}:{}", endpoint.address, endpoint.port);
+        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+            return Err(ProxyError::upstream(
+                ErrorKind::Protocol,
+                format!("{target} (SNI {sni}) did not negotiate HTTP/2 (ALPN h2)"),
+            ));
+        }
+        let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+        // Pings find a dead connection before a request is lost on it.
+        builder
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10));
+        let handshake = builder.handshake::<_, Incoming>(TokioIo::new(tls));
+        let (sender, conn) = tokio::time::timeout(self.ctx.tuning.handshake_timeout, handshake)
+            .await
+            .map_err(|_| {
+                ProxyError::upstream(
+                    ErrorKind::HandshakeTimeout,
+                    format!(
+                        "{target}: no HTTP/2 handshake within {:?}",
+                        self.ctx.tuning.handshake_timeout
+                    ),
+                )
+            })?
+            .map_err(|e| {
+                ProxyError::upstream(
+                    ErrorKind::HandshakeFailed,
+                    format!("{target}: HTTP/2 handshake: {e}"),
+                )
+            })?;
+        tokio::spawn(
+            async move {
+                if let Err(error) = conn.await {
+                    tracing::debug!(%error, "pooled HTTP/2 connection ended with an error");
+                }
+            }
+            .instrument(tracing::debug_span!("pooled", endpoint = %target)),
+        );
+        Ok(sender)
+    }
+}
+
+/// When bytes last moved on a downstream HTTP connection (milliseconds since
+/// `epoch`; an atomic store per read or write, no timer reset per chunk).
+/// Same approach as ingress, which keeps its copy private.
+struct Activity {
+    epoch: tokio::time::Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            epoch: tokio::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing moved for `idle`.
+    async fn idle(&self, idle: Duration) {
+        loop {
+            let last = self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            if last + idle <= tokio::time::Instant::now() {
+                return;
+            }
+            tokio::time::sleep_until(last + idle).await;
+        }
+    }
+}
+
+/// A stream that records [`Activity`] on every read and write.
+struct ActivityIo<T> {
+    inner: T,
+    activity: Arc<Activity>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        res
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let res = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        res
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let res = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        res
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The cache is consistent after any panic (one insert or clear at a time).
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn no_endpoints(entry: &VipEntry) -> ProxyError {
+    ProxyError::upstream(
+        ErrorKind::NoRoute,
+        format!(
+            "{} of peer {} has no endpoint to reach",
+            entry.fqdn, entry.import.peer
+        ),
+    )
+    .with_retry_safe(false)
+}
+
+/// Why a TLS handshake failed: for a certificate we refused, the certificate
+/// check's own words (which ID, which bundle, which SAN); else the error.
+fn tls_reason(e: &io::Error) -> String {
+    if let Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other))) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        return format!("remote certificate refused: {}", other.0);
+    }
+    e.to_string()
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// The authority the app addressed: the request target's (HTTP/2, or an
+/// absolute-form HTTP/1.1 target) or the Host header.
+fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .filter(|h| !h.is_empty())
+}
+
+/// Splits an authority into host and the `:port` suffix (possibly empty).
+fn split_host(authority: &str) -> (&str, &str) {
+    if let Some(rest) = authority.strip_prefix('[')
+        && let Some(end) = rest.find(']')
+    {
+        return (&rest[..end], &rest[end + 1..]);
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => {
+            (host, &authority[host.len()..])
+        }
+        _ => (authority, ""),
+    }
+}
+
+/// The `:authority` sent to the owner. Any name that designates this
+/// import here — a VIP or `localhost` (the app dialed an address), no Host
+/// at all, the name we registered it under (possibly a local alias), or
+/// `<instance>.<that name>` — becomes the owner's own FQDN, which an
+/// Elsinore ingress matches against the SNI (421 otherwise). Any other name
+/// is the app's choice and is passed on. The port is kept as the app sent it.
+fn upstream_authority(sent: Option<&str>, entry: &VipEntry) -> String {
+    let original = &entry.import.original_fqdn;
+    let Some(sent) = sent else {
+        return original.clone();
+    };
+    let (host, port) = split_host(sent);
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let instance_form = host
+        .strip_suffix(entry.fqdn.as_str())
+        .and_then(|p| p.strip_suffix('.'))
+        .is_some_and(|instance| !instance.is_empty() && !instance.contains('.'));
+    if host.parse::<IpAddr>().is_ok() || host == "localhost" || host == entry.fqdn || instance_form
+    {
+        return format!("{original}{port}");
+    }
+    sent.to_owned()
+}
+
+/// Headers that describe one hop's connection and must not be forwarded.
+const HOP_BY_HOP: &[header::HeaderName] = &[
+    header::CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::HOST,
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers the client named in `Connection` are hop-by-hop too.
+    let named: Vec<header::HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| header::HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP) {
+        headers.remove(name);
+    }
+    for name in ["keep-alive", "proxy-connection"] {
+        headers.remove(name);
+    }
+    // HTTP/2 allows only `te: trailers` (gRPC needs it).
+    if headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes() != b"trailers")
+    {
+        headers.remove(header::TE);
+    }
+}
+
+/// The request as it goes to the owner's ingress over HTTP/2.
+fn upstream_request(
+    req: Request<Incoming>,
+    entry: &VipEntry,
+) -> Result<Request<Incoming>, ProxyError> {
+    let authority = upstream_authority(request_host(&req), entry);
+    let (mut parts, body) = req.into_parts();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    parts.uri = Uri::builder()
+        .scheme("https")
+        .authority(authority.as_str())
+        .path_and_query(path)
+        .build()
+        .map_err(|e| {
+            ProxyError::downstream(
+                ErrorKind::Protocol,
+                format!("cannot forward a request for {authority:?}: {e}"),
+            )
+        })?;
+    parts.version = Version::HTTP_2;
+    strip_hop_by_hop(&mut parts.headers);
+    Ok(Request::from_parts(parts, body))
+}
+
+/// The response for a failed request: a text body naming the side, or for
+/// gRPC a trailers-only response whose status the client library reads.
+fn error_response(e: &ProxyError, grpc: bool) -> Response<RespBody> {
+    let mut resp = if grpc {
+        let mut resp = Response::new(empty());
+        let headers = resp.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert("grpc-status", HeaderValue::from(e.grpc_code()));
+        if let Ok(message) = HeaderValue::from_str(&grpc_message(&e.to_string())) {
+            headers.insert("grpc-message", message);
+        }
+        resp
+    } else {
+        let mut resp = Response::new(
+            Full::new(Bytes::from(e.body()))
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        *resp.status_mut() = e.status();
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        resp
+    };
+    if let Ok(label) = HeaderValue::from_str(e.label()) {
+        resp.headers_mut().insert("x-elsinore-error", label);
+    }
+    resp
+}
+
+fn empty() -> RespBody {
+    Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// Percent-encodes a `grpc-message` as the gRPC spec asks.
+fn grpc_message(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::catalog::ExportCatalog;
+    use crate::catalog::imports::resolve;
+    use crate::config::ProxyTuning;
+    use crate::dns::vip::VipAllocator;
+    use elsinore_certs::{Ca, Identity, TrustBundle, TrustDomain};
+    use elsinore_federation_api::FederatedService;
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    use std::collections::BTreeSet;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::TlsAcceptor;
+
+    const A_GATEWAY: &str = "spiffe://mesh-a.example/ns/elsinore/sa/gateway";
+
+    struct World {
+        ca_a: Ca,
+        bundle_a: TrustBundle,
+        bundle_b: TrustBundle,
+        ident_b: Identity,
+    }
+
+    fn world() -> World {
+        let td_a: TrustDomain = "mesh-a.example".parse().unwrap();
+        let td_b: TrustDomain = "mesh-b.example".parse().unwrap();
+        let ca_a = Ca::new(&td_a).unwrap();
+        let ca_b = Ca::new(&td_b).unwrap();
+        let leaf_b = ca_b
+            .issue(&SpiffeId::gateway(td_b.clone()), &[], &[])
+            .unwrap();
+        World {
+            bundle_a: TrustBundle::from_pem(td_a, ca_a.cert_pem().as_bytes()).unwrap(),
+            bundle_b: TrustBundle::from_pem(td_b, ca_b.cert_pem().as_bytes()).unwrap(),
+            ident_b: Identity::from_pem(leaf_b.cert_pem.as_bytes(), leaf_b.key_pem.as_bytes())
+                .unwrap(),
+            ca_a,
+        }
+    }
+
+    fn context(w: &World, tuning: ProxyTuning) -> ProxyContext {
+        ProxyContext {
+            shared: crate::state::new_shared("mesh-b".into(), ExportCatalog::default(), &[]),
+            identity: w.ident_b.clone(),
+            bundles: Arc::new([("mesh-a".to_owned(), w.bundle_a.clone())].into()),
+            tuning,
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    fn service(
+        name: &str,
+        protocol: Protocol,
+        port: u16,
+        endpoints: &[SocketAddr],
+        sans: &[&str],
+    ) -> Arc<FederatedService> {
+        Arc::new(FederatedService {
+            name: name.into(),
+            description: String::new(),
+            tags: vec![],
+            labels: Default::default(),
+            fqdn: format!("{name}.mesh-a.global"),
+            endpoints: endpoints
+                .iter()
+                .map(|a| Endpoint {
+                    address: a.ip().to_string(),
+                    port: a.port(),
+                    labels: vec![],
+                    description: String::new(),
+                })
+                .collect(),
+            sans: sans.iter().map(|s| (*s).to_owned()).collect(),
+            instances: vec![Instance {
+                id: "gw".into(),
+                protocol,
+                metadata: [
+                    ("SNI".to_owned(), format!("{name}.sni.mesh-a")),
+                    ("PORT".to_owned(), port.to_string()),
+                ]
+                .into_iter()
+                .collect(),
+                endpoint_selector: vec![],
+                description: String::new(),
+            }],
+        })
+    }
+
+    /// Publishes the imports the way the merger does. Each test uses its own
+    /// VIP range so parallel tests never share an address.
+    fn publish(ctx: &ProxyContext, range: &str, services: Vec<Arc<FederatedService>>) {
+        let view = resolve(&BTreeSet::new(), &[("mesh-a".to_owned(), services)]);
+        let table = VipAllocator::new(range.parse().unwrap()).update(&view);
+        ctx.shared.vips.send_replace(Arc::new(table));
+    }
+
+    /// A random /24 of loopback for one test: tests of this module may run
+    /// in several processes at once (each helper's `cargo test`), and two
+    /// egresses must not race for the same VIPs. Avoids the default range.
+    fn test_range() -> String {
+        let second = 128 + rand::random::<u8>() % 120;
+        format!("127.{second}.{}.0/24", rand::random::<u8>())
+    }
+
+    fn vip_of(ctx: &ProxyContext, fqdn: &str) -> SocketAddr {
+        let table = ctx.shared.vips.borrow().clone();
+        let e = table.lookup_name(fqdn).unwrap();
+        SocketAddr::new(IpAddr::V4(e.vip), e.port)
+    }
+
+    /// Waits until the egress listens on `addr`.
+    async fn wait_bound(addr: SocketAddr) {
+        for _ in 0..200 {
+            if TcpStream::connect(addr).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("egress never bound {addr}");
+    }
+
+    enum Serve {
+        /// HTTP/2 over TLS; answers `<:authority> <path>` plus a trailer.
+        H2,
+        /// Echoes bytes back.
+        Echo,
+    }
+
+    /// A remote gateway's ingress: a real rustls server with a real
+    /// certificate (issued to `uri` by `ca`), accepting mesh-b clients.
+    struct Remote {
+        addr: SocketAddr,
+        accepted: Arc<AtomicU64>,
+        snis: Arc<Mutex<Vec<Option<String>>>>,
+    }
+
+    async fn remote(ca: &Ca, uri: &str, clients: &TrustBundle, serve: Serve) -> Remote {
+        let leaf = ca.issue_with_uris(&[uri], &[], &[]).unwrap();
+        let ident = Identity::from_pem(leaf.cert_pem.as_bytes(), leaf.key_pem.as_bytes()).unwrap();
+        let alpn: &[&[u8]] = match serve {
+            Serve::H2 => &[b"h2"],
+            Serve::Echo => &[],
+        };
+        let config =
+            elsinore_certs::server_config(&ident, std::slice::from_ref(clients), alpn).unwrap();
+        let acceptor = TlsAcceptor::from(config);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let snis = Arc::new(Mutex::new(Vec::new()));
+        let h2 = matches!(serve, Serve::H2);
+        let (count, names) = (accepted.clone(), snis.clone());
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                let acceptor = acceptor.clone();
+                let names = names.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let sni = tls.get_ref().1.server_name().map(str::to_owned);
+                    names.lock().unwrap().push(sni);
+                    if h2 {
+                        let svc = hyper::service::service_fn(answer);
+                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(tls), svc)
+                            .await;
+                    } else {
+                        let (mut r, mut w) = tokio::io::split(tls);
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                        let _ = w.shutdown().await;
+                    }
+                });
+            }
+        });
+        Remote {
+            addr,
+            accepted,
+            snis,
+        }
+    }
+
+    async fn answer(
+        req: Request<Incoming>,
+    ) -> Result<Response<BoxBody<Bytes, Infallible>>, Infallible> {
+        if req.uri().path() == "/slow" {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        }
+        let text = format!(
+            "{} {}",
+            req.uri().authority().map(|a| a.as_str()).unwrap_or("-"),
+            req.uri().path()
+        );
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-trailer", HeaderValue::from_static("yes"));
+        let frames = vec![
+            Ok(Frame::data(Bytes::from(text))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        Ok(Response::new(
+            StreamBody::new(futures_util::stream::iter(frames)).boxed(),
+        ))
+    }
+
+    /// One HTTP/1.1 request on a fresh connection.
+    async fn h1_get(addr: SocketAddr, host: &str, path: &str) -> (u16, String) {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .uri(path)
+            .header(header::HOST, host)
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let resp = tx.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    fn snapshot(stats: &EgressStats) -> EgressStatsSnapshot {
+        stats.snapshot()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_http_requests_share_a_few_pooled_tls_connections() {
+        let w = world();
+        let remote = remote(&w.ca_a, A_GATEWAY, &w.bundle_b, Serve::H2).await;
+        let ctx = context(&w, ProxyTuning::default());
+        publish(
+            &ctx,
+            &test_range(),
+            vec![service(
+                "ratings",
+                Protocol::Http,
+                19080,
+                &[remote.addr],
+                &[A_GATEWAY],
+            )],
+        );
+        let stats = Arc::new(EgressStats::default());
+        let task = tokio::spawn(run(ctx.clone(), None, stats.clone()));
+        let vip = vip_of(&ctx, "ratings.mesh-a.global");
+        wait_bound(vip).await;
+
+        let mut requests = Vec::new();
+        for i in 0..200 {
+            requests.push(tokio::spawn(async move {
+                // Half address the VIP, half the imported name.
+                let host = if i % 2 == 0 {
+                    vip.to_string()
+                } else {
+                    "ratings.mesh-a.global:19080".to_owned()
+                };
+                h1_get(vip, &host, &format!("/r{i}")).await
+            }));
+        }
+        for (i, r) in requests.into_iter().enumerate() {
+            let (status, body) = r.await.unwrap();
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body, format!("ratings.mesh-a.global:19080 /r{i}"));
+        }
+
+        // h2c prior knowledge from the app, with trailers coming back.
+        let tcp = TcpStream::connect(vip).await.unwrap();
+        let (mut tx, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .uri("http://ratings.mesh-a.global:19080/grpc.Svc/Call")
+            .header(header::CONTENT_TYPE, "application/grpc")
+            .header(header::TE, "trailers")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let resp = tx.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let collected = resp.into_body().collect().await.unwrap();
+        assert_eq!(collected.trailers().unwrap()["x-trailer"], "yes");
+        assert_eq!(
+            collected.to_bytes(),
+            "ratings.mesh-a.global:19080 /grpc.Svc/Call"
+        );
+
+        let accepted = remote.accepted.load(Ordering::SeqCst);
+        assert!(
+            (1..=4).contains(&accepted),
+            "{accepted} TLS connections for 201 requests"
+        );
+        let s = snapshot(&stats);
+        assert_eq!(s.upstream_connects, accepted);
+        assert_eq!(s.requests, 201);
+        assert_eq!(
+            s.errors_upstream + s.errors_downstream + s.errors_internal,
+            0
+        );
+        for sni in remote.snis.lock().unwrap().iter() {
+            assert_eq!(sni.as_deref(), Some("ratings.sni.mesh-a"));
+        }
+        ctx.shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn refuses_remotes_without_the_expected_identity() {
+        let w = world();
+        // Right CA, wrong workload; right CA, wrong trust domain.
+        let impostor = remote(
+            &w.ca_a,
+            "spiffe://mesh-a.example/ns/other/sa/impostor",
+            &w.bundle_b,
+            Serve::H2,
+        )
+        .await;
+        let foreign = remote(
+            &w.ca_a,
+            "spiffe://mesh-c.example/ns/elsinore/sa/gateway",
+            &w.bundle_b,
+            Serve::H2,
+        )
+        .await;
+        let impostor_tcp = remote(
+            &w.ca_a,
+            "spiffe://mesh-a.example/ns/other/sa/impostor",
+            &w.bundle_b,
+            Serve::Echo,
+        )
+        .await;
+        let no_san = remote(&w.ca_a, A_GATEWAY, &w.bundle_b, Serve::H2).await;
+        let ctx = context(&w, ProxyTuning::default());
+        publish(
+            &ctx,
+            &test_range(),
+            vec![
+                service(
+                    "impostor",
+                    Protocol::Http,
+                    19081,
+                    &[impostor.addr],
+                    &[A_GATEWAY],
+                ),
+                service(
+                    "foreign",
+                    Protocol::Http,
+                    19082,
+                    &[foreign.addr],
+                    &[A_GATEWAY],
+                ),
+                service(
+                    "rawimp",
+                    Protocol::Tcp,
+                    19083,
+                    &[impostor_tcp.addr],
+                    &[A_GATEWAY],
+                ),
+                service(
+                    "nosan",
+                    Protocol::Http,
+                    19084,
+                    &[no_san.addr],
+                    &["not a spiffe id"],
+                ),
+            ],
+        );
+        let stats = Arc::new(EgressStats::default());
+        let task = tokio::spawn(run(ctx.clone(), None, stats.clone()));
+
+        let vip = vip_of(&ctx, "impostor.mesh-a.global");
+        wait_bound(vip).await;
+        let (status, body) = h1_get(vip, "impostor.mesh-a.global", "/").await;
+        assert_eq!(status, 502, "{body}");
+        assert!(body.starts_with("upstream"), "{body}");
+        assert!(
+            body.contains("is not one of the allowed SPIFFE IDs"),
+            "{body}"
+        );
+
+        let vip = vip_of(&ctx, "foreign.mesh-a.global");
+        wait_bound(vip).await;
+        let (status, body) = h1_get(vip, "foreign.mesh-a.global", "/").await;
+        assert_eq!(status, 502, "{body}");
+        assert!(
+            body.contains("is not in trust domain mesh-a.example"),
+            "{body}"
+        );
+
+        // Raw TCP: the app's connection is closed without a byte.
+        let vip = vip_of(&ctx, "rawimp.mesh-a.global");
+        wait_bound(vip).await;
+        let mut app = TcpStream::connect(vip).await.unwrap();
+        let _ = app.write_all(b"secret").await;
+        let mut got = Vec::new();
+        let _ = app.read_to_end(&mut got).await;
+        assert!(got.is_empty());
+
+        // No SAN to expect: we never even connect.
+        let vip = vip_of(&ctx, "nosan.mesh-a.global");
+        wait_bound(vip).await;
+        let (status, body) = h1_get(vip, "nosan.mesh-a.global", "/").await;
+        assert_eq!(status, 502, "{body}");
+        assert!(body.contains("lists no SPIFFE ID"), "{body}");
+        assert_eq!(no_san.accepted.load(Ordering::SeqCst), 0);
+
+        let s = snapshot(&stats);
+        assert_eq!(s.upstream_connects, 0);
+        assert!(s.upstream_handshake_failures >= 3, "{s:?}");
+        assert!(s.errors_upstream >= 4, "{s:?}");
+        ctx.shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn tcp_is_spliced_over_mtls_skipping_a_dead_endpoint() {
+        let w = world();
+        let echo = remote(&w.ca_a, A_GATEWAY, &w.bundle_b, Serve::Echo).await;
+        let dead = {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            l.local_addr().unwrap()
+        };
+        let ctx = context(&w, ProxyTuning::default());
+        publish(
+            &ctx,
+            &test_range(),
+            vec![service(
+                "db",
+                Protocol::Mongo,
+                27017,
+                &[dead, echo.addr],
+                &[A_GATEWAY],
+            )],
+        );
+        let stats = Arc::new(EgressStats::default());
+        let task = tokio::spawn(run(ctx.clone(), None, stats.clone()));
+        let vip = vip_of(&ctx, "db.mesh-a.global");
+        wait_bound(vip).await;
+        // Let the probe's own upstream connection settle before counting.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let before = snapshot(&stats).upstream_connects;
+        for i in 0..4u8 {
+            let mut app = TcpStream::connect(vip).await.unwrap();
+            let payload = vec![i; 50_000];
+            app.write_all(&payload).await.unwrap();
+            app.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            app.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, payload);
+        }
+        // One mTLS connection per client connection, the dead endpoint skipped.
+        assert_eq!(snapshot(&stats).upstream_connects, before + 4);
+        assert!(
+            echo.snis
+                .lock()
+                .unwrap()
+                .iter()
+                .all(|s| s.as_deref() == Some("db.sni.mesh-a"))
+        );
+        ctx.shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn withdrawn_vip_stops_accepting() {
+        let w = world();
+        let echo = remote(&w.ca_a, A_GATEWAY, &w.bundle_b, Serve::Echo).await;
+        let ctx = context(&w, ProxyTuning::default());
+        let keep = service("keep", Protocol::Tcp, 7001, &[echo.addr], &[A_GATEWAY]);
+        let gone = service("gone", Protocol::Tcp, 7002, &[echo.addr], &[A_GATEWAY]);
+        let range = test_range();
+        publish(&ctx, &range, vec![keep.clone(), gone]);
+        let task = tokio::spawn(run(ctx.clone(), None, Arc::new(EgressStats::default())));
+        let keep_vip = vip_of(&ctx, "keep.mesh-a.global");
+        let gone_vip = vip_of(&ctx, "gone.mesh-a.global");
+        wait_bound(keep_vip).await;
+        wait_bound(gone_vip).await;
+
+        publish(&ctx, &range, vec![keep]);
+        let mut refused = false;
+        for _ in 0..200 {
+            match TcpStream::connect(gone_vip).await {
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    refused = true;
+                    break;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+        assert!(refused, "{gone_vip} still accepts after the withdrawal");
+        // The other import is untouched.
+        let mut app = TcpStream::connect(keep_vip).await.unwrap();
+        app.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        app.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ping");
+        ctx.shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn catch_all_routes_by_host() {
+        let w = world();
+        let h2 = remote(&w.ca_a, A_GATEWAY, &w.bundle_b, Serve::H2).await;
+        let ctx = context(&w, ProxyTuning::default());
+        publish(
+            &ctx,
+            &test_range(),
+            vec![
+                service("web", Protocol::Http2, 8080, &[h2.addr], &[A_GATEWAY]),
+                service("raw", Protocol::Tcp, 9000, &[h2.addr], &[A_GATEWAY]),
+            ],
+        );
+        let catch_all = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = catch_all.local_addr().unwrap();
+        let stats = Arc::new(EgressStats::default());
+        let task = tokio::spawn(run(ctx.clone(), Some(catch_all), stats.clone()));
+
+        let (status, body) = h1_get(addr, "WEB.mesh-a.global:8080", "/x").await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body, "web.mesh-a.global:8080 /x");
+        let (status, body) = h1_get(addr, "nope.mesh-a.global", "/").await;
+        assert_eq!(status, 404, "{body}");
+        assert!(body.contains("nope.mesh-a.global"), "{body}");
+        let (status, body) = h1_get(addr, "raw.mesh-a.global", "/").await;
+        assert_eq!(status, 400, "{body}");
+        assert!(body.contains("raw.mesh-a.global is a TCP import"), "{body}");
+        assert_eq!(snapshot(&stats).errors_downstream, 2);
+        ctx.shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn slow_remote_gets_504_and_unreachable_502() {
+        let w = world();
+        let h2 = remote(&w.ca_a, A_GATEWAY, &w.bundle_b, Serve::H2).await;
+        let dead = {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            l.local_addr().unwrap()
+        };
+        let tuning = ProxyTuning {
+            request_timeout: Duration::from_millis(300),
+            ..ProxyTuning::default()
+        };
+        let ctx = context(&w, tuning);
+        publish(
+            &ctx,
+            &test_range(),
+            vec![
+                service("slow", Protocol::Grpc, 8081, &[h2.addr], &[A_GATEWAY]),
+                service("down", Protocol::Http, 8082, &[dead], &[A_GATEWAY]),
+            ],
+        );
+        let task = tokio::spawn(run(ctx.clone(), None, Arc::new(EgressStats::default())));
+        let vip = vip_of(&ctx, "slow.mesh-a.global");
+        wait_bound(vip).await;
+        let (status, body) = h1_get(vip, "slow.mesh-a.global", "/slow").await;
+        assert_eq!(status, 504, "{body}");
+        assert!(body.starts_with("upstream request timed out"), "{body}");
+        // The connection is still good for the next request.
+        let (status, _) = h1_get(vip, "slow.mesh-a.global", "/fast").await;
+        assert_eq!(status, 200);
+
+        let vip = vip_of(&ctx, "down.mesh-a.global");
+        wait_bound(vip).await;
+        let (status, body) = h1_get(vip, "down.mesh-a.global", "/").await;
+        assert_eq!(status, 502, "{body}");
+        assert!(body.starts_with("upstream connect failed"), "{body}");
+        // A gRPC client gets a trailers-only answer with the gRPC code.
+        let tcp = TcpStream::connect(vip).await.unwrap();
+        let (mut tx, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .uri("http://down.mesh-a.global/pkg.Svc/Call")
+            .header(header::CONTENT_TYPE, "application/grpc")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let resp = tx.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["grpc-status"], "14");
+        assert!(
+            resp.headers()["grpc-message"]
+                .to_str()
+                .unwrap()
+                .starts_with("upstream connect failed")
+        );
+        ctx.shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_cap_are_closed() {
+        let w = world();
+        let echo = remote(&w.ca_a, A_GATEWAY, &w.bundle_b, Serve::Echo).await;
+        let tuning = ProxyTuning {
+            max_connections: 1,
+            ..ProxyTuning::default()
+        };
+        let ctx = context(&w, tuning);
+        publish(
+            &ctx,
+            &test_range(),
+            vec![service(
+                "capped",
+                Protocol::Tcp,
+                7003,
+                &[echo.addr],
+                &[A_GATEWAY],
+            )],
+        );
+        let stats = Arc::new(EgressStats::default());
+        let task = tokio::spawn(run(ctx.clone(), None, stats.clone()));
+        let vip = vip_of(&ctx, "capped.mesh-a.global");
+        // Probe until bound; each probe closes at once and frees its slot.
+        wait_bound(vip).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+
+        let mut first = TcpStream::connect(vip).await.unwrap();
+        first.write_all(b"one").await.unwrap();
+        let mut got = [0u8; 3];
+        first.read_exact(&mut got).await.unwrap();
+        let before = snapshot(&stats).refused_over_cap;
+        let mut second = TcpStream::connect(vip).await.unwrap();
+        let mut rest = Vec::new();
+        let _ = second.read_to_end(&mut rest).await;
+        assert!(rest.is_empty());
+        assert_eq!(snapshot(&stats).refused_over_cap, before + 1);
+        // The first connection still works.
+        first.write_all(b"two").await.unwrap();
+        first.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"two");
+        ctx.shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn idle_http_connections_are_closed() {
+        let w = world();
+        let tuning = ProxyTuning {
+            idle_timeout: Duration::from_millis(200),
+            ..ProxyTuning::default()
+        };
+        let ctx = context(&w, tuning);
+        let catch_all = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = catch_all.local_addr().unwrap();
+        let task = tokio::spawn(run(
+            ctx.clone(),
+            Some(catch_all),
+            Arc::new(EgressStats::default()),
+        ));
+        let mut app = TcpStream::connect(addr).await.unwrap();
+        app.write_all(b"GET / HTTP/1.1\r\nhost: nope.mesh-a.global\r\n\r\n")
+            .await
+            .unwrap();
+        // The 404 arrives, then the keep-alive connection is closed for idleness.
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(3), app.read_to_end(&mut got))
+            .await
+            .expect("connection not closed after idleTimeout")
+            .unwrap();
+        assert!(
+            got.starts_with(b"HTTP/1.1 404"),
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
+        ctx.shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    #[test]
+    fn authority_for_the_owner() {
+        let svc = service("reviews", Protocol::Http, 9080, &[], &[A_GATEWAY]);
+        let view = resolve(&BTreeSet::new(), &[("mesh-a".to_owned(), vec![svc])]);
+        let table = VipAllocator::new(test_range().parse().unwrap()).update(&view);
+        let entry = table.lookup_name("reviews.mesh-a.global").unwrap();
+        let vip = format!("{}:9080", entry.vip);
+        assert_eq!(upstream_authority(None, entry), "reviews.mesh-a.global");
+        assert_eq!(
+            upstream_authority(Some(&vip), entry),
+            "reviews.mesh-a.global:9080"
+        );
+        assert_eq!(
+            upstream_authority(Some("localhost"), entry),
+            "reviews.mesh-a.global"
+        );
+        assert_eq!(
+            upstream_authority(Some("[::1]:80"), entry),
+            "reviews.mesh-a.global:80"
+        );
+        assert_eq!(
+            upstream_authority(Some("Reviews.Mesh-A.Global.:9080"), entry),
+            "reviews.mesh-a.global:9080"
+        );
+        assert_eq!(
+            upstream_authority(Some("gw.reviews.mesh-a.global"), entry),
+            "reviews.mesh-a.global"
+        );
+        assert_eq!(
+            upstream_authority(Some("other.example"), entry),
+            "other.example"
+        );
+        assert_eq!(split_host("h:80"), ("h", ":80"));
+        assert_eq!(split_host("h"), ("h", ""));
+        assert_eq!(grpc_message("a b%\n"), "a b%25%0A");
+    }
+}

@@ -1,1 +1,1680 @@
-//! placeholder
+//! The ingress listener: where peer gateways deliver traffic for the services
+//! we export. Per connection it terminates mTLS with our gateway identity,
+//! names the peer by the trust domain of its verified SPIFFE ID, routes by
+//! SNI (the export's FQDN; there is no default route) and checks that the
+//! export lists that peer. A connection failing any of these is closed
+//! without a byte of application data, counted by reason in
+//! [`IngressStats`] and logged with the reason; the peer learns nothing about
+//! which exports exist.
+//!
+//! Authorized connections are forwarded by the export's protocol. Opaque
+//! protocols (TCP, TLS, mTLS, HTTPS, Mongo) are spliced to a backend. HTTP,
+//! HTTP/2 and gRPC are served as HTTP (HTTP/1.1 or HTTP/2, whatever the peer
+//! speaks) and each request is forwarded through a pooled client per export:
+//! HTTP/1.1 to HTTP backends, HTTP/2 with prior knowledge (h2c) to HTTP2 and
+//! gRPC backends. Requests whose Host / `:authority` names another service
+//! than the SNI get 421, so a peer can never use an export it may reach to
+//! address one it may not. Identity headers a peer sends are stripped and
+//! replaced by [`PEER_IDENTITY_HEADER`] carrying the verified SPIFFE ID.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::error::Error as StdError;
+use std::future::Future;
+use std::io;
+use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use elsinore_federation_api::Protocol;
+use http::header::{CONNECTION, CONTENT_TYPE, HOST, TE, TRANSFER_ENCODING, UPGRADE};
+use http::uri::{Authority, Scheme};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri, Version};
+use http_body_util::{Either, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tracing::{Instrument, field};
+
+use super::backend::Backends;
+use super::error::{ErrorKind, ProxyError};
+use super::splice::splice;
+use super::{PEER_IDENTITY_HEADER, ProxyContext, STRIPPED_IDENTITY_HEADERS};
+use crate::catalog::ExportCatalog;
+use crate::catalog::exports::ExportedService;
+use crate::config::{HostPort, ProxyTuning};
+
+/// How long connections get to finish after shutdown is signalled before
+/// they are cut.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long we wait for a refused peer to take our close_notify.
+const REFUSAL_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// ALPN protocols ingress offers. Opaque exports ignore what was negotiated.
+const ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
+
+/// Why a connection was closed before any application data moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// `maxConnections` reached.
+    Overloaded,
+    /// TLS failed: no or bad client certificate, protocol error.
+    HandshakeFailed,
+    HandshakeTimeout,
+    /// The certificate verified but carries no usable SPIFFE ID.
+    NoPeerIdentity,
+    /// The SPIFFE ID's trust domain is not a configured peer.
+    UnknownPeer,
+    /// The client sent no SNI.
+    NoSni,
+    /// No export has the SNI as its FQDN.
+    UnknownSni,
+    /// The export does not list the peer.
+    Unauthorized,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 8] = [
+        Refusal::Overloaded,
+        Refusal::HandshakeFailed,
+        Refusal::HandshakeTimeout,
+        Refusal::NoPeerIdentity,
+        Refusal::UnknownPeer,
+        Refusal::NoSni,
+        Refusal::UnknownSni,
+        Refusal::Unauthorized,
+    ];
+
+    /// A bounded metric / log label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::Overloaded => "overloaded",
+            Refusal::HandshakeFailed => "handshake_failed",
+            Refusal::HandshakeTimeout => "handshake_timeout",
+            Refusal::NoPeerIdentity => "no_peer_identity",
+            Refusal::UnknownPeer => "unknown_peer",
+            Refusal::NoSni => "no_sni",
+            Refusal::UnknownSni => "unknown_sni",
+            Refusal::Unauthorized => "unauthorized",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Counters of one ingress listener. Created by the caller of [`serve`] so
+/// the admin server can read them; all relaxed atomics.
+#[derive(Debug, Default)]
+pub struct IngressStats {
+    /// TCP connections accepted (before the connection cap and TLS).
+    pub accepted: AtomicU64,
+    /// Connections that passed every check and were forwarded.
+    pub authorized: AtomicU64,
+    /// Connections currently open (gauge).
+    pub active: AtomicU64,
+    refused: [AtomicU64; Refusal::ALL.len()],
+    /// Opaque connections spliced to a backend.
+    pub spliced: AtomicU64,
+    /// HTTP requests received on authorized connections.
+    pub http_requests: AtomicU64,
+    /// Requests answered 421 because Host / :authority did not match the SNI.
+    pub misdirected: AtomicU64,
+    /// Connections or requests that failed upstream (no backend, timeout, reset).
+    pub upstream_errors: AtomicU64,
+    /// Bytes spliced peer → backend and backend → peer (opaque exports only).
+    pub bytes_to_backend: AtomicU64,
+    pub bytes_from_backend: AtomicU64,
+}
+
+impl IngressStats {
+    pub fn new() -> Arc<IngressStats> {
+        Arc::new(IngressStats::default())
+    }
+
+    /// Connections refused for `reason` so far.
+    pub fn refused(&self, reason: Refusal) -> u64 {
+        self.refused[reason.index()].load(Ordering::Relaxed)
+    }
+
+    /// Every refusal reason with its count, for /metrics.
+    pub fn refusals(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        Refusal::ALL.iter().map(|r| (r.label(), self.refused(*r)))
+    }
+
+    fn refuse(&self, reason: Refusal) {
+        bump(&self.refused[reason.index()]);
+    }
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Serves ingress on `listener` until `ctx.shutdown` is cancelled, then
+/// stops accepting, lets open connections finish for a short drain period
+/// (HTTP connections are shut down gracefully, splices are cut) and
+/// returns. Fails at once only if the TLS server config cannot be built
+/// (no peer trust bundles, unusable identity).
+pub async fn serve(
+    listener: TcpListener,
+    ctx: ProxyContext,
+    stats: Arc<IngressStats>,
+) -> Result<(), ProxyError> {
+    let bundles: Vec<_> = ctx.bundles.values().cloned().collect();
+    // One server config for the listener's life: every handshake shares it.
+    let tls = elsinore_certs::server_config(&ctx.identity, &bundles, ALPN).map_err(|e| {
+        ProxyError::internal(
+            ErrorKind::HandshakeFailed,
+            format!("building the ingress tls config: {e}"),
+        )
+    })?;
+    let inner = Arc::new(Inner {
+        acceptor: TlsAcceptor::from(tls),
+        routes: RouteCache::new(ctx.tuning.clone()),
+        limit: Arc::new(Semaphore::new(
+            ctx.tuning.max_connections.min(Semaphore::MAX_PERMITS),
+        )),
+        stats,
+        ctx,
+    });
+    let shutdown = inner.ctx.shutdown.clone();
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "ingress listening");
+    }
+
+    let mut conns = JoinSet::new();
+    loop {
+        let (tcp, remote) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            // Reap finished connection tasks so the set stays small.
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(%error, "ingress accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        bump(&inner.stats.accepted);
+        let Ok(permit) = Arc::clone(&inner.limit).try_acquire_owned() else {
+            inner.stats.refuse(Refusal::Overloaded);
+            tracing::warn!(
+                client.addr = %remote,
+                limit = inner.ctx.tuning.max_connections,
+                reason = Refusal::Overloaded.label(),
+                "ingress connection refused: connection limit reached"
+            );
+            drop(tcp);
+            continue;
+        };
+        let span = tracing::info_span!(
+            "ingress",
+            client.addr = %remote,
+            peer = field::Empty,
+            sni = field::Empty
+        );
+        let inner = Arc::clone(&inner);
+        conns.spawn(
+            async move {
+                bump(&inner.stats.active);
+                handle(tcp, &inner).await;
+                inner.stats.active.fetch_sub(1, Ordering::Relaxed);
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+
+    drop(listener);
+    let open = conns.len();
+    if open > 0 {
+        tracing::info!(open, "ingress draining connections");
+    }
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            open = conns.len(),
+            "ingress drain timed out; closing remaining connections"
+        );
+        conns.shutdown().await;
+    }
+    Ok(())
+}
+
+/// What every connection task of one listener shares.
+struct Inner {
+    ctx: ProxyContext,
+    acceptor: TlsAcceptor,
+    routes: RouteCache,
+    limit: Arc<Semaphore>,
+    stats: Arc<IngressStats>,
+}
+
+impl Inner {
+    fn tuning(&self) -> &ProxyTuning {
+        &self.ctx.tuning
+    }
+}
+
+/// Logs and counts a refusal, then closes the connection with a TLS
+/// close_notify (bounded, so a peer that does not read cannot hold us).
+async fn refuse<S: AsyncWrite + Unpin>(
+    inner: &Inner,
+    reason: Refusal,
+    detail: &str,
+    stream: Option<S>,
+) {
+    inner.stats.refuse(reason);
+    tracing::warn!(
+        reason = reason.label(),
+        "ingress connection refused: {detail}"
+    );
+    if let Some(mut s) = stream {
+        let _ = tokio::time::timeout(REFUSAL_CLOSE_TIMEOUT, s.shutdown()).await;
+    }
+}
+
+async fn handle(tcp: TcpStream, inner: &Arc<Inner>) {
+    let _ = tcp.set_nodelay(true);
+    let none = None::<TcpStream>;
+    let tls =
+        match tokio::time::timeout(inner.tuning().handshake_timeout, inner.acceptor.accept(tcp))
+            .await
+        {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                return refuse(
+                    inner,
+                    Refusal::HandshakeFailed,
+                    &format!("tls handshake failed: {e}"),
+                    none,
+                )
+                .await;
+            }
+            Err(_) => {
+                let detail = format!(
+                    "tls handshake not completed within {:?}",
+                    inner.tuning().handshake_timeout
+                );
+                return refuse(inner, Refusal::HandshakeTimeout, &detail, none).await;
+            }
+        };
+    let span = tracing::Span::current();
+    let conn = tls.get_ref().1;
+
+    // Who is calling: the trust domain of the verified SPIFFE ID names the
+    // peer. The TLS layer accepts an unknown trust domain signed by one of
+    // our bundles' CAs, so this check is what refuses it.
+    let peer_id = match elsinore_certs::peer_spiffe_id(conn.peer_certificates()) {
+        Ok(id) => id,
+        Err(e) => {
+            let detail = format!("no usable peer identity: {e}");
+            return refuse(inner, Refusal::NoPeerIdentity, &detail, Some(tls)).await;
+        }
+    };
+    let Some(peer) = inner.ctx.shared.peer_for(peer_id.trust_domain()) else {
+        let detail = format!(
+            "peer identity {peer_id} is in trust domain {}, which is no configured peer",
+            peer_id.trust_domain()
+        );
+        return refuse(inner, Refusal::UnknownPeer, &detail, Some(tls)).await;
+    };
+    let peer_name = peer.config.name.clone();
+    span.record("peer", peer_name.as_str());
+
+    let Some(sni) = conn.server_name().map(normalize_host) else {
+        let detail = format!("peer {peer_name} ({peer_id}) sent no sni");
+        return refuse(inner, Refusal::NoSni, &detail, Some(tls)).await;
+    };
+    span.record("sni", sni.as_str());
+
+    let catalog = Arc::clone(&inner.ctx.shared.exports.borrow());
+    let routes = inner.routes.routes(catalog);
+    let Some(route) = routes.by_sni.get(&sni) else {
+        let detail = format!("no export has the fqdn {sni}");
+        return refuse(inner, Refusal::UnknownSni, &detail, Some(tls)).await;
+    };
+    if !route.export.is_visible_to(&peer_name) {
+        let detail = format!(
+            "export {} is not exported to peer {peer_name}",
+            route.export.service.name
+        );
+        return refuse(inner, Refusal::Unauthorized, &detail, Some(tls)).await;
+    }
+    bump(&inner.stats.authorized);
+    let upstream = Arc::clone(&route.upstream);
+    drop(routes);
+
+    tracing::debug!(peer.id = %peer_id, protocol = ?upstream.protocol, "ingress connection authorized");
+    match &upstream.http {
+        None => forward_opaque(tls, &upstream, inner).await,
+        Some(client) => {
+            let Ok(peer_header) = HeaderValue::from_str(&peer_id.to_string()) else {
+                // SPIFFE IDs are validated ASCII; this cannot happen.
+                tracing::error!(peer.id = %peer_id, "peer identity is not a valid header value");
+                return;
+            };
+            let conn = Arc::new(HttpConn {
+                sni,
+                peer_header,
+                client: client.clone(),
+                h2_backend: upstream.backend_is_h2(),
+                request_timeout: inner.tuning().request_timeout,
+                stats: Arc::clone(&inner.stats),
+            });
+            serve_http(tls, conn, inner).await;
+        }
+    }
+}
+
+/// Lower-case, trailing dot stripped: how SNI, Host and FQDNs are compared.
+fn normalize_host(h: &str) -> String {
+    h.strip_suffix('.').unwrap_or(h).to_ascii_lowercase()
+}
+
+async fn forward_opaque(tls: TlsStream<TcpStream>, upstream: &Upstream, inner: &Inner) {
+    let tuning = inner.tuning();
+    let (backend, addr) = match upstream.backends.connect(tuning.connect_timeout).await {
+        Ok(pair) => pair,
+        Err(e) => {
+            bump(&inner.stats.upstream_errors);
+            tracing::warn!(error = %e, label = e.label(), "ingress splice: no backend");
+            let mut tls = tls;
+            let _ = tokio::time::timeout(REFUSAL_CLOSE_TIMEOUT, tls.shutdown()).await;
+            return;
+        }
+    };
+    bump(&inner.stats.spliced);
+    tracing::debug!(backend = %addr, "splicing");
+    tokio::select! {
+        res = splice(tls, backend, tuning.idle_timeout) => match res {
+            Ok((up, down)) => {
+                inner.stats.bytes_to_backend.fetch_add(up, Ordering::Relaxed);
+                inner.stats.bytes_from_backend.fetch_add(down, Ordering::Relaxed);
+                tracing::debug!(backend = %addr, bytes.up = up, bytes.down = down, "splice finished");
+            }
+            Err(e) => {
+                if e.side == super::error::Side::Upstream {
+                    bump(&inner.stats.upstream_errors);
+                }
+                tracing::info!(backend = %addr, error = %e, label = e.label(), "splice ended");
+            }
+        },
+        _ = inner.ctx.shutdown.cancelled() => {
+            tracing::debug!(backend = %addr, "splice cut by shutdown");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Routing snapshot
+// ---------------------------------------------------------------------------
+
+/// The routing table derived from one export catalog: exports by normalized
+/// FQDN, each with its backends and (for HTTP protocols) its pooled client.
+struct Routes {
+    catalog: Arc<ExportCatalog>,
+    by_sni: HashMap<String, Route>,
+}
+
+struct Route {
+    export: ExportedService,
+    upstream: Arc<Upstream>,
+}
+
+/// Caches [`Routes`] for the current catalog. Connections read it without
+/// a lock; it is rebuilt (under a mutex, so once) only when the catalog
+/// `Arc` changes, reusing the upstreams — and thus their connection pools
+/// and dead marks — of exports whose backends and protocol did not change.
+struct RouteCache {
+    current: ArcSwap<Routes>,
+    rebuild: Mutex<()>,
+    tuning: ProxyTuning,
+}
+
+impl RouteCache {
+    fn new(tuning: ProxyTuning) -> Self {
+        RouteCache {
+            current: ArcSwap::from_pointee(Routes {
+                catalog: Arc::new(ExportCatalog::default()),
+                by_sni: HashMap::new(),
+            }),
+            rebuild: Mutex::new(()),
+            tuning,
+        }
+    }
+
+    fn routes(&self, catalog: Arc<ExportCatalog>) -> Arc<Routes> {
+        let cur = self.current.load_full();
+        if Arc::ptr_eq(&cur.catalog, &catalog) {
+            return cur;
+        }
+        let _guard = self.rebuild.lock().unwrap_or_else(|p| p.into_inner());
+        let cur = self.current.load_full();
+        if Arc::ptr_eq(&cur.catalog, &catalog) {
+            return cur;
+        }
+        let old: HashMap<&str, &Arc<Upstream>> = cur
+            .by_sni
+            .values()
+            .map(|r| (r.export.service.name.as_str(), &r.upstream))
+            .collect();
+        let by_sni = catalog
+            .iter()
+            .map(|(name, export)| {
+                let upstream = match old.get(name.as_str()) {
+                    Some(u) if u.serves(export) => Arc::clone(u),
+                    _ => Arc::new(Upstream::new(export, &self.tuning)),
+                };
+                let route = Route {
+                    export: export.clone(),
+                    upstream,
+                };
+                (normalize_host(&export.service.fqdn), route)
+            })
+            .collect();
+        let routes = Arc::new(Routes { catalog, by_sni });
+        self.current.store(Arc::clone(&routes));
+        routes
+    }
+}
+
+type ProxyBody = Either<Incoming, Full<Bytes>>;
+type HttpClient = Client<BackendConnector, Incoming>;
+
+/// Where one export's traffic goes.
+struct Upstream {
+    protocol: Protocol,
+    backend_list: Vec<HostPort>,
+    backends: Arc<Backends>,
+    /// Pooled client for HTTP protocols; `None` = splice.
+    http: Option<HttpClient>,
+}
+
+impl Upstream {
+    fn new(export: &ExportedService, tuning: &ProxyTuning) -> Self {
+        let backends = Arc::new(Backends::new(&export.backends));
+        let connector = BackendConnector {
+            backends: Arc::clone(&backends),
+            connect_timeout: tuning.connect_timeout,
+        };
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(tuning.idle_timeout);
+        let http = match export.protocol {
+            Protocol::Http => Some(builder.build(connector)),
+            // gRPC and HTTP/2 backends speak h2c: prior knowledge, no upgrade.
+            Protocol::Http2 | Protocol::Grpc => Some(builder.http2_only(true).build(connector)),
+            Protocol::Https | Protocol::Mongo | Protocol::Tcp | Protocol::Tls | Protocol::Mtls => {
+                None
+            }
+        };
+        Upstream {
+            protocol: export.protocol,
+            backend_list: export.backends.clone(),
+            backends,
+            http,
+        }
+    }
+
+    fn serves(&self, export: &ExportedService) -> bool {
+        self.protocol == export.protocol && self.backend_list == export.backends
+    }
+
+    fn backend_is_h2(&self) -> bool {
+        matches!(self.protocol, Protocol::Http2 | Protocol::Grpc)
+    }
+}
+
+/// The hyper client connector of one export: round robin over its backends
+/// with dead ones skipped. The URI the client asks for is only the pool key.
+#[derive(Clone)]
+struct BackendConnector {
+    backends: Arc<Backends>,
+    connect_timeout: Duration,
+}
+
+impl tower::Service<Uri> for BackendConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = ProxyError;
+    type Future = Pin<Box<dyn Future<Output = Result<TokioIo<TcpStream>, ProxyError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: Uri) -> Self::Future {
+        let backends = Arc::clone(&self.backends);
+        let timeout = self.connect_timeout;
+        Box::pin(async move {
+            let (stream, _) = backends.connect(timeout).await?;
+            Ok(TokioIo::new(stream))
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// HTTP
+// ---------------------------------------------------------------------------
+
+/// What every request of one authorized HTTP connection needs.
+struct HttpConn {
+    sni: String,
+    peer_header: HeaderValue,
+    client: HttpClient,
+    /// The backend speaks HTTP/2 (h2c); the request version must match.
+    h2_backend: bool,
+    request_timeout: Duration,
+    stats: Arc<IngressStats>,
+}
+
+async fn serve_http(tls: TlsStream<TcpStream>, conn: Arc<HttpConn>, inner: &Inner) {
+    let tuning = inner.tuning();
+    let activity = Arc::new(Activity::new());
+    let io = TokioIo::new(IdleIo {
+        inner: tls,
+        activity: Arc::clone(&activity),
+    });
+    let h2 = Arc::clone(&conn);
+    let service = hyper::service::service_fn(move |req| {
+        let conn = Arc::clone(&h2);
+        async move { Ok::<_, Infallible>(proxy_request(req, &conn).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(tuning.request_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(tuning.http2_max_concurrent_streams);
+    let mut connection = pin!(builder.serve_connection(io, service));
+    let idle = tuning.idle_timeout;
+    let mut idle_check = pin!(activity.idle(idle));
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            res = connection.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(error = %e, "ingress http connection ended with an error");
+                }
+                return;
+            }
+            _ = inner.ctx.shutdown.cancelled(), if !draining => {
+                draining = true;
+                connection.as_mut().graceful_shutdown();
+            }
+            _ = idle_check.as_mut(), if !draining => {
+                tracing::debug!("ingress http connection idle for {idle:?}; closing");
+                draining = true;
+                connection.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
+async fn proxy_request(req: Request<Incoming>, conn: &HttpConn) -> Response<ProxyBody> {
+    bump(&conn.stats.http_requests);
+    let grpc = is_grpc(req.headers());
+    match forward(req, conn).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            match e.kind {
+                ErrorKind::MisdirectedRequest => bump(&conn.stats.misdirected),
+                _ if e.side == super::error::Side::Upstream => bump(&conn.stats.upstream_errors),
+                _ => {}
+            }
+            tracing::warn!(error = %e, label = e.label(), status = e.status().as_u16(), "ingress request failed");
+            error_response(&e, grpc)
+        }
+    }
+}
+
+async fn forward(
+    req: Request<Incoming>,
+    conn: &HttpConn,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let (mut parts, body) = req.into_parts();
+
+    // The request must address the service the SNI routed (and authorized)
+    // the connection to. Both the URI authority (HTTP/2 :authority, HTTP/1
+    // absolute-form) and the Host header count when present.
+    let uri_authority = parts.uri.authority().cloned();
+    if let Some(a) = &uri_authority {
+        check_authority(a.host(), &conn.sni)?;
+    }
+    let mut hosts = parts.headers.get_all(HOST).iter();
+    let host_header = hosts.next().cloned();
+    if hosts.next().is_some() {
+        return Err(ProxyError::downstream(
+            ErrorKind::MisdirectedRequest,
+            "more than one host header",
+        ));
+    }
+    if let Some(h) = &host_header {
+        let authority = h
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse::<Authority>().ok())
+            .ok_or_else(|| {
+                ProxyError::downstream(
+                    ErrorKind::MisdirectedRequest,
+                    format!("unparsable host header {h:?}"),
+                )
+            })?;
+        check_authority(authority.host(), &conn.sni)?;
+    }
+
+    strip_hop_by_hop(&mut parts.headers);
+    for name in STRIPPED_IDENTITY_HEADERS {
+        parts.headers.remove(*name);
+    }
+    parts
+        .headers
+        .insert(PEER_IDENTITY_HEADER, conn.peer_header.clone());
+
+    // The client wants an absolute URI (its pool key, and :authority for
+    // h2); it sends origin-form to HTTP/1 backends itself.
+    let authority = match (&uri_authority, &host_header) {
+        (Some(a), _) => a.clone(),
+        (None, Some(h)) => h
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| sni_authority(&conn.sni)),
+        (None, None) => sni_authority(&conn.sni),
+    };
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    parts.uri = Uri::builder()
+        .scheme(Scheme::HTTP)
+        .authority(authority)
+        .path_and_query(path)
+        .build()
+        .map_err(|e| {
+            ProxyError::downstream(ErrorKind::Protocol, format!("bad request uri: {e}"))
+        })?;
+    if conn.h2_backend {
+        // :authority carries it; a Host header alongside is redundant.
+        parts.headers.remove(HOST);
+        parts.version = Version::HTTP_2;
+    } else {
+        parts.version = Version::HTTP_11;
+    }
+
+    let request = Request::from_parts(parts, body);
+    let response =
+        match tokio::time::timeout(conn.request_timeout, conn.client.request(request)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return Err(client_error(&e)),
+            Err(_) => {
+                return Err(ProxyError::upstream(
+                    ErrorKind::RequestTimeout,
+                    format!("no response headers within {:?}", conn.request_timeout),
+                ));
+            }
+        };
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Ok(Response::from_parts(parts, Either::Left(body)))
+}
+
+fn sni_authority(sni: &str) -> Authority {
+    sni.parse()
+        .unwrap_or_else(|_| Authority::from_static("invalid.invalid"))
+}
+
+fn check_authority(host: &str, sni: &str) -> Result<(), ProxyError> {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.eq_ignore_ascii_case(sni) {
+        Ok(())
+    } else {
+        Err(ProxyError::downstream(
+            ErrorKind::MisdirectedRequest,
+            format!("request for host {host} on a connection for {sni}"),
+        ))
+    }
+}
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Removes the headers that describe one hop, not the message: those named
+/// in `Connection`, the fixed hop-by-hop set, and `TE` except `trailers`
+/// (which gRPC needs end to end).
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            // Never let a Connection token drop a header we add ourselves.
+            if name != PEER_IDENTITY_HEADER {
+                headers.remove(name);
+            }
+        }
+        headers.remove(CONNECTION);
+    }
+    headers.remove(KEEP_ALIVE);
+    headers.remove(PROXY_CONNECTION);
+    headers.remove(TRANSFER_ENCODING);
+    headers.remove(UPGRADE);
+    if headers.contains_key(TE) {
+        let trailers = headers
+            .get_all(TE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+        headers.remove(TE);
+        if trailers {
+            headers.insert(TE, HeaderValue::from_static("trailers"));
+        }
+    }
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+/// Finds our own error in the client error's causes (connect failures carry
+/// the [`ProxyError`] from [`Backends::connect`]); anything else is an
+/// upstream failure of the exchange.
+fn client_error(e: &hyper_util::client::legacy::Error) -> ProxyError {
+    let mut cause: Option<&(dyn StdError + 'static)> = e.source();
+    let mut detail = String::new();
+    while let Some(c) = cause {
+        if let Some(p) = c.downcast_ref::<ProxyError>() {
+            return p.clone();
+        }
+        if !detail.is_empty() {
+            detail.push_str(": ");
+        }
+        detail.push_str(&c.to_string());
+        cause = c.source();
+    }
+    if detail.is_empty() {
+        detail = e.to_string();
+    }
+    if e.is_connect() {
+        ProxyError::upstream(ErrorKind::ConnectFailed, detail)
+    } else {
+        ProxyError::upstream(
+            ErrorKind::Io,
+            format!("exchange with backend failed: {detail}"),
+        )
+    }
+}
+
+/// The response for a failed request: the status from [`ProxyError::status`]
+/// with a short text body naming the side, or for gRPC a trailers-only
+/// response carrying the matching `grpc-status`.
+fn error_response(e: &ProxyError, grpc: bool) -> Response<ProxyBody> {
+    let mut resp = if grpc {
+        let mut r = Response::new(Either::Right(Full::new(Bytes::new())));
+        let headers = r.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert("grpc-status", HeaderValue::from(e.grpc_code()));
+        if let Ok(msg) = HeaderValue::from_str(&grpc_message(&e.to_string())) {
+            headers.insert("grpc-message", msg);
+        }
+        r
+    } else {
+        let mut r = Response::new(Either::Right(Full::new(Bytes::from(e.body()))));
+        *r.status_mut() = e.status();
+        r.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        r
+    };
+    if let Ok(v) = HeaderValue::from_str(e.label()) {
+        resp.headers_mut().insert("x-elsinore-error", v);
+    }
+    resp
+}
+
+/// Percent-encodes a `grpc-message` value as the gRPC spec asks (everything
+/// outside printable ASCII, and `%` itself).
+fn grpc_message(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Last time bytes moved on a connection, in milliseconds since `epoch`.
+struct Activity {
+    epoch: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+
+    /// Resolves once nothing moved for `idle`.
+    async fn idle(&self, idle: Duration) {
+        loop {
+            let deadline = self.last() + idle;
+            if deadline <= Instant::now() {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+/// Records activity on every read and write of the wrapped stream.
+struct IdleIo<T> {
+    inner: T,
+    activity: Arc<Activity>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        res
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let res = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = res
+            && n > 0
+        {
+            self.activity.touch();
+        }
+        res
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let res = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = res
+            && n > 0
+        {
+            self.activity.touch();
+        }
+        res
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::sync::atomic::AtomicUsize;
+
+    use elsinore_certs::{Ca, Identity, SpiffeId, TrustBundle, TrustDomain};
+    use http::StatusCode;
+    use http_body_util::{BodyExt, Empty, StreamBody};
+    use hyper::body::Frame;
+    use rustls::pki_types::ServerName;
+    use tokio::io::AsyncReadExt;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::catalog::exports::tests::config;
+    use crate::config::Export;
+    use crate::state::new_shared;
+
+    const FORGED: &str = "spiffe://mesh-b.example/ns/prod/sa/admin";
+
+    fn td(s: &str) -> TrustDomain {
+        s.parse().unwrap()
+    }
+
+    fn identity(ca: &Ca, id: &SpiffeId) -> Identity {
+        let issued = ca.issue(id, &[], &[]).unwrap();
+        Identity::from_pem(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes()).unwrap()
+    }
+
+    fn bundle(ca: &Ca, domain: &str) -> TrustBundle {
+        TrustBundle::from_pem(td(domain), ca.cert_pem().as_bytes()).unwrap()
+    }
+
+    fn export(name: &str, protocol: Protocol, backends: &[SocketAddr], peers: &[&str]) -> Export {
+        Export {
+            name: name.to_owned(),
+            fqdn: format!("{name}.mesh-a.global"),
+            protocol,
+            port: 80,
+            backends: backends
+                .iter()
+                .map(|a| HostPort {
+                    host: a.ip().to_string(),
+                    port: a.port(),
+                })
+                .collect(),
+            peers: peers.iter().map(|p| (*p).to_owned()).collect(),
+        }
+    }
+
+    fn tuning() -> ProxyTuning {
+        ProxyTuning {
+            connect_timeout: Duration::from_secs(2),
+            handshake_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(5),
+            ..ProxyTuning::default()
+        }
+    }
+
+    fn catalog(exports: Vec<Export>) -> ExportCatalog {
+        let mut cfg = config();
+        cfg.exports = exports;
+        ExportCatalog::from_config(&cfg, &SpiffeId::gateway(td("mesh-a.example")))
+    }
+
+    /// An ingress of mesh-a on loopback, with peers mesh-b and mesh-c.
+    struct Gateway {
+        addr: SocketAddr,
+        shared: Arc<crate::state::Shared>,
+        stats: Arc<IngressStats>,
+        shutdown: CancellationToken,
+        task: tokio::task::JoinHandle<Result<(), ProxyError>>,
+        a_bundle: TrustBundle,
+        b_ca: Ca,
+        c_ca: Ca,
+    }
+
+    async fn start(exports: Vec<Export>, tuning: ProxyTuning) -> Gateway {
+        let a_td = td("mesh-a.example");
+        let a_ca = Ca::new(&a_td).unwrap();
+        let b_ca = Ca::new(&td("mesh-b.example")).unwrap();
+        let c_ca = Ca::new(&td("mesh-c.example")).unwrap();
+        let gateway_id = SpiffeId::gateway(a_td);
+        let shared = new_shared("mesh-a".to_owned(), catalog(exports), &config().peers);
+        let bundles = HashMap::from([
+            ("mesh-b".to_owned(), bundle(&b_ca, "mesh-b.example")),
+            ("mesh-c".to_owned(), bundle(&c_ca, "mesh-c.example")),
+        ]);
+        let shutdown = CancellationToken::new();
+        let ctx_shared = Arc::clone(&shared);
+        let ctx = ProxyContext {
+            shared,
+            identity: identity(&a_ca, &gateway_id),
+            bundles: Arc::new(bundles),
+            tuning,
+            shutdown: shutdown.clone(),
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stats = IngressStats::new();
+        let task = tokio::spawn(serve(listener, ctx, Arc::clone(&stats)));
+        Gateway {
+            addr,
+            shared: Arc::clone(&ctx_shared),
+            stats,
+            shutdown,
+            task,
+            a_bundle: bundle(&a_ca, "mesh-a.example"),
+            b_ca,
+            c_ca,
+        }
+    }
+
+    impl Gateway {
+        /// Connects as `id` (certificate signed by `ca`) with `sni`.
+        async fn connect_as(
+            &self,
+            ca: &Ca,
+            id: &str,
+            sni: &str,
+            alpn: &[&[u8]],
+        ) -> tokio_rustls::client::TlsStream<TcpStream> {
+            let id: SpiffeId = id.parse().unwrap();
+            let cfg = elsinore_certs::client_config(&identity(ca, &id), &self.a_bundle, None, alpn)
+                .unwrap();
+            let tcp = TcpStream::connect(self.addr).await.unwrap();
+            tokio_rustls::TlsConnector::from(cfg)
+                .connect(ServerName::try_from(sni.to_owned()).unwrap(), tcp)
+                .await
+                .unwrap()
+        }
+
+        /// Connects as mesh-b's gateway.
+        async fn connect_b(
+            &self,
+            sni: &str,
+            alpn: &[&[u8]],
+        ) -> tokio_rustls::client::TlsStream<TcpStream> {
+            self.connect_as(
+                &self.b_ca,
+                "spiffe://mesh-b.example/ns/elsinore/sa/gateway",
+                sni,
+                alpn,
+            )
+            .await
+        }
+
+        async fn stop(self) {
+            self.shutdown.cancel();
+            tokio::time::timeout(Duration::from_secs(10), self.task)
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+        }
+    }
+
+    /// A TCP echo backend counting its connections.
+    async fn echo_backend() -> (SocketAddr, Arc<AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let count = Arc::new(AtomicUsize::new(0));
+        let c = Arc::clone(&count);
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                c.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        (addr, count)
+    }
+
+    async fn dead_addr() -> SocketAddr {
+        TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    }
+
+    /// What an HTTP backend saw, returned in response headers.
+    fn seen(req: &Request<Incoming>) -> Response<String> {
+        let join = |name: &str| {
+            req.headers()
+                .get_all(name)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        Response::builder()
+            .header("x-seen-peer", join(PEER_IDENTITY_HEADER))
+            .header("x-seen-xfcc", join("x-forwarded-client-cert"))
+            .header("x-seen-host", join("host"))
+            .header("x-seen-conn-token", join("x-drop-me"))
+            .header(
+                "x-seen-authority",
+                req.uri()
+                    .authority()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
+            )
+            .header("x-seen-version", format!("{:?}", req.version()))
+            .body(format!("path={}", req.uri()))
+            .unwrap()
+    }
+
+    /// An HTTP/1.1 backend answering with what it saw; counts requests.
+    async fn http1_backend() -> (SocketAddr, Arc<AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let count = Arc::new(AtomicUsize::new(0));
+        let c = Arc::clone(&count);
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                let c = Arc::clone(&c);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        c.fetch_add(1, Ordering::SeqCst);
+                        async move { Ok::<_, Infallible>(seen(&req).map(|s| Full::new(Bytes::from(s)))) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, count)
+    }
+
+    /// An h2c backend whose responses stream a body and end with trailers.
+    async fn h2c_backend() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        let head = seen(&req);
+                        // Echo the request body back, then trailers.
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let mut trailers = HeaderMap::new();
+                        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+                        trailers.insert("x-trailer", HeaderValue::from_static("kept"));
+                        let frames = vec![
+                            Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"echo:"))),
+                            Ok(Frame::data(body)),
+                            Ok(Frame::trailers(trailers)),
+                        ];
+                        let (parts, _) = head.into_parts();
+                        Ok::<_, Infallible>(Response::from_parts(
+                            parts,
+                            StreamBody::new(futures_util::stream::iter(frames)),
+                        ))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// An HTTP/1.1 sender over a fresh connection as mesh-b.
+    async fn h1_client(
+        gw: &Gateway,
+        sni: &str,
+    ) -> hyper::client::conn::http1::SendRequest<Empty<Bytes>> {
+        let tls = gw.connect_b(sni, &[b"http/1.1"]).await;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        sender
+    }
+
+    async fn body_text(resp: Response<Incoming>) -> String {
+        String::from_utf8(
+            resp.into_body()
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes()
+                .to_vec(),
+        )
+        .unwrap()
+    }
+
+    /// Asserts the connection carries no data: EOF (close_notify) or an
+    /// error, whatever we write.
+    async fn assert_closed(mut tls: tokio_rustls::client::TlsStream<TcpStream>) {
+        let _ = tls.write_all(b"hello").await;
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf))
+            .await
+            .expect("the connection must be closed, not left open");
+        assert!(matches!(read, Ok(0) | Err(_)), "got data: {read:?}");
+    }
+
+    #[tokio::test]
+    async fn tcp_export_is_spliced_to_a_backend_skipping_a_dead_one() {
+        let (echo, count) = echo_backend().await;
+        let dead = dead_addr().await;
+        let gw = start(
+            vec![export("db", Protocol::Tcp, &[dead, echo], &["mesh-b"])],
+            tuning(),
+        )
+        .await;
+        for i in 0..3 {
+            // SNI is matched case-insensitively, trailing dot ignored.
+            let sni = if i == 1 {
+                "DB.Mesh-A.Global."
+            } else {
+                "db.mesh-a.global"
+            };
+            let mut tls = gw.connect_b(sni, &[]).await;
+            tls.write_all(b"ping over the mesh").await.unwrap();
+            // Half-close: the echo still comes back.
+            tls.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            tls.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, b"ping over the mesh");
+        }
+        assert_eq!(count.load(Ordering::SeqCst), 3);
+        assert_eq!(get(&gw.stats.authorized), 3);
+        assert_eq!(get(&gw.stats.spliced), 3);
+        gw.stop().await;
+    }
+
+    fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+
+    #[tokio::test]
+    async fn refusals_close_the_connection_and_are_counted() {
+        let (echo, count) = echo_backend().await;
+        let gw = start(
+            vec![
+                export("db", Protocol::Tcp, &[echo], &["mesh-b"]),
+                export("secret", Protocol::Tcp, &[echo], &["mesh-c"]),
+            ],
+            tuning(),
+        )
+        .await;
+
+        // Export not given to mesh-b, whatever SNI it sends.
+        assert_closed(gw.connect_b("secret.mesh-a.global", &[]).await).await;
+        assert_eq!(gw.stats.refused(Refusal::Unauthorized), 1);
+
+        // No export with that FQDN (no default route).
+        assert_closed(gw.connect_b("nothing.mesh-a.global", &[]).await).await;
+        assert_eq!(gw.stats.refused(Refusal::UnknownSni), 1);
+
+        // A trust domain that is no peer, signed by a CA we trust for
+        // mesh-b: the handshake completes, the connection is refused.
+        let stranger = gw
+            .connect_as(
+                &gw.b_ca,
+                "spiffe://mesh-x.example/ns/elsinore/sa/gateway",
+                "db.mesh-a.global",
+                &[],
+            )
+            .await;
+        assert_closed(stranger).await;
+        assert_eq!(gw.stats.refused(Refusal::UnknownPeer), 1);
+
+        // No SNI: an IP address as server name sends none.
+        let tls = gw.connect_b("127.0.0.1", &[]).await;
+        assert_closed(tls).await;
+        assert_eq!(gw.stats.refused(Refusal::NoSni), 1);
+
+        // mesh-c reaches its own export, through the same listener.
+        let mut tls = gw
+            .connect_as(
+                &gw.c_ca,
+                "spiffe://mesh-c.example/ns/elsinore/sa/gateway",
+                "secret.mesh-a.global",
+                &[],
+            )
+            .await;
+        tls.write_all(b"c").await.unwrap();
+        let mut one = [0u8; 1];
+        tls.read_exact(&mut one).await.unwrap();
+        assert_eq!(&one, b"c");
+
+        // Only mesh-c's connection reached the backend.
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+        assert_eq!(get(&gw.stats.authorized), 1);
+        gw.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_client_without_a_trusted_certificate_fails_the_handshake() {
+        let (echo, _) = echo_backend().await;
+        let gw = start(
+            vec![export("db", Protocol::Tcp, &[echo], &["mesh-b"])],
+            tuning(),
+        )
+        .await;
+        let rogue = Ca::new(&td("mesh-b.example")).unwrap();
+        let id: SpiffeId = "spiffe://mesh-b.example/ns/elsinore/sa/gateway"
+            .parse()
+            .unwrap();
+        let cfg =
+            elsinore_certs::client_config(&identity(&rogue, &id), &gw.a_bundle, None, &[]).unwrap();
+        let tcp = TcpStream::connect(gw.addr).await.unwrap();
+        let res = tokio_rustls::TlsConnector::from(cfg)
+            .connect(ServerName::try_from("db.mesh-a.global").unwrap(), tcp)
+            .await;
+        // TLS 1.3: the client may finish before the server's alert arrives.
+        if let Ok(tls) = res {
+            assert_closed(tls).await;
+        }
+        for _ in 0..50 {
+            if gw.stats.refused(Refusal::HandshakeFailed) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(gw.stats.refused(Refusal::HandshakeFailed), 1);
+        gw.stop().await;
+    }
+
+    #[tokio::test]
+    async fn connection_cap_closes_new_connections() {
+        let (echo, _) = echo_backend().await;
+        let gw = start(
+            vec![export("db", Protocol::Tcp, &[echo], &["mesh-b"])],
+            ProxyTuning {
+                max_connections: 1,
+                ..tuning()
+            },
+        )
+        .await;
+        let mut first = gw.connect_b("db.mesh-a.global", &[]).await;
+        first.write_all(b"1").await.unwrap();
+        let mut one = [0u8; 1];
+        first.read_exact(&mut one).await.unwrap();
+
+        let id: SpiffeId = "spiffe://mesh-b.example/ns/elsinore/sa/gateway"
+            .parse()
+            .unwrap();
+        let cfg = elsinore_certs::client_config(&identity(&gw.b_ca, &id), &gw.a_bundle, None, &[])
+            .unwrap();
+        let tcp = TcpStream::connect(gw.addr).await.unwrap();
+        let second = tokio_rustls::TlsConnector::from(cfg)
+            .connect(ServerName::try_from("db.mesh-a.global").unwrap(), tcp)
+            .await;
+        assert!(
+            second.is_err(),
+            "over the cap the connection is closed before tls"
+        );
+        assert_eq!(gw.stats.refused(Refusal::Overloaded), 1);
+        gw.stop().await;
+    }
+
+    #[tokio::test]
+    async fn http_export_forwards_with_the_verified_identity() {
+        let (backend, count) = http1_backend().await;
+        let gw = start(
+            vec![export("reviews", Protocol::Http, &[backend], &["mesh-b"])],
+            tuning(),
+        )
+        .await;
+        let mut sender = h1_client(&gw, "reviews.mesh-a.global").await;
+        for _ in 0..2 {
+            let req = Request::builder()
+                .uri("/reviews/1?x=y")
+                .header(HOST, "reviews.mesh-a.global:15443")
+                .header(PEER_IDENTITY_HEADER, FORGED)
+                .header("x-forwarded-client-cert", "By=forged")
+                .header(CONNECTION, "x-drop-me")
+                .header("x-drop-me", "1")
+                .body(Empty::new())
+                .unwrap();
+            let resp = sender.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            let h = resp.headers();
+            assert_eq!(
+                h["x-seen-peer"],
+                "spiffe://mesh-b.example/ns/elsinore/sa/gateway"
+            );
+            assert_eq!(h["x-seen-xfcc"], "");
+            assert_eq!(h["x-seen-conn-token"], "");
+            assert_eq!(h["x-seen-host"], "reviews.mesh-a.global:15443");
+            assert_eq!(h["x-seen-version"], "HTTP/1.1");
+            // Origin-form on the wire to the HTTP/1 backend.
+            assert_eq!(body_text(resp).await, "path=/reviews/1?x=y");
+        }
+        assert_eq!(count.load(Ordering::SeqCst), 2);
+        assert_eq!(get(&gw.stats.http_requests), 2);
+        gw.stop().await;
+    }
+
+    #[tokio::test]
+    async fn host_naming_another_service_is_misdirected() {
+        let (backend, count) = http1_backend().await;
+        let gw = start(
+            vec![
+                export("reviews", Protocol::Http, &[backend], &["mesh-b"]),
+                export("admin", Protocol::Http, &[backend], &["mesh-c"]),
+            ],
+            tuning(),
+        )
+        .await;
+        let mut sender = h1_client(&gw, "reviews.mesh-a.global").await;
+        let req = Request::builder()
+            .uri("/")
+            .header(HOST, "admin.mesh-a.global")
+            .body(Empty::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::MISDIRECTED_REQUEST);
+        assert!(
+            body_text(resp)
+                .await
+                .starts_with("downstream misdirected request")
+        );
+
+        // Absolute-form URI naming another service: same answer.
+        let req = Request::builder()
+            .uri("http://admin.mesh-a.global/")
+            .header(HOST, "reviews.mesh-a.global")
+            .body(Empty::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::MISDIRECTED_REQUEST);
+
+        assert_eq!(count.load(Ordering::SeqCst), 0);
+        assert_eq!(get(&gw.stats.misdirected), 2);
+        gw.stop().await;
+    }
+
+    #[tokio::test]
+    async fn upstream_failures_map_to_502_and_504() {
+        let dead = dead_addr().await;
+        // Accepts and reads, never answers.
+        let hang = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let hang_addr = hang.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                let (s, _) = hang.accept().await.unwrap();
+                held.push(s);
+            }
+        });
+        let gw = start(
+            vec![
+                export("down", Protocol::Http, &[dead], &["mesh-b"]),
+                export("slow", Protocol::Http, &[hang_addr], &["mesh-b"]),
+            ],
+            ProxyTuning {
+                request_timeout: Duration::from_millis(300),
+                ..tuning()
+            },
+        )
+        .await;
+
+        let mut sender = h1_client(&gw, "down.mesh-a.global").await;
+        let req = Request::builder()
+            .uri("/")
+            .header(HOST, "down.mesh-a.global")
+            .body(Empty::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(resp.headers()["x-elsinore-error"], "connect_failed");
+        let text = body_text(resp).await;
+        assert!(text.starts_with("upstream connect failed"), "{text}");
+        assert!(text.contains(&dead.to_string()), "{text}");
+
+        let mut sender = h1_client(&gw, "slow.mesh-a.global").await;
+        let req = Request::builder()
+            .uri("/")
+            .header(HOST, "slow.mesh-a.global")
+            .body(Empty::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert!(
+            body_text(resp)
+                .await
+                .starts_with("upstream request timed out")
+        );
+        assert_eq!(get(&gw.stats.upstream_errors), 2);
+        gw.stop().await;
+    }
+
+    #[tokio::test]
+    async fn grpc_export_goes_over_h2c_with_trailers() {
+        let backend = h2c_backend().await;
+        let gw = start(
+            vec![export("ratings", Protocol::Grpc, &[backend], &["mesh-b"])],
+            tuning(),
+        )
+        .await;
+        let tls = gw.connect_b("ratings.mesh-a.global", &[b"h2"]).await;
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        for i in 0..3 {
+            let req = Request::builder()
+                .method("POST")
+                .uri("https://ratings.mesh-a.global/ratings.v1.Ratings/Get")
+                .header(CONTENT_TYPE, "application/grpc")
+                .header(TE, "trailers")
+                .header(PEER_IDENTITY_HEADER, FORGED)
+                .body(Full::new(Bytes::from(format!("req{i}"))))
+                .unwrap();
+            let resp = sender.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            let h = resp.headers().clone();
+            assert_eq!(
+                h["x-seen-peer"],
+                "spiffe://mesh-b.example/ns/elsinore/sa/gateway"
+            );
+            assert_eq!(h["x-seen-version"], "HTTP/2.0");
+            assert_eq!(h["x-seen-authority"], "ratings.mesh-a.global");
+            let collected = resp.into_body().collect().await.unwrap();
+            let trailers = collected
+                .trailers()
+                .cloned()
+                .expect("trailers pass through");
+            assert_eq!(trailers["grpc-status"], "0");
+            assert_eq!(trailers["x-trailer"], "kept");
+            assert_eq!(collected.to_bytes(), format!("echo:req{i}"));
+        }
+
+        // A gRPC request for another service gets a gRPC status, not HTML.
+        let req = Request::builder()
+            .method("POST")
+            .uri("https://other.mesh-a.global/x.Y/Z")
+            .header(CONTENT_TYPE, "application/grpc")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["grpc-status"], "14");
+        gw.stop().await;
+    }
+
+    #[tokio::test]
+    async fn catalog_changes_reroute_new_connections() {
+        let (echo, _) = echo_backend().await;
+        let gw = start(
+            vec![export("db", Protocol::Tcp, &[echo], &["mesh-c"])],
+            tuning(),
+        )
+        .await;
+        assert_closed(gw.connect_b("db.mesh-a.global", &[]).await).await;
+        assert_eq!(gw.stats.refused(Refusal::Unauthorized), 1);
+
+        // A config reload publishes a new catalog: db is now for mesh-b.
+        gw.shared.exports.send_replace(Arc::new(catalog(vec![export(
+            "db",
+            Protocol::Tcp,
+            &[echo],
+            &["mesh-b"],
+        )])));
+        let mut tls = gw.connect_b("db.mesh-a.global", &[]).await;
+        tls.write_all(b"now").await.unwrap();
+        let mut got = [0u8; 3];
+        tls.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"now");
+        gw.stop().await;
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("close, x-custom"));
+        h.insert("x-custom", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(TE, HeaderValue::from_static("gzip, trailers"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert_eq!(h[TE], "trailers");
+        assert_eq!(h["x-kept"], "1");
+
+        let mut h = HeaderMap::new();
+        h.insert(TE, HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty());
+    }
+
+    #[test]
+    fn grpc_message_is_percent_encoded() {
+        assert_eq!(grpc_message("a b%ü"), "a b%25%C3%BC");
+    }
+}

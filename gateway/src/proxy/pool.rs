@@ -1,1 +1,371 @@
-//! placeholder
+//! The egress pool of HTTP/2 connections to remote gateways. Requests of
+//! local apps for imported HTTP services are multiplexed over a handful of
+//! mTLS HTTP/2 connections per (endpoint, SNI, peer, expected SANs) instead
+//! of one TLS connection per request: a request leases the least loaded live
+//! connection, and a new connection is dialed only when there is none, or
+//! when every connection carries many streams and the key is below its cap.
+//! Dials for one key are serialized, so a burst of requests against an empty
+//! pool opens one connection, not one per request; a dial failure is shared
+//! with the requests that waited on it instead of being retried by each.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use hyper::client::conn::http2::SendRequest;
+use tokio::time::Instant;
+
+use super::error::ProxyError;
+
+/// What a pooled connection is for. Two services behind the same remote
+/// endpoint and SNI share connections; different expected SANs never do,
+/// because a connection is only as trusted as the check made when it opened.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    /// The remote gateway endpoint, `address:port` as imported.
+    pub endpoint: String,
+    pub sni: String,
+    pub peer: String,
+    pub sans: Vec<String>,
+}
+
+/// Limits of the pool.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolLimits {
+    /// Connections per key at most.
+    pub max_per_key: usize,
+    /// Streams on a connection before another connection is worth opening
+    /// (below the cap; at the cap, streams queue on the least loaded one).
+    pub streams_per_conn: usize,
+    /// A connection with no stream for this long is dropped on the next
+    /// lease of its key.
+    pub idle_timeout: Duration,
+}
+
+impl Default for PoolLimits {
+    fn default() -> Self {
+        PoolLimits {
+            max_per_key: 4,
+            streams_per_conn: 100,
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// A pool of HTTP/2 client connections whose request body type is `B`.
+pub struct H2Pool<B> {
+    keys: Mutex<HashMap<PoolKey, Arc<KeyPool<B>>>>,
+    limits: PoolLimits,
+}
+
+struct KeyPool<B> {
+    state: Mutex<KeyState<B>>,
+    /// Held while dialing, so dials of one key never race.
+    dial: tokio::sync::Mutex<()>,
+}
+
+struct KeyState<B> {
+    conns: Vec<Conn<B>>,
+    /// The last dial failure, handed to requests that were already waiting
+    /// for that dial.
+    failed: Option<(Instant, ProxyError)>,
+}
+
+struct Conn<B> {
+    sender: SendRequest<B>,
+    in_flight: Arc<AtomicUsize>,
+    last_used: Instant,
+}
+
+/// One leased stream slot on a pooled connection. Keep the lease (or its
+/// [`InFlight`] guard) alive until the response body is finished: that is
+/// what the pool counts as load.
+pub struct Lease<B> {
+    pub sender: SendRequest<B>,
+    pub in_flight: InFlight,
+    /// True when this lease's connection was dialed for it.
+    pub fresh: bool,
+}
+
+/// Counts one stream on a pooled connection while alive.
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these short locks leaves consistent data
+    // (every critical section is a few field updates), so poisoning is ignored.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl<B> H2Pool<B> {
+    pub fn new(limits: PoolLimits) -> Self {
+        H2Pool {
+            keys: Mutex::new(HashMap::new()),
+            limits,
+        }
+    }
+
+    /// Live connections across all keys (closed ones not yet pruned excluded).
+    pub fn connections(&self) -> usize {
+        let keys: Vec<Arc<KeyPool<B>>> = lock(&self.keys).values().cloned().collect();
+        keys.iter()
+            .map(|k| {
+                lock(&k.state)
+                    .conns
+                    .iter()
+                    .filter(|c| !c.sender.is_closed())
+                    .count()
+            })
+            .sum()
+    }
+
+    fn key_pool(&self, key: &PoolKey) -> Arc<KeyPool<B>> {
+        let mut keys = lock(&self.keys);
+        if let Some(k) = keys.get(key) {
+            return k.clone();
+        }
+        // Forget keys that hold nothing and that nobody is using, so the map
+        // tracks current routes rather than every route ever seen.
+        keys.retain(|_, k| Arc::strong_count(k) > 1 || !lock(&k.state).conns.is_empty());
+        let k = Arc::new(KeyPool {
+            state: Mutex::new(KeyState {
+                conns: Vec::new(),
+                failed: None,
+            }),
+            dial: tokio::sync::Mutex::new(()),
+        });
+        keys.insert(key.clone(), k.clone());
+        k
+    }
+
+    /// Leases a stream slot for `key`, dialing a new connection with `dial`
+    /// when needed. A dial error is returned as is (and to the requests that
+    /// waited for that same dial).
+    pub async fn get<F, Fut>(&self, key: &PoolKey, dial: F) -> Result<Lease<B>, ProxyError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<SendRequest<B>, ProxyError>>,
+    {
+        let kp = self.key_pool(key);
+        let waited_since = Instant::now();
+        let guard = match self.pick(&kp) {
+            Pick::Use(lease) => return Ok(lease),
+            Pick::Busy(lease) => match kp.dial.try_lock() {
+                Ok(g) => {
+                    // Dial a new connection only if the one we'd share is still busy.
+                    drop(lease);
+                    g
+                }
+                // Someone else is already adding a connection: share a busy
+                // one rather than wait for it.
+                Err(_) => return Ok(lease),
+            },
+            Pick::None => kp.dial.lock().await,
+        };
+        // Whoever held the dial lock before us may have added a connection,
+        // or failed to.
+        match self.pick(&kp) {
+            Pick::Use(lease) => return Ok(lease),
+            Pick::Busy(lease) if lock(&kp.state).conns.len() >= self.limits.max_per_key => {
+                return Ok(lease);
+            }
+            Pick::Busy(_) => {}
+            Pick::None => {
+                if let Some((at, err)) = &lock(&kp.state).failed
+                    && *at >= waited_since
+                {
+                    return Err(err.clone());
+                }
+            }
+        }
+        let result = dial().await;
+        let mut state = lock(&kp.state);
+        match result {
+            Ok(sender) => {
+                state.failed = None;
+                let in_flight = Arc::new(AtomicUsize::new(1));
+                state.conns.push(Conn {
+                    sender: sender.clone(),
+                    in_flight: in_flight.clone(),
+                    last_used: Instant::now(),
+                });
+                drop(guard);
+                Ok(Lease {
+                    sender,
+                    in_flight: InFlight(in_flight),
+                    fresh: true,
+                })
+            }
+            Err(e) => {
+                state.failed = Some((Instant::now(), e.clone()));
+                drop(guard);
+                Err(e)
+            }
+        }
+    }
+
+    /// Prunes closed and idle connections and picks the least loaded one.
+    fn pick(&self, kp: &KeyPool<B>) -> Pick<B> {
+        let mut state = lock(&kp.state);
+        let now = Instant::now();
+        let idle = self.limits.idle_timeout;
+        state.conns.retain(|c| {
+            !c.sender.is_closed()
+                && (c.in_flight.load(Ordering::Relaxed) > 0 || now - c.last_used < idle)
+        });
+        let full = state.conns.len() >= self.limits.max_per_key;
+        let Some(best) = state
+            .conns
+            .iter_mut()
+            .min_by_key(|c| c.in_flight.load(Ordering::Relaxed))
+        else {
+            return Pick::None;
+        };
+        let load = best.in_flight.fetch_add(1, Ordering::Relaxed);
+        best.last_used = now;
+        let lease = Lease {
+            sender: best.sender.clone(),
+            in_flight: InFlight(best.in_flight.clone()),
+            fresh: false,
+        };
+        if load < self.limits.streams_per_conn || full {
+            Pick::Use(lease)
+        } else {
+            Pick::Busy(lease)
+        }
+    }
+}
+
+enum Pick<B> {
+    /// A connection with room (or the key is at its cap).
+    Use(Lease<B>),
+    /// Every connection is busy and the key may grow: this is the fallback.
+    Busy(Lease<B>),
+    None,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::proxy::error::ErrorKind;
+    use http_body_util::Empty;
+    use hyper::body::Bytes;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use std::sync::atomic::AtomicU64;
+    use tokio::net::{TcpListener, TcpStream};
+
+    type Body = Empty<Bytes>;
+
+    /// A plaintext HTTP/2 server on a real socket (the pool itself does not
+    /// care about TLS; egress tests cover the mTLS dial), counting accepts.
+    async fn h2_server() -> (std::net::SocketAddr, Arc<AtomicU64>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Body::new()))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    async fn dial(addr: std::net::SocketAddr) -> Result<SendRequest<Body>, ProxyError> {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|e| ProxyError::upstream(ErrorKind::ConnectFailed, e.to_string()))?;
+        let (tx, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .map_err(|e| ProxyError::upstream(ErrorKind::Protocol, e.to_string()))?;
+        tokio::spawn(conn);
+        Ok(tx)
+    }
+
+    fn key(addr: std::net::SocketAddr) -> PoolKey {
+        PoolKey {
+            endpoint: addr.to_string(),
+            sni: "s".into(),
+            peer: "p".into(),
+            sans: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn burst_on_empty_pool_opens_few_connections() {
+        let (addr, accepted) = h2_server().await;
+        let pool = Arc::new(H2Pool::<Body>::new(PoolLimits {
+            max_per_key: 4,
+            streams_per_conn: 50,
+            idle_timeout: Duration::from_secs(60),
+        }));
+        let mut tasks = Vec::new();
+        for _ in 0..300 {
+            let pool = pool.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut lease = pool.get(&key(addr), || dial(addr)).await.unwrap();
+                let req = hyper::Request::builder()
+                    .uri(format!("http://{addr}/"))
+                    .body(Body::new())
+                    .unwrap();
+                let resp = lease.sender.send_request(req).await.unwrap();
+                assert_eq!(resp.status(), 200);
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let n = accepted.load(Ordering::SeqCst);
+        assert!((1..=4).contains(&n), "{n} connections for 300 requests");
+        assert_eq!(pool.connections() as u64, n);
+    }
+
+    #[tokio::test]
+    async fn waiters_share_a_dial_failure() {
+        // A closed port: every dial fails at once.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        drop(l);
+        let pool = Arc::new(H2Pool::<Body>::new(PoolLimits::default()));
+        let dials = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..20 {
+            let pool = pool.clone();
+            let dials = dials.clone();
+            tasks.push(tokio::spawn(async move {
+                pool.get(&key(addr), || async move {
+                    dials.fetch_add(1, Ordering::SeqCst);
+                    // Slow enough that the other requests queue behind it.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    dial(addr).await
+                })
+                .await
+                .err()
+                .unwrap()
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap().kind, ErrorKind::ConnectFailed);
+        }
+        assert_eq!(dials.load(Ordering::SeqCst), 1);
+    }
+}
