@@ -37,8 +37,10 @@ pub async fn run(
         })
         .unwrap_or_else(|| PathBuf::from("."));
     let watch_tx = tx.clone();
+    let file_name = path.file_name().map(|n| n.to_os_string());
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        let Ok(event) = event else { return };
+        if is_config_change(&event, file_name.as_deref()) {
             let _ = watch_tx.try_send(());
         }
     });
@@ -55,6 +57,7 @@ pub async fn run(
             None
         }
     };
+    let mut last_text = std::fs::read(&path).ok();
     #[cfg(unix)]
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     loop {
@@ -77,6 +80,19 @@ pub async fn run(
         // Editors write in several steps; let the burst settle.
         tokio::time::sleep(Duration::from_millis(100)).await;
         while rx.try_recv().is_ok() {}
+        // Our own read of the file and unrelated writes in the directory must
+        // not cost a parse: only a change of content does.
+        let text = match std::fs::read(&path) {
+            Ok(text) => text,
+            Err(error) => {
+                tracing::error!(config = %path.display(), %error, "config reload: cannot read the file; keeping the running config");
+                continue;
+            }
+        };
+        if last_text.as_deref() == Some(text.as_slice()) {
+            continue;
+        }
+        last_text = Some(text);
         let next = match Config::load(&path) {
             Ok(next) => next,
             Err(errors) => {
@@ -100,5 +116,51 @@ pub async fn run(
         tracing::info!(exports = exports.len(), "exports reloaded");
         shared.exports.send_replace(Arc::new(exports));
         current = next;
+    }
+}
+
+/// Whether a file event can have changed the config: a create, write,
+/// rename or removal of the config file itself or of Kubernetes' `..data`
+/// link (which swaps every file of a ConfigMap at once). Reads (our own,
+/// included) and other files in the directory are ignored.
+fn is_config_change(event: &notify::Event, file_name: Option<&std::ffi::OsStr>) -> bool {
+    use notify::EventKind;
+    if !matches!(
+        event.kind,
+        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) | EventKind::Any
+    ) {
+        return false;
+    }
+    event.paths.iter().any(|p| {
+        let name = p.file_name();
+        name == file_name || name == Some(std::ffi::OsStr::new("..data"))
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use notify::event::{AccessKind, CreateKind, DataChange, ModifyKind};
+    use notify::{Event, EventKind};
+
+    fn event(kind: EventKind, path: &str) -> Event {
+        Event::new(kind).add_path(PathBuf::from(path))
+    }
+
+    #[test]
+    fn only_changes_to_the_config_file_or_data_link_count() {
+        let name = Some(std::ffi::OsStr::new("mesh-a.yaml"));
+        let write = EventKind::Modify(ModifyKind::Data(DataChange::Content));
+        assert!(is_config_change(&event(write, "/etc/e/mesh-a.yaml"), name));
+        assert!(is_config_change(
+            &event(EventKind::Create(CreateKind::File), "/etc/e/..data"),
+            name
+        ));
+        assert!(!is_config_change(&event(write, "/etc/e/other.log"), name));
+        assert!(!is_config_change(
+            &event(EventKind::Access(AccessKind::Read), "/etc/e/mesh-a.yaml"),
+            name
+        ));
     }
 }
