@@ -221,11 +221,15 @@ async fn demo(dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     };
     let demo = crate::demo::Demo::start(&dir).await?;
     demo.wait_ready(std::time::Duration::from_secs(30)).await?;
+    demo.wait_routable(std::time::Duration::from_secs(30))
+        .await?;
     println!(
         "Elsinore demo: two meshes federating over mTLS on loopback ({})",
         dir.display()
     );
     print!("{}", demo.summary());
+    println!("Send a request from mesh-b to reviews in mesh-a (DNS, egress, mTLS, ingress):");
+    println!("  {}", demo.curl_command());
     println!(
         "Inspect: curl http://{}/catalog   (Ctrl-C to stop)",
         demo.b.admin_addr

@@ -1,8 +1,9 @@
 //! `elsinore demo`: two meshes federating on loopback in one process, with
-//! freshly minted certificates and demo exports. Built from the same parts
-//! as `elsinore run` (typed config, [`Gateway::start`]), so what it shows is
-//! what a real deployment does. Later rooms (data plane, DNS) hang their
-//! demo pieces off [`Demo`].
+//! freshly minted certificates, demo backends and demo exports, the data
+//! plane and DNS running. Built from the same parts as `elsinore run` (typed
+//! config, [`Gateway::start`]), so what it shows is what a real deployment
+//! does; [`Demo::curl_command`] is the one command that sends a request
+//! from mesh-b to `reviews` in mesh-a.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -58,18 +59,78 @@ fn mint(dir: &Path, name: &'static str) -> anyhow::Result<MeshFiles> {
     Ok(files)
 }
 
-fn export(name: &str, mesh: &str, protocol: Protocol, port: u16, peer: &str) -> Export {
+fn export(
+    name: &str,
+    mesh: &str,
+    protocol: Protocol,
+    port: u16,
+    backend: SocketAddr,
+    peer: &str,
+) -> Export {
     Export {
         name: name.to_owned(),
         fqdn: format!("{name}.{mesh}.global"),
         protocol,
         port,
         backends: vec![HostPort {
-            host: "127.0.0.1".to_owned(),
-            port,
+            host: backend.ip().to_string(),
+            port: backend.port(),
         }],
         peers: vec![peer.to_owned()],
     }
+}
+
+/// A demo HTTP backend: answers every request with a line naming the
+/// service, its mesh and the peer identity the ingress vouched for.
+async fn http_backend(service: &'static str, mesh: &'static str) -> anyhow::Result<SocketAddr> {
+    use hyper::body::Bytes;
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let caller = req
+                            .headers()
+                            .get(crate::proxy::PEER_IDENTITY_HEADER)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("unknown")
+                            .to_owned();
+                        let body = format!("hello from {service} in {mesh} (called by {caller})\n");
+                        async move {
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(Bytes::from(body)),
+                            ))
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// A demo TCP backend: echoes what it receives.
+async fn echo_backend() -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+struct Ports {
+    ingress: u16,
+    vip_range: &'static str,
 }
 
 fn config(
@@ -78,8 +139,13 @@ fn config(
     other_federation: SocketAddr,
     exports: Vec<Export>,
     cache_dir: PathBuf,
-) -> Config {
-    Config {
+    ports: Ports,
+) -> anyhow::Result<Config> {
+    let vip_range = ports
+        .vip_range
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("demo VIP range: {e}"))?;
+    Ok(Config {
         mesh: Mesh {
             name: me.name.to_owned(),
             trust_domain: me.td.clone(),
@@ -91,13 +157,13 @@ fn config(
         listeners: Listeners {
             federation: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             admin: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-            ingress: None,
-            egress: None,
-            dns: None,
+            ingress: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
+            egress: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
+            dns: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
         },
         advertise: Advertise {
             address: "127.0.0.1".to_owned(),
-            port: defaults::INGRESS_LISTENER.port(),
+            port: ports.ingress,
         },
         exports,
         peers: vec![Peer {
@@ -121,8 +187,11 @@ fn config(
             backoff_initial: defaults::BACKOFF_INITIAL,
             backoff_max: defaults::BACKOFF_MAX,
         },
-        proxy: crate::config::ProxyTuning::default(),
-    }
+        proxy: crate::config::ProxyTuning {
+            vip_range,
+            ..Default::default()
+        },
+    })
 }
 
 impl Demo {
@@ -131,40 +200,63 @@ impl Demo {
         let a_files = mint(dir, "mesh-a")?;
         let b_files = mint(dir, "mesh-b")?;
         let bind = || TcpListener::bind((Ipv4Addr::LOCALHOST, 0));
-        let (a_fed, a_admin, b_fed, b_admin) =
-            (bind().await?, bind().await?, bind().await?, bind().await?);
+        let (a_fed, a_admin, a_ingress) = (bind().await?, bind().await?, bind().await?);
+        let (b_fed, b_admin, b_ingress) = (bind().await?, bind().await?, bind().await?);
+        let reviews = http_backend("reviews", "mesh-a").await?;
+        let ratings = echo_backend().await?;
+        let details = http_backend("details", "mesh-b").await?;
         let a_cfg = config(
             &a_files,
             &b_files,
             b_fed.local_addr()?,
             vec![
-                export("reviews", "mesh-a", Protocol::Http, 9080, "mesh-b"),
-                export("ratings", "mesh-a", Protocol::Tcp, 9081, "mesh-b"),
+                export("reviews", "mesh-a", Protocol::Http, 9080, reviews, "mesh-b"),
+                export("ratings", "mesh-a", Protocol::Tcp, 9081, ratings, "mesh-b"),
             ],
             dir.join("mesh-a/cache"),
-        );
+            Ports {
+                ingress: a_ingress.local_addr()?.port(),
+                vip_range: "127.77.0.0/16",
+            },
+        )?;
         let b_cfg = config(
             &b_files,
             &a_files,
             a_fed.local_addr()?,
-            vec![export("details", "mesh-b", Protocol::Http, 9082, "mesh-a")],
+            vec![export(
+                "details",
+                "mesh-b",
+                Protocol::Http,
+                9082,
+                details,
+                "mesh-a",
+            )],
             dir.join("mesh-b/cache"),
-        );
-        let start = |cfg, fed, admin| {
+            Ports {
+                ingress: b_ingress.local_addr()?.port(),
+                vip_range: "127.78.0.0/16",
+            },
+        )?;
+        let start = |cfg, fed, admin, ingress| {
             Gateway::start(
                 cfg,
                 StartOptions {
                     listeners: crate::runtime::Listeners {
                         federation: Some(fed),
                         admin: Some(admin),
+                        ingress: Some(ingress),
                         ..Default::default()
                     },
                     config_path: None,
                 },
             )
         };
-        let a = start(a_cfg, a_fed, a_admin).await.context("start mesh-a")?;
-        let b = start(b_cfg, b_fed, b_admin).await.context("start mesh-b")?;
+        let a = start(a_cfg, a_fed, a_admin, a_ingress)
+            .await
+            .context("start mesh-a")?;
+        let b = start(b_cfg, b_fed, b_admin, b_ingress)
+            .await
+            .context("start mesh-b")?;
         Ok(Demo {
             a,
             b,
@@ -188,6 +280,42 @@ impl Demo {
         }
     }
 
+    /// The command that sends a request from mesh-b to `reviews` in mesh-a:
+    /// resolve the imported name through mesh-b's DNS responder, then curl
+    /// it, which goes through mesh-b's egress and mesh-a's ingress.
+    pub fn curl_command(&self) -> String {
+        let dns_port = self.b.dns_addr.map_or(0, |a| a.port());
+        format!(
+            "curl -s --resolve reviews.mesh-a.global:9080:$(dig +short -p {dns_port} @127.0.0.1 reviews.mesh-a.global) http://reviews.mesh-a.global:9080/"
+        )
+    }
+
+    /// Waits until mesh-b's VIP for `reviews` is published (the egress
+    /// binds it right after).
+    pub async fn wait_routable(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let vip = self
+                .b
+                .shared
+                .vips
+                .borrow()
+                .lookup_name("reviews.mesh-a.global")
+                .map(|e| (e.vip, e.port));
+            if let Some(addr) = vip
+                && tokio::net::TcpStream::connect(addr).await.is_ok()
+            {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                anyhow::bail!(
+                    "mesh-b's egress did not open reviews.mesh-a.global within {timeout:?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// A human summary of what each mesh imported.
     pub fn summary(&self) -> String {
         let mut out = String::new();
@@ -197,9 +325,14 @@ impl Demo {
                 "{name}: federation {} admin http://{}\n",
                 gw.federation_addr, gw.admin_addr
             ));
+            let vips = gw.shared.vips.borrow().clone();
             for (fqdn, r) in view.by_fqdn.iter() {
+                let at = vips
+                    .lookup_name(fqdn)
+                    .map(|e| format!(" at {}:{}", e.vip, e.port))
+                    .unwrap_or_default();
                 out.push_str(&format!(
-                    "  imported {fqdn} (service {} from {})\n",
+                    "  imported {fqdn} (service {} from {}){at}\n",
                     r.name, r.peer
                 ));
             }

@@ -172,4 +172,27 @@ fn demo_federates_two_meshes_and_prints_the_imports() {
     assert!(text.contains("imported reviews.mesh-a.global"), "{text}");
     assert!(text.contains("imported ratings.mesh-a.global"), "{text}");
     assert!(text.contains("imported details.mesh-b.global"), "{text}");
+
+    // The printed command is the README's second step: it must work as printed.
+    let command = seen
+        .iter()
+        .find_map(|l| {
+            l.trim_start()
+                .starts_with("curl ")
+                .then(|| l.trim().to_owned())
+        })
+        .unwrap_or_else(|| panic!("demo printed no curl command: {text}"));
+    assert!(command.contains("dig +short -p"), "{command}");
+    let out = Command::new("sh").arg("-c").arg(&command).output().unwrap();
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && body.contains("hello from reviews in mesh-a"),
+        "`{command}` gave {:?}: {body} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        body.contains("spiffe://mesh-b.demo/ns/elsinore/sa/gateway"),
+        "{body}"
+    );
 }
