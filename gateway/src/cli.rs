@@ -29,6 +29,15 @@ pub struct Cli {
     /// Log filter (tracing env-filter syntax), e.g. `info,elsinore_gateway=debug`.
     #[arg(long, global = true, env = "ELSINORE_LOG", default_value = "info")]
     pub log: String,
+    /// Runtime worker threads; 0 = one per core. 1 runs everything on a
+    /// single-threaded runtime (how the benchmarks compare gateways).
+    #[arg(
+        long,
+        global = true,
+        env = "ELSINORE_WORKER_THREADS",
+        default_value_t = 0
+    )]
+    pub worker_threads: usize,
     #[command(subcommand)]
     pub command: Command,
 }
