@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::ProxyTuning;
 use crate::state::Shared;
 
+pub(crate) mod activity;
 pub mod backend;
 pub mod egress;
 pub mod error;
