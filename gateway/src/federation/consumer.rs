@@ -206,14 +206,21 @@ fn close_reason(status: &tonic::Status) -> CloseReason {
 }
 
 impl ConsumerTask {
-    /// Runs until shutdown.
+    /// Runs until shutdown, then waits for the last cache write.
     pub async fn run(self) {
         let name = self.peer.config.name.clone();
         let span = tracing::info_span!("consumer", peer = %name, address = %self.address);
-        tracing::Instrument::instrument(self.run_inner(), span).await
+        let writer = self
+            .cache_dir
+            .clone()
+            .map(|dir| CacheWriter::spawn(dir, name.clone()));
+        tracing::Instrument::instrument(self.run_inner(writer.as_ref()), span).await;
+        if let Some(writer) = writer {
+            writer.close().await;
+        }
     }
 
-    async fn run_inner(self) {
+    async fn run_inner(&self, writer: Option<&CacheWriter>) {
         let mut session = ConsumerSession::new(self.settings.clone());
         let mut stats = Counters::default();
         self.restore_cache(&mut session);
@@ -242,19 +249,19 @@ impl ConsumerTask {
                     (d, false) => Some(d.map_or(attempt_at, |d| d.min(attempt_at))),
                 };
                 tokio::select! {
-                    _ = self.shutdown.cancelled() => return self.finish(&session),
+                    _ = self.shutdown.cancelled() => return self.save_cache(writer, &session),
                     _ = sleep_until_opt(deadline) => {}
                 }
                 if !session.on_tick(Instant::now()).is_empty() {
                     self.publish(&session, &stats);
-                    self.save_cache(&session);
+                    self.save_cache(writer, &session);
                 }
             }
             let end = self
-                .one_stream(&client_config, &mut session, &mut stats)
+                .one_stream(&client_config, &mut session, &mut stats, writer)
                 .await;
             let Some(reason) = end else {
-                return self.finish(&session);
+                return self.save_cache(writer, &session);
             };
             tracing::warn!(reason = ?reason, "federation stream lost");
             match session.on_stream_closed(Instant::now(), reason, rand::random::<f64>()) {
@@ -270,7 +277,7 @@ impl ConsumerTask {
             stats.connected = false;
             stats.attempted = true;
             self.publish(&session, &stats);
-            self.save_cache(&session);
+            self.save_cache(writer, &session);
         }
     }
 
@@ -280,6 +287,7 @@ impl ConsumerTask {
         client_config: &Arc<rustls::ClientConfig>,
         session: &mut ConsumerSession,
         stats: &mut Counters,
+        writer: Option<&CacheWriter>,
     ) -> Option<CloseReason> {
         let mut wire = tokio::select! {
             _ = self.shutdown.cancelled() => return None,
@@ -337,7 +345,7 @@ impl ConsumerTask {
                 self.publish(session, stats);
                 dirty_since = None;
                 if unsaved && (now >= last_save + SAVE_EVERY || session.stats().snapshot_complete) {
-                    self.save_cache(session);
+                    self.save_cache(writer, session);
                     last_save = now;
                     unsaved = false;
                 }
@@ -466,8 +474,9 @@ impl ConsumerTask {
         }
     }
 
-    fn save_cache(&self, session: &ConsumerSession) {
-        let Some(dir) = &self.cache_dir else { return };
+    /// Hands the current imports to the cache writer (no file I/O here).
+    fn save_cache(&self, writer: Option<&CacheWriter>, session: &ConsumerSession) {
+        let Some(writer) = writer else { return };
         let now = Instant::now();
         let wall = SystemTime::now();
         let entries: Vec<_> = session
@@ -480,13 +489,7 @@ impl ConsumerTask {
                 )
             })
             .collect();
-        if let Err(error) = cache::save(dir, &self.peer.config.name, &entries) {
-            tracing::error!(%error, "could not write the import cache");
-        }
-    }
-
-    fn finish(&self, session: &ConsumerSession) {
-        self.save_cache(session);
+        writer.latest.send_replace(Some(Arc::new(entries)));
     }
 
     fn publish(&self, session: &ConsumerSession, counters: &Counters) {
@@ -546,4 +549,43 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = inner.source();
     }
     s
+}
+
+type CacheEntries = Arc<Vec<(Arc<elsinore_federation_api::FederatedService>, SystemTime)>>;
+
+/// Writes one peer's import cache off the async runtime: the consumer hands
+/// over the latest entries, the writer saves them on a blocking thread, one
+/// write at a time (in order), and a burst of updates becomes one write.
+struct CacheWriter {
+    latest: tokio::sync::watch::Sender<Option<CacheEntries>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CacheWriter {
+    fn spawn(dir: std::path::PathBuf, peer: String) -> CacheWriter {
+        let (latest, mut rx) = tokio::sync::watch::channel::<Option<CacheEntries>>(None);
+        let task = tokio::spawn(async move {
+            // Ends once the sender is dropped and the last value is written.
+            while rx.changed().await.is_ok() {
+                let Some(entries) = rx.borrow_and_update().clone() else {
+                    continue;
+                };
+                let (dir, peer) = (dir.clone(), peer.clone());
+                let saved =
+                    tokio::task::spawn_blocking(move || cache::save(&dir, &peer, &entries)).await;
+                match saved {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => tracing::error!(%error, "could not write the import cache"),
+                    Err(error) => tracing::error!(%error, "import cache writer failed"),
+                }
+            }
+        });
+        CacheWriter { latest, task }
+    }
+
+    /// Flushes the last entries handed over and stops.
+    async fn close(self) {
+        drop(self.latest);
+        let _ = self.task.await;
+    }
 }
