@@ -1,4 +1,5 @@
-//! The admin HTTP listener: `/live`, `/ready`, `/catalog`, `/peers`. Read
+//! The admin HTTP listener: `/live`, `/ready`, `/catalog`, `/peers`,
+//! `/metrics`. Read
 //! only; it reads the shared snapshots and never blocks the other rooms.
 
 use std::convert::Infallible;
@@ -14,10 +15,20 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::proxy::egress::EgressStats;
+use crate::proxy::ingress::IngressStats;
 use crate::state::{OwnerCounters, Shared, consumer_views};
 
+/// What the admin API reads.
+#[derive(Clone)]
+pub struct AdminState {
+    pub shared: Arc<Shared>,
+    pub ingress: Arc<IngressStats>,
+    pub egress: Arc<EgressStats>,
+}
+
 /// Serves the admin API until `shutdown`.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
+pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) {
     loop {
         let (tcp, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -30,12 +41,12 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancell
                 }
             },
         };
-        let shared = shared.clone();
+        let state = state.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(&shared, &req)) }
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&state, &req)) }
             });
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             let conn = builder.serve_connection(TokioIo::new(tcp), service);
@@ -47,7 +58,8 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancell
     }
 }
 
-fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let shared = &state.shared;
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported\n");
     }
@@ -66,9 +78,20 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/catalog" => json_response(catalog_json(shared)),
         "/peers" => json_response(peers_json(shared)),
+        "/metrics" => {
+            let mut r = text(
+                StatusCode::OK,
+                &crate::metrics::render(shared, &state.ingress, &state.egress),
+            );
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /live, /ready, /catalog, /peers\n",
+            "not found; try /live, /ready, /catalog, /peers, /metrics\n",
         ),
     }
 }

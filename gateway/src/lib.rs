@@ -9,6 +9,7 @@ pub mod config;
 pub mod demo;
 pub mod dns;
 pub mod federation;
+pub mod metrics;
 pub mod proxy;
 pub mod reload;
 pub mod runtime;

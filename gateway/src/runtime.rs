@@ -221,7 +221,6 @@ impl Gateway {
             config.proxy.vip_range,
             shutdown.clone(),
         ));
-        tasks.spawn(crate::admin::serve(admin, shared.clone(), shutdown.clone()));
 
         // Data plane.
         let proxy = ProxyContext {
@@ -233,6 +232,15 @@ impl Gateway {
         };
         let ingress_stats = Arc::new(IngressStats::default());
         let egress_stats = Arc::new(EgressStats::default());
+        tasks.spawn(crate::admin::serve(
+            admin,
+            crate::admin::AdminState {
+                shared: shared.clone(),
+                ingress: ingress_stats.clone(),
+                egress: egress_stats.clone(),
+            },
+            shutdown.clone(),
+        ));
         if let Some(listener) = ingress {
             let (ctx, stats) = (proxy.clone(), ingress_stats.clone());
             tasks.spawn(async move {

@@ -92,6 +92,29 @@ async fn ready_once_every_peer_has_synced_or_failed() {
         .await;
         let state = gb.import_state("mesh-a").await;
         assert_eq!(state, "synced");
+
+        // /metrics: Prometheus text with bounded labels.
+        let (status, metrics) = get(gb.admin_addr, "/metrics").await;
+        assert_eq!(status, 200);
+        for line in [
+            "elsinore_federation_consumer_imported{peer=\"mesh-a\"} 1",
+            "elsinore_federation_consumer_connected{peer=\"mesh-a\"} 1",
+            "elsinore_federation_consumer_connected{peer=\"mesh-c\"} 0",
+            "elsinore_imports 1",
+            "# TYPE elsinore_federation_consumer_acks_total counter",
+        ] {
+            assert!(
+                metrics.lines().any(|l| l == line),
+                "missing {line:?} in:\n{metrics}"
+            );
+        }
+        let (_, owner_metrics) = get(ga.admin_addr, "/metrics").await;
+        assert!(
+            owner_metrics
+                .lines()
+                .any(|l| l == "elsinore_federation_owner_acks_total{peer=\"mesh-b\"} 1"),
+            "{owner_metrics}"
+        );
         gb.stop().await;
         ga.stop().await;
     })

@@ -1,0 +1,218 @@
+//! Every metric name the gateway exposes, rendered in the Prometheus text
+//! format for `/metrics`. Names are `elsinore_*`; labels are bounded (peer
+//! names from config, refusal reasons, error sides), never addresses,
+//! nonces or service names sent by peers.
+
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+
+use crate::proxy::egress::EgressStats;
+use crate::proxy::ingress::IngressStats;
+use crate::state::{OwnerCounters, Shared};
+
+/// Appends one metric family: `# HELP`, `# TYPE`, then its samples.
+fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, u64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        if labels.is_empty() {
+            let _ = writeln!(out, "{name} {value}");
+        } else {
+            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+        }
+    }
+}
+
+fn one(value: u64) -> Vec<(String, u64)> {
+    vec![(String::new(), value)]
+}
+
+/// Renders all metrics of one gateway.
+pub fn render(shared: &Shared, ingress: &IngressStats, egress: &EgressStats) -> String {
+    let mut out = String::with_capacity(4096);
+    let peers = &shared.peers;
+    let per_peer = |f: &dyn Fn(&crate::state::PeerState) -> u64| -> Vec<(String, u64)> {
+        peers
+            .iter()
+            .map(|p| (format!("peer=\"{}\"", p.config.name), f(p)))
+            .collect()
+    };
+    family(
+        &mut out,
+        "elsinore_exports",
+        "gauge",
+        "Services exported by this gateway.",
+        &one(shared.exports.borrow().len() as u64),
+    );
+    family(
+        &mut out,
+        "elsinore_imports",
+        "gauge",
+        "Imported services registered under a name (after aliasing).",
+        &one(shared.imports.borrow().by_fqdn.len() as u64),
+    );
+    family(
+        &mut out,
+        "elsinore_import_collisions",
+        "gauge",
+        "Imports whose FQDN was taken (aliased or dropped).",
+        &one(shared.imports.borrow().collisions.len() as u64),
+    );
+    family(
+        &mut out,
+        "elsinore_federation_consumer_connected",
+        "gauge",
+        "1 while our stream to the peer is open.",
+        &per_peer(&|p| u64::from(p.consumer.borrow().connected)),
+    );
+    family(
+        &mut out,
+        "elsinore_federation_consumer_imported",
+        "gauge",
+        "Services held from the peer (including stale ones).",
+        &per_peer(&|p| p.consumer.borrow().services.len() as u64),
+    );
+    for (name, help, f) in [
+        (
+            "elsinore_federation_consumer_messages_total",
+            "Responses received from the peer.",
+            (|p: &crate::state::PeerState| p.consumer.borrow().messages) as fn(&_) -> u64,
+        ),
+        (
+            "elsinore_federation_consumer_acks_total",
+            "Responses we ACKed.",
+            |p| p.consumer.borrow().acks,
+        ),
+        (
+            "elsinore_federation_consumer_nacks_total",
+            "Responses we NACKed.",
+            |p| p.consumer.borrow().nacks,
+        ),
+        (
+            "elsinore_federation_consumer_reconnects_total",
+            "Reconnects after a lost stream.",
+            |p| p.consumer.borrow().reconnects,
+        ),
+        (
+            "elsinore_federation_owner_streams_open",
+            "Streams the peer has open to us.",
+            |p| OwnerCounters::get(&p.owner.streams_open),
+        ),
+        (
+            "elsinore_federation_owner_messages_sent_total",
+            "Responses we sent the peer.",
+            |p| OwnerCounters::get(&p.owner.sent),
+        ),
+        (
+            "elsinore_federation_owner_acks_total",
+            "ACKs the peer sent us.",
+            |p| OwnerCounters::get(&p.owner.acks),
+        ),
+        (
+            "elsinore_federation_owner_nacks_total",
+            "NACKs the peer sent us.",
+            |p| OwnerCounters::get(&p.owner.nacks),
+        ),
+    ] {
+        let kind = if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        };
+        family(&mut out, name, kind, help, &per_peer(&f));
+    }
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    family(
+        &mut out,
+        "elsinore_ingress_connections_total",
+        "counter",
+        "Connections accepted by the ingress listener.",
+        &one(load(&ingress.accepted)),
+    );
+    family(
+        &mut out,
+        "elsinore_ingress_connections_active",
+        "gauge",
+        "Ingress connections open now.",
+        &one(load(&ingress.active)),
+    );
+    family(
+        &mut out,
+        "elsinore_ingress_refused_total",
+        "counter",
+        "Ingress connections refused, by reason.",
+        &ingress
+            .refusals()
+            .map(|(reason, n)| (format!("reason=\"{reason}\""), n))
+            .collect::<Vec<_>>(),
+    );
+    family(
+        &mut out,
+        "elsinore_ingress_http_requests_total",
+        "counter",
+        "HTTP requests received from peers.",
+        &one(load(&ingress.http_requests)),
+    );
+    family(
+        &mut out,
+        "elsinore_ingress_misdirected_total",
+        "counter",
+        "HTTP requests answered 421 (Host does not match the SNI).",
+        &one(load(&ingress.misdirected)),
+    );
+    family(
+        &mut out,
+        "elsinore_ingress_upstream_errors_total",
+        "counter",
+        "Ingress connections or requests that failed at the backend.",
+        &one(load(&ingress.upstream_errors)),
+    );
+    let e = egress.snapshot();
+    family(
+        &mut out,
+        "elsinore_egress_connections_total",
+        "counter",
+        "Connections accepted from local apps.",
+        &one(e.connections),
+    );
+    family(
+        &mut out,
+        "elsinore_egress_refused_total",
+        "counter",
+        "Egress connections closed because the listener was at its connection cap.",
+        &one(e.refused_over_cap),
+    );
+    family(
+        &mut out,
+        "elsinore_egress_upstream_connects_total",
+        "counter",
+        "New mTLS connections to remote gateways.",
+        &one(e.upstream_connects),
+    );
+    family(
+        &mut out,
+        "elsinore_egress_upstream_handshake_failures_total",
+        "counter",
+        "mTLS handshakes to remote gateways that failed (including identity checks).",
+        &one(e.upstream_handshake_failures),
+    );
+    family(
+        &mut out,
+        "elsinore_egress_http_requests_total",
+        "counter",
+        "HTTP requests carried across.",
+        &one(e.requests),
+    );
+    family(
+        &mut out,
+        "elsinore_egress_errors_total",
+        "counter",
+        "Egress failures by the side that failed.",
+        &[
+            ("side=\"downstream\"".to_owned(), e.errors_downstream),
+            ("side=\"upstream\"".to_owned(), e.errors_upstream),
+            ("side=\"internal\"".to_owned(), e.errors_internal),
+        ],
+    );
+    out
+}
