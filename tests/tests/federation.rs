@@ -538,3 +538,28 @@ async fn an_import_colliding_with_a_local_export_is_aliased() {
     })
     .await;
 }
+
+/// A peer's `federation` address given as a DNS name goes through the
+/// gateway's resolver (`localhost` here: no other name resolves offline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_address_given_as_a_name_is_resolved() {
+    run_test(async {
+        let a = MeshFixture::new(A).await;
+        let b = MeshFixture::new(B).await;
+        let ga = a
+            .start(
+                &ConfigSpec::new()
+                    .export(ExportSpec::new("reviews", &[B]))
+                    .peer(b.peer()),
+            )
+            .await;
+        let by_name = a
+            .peer()
+            .federation(format!("localhost:{}", a.federation_addr.port()));
+        let gb = b.start(&ConfigSpec::new().peer(by_name)).await;
+        gb.wait_imported(A, &["reviews"]).await;
+        gb.stop().await;
+        ga.stop().await;
+    })
+    .await;
+}

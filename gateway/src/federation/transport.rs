@@ -136,19 +136,43 @@ pub fn accept_mtls(
     (rx, task)
 }
 
-/// Dials `address` (host:port, resolved by the system resolver) and runs the
+/// Dials `address` (host:port; a name is resolved by [`crate::dns::resolver`],
+/// each address tried in turn) and runs the
 /// TLS client handshake with `config`, which verifies the peer by its trust
 /// bundle and SPIFFE ID (the DNS name is not what authenticates a peer).
 pub async fn dial_mtls(
     address: &str,
     config: Arc<rustls::ClientConfig>,
 ) -> Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>, io::Error> {
-    let tcp = TcpStream::connect(address).await?;
-    let _ = tcp.set_nodelay(true);
-    let host = address
+    let (host, port) = address
         .rsplit_once(':')
-        .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
-        .unwrap_or(address);
+        .map(|(h, p)| (h.trim_start_matches('[').trim_end_matches(']'), p))
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{address:?} is not host:port"),
+            )
+        })?;
+    let port: u16 = port.parse().map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("bad port in {address:?}"),
+        )
+    })?;
+    // Peer addresses given as names go through the gateway's resolver.
+    let mut last_error = io::Error::new(io::ErrorKind::NotFound, format!("{host} has no address"));
+    let mut connected = None;
+    for addr in crate::dns::resolver::resolve(host, port).await? {
+        match TcpStream::connect(addr).await {
+            Ok(tcp) => {
+                connected = Some(tcp);
+                break;
+            }
+            Err(e) => last_error = e,
+        }
+    }
+    let tcp = connected.ok_or(last_error)?;
+    let _ = tcp.set_nodelay(true);
     let server_name = rustls::pki_types::ServerName::try_from(host.to_owned())
         .unwrap_or_else(|_| rustls::pki_types::ServerName::from(std::net::Ipv4Addr::LOCALHOST));
     let tls = tokio::time::timeout(
