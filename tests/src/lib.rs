@@ -42,6 +42,10 @@
 // the test that called it, with a message saying which step.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+/// Backends, app-side clients and DNS queries for data-plane tests.
+pub mod dataplane;
+pub use dataplane::*;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::{Display, Write as _};
 use std::future::Future;
@@ -54,6 +58,8 @@ use elsinore_certs::{Ca, Identity, Issued, SpiffeId, TrustBundle, TrustDomain};
 use elsinore_federation_api::proto::federation::resourcediscovery::v1alpha2 as rd2;
 use elsinore_federation_api::{ApiVersion, FederatedService, type_url};
 use elsinore_gateway::config::Config;
+use elsinore_gateway::proxy::egress::EgressStatsSnapshot;
+use elsinore_gateway::proxy::ingress::IngressStats;
 use elsinore_gateway::runtime::{Gateway, Listeners, StartOptions};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
@@ -207,14 +213,45 @@ pub struct MeshFixture {
     /// Fixed for the fixture's life: restarts bind the same addresses.
     pub federation_addr: SocketAddr,
     pub admin_addr: SocketAddr,
-    /// The pre-bound listeners, taken by the first start.
-    listeners: Mutex<Option<(TcpListener, TcpListener)>>,
+    /// The data-plane ingress listener (mTLS from peers), pre-bound like
+    /// the federation listener so exports can advertise its real port.
+    pub ingress_addr: SocketAddr,
+    /// This mesh's egress VIP range, `127.R1.R2.0/24` with R1 in 100..=250
+    /// and R2 random: gateways of parallel test processes never try to
+    /// bind the same VIP and port.
+    pub vip_range: String,
+    /// The port exports advertise: 15443 (nothing listens there) for
+    /// [`MeshFixture::new`], the real ingress port for
+    /// [`MeshFixture::data_plane`].
+    pub advertise_port: u16,
+    /// The pre-bound listeners (federation, admin, ingress), taken by the
+    /// first start.
+    listeners: Mutex<Option<PreBound>>,
     _tempdir: tempfile::TempDir,
 }
 
+/// Listeners bound at fixture creation: federation, admin, ingress.
+type PreBound = (TcpListener, TcpListener, TcpListener);
+
+/// The port the exports of a catalog-only fixture advertise.
+const CATALOG_ONLY_ADVERTISE_PORT: u16 = 15443;
+
 impl MeshFixture {
-    /// Creates the fixture for mesh `name` (a DNS label).
+    /// Creates the fixture for mesh `name` (a DNS label). Its exports
+    /// advertise `127.0.0.1:15443`, where nothing listens: for tests of the
+    /// catalog exchange only (see [`MeshFixture::data_plane`]).
     pub async fn new(name: &str) -> MeshFixture {
+        Self::create(name, false).await
+    }
+
+    /// Like [`MeshFixture::new`], but the exports advertise the gateway's
+    /// real ingress listener (`127.0.0.1:<pre-bound port>`), so peers'
+    /// egress can carry traffic to it.
+    pub async fn data_plane(name: &str) -> MeshFixture {
+        Self::create(name, true).await
+    }
+
+    async fn create(name: &str, advertise_ingress: bool) -> MeshFixture {
         init();
         let tempdir = tempfile::Builder::new()
             .prefix(&format!("elsinore-{name}-"))
@@ -236,10 +273,19 @@ impl MeshFixture {
         let admin = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .await
             .expect("bind an admin listener on 127.0.0.1:0");
+        let ingress = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .expect("bind an ingress listener on 127.0.0.1:0");
         let federation_addr = federation
             .local_addr()
             .expect("federation listener address");
         let admin_addr = admin.local_addr().expect("admin listener address");
+        let ingress_addr = ingress.local_addr().expect("ingress listener address");
+        let advertise_port = if advertise_ingress {
+            ingress_addr.port()
+        } else {
+            CATALOG_ONLY_ADVERTISE_PORT
+        };
         let mut fixture = MeshFixture {
             name: name.to_owned(),
             trust_domain,
@@ -252,7 +298,10 @@ impl MeshFixture {
             dir,
             federation_addr,
             admin_addr,
-            listeners: Mutex::new(Some((federation, admin))),
+            ingress_addr,
+            vip_range: random_vip_range(),
+            advertise_port,
+            listeners: Mutex::new(Some((federation, admin, ingress))),
             _tempdir: tempdir,
         };
         let issued = fixture.issue(&fixture.gateway_id());
@@ -350,13 +399,14 @@ impl MeshFixture {
                 path.display()
             )
         });
-        let (federation, admin) = self.take_listeners().await;
+        let (federation, admin, ingress) = self.take_listeners().await;
         let gateway = Gateway::start(
             config,
             StartOptions {
                 listeners: Listeners {
                     federation: Some(federation),
                     admin: Some(admin),
+                    ingress: Some(ingress),
                     ..Default::default()
                 },
                 config_path: Some(path.clone()),
@@ -376,13 +426,14 @@ impl MeshFixture {
         }
     }
 
-    async fn take_listeners(&self) -> (TcpListener, TcpListener) {
+    async fn take_listeners(&self) -> PreBound {
         let prebound = self.listeners.lock().expect("listener lock").take();
         match prebound {
-            Some(pair) => pair,
+            Some(listeners) => listeners,
             None => (
                 rebind(self.federation_addr).await,
                 rebind(self.admin_addr).await,
+                rebind(self.ingress_addr).await,
             ),
         }
     }
@@ -395,8 +446,19 @@ impl MeshFixture {
             key: self.key.clone(),
             federation: self.federation_addr,
             admin: self.admin_addr,
+            ingress: self.ingress_addr,
+            advertise_port: self.advertise_port,
+            vip_range: self.vip_range.clone(),
         }
     }
+}
+
+/// A random `127.R1.R2.0/24` with R1 in 100..=250 (clear of the default
+/// 127.77.0.0/16 and of 127.0.0.1).
+fn random_vip_range() -> String {
+    let r1: u8 = rand::random_range(100..=250);
+    let r2: u8 = rand::random();
+    format!("127.{r1}.{r2}.0/24")
 }
 
 /// Binds `addr` again after a gateway released it. The port was ours a
@@ -506,8 +568,9 @@ impl PeerSpec {
 }
 
 /// What goes into a gateway's YAML config besides what the fixture fixes
-/// (mesh name and trust domain, identity files, listener addresses,
-/// `advertise: 127.0.0.1:15443`; data-plane listeners on `127.0.0.1:0`).
+/// (mesh name and trust domain, identity files, listener addresses — the
+/// pre-bound ingress, egress and DNS on `127.0.0.1:0` —, `advertise:
+/// 127.0.0.1:<MeshFixture::advertise_port>`, `proxy.vipRange`).
 ///
 /// [`ConfigSpec::new`] sets a fast reconnect backoff (1 s, at most 2 s) so
 /// that restart tests converge in seconds; [`ConfigSpec::default`] leaves
@@ -530,6 +593,12 @@ pub struct ConfigSpec {
     pub backoff: Option<(String, String)>,
     /// Replaces the fixture's gateway certificate and key.
     pub identity: Option<(PathBuf, PathBuf)>,
+    /// Replaces the advertised ingress (`address`, `port`); `None` = the
+    /// fixture's (see [`MeshFixture::advertise_port`]).
+    pub advertise: Option<(String, u16)>,
+    /// Extra `proxy:` keys (camelCase key, value), e.g.
+    /// `("connectTimeout", "2s")`; `vipRange` is always the fixture's.
+    pub proxy: Vec<(String, String)>,
 }
 
 impl ConfigSpec {
@@ -590,6 +659,18 @@ impl ConfigSpec {
         self.identity = Some((cert.to_path_buf(), key.to_path_buf()));
         self
     }
+
+    /// Advertise `address:port` as the ingress endpoint of every export.
+    pub fn advertise(mut self, address: &str, port: u16) -> Self {
+        self.advertise = Some((address.to_owned(), port));
+        self
+    }
+
+    /// Sets one `proxy:` key (e.g. `requestTimeout`, `"5s"`).
+    pub fn proxy(mut self, key: &str, value: &str) -> Self {
+        self.proxy.push((key.to_owned(), value.to_owned()));
+        self
+    }
 }
 
 /// The fixed parts of one mesh's config.
@@ -601,6 +682,9 @@ struct RenderCtx {
     key: PathBuf,
     federation: SocketAddr,
     admin: SocketAddr,
+    ingress: SocketAddr,
+    advertise_port: u16,
+    vip_range: String,
 }
 
 /// A YAML double-quoted scalar: JSON string syntax is a subset of it.
@@ -634,11 +718,29 @@ impl RenderCtx {
         );
         let _ = writeln!(
             y,
-            "listeners:\n  federation: {}\n  admin: {}\n  ingress: \"127.0.0.1:0\"\n  egress: \"127.0.0.1:0\"\n  dns: \"127.0.0.1:0\"",
+            "listeners:\n  federation: {}\n  admin: {}\n  ingress: {}\n  egress: \"127.0.0.1:0\"\n  dns: \"127.0.0.1:0\"",
             q(self.federation),
-            q(self.admin)
+            q(self.admin),
+            q(self.ingress)
         );
-        y.push_str("advertise:\n  address: \"127.0.0.1\"\n  port: 15443\n");
+        let (advertise_address, advertise_port) = spec
+            .advertise
+            .clone()
+            .unwrap_or_else(|| ("127.0.0.1".to_owned(), self.advertise_port));
+        let _ = writeln!(
+            y,
+            "advertise:\n  address: {}\n  port: {advertise_port}",
+            q(advertise_address)
+        );
+        let _ = writeln!(y, "proxy:\n  vipRange: {}", q(&self.vip_range));
+        for (key, value) in &spec.proxy {
+            // Counts are YAML integers, durations strings.
+            if value.parse::<i64>().is_ok() {
+                let _ = writeln!(y, "  {key}: {value}");
+            } else {
+                let _ = writeln!(y, "  {key}: {}", q(value));
+            }
+        }
         if spec.exports.is_empty() {
             y.push_str("exports: []\n");
         } else {
@@ -914,6 +1016,64 @@ impl GatewayHandle {
         let state = self.gateway.shared.peer(peer)?;
         let view = state.consumer.borrow().clone();
         view.services.iter().find(|s| s.name == name).cloned()
+    }
+
+    /// The ingress listener (mTLS from peers).
+    pub fn ingress_addr(&self) -> SocketAddr {
+        self.gateway
+            .ingress_addr
+            .unwrap_or_else(|| panic!("mesh {}: no ingress listener", self.mesh))
+    }
+
+    /// The egress catch-all listener (plaintext HTTP from local apps).
+    pub fn egress_addr(&self) -> SocketAddr {
+        self.gateway
+            .egress_addr
+            .unwrap_or_else(|| panic!("mesh {}: no egress listener", self.mesh))
+    }
+
+    /// The DNS responder (UDP and TCP on the same port).
+    pub fn dns_addr(&self) -> SocketAddr {
+        self.gateway
+            .dns_addr
+            .unwrap_or_else(|| panic!("mesh {}: no DNS listener", self.mesh))
+    }
+
+    /// The ingress counters (live).
+    pub fn ingress_stats(&self) -> &IngressStats {
+        &self.gateway.ingress_stats
+    }
+
+    /// The egress counters, copied now.
+    pub fn egress_stats(&self) -> EgressStatsSnapshot {
+        self.gateway.egress_stats.snapshot()
+    }
+
+    /// The VIP and port egress serves `fqdn` (an imported registered name)
+    /// on, from the current VIP table.
+    pub fn vip(&self, fqdn: &str) -> Option<SocketAddr> {
+        let table = self.gateway.shared.vips.borrow().clone();
+        table
+            .lookup_name(fqdn)
+            .map(|e| SocketAddr::from((e.vip, e.port)))
+    }
+
+    /// Waits (up to [`WAIT`]) until `fqdn` has a VIP and egress accepts TCP
+    /// connections on it, and returns it. The probe connection is closed
+    /// at once without sending anything (an HTTP import dials nothing
+    /// upstream for it; a TCP import does open one upstream connection).
+    pub async fn wait_vip(&self, fqdn: &str) -> SocketAddr {
+        let desc = format!("mesh {}: egress to listen on the VIP of {fqdn}", self.mesh);
+        wait_for(&desc, WAIT, || async {
+            let Some(vip) = self.vip(fqdn) else {
+                return Err(format!("{fqdn} has no VIP yet"));
+            };
+            match TcpStream::connect(vip).await {
+                Ok(_) => Ok(vip),
+                Err(e) => Err(format!("connect {vip}: {e}")),
+            }
+        })
+        .await
     }
 
     /// Drains the gateway and waits for every task; panics if that takes

@@ -422,6 +422,16 @@ async fn foreign_owner_v1alpha2_acks_valid_nacks_invalid_and_deletes() {
         let consumer = gateway.consumer(FOREIGN).await;
         assert_eq!(consumer["lastNack"]["service"], "broken", "{consumer:#}");
         assert_eq!(consumer["nacks"], 1, "{consumer:#}");
+        // No snapshot-size header from a foreign owner: the snapshot completes
+        // after the quiet period (500 ms here), without any further message.
+        gateway
+            .wait_state(FOREIGN, "synced", Duration::from_secs(5))
+            .await;
+        let catalog = gateway.catalog().await;
+        assert_eq!(
+            catalog["imports"][FOREIGN]["snapshotComplete"], true,
+            "{catalog:#}"
+        );
 
         stream
             .send(delete_v2("f-4", &ctx, "reviews"))

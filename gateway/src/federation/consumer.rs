@@ -336,7 +336,13 @@ impl ConsumerTask {
                 _ = sleep_until_opt(deadline) => {}
             }
             let now = Instant::now();
-            if !session.on_tick(now).is_empty() {
+            let was_complete = session.stats().snapshot_complete;
+            let removed = session.on_tick(now);
+            if !was_complete && session.stats().snapshot_complete {
+                // A foreign owner's snapshot completes by quiet period: show it at once.
+                dirty_since = Some(now - PUBLISH_EVERY);
+                unsaved = true;
+            } else if !removed.is_empty() {
                 dirty_since.get_or_insert(now);
                 unsaved = true;
             }
