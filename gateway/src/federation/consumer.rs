@@ -33,6 +33,10 @@ use crate::state::{ConsumerView, PeerState, Shared};
 
 /// How often a changed import set is published at most (readers see a batch).
 const PUBLISH_EVERY: Duration = Duration::from_millis(50);
+/// While a snapshot streams in, publish less often: every publish rebuilds
+/// the merged imports view (O(imports)), and a 100,000-entry snapshot would
+/// otherwise spend its time re-resolving names nobody can use yet.
+const SNAPSHOT_PUBLISH_EVERY: Duration = Duration::from_secs(1);
 /// How often a changed import set is written to the cache at most.
 const SAVE_EVERY: Duration = Duration::from_secs(1);
 
@@ -302,7 +306,12 @@ impl ConsumerTask {
         let mut last_save = Instant::now();
         let mut unsaved = false;
         loop {
-            let publish_at = dirty_since.map(|t| t + PUBLISH_EVERY);
+            let every = if session.stats().snapshot_complete {
+                PUBLISH_EVERY
+            } else {
+                SNAPSHOT_PUBLISH_EVERY
+            };
+            let publish_at = dirty_since.map(|t| t + every);
             let deadline = match (session.next_deadline(), publish_at) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -329,7 +338,7 @@ impl ConsumerTask {
                         unsaved = true;
                         if !was_complete && session.stats().snapshot_complete {
                             // Snapshot complete: publish and persist at once.
-                            dirty_since = Some(Instant::now() - PUBLISH_EVERY);
+                            dirty_since = Instant::now().checked_sub(SNAPSHOT_PUBLISH_EVERY);
                         }
                     }
                 },
@@ -340,13 +349,13 @@ impl ConsumerTask {
             let removed = session.on_tick(now);
             if !was_complete && session.stats().snapshot_complete {
                 // A foreign owner's snapshot completes by quiet period: show it at once.
-                dirty_since = Some(now - PUBLISH_EVERY);
+                dirty_since = now.checked_sub(SNAPSHOT_PUBLISH_EVERY);
                 unsaved = true;
             } else if !removed.is_empty() {
                 dirty_since.get_or_insert(now);
                 unsaved = true;
             }
-            if dirty_since.is_some_and(|t| now >= t + PUBLISH_EVERY) {
+            if dirty_since.is_some_and(|t| now >= t + every) {
                 stats.attempted |= session.stats().snapshot_complete;
                 self.publish(session, stats);
                 dirty_since = None;
