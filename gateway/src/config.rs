@@ -225,13 +225,26 @@ impl From<ConfigError> for ConfigErrors {
     }
 }
 
+/// Parser limits: serde-saphyr's defaults (250,000 nodes, 1,000,000 events)
+/// cap a config at about 30,000 exports; a gateway may export far more, so
+/// the node and event budgets are raised while the alias and depth limits
+/// that stop malicious documents stay as they are.
+pub(crate) fn yaml_options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_nodes = 20_000_000;
+    budget.max_events = 50_000_000;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options
+}
+
 impl Config {
     /// Parses and validates YAML text. Pure: relative paths are joined to
     /// `base_dir` but nothing is read, so `elsinore check` and tests can run
     /// it anywhere; [`Config::check_files`] does the filesystem half.
     pub fn from_yaml_str(text: &str, base_dir: &Path) -> Result<Config, ConfigErrors> {
-        let raw: raw::RawConfig =
-            serde_saphyr::from_str(text).map_err(|e| locate::serde_error(text, &e))?;
+        let raw: raw::RawConfig = serde_saphyr::from_str_with_options(text, yaml_options())
+            .map_err(|e| locate::serde_error(text, &e))?;
         validate::validate(raw, base_dir)
     }
 

@@ -57,7 +57,7 @@ pub(super) fn serde_error(text: &str, err: &serde_saphyr::Error) -> ConfigError 
 fn path_at(text: &str, line: u64, column: u64, want_mapping: bool) -> Option<String> {
     // Repeated keys are themselves a reported error; let them through here
     // so that error can be located too.
-    let mut options = serde_saphyr::Options::default();
+    let mut options = super::yaml_options();
     options.duplicate_keys = serde_saphyr::DuplicateKeyPolicy::PassThrough;
     let root: Spanned<Node> = serde_saphyr::from_str_with_options(text, options).ok()?;
     let mut found = Vec::new();

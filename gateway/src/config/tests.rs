@@ -891,3 +891,22 @@ fn deploy_examples_parse() {
         assert!(seen.insert(addr), "{addr} used twice");
     }
 }
+
+#[test]
+fn large_configs_are_not_cut_off_by_the_parser_budget() {
+    // serde-saphyr's default budget (250,000 nodes) stops at ~30,000 exports.
+    let mut text = String::from(
+        "mesh: { name: mesh-a, trustDomain: mesh-a.example }\n\
+         identity: { certificate: gw.pem, privateKey: gw.key }\n\
+         advertise: { address: 127.0.0.1, port: 15443 }\n\
+         peers: [{ name: mesh-b, trustDomain: mesh-b.example, trustBundle: b.pem }]\n\
+         exports:\n",
+    );
+    for i in 0..40_000 {
+        text.push_str(&format!(
+            "  - {{ name: s{i}, protocol: HTTP, backends: [\"127.0.0.1:9080\"], peers: [mesh-b] }}\n"
+        ));
+    }
+    let config = Config::from_yaml_str(&text, Path::new("/etc/elsinore")).unwrap();
+    assert_eq!(config.exports.len(), 40_000);
+}
