@@ -322,6 +322,11 @@ pub struct ProxyTuning {
     pub max_connections: usize,
     /// HTTP/2 max concurrent streams advertised on every HTTP/2 connection we serve. Default 1000.
     pub http2_max_concurrent_streams: u32,
+    /// TLS 1.3 session resumption between gateways (ingress issues tickets,
+    /// egress reuses them). A resumed session keeps the peer identity of the
+    /// full handshake it came from. Default true; benchmarks that must pay a
+    /// full handshake per connection turn it off.
+    pub tls_resumption: bool,
 }
 
 /// An IPv4 CIDR range.
@@ -392,6 +397,7 @@ impl Default for ProxyTuning {
             request_timeout: defaults::REQUEST_TIMEOUT,
             max_connections: defaults::MAX_CONNECTIONS,
             http2_max_concurrent_streams: defaults::HTTP2_MAX_CONCURRENT_STREAMS,
+            tls_resumption: true,
         }
     }
 }

@@ -116,4 +116,5 @@ pub(super) struct RawProxy {
     pub request_timeout: Option<String>,
     pub max_connections: Option<i64>,
     pub http2_max_concurrent_streams: Option<i64>,
+    pub tls_resumption: Option<bool>,
 }

@@ -910,3 +910,41 @@ fn large_configs_are_not_cut_off_by_the_parser_budget() {
     let config = Config::from_yaml_str(&text, Path::new("/etc/elsinore")).unwrap();
     assert_eq!(config.exports.len(), 40_000);
 }
+
+#[test]
+fn proxy_section_parses_and_checks_its_values() {
+    let base = "mesh: { name: mesh-a, trustDomain: mesh-a.example }\n\
+                identity: { certificate: gw.pem, privateKey: gw.key }\n";
+    let config = Config::from_yaml_str(
+        &format!(
+            "{base}proxy: {{ vipRange: 127.90.0.0/16, connectTimeout: 2s, maxConnections: 10, tlsResumption: false }}\n"
+        ),
+        Path::new("/etc/elsinore"),
+    )
+    .unwrap();
+    assert_eq!(config.proxy.vip_range.to_string(), "127.90.0.0/16");
+    assert_eq!(config.proxy.connect_timeout, Duration::from_secs(2));
+    assert_eq!(config.proxy.max_connections, 10);
+    assert!(!config.proxy.tls_resumption);
+    assert!(
+        Config::from_yaml_str(base, Path::new("/"))
+            .unwrap()
+            .proxy
+            .tls_resumption
+    );
+
+    let errors = Config::from_yaml_str(
+        &format!("{base}proxy: {{ vipRange: 127.90.0.1/16, maxConnections: 0 }}\n"),
+        Path::new("/etc/elsinore"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        errors.contains("proxy.vipRange: 127.90.0.1/16 has host bits set"),
+        "{errors}"
+    );
+    assert!(
+        errors.contains("proxy.maxConnections: 0 is out of range"),
+        "{errors}"
+    );
+}

@@ -584,6 +584,7 @@ impl Validator<'_> {
             ),
             max_connections,
             http2_max_concurrent_streams,
+            tls_resumption: raw.tls_resumption.unwrap_or(true),
         }
     }
 }

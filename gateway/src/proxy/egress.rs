@@ -467,6 +467,13 @@ impl Egress {
                         ),
                     )
                 })?;
+        let config = if self.ctx.tuning.tls_resumption {
+            config
+        } else {
+            let mut c = (*config).clone();
+            c.resumption = rustls::client::Resumption::disabled();
+            Arc::new(c)
+        };
         let mut cache = lock(&self.tls);
         if cache.len() >= TLS_CACHE_MAX {
             cache.clear();

@@ -180,6 +180,14 @@ pub async fn serve(
             format!("building the ingress tls config: {e}"),
         )
     })?;
+    let tls = if ctx.tuning.tls_resumption {
+        tls
+    } else {
+        let mut c = (*tls).clone();
+        c.send_tls13_tickets = 0;
+        c.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        Arc::new(c)
+    };
     let inner = Arc::new(Inner {
         acceptor: TlsAcceptor::from(tls),
         routes: RouteCache::new(ctx.tuning.clone()),
