@@ -95,6 +95,23 @@ pub enum CertsCommand {
     },
 }
 
+/// The async runtime for `--worker-threads`: 1 is a current-thread runtime
+/// (one thread does all the work: how benchmarks compare gateways one core
+/// each), 0 one worker per core, n that many workers.
+pub fn build_runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = match worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if n > 1 {
+                builder.worker_threads(n);
+            }
+            builder
+        }
+    };
+    builder.enable_all().build()
+}
+
 /// Sets up logging as asked.
 pub fn init_tracing(cli: &Cli) {
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
@@ -289,5 +306,20 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use tokio::runtime::RuntimeFlavor;
+
+    #[test]
+    fn worker_threads_choose_the_runtime() {
+        let flavor = |n| super::build_runtime(n).unwrap().handle().runtime_flavor();
+        assert_eq!(flavor(1), RuntimeFlavor::CurrentThread);
+        assert_eq!(flavor(0), RuntimeFlavor::MultiThread);
+        let rt = super::build_runtime(3).unwrap();
+        assert_eq!(rt.metrics().num_workers(), 3);
     }
 }

@@ -11,10 +11,7 @@ fn main() -> ExitCode {
     cli::init_tracing(&cli);
     // One provider everywhere; configs also name it explicitly.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match cli::build_runtime(cli.worker_threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
