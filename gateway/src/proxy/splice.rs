@@ -17,9 +17,12 @@ use tokio::time::{Instant, Sleep};
 
 use super::error::{ErrorKind, ProxyError, Side};
 
-/// Size of each direction's buffer. Large enough to carry a TLS record (16
-/// KiB plaintext) in one read.
-const BUF_SIZE: usize = 16 * 1024;
+/// Each direction's buffer starts small, so the thousands of mostly idle
+/// connections a gateway holds cost little, and doubles whenever a read
+/// fills it, up to [`MAX_BUF`]: a bulk transfer then moves several TLS
+/// records (16 KiB of plaintext each) per read and per write.
+const MIN_BUF: usize = 4 * 1024;
+const MAX_BUF: usize = 64 * 1024;
 
 /// Copies `a` → `b` and `b` → `a` until both directions have reached EOF.
 ///
@@ -116,7 +119,7 @@ struct Direction {
 impl Direction {
     fn new(reader: Side, writer: Side) -> Self {
         Direction {
-            buf: vec![0; BUF_SIZE].into_boxed_slice(),
+            buf: vec![0; MIN_BUF].into_boxed_slice(),
             pos: 0,
             cap: 0,
             read_done: false,
@@ -144,6 +147,12 @@ impl Direction {
         }
         loop {
             if self.pos == self.cap && !self.read_done {
+                if self.cap == self.buf.len() && self.buf.len() < MAX_BUF {
+                    // The last read filled the buffer: data is flowing, read more at once.
+                    self.buf = vec![0; self.buf.len() * 2].into_boxed_slice();
+                    self.pos = 0;
+                    self.cap = 0;
+                }
                 let mut rb = ReadBuf::new(&mut self.buf);
                 match r.as_mut().poll_read(cx, &mut rb) {
                     Poll::Ready(Ok(())) => {
@@ -222,6 +231,35 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
+
+    #[tokio::test]
+    async fn buffers_start_small_and_grow_while_data_flows() {
+        let mut d = Direction::new(Side::Downstream, Side::Upstream);
+        assert_eq!(
+            d.buf.len(),
+            MIN_BUF,
+            "an idle connection holds only the small buffer"
+        );
+        let mut reader = tokio::io::repeat(7).take(1 << 20);
+        let mut writer = tokio::io::sink();
+        let mut progressed = false;
+        std::future::poll_fn(|cx| {
+            d.poll_copy(
+                cx,
+                Pin::new(&mut reader),
+                Pin::new(&mut writer),
+                &mut progressed,
+            )
+        })
+        .await
+        .unwrap();
+        assert_eq!(d.copied, 1 << 20);
+        assert_eq!(
+            d.buf.len(),
+            MAX_BUF,
+            "a bulk flow reads {MAX_BUF} bytes at a time"
+        );
+    }
 
     /// Echo server on a real socket: replies with everything it reads, then
     /// closes after the client's half-close.

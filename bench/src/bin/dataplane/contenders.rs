@@ -317,8 +317,9 @@ impl PairPorts {
 /// they serve, and checks the HTTP and TCP paths end to end once.
 /// `max_sessions` sizes the products' connection limits (HAProxy `maxconn`,
 /// nginx `worker_connections` = twice that, as it counts both sides).
-/// `resume` lets the product gateways resume TLS sessions between egress
-/// and ingress (off everywhere except the connect-resume workload).
+/// `resume` lets the gateways (Elsinore included, `proxy.tlsResumption`)
+/// resume TLS sessions between egress and ingress (off everywhere except the
+/// connect-resume workload).
 pub fn deploy(
     contender: Contender,
     env: &Env,
@@ -338,7 +339,7 @@ pub fn deploy(
                 bulk: local(env.backend.bulk),
             },
         },
-        Contender::Elsinore => deploy_elsinore(env, &dir)?,
+        Contender::Elsinore => deploy_elsinore(env, &dir, resume)?,
         Contender::Nginx | Contender::Haproxy | Contender::Envoy => {
             deploy_product(contender, env, &dir, max_sessions, resume)?
         }
@@ -455,11 +456,12 @@ fn resumption_vars(resume: bool) -> Vec<(&'static str, String)> {
     ]
 }
 
-fn deploy_elsinore(env: &Env, dir: &Path) -> Result<Deployment> {
+fn deploy_elsinore(env: &Env, dir: &Path, resume: bool) -> Result<Deployment> {
     let p = |_: ()| free_port();
     let (b_fed, b_admin, in_port, b_egress, b_dns) = (p(())?, p(())?, p(())?, p(())?, p(())?);
     let (a_fed, a_admin, a_ingress, a_egress, a_dns) = (p(())?, p(())?, p(())?, p(())?, p(())?);
     let vars = vec![
+        ("ELSINORE_RESUMPTION", resume.to_string()),
         ("CERTS_A", path_str(&env.certs_a)),
         ("CERTS_B", path_str(&env.certs_b)),
         ("B_FEDERATION", b_fed.to_string()),
