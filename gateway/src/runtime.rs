@@ -249,11 +249,14 @@ impl Gateway {
                 }
             });
         }
-        tasks.spawn(crate::proxy::egress::run(
-            proxy.clone(),
-            egress,
-            egress_stats.clone(),
-        ));
+        // `listeners.egress: off` switches the whole egress off, VIPs included.
+        if config.listeners.egress.is_some() {
+            tasks.spawn(crate::proxy::egress::run(
+                proxy.clone(),
+                egress,
+                egress_stats.clone(),
+            ));
+        }
         if let Some((udp, tcp)) = dns {
             tasks.spawn(crate::dns::responder::serve(
                 udp,

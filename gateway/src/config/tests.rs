@@ -948,3 +948,20 @@ fn proxy_section_parses_and_checks_its_values() {
         "{errors}"
     );
 }
+
+#[test]
+fn data_plane_listeners_can_be_switched_off() {
+    let config = Config::from_yaml_str(
+        "mesh: { name: mesh-a, trustDomain: mesh-a.example }\n\
+         identity: { certificate: gw.pem, privateKey: gw.key }\n\
+         listeners: { egress: \"off\", dns: \"off\" }\n",
+        Path::new("/etc/elsinore"),
+    )
+    .unwrap();
+    assert_eq!(config.listeners.egress, None);
+    assert_eq!(config.listeners.dns, None);
+    assert!(
+        config.listeners.ingress.is_some(),
+        "ingress stays on by default"
+    );
+}

@@ -134,15 +134,19 @@ impl Validator<'_> {
         );
         let ingress = self.socket_addr(
             "listeners.ingress",
-            raw.ingress.as_deref(),
+            raw.ingress.as_deref().filter(|v| *v != "off"),
             defaults::INGRESS_LISTENER,
         );
         let egress = self.socket_addr(
             "listeners.egress",
-            raw.egress.as_deref(),
+            raw.egress.as_deref().filter(|v| *v != "off"),
             defaults::EGRESS_LISTENER,
         );
-        let dns = self.socket_addr("listeners.dns", raw.dns.as_deref(), defaults::DNS_LISTENER);
+        let dns = self.socket_addr(
+            "listeners.dns",
+            raw.dns.as_deref().filter(|v| *v != "off"),
+            defaults::DNS_LISTENER,
+        );
         // Two listeners on one fixed address would fail at bind time with a
         // less helpful message. Port 0 (any free port) never collides.
         let all = [
@@ -163,12 +167,17 @@ impl Validator<'_> {
                 );
             }
         }
+        // The data-plane listeners may be switched off ("off"): a gateway
+        // that only federates catalogs, or whose imports are reached some
+        // other way, then binds no ingress, no egress VIPs, no DNS.
+        let on =
+            |raw: Option<&String>, addr| (raw.map(String::as_str) != Some("off")).then_some(addr);
         Listeners {
             federation,
             admin,
-            ingress: Some(ingress),
-            egress: Some(egress),
-            dns: Some(dns),
+            ingress: on(raw.ingress.as_ref(), ingress),
+            egress: on(raw.egress.as_ref(), egress),
+            dns: on(raw.dns.as_ref(), dns),
         }
     }
 
