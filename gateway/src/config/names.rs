@@ -1,23 +1,16 @@
 //! Syntax checks for the names and addresses a config holds: DNS labels and
 //! names, and `host:port` pairs. Pure string rules, no resolution.
 //!
-//! `elsinore_federation_api` may grow shared DNS helpers; these stay private
-//! until it does so the config does not depend on that crate's timing.
+//! The label rule is the one the wire uses
+//! ([`elsinore_federation_api::is_dns_label`]); names here may be a single
+//! label (`localhost`), which Hamlet FQDNs may not, hence our own
+//! [`is_dns_name`].
 
 use std::net::{IpAddr, Ipv6Addr};
 
 use super::HostPort;
 
-/// A DNS label as we accept it for our own names (mesh, export, peer):
-/// lower-case letters, digits and '-', 1–63 long, no '-' at either end.
-pub(super) fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
+pub(super) use elsinore_federation_api::is_dns_label;
 
 /// A DNS name of lower-case labels, at most 253 bytes, no trailing dot. The
 /// last label must not be all digits, so a mistyped IPv4 address such as
