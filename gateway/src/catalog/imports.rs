@@ -149,21 +149,6 @@ fn normalize(fqdn: &str) -> String {
     fqdn.strip_suffix('.').unwrap_or(fqdn).to_ascii_lowercase()
 }
 
-/// A lower-case DNS name: labels of letters, digits and '-', 1 to 63 bytes,
-/// not starting or ending with '-', at most 253 bytes in all. Service names
-/// come from foreign peers, so an alias built from one is checked.
-fn is_dns_name(name: &str) -> bool {
-    name.len() <= 253
-        && name.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-                && l.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        })
-}
-
 /// Resolves every import to the name it is registered under.
 ///
 /// `local_fqdns` are our own exports' FQDNs; `peers` lists each peer with
@@ -208,13 +193,15 @@ pub fn resolve(
     let mut collisions = Vec::with_capacity(losers.len());
     for (peer, service, with) in losers {
         let alias = alias_for(&service.name, peer);
-        let resolution = if is_dns_name(&alias) && !taken.contains_key(&alias) {
-            taken.insert(alias.clone(), Owner::Peer(peer.clone()));
-            by_fqdn.insert(alias.clone(), resolved(peer, service, true));
-            Resolution::Aliased(alias)
-        } else {
-            Resolution::Dropped
-        };
+        // Service names come from foreign peers: an alias built from one is checked.
+        let resolution =
+            if elsinore_federation_api::is_dns_name(&alias) && !taken.contains_key(&alias) {
+                taken.insert(alias.clone(), Owner::Peer(peer.clone()));
+                by_fqdn.insert(alias.clone(), resolved(peer, service, true));
+                Resolution::Aliased(alias)
+            } else {
+                Resolution::Dropped
+            };
         collisions.push(Collision {
             peer: peer.clone(),
             name: service.name.clone(),
