@@ -282,11 +282,18 @@ impl Config {
                 format!("cannot read config file \"{}\": {e}", path.display()),
             )
         })?;
+        Config::from_file_text(path, &text)
+    }
+
+    /// Validates `text`, the content of the config file at `path`: relative
+    /// paths resolve against the file's directory, and the files it names
+    /// must exist. What [`Config::load`] does after reading the file.
+    pub fn from_file_text(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         let base_dir = match path.parent() {
             Some(dir) if !dir.as_os_str().is_empty() => dir,
             _ => Path::new("."),
         };
-        let config = Config::from_yaml_str(&text, base_dir)?;
+        let config = Config::from_yaml_str(text, base_dir)?;
         config.check_files()?;
         Ok(config)
     }

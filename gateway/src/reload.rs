@@ -92,8 +92,12 @@ pub async fn run(
         if last_text.as_deref() == Some(text.as_slice()) {
             continue;
         }
+        let parsed = match std::str::from_utf8(&text) {
+            Ok(yaml) => Config::from_file_text(&path, yaml),
+            Err(e) => Err(crate::config::ConfigError::new("", format!("not UTF-8: {e}")).into()),
+        };
         last_text = Some(text);
-        let next = match Config::load(&path) {
+        let next = match parsed {
             Ok(next) => next,
             Err(errors) => {
                 tracing::error!(config = %path.display(), %errors, "config reload rejected; keeping the running config");

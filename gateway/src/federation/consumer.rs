@@ -375,12 +375,12 @@ impl ConsumerTask {
     ) -> Result<Wire, tonic::Status> {
         let address = self.address.to_string();
         let config = client_config.clone();
-        let dial_address = address.clone();
+        let target = self.address.clone();
         // Every connection tonic makes is a fresh mTLS dial to the peer.
         let connector = tower::service_fn(move |_uri: http::Uri| {
-            let address = dial_address.clone();
+            let target = target.clone();
             let config = config.clone();
-            async move { super::transport::dial_mtls(&address, config).await }
+            async move { super::transport::dial_mtls(&target.host, target.port, config).await }
         });
         let channel = Endpoint::from_shared(format!("http://{address}"))
             .map_err(|e| tonic::Status::invalid_argument(format!("peer address {address}: {e}")))?

@@ -180,7 +180,7 @@ async fn run_stream<M: Send + 'static>(
     encode: fn(&Outgoing, ApiVersion) -> M,
     shutdown: &CancellationToken,
 ) -> Result<(), Status> {
-    let version = session_version(session);
+    let version = session.settings().version;
     let first = tokio::select! {
         _ = shutdown.cancelled() => return Err(Status::unavailable("gateway shutting down")),
         first = tokio::time::timeout(FIRST_REQUEST_TIMEOUT, inbound.next()) => first,
@@ -252,10 +252,6 @@ async fn run_stream<M: Send + 'static>(
             }
         }
     }
-}
-
-fn session_version(session: &OwnerSession) -> ApiVersion {
-    session.settings().version
 }
 
 pub(crate) async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {

@@ -15,15 +15,6 @@ use std::time::Duration;
 use elsinore_federation_api::{ApiVersion, FederatedService};
 use tokio::time::Instant;
 
-/// The `resource_url` a consumer must send on its first request, and that
-/// every response carries, for the given API version.
-pub fn resource_url(version: ApiVersion) -> &'static str {
-    match version {
-        ApiVersion::V1alpha2 => "type.googleapis.com/federation.types.v1alpha2.FederatedService",
-        ApiVersion::V1alpha1 => "type.googleapis.com/federation.types.v1alpha1.FederatedService",
-    }
-}
-
 /// What the owner decided for this stream before the first request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OwnerSettings {
@@ -225,7 +216,7 @@ impl OwnerSession {
         if self.context.is_some() {
             return Err(SessionError::AlreadyStarted);
         }
-        let expected = self::resource_url(self.settings.version);
+        let expected = elsinore_federation_api::type_url(self.settings.version);
         if resource_url != expected {
             return Err(SessionError::BadResourceUrl {
                 expected,

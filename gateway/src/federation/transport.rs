@@ -136,29 +136,15 @@ pub fn accept_mtls(
     (rx, task)
 }
 
-/// Dials `address` (host:port; a name is resolved by [`crate::dns::resolver`],
+/// Dials `host:port` (a name is resolved by [`crate::dns::resolver`],
 /// each address tried in turn) and runs the
 /// TLS client handshake with `config`, which verifies the peer by its trust
 /// bundle and SPIFFE ID (the DNS name is not what authenticates a peer).
 pub async fn dial_mtls(
-    address: &str,
+    host: &str,
+    port: u16,
     config: Arc<rustls::ClientConfig>,
 ) -> Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>, io::Error> {
-    let (host, port) = address
-        .rsplit_once(':')
-        .map(|(h, p)| (h.trim_start_matches('[').trim_end_matches(']'), p))
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{address:?} is not host:port"),
-            )
-        })?;
-    let port: u16 = port.parse().map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("bad port in {address:?}"),
-        )
-    })?;
     // Peer addresses given as names go through the gateway's resolver.
     let mut last_error = io::Error::new(io::ErrorKind::NotFound, format!("{host} has no address"));
     let mut connected = None;
