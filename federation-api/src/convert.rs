@@ -19,11 +19,9 @@
 //!   address and port (endpoint labels and descriptions are dropped);
 //!   `description`, `tags`, `labels` and `fqdn` are carried as they are.
 
-use std::collections::BTreeMap;
-
 use prost::Message;
 
-use crate::domain::{ApiVersion, Endpoint, FederatedService, Instance, Protocol};
+use crate::domain::{ApiVersion, Endpoint, FederatedService, Instance, Protocol, StringMap};
 use crate::proto::federation::types::{v1alpha1, v1alpha2};
 use crate::validate::{Problem, ValidationError};
 
@@ -54,12 +52,22 @@ pub enum DecodeError {
 }
 
 /// Peers differ on case and on the trailing dot; the catalog keys on one spelling.
-fn normalize_fqdn(fqdn: String) -> String {
-    let lower = fqdn.to_ascii_lowercase();
-    match lower.strip_suffix('.') {
-        Some(stripped) => stripped.to_owned(),
-        None => lower,
+/// In place: the received string is kept, not copied.
+fn normalize_fqdn(mut fqdn: String) -> String {
+    fqdn.make_ascii_lowercase();
+    if fqdn.ends_with('.') {
+        fqdn.pop();
     }
+    fqdn
+}
+
+/// prost fills repeated fields by pushing (room for four on the first
+/// push), and a consumer keeps every imported service until it is
+/// withdrawn: with 100,000 imports the spare room was a quarter of the
+/// heap, so vectors that outlive the message are cut to their length.
+fn trimmed<T>(mut v: Vec<T>) -> Vec<T> {
+    v.shrink_to_fit();
+    v
 }
 
 fn port_from_wire(i: usize, port: u32) -> Result<u16, ValidationError> {
@@ -94,55 +102,51 @@ impl TryFrom<v1alpha2::FederatedService> for FederatedService {
             instances,
         } = p;
 
-        let endpoints = endpoints
-            .into_iter()
-            .enumerate()
-            .map(|(i, e)| {
-                let v1alpha2::federated_service::Endpoint {
-                    address,
-                    port,
-                    labels,
-                    description,
-                } = e;
-                Ok(Endpoint {
-                    address,
-                    port: port_from_wire(i, port)?,
-                    labels,
-                    description,
-                })
-            })
-            .collect::<Result<Vec<_>, ValidationError>>()?;
+        // Fresh vectors of the exact length rather than `collect`, which
+        // would reuse the proto vectors' spare room in place.
+        let mut domain_endpoints = Vec::with_capacity(endpoints.len());
+        for (i, e) in endpoints.into_iter().enumerate() {
+            let v1alpha2::federated_service::Endpoint {
+                address,
+                port,
+                labels,
+                description,
+            } = e;
+            domain_endpoints.push(Endpoint {
+                address,
+                port: port_from_wire(i, port)?,
+                labels: trimmed(labels),
+                description,
+            });
+        }
 
-        let instances = instances
-            .into_iter()
-            .enumerate()
-            .map(|(i, inst)| {
-                let v1alpha2::federated_service::Instance {
-                    id,
-                    protocol,
-                    metadata,
-                    endpoint_selector,
-                    description,
-                } = inst;
-                Ok(Instance {
-                    id,
-                    protocol: parse_protocol(format!("instances[{i}].protocol"), &protocol)?,
-                    metadata: metadata.into_iter().collect(),
-                    endpoint_selector,
-                    description,
-                })
-            })
-            .collect::<Result<Vec<_>, ValidationError>>()?;
+        let mut domain_instances = Vec::with_capacity(instances.len());
+        for (i, inst) in instances.into_iter().enumerate() {
+            let v1alpha2::federated_service::Instance {
+                id,
+                protocol,
+                metadata,
+                endpoint_selector,
+                description,
+            } = inst;
+            domain_instances.push(Instance {
+                id,
+                protocol: parse_protocol(format!("instances[{i}].protocol"), &protocol)?,
+                metadata: metadata.into_iter().collect(),
+                endpoint_selector: trimmed(endpoint_selector),
+                description,
+            });
+        }
 
         let svc = FederatedService {
             name,
             description,
-            tags,
+            tags: trimmed(tags),
             labels: labels.into_iter().collect(),
             fqdn: normalize_fqdn(fqdn),
-            endpoints,
-            sans,
-            instances,
+            endpoints: domain_endpoints,
+            sans: trimmed(sans),
+            instances: domain_instances,
         };
         svc.validate(ApiVersion::V1alpha2)?;
         Ok(svc)
@@ -251,6 +255,7 @@ pub fn from_v1alpha1(p: v1alpha1::FederatedService) -> Result<FederatedService, 
             })
         })
         .collect::<Result<Vec<_>, ValidationError>>()?;
+    let endpoints = trimmed(endpoints);
 
     let mut instances: Vec<Instance> = Vec::new();
     for (i, raw) in protocols.iter().enumerate() {
@@ -263,16 +268,17 @@ pub fn from_v1alpha1(p: v1alpha1::FederatedService) -> Result<FederatedService, 
         instances.push(Instance {
             id: protocol.as_str().to_ascii_lowercase(),
             protocol,
-            metadata: BTreeMap::new(),
+            metadata: StringMap::new(),
             endpoint_selector: Vec::new(),
             description: String::new(),
         });
     }
+    let instances = trimmed(instances);
 
     let svc = FederatedService {
         name,
         description,
-        tags,
+        tags: trimmed(tags),
         labels: labels.into_iter().collect(),
         fqdn: normalize_fqdn(fqdn),
         endpoints,

@@ -1,7 +1,6 @@
 //! Catalog domain types: what a federated service *is*, independent of the
 //! wire version that carried it. Parsed and validated once at the boundary.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -72,6 +71,130 @@ impl FromStr for Protocol {
     }
 }
 
+/// String keys to string values (service labels, instance metadata), kept
+/// sorted by key in one flat vector. A consumer holds one of these per
+/// imported service and instance, usually with one to three entries: a
+/// `BTreeMap` would spend a 544-byte node on each, which at 100,000 imports
+/// was a third of the gateway's heap. Lookups are binary searches; the API
+/// is the part of `BTreeMap`'s that the catalog uses, with the same
+/// semantics (iteration in key order, a later duplicate key wins).
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct StringMap(Vec<(String, String)>);
+
+/// Iterator over the entries of a [`StringMap`] in key order.
+pub type StringMapIter<'a> = std::iter::Map<
+    std::slice::Iter<'a, (String, String)>,
+    fn(&(String, String)) -> (&String, &String),
+>;
+
+impl StringMap {
+    pub const fn new() -> Self {
+        StringMap(Vec::new())
+    }
+
+    fn position(&self, key: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(k, _)| k.as_str().cmp(key))
+    }
+
+    pub fn get(&self, key: &str) -> Option<&String> {
+        self.position(key).ok().map(|i| &self.0[i].1)
+    }
+
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.position(key).is_ok()
+    }
+
+    /// Sets `key` to `value`, returning the value it replaced.
+    pub fn insert(&mut self, key: String, value: String) -> Option<String> {
+        match self.position(&key) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
+            Err(i) => {
+                self.0.insert(i, (key, value));
+                None
+            }
+        }
+    }
+
+    pub fn remove(&mut self, key: &str) -> Option<String> {
+        self.position(key).ok().map(|i| self.0.remove(i).1)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> StringMapIter<'_> {
+        fn pair((k, v): &(String, String)) -> (&String, &String) {
+            (k, v)
+        }
+        self.0
+            .iter()
+            .map(pair as fn(&(String, String)) -> (&String, &String))
+    }
+
+    pub fn keys(&self) -> impl DoubleEndedIterator<Item = &String> + ExactSizeIterator {
+        self.0.iter().map(|(k, _)| k)
+    }
+
+    pub fn values(&self) -> impl DoubleEndedIterator<Item = &String> + ExactSizeIterator {
+        self.0.iter().map(|(_, v)| v)
+    }
+}
+
+impl fmt::Debug for StringMap {
+    /// Formats like a `BTreeMap`, so logs and test failures read the same.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+impl FromIterator<(String, String)> for StringMap {
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Self {
+        let mut entries: Vec<(String, String)> = iter.into_iter().collect();
+        // Stable sort, then keep the last of equal keys: `BTreeMap`'s rule.
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        entries.reverse();
+        entries.dedup_by(|dup, kept| dup.0 == kept.0);
+        entries.reverse();
+        entries.shrink_to_fit();
+        StringMap(entries)
+    }
+}
+
+impl<const N: usize> From<[(String, String); N]> for StringMap {
+    fn from(entries: [(String, String); N]) -> Self {
+        entries.into_iter().collect()
+    }
+}
+
+impl Extend<(String, String)> for StringMap {
+    fn extend<I: IntoIterator<Item = (String, String)>>(&mut self, iter: I) {
+        for (k, v) in iter {
+            self.insert(k, v);
+        }
+    }
+}
+
+impl IntoIterator for StringMap {
+    type Item = (String, String);
+    type IntoIter = std::vec::IntoIter<(String, String)>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a StringMap {
+    type Item = (&'a String, &'a String);
+    type IntoIter = StringMapIter<'a>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
 /// Where the owner exposes a service (typically its ingress gateway).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
@@ -88,7 +211,7 @@ pub struct Instance {
     pub id: String,
     pub protocol: Protocol,
     /// Reserved keys: `SNI`, `HOSTNAME`, `PORT`.
-    pub metadata: BTreeMap<String, String>,
+    pub metadata: StringMap,
     pub endpoint_selector: Vec<String>,
     pub description: String,
 }
@@ -126,7 +249,7 @@ pub struct FederatedService {
     pub name: String,
     pub description: String,
     pub tags: Vec<String>,
-    pub labels: BTreeMap<String, String>,
+    pub labels: StringMap,
     pub fqdn: String,
     pub endpoints: Vec<Endpoint>,
     pub sans: Vec<String>,
@@ -199,7 +322,7 @@ mod tests {
         Instance {
             id: "v1".into(),
             protocol: Protocol::Http,
-            metadata: BTreeMap::new(),
+            metadata: StringMap::new(),
             endpoint_selector: selectors.iter().map(|l| (*l).to_owned()).collect(),
             description: String::new(),
         }
@@ -210,7 +333,7 @@ mod tests {
             name: "reviews".into(),
             description: String::new(),
             tags: vec![],
-            labels: BTreeMap::new(),
+            labels: StringMap::new(),
             fqdn: "reviews.mesh-a.global".into(),
             endpoints: vec![
                 endpoint("10.0.0.1", &["zone-a", "public"]),
@@ -278,5 +401,59 @@ mod tests {
         assert_eq!("MTLS".parse::<Protocol>().unwrap(), Protocol::Mtls);
         let err = "QUIC".parse::<Protocol>().unwrap_err();
         assert!(err.to_string().contains("\"QUIC\""));
+    }
+
+    fn s(v: &str) -> String {
+        v.to_owned()
+    }
+
+    /// `StringMap` behaves like the `BTreeMap` it replaced, whatever the
+    /// order and duplicates it is built from.
+    #[test]
+    fn string_map_matches_btree_map() {
+        let pairs = [
+            (s("PORT"), s("80")),
+            (s("SNI"), s("a.global")),
+            (s("HOSTNAME"), s("h")),
+            (s("PORT"), s("8080")),
+            (s(""), s("empty")),
+        ];
+        let map: StringMap = pairs.clone().into_iter().collect();
+        let reference: std::collections::BTreeMap<String, String> = pairs.into_iter().collect();
+        assert_eq!(map.len(), 4);
+        assert!(!map.is_empty());
+        assert_eq!(format!("{map:?}"), format!("{reference:?}"));
+        assert!(map.iter().eq(reference.iter()));
+        assert!(map.keys().eq(reference.keys()));
+        assert!(map.values().eq(reference.values()));
+        assert_eq!(map.get("PORT").map(String::as_str), Some("8080"));
+        assert_eq!(map.get(""), Some(&s("empty")));
+        assert_eq!(map.get("port"), None);
+        assert!(map.contains_key("SNI") && !map.contains_key("ZZZ"));
+        assert_eq!(map.0.capacity(), map.len(), "built once, no spare room");
+
+        let mut m = StringMap::new();
+        assert!(m.is_empty());
+        assert_eq!(m.insert(s("b"), s("1")), None);
+        assert_eq!(m.insert(s("a"), s("2")), None);
+        assert_eq!(m.insert(s("c"), s("3")), None);
+        assert_eq!(m.insert(s("b"), s("4")), Some(s("1")));
+        assert_eq!(m.remove("a"), Some(s("2")));
+        assert_eq!(m.remove("a"), None);
+        m.extend([(s("d"), s("5")), (s("c"), s("6"))]);
+        let owned: Vec<(String, String)> = m.clone().into_iter().collect();
+        assert_eq!(
+            owned,
+            [(s("b"), s("4")), (s("c"), s("6")), (s("d"), s("5"))]
+        );
+        let borrowed: Vec<_> = (&m).into_iter().collect();
+        assert_eq!(
+            borrowed,
+            [(&s("b"), &s("4")), (&s("c"), &s("6")), (&s("d"), &s("5"))]
+        );
+        assert_eq!(
+            m,
+            StringMap::from([(s("d"), s("5")), (s("c"), s("6")), (s("b"), s("4"))])
+        );
     }
 }

@@ -13,7 +13,9 @@ pub use convert::{
     DecodeError, TYPE_URL_V1ALPHA1, TYPE_URL_V1ALPHA2, decode_any, encode_any, from_v1alpha1,
     to_v1alpha1, to_v1alpha2, type_url,
 };
-pub use domain::{ApiVersion, Endpoint, FederatedService, Instance, Protocol, UnknownProtocol};
+pub use domain::{
+    ApiVersion, Endpoint, FederatedService, Instance, Protocol, StringMap, UnknownProtocol,
+};
 pub use validate::{Problem, ValidationError, is_dns_label, is_dns_name};
 
 /// The encoded `FileDescriptorSet` of every Hamlet proto (imports included),

@@ -322,17 +322,15 @@ pub(crate) fn parse_port(s: &str) -> Option<u16> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
-    use crate::domain::Protocol;
+    use crate::domain::{Protocol, StringMap};
 
     pub(crate) fn valid() -> FederatedService {
         FederatedService {
             name: "reviews".into(),
             description: "book reviews".into(),
             tags: vec!["books".into()],
-            labels: BTreeMap::from([("team".into(), "bookinfo".into())]),
+            labels: StringMap::from([("team".into(), "bookinfo".into())]),
             fqdn: "reviews.mesh-a.global".into(),
             endpoints: vec![
                 Endpoint {
@@ -352,7 +350,7 @@ mod tests {
             instances: vec![Instance {
                 id: "v1".into(),
                 protocol: Protocol::Http,
-                metadata: BTreeMap::from([
+                metadata: StringMap::from([
                     (Instance::META_SNI.into(), "reviews.mesh-a.internal".into()),
                     (Instance::META_PORT.into(), "9080".into()),
                 ]),

@@ -160,6 +160,10 @@ pub async fn run_merger(
     }
 }
 
+/// The new merged view. Entries that did not change are shared with the
+/// published one rather than rebuilt: during a snapshot of 100,000 entries
+/// the old and new views are alive together, and copies of both would be
+/// the gateway's peak memory.
 fn merge(shared: &Shared) -> ImportsView {
     let local = shared.exports.borrow().fqdns();
     let peers: Vec<(String, Vec<Arc<FederatedService>>)> = shared
@@ -167,7 +171,8 @@ fn merge(shared: &Shared) -> ImportsView {
         .iter()
         .map(|p| (p.config.name.clone(), p.consumer.borrow().services.clone()))
         .collect();
-    crate::catalog::imports::resolve(&local, &peers)
+    let previous = shared.imports.borrow().clone();
+    crate::catalog::imports::resolve_reusing(&local, &peers, &previous)
 }
 
 /// Convenience for admin: the consumer views by peer name.

@@ -11,11 +11,11 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use elsinore_federation_api::{Endpoint, FederatedService, Instance, UnknownProtocol};
+use elsinore_federation_api::{Endpoint, FederatedService, Instance, StringMap, UnknownProtocol};
 use serde::{Deserialize, Serialize};
 
 /// The file format version this build writes and reads.
@@ -78,6 +78,10 @@ pub fn path_for(dir: &Path, peer: &str) -> Result<PathBuf, CacheError> {
 
 /// Replaces the cache file of `peer` with `entries` (each with when it was
 /// last confirmed by the peer), atomically. Creates `dir` if missing.
+///
+/// The JSON is streamed to the file through a buffer straight from the
+/// shared services: with 100,000 imports, a copy of every service plus the
+/// whole document in memory would cost more than the imports themselves.
 pub fn save(
     dir: &Path,
     peer: &str,
@@ -88,32 +92,27 @@ pub fn save(
         path: dir.to_owned(),
         source,
     })?;
-    let file = CacheFile {
+    let file = CacheFileOut {
         version: u64::from(VERSION),
-        peer: peer.to_owned(),
+        peer,
         saved_at: unix_seconds(SystemTime::now()),
-        entries: entries
-            .iter()
-            .map(|(service, confirmed)| CachedEntry {
-                confirmed_at: unix_seconds(*confirmed),
-                service: CachedService::from(&**service),
-            })
-            .collect(),
+        entries: EntriesOut(entries),
     };
-    let bytes = serde_json::to_vec_pretty(&file).map_err(|source| CacheError::Encode {
-        path: path.clone(),
-        source,
-    })?;
 
     let mut tmp_name = path.as_os_str().to_owned();
     tmp_name.push(".tmp");
     let tmp = PathBuf::from(tmp_name);
-    let result = write_synced(&tmp, &bytes).and_then(|()| fs::rename(&tmp, &path));
-    if let Err(source) = result {
+    let result = write_synced(&tmp, &file).and_then(|()| {
+        fs::rename(&tmp, &path).map_err(|source| CacheError::Write {
+            path: path.clone(),
+            source,
+        })
+    });
+    if let Err(error) = result {
         // Best effort: a leftover .tmp is harmless (the next save truncates
         // it) but would confuse an operator looking at the directory.
         let _ = fs::remove_file(&tmp);
-        return Err(CacheError::Write { path, source });
+        return Err(error.named(&path));
     }
     // The rename is durable only once the directory entry is on disk.
     File::open(dir)
@@ -124,10 +123,41 @@ pub fn save(
         })
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut f = File::create(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
+/// Writes `file` as pretty JSON to `path` and syncs it. Errors name `path`
+/// for now; [`save`] renames them to the real cache file.
+fn write_synced(path: &Path, file: &CacheFileOut<'_>) -> Result<(), CacheError> {
+    let io = |source| CacheError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let mut out = BufWriter::with_capacity(64 * 1024, File::create(path).map_err(io)?);
+    serde_json::to_writer_pretty(&mut out, file).map_err(|source| {
+        if source.is_io() {
+            CacheError::Write {
+                path: path.to_owned(),
+                source: source.into(),
+            }
+        } else {
+            CacheError::Encode {
+                path: path.to_owned(),
+                source,
+            }
+        }
+    })?;
+    let f = out.into_inner().map_err(|e| io(e.into_error()))?;
+    f.sync_all().map_err(io)
+}
+
+impl CacheError {
+    /// The same error about `path` (the cache file, not its temporary twin).
+    fn named(self, path: &Path) -> CacheError {
+        let path = path.to_owned();
+        match self {
+            CacheError::Write { source, .. } => CacheError::Write { path, source },
+            CacheError::Encode { source, .. } => CacheError::Encode { path, source },
+            other => other,
+        }
+    }
 }
 
 /// Reads the cache file of `peer`. A missing file is an empty cache; any
@@ -157,6 +187,8 @@ pub fn load(dir: &Path, peer: &str) -> Result<Vec<(FederatedService, SystemTime)
         path: path.clone(),
         source,
     })?;
+    // The text is no longer needed; free it before the services are built.
+    drop(bytes);
     if file.peer != peer {
         return Err(CacheError::PeerMismatch {
             path,
@@ -164,20 +196,17 @@ pub fn load(dir: &Path, peer: &str) -> Result<Vec<(FederatedService, SystemTime)
             found: file.peer,
         });
     }
-    file.entries
-        .into_iter()
-        .enumerate()
-        .map(|(index, e)| {
-            let service = FederatedService::try_from(e.service).map_err(|source| {
-                CacheError::InvalidEntry {
-                    path: path.clone(),
-                    index,
-                    source,
-                }
+    let mut loaded = Vec::with_capacity(file.entries.len());
+    for (index, e) in file.entries.into_iter().enumerate() {
+        let service =
+            FederatedService::try_from(e.service).map_err(|source| CacheError::InvalidEntry {
+                path: path.clone(),
+                index,
+                source,
             })?;
-            Ok((service, UNIX_EPOCH + Duration::from_secs(e.confirmed_at)))
-        })
-        .collect()
+        loaded.push((service, UNIX_EPOCH + Duration::from_secs(e.confirmed_at)));
+    }
+    Ok(loaded)
 }
 
 /// Seconds since the epoch; times before it (a broken clock) count as 0.
@@ -260,7 +289,7 @@ impl From<&FederatedService> for CachedService {
             name: name.clone(),
             description: description.clone(),
             tags: tags.clone(),
-            labels: labels.clone(),
+            labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             fqdn: fqdn.clone(),
             endpoints: endpoints.iter().map(CachedEndpoint::from).collect(),
             sans: sans.clone(),
@@ -298,7 +327,10 @@ impl From<&Instance> for CachedInstance {
         CachedInstance {
             id: id.clone(),
             protocol: protocol.as_str().to_owned(),
-            metadata: metadata.clone(),
+            metadata: metadata
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             endpoint_selector: endpoint_selector.clone(),
             description: description.clone(),
         }
@@ -318,18 +350,19 @@ impl TryFrom<CachedService> for FederatedService {
             sans,
             instances,
         } = s;
+        let mut domain_instances = Vec::with_capacity(instances.len());
+        for instance in instances {
+            domain_instances.push(Instance::try_from(instance)?);
+        }
         Ok(FederatedService {
             name,
             description,
-            tags,
-            labels,
+            tags: trimmed(tags),
+            labels: labels.into_iter().collect(),
             fqdn,
-            endpoints: endpoints.into_iter().map(Endpoint::from).collect(),
-            sans,
-            instances: instances
-                .into_iter()
-                .map(Instance::try_from)
-                .collect::<Result<_, _>>()?,
+            endpoints: trimmed(endpoints.into_iter().map(Endpoint::from).collect()),
+            sans: trimmed(sans),
+            instances: domain_instances,
         })
     }
 }
@@ -345,7 +378,7 @@ impl From<CachedEndpoint> for Endpoint {
         Endpoint {
             address,
             port,
-            labels,
+            labels: trimmed(labels),
             description,
         }
     }
@@ -364,10 +397,170 @@ impl TryFrom<CachedInstance> for Instance {
         Ok(Instance {
             id,
             protocol: protocol.parse()?,
+            metadata: metadata.into_iter().collect(),
+            endpoint_selector: trimmed(endpoint_selector),
+            description,
+        })
+    }
+}
+
+/// Serde files grow vectors by pushing (room for four on the first push);
+/// a restored import lives for hours, so its vectors are cut to length.
+fn trimmed<T>(mut v: Vec<T>) -> Vec<T> {
+    v.shrink_to_fit();
+    v
+}
+
+// What `save` writes: the same document as [`CacheFile`] (same field
+// names, order and shapes, so `load` reads it back), borrowed from the
+// shared services instead of copied into the owned mirror types.
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CacheFileOut<'a> {
+    version: u64,
+    peer: &'a str,
+    saved_at: u64,
+    entries: EntriesOut<'a>,
+}
+
+struct EntriesOut<'a>(&'a [(std::sync::Arc<FederatedService>, SystemTime)]);
+
+impl Serialize for EntriesOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(|(service, confirmed)| CachedEntryOut {
+            confirmed_at: unix_seconds(*confirmed),
+            service: ServiceOut::from(&**service),
+        }))
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CachedEntryOut<'a> {
+    confirmed_at: u64,
+    service: ServiceOut<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ServiceOut<'a> {
+    name: &'a str,
+    description: &'a str,
+    tags: &'a [String],
+    labels: MapOut<'a>,
+    fqdn: &'a str,
+    endpoints: EndpointsOut<'a>,
+    sans: &'a [String],
+    instances: InstancesOut<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EndpointOut<'a> {
+    address: &'a str,
+    port: u16,
+    labels: &'a [String],
+    description: &'a str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct InstanceOut<'a> {
+    id: &'a str,
+    protocol: &'static str,
+    metadata: MapOut<'a>,
+    endpoint_selector: &'a [String],
+    description: &'a str,
+}
+
+/// A string map written as a JSON object in key order, like the
+/// `BTreeMap` of [`CachedService`].
+struct MapOut<'a>(&'a StringMap);
+
+impl Serialize for MapOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter())
+    }
+}
+
+struct EndpointsOut<'a>(&'a [Endpoint]);
+
+impl Serialize for EndpointsOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(EndpointOut::from))
+    }
+}
+
+struct InstancesOut<'a>(&'a [Instance]);
+
+impl Serialize for InstancesOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(InstanceOut::from))
+    }
+}
+
+// Exhaustive, like the owned conversions: a new domain field fails to
+// compile here until the file format handles it.
+
+impl<'a> From<&'a FederatedService> for ServiceOut<'a> {
+    fn from(s: &'a FederatedService) -> Self {
+        let FederatedService {
+            name,
+            description,
+            tags,
+            labels,
+            fqdn,
+            endpoints,
+            sans,
+            instances,
+        } = s;
+        ServiceOut {
+            name,
+            description,
+            tags,
+            labels: MapOut(labels),
+            fqdn,
+            endpoints: EndpointsOut(endpoints),
+            sans,
+            instances: InstancesOut(instances),
+        }
+    }
+}
+
+impl<'a> From<&'a Endpoint> for EndpointOut<'a> {
+    fn from(e: &'a Endpoint) -> Self {
+        let Endpoint {
+            address,
+            port,
+            labels,
+            description,
+        } = e;
+        EndpointOut {
+            address,
+            port: *port,
+            labels,
+            description,
+        }
+    }
+}
+
+impl<'a> From<&'a Instance> for InstanceOut<'a> {
+    fn from(i: &'a Instance) -> Self {
+        let Instance {
+            id,
+            protocol,
             metadata,
             endpoint_selector,
             description,
-        })
+        } = i;
+        InstanceOut {
+            id,
+            protocol: protocol.as_str(),
+            metadata: MapOut(metadata),
+            endpoint_selector,
+            description,
+        }
     }
 }
 
@@ -384,7 +577,7 @@ mod tests {
             name: name.to_owned(),
             description: "the reviews".to_owned(),
             tags: vec!["t1".to_owned()],
-            labels: BTreeMap::from([("elsinore.io/mesh".to_owned(), "mesh-b".to_owned())]),
+            labels: StringMap::from([("elsinore.io/mesh".to_owned(), "mesh-b".to_owned())]),
             fqdn: format!("{name}.mesh-b.global"),
             endpoints: vec![Endpoint {
                 address: "gw.mesh-b.example".to_owned(),
@@ -396,7 +589,10 @@ mod tests {
             instances: vec![Instance {
                 id: "mesh-b".to_owned(),
                 protocol,
-                metadata: BTreeMap::from([("SNI".to_owned(), format!("{name}.mesh-b.global"))]),
+                metadata: StringMap::from([
+                    ("SNI".to_owned(), format!("{name}.mesh-b.global")),
+                    ("PORT".to_owned(), "9080".to_owned()),
+                ]),
                 endpoint_selector: vec!["zone=a".to_owned()],
                 description: "i".to_owned(),
             }],
@@ -440,6 +636,59 @@ mod tests {
         let fractional = vec![(entries[0].0.clone(), at(5) + Duration::from_millis(900))];
         save(dir.path(), "mesh-b", &fractional).unwrap();
         assert_eq!(load(dir.path(), "mesh-b").unwrap()[0].1, at(5));
+    }
+
+    /// The streamed writer produces byte for byte what serializing the
+    /// owned mirror types gives, so the format did not drift, and a
+    /// restored service has no spare vector room.
+    #[test]
+    fn streamed_file_equals_the_owned_document() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut odd = service("odd", Protocol::Tcp);
+        odd.labels = StringMap::new();
+        odd.endpoints.push(Endpoint {
+            address: "10.0.0.2".to_owned(),
+            port: 1,
+            labels: vec![],
+            description: String::new(),
+        });
+        odd.instances.clear();
+        let entries = vec![
+            (Arc::new(service("reviews", Protocol::Http)), at(7)),
+            (Arc::new(odd), at(8)),
+        ];
+        save(dir.path(), "mesh-b", &entries).unwrap();
+        let text = fs::read_to_string(dir.path().join("imports-mesh-b.json")).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let owned = CacheFile {
+            version: u64::from(VERSION),
+            peer: "mesh-b".to_owned(),
+            saved_at: json["savedAt"].as_u64().unwrap(),
+            entries: entries
+                .iter()
+                .map(|(s, t)| CachedEntry {
+                    confirmed_at: unix_seconds(*t),
+                    service: CachedService::from(&**s),
+                })
+                .collect(),
+        };
+        assert_eq!(text, serde_json::to_string_pretty(&owned).unwrap());
+
+        let loaded = load(dir.path(), "mesh-b").unwrap();
+        assert_eq!(loaded[0].0, *entries[0].0);
+        let svc = &loaded[0].0;
+        assert_eq!(svc.endpoints.capacity(), svc.endpoints.len());
+        assert_eq!(svc.tags.capacity(), svc.tags.len());
+        assert_eq!(svc.sans.capacity(), svc.sans.len());
+        assert_eq!(svc.instances.capacity(), svc.instances.len());
+        assert_eq!(
+            svc.instances[0].endpoint_selector.capacity(),
+            svc.instances[0].endpoint_selector.len()
+        );
+        assert_eq!(
+            svc.endpoints[0].labels.capacity(),
+            svc.endpoints[0].labels.len()
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use elsinore_certs::SpiffeId;
-use elsinore_federation_api::{Endpoint, FederatedService, Instance, Protocol};
+use elsinore_federation_api::{Endpoint, FederatedService, Instance, Protocol, StringMap};
 
 use crate::config::{Config, HostPort};
 
@@ -67,14 +67,14 @@ impl ExportCatalog {
                     name: export.name.clone(),
                     description: String::new(),
                     tags: Vec::new(),
-                    labels: BTreeMap::from([(MESH_LABEL.to_owned(), mesh.clone())]),
+                    labels: StringMap::from([(MESH_LABEL.to_owned(), mesh.clone())]),
                     fqdn: export.fqdn.clone(),
                     endpoints: vec![endpoint.clone()],
                     sans: sans.clone(),
                     instances: vec![Instance {
                         id: mesh.clone(),
                         protocol: export.protocol,
-                        metadata: BTreeMap::from([
+                        metadata: StringMap::from([
                             ("SNI".to_owned(), export.fqdn.clone()),
                             ("PORT".to_owned(), export.port.to_string()),
                         ]),
@@ -243,7 +243,7 @@ pub(crate) mod tests {
             name: "reviews".to_owned(),
             description: String::new(),
             tags: vec![],
-            labels: BTreeMap::from([("elsinore.io/mesh".to_owned(), "mesh-a".to_owned())]),
+            labels: StringMap::from([("elsinore.io/mesh".to_owned(), "mesh-a".to_owned())]),
             fqdn: "reviews.mesh-a.global".to_owned(),
             endpoints: vec![Endpoint {
                 address: "gw.mesh-a.example".to_owned(),
@@ -255,7 +255,7 @@ pub(crate) mod tests {
             instances: vec![Instance {
                 id: "mesh-a".to_owned(),
                 protocol: Protocol::Http,
-                metadata: BTreeMap::from([
+                metadata: StringMap::from([
                     ("SNI".to_owned(), "reviews.mesh-a.global".to_owned()),
                     ("PORT".to_owned(), "9080".to_owned()),
                 ]),

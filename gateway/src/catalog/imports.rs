@@ -4,8 +4,10 @@
 //! so the same inputs always give the same names whatever order messages
 //! arrived in, and a restart never renames anything. It owns no state: the
 //! federation room calls it again after every change and publishes the
-//! result whole.
+//! result whole ([`resolve_reusing`] shares the unchanged entries of the
+//! previous view, so a rebuild allocates only for what changed).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
@@ -95,8 +97,9 @@ impl fmt::Display for Collision {
 /// The resolved names of all imports.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ImportsView {
-    /// Registered name (lower case, no trailing dot) → import.
-    pub by_fqdn: BTreeMap<String, Resolved>,
+    /// Registered name (lower case, no trailing dot) → import. Both are
+    /// shared with the VIP table and with the next view, not copied.
+    pub by_fqdn: BTreeMap<Arc<str>, Arc<Resolved>>,
     /// In priority order (peer config order, then service name).
     pub collisions: Vec<Collision>,
     /// Local export names (normalized), kept so that lookups never let an
@@ -110,10 +113,10 @@ impl ImportsView {
     /// it is. An exact registered name wins over an instance name.
     pub fn lookup(&self, fqdn: &str) -> Option<&Resolved> {
         let key = normalize(fqdn);
-        if let Some(r) = self.by_fqdn.get(&key) {
+        if let Some(r) = self.by_fqdn.get(key.as_ref()) {
             return Some(r);
         }
-        if self.local.contains(&key) {
+        if self.local.contains(key.as_ref()) {
             return None;
         }
         let (first, rest) = key.split_once('.')?;
@@ -129,8 +132,11 @@ impl ImportsView {
     pub fn for_peer<'a>(
         &'a self,
         peer: &'a str,
-    ) -> impl Iterator<Item = (&'a String, &'a Resolved)> {
-        self.by_fqdn.iter().filter(move |(_, r)| r.peer == peer)
+    ) -> impl Iterator<Item = (&'a str, &'a Arc<Resolved>)> {
+        self.by_fqdn
+            .iter()
+            .filter(move |(_, r)| r.peer == peer)
+            .map(|(k, r)| (&**k, r))
     }
 }
 
@@ -145,8 +151,14 @@ pub fn alias_for(service_name: &str, peer: &str) -> String {
 }
 
 /// Registered names are compared lower case, without a trailing dot.
-fn normalize(fqdn: &str) -> String {
-    fqdn.strip_suffix('.').unwrap_or(fqdn).to_ascii_lowercase()
+/// Imports arrive normalized already, so this rarely allocates.
+fn normalize(fqdn: &str) -> Cow<'_, str> {
+    let trimmed = fqdn.strip_suffix('.').unwrap_or(fqdn);
+    if trimmed.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(trimmed.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(trimmed)
+    }
 }
 
 /// Resolves every import to the name it is registered under.
@@ -168,11 +180,33 @@ pub fn resolve(
     local_fqdns: &BTreeSet<String>,
     peers: &[(String, Vec<Arc<FederatedService>>)],
 ) -> ImportsView {
-    let local: BTreeSet<String> = local_fqdns.iter().map(|f| normalize(f)).collect();
-    let mut taken: BTreeMap<String, Owner> =
-        local.iter().map(|f| (f.clone(), Owner::Local)).collect();
-    let mut by_fqdn = BTreeMap::new();
+    resolve_reusing(local_fqdns, peers, &ImportsView::default())
+}
+
+/// [`resolve`], sharing with `previous` every entry that comes out the
+/// same (same registered name, peer, alias flag and service object), so
+/// that republishing 100,000 imports after one change copies none of them.
+/// The result equals `resolve(local_fqdns, peers)` whatever `previous` is.
+pub fn resolve_reusing(
+    local_fqdns: &BTreeSet<String>,
+    peers: &[(String, Vec<Arc<FederatedService>>)],
+    previous: &ImportsView,
+) -> ImportsView {
+    let local: BTreeSet<String> = local_fqdns
+        .iter()
+        .map(|f| normalize(f).into_owned())
+        .collect();
+    let mut by_fqdn: BTreeMap<Arc<str>, Arc<Resolved>> = BTreeMap::new();
     let mut losers = Vec::new();
+    // A name is taken by a local export or by whatever is registered under
+    // it so far; `by_fqdn` doubles as the record of the latter.
+    let holder = |by_fqdn: &BTreeMap<Arc<str>, Arc<Resolved>>, key: &str| {
+        if local.contains(key) {
+            Some(Owner::Local)
+        } else {
+            by_fqdn.get(key).map(|r| Owner::Peer(r.peer.clone()))
+        }
+    };
 
     for (peer, services) in peers {
         // Arrival order must not matter, so sort; ties on name (which an
@@ -181,12 +215,12 @@ pub fn resolve(
         services.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.fqdn.cmp(&b.fqdn)));
         for service in services {
             let key = normalize(&service.fqdn);
-            if let Some(owner) = taken.get(&key) {
-                losers.push((peer, service, owner.clone()));
+            if let Some(owner) = holder(&by_fqdn, &key) {
+                losers.push((peer, service, owner));
                 continue;
             }
-            taken.insert(key.clone(), Owner::Peer(peer.clone()));
-            by_fqdn.insert(key, resolved(peer, service, false));
+            let (key, r) = registered(previous, &key, peer, service, false);
+            by_fqdn.insert(key, r);
         }
     }
 
@@ -195,9 +229,9 @@ pub fn resolve(
         let alias = alias_for(&service.name, peer);
         // Service names come from foreign peers: an alias built from one is checked.
         let resolution =
-            if elsinore_federation_api::is_dns_name(&alias) && !taken.contains_key(&alias) {
-                taken.insert(alias.clone(), Owner::Peer(peer.clone()));
-                by_fqdn.insert(alias.clone(), resolved(peer, service, true));
+            if elsinore_federation_api::is_dns_name(&alias) && holder(&by_fqdn, &alias).is_none() {
+                let (key, r) = registered(previous, &alias, peer, service, true);
+                by_fqdn.insert(key, r);
                 Resolution::Aliased(alias)
             } else {
                 Resolution::Dropped
@@ -218,35 +252,51 @@ pub fn resolve(
     }
 }
 
-fn resolved(peer: &str, service: &Arc<FederatedService>, alias: bool) -> Resolved {
-    Resolved {
+/// The entry registering `service` under `key`: the previous view's one if
+/// it is the same, else a new one.
+fn registered(
+    previous: &ImportsView,
+    key: &str,
+    peer: &str,
+    service: &Arc<FederatedService>,
+    alias: bool,
+) -> (Arc<str>, Arc<Resolved>) {
+    if let Some((k, r)) = previous.by_fqdn.get_key_value(key)
+        && r.peer == peer
+        && r.alias == alias
+        && Arc::ptr_eq(&r.service, service)
+    {
+        return (Arc::clone(k), Arc::clone(r));
+    }
+    let r = Resolved {
         peer: peer.to_owned(),
         name: service.name.clone(),
         original_fqdn: service.fqdn.clone(),
         alias,
         service: Arc::clone(service),
-    }
+    };
+    (Arc::from(key), Arc::new(r))
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use elsinore_federation_api::{Instance, Protocol};
+    use elsinore_federation_api::{Instance, Protocol, StringMap};
 
     fn svc(name: &str, fqdn: &str) -> Arc<FederatedService> {
         Arc::new(FederatedService {
             name: name.to_owned(),
             description: String::new(),
             tags: vec![],
-            labels: BTreeMap::new(),
+            labels: StringMap::new(),
             fqdn: fqdn.to_owned(),
             endpoints: vec![],
             sans: vec![],
             instances: vec![Instance {
                 id: "east".to_owned(),
                 protocol: Protocol::Http,
-                metadata: BTreeMap::new(),
+                metadata: StringMap::new(),
                 endpoint_selector: vec![],
                 description: String::new(),
             }],
@@ -268,7 +318,7 @@ mod tests {
     fn names(view: &ImportsView) -> Vec<(String, String, String, bool)> {
         view.by_fqdn
             .iter()
-            .map(|(k, r)| (k.clone(), r.peer.clone(), r.name.clone(), r.alias))
+            .map(|(k, r)| (k.to_string(), r.peer.clone(), r.name.clone(), r.alias))
             .collect()
     }
 
@@ -514,9 +564,9 @@ mod tests {
                 peer("mesh-c", vec![svc("a", "a.global")]),
             ],
         );
-        let b: Vec<_> = view.for_peer("mesh-b").map(|(k, _)| k.as_str()).collect();
+        let b: Vec<_> = view.for_peer("mesh-b").map(|(k, _)| k).collect();
         assert_eq!(b, ["a.global", "b.global"]);
-        let c: Vec<_> = view.for_peer("mesh-c").map(|(k, _)| k.as_str()).collect();
+        let c: Vec<_> = view.for_peer("mesh-c").map(|(k, _)| k).collect();
         assert_eq!(c, ["a.mesh-c.global"]);
     }
 
@@ -599,6 +649,63 @@ mod tests {
             swapped.lookup("details.mesh-b.global").unwrap().name,
             "details"
         );
+    }
+
+    /// Reusing a previous view gives the same result as resolving afresh,
+    /// shares the entries that did not change and rebuilds those that did.
+    #[test]
+    fn reusing_shares_unchanged_entries_only() {
+        let reviews = svc("reviews", "reviews.global");
+        let ratings = svc("ratings", "ratings.global");
+        let details = svc("details", "details.global");
+        let first = resolve(
+            &local(&[]),
+            &[
+                peer("mesh-b", vec![reviews.clone(), ratings.clone()]),
+                peer("mesh-c", vec![svc("reviews", "reviews.global")]),
+            ],
+        );
+        // ratings is replaced by a new object with the same content, details
+        // is new, and mesh-c's reviews (an alias) keeps its object.
+        let ratings_again = svc("ratings", "ratings.global");
+        let mesh_c_reviews = first.by_fqdn["reviews.mesh-c.global"].service.clone();
+        let peers = [
+            peer("mesh-b", vec![reviews.clone(), ratings_again, details]),
+            peer("mesh-c", vec![mesh_c_reviews]),
+        ];
+        let second = resolve_reusing(&local(&[]), &peers, &first);
+        assert_eq!(second, resolve(&local(&[]), &peers));
+        let shared = |k: &str| Arc::ptr_eq(&first.by_fqdn[k], &second.by_fqdn[k]);
+        assert!(shared("reviews.global"));
+        assert!(shared("reviews.mesh-c.global"));
+        assert!(!shared("ratings.global"));
+        assert!(second.by_fqdn.contains_key("details.global"));
+
+        // The same object under another peer, or no longer aliased, is a
+        // different registration and is rebuilt.
+        let third = resolve_reusing(
+            &local(&["reviews.global"]),
+            &[peer("mesh-d", vec![reviews.clone()])],
+            &second,
+        );
+        assert_eq!(
+            names(&third),
+            [row("reviews.mesh-d.global", "mesh-d", "reviews", true)]
+        );
+        let fourth = resolve_reusing(&local(&[]), &[peer("mesh-b", vec![reviews])], &first);
+        assert!(Arc::ptr_eq(
+            &first.by_fqdn["reviews.global"],
+            &fourth.by_fqdn["reviews.global"]
+        ));
+        let fifth = resolve_reusing(
+            &local(&[]),
+            &[peer(
+                "mesh-c",
+                vec![first.by_fqdn["reviews.global"].service.clone()],
+            )],
+            &first,
+        );
+        assert_eq!(fifth.by_fqdn["reviews.global"].peer, "mesh-c");
     }
 
     #[test]

@@ -22,13 +22,16 @@ pub struct VipEntry {
     /// The port local apps call: the instance's `PORT` metadata, else the
     /// first endpoint's port.
     pub port: u16,
-    pub import: Resolved,
+    /// Shared with the imports view it was built from.
+    pub import: Arc<Resolved>,
 }
 
 /// The VIP table published to DNS and egress, replaced whole on change.
+/// Entries of an import that did not change are the same `Arc` from one
+/// table to the next.
 #[derive(Debug, Clone, Default)]
 pub struct VipTable {
-    by_fqdn: BTreeMap<String, Arc<VipEntry>>,
+    by_fqdn: BTreeMap<Arc<str>, Arc<VipEntry>>,
     by_vip: HashMap<Ipv4Addr, Arc<VipEntry>>,
 }
 
@@ -37,7 +40,7 @@ impl VipTable {
     /// `<instance id>.<fqdn>` (case-insensitive, trailing dot ignored).
     pub fn lookup_name(&self, name: &str) -> Option<&Arc<VipEntry>> {
         let key = name.trim_end_matches('.').to_ascii_lowercase();
-        if let Some(e) = self.by_fqdn.get(&key) {
+        if let Some(e) = self.by_fqdn.get(key.as_str()) {
             return Some(e);
         }
         let (first, rest) = key.split_once('.')?;
@@ -71,7 +74,10 @@ impl VipTable {
 #[derive(Debug)]
 pub struct VipAllocator {
     range: VipRange,
-    assigned: HashMap<String, Ipv4Addr>,
+    /// Registered name → its entry in the last table (which holds the VIP).
+    assigned: HashMap<Arc<str>, Arc<VipEntry>>,
+    /// The VIPs in `assigned`.
+    used: HashSet<Ipv4Addr>,
 }
 
 impl VipAllocator {
@@ -79,48 +85,66 @@ impl VipAllocator {
         VipAllocator {
             range,
             assigned: HashMap::new(),
+            used: HashSet::new(),
         }
     }
 
     /// The table for `view`: names still imported keep their VIPs, withdrawn
     /// names free theirs, new names get one. An import that finds the range
-    /// full is left out and logged.
+    /// full is left out and logged. An entry whose import is the same
+    /// object as last time is reused, not rebuilt.
     pub fn update(&mut self, view: &ImportsView) -> VipTable {
-        self.assigned
-            .retain(|fqdn, _| view.by_fqdn.contains_key(fqdn));
-        let mut used: HashSet<Ipv4Addr> = self.assigned.values().copied().collect();
+        let used = &mut self.used;
+        self.assigned.retain(|fqdn, entry| {
+            let keep = view.by_fqdn.contains_key(fqdn);
+            if !keep {
+                used.remove(&entry.vip);
+            }
+            keep
+        });
         let usable = self.range.size().saturating_sub(2).max(1);
-        let mut table = VipTable::default();
+        let mut table = VipTable {
+            by_fqdn: BTreeMap::new(),
+            by_vip: HashMap::with_capacity(view.by_fqdn.len()),
+        };
         for (fqdn, import) in &view.by_fqdn {
-            let vip = match self.assigned.get(fqdn) {
-                Some(vip) => *vip,
+            let entry = match self.assigned.get(fqdn) {
+                Some(entry) if Arc::ptr_eq(&entry.import, import) => Arc::clone(entry),
+                Some(entry) => {
+                    let entry = new_entry(entry.vip, fqdn, import);
+                    self.assigned.insert(Arc::clone(fqdn), Arc::clone(&entry));
+                    entry
+                }
                 None => {
                     let start = fnv1a(fqdn.as_bytes()) % usable;
                     // Skip the network address (offset 0) and the broadcast-like last one.
                     let found = (0..usable)
                         .map(|i| self.range.nth(1 + (start + i) % usable))
-                        .find(|ip| !used.contains(ip));
+                        .find(|ip| !self.used.contains(ip));
                     let Some(vip) = found else {
                         tracing::error!(%fqdn, range = %self.range, "VIP range exhausted; import not reachable through egress");
                         continue;
                     };
-                    used.insert(vip);
-                    self.assigned.insert(fqdn.clone(), vip);
-                    vip
+                    self.used.insert(vip);
+                    let entry = new_entry(vip, fqdn, import);
+                    self.assigned.insert(Arc::clone(fqdn), Arc::clone(&entry));
+                    entry
                 }
             };
-            let port = service_port(import);
-            let entry = Arc::new(VipEntry {
-                vip,
-                fqdn: fqdn.clone(),
-                port,
-                import: import.clone(),
-            });
-            table.by_vip.insert(vip, entry.clone());
-            table.by_fqdn.insert(fqdn.clone(), entry);
+            table.by_vip.insert(entry.vip, Arc::clone(&entry));
+            table.by_fqdn.insert(Arc::clone(fqdn), entry);
         }
         table
     }
+}
+
+fn new_entry(vip: Ipv4Addr, fqdn: &str, import: &Arc<Resolved>) -> Arc<VipEntry> {
+    Arc::new(VipEntry {
+        vip,
+        fqdn: fqdn.to_owned(),
+        port: service_port(import),
+        import: Arc::clone(import),
+    })
 }
 
 fn service_port(import: &Resolved) -> u16 {
@@ -147,7 +171,7 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::catalog::imports::resolve;
+    use crate::catalog::imports::{resolve, resolve_reusing};
     use elsinore_federation_api::{Endpoint, FederatedService, Instance, Protocol};
     use std::collections::BTreeSet;
 
@@ -207,6 +231,44 @@ mod tests {
         let mut again = VipAllocator::new(range);
         let t3 = again.update(&view(vec![svc("a", "a.m.global", 80)]));
         assert_eq!(t3.lookup_name("a.m.global").unwrap().vip, a);
+    }
+
+    /// A republished table shares the entries of unchanged imports and
+    /// rebuilds (at the same VIP) those whose import changed.
+    #[test]
+    fn unchanged_imports_keep_their_entries() {
+        let range: VipRange = "127.77.0.0/16".parse().unwrap();
+        let mut alloc = VipAllocator::new(range);
+        let a = svc("a", "a.m.global", 80);
+        let b = svc("b", "b.m.global", 80);
+        let v1 = view(vec![a.clone(), b]);
+        let t1 = alloc.update(&v1);
+        let v2 = resolve_reusing(
+            &BTreeSet::new(),
+            &[("mesh-a".to_owned(), vec![a, svc("b", "b.m.global", 81)])],
+            &v1,
+        );
+        let t2 = alloc.update(&v2);
+        let (a1, a2) = (
+            t1.lookup_name("a.m.global").unwrap(),
+            t2.lookup_name("a.m.global").unwrap(),
+        );
+        assert!(Arc::ptr_eq(a1, a2));
+        let (b1, b2) = (
+            t1.lookup_name("b.m.global").unwrap(),
+            t2.lookup_name("b.m.global").unwrap(),
+        );
+        assert!(!Arc::ptr_eq(b1, b2));
+        assert_eq!(b1.vip, b2.vip);
+        assert_eq!((b1.port, b2.port), (80, 81));
+        assert!(Arc::ptr_eq(
+            &t2.lookup_vip(b2.vip).unwrap().import,
+            &v2.by_fqdn["b.m.global"]
+        ));
+        // A withdrawn name frees its VIP for the next newcomer's probe.
+        let t3 = alloc.update(&ImportsView::default());
+        assert!(t3.is_empty());
+        assert!(alloc.used.is_empty() && alloc.assigned.is_empty());
     }
 
     #[test]

@@ -622,7 +622,7 @@ mod tests {
             name: name.to_owned(),
             description: description.to_owned(),
             tags: Vec::new(),
-            labels: BTreeMap::new(),
+            labels: Default::default(),
             fqdn: format!("{name}.mesh-a.global"),
             endpoints: Vec::new(),
             sans: vec!["spiffe://mesh-a.example/gateway".to_owned()],

@@ -484,7 +484,7 @@ mod tests {
             name: name.to_owned(),
             description: format!("v{version}"),
             tags: vec!["web".to_owned()],
-            labels: BTreeMap::from([("team".to_owned(), "a".to_owned())]),
+            labels: elsinore_federation_api::StringMap::from([("team".to_owned(), "a".to_owned())]),
             fqdn: format!("{name}.mesh-a.example"),
             endpoints: vec![Endpoint {
                 address: "10.0.0.1".to_owned(),
@@ -496,7 +496,10 @@ mod tests {
             instances: vec![Instance {
                 id: "i1".to_owned(),
                 protocol: Protocol::Http,
-                metadata: BTreeMap::from([("SNI".to_owned(), format!("{name}.internal"))]),
+                metadata: elsinore_federation_api::StringMap::from([(
+                    "SNI".to_owned(),
+                    format!("{name}.internal"),
+                )]),
                 endpoint_selector: vec![],
                 description: String::new(),
             }],
