@@ -19,8 +19,10 @@ pub(crate) mod activity;
 pub mod backend;
 pub mod egress;
 pub mod error;
+pub mod h1;
 pub mod ingress;
 pub mod pool;
+pub mod readahead;
 pub mod splice;
 
 /// The header in which ingress hands the verified peer identity (SPIFFE ID)

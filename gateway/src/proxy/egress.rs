@@ -26,22 +26,24 @@ use arc_swap::ArcSwap;
 use elsinore_certs::SpiffeId;
 use elsinore_federation_api::{Endpoint, Instance, Protocol};
 use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version, header};
-use http_body_util::combinators::BoxBody;
+use http_body_util::combinators::{BoxBody, UnsyncBoxBody};
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Incoming};
+use hyper::body::{Body, Bytes};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
+
+use super::readahead::ReadAhead;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::ProxyContext;
 use super::error::{ErrorKind, ProxyError, Side};
+use super::h1::{self, BoxError};
 use super::pool::{H2Pool, PoolKey, PoolLimits};
 use super::splice::splice;
 use crate::dns::resolver;
@@ -49,6 +51,11 @@ use crate::dns::vip::{VipEntry, VipTable};
 
 /// The body of every response egress gives to a local app.
 type RespBody = BoxBody<Bytes, hyper::Error>;
+/// The body of every request egress forwards: an HTTP/1.1 body read by
+/// [`h1`] or an h2c one read by hyper.
+type UpBody = UnsyncBoxBody<Bytes, BoxError>;
+/// The HTTP/2 connection preface a prior-knowledge h2c client opens with.
+const H2C_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// HTTP/2 connections to one remote endpoint (per SNI, peer and SANs).
 const MAX_CONNS_PER_KEY: usize = 4;
@@ -249,21 +256,17 @@ struct Egress {
     /// The latest VIP table, read lock-free per connection and per request.
     table: ArcSwap<VipTable>,
     tls: Mutex<HashMap<TlsKey, Arc<rustls::ClientConfig>>>,
-    pool: H2Pool<Incoming>,
+    pool: H2Pool<UpBody>,
     /// Round-robin position over a service's endpoints.
     next: AtomicUsize,
-    http: auto::Builder<TokioExecutor>,
+    /// For apps that speak h2c with prior knowledge; HTTP/1.1 is [`h1`].
+    h2c: hyper::server::conn::http2::Builder<TokioExecutor>,
 }
 
 impl Egress {
     fn new(ctx: ProxyContext, stats: Arc<EgressStats>) -> Egress {
-        let mut http = auto::Builder::new(TokioExecutor::new());
-        // An app gets `requestTimeout` to send request headers, as on ingress.
-        http.http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(ctx.tuning.request_timeout);
-        http.http2()
-            .timer(TokioTimer::new())
+        let mut h2c = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        h2c.timer(TokioTimer::new())
             .max_concurrent_streams(ctx.tuning.http2_max_concurrent_streams);
         let pool = H2Pool::new(PoolLimits {
             max_per_key: MAX_CONNS_PER_KEY,
@@ -278,7 +281,7 @@ impl Egress {
             tls: Mutex::new(HashMap::new()),
             pool,
             next: AtomicUsize::new(0),
-            http,
+            h2c,
         }
     }
 
@@ -489,7 +492,7 @@ impl Egress {
         endpoint: &Endpoint,
         sni: &str,
         config: Arc<rustls::ClientConfig>,
-    ) -> Result<TlsStream<TcpStream>, ProxyError> {
+    ) -> Result<TlsStream<ReadAhead<TcpStream>>, ProxyError> {
         let tuning = &self.ctx.tuning;
         let target = format!("{}:{}", endpoint.address, endpoint.port);
         let resolved = tokio::time::timeout(
@@ -557,7 +560,7 @@ impl Egress {
                 )
                 .with_retry_safe(false)
             })?;
-        let handshake = TlsConnector::from(config).connect(server_name, tcp);
+        let handshake = TlsConnector::from(config).connect(server_name, ReadAhead::new(tcp));
         match tokio::time::timeout(tuning.handshake_timeout, handshake).await {
             Ok(Ok(tls)) => {
                 EgressStats::bump(&self.stats.upstream_connects);
@@ -628,6 +631,43 @@ impl Egress {
 
     /// Serves HTTP/1.1 or h2c (prior knowledge) to a local app.
     async fn serve_http(self: Arc<Self>, tcp: TcpStream, route: Route) {
+        let tuning = &self.ctx.tuning;
+        let shutdown = &self.ctx.shutdown;
+        let h2c = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            first = tokio::time::timeout(tuning.idle_timeout, starts_with_h2c_preface(&tcp)) => match first {
+                Ok(Ok(h2c)) => h2c,
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, "downstream HTTP connection failed before a request");
+                    return;
+                }
+                Err(_) => return,
+            },
+        };
+        if !h2c {
+            // An app gets `requestTimeout` to send request headers, as on ingress.
+            let settings = h1::Settings {
+                header_timeout: tuning.request_timeout,
+                idle_timeout: tuning.idle_timeout,
+            };
+            let egress = &self;
+            // Boxed: the request's future (pool, dial, handshake) is large,
+            // and only a pointer to it should live in an idle connection.
+            let served = h1::serve(tcp, settings, shutdown, |req| {
+                Box::pin(egress.handle(route, req))
+            })
+            .await;
+            if let Err(error) = served {
+                tracing::debug!(%error, "downstream HTTP/1.1 connection ended with an error");
+            }
+            return;
+        }
+        // Boxed so that HTTP/1.1 connections, the common case, do not carry
+        // hyper's HTTP/2 connection state in their task.
+        Box::pin(self.serve_h2c(tcp, route)).await;
+    }
+
+    async fn serve_h2c(self: Arc<Self>, tcp: TcpStream, route: Route) {
         let egress = self.clone();
         let service = hyper::service::service_fn(move |req| {
             let egress = egress.clone();
@@ -638,7 +678,7 @@ impl Egress {
             inner: tcp,
             activity: activity.clone(),
         });
-        let conn = self.http.serve_connection(io, service);
+        let conn = self.h2c.serve_connection(io, service);
         tokio::pin!(conn);
         let idle = self.ctx.tuning.idle_timeout;
         let idle_check = activity.idle(idle);
@@ -646,7 +686,7 @@ impl Egress {
         let drain = tokio::select! {
             served = conn.as_mut() => {
                 if let Err(error) = served {
-                    tracing::debug!(%error, "downstream HTTP connection ended with an error");
+                    tracing::debug!(%error, "downstream h2c connection ended with an error");
                 }
                 return;
             }
@@ -655,18 +695,22 @@ impl Egress {
         };
         tracing::debug!(
             reason = drain,
-            "closing downstream HTTP connection gracefully"
+            "closing downstream h2c connection gracefully"
         );
-        // In-flight requests finish; new ones are refused (HTTP/2 GOAWAY).
+        // In-flight requests finish; new ones are refused (GOAWAY).
         conn.as_mut().graceful_shutdown();
         if tokio::time::timeout(DRAIN_TIMEOUT, conn).await.is_err() {
             tracing::debug!(
-                "downstream HTTP connection still busy after {DRAIN_TIMEOUT:?}; closing"
+                "downstream h2c connection still busy after {DRAIN_TIMEOUT:?}; closing"
             );
         }
     }
 
-    async fn handle(&self, route: Route, req: Request<Incoming>) -> Response<RespBody> {
+    async fn handle<B>(&self, route: Route, req: Request<B>) -> Response<RespBody>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         EgressStats::bump(&self.stats.requests);
         let grpc = is_grpc(req.headers());
         let result = match self.route(route, &req) {
@@ -687,7 +731,7 @@ impl Egress {
         })
     }
 
-    fn route(&self, route: Route, req: &Request<Incoming>) -> Result<Arc<VipEntry>, ProxyError> {
+    fn route<B>(&self, route: Route, req: &Request<B>) -> Result<Arc<VipEntry>, ProxyError> {
         match route {
             Route::Vip(addr) => self.lookup_vip(addr).ok_or_else(|| {
                 ProxyError::upstream(
@@ -736,11 +780,15 @@ impl Egress {
 
     /// Forwards one request over a pooled HTTP/2 connection, trying the
     /// endpoints in round-robin order until one can be reached.
-    async fn forward(
+    async fn forward<B>(
         &self,
         entry: Arc<VipEntry>,
-        req: Request<Incoming>,
-    ) -> Result<Response<RespBody>, ProxyError> {
+        req: Request<B>,
+    ) -> Result<Response<RespBody>, ProxyError>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         let targets = targets(&entry, Mode::Http);
         if targets.is_empty() {
             return Err(no_endpoints(&entry));
@@ -822,7 +870,7 @@ impl Egress {
         endpoint: &Endpoint,
         sni: &str,
         config: Arc<rustls::ClientConfig>,
-    ) -> Result<SendRequest<Incoming>, ProxyError> {
+    ) -> Result<SendRequest<UpBody>, ProxyError> {
         let tls = self.dial_tls(entry, endpoint, sni, config).await?;
         let target = format!("{}:{}", endpoint.address, endpoint.port);
         if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
@@ -837,7 +885,7 @@ impl Egress {
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10));
-        let handshake = builder.handshake::<_, Incoming>(TokioIo::new(tls));
+        let handshake = builder.handshake::<_, UpBody>(TokioIo::new(tls));
         let (sender, conn) = tokio::time::timeout(self.ctx.tuning.handshake_timeout, handshake)
             .await
             .map_err(|_| {
@@ -990,10 +1038,11 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// The request as it goes to the owner's ingress over HTTP/2.
-fn upstream_request(
-    req: Request<Incoming>,
-    entry: &VipEntry,
-) -> Result<Request<Incoming>, ProxyError> {
+fn upstream_request<B>(req: Request<B>, entry: &VipEntry) -> Result<Request<UpBody>, ProxyError>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     let authority = upstream_authority(request_host(&req), entry);
     let (mut parts, body) = req.into_parts();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -1010,7 +1059,28 @@ fn upstream_request(
         })?;
     parts.version = Version::HTTP_2;
     strip_hop_by_hop(&mut parts.headers);
-    Ok(Request::from_parts(parts, body))
+    Ok(Request::from_parts(
+        parts,
+        body.map_err(Into::into).boxed_unsync(),
+    ))
+}
+
+/// Whether an app's connection opens with the h2c preface (prior
+/// knowledge) rather than an HTTP/1.1 request. Peeks, consuming nothing.
+async fn starts_with_h2c_preface(tcp: &TcpStream) -> io::Result<bool> {
+    // "PRI" is not a method any HTTP/1.1 app sends: three bytes decide.
+    let mut first = [0u8; 3];
+    loop {
+        let n = tcp.peek(&mut first).await?;
+        if n == 0 || first[..n] != H2C_PREFACE[..n] {
+            return Ok(false);
+        }
+        if n == first.len() {
+            return Ok(true);
+        }
+        // A prefix of "PRI" so far: wait for the rest without spinning.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 /// The response for a failed request: a text body naming the side, or for
@@ -1253,7 +1323,7 @@ mod tests {
     }
 
     async fn answer(
-        req: Request<Incoming>,
+        req: Request<hyper::body::Incoming>,
     ) -> Result<Response<BoxBody<Bytes, Infallible>>, Infallible> {
         if req.uri().path() == "/slow" {
             tokio::time::sleep(Duration::from_secs(60)).await;

@@ -43,6 +43,8 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
+
+use super::readahead::ReadAhead;
 use tracing::{Instrument, field};
 
 use super::backend::Backends;
@@ -303,28 +305,30 @@ async fn refuse<S: AsyncWrite + Unpin>(
 async fn handle(tcp: TcpStream, inner: &Arc<Inner>) {
     let _ = tcp.set_nodelay(true);
     let none = None::<TcpStream>;
-    let tls =
-        match tokio::time::timeout(inner.tuning().handshake_timeout, inner.acceptor.accept(tcp))
-            .await
-        {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
-                return refuse(
-                    inner,
-                    Refusal::HandshakeFailed,
-                    &format!("tls handshake failed: {e}"),
-                    none,
-                )
-                .await;
-            }
-            Err(_) => {
-                let detail = format!(
-                    "tls handshake not completed within {:?}",
-                    inner.tuning().handshake_timeout
-                );
-                return refuse(inner, Refusal::HandshakeTimeout, &detail, none).await;
-            }
-        };
+    let tls = match tokio::time::timeout(
+        inner.tuning().handshake_timeout,
+        inner.acceptor.accept(ReadAhead::new(tcp)),
+    )
+    .await
+    {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            return refuse(
+                inner,
+                Refusal::HandshakeFailed,
+                &format!("tls handshake failed: {e}"),
+                none,
+            )
+            .await;
+        }
+        Err(_) => {
+            let detail = format!(
+                "tls handshake not completed within {:?}",
+                inner.tuning().handshake_timeout
+            );
+            return refuse(inner, Refusal::HandshakeTimeout, &detail, none).await;
+        }
+    };
     let span = tracing::Span::current();
     let conn = tls.get_ref().1;
 
@@ -388,7 +392,9 @@ async fn handle(tcp: TcpStream, inner: &Arc<Inner>) {
                 request_timeout: inner.tuning().request_timeout,
                 stats: Arc::clone(&inner.stats),
             });
-            serve_http(tls, conn, inner).await;
+            // Boxed: hyper's connection state should not size the task of
+            // every TCP connection too.
+            Box::pin(serve_http(tls, conn, inner)).await;
         }
     }
 }
@@ -398,7 +404,7 @@ fn normalize_host(h: &str) -> String {
     h.strip_suffix('.').unwrap_or(h).to_ascii_lowercase()
 }
 
-async fn forward_opaque(tls: TlsStream<TcpStream>, upstream: &Upstream, inner: &Inner) {
+async fn forward_opaque(tls: TlsStream<ReadAhead<TcpStream>>, upstream: &Upstream, inner: &Inner) {
     let tuning = inner.tuning();
     let (backend, addr) = match upstream.backends.connect(tuning.connect_timeout).await {
         Ok(pair) => pair,
@@ -596,7 +602,7 @@ struct HttpConn {
     stats: Arc<IngressStats>,
 }
 
-async fn serve_http(tls: TlsStream<TcpStream>, conn: Arc<HttpConn>, inner: &Inner) {
+async fn serve_http(tls: TlsStream<ReadAhead<TcpStream>>, conn: Arc<HttpConn>, inner: &Inner) {
     let tuning = inner.tuning();
     let activity = Arc::new(Activity::new());
     let io = TokioIo::new(ActivityIo {

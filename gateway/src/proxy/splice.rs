@@ -3,9 +3,13 @@
 //! timeout. Half-close is carried across: when one side ends its writes (EOF
 //! on read), the write half of the other side is shut down and the opposite
 //! direction keeps flowing, so request/response protocols that signal the end
-//! of the request with a half-close keep working. Each direction owns one
-//! buffer for the life of the splice; nothing is allocated per chunk.
+//! of the request with a half-close keep working. Reads go through one
+//! scratch buffer per thread, so the thousands of mostly idle connections a
+//! gateway holds own no buffer; a direction keeps bytes only while its writer
+//! lags behind. While data flows, several TLS records are read before each
+//! write, so a bulk transfer costs one write per 64 KiB.
 
+use std::cell::RefCell;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
@@ -16,13 +20,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use super::error::{ErrorKind, ProxyError, Side};
-
-/// Each direction's buffer starts small, so the thousands of mostly idle
-/// connections a gateway holds cost little, and doubles whenever a read
-/// fills it, up to [`MAX_BUF`]: a bulk transfer then moves several TLS
-/// records (16 KiB of plaintext each) per read and per write.
-const MIN_BUF: usize = 4 * 1024;
-const MAX_BUF: usize = 64 * 1024;
 
 /// Copies `a` → `b` and `b` → `a` until both directions have reached EOF.
 ///
@@ -100,14 +97,26 @@ fn poll_idle(
     }
 }
 
-/// One direction of the splice: reads from one stream into its buffer and
-/// writes the buffer out to the other.
+/// Read buffer shared by every splice on a thread, borrowed only inside one
+/// poll: an idle connection holds no buffer of its own.
+const SCRATCH: usize = 64 * 1024;
+
+/// Keep reading before writing while reads come back at least this large
+/// (a full TLS record): data is flowing, and one write of several records
+/// costs one syscall instead of one per record.
+const KEEP_READING: usize = 16 * 1024;
+
+thread_local! {
+    static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH].into_boxed_slice());
+}
+
+/// One direction of the splice: reads from one stream into the thread's
+/// scratch buffer and writes it out to the other. Only bytes the writer could
+/// not take at once are kept, in `pending`, which is freed when written.
 struct Direction {
-    buf: Box<[u8]>,
-    /// Next byte of `buf` to write.
+    pending: Vec<u8>,
+    /// Next byte of `pending` to write.
     pos: usize,
-    /// End of the valid bytes in `buf`.
-    cap: usize,
     read_done: bool,
     need_flush: bool,
     done: bool,
@@ -116,12 +125,19 @@ struct Direction {
     writer: Side,
 }
 
+/// What one round of reading produced.
+enum Read {
+    /// Bytes in the scratch buffer, and whether the reader returned
+    /// `Pending` (so its waker is registered).
+    Data(usize, bool),
+    Err(io::Error),
+}
+
 impl Direction {
     fn new(reader: Side, writer: Side) -> Self {
         Direction {
-            buf: vec![0; MIN_BUF].into_boxed_slice(),
+            pending: Vec::new(),
             pos: 0,
-            cap: 0,
             read_done: false,
             need_flush: false,
             done: false,
@@ -146,64 +162,30 @@ impl Direction {
             return Poll::Ready(Ok(()));
         }
         loop {
-            if self.pos == self.cap && !self.read_done {
-                if self.cap == self.buf.len() && self.buf.len() < MAX_BUF {
-                    // The last read filled the buffer: data is flowing, read more at once.
-                    self.buf = vec![0; self.buf.len() * 2].into_boxed_slice();
-                    self.pos = 0;
-                    self.cap = 0;
-                }
-                let mut rb = ReadBuf::new(&mut self.buf);
-                match r.as_mut().poll_read(cx, &mut rb) {
-                    Poll::Ready(Ok(())) => {
-                        let n = rb.filled().len();
-                        if n == 0 {
-                            self.read_done = true;
-                        } else {
-                            self.pos = 0;
-                            self.cap = n;
-                            *progressed = true;
-                        }
+            // Bytes the writer refused last time go first.
+            while self.pos < self.pending.len() {
+                let n = match w.as_mut().poll_write(cx, &self.pending[self.pos..]) {
+                    Poll::Ready(Ok(0)) => {
+                        let e = io::Error::new(io::ErrorKind::WriteZero, "wrote zero bytes");
+                        return Poll::Ready(Err(self.err(self.writer, "write", &e)));
                     }
-                    Poll::Ready(Err(e)) => {
-                        return Poll::Ready(Err(self.err(self.reader, "read", &e)));
-                    }
-                    Poll::Pending => {
-                        // Nothing more to read right now: push out what the
-                        // writer may be holding before we sleep.
-                        if self.need_flush {
-                            match w.as_mut().poll_flush(cx) {
-                                Poll::Ready(Ok(())) => self.need_flush = false,
-                                Poll::Ready(Err(e)) => {
-                                    return Poll::Ready(Err(self.err(self.writer, "flush", &e)));
-                                }
-                                Poll::Pending => {}
-                            }
-                        }
-                        return Poll::Pending;
-                    }
-                }
-            }
-
-            while self.pos < self.cap {
-                let n = match w.as_mut().poll_write(cx, &self.buf[self.pos..self.cap]) {
                     Poll::Ready(Ok(n)) => n,
                     Poll::Ready(Err(e)) => {
                         return Poll::Ready(Err(self.err(self.writer, "write", &e)));
                     }
                     Poll::Pending => return Poll::Pending,
                 };
-                if n == 0 {
-                    let e = io::Error::new(io::ErrorKind::WriteZero, "wrote zero bytes");
-                    return Poll::Ready(Err(self.err(self.writer, "write", &e)));
-                }
                 self.pos += n;
                 self.copied += n as u64;
                 self.need_flush = true;
                 *progressed = true;
             }
+            if !self.pending.is_empty() {
+                self.pending = Vec::new();
+                self.pos = 0;
+            }
 
-            if self.pos == self.cap && self.read_done {
+            if self.read_done {
                 // EOF from the reader: pass the half-close on. A peer that
                 // already went away fails the shutdown; that is not an error
                 // of the splice (the other direction reports real failures).
@@ -212,6 +194,111 @@ impl Direction {
                 }
                 self.done = true;
                 return Poll::Ready(Ok(()));
+            }
+
+            let step = SCRATCH_BUF.with(|cell| match cell.try_borrow_mut() {
+                Ok(mut scratch) => {
+                    self.read_and_write(cx, r.as_mut(), w.as_mut(), &mut scratch, progressed)
+                }
+                // Never nested in practice (a splice does not poll another
+                // splice); fall back to a buffer of our own rather than fail.
+                Err(_) => {
+                    let mut own = vec![0; KEEP_READING];
+                    self.read_and_write(cx, r.as_mut(), w.as_mut(), &mut own, progressed)
+                }
+            });
+            match step {
+                Poll::Ready(Ok(true)) => continue,
+                Poll::Ready(Ok(false)) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+            // The reader is registered for wake-up: push out what the writer
+            // may be holding before we sleep.
+            if self.need_flush {
+                match w.as_mut().poll_flush(cx) {
+                    Poll::Ready(Ok(())) => self.need_flush = false,
+                    Poll::Ready(Err(e)) => {
+                        return Poll::Ready(Err(self.err(self.writer, "flush", &e)));
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            return Poll::Pending;
+        }
+    }
+
+    /// Reads into `scratch` and writes what was read. `Ok(true)`: go round
+    /// again; `Ok(false)`: the reader has nothing now (waker registered);
+    /// `Pending`: the writer is full (its waker registered, the rest kept).
+    fn read_and_write<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Pin<&mut R>,
+        mut w: Pin<&mut W>,
+        scratch: &mut [u8],
+        progressed: &mut bool,
+    ) -> Poll<Result<bool, ProxyError>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        let (filled, reader_pending) = match self.read_some(cx, r, scratch) {
+            Read::Data(n, p) => (n, p),
+            Read::Err(e) => return Poll::Ready(Err(self.err(self.reader, "read", &e))),
+        };
+        if filled == 0 {
+            return Poll::Ready(Ok(!reader_pending));
+        }
+        *progressed = true;
+        let mut pos = 0;
+        while pos < filled {
+            match w.as_mut().poll_write(cx, &scratch[pos..filled]) {
+                Poll::Ready(Ok(0)) => {
+                    let e = io::Error::new(io::ErrorKind::WriteZero, "wrote zero bytes");
+                    return Poll::Ready(Err(self.err(self.writer, "write", &e)));
+                }
+                Poll::Ready(Ok(n)) => {
+                    pos += n;
+                    self.copied += n as u64;
+                    self.need_flush = true;
+                }
+                Poll::Ready(Err(e)) => {
+                    return Poll::Ready(Err(self.err(self.writer, "write", &e)));
+                }
+                Poll::Pending => {
+                    self.pending = scratch[pos..filled].to_vec();
+                    self.pos = 0;
+                    return Poll::Pending;
+                }
+            }
+        }
+        Poll::Ready(Ok(!reader_pending))
+    }
+
+    /// Fills `scratch` from the reader while reads come back full-sized.
+    fn read_some<R>(&mut self, cx: &mut Context<'_>, mut r: Pin<&mut R>, scratch: &mut [u8]) -> Read
+    where
+        R: AsyncRead + ?Sized,
+    {
+        let mut filled = 0;
+        loop {
+            let mut rb = ReadBuf::new(&mut scratch[filled..]);
+            match r.as_mut().poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    if n == 0 {
+                        self.read_done = true;
+                        return Read::Data(filled, false);
+                    }
+                    filled += n;
+                    if filled == scratch.len() || n < KEEP_READING {
+                        return Read::Data(filled, false);
+                    }
+                }
+                // The stream is failing: what was read with it is lost too.
+                Poll::Ready(Err(e)) => return Read::Err(e),
+                Poll::Pending => return Read::Data(filled, true),
             }
         }
     }
@@ -232,33 +319,84 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
+    /// A writer that takes at most `max` bytes per call and every other
+    /// call is not ready, so the splice has to keep what it could not write.
+    struct Slow {
+        got: Vec<u8>,
+        max: usize,
+        calls: usize,
+    }
+
+    impl AsyncWrite for Slow {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.calls += 1;
+            if self.calls.is_multiple_of(2) {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let n = buf.len().min(self.max);
+            self.got.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
     #[tokio::test]
-    async fn buffers_start_small_and_grow_while_data_flows() {
+    async fn no_buffer_is_held_between_bursts_and_a_slow_writer_loses_nothing() {
         let mut d = Direction::new(Side::Downstream, Side::Upstream);
-        assert_eq!(
-            d.buf.len(),
-            MIN_BUF,
-            "an idle connection holds only the small buffer"
-        );
-        let mut reader = tokio::io::repeat(7).take(1 << 20);
-        let mut writer = tokio::io::sink();
+        let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
+        let mut reader = &payload[..];
+        let mut writer = Slow {
+            got: Vec::new(),
+            max: 10_000,
+            calls: 0,
+        };
         let mut progressed = false;
+        let mut max_held = 0;
         std::future::poll_fn(|cx| {
-            d.poll_copy(
+            let r = d.poll_copy(
                 cx,
                 Pin::new(&mut reader),
                 Pin::new(&mut writer),
                 &mut progressed,
-            )
+            );
+            max_held = max_held.max(d.pending.capacity());
+            r
         })
         .await
         .unwrap();
-        assert_eq!(d.copied, 1 << 20);
-        assert_eq!(
-            d.buf.len(),
-            MAX_BUF,
-            "a bulk flow reads {MAX_BUF} bytes at a time"
-        );
+        assert_eq!(writer.got, payload);
+        assert_eq!(d.copied, payload.len() as u64);
+        assert!(max_held > 0, "a lagging writer made the splice keep bytes");
+        assert_eq!(d.pending.capacity(), 0, "nothing is held once written");
+    }
+
+    #[tokio::test]
+    async fn an_idle_direction_owns_no_buffer() {
+        let (_client, mut down) = tokio::io::duplex(64);
+        let mut sink = tokio::io::sink();
+        let mut d = Direction::new(Side::Downstream, Side::Upstream);
+        let mut progressed = false;
+        let polled = std::future::poll_fn(|cx| {
+            Poll::Ready(d.poll_copy(
+                cx,
+                Pin::new(&mut down),
+                Pin::new(&mut sink),
+                &mut progressed,
+            ))
+        })
+        .await;
+        assert!(polled.is_pending());
+        assert_eq!(d.pending.capacity(), 0);
     }
 
     /// Echo server on a real socket: replies with everything it reads, then

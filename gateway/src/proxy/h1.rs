@@ -1,0 +1,1111 @@
+//! The HTTP/1.1 server side of egress: one connection from a local app,
+//! requests read one after the other (pipelined bytes are kept for the next),
+//! each handed to egress as an [`http::Request`] and its response written
+//! back with the framing the client can read.
+//!
+//! Why not hyper's server here: a keep-alive client that sits idle between
+//! requests is the common case for a sidecar-less gateway, and hyper keeps its
+//! read and write buffers (8 KiB and more) for the life of the connection.
+//! This loop waits for the next request with no buffer at all, allocates one
+//! only while a request head or body is being read, and frees it after;
+//! an idle client costs the socket and a small task.
+//!
+//! What it implements (RFC 9112): request heads of up to [`MAX_HEAD`] bytes
+//! and [`MAX_HEADERS`] fields, bodies framed by `Content-Length` or chunked
+//! (trailers passed on), `Expect: 100-continue`, HTTP/1.0 keep-alive,
+//! pipelining, and responses framed by length, chunked, or by closing for an
+//! HTTP/1.0 client. What it refuses, with a status and `connection: close`:
+//! malformed heads (400), heads too large (431), a body with both
+//! `Content-Length` and `Transfer-Encoding` or conflicting lengths (400,
+//! the request-smuggling shapes), transfer codings other than chunked (501),
+//! and `CONNECT` (405; tunnels are not proxied).
+
+use std::fmt::Write as _;
+use std::future::{Future, poll_fn};
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use super::error::ErrorKind;
+
+/// The largest request head (request line and fields) accepted.
+pub const MAX_HEAD: usize = 64 * 1024;
+/// The most header fields in one request head (or trailer section).
+pub const MAX_HEADERS: usize = 128;
+/// First allocation for a request head; grows while the head is incomplete.
+const HEAD_CHUNK: usize = 4 * 1024;
+/// Read size while a request body streams.
+const BODY_CHUNK: usize = 16 * 1024;
+/// Response bytes gathered before a write (head and small bodies go out in
+/// one syscall).
+const WRITE_COALESCE: usize = 16 * 1024;
+/// How long a finished response waits for the request body to be handed
+/// back before the connection is closed instead of reused.
+const BODY_RETURN: Duration = Duration::from_secs(1);
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Timeouts of one connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// From the first byte of a request head to its end.
+    pub header_timeout: Duration,
+    /// Between requests on a kept-alive connection.
+    pub idle_timeout: Duration,
+}
+
+/// Why a connection ended other than by the client closing it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("reading from the client: {0}")]
+    Read(io::Error),
+    #[error("writing to the client: {0}")]
+    Write(io::Error),
+    #[error("request head not received within {0:?}")]
+    HeadTimeout(Duration),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("response body failed: {0}")]
+    ResponseBody(BoxError),
+    #[error("response body length {got} differs from its content-length {declared}")]
+    ResponseLength { declared: u64, got: u64 },
+}
+
+/// Serves requests on `tcp` until the client closes, an error, the idle
+/// timeout, or `shutdown` (checked between requests: one in flight is
+/// finished first).
+pub async fn serve<F, Fut, B>(
+    tcp: TcpStream,
+    settings: Settings,
+    shutdown: &CancellationToken,
+    mut handler: F,
+) -> Result<(), ConnError>
+where
+    F: FnMut(Request<RequestBody>) -> Fut,
+    Fut: Future<Output = Response<B>>,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let (rd, mut wr) = tcp.into_split();
+    let mut rd = Some(rd);
+    // Bytes read past the previous request (pipelining); empty otherwise.
+    let mut buf = BytesMut::new();
+    loop {
+        let Some(reader) = rd.as_mut() else {
+            return Ok(());
+        };
+        if buf.is_empty() {
+            // Idle: hold no buffer while waiting for the next request.
+            buf = BytesMut::new();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ok(()),
+                ready = tokio::time::timeout(settings.idle_timeout, reader.readable()) => match ready {
+                    Err(_) => return Ok(()),
+                    Ok(Err(e)) => return Err(ConnError::Read(e)),
+                    Ok(Ok(())) => {}
+                },
+            }
+        }
+        let head = tokio::time::timeout(settings.header_timeout, read_head(reader, &mut buf)).await;
+        let head = match head {
+            Err(_) => return Err(ConnError::HeadTimeout(settings.header_timeout)),
+            Ok(Err(HeadError::Io(e))) => return Err(ConnError::Read(e)),
+            Ok(Err(HeadError::Closed)) => return Ok(()),
+            Ok(Err(HeadError::Refused(status, why))) => {
+                let _ = write_refusal(&mut wr, status, &why).await;
+                return Err(ConnError::BadRequest(why));
+            }
+            Ok(Ok(head)) => head,
+        };
+        let Head {
+            method,
+            uri,
+            version,
+            headers,
+            framing,
+            mut keep_alive,
+            expect_continue,
+        } = head;
+
+        if expect_continue && framing != Framing::Length(0) {
+            wr.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .await
+                .map_err(ConnError::Write)?;
+        }
+        let (body, returned) = match framing {
+            Framing::Length(0) => (RequestBody::empty(), None),
+            framing => {
+                let (tx, rx) = oneshot::channel();
+                let Some(reader) = rd.take() else {
+                    return Ok(());
+                };
+                let state = BodyState {
+                    rd: reader,
+                    buf: std::mem::take(&mut buf),
+                    framing,
+                    give_back: tx,
+                };
+                (RequestBody { state: Some(state) }, Some(rx))
+            }
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = method.clone();
+        *req.uri_mut() = uri;
+        *req.version_mut() = version;
+        *req.headers_mut() = headers;
+
+        let resp = handler(req).await;
+        write_response(&mut wr, resp, &method, version, &mut keep_alive).await?;
+
+        if let Some(rx) = returned {
+            match tokio::time::timeout(BODY_RETURN, rx).await {
+                Ok(Ok((reader, rest))) => {
+                    rd = Some(reader);
+                    buf = rest;
+                }
+                // The body was not read to its end: the stream is not at a
+                // request boundary any more.
+                _ => keep_alive = false,
+            }
+        }
+        if !keep_alive || shutdown.is_cancelled() {
+            let _ = wr.shutdown().await;
+            return Ok(());
+        }
+    }
+}
+
+/// How a request body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Length(u64),
+    Chunked(Chunk),
+}
+
+/// Where the chunked decoder is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside chunk data, this many bytes left.
+    Data(u64),
+    /// Expecting the CRLF after chunk data.
+    DataEnd,
+    /// After the last chunk: trailer fields up to an empty line.
+    Trailers,
+}
+
+struct Head {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+    framing: Framing,
+    keep_alive: bool,
+    expect_continue: bool,
+}
+
+enum HeadError {
+    /// The client closed before sending a byte of a new request.
+    Closed,
+    Io(io::Error),
+    Refused(StatusCode, String),
+}
+
+fn refused(status: StatusCode, why: impl Into<String>) -> HeadError {
+    HeadError::Refused(status, why.into())
+}
+
+async fn read_head(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> Result<Head, HeadError> {
+    loop {
+        if !buf.is_empty()
+            && let Some((head, len)) = parse_head(buf)?
+        {
+            buf.advance(len);
+            return Ok(head);
+        }
+        if buf.len() >= MAX_HEAD {
+            return Err(refused(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                format!("request head larger than {MAX_HEAD} bytes"),
+            ));
+        }
+        buf.reserve(HEAD_CHUNK);
+        match rd.read_buf(buf).await {
+            Ok(0) if buf.is_empty() => return Err(HeadError::Closed),
+            Ok(0) => {
+                return Err(refused(
+                    StatusCode::BAD_REQUEST,
+                    "connection closed in the middle of a request head",
+                ));
+            }
+            Ok(_) => {}
+            Err(e) => return Err(HeadError::Io(e)),
+        }
+    }
+}
+
+/// Parses a complete request head at the start of `buf`: `None` if more
+/// bytes are needed.
+fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HeadError> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut fields);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(refused(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                format!("more than {MAX_HEADERS} header fields"),
+            ));
+        }
+        Err(e) => {
+            return Err(refused(
+                StatusCode::BAD_REQUEST,
+                format!("malformed request head: {e}"),
+            ));
+        }
+    };
+    let bad = |why: String| refused(StatusCode::BAD_REQUEST, why);
+    let method_text = req.method.unwrap_or_default();
+    let method = Method::from_bytes(method_text.as_bytes())
+        .map_err(|_| bad(format!("invalid method {method_text:?}")))?;
+    if method == Method::CONNECT {
+        return Err(refused(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT tunnels are not proxied",
+        ));
+    }
+    let target = req.path.unwrap_or_default();
+    let uri: Uri = target
+        .parse()
+        .map_err(|_| bad(format!("invalid request target {target:?}")))?;
+    let version = match req.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    for field in req.headers.iter() {
+        let name = HeaderName::from_bytes(field.name.as_bytes())
+            .map_err(|_| bad(format!("invalid header name {:?}", field.name)))?;
+        let value = HeaderValue::from_bytes(field.value)
+            .map_err(|_| bad(format!("invalid value for header {name}")))?;
+        headers.append(name, value);
+    }
+
+    let framing = request_framing(&headers)?;
+    let connection = |token: &str| {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    let keep_alive = match version {
+        Version::HTTP_10 => connection("keep-alive"),
+        _ => !connection("close"),
+    };
+    let expect_continue = version == Version::HTTP_11
+        && headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    // Framing is ours to carry now; the forwarded request carries its own.
+    headers.remove(header::TRANSFER_ENCODING);
+    headers.remove(header::EXPECT);
+    Ok(Some((
+        Head {
+            method,
+            uri,
+            version,
+            headers,
+            framing,
+            keep_alive,
+            expect_continue,
+        },
+        len,
+    )))
+}
+
+fn request_framing(headers: &HeaderMap) -> Result<Framing, HeadError> {
+    let bad = |why: &str| refused(StatusCode::BAD_REQUEST, why);
+    let mut codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty())
+        .peekable();
+    if codings.peek().is_some() {
+        if headers.contains_key(header::CONTENT_LENGTH) {
+            return Err(bad("request has both Content-Length and Transfer-Encoding"));
+        }
+        let all: Vec<&[u8]> = codings.collect();
+        return match all.as_slice() {
+            [only] if only.eq_ignore_ascii_case(b"chunked") => Ok(Framing::Chunked(Chunk::Size)),
+            _ => Err(refused(
+                StatusCode::NOT_IMPLEMENTED,
+                "transfer codings other than chunked are not supported",
+            )),
+        };
+    }
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        for part in value.as_bytes().split(|&b| b == b',') {
+            let part = part.trim_ascii();
+            let n = std::str::from_utf8(part)
+                .ok()
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or_else(|| bad("invalid Content-Length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(bad("conflicting Content-Length values"));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(Framing::Length(length.unwrap_or(0)))
+}
+
+/// The body of a request read from the client connection. It owns the
+/// connection's read half while the body streams and hands it back, with any
+/// bytes read past the body, when the body ends.
+pub struct RequestBody {
+    state: Option<BodyState>,
+}
+
+struct BodyState {
+    rd: OwnedReadHalf,
+    buf: BytesMut,
+    framing: Framing,
+    give_back: oneshot::Sender<(OwnedReadHalf, BytesMut)>,
+}
+
+/// Why a request body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("reading the request body: {0}")]
+    Io(io::Error),
+    #[error("client closed the connection before the request body ended")]
+    Incomplete,
+    #[error("malformed chunked request body: {0}")]
+    Chunked(&'static str),
+}
+
+impl RequestBody {
+    pub fn empty() -> RequestBody {
+        RequestBody { state: None }
+    }
+
+    fn finish(&mut self) {
+        if let Some(st) = self.state.take() {
+            // The connection may have gone already; nothing to hand back then.
+            let _ = st.give_back.send((st.rd, st.buf));
+        }
+    }
+}
+
+impl BodyState {
+    /// Reads more bytes into `buf`; `Ready(Ok(false))` at EOF.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, BodyError>> {
+        self.buf.reserve(BODY_CHUNK);
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.rd),
+            cx,
+            &mut self.buf
+        ))
+        .map_err(BodyError::Io)?;
+        Poll::Ready(Ok(n > 0))
+    }
+
+    /// The next frame, or `None` when the body is complete.
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Frame<Bytes>>, BodyError>> {
+        loop {
+            match self.framing {
+                Framing::Length(0) => return Poll::Ready(Ok(None)),
+                Framing::Length(left) => {
+                    if self.buf.is_empty() && !ready!(self.poll_fill(cx))? {
+                        return Poll::Ready(Err(BodyError::Incomplete));
+                    }
+                    let take = usize::try_from(left)
+                        .unwrap_or(usize::MAX)
+                        .min(self.buf.len());
+                    self.framing = Framing::Length(left - take as u64);
+                    return Poll::Ready(Ok(Some(Frame::data(self.buf.split_to(take).freeze()))));
+                }
+                Framing::Chunked(Chunk::Data(left)) => {
+                    if self.buf.is_empty() && !ready!(self.poll_fill(cx))? {
+                        return Poll::Ready(Err(BodyError::Incomplete));
+                    }
+                    let take = usize::try_from(left)
+                        .unwrap_or(usize::MAX)
+                        .min(self.buf.len());
+                    let rest = left - take as u64;
+                    self.framing = Framing::Chunked(if rest == 0 {
+                        Chunk::DataEnd
+                    } else {
+                        Chunk::Data(rest)
+                    });
+                    return Poll::Ready(Ok(Some(Frame::data(self.buf.split_to(take).freeze()))));
+                }
+                Framing::Chunked(Chunk::DataEnd) => {
+                    if self.buf.len() < 2 {
+                        if !ready!(self.poll_fill(cx))? {
+                            return Poll::Ready(Err(BodyError::Incomplete));
+                        }
+                        continue;
+                    }
+                    if &self.buf[..2] != b"\r\n" {
+                        return Poll::Ready(Err(BodyError::Chunked(
+                            "chunk data not followed by CRLF",
+                        )));
+                    }
+                    self.buf.advance(2);
+                    self.framing = Framing::Chunked(Chunk::Size);
+                }
+                Framing::Chunked(Chunk::Size) => match parse_chunk_size(&self.buf)? {
+                    Some((size, len)) => {
+                        self.buf.advance(len);
+                        self.framing = Framing::Chunked(if size == 0 {
+                            Chunk::Trailers
+                        } else {
+                            Chunk::Data(size)
+                        });
+                    }
+                    None => {
+                        if !ready!(self.poll_fill(cx))? {
+                            return Poll::Ready(Err(BodyError::Incomplete));
+                        }
+                    }
+                },
+                Framing::Chunked(Chunk::Trailers) => match parse_trailers(&self.buf)? {
+                    Some((trailers, len)) => {
+                        self.buf.advance(len);
+                        self.framing = Framing::Length(0);
+                        if !trailers.is_empty() {
+                            return Poll::Ready(Ok(Some(Frame::trailers(trailers))));
+                        }
+                    }
+                    None => {
+                        if self.buf.len() > MAX_HEAD {
+                            return Poll::Ready(Err(BodyError::Chunked(
+                                "trailer section too large",
+                            )));
+                        }
+                        if !ready!(self.poll_fill(cx))? {
+                            return Poll::Ready(Err(BodyError::Incomplete));
+                        }
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// A chunk-size line (`hex[;extensions]CRLF`): the size and the line's
+/// length, or `None` if the line is not complete yet.
+fn parse_chunk_size(buf: &[u8]) -> Result<Option<(u64, usize)>, BodyError> {
+    const MAX_LINE: usize = 4 * 1024;
+    let Some(end) = buf.windows(2).take(MAX_LINE).position(|w| w == b"\r\n") else {
+        return if buf.len() > MAX_LINE {
+            Err(BodyError::Chunked("chunk-size line too long"))
+        } else {
+            Ok(None)
+        };
+    };
+    let line = &buf[..end];
+    let digits = line
+        .split(|&b| b == b';')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii();
+    if digits.is_empty() || digits.len() > 16 {
+        return Err(BodyError::Chunked("invalid chunk size"));
+    }
+    let mut size: u64 = 0;
+    for &d in digits {
+        let v = (d as char)
+            .to_digit(16)
+            .ok_or(BodyError::Chunked("invalid chunk size"))?;
+        size = size << 4 | u64::from(v);
+    }
+    Ok(Some((size, end + 2)))
+}
+
+/// The trailer section after the last chunk, up to and including its empty
+/// line: the fields and the section's length, or `None` if incomplete.
+fn parse_trailers(buf: &[u8]) -> Result<Option<(HeaderMap, usize)>, BodyError> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    match httparse::parse_headers(buf, &mut fields) {
+        Ok(httparse::Status::Complete((len, fields))) => {
+            let mut map = HeaderMap::with_capacity(fields.len());
+            for f in fields {
+                let name = HeaderName::from_bytes(f.name.as_bytes())
+                    .map_err(|_| BodyError::Chunked("invalid trailer name"))?;
+                let value = HeaderValue::from_bytes(f.value)
+                    .map_err(|_| BodyError::Chunked("invalid trailer value"))?;
+                map.append(name, value);
+            }
+            Ok(Some((map, len)))
+        }
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(_) => Err(BodyError::Chunked("malformed trailer section")),
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let Some(state) = self.state.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match ready!(state.poll_next(cx)) {
+            Ok(Some(frame)) => {
+                if state.framing == Framing::Length(0) {
+                    self.finish();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Ok(None) => {
+                self.finish();
+                Poll::Ready(None)
+            }
+            // The read half is dropped with the state: the connection closes.
+            Err(e) => {
+                self.state = None;
+                Poll::Ready(Some(Err(e)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.state.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.state {
+            None => SizeHint::with_exact(0),
+            Some(BodyState {
+                framing: Framing::Length(n),
+                ..
+            }) => SizeHint::with_exact(*n),
+            Some(_) => SizeHint::default(),
+        }
+    }
+}
+
+/// How the response body is delimited on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Out {
+    None,
+    Length(u64),
+    Chunked,
+    Close,
+}
+
+async fn write_response<B>(
+    wr: &mut OwnedWriteHalf,
+    resp: Response<B>,
+    method: &Method,
+    version: Version,
+    keep_alive: &mut bool,
+) -> Result<(), ConnError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let (parts, mut body) = resp.into_parts();
+    let status = parts.status;
+    let mut out = BytesMut::with_capacity(512);
+    out.put_slice(b"HTTP/1.1 ");
+    out.put_slice(status.as_str().as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.put_slice(b"\r\n");
+
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let bodiless = method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let framing = if bodiless {
+        Out::None
+    } else if let Some(n) = declared {
+        Out::Length(n)
+    } else if body.is_end_stream() {
+        Out::Length(0)
+    } else if let Some(n) = body.size_hint().exact() {
+        Out::Length(n)
+    } else if version == Version::HTTP_11 {
+        Out::Chunked
+    } else {
+        *keep_alive = false;
+        Out::Close
+    };
+    if parts
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"))
+    {
+        *keep_alive = false;
+    }
+    for (name, value) in &parts.headers {
+        if is_hop_by_hop(name) || name == header::CONTENT_LENGTH {
+            continue;
+        }
+        out.put_slice(name.as_str().as_bytes());
+        out.put_slice(b": ");
+        out.put_slice(value.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    match framing {
+        Out::Length(n) => {
+            let _ = write!(Writer(&mut out), "content-length: {n}\r\n");
+        }
+        Out::Chunked => out.put_slice(b"transfer-encoding: chunked\r\n"),
+        Out::None => {
+            // A HEAD response says how long the body would have been.
+            let would_be = declared.or_else(|| {
+                (method == Method::HEAD)
+                    .then(|| body.size_hint().exact())
+                    .flatten()
+            });
+            if let Some(n) = would_be {
+                let _ = write!(Writer(&mut out), "content-length: {n}\r\n");
+            }
+        }
+        Out::Close => {}
+    }
+    if !*keep_alive {
+        out.put_slice(b"connection: close\r\n");
+    } else if version == Version::HTTP_10 {
+        out.put_slice(b"connection: keep-alive\r\n");
+    }
+    out.put_slice(b"\r\n");
+
+    if framing == Out::None {
+        drop(body);
+        return wr.write_all(&out).await.map_err(ConnError::Write);
+    }
+    let mut sent: u64 = 0;
+    let mut trailers = None;
+    loop {
+        // Take what the body has ready; write what is gathered before
+        // waiting for more.
+        let frame = match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                if !out.is_empty() {
+                    wr.write_all(&out).await.map_err(ConnError::Write)?;
+                    out.clear();
+                }
+                poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+            }
+        };
+        let Some(frame) = frame else { break };
+        let frame = frame.map_err(|e| ConnError::ResponseBody(e.into()))?;
+        let frame = match frame.into_data() {
+            Ok(data) => {
+                if data.is_empty() {
+                    continue;
+                }
+                sent += data.len() as u64;
+                if let Out::Length(n) = framing
+                    && sent > n
+                {
+                    return Err(ConnError::ResponseLength {
+                        declared: n,
+                        got: sent,
+                    });
+                }
+                if framing == Out::Chunked {
+                    let _ = write!(Writer(&mut out), "{:x}\r\n", data.len());
+                }
+                if data.len() >= WRITE_COALESCE {
+                    wr.write_all(&out).await.map_err(ConnError::Write)?;
+                    out.clear();
+                    wr.write_all(&data).await.map_err(ConnError::Write)?;
+                } else {
+                    out.put_slice(&data);
+                }
+                if framing == Out::Chunked {
+                    out.put_slice(b"\r\n");
+                }
+                if out.len() >= WRITE_COALESCE {
+                    wr.write_all(&out).await.map_err(ConnError::Write)?;
+                    out.clear();
+                }
+                continue;
+            }
+            Err(frame) => frame,
+        };
+        if let Ok(t) = frame.into_trailers() {
+            trailers = Some(t);
+        }
+    }
+    match framing {
+        Out::Chunked => {
+            out.put_slice(b"0\r\n");
+            // Trailers reach a client only in a chunked body.
+            for (name, value) in trailers.iter().flatten() {
+                out.put_slice(name.as_str().as_bytes());
+                out.put_slice(b": ");
+                out.put_slice(value.as_bytes());
+                out.put_slice(b"\r\n");
+            }
+            out.put_slice(b"\r\n");
+        }
+        Out::Length(n) if sent != n => {
+            let _ = wr.write_all(&out).await;
+            return Err(ConnError::ResponseLength {
+                declared: n,
+                got: sent,
+            });
+        }
+        _ => {}
+    }
+    wr.write_all(&out).await.map_err(ConnError::Write)?;
+    if framing == Out::Close {
+        let _ = wr.shutdown().await;
+    }
+    Ok(())
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    *name == header::CONNECTION
+        || *name == header::TRANSFER_ENCODING
+        || *name == header::TE
+        || *name == header::TRAILER
+        || *name == header::UPGRADE
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+}
+
+/// Refuses a request the loop cannot read: status, reason, close.
+async fn write_refusal(wr: &mut OwnedWriteHalf, status: StatusCode, why: &str) -> io::Result<()> {
+    let body = format!("{why}\n");
+    let mut out = String::with_capacity(160 + body.len());
+    let _ = write!(
+        out,
+        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\nx-elsinore-error: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        status.as_str(),
+        status.canonical_reason().unwrap_or(""),
+        ErrorKind::Protocol.as_str(),
+        body.len()
+    );
+    wr.write_all(out.as_bytes()).await?;
+    wr.shutdown().await
+}
+
+/// `fmt::Write` into a `BytesMut`.
+struct Writer<'a>(&'a mut BytesMut);
+
+impl std::fmt::Write for Writer<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.put_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full};
+    use std::collections::VecDeque;
+    use std::convert::Infallible;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    /// A response body of several frames whose length is not known up
+    /// front (so HTTP/1.1 clients get it chunked).
+    struct Frames(VecDeque<Frame<Bytes>>);
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            Poll::Ready(self.0.pop_front().map(Ok))
+        }
+    }
+
+    type TestBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+    /// Echoes `METHOD URI` and the request body; `/chunked` answers in
+    /// frames with a trailer, and request trailers come back as a header.
+    async fn echo(req: Request<RequestBody>) -> Response<TestBody> {
+        let (parts, body) = req.into_parts();
+        let collected = match body.collect().await {
+            Ok(c) => c,
+            Err(e) => {
+                let mut r = Response::new(
+                    Full::new(Bytes::from(format!("body error: {e}")))
+                        .map_err(|n| match n {})
+                        .boxed_unsync(),
+                );
+                *r.status_mut() = StatusCode::BAD_REQUEST;
+                return r;
+            }
+        };
+        let trailer = collected
+            .trailers()
+            .and_then(|t| t.get("x-sum"))
+            .map(|v| v.to_str().unwrap().to_owned());
+        let body = collected.to_bytes();
+        let text = format!(
+            "{} {} {}",
+            parts.method,
+            parts.uri,
+            String::from_utf8_lossy(&body)
+        );
+        let mut resp = if parts.uri.path() == "/chunked" {
+            let mut t = HeaderMap::new();
+            t.insert("x-done", HeaderValue::from_static("yes"));
+            Response::new(
+                Frames(VecDeque::from([
+                    Frame::data(Bytes::from(text)),
+                    Frame::data(Bytes::from_static(b"!")),
+                    Frame::trailers(t),
+                ]))
+                .map_err(|n| match n {})
+                .boxed_unsync(),
+            )
+        } else {
+            Response::new(
+                Full::new(Bytes::from(text))
+                    .map_err(|n| match n {})
+                    .boxed_unsync(),
+            )
+        };
+        if let Some(t) = trailer {
+            resp.headers_mut()
+                .insert("x-got-trailer", HeaderValue::from_str(&t).unwrap());
+        }
+        resp
+    }
+
+    fn settings() -> Settings {
+        Settings {
+            header_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// A server running [`serve`] with [`echo`] for each connection.
+    async fn server(settings: Settings) -> std::net::SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let token = CancellationToken::new();
+                    let _ = serve(s, settings, &token, echo).await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// Sends `raw` and reads until the server closes.
+    async fn exchange(addr: std::net::SocketAddr, raw: &[u8]) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(raw).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+            .await
+            .expect("server closes the connection")
+            .unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_with_length_and_chunked_bodies_on_one_connection() {
+        let addr = server(settings()).await;
+        let got = exchange(
+            addr,
+            b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello\
+              POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+              3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nx-sum: 5\r\n\r\n\
+              GET /chunked HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+        assert!(
+            got.contains("content-length: 13\r\n\r\nPOST /a hello"),
+            "{got}"
+        );
+        assert!(got.contains("x-got-trailer: 5\r\n"), "{got}");
+        assert!(
+            got.contains("content-length: 13\r\n\r\nPOST /b abcde"),
+            "{got}"
+        );
+        // Unknown length: chunked, with the trailer carried.
+        assert!(
+            got.ends_with(
+                "transfer-encoding: chunked\r\nconnection: close\r\n\r\n\
+                 d\r\nGET /chunked \r\n1\r\n!\r\n0\r\nx-done: yes\r\n\r\n"
+            ),
+            "{got}"
+        );
+        assert_eq!(got.matches("HTTP/1.1 200 OK").count(), 3, "{got}");
+    }
+
+    #[tokio::test]
+    async fn http10_gets_a_close_delimited_body_and_keep_alive_on_request() {
+        let addr = server(settings()).await;
+        let got = exchange(addr, b"GET /chunked HTTP/1.0\r\n\r\n").await;
+        assert!(
+            got.contains("connection: close\r\n\r\nGET /chunked !"),
+            "{got}"
+        );
+        assert!(!got.contains("transfer-encoding"), "{got}");
+
+        let got = exchange(
+            addr,
+            b"GET /1 HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /2 HTTP/1.0\r\n\r\n",
+        )
+        .await;
+        assert!(
+            got.contains("connection: keep-alive\r\n\r\nGET /1 "),
+            "{got}"
+        );
+        assert!(got.ends_with("connection: close\r\n\r\nGET /2 "), "{got}");
+    }
+
+    #[tokio::test]
+    async fn smuggling_shapes_and_oversized_heads_are_refused_with_a_status() {
+        let addr = server(settings()).await;
+        for (raw, status) in [
+            (
+                &b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"[..],
+                "400",
+            ),
+            (&b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd"[..], "400"),
+            (&b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n"[..], "501"),
+            (&b"CONNECT example.com:443 HTTP/1.1\r\n\r\n"[..], "405"),
+            (&b"GET / HTTP/1.1\r\nBad Header\r\n\r\n"[..], "400"),
+        ] {
+            let got = exchange(addr, raw).await;
+            assert!(
+                got.starts_with(&format!("HTTP/1.1 {status} ")),
+                "{:?}: {got}",
+                String::from_utf8_lossy(raw)
+            );
+            assert!(got.contains("connection: close"), "{got}");
+            assert!(got.contains("x-elsinore-error: protocol"), "{got}");
+        }
+        let mut big = b"GET / HTTP/1.1\r\nx-big: ".to_vec();
+        big.extend(std::iter::repeat_n(b'a', MAX_HEAD + 10));
+        big.extend_from_slice(b"\r\n\r\n");
+        let got = exchange(addr, &big).await;
+        assert!(got.starts_with("HTTP/1.1 431 "), "{got}");
+    }
+
+    #[tokio::test]
+    async fn malformed_chunked_body_fails_the_request_and_closes() {
+        let addr = server(settings()).await;
+        let got = exchange(
+            addr,
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n\
+              GET /never HTTP/1.1\r\n\r\n",
+        )
+        .await;
+        assert!(got.starts_with("HTTP/1.1 400 "), "{got}");
+        assert!(got.contains("malformed chunked request body"), "{got}");
+        assert!(
+            !got.contains("/never"),
+            "nothing after a broken body is served: {got}"
+        );
+    }
+
+    #[tokio::test]
+    async fn expect_continue_gets_100_before_the_body_is_sent() {
+        let addr = server(settings()).await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"PUT /up HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+            .await
+            .unwrap();
+        let mut first = [0u8; 25];
+        s.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"HTTP/1.1 100 Continue\r\n\r\n");
+        s.write_all(b"ok").await.unwrap();
+        let mut rest = vec![0u8; 512];
+        let n = s.read(&mut rest).await.unwrap();
+        let rest = String::from_utf8_lossy(&rest[..n]);
+        assert!(rest.starts_with("HTTP/1.1 200 OK"), "{rest}");
+        assert!(rest.ends_with("PUT /up ok"), "{rest}");
+    }
+
+    #[tokio::test]
+    async fn head_response_has_length_but_no_body() {
+        let addr = server(settings()).await;
+        let got = exchange(addr, b"HEAD /h HTTP/1.1\r\nConnection: close\r\n\r\n").await;
+        assert!(got.contains("content-length: 8\r\n"), "{got}");
+        assert!(got.ends_with("\r\n\r\n"), "{got}");
+    }
+
+    #[tokio::test]
+    async fn idle_and_slow_head_connections_are_closed() {
+        let addr = server(Settings {
+            header_timeout: Duration::from_millis(300),
+            idle_timeout: Duration::from_millis(300),
+        })
+        .await;
+        // Idle after one request.
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+            .await
+            .expect("idle connection closed")
+            .unwrap();
+        assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200 OK"));
+        // A head that never ends.
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+            .await
+            .expect("slow head closed")
+            .unwrap();
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn chunk_sizes() {
+        assert_eq!(parse_chunk_size(b"1a\r\n").unwrap(), Some((26, 4)));
+        assert_eq!(parse_chunk_size(b"0;x=y\r\n").unwrap(), Some((0, 7)));
+        assert_eq!(parse_chunk_size(b"1a").unwrap(), None);
+        assert!(parse_chunk_size(b"g\r\n").is_err());
+        assert!(
+            parse_chunk_size(b"11111111111111111\r\n").is_err(),
+            "over 64 bits"
+        );
+    }
+}
