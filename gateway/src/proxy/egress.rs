@@ -54,8 +54,6 @@ type RespBody = BoxBody<Bytes, hyper::Error>;
 /// The body of every request egress forwards: an HTTP/1.1 body read by
 /// [`h1`] or an h2c one read by hyper.
 type UpBody = UnsyncBoxBody<Bytes, BoxError>;
-/// The HTTP/2 connection preface a prior-knowledge h2c client opens with.
-const H2C_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// HTTP/2 connections to one remote endpoint (per SNI, peer and SANs).
 const MAX_CONNS_PER_KEY: usize = 4;
@@ -389,7 +387,9 @@ impl Egress {
         async move {
             match service_mode(&entry) {
                 Mode::Http => self.serve_http(tcp, route).await,
-                Mode::Stream => match self.serve_stream(&entry, tcp).await {
+                // Boxed: the TLS dial and splice state should not size the
+                // task of every HTTP connection too.
+                Mode::Stream => match Box::pin(self.serve_stream(&entry, tcp)).await {
                     Ok(()) => {}
                     Err(e) if e.kind == ErrorKind::IdleTimeout => {
                         tracing::debug!(error = %e, "connection closed");
@@ -603,12 +603,14 @@ impl Egress {
         let mut upstream = None;
         for k in 0..targets.len() {
             let (instance, endpoint) = targets[(start + k) % targets.len()];
-            match self
-                .dial_tls(entry, endpoint, sni_for(instance, entry), config.clone())
-                .await
-            {
+            // Boxed: a held connection's task keeps the splice's state, not
+            // the dial's.
+            let dial =
+                Box::pin(self.dial_tls(entry, endpoint, sni_for(instance, entry), config.clone()));
+            match dial.await {
                 Ok(tls) => {
-                    upstream = Some(tls);
+                    // Boxed: the splice below moves it into its own state.
+                    upstream = Some(Box::new(tls));
                     break;
                 }
                 Err(e) if e.retry_safe => {
@@ -632,39 +634,25 @@ impl Egress {
     /// Serves HTTP/1.1 or h2c (prior knowledge) to a local app.
     async fn serve_http(self: Arc<Self>, tcp: TcpStream, route: Route) {
         let tuning = &self.ctx.tuning;
-        let shutdown = &self.ctx.shutdown;
-        let h2c = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            first = tokio::time::timeout(tuning.idle_timeout, starts_with_h2c_preface(&tcp)) => match first {
-                Ok(Ok(h2c)) => h2c,
-                Ok(Err(error)) => {
-                    tracing::debug!(%error, "downstream HTTP connection failed before a request");
-                    return;
-                }
-                Err(_) => return,
-            },
+        // An app gets `requestTimeout` to send request headers, as on ingress.
+        let settings = h1::Settings {
+            header_timeout: tuning.request_timeout,
+            idle_timeout: tuning.idle_timeout,
         };
-        if !h2c {
-            // An app gets `requestTimeout` to send request headers, as on ingress.
-            let settings = h1::Settings {
-                header_timeout: tuning.request_timeout,
-                idle_timeout: tuning.idle_timeout,
-            };
-            let egress = &self;
-            // Boxed: the request's future (pool, dial, handshake) is large,
-            // and only a pointer to it should live in an idle connection.
-            let served = h1::serve(tcp, settings, shutdown, |req| {
-                Box::pin(egress.handle(route, req))
-            })
-            .await;
-            if let Err(error) = served {
+        let egress = &self;
+        let served = h1::serve(tcp, settings, &self.ctx.shutdown, |req| {
+            egress.handle(route, req)
+        })
+        .await;
+        match served {
+            Ok(h1::Served::Closed) => {}
+            // Boxed so that HTTP/1.1 connections, the common case, do not
+            // carry hyper's HTTP/2 connection state in their task.
+            Ok(h1::Served::H2Preface(tcp)) => Box::pin(self.clone().serve_h2c(tcp, route)).await,
+            Err(error) => {
                 tracing::debug!(%error, "downstream HTTP/1.1 connection ended with an error");
             }
-            return;
         }
-        // Boxed so that HTTP/1.1 connections, the common case, do not carry
-        // hyper's HTTP/2 connection state in their task.
-        Box::pin(self.serve_h2c(tcp, route)).await;
     }
 
     async fn serve_h2c(self: Arc<Self>, tcp: TcpStream, route: Route) {
@@ -810,7 +798,7 @@ impl Egress {
             // A pooled connection may close between the lease and the send;
             // the request comes back unsent then and goes on a fresh lease.
             for _ in 0..2 {
-                let dial = || self.dial_h2(&entry, endpoint, sni, config.clone());
+                let dial = || Box::pin(self.dial_h2(&entry, endpoint, sni, config.clone()));
                 let lease = match self.pool.get(&key, dial).await {
                     Ok(lease) => lease,
                     Err(e) if e.retry_safe => {
@@ -1063,24 +1051,6 @@ where
         parts,
         body.map_err(Into::into).boxed_unsync(),
     ))
-}
-
-/// Whether an app's connection opens with the h2c preface (prior
-/// knowledge) rather than an HTTP/1.1 request. Peeks, consuming nothing.
-async fn starts_with_h2c_preface(tcp: &TcpStream) -> io::Result<bool> {
-    // "PRI" is not a method any HTTP/1.1 app sends: three bytes decide.
-    let mut first = [0u8; 3];
-    loop {
-        let n = tcp.peek(&mut first).await?;
-        if n == 0 || first[..n] != H2C_PREFACE[..n] {
-            return Ok(false);
-        }
-        if n == first.len() {
-            return Ok(true);
-        }
-        // A prefix of "PRI" so far: wait for the rest without spinning.
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
 }
 
 /// The response for a failed request: a text body naming the side, or for

@@ -82,6 +82,24 @@ pub enum ConnError {
     ResponseLength { declared: u64, got: u64 },
 }
 
+/// How [`serve`] ended without an error.
+#[derive(Debug)]
+pub enum Served {
+    /// The client closed, went idle, or the gateway is shutting down.
+    Closed,
+    /// The connection opened with the HTTP/2 connection preface (h2c with
+    /// prior knowledge): handed back untouched, nothing consumed.
+    H2Preface(TcpStream),
+}
+
+/// Whether the bytes waiting on a fresh connection start with "PRI", the
+/// method of the HTTP/2 preface and of no HTTP/1.1 request. A client that
+/// speaks h2c sends its 24-byte preface in one write. Peeks only.
+async fn opens_with_h2_preface(rd: &mut OwnedReadHalf) -> bool {
+    let mut first = [0u8; 3];
+    matches!(rd.peek(&mut first).await, Ok(3)) && &first == b"PRI"
+}
+
 /// Serves requests on `tcp` until the client closes, an error, the idle
 /// timeout, or `shutdown` (checked between requests: one in flight is
 /// finished first).
@@ -90,7 +108,7 @@ pub async fn serve<F, Fut, B>(
     settings: Settings,
     shutdown: &CancellationToken,
     mut handler: F,
-) -> Result<(), ConnError>
+) -> Result<Served, ConnError>
 where
     F: FnMut(Request<RequestBody>) -> Fut,
     Fut: Future<Output = Response<B>>,
@@ -98,93 +116,125 @@ where
     B::Error: Into<BoxError>,
 {
     let (rd, mut wr) = tcp.into_split();
+    let mut first = true;
     let mut rd = Some(rd);
     // Bytes read past the previous request (pipelining); empty otherwise.
     let mut buf = BytesMut::new();
     loop {
         let Some(reader) = rd.as_mut() else {
-            return Ok(());
+            return Ok(Served::Closed);
         };
         if buf.is_empty() {
             // Idle: hold no buffer while waiting for the next request.
             buf = BytesMut::new();
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => return Ok(()),
+                _ = shutdown.cancelled() => return Ok(Served::Closed),
                 ready = tokio::time::timeout(settings.idle_timeout, reader.readable()) => match ready {
-                    Err(_) => return Ok(()),
+                    Err(_) => return Ok(Served::Closed),
                     Ok(Err(e)) => return Err(ConnError::Read(e)),
                     Ok(Ok(())) => {}
                 },
             }
         }
-        let head = tokio::time::timeout(settings.header_timeout, read_head(reader, &mut buf)).await;
-        let head = match head {
-            Err(_) => return Err(ConnError::HeadTimeout(settings.header_timeout)),
-            Ok(Err(HeadError::Io(e))) => return Err(ConnError::Read(e)),
-            Ok(Err(HeadError::Closed)) => return Ok(()),
-            Ok(Err(HeadError::Refused(status, why))) => {
-                let _ = write_refusal(&mut wr, status, &why).await;
-                return Err(ConnError::BadRequest(why));
-            }
-            Ok(Ok(head)) => head,
-        };
-        let Head {
-            method,
-            uri,
-            version,
-            headers,
-            framing,
-            mut keep_alive,
-            expect_continue,
-        } = head;
-
-        if expect_continue && framing != Framing::Length(0) {
-            wr.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-                .await
-                .map_err(ConnError::Write)?;
+        if std::mem::take(&mut first) && opens_with_h2_preface(reader).await {
+            let Some(reader) = rd.take() else {
+                return Ok(Served::Closed);
+            };
+            return Ok(reader.reunite(wr).map_or(Served::Closed, Served::H2Preface));
         }
-        let (body, returned) = match framing {
-            Framing::Length(0) => (RequestBody::empty(), None),
-            framing => {
-                let (tx, rx) = oneshot::channel();
-                let Some(reader) = rd.take() else {
-                    return Ok(());
-                };
-                let state = BodyState {
-                    rd: reader,
-                    buf: std::mem::take(&mut buf),
-                    framing,
-                    give_back: tx,
-                };
-                (RequestBody { state: Some(state) }, Some(rx))
-            }
-        };
-        let mut req = Request::new(body);
-        *req.method_mut() = method.clone();
-        *req.uri_mut() = uri;
-        *req.version_mut() = version;
-        *req.headers_mut() = headers;
-
-        let resp = handler(req).await;
-        write_response(&mut wr, resp, &method, version, &mut keep_alive).await?;
-
-        if let Some(rx) = returned {
-            match tokio::time::timeout(BODY_RETURN, rx).await {
-                Ok(Ok((reader, rest))) => {
-                    rd = Some(reader);
-                    buf = rest;
-                }
-                // The body was not read to its end: the stream is not at a
-                // request boundary any more.
-                _ => keep_alive = false,
-            }
-        }
+        // One request and its response, boxed: an idle connection's task
+        // then holds only the wait above, not the state of an exchange.
+        let keep_alive =
+            Box::pin(exchange(&mut rd, &mut wr, &mut buf, settings, &mut handler)).await?;
         if !keep_alive || shutdown.is_cancelled() {
             let _ = wr.shutdown().await;
-            return Ok(());
+            return Ok(Served::Closed);
         }
     }
+}
+
+/// Reads one request, has it handled and writes the response. Returns
+/// whether the connection may carry another request.
+async fn exchange<F, Fut, B>(
+    rd: &mut Option<OwnedReadHalf>,
+    wr: &mut OwnedWriteHalf,
+    buf: &mut BytesMut,
+    settings: Settings,
+    handler: &mut F,
+) -> Result<bool, ConnError>
+where
+    F: FnMut(Request<RequestBody>) -> Fut,
+    Fut: Future<Output = Response<B>>,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let Some(reader) = rd.as_mut() else {
+        return Ok(false);
+    };
+    let head = tokio::time::timeout(settings.header_timeout, read_head(reader, buf)).await;
+    let head = match head {
+        Err(_) => return Err(ConnError::HeadTimeout(settings.header_timeout)),
+        Ok(Err(HeadError::Io(e))) => return Err(ConnError::Read(e)),
+        Ok(Err(HeadError::Closed)) => return Ok(false),
+        Ok(Err(HeadError::Refused(status, why))) => {
+            let _ = write_refusal(wr, status, &why).await;
+            return Err(ConnError::BadRequest(why));
+        }
+        Ok(Ok(head)) => head,
+    };
+    let Head {
+        method,
+        uri,
+        version,
+        headers,
+        framing,
+        mut keep_alive,
+        expect_continue,
+    } = head;
+
+    if expect_continue && framing != Framing::Length(0) {
+        wr.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await
+            .map_err(ConnError::Write)?;
+    }
+    let (body, returned) = match framing {
+        Framing::Length(0) => (RequestBody::empty(), None),
+        framing => {
+            let (tx, rx) = oneshot::channel();
+            let Some(reader) = rd.take() else {
+                return Ok(false);
+            };
+            let state = BodyState {
+                rd: reader,
+                buf: std::mem::take(buf),
+                framing,
+                give_back: tx,
+            };
+            (RequestBody { state: Some(state) }, Some(rx))
+        }
+    };
+    let mut req = Request::new(body);
+    *req.method_mut() = method.clone();
+    *req.uri_mut() = uri;
+    *req.version_mut() = version;
+    *req.headers_mut() = headers;
+
+    let resp = handler(req).await;
+    write_response(wr, resp, &method, version, &mut keep_alive).await?;
+
+    if let Some(rx) = returned {
+        match tokio::time::timeout(BODY_RETURN, rx).await {
+            Ok(Ok((reader, rest))) => {
+                *rd = Some(reader);
+                *buf = rest;
+            }
+            // The body was not read to its end: the stream is not at a
+            // request boundary any more.
+            _ => keep_alive = false,
+        }
+    }
+    Ok(keep_alive)
 }
 
 /// How a request body is delimited.
@@ -1095,6 +1145,26 @@ mod tests {
             .expect("slow head closed")
             .unwrap();
         assert!(out.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_h2c_preface_is_handed_back_unread() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        client
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        let token = CancellationToken::new();
+        let served = serve(server, settings(), &token, echo).await.unwrap();
+        let Served::H2Preface(mut tcp) = served else {
+            panic!("expected the connection back, got {served:?}");
+        };
+        let mut preface = [0u8; 24];
+        tcp.read_exact(&mut preface).await.unwrap();
+        assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
     }
 
     #[test]

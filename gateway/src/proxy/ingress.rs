@@ -45,6 +45,9 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use super::readahead::ReadAhead;
+
+/// A peer's mTLS connection, boxed (see `handle`).
+type PeerStream = Box<TlsStream<ReadAhead<TcpStream>>>;
 use tracing::{Instrument, field};
 
 use super::backend::Backends;
@@ -307,11 +310,13 @@ async fn handle(tcp: TcpStream, inner: &Arc<Inner>) {
     let none = None::<TcpStream>;
     let tls = match tokio::time::timeout(
         inner.tuning().handshake_timeout,
-        inner.acceptor.accept(ReadAhead::new(tcp)),
+        Box::pin(inner.acceptor.accept(ReadAhead::new(tcp))),
     )
     .await
     {
-        Ok(Ok(tls)) => tls,
+        // Boxed once: the stream moves through several futures, and each
+        // by-value move would otherwise reserve its own slot in the task.
+        Ok(Ok(tls)) => Box::new(tls),
         Ok(Err(e)) => {
             return refuse(
                 inner,
@@ -404,9 +409,11 @@ fn normalize_host(h: &str) -> String {
     h.strip_suffix('.').unwrap_or(h).to_ascii_lowercase()
 }
 
-async fn forward_opaque(tls: TlsStream<ReadAhead<TcpStream>>, upstream: &Upstream, inner: &Inner) {
+async fn forward_opaque(tls: PeerStream, upstream: &Upstream, inner: &Inner) {
     let tuning = inner.tuning();
-    let (backend, addr) = match upstream.backends.connect(tuning.connect_timeout).await {
+    // Boxed, as the handshake above: a held connection's task keeps only
+    // the splice's state, not that of every step before it.
+    let (backend, addr) = match Box::pin(upstream.backends.connect(tuning.connect_timeout)).await {
         Ok(pair) => pair,
         Err(e) => {
             bump(&inner.stats.upstream_errors);
@@ -602,7 +609,7 @@ struct HttpConn {
     stats: Arc<IngressStats>,
 }
 
-async fn serve_http(tls: TlsStream<ReadAhead<TcpStream>>, conn: Arc<HttpConn>, inner: &Inner) {
+async fn serve_http(tls: PeerStream, conn: Arc<HttpConn>, inner: &Inner) {
     let tuning = inner.tuning();
     let activity = Arc::new(Activity::new());
     let io = TokioIo::new(ActivityIo {
