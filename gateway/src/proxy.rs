@@ -43,6 +43,13 @@ pub const STRIPPED_IDENTITY_HEADERS: &[&str] = &[
     "x-envoy-peer-metadata-id",
 ];
 
+/// Whether `headers` hold a field named in `names` (lower-case). One pass
+/// over a request's few fields: most hold none of the hop-by-hop or
+/// identity headers, and this is cheaper than a map lookup per name.
+pub(crate) fn has_any(headers: &http::HeaderMap, names: &[&str]) -> bool {
+    headers.keys().any(|n| names.contains(&n.as_str()))
+}
+
 /// What both proxies need from the running gateway.
 #[derive(Clone)]
 pub struct ProxyContext {

@@ -1001,7 +1001,24 @@ const HOP_BY_HOP: &[header::HeaderName] = &[
     header::HOST,
 ];
 
+/// Every name [`strip_hop_by_hop`] acts on (a `Connection` field names the
+/// others it removes).
+const HOP_BY_HOP_NAMES: &[&str] = &[
+    "connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+];
+
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if !super::has_any(headers, HOP_BY_HOP_NAMES) {
+        return;
+    }
     // Headers the client named in `Connection` are hop-by-hop too.
     let named: Vec<header::HeaderName> = headers
         .get_all(header::CONNECTION)

@@ -53,7 +53,7 @@ use tracing::{Instrument, field};
 use super::backend::Backends;
 use super::error::{ErrorKind, ProxyError};
 use super::splice::splice;
-use super::{PEER_IDENTITY_HEADER, ProxyContext, STRIPPED_IDENTITY_HEADERS};
+use super::{PEER_IDENTITY_HEADER, ProxyContext, STRIPPED_IDENTITY_HEADERS, has_any};
 use crate::catalog::ExportCatalog;
 use crate::catalog::exports::ExportedService;
 use crate::config::{HostPort, ProxyTuning};
@@ -707,9 +707,13 @@ async fn forward(
         check_authority(authority.host(), &conn.sni)?;
     }
 
-    strip_hop_by_hop(&mut parts.headers);
-    for name in STRIPPED_IDENTITY_HEADERS {
-        parts.headers.remove(*name);
+    if has_any(&parts.headers, HOP_BY_HOP_NAMES) {
+        strip_hop_by_hop(&mut parts.headers);
+    }
+    if has_any(&parts.headers, STRIPPED_IDENTITY_HEADERS) {
+        for name in STRIPPED_IDENTITY_HEADERS {
+            parts.headers.remove(*name);
+        }
     }
     parts
         .headers
@@ -760,7 +764,9 @@ async fn forward(
             }
         };
     let (mut parts, body) = response.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
+    if has_any(&parts.headers, HOP_BY_HOP_NAMES) {
+        strip_hop_by_hop(&mut parts.headers);
+    }
     Ok(Response::from_parts(parts, Either::Left(body)))
 }
 
@@ -783,6 +789,17 @@ fn check_authority(host: &str, sni: &str) -> Result<(), ProxyError> {
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Every name [`strip_hop_by_hop`] acts on (a `Connection` field names the
+/// others it removes).
+const HOP_BY_HOP_NAMES: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+];
 
 /// Removes the headers that describe one hop, not the message: those named
 /// in `Connection`, the fixed hop-by-hop set, and `TE` except `trailers`
