@@ -1167,6 +1167,60 @@ mod tests {
         assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Arbitrary bytes as a request head: an answer, never a panic.
+        #[test]
+        fn any_head_bytes_parse_or_are_refused(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048)) {
+            let _ = parse_head(&bytes);
+            let mut with_end = bytes.clone();
+            with_end.extend_from_slice(b"\r\n\r\n");
+            let _ = parse_head(&with_end);
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+        /// Chunked bodies of any shape, sent in pieces of any size, arrive
+        /// whole and in order, and the request after them is served too.
+        #[test]
+        fn chunked_bodies_arrive_whole_whatever_the_read_boundaries(
+            chunks in proptest::collection::vec(proptest::collection::vec(b'a'..=b'z', 1..300), 0..8),
+            piece in 1usize..64,
+        ) {
+            let mut wire = b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+            let mut expected = Vec::new();
+            for c in &chunks {
+                wire.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+                wire.extend_from_slice(c);
+                wire.extend_from_slice(b"\r\n");
+                expected.extend_from_slice(c);
+            }
+            wire.extend_from_slice(b"0\r\n\r\nGET /next HTTP/1.1\r\nConnection: close\r\n\r\n");
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let got = rt.block_on(async {
+                let addr = server(settings()).await;
+                let mut s = TcpStream::connect(addr).await.unwrap();
+                s.set_nodelay(true).unwrap();
+                for part in wire.chunks(piece) {
+                    s.write_all(part).await.unwrap();
+                    tokio::task::yield_now().await;
+                }
+                let mut out = Vec::new();
+                tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                String::from_utf8(out).unwrap()
+            });
+            let body = format!("POST /c {}", String::from_utf8(expected).unwrap());
+            proptest::prop_assert!(got.contains(&format!("content-length: {}\r\n\r\n{body}", body.len())), "{}", got);
+            proptest::prop_assert!(got.ends_with("GET /next "), "{}", got);
+        }
+    }
+
     #[test]
     fn chunk_sizes() {
         assert_eq!(parse_chunk_size(b"1a\r\n").unwrap(), Some((26, 4)));
