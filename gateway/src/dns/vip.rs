@@ -6,15 +6,16 @@
 //! answers imported names with these addresses and the egress listens on
 //! them, so two imported services on the same port never collide.
 
+use std::any::Any;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::catalog::{ImportsView, Resolved};
 use crate::config::VipRange;
 
 /// One imported service reachable at a VIP.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct VipEntry {
     pub vip: Ipv4Addr,
     /// The name it is registered under in this mesh (may be an alias).
@@ -24,6 +25,21 @@ pub struct VipEntry {
     pub port: u16,
     /// Shared with the imports view it was built from.
     pub import: Arc<Resolved>,
+    /// What the egress proxy derives from this entry on first use (TLS
+    /// config, pool keys) and keeps for the entry's life; opaque here, as
+    /// this room knows nothing of the proxy. An entry is replaced when its
+    /// import changes, and the derived state with it.
+    pub derived: OnceLock<Arc<dyn Any + Send + Sync>>,
+}
+
+impl PartialEq for VipEntry {
+    /// Equal when they describe the same route (derived state aside).
+    fn eq(&self, other: &Self) -> bool {
+        self.vip == other.vip
+            && self.fqdn == other.fqdn
+            && self.port == other.port
+            && self.import == other.import
+    }
 }
 
 /// The VIP table published to DNS and egress, replaced whole on change.
@@ -144,6 +160,7 @@ fn new_entry(vip: Ipv4Addr, fqdn: &str, import: &Arc<Resolved>) -> Arc<VipEntry>
         fqdn: fqdn.to_owned(),
         port: service_port(import),
         import: Arc::clone(import),
+        derived: OnceLock::new(),
     })
 }
 

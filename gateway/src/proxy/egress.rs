@@ -14,6 +14,7 @@
 //! TLS connections between the gateways.
 
 use crate::proxy::activity::{Activity, ActivityIo};
+use std::any::Any;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io;
@@ -44,7 +45,7 @@ use tracing::Instrument;
 use super::ProxyContext;
 use super::error::{ErrorKind, ProxyError, Side};
 use super::h1::{self, BoxError};
-use super::pool::{H2Pool, PoolKey, PoolLimits};
+use super::pool::{H2Pool, PoolHandle, PoolKey, PoolLimits};
 use super::splice::splice;
 use crate::dns::resolver;
 use crate::dns::vip::{VipEntry, VipTable};
@@ -213,6 +214,21 @@ fn sni_for<'a>(instance: &'a Instance, entry: &'a VipEntry) -> &'a str {
         .sni()
         .filter(|s| !s.is_empty())
         .unwrap_or(&entry.import.original_fqdn)
+}
+
+/// What egress derives once per VIP entry (see [`Egress::routes`]).
+struct Routes {
+    /// The client config of pooled HTTP/2 connections, or why there is none.
+    tls_h2: Result<Arc<rustls::ClientConfig>, ProxyError>,
+    /// The HTTP targets in round-robin order.
+    http: Vec<HttpTarget>,
+}
+
+/// One endpoint of an HTTP service, with its pool looked up.
+struct HttpTarget {
+    endpoint: Endpoint,
+    sni: String,
+    pool: PoolHandle<UpBody>,
 }
 
 /// One running accept loop.
@@ -411,6 +427,45 @@ impl Egress {
             .lookup_vip(*addr.ip())
             .filter(|e| e.port == addr.port())
             .cloned()
+    }
+
+    /// The routes of `entry`, derived on its first request and kept with
+    /// it: a request then allocates no pool key and takes no map lock.
+    fn routes(&self, entry: &VipEntry) -> Arc<Routes> {
+        let derived = entry.derived.get_or_init(|| {
+            let routes: Arc<dyn Any + Send + Sync> = Arc::new(self.derive_routes(entry));
+            routes
+        });
+        match Arc::clone(derived).downcast::<Routes>() {
+            Ok(routes) => routes,
+            // Only egress writes `derived`; were it ever something else,
+            // deriving again is correct, just slower.
+            Err(_) => Arc::new(self.derive_routes(entry)),
+        }
+    }
+
+    fn derive_routes(&self, entry: &VipEntry) -> Routes {
+        let http = targets(entry, Mode::Http)
+            .into_iter()
+            .map(|(instance, endpoint)| {
+                let sni = sni_for(instance, entry).to_owned();
+                let key = PoolKey {
+                    endpoint: format!("{}:{}", endpoint.address, endpoint.port),
+                    sni: sni.clone(),
+                    peer: entry.import.peer.clone(),
+                    sans: entry.import.service.sans.clone(),
+                };
+                HttpTarget {
+                    endpoint: endpoint.clone(),
+                    sni,
+                    pool: self.pool.handle(key),
+                }
+            })
+            .collect();
+        Routes {
+            tls_h2: self.client_config(entry, true),
+            http,
+        }
     }
 
     /// Client configs per (peer, SANs, ALPN), built on first use.
@@ -777,29 +832,24 @@ impl Egress {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        let targets = targets(&entry, Mode::Http);
+        let routes = self.routes(&entry);
+        let targets = &routes.http;
         if targets.is_empty() {
             return Err(no_endpoints(&entry));
         }
         let version = req.version();
         let mut req = upstream_request(req, &entry)?;
-        let config = self.client_config(&entry, true)?;
+        let config = routes.tls_h2.clone()?;
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut last = None;
         'targets: for k in 0..targets.len() {
-            let (instance, endpoint) = targets[(start + k) % targets.len()];
-            let sni = sni_for(instance, &entry);
-            let key = PoolKey {
-                endpoint: format!("{}:{}", endpoint.address, endpoint.port),
-                sni: sni.to_owned(),
-                peer: entry.import.peer.clone(),
-                sans: entry.import.service.sans.clone(),
-            };
+            let target = &targets[(start + k) % targets.len()];
+            let (endpoint, sni, key) = (&target.endpoint, target.sni.as_str(), target.pool.key());
             // A pooled connection may close between the lease and the send;
             // the request comes back unsent then and goes on a fresh lease.
             for _ in 0..2 {
                 let dial = || Box::pin(self.dial_h2(&entry, endpoint, sni, config.clone()));
-                let lease = match self.pool.get(&key, dial).await {
+                let lease = match self.pool.get_with(&target.pool, dial).await {
                     Ok(lease) => lease,
                     Err(e) if e.retry_safe => {
                         tracing::debug!(error = %e, "endpoint failed; trying the next");
@@ -1429,6 +1479,12 @@ mod tests {
         for sni in remote.snis.lock().unwrap().iter() {
             assert_eq!(sni.as_deref(), Some("ratings.sni.mesh-a"));
         }
+        // The pool key and TLS config were derived once, on the first
+        // request, and stay with the VIP entry for the next ones.
+        let table = ctx.shared.vips.borrow().clone();
+        let entry = table.lookup_name("ratings.mesh-a.global").unwrap();
+        let derived = entry.derived.get().expect("routes derived on first use");
+        assert!(Arc::clone(derived).downcast::<Routes>().is_ok());
         ctx.shutdown.cancel();
         task.await.unwrap();
     }

@@ -79,6 +79,19 @@ struct Conn<B> {
     last_used: Instant,
 }
 
+/// One key's connections, looked up once (see [`H2Pool::handle`]). While a
+/// handle lives, its key stays in the pool.
+pub struct PoolHandle<B> {
+    key: PoolKey,
+    kp: Arc<KeyPool<B>>,
+}
+
+impl<B> PoolHandle<B> {
+    pub fn key(&self) -> &PoolKey {
+        &self.key
+    }
+}
+
 /// One leased stream slot on a pooled connection. Keep the lease (or its
 /// [`InFlight`] guard) alive until the response body is finished: that is
 /// what the pool counts as load.
@@ -145,6 +158,14 @@ impl<B> H2Pool<B> {
         k
     }
 
+    /// The connections of `key`, to lease from without looking the key up
+    /// again: what a route keeps so that a request costs no key hashing,
+    /// allocation or map lock.
+    pub fn handle(&self, key: PoolKey) -> PoolHandle<B> {
+        let kp = self.key_pool(&key);
+        PoolHandle { key, kp }
+    }
+
     /// Leases a stream slot for `key`, dialing a new connection with `dial`
     /// when needed. A dial error is returned as is (and to the requests that
     /// waited for that same dial).
@@ -154,6 +175,28 @@ impl<B> H2Pool<B> {
         Fut: Future<Output = Result<SendRequest<B>, ProxyError>>,
     {
         let kp = self.key_pool(key);
+        self.lease(&kp, dial).await
+    }
+
+    /// [`get`](Self::get) for a key already looked up.
+    pub async fn get_with<F, Fut>(
+        &self,
+        handle: &PoolHandle<B>,
+        dial: F,
+    ) -> Result<Lease<B>, ProxyError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<SendRequest<B>, ProxyError>>,
+    {
+        self.lease(&handle.kp, dial).await
+    }
+
+    async fn lease<F, Fut>(&self, kp: &Arc<KeyPool<B>>, dial: F) -> Result<Lease<B>, ProxyError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<SendRequest<B>, ProxyError>>,
+    {
+        let kp = Arc::clone(kp);
         let waited_since = Instant::now();
         let guard = match self.pick(&kp) {
             Pick::Use(lease) => return Ok(lease),
