@@ -117,6 +117,20 @@ pub const METRICS: &[Metric] = &[
     ),
     count("http1.errors", "HTTP/1.1 errors (non-2xx + socket)"),
     m(
+        "http1.busy_client_core",
+        "HTTP/1.1 client core busy (wrk + egress)",
+        "%",
+        false,
+        None,
+    ),
+    m(
+        "http1.busy_server_core",
+        "HTTP/1.1 server core busy (ingress + backend)",
+        "%",
+        false,
+        None,
+    ),
+    m(
         "http2.rps",
         "HTTP/2 requests/s",
         "req/s",

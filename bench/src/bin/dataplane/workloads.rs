@@ -12,7 +12,7 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use serde_json::Value;
 
 use crate::Args;
-use crate::contenders::{CLIENT_CPU, Deployment, Env, WEB_HOST};
+use crate::contenders::{CLIENT_CPU, Deployment, Env, SERVER_CPU, WEB_HOST};
 use crate::procs::{clock_ticks, cpu_ms, run_tool, status_kib};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,6 +94,34 @@ pub type Figures = Vec<(String, f64)>;
 struct CpuMark {
     ticks: f64,
     per_gateway: Vec<(&'static str, u32, f64)>,
+    /// (busy, total) jiffies of the client core and the server core.
+    cores: [(u64, u64); 2],
+}
+
+/// (busy, total) jiffies of CPU `n` from /proc/stat; idle and iowait are
+/// not busy.
+fn core_jiffies(stat: &str, n: &str) -> Result<(u64, u64)> {
+    let name = format!("cpu{n}");
+    let line = stat
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name.as_str()))
+        .ok_or_else(|| anyhow!("/proc/stat has no {name} line"))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let total: u64 = v.iter().sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    Ok((total - idle, total))
+}
+
+fn cores_now() -> Result<[(u64, u64); 2]> {
+    let stat = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
+    Ok([
+        core_jiffies(&stat, CLIENT_CPU)?,
+        core_jiffies(&stat, SERVER_CPU)?,
+    ])
 }
 
 impl CpuMark {
@@ -104,7 +132,21 @@ impl CpuMark {
             .into_iter()
             .map(|(role, pid)| Ok((role, pid, cpu_ms(pid, ticks)?)))
             .collect::<Result<_>>()?;
-        Ok(CpuMark { ticks, per_gateway })
+        Ok(CpuMark {
+            ticks,
+            per_gateway,
+            cores: cores_now()?,
+        })
+    }
+
+    /// How busy the client core and the server core were since the mark,
+    /// in percent (everything on them, the load generator and backends too).
+    fn busy_since(&self) -> Result<[f64; 2]> {
+        let now = cores_now()?;
+        let pct = |(b0, t0): (u64, u64), (b1, t1): (u64, u64)| {
+            100.0 * (b1 - b0) as f64 / (t1 - t0).max(1) as f64
+        };
+        Ok([pct(self.cores[0], now[0]), pct(self.cores[1], now[1])])
     }
 
     /// (role, ms of CPU used since the mark) per gateway.
@@ -174,6 +216,7 @@ pub fn http1(dep: &mut Deployment, args: &Args, env: &Env, log_dir: &Path) -> Re
     let mark = CpuMark::take(dep)?;
     let text = wrk(args.duration, "wrk.log")?;
     let cpu = mark.since()?;
+    let busy = mark.busy_since()?;
     dep.check_alive()?;
     let w = parse_wrk(&text).with_context(|| format!("parse wrk output:\n{text}"))?;
     ensure!(
@@ -185,6 +228,9 @@ pub fn http1(dep: &mut Deployment, args: &Args, env: &Env, log_dir: &Path) -> Re
         ("http1.p50".to_owned(), w.p50_ms),
         ("http1.p99".to_owned(), w.p99_ms),
         ("http1.errors".to_owned(), w.errors),
+        // Whether a core was the limit, or the round trip was.
+        ("http1.busy_client_core".to_owned(), busy[0]),
+        ("http1.busy_server_core".to_owned(), busy[1]),
     ];
     let _ = env;
     cost_figures(&mut out, "http1", dep, &cpu, w.requests, 1000.0)?;
