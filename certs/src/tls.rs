@@ -60,6 +60,96 @@ fn verify_chain(
         .map(|_| ())
 }
 
+/// Peer chains that passed a verifier's checks, by their exact bytes, so
+/// that the next handshake with the same peer certificate skips the chain's
+/// signature checks (one ECDSA verification per CA link: a handshake-bound
+/// benchmark spent about a third of its CPU in P-256 arithmetic).
+///
+/// What is cached is the verdict of one verifier, whose bundles and allowed
+/// IDs never change (a new config builds a new verifier and an empty
+/// cache), on the exact certificates presented: any other certificate is a
+/// miss. An entry never outlives the earliest `notAfter` in its chain, nor
+/// [`VERIFIED_TTL`]. Failures are never cached. The proof that the peer
+/// holds the key (its handshake signature) is checked on every handshake
+/// by rustls, outside this cache.
+#[derive(Debug, Default)]
+struct VerifiedChains {
+    entries: std::sync::Mutex<std::collections::HashMap<Vec<u8>, u64>>,
+}
+
+/// How long a verified chain is trusted without checking it again.
+const VERIFIED_TTL: u64 = 300;
+/// Distinct chains remembered at most; peers are few, so this bounds what
+/// many distinct clients could make us hold. Full means start over.
+const VERIFIED_MAX: usize = 1024;
+
+impl VerifiedChains {
+    /// `verify`'s verdict on the chain, from the cache when it passed
+    /// before and is still within its validity.
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        verify: impl FnOnce() -> Result<(), CertError>,
+    ) -> Result<(), CertError> {
+        let key = chain_key(end_entity, intermediates);
+        let at = now.as_secs();
+        if self.lock().get(&key).is_some_and(|&until| at < until) {
+            return Ok(());
+        }
+        verify()?;
+        if let Some(not_after) = earliest_not_after(end_entity, intermediates) {
+            let until = not_after.min(at.saturating_add(VERIFIED_TTL));
+            let mut entries = self.lock();
+            if entries.len() >= VERIFIED_MAX {
+                entries.clear();
+            }
+            entries.insert(key, until);
+        }
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Vec<u8>, u64>> {
+        // Every critical section is one lookup or insert: a panic cannot
+        // leave the map half-updated.
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// The chain's certificates, each prefixed with its length, as one key.
+fn chain_key(end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> Vec<u8> {
+    let certs = std::iter::once(end_entity).chain(intermediates);
+    let mut key = Vec::with_capacity(certs.clone().map(|c| c.len() + 8).sum());
+    for cert in certs {
+        key.extend_from_slice(&(cert.len() as u64).to_be_bytes());
+        key.extend_from_slice(cert.as_ref());
+    }
+    key
+}
+
+/// The earliest `notAfter` (Unix seconds) in the chain; `None` if a
+/// certificate cannot be read (then nothing is cached).
+fn earliest_not_after(
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+) -> Option<u64> {
+    std::iter::once(end_entity)
+        .chain(intermediates)
+        .map(|cert| {
+            let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+            u64::try_from(parsed.validity().not_after.timestamp()).ok()
+        })
+        .try_fold(u64::MAX, |earliest, n| Some(earliest.min(n?)))
+}
+
 /// Builds the server side of mTLS.
 ///
 /// A client certificate is required; a client without one fails the
@@ -100,6 +190,7 @@ pub fn server_config(
     let verifier = SpiffeClientVerifier {
         bundles: by_domain,
         algs: provider.signature_verification_algorithms,
+        verified: VerifiedChains::default(),
     };
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -134,6 +225,7 @@ pub fn client_config(
         bundle: peer.clone(),
         allowed_ids: allowed_ids.map(<[SpiffeId]>::to_vec),
         algs: provider.signature_verification_algorithms,
+        verified: VerifiedChains::default(),
     };
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -148,6 +240,7 @@ pub fn client_config(
 struct SpiffeClientVerifier {
     bundles: BTreeMap<TrustDomain, TrustBundle>,
     algs: WebPkiSupportedAlgorithms,
+    verified: VerifiedChains,
 }
 
 impl SpiffeClientVerifier {
@@ -228,7 +321,10 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.check(end_entity, intermediates, now)
+        self.verified
+            .check(end_entity, intermediates, now, || {
+                self.check(end_entity, intermediates, now)
+            })
             .map(|()| ClientCertVerified::assertion())
             .map_err(reject)
     }
@@ -261,6 +357,7 @@ struct SpiffeServerVerifier {
     bundle: TrustBundle,
     allowed_ids: Option<Vec<SpiffeId>>,
     algs: WebPkiSupportedAlgorithms,
+    verified: VerifiedChains,
 }
 
 impl SpiffeServerVerifier {
@@ -317,7 +414,10 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.check(end_entity, intermediates, now)
+        self.verified
+            .check(end_entity, intermediates, now, || {
+                self.check(end_entity, intermediates, now)
+            })
             .map(|()| ServerCertVerified::assertion())
             .map_err(reject)
     }
@@ -346,7 +446,119 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
+    use super::*;
+    use crate::mint::Ca;
+    use std::cell::Cell;
+    use std::time::Duration;
+
+    /// A CA of `mesh-b.test`, its bundle, and a gateway SVID it signed.
+    fn peer() -> (TrustBundle, Identity) {
+        let td: TrustDomain = "mesh-b.test".parse().unwrap();
+        let ca = Ca::new(&td).unwrap();
+        let id: SpiffeId = "spiffe://mesh-b.test/ns/elsinore/sa/gateway"
+            .parse()
+            .unwrap();
+        let issued = ca.issue(&id, &[], &[]).unwrap();
+        let identity =
+            Identity::from_pem(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes()).unwrap();
+        let bundle = TrustBundle::from_pem(td, ca.cert_pem().as_bytes()).unwrap();
+        (bundle, identity)
+    }
+
+    fn verifier(bundle: TrustBundle) -> SpiffeServerVerifier {
+        SpiffeServerVerifier {
+            bundle,
+            allowed_ids: None,
+            algs: provider().signature_verification_algorithms,
+            verified: VerifiedChains::default(),
+        }
+    }
+
+    #[test]
+    fn a_verified_chain_is_not_checked_again_but_failures_always_are() {
+        let (bundle, identity) = peer();
+        let v = verifier(bundle);
+        let ee = &identity.cert_chain()[0];
+        let now = UnixTime::now();
+        let calls = Cell::new(0);
+        let real = || {
+            calls.set(calls.get() + 1);
+            v.check(ee, &[], now)
+        };
+        v.verified.check(ee, &[], now, real).unwrap();
+        v.verified.check(ee, &[], now, real).unwrap();
+        assert_eq!(
+            calls.get(),
+            1,
+            "the second handshake used the cached verdict"
+        );
+        assert_eq!(v.verified.len(), 1);
+
+        let fails = || {
+            Err(CertError::UnknownTrustDomain {
+                id: spiffe_id_of(ee).unwrap(),
+                known: String::new(),
+            })
+        };
+        let (_, other) = peer();
+        let other_ee = &other.cert_chain()[0];
+        let failing = Cell::new(0);
+        for _ in 0..2 {
+            let r = v.verified.check(other_ee, &[], now, || {
+                failing.set(failing.get() + 1);
+                fails()
+            });
+            assert!(r.is_err());
+        }
+        assert_eq!(failing.get(), 2, "a failure is never cached");
+    }
+
+    #[test]
+    fn a_cached_chain_expires_with_its_certificate() {
+        let (bundle, identity) = peer();
+        let v = verifier(bundle);
+        let ee = &identity.cert_chain()[0];
+        v.verify_server_cert(
+            ee,
+            &[],
+            &ServerName::try_from("x").unwrap(),
+            &[],
+            UnixTime::now(),
+        )
+        .unwrap();
+        assert_eq!(v.verified.len(), 1);
+        // A year on, the 90-day SVID has expired: the cache must not say
+        // otherwise.
+        let later = UnixTime::since_unix_epoch(
+            UnixTime::now()
+                .as_secs()
+                .checked_add(365 * 86_400)
+                .map(Duration::from_secs)
+                .unwrap(),
+        );
+        let err = v
+            .verify_server_cert(ee, &[], &ServerName::try_from("x").unwrap(), &[], later)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("expired") || err.to_string().contains("Expired"),
+            "{err}"
+        );
+        // Nor beyond the TTL, even while the certificate is valid.
+        let calls = Cell::new(0);
+        let soon = UnixTime::since_unix_epoch(Duration::from_secs(
+            UnixTime::now().as_secs() + VERIFIED_TTL + 1,
+        ));
+        v.verified
+            .check(ee, &[], soon, || {
+                calls.set(calls.get() + 1);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(calls.get(), 1, "re-verified after {VERIFIED_TTL} s");
+    }
+
     #[test]
     fn aes_128_gcm_sha256_is_preferred_and_nothing_is_dropped() {
         let ours = super::provider();
