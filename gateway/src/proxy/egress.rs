@@ -13,7 +13,6 @@
 //! a pooled HTTP/2 connection ([`super::pool`]), so many requests share a few
 //! TLS connections between the gateways.
 
-use crate::proxy::activity::{Activity, ActivityIo};
 use std::any::Any;
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -37,15 +36,15 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
-
-use super::readahead::ReadAhead;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::ProxyContext;
+use super::activity::{Activity, ActivityIo};
 use super::error::{ErrorKind, ProxyError, Side};
 use super::h1::{self, BoxError};
 use super::pool::{H2Pool, PoolHandle, PoolKey, PoolLimits};
+use super::readahead::ReadAhead;
 use super::splice::splice;
 use crate::dns::resolver;
 use crate::dns::vip::{VipEntry, VipTable};
@@ -224,10 +223,10 @@ struct Routes {
     http: Vec<HttpTarget>,
 }
 
-/// One endpoint of an HTTP service, with its pool looked up.
+/// One endpoint of an HTTP service, with its pool looked up (whose key
+/// carries the SNI).
 struct HttpTarget {
     endpoint: Endpoint,
-    sni: String,
     pool: PoolHandle<UpBody>,
 }
 
@@ -448,16 +447,14 @@ impl Egress {
         let http = targets(entry, Mode::Http)
             .into_iter()
             .map(|(instance, endpoint)| {
-                let sni = sni_for(instance, entry).to_owned();
                 let key = PoolKey {
                     endpoint: format!("{}:{}", endpoint.address, endpoint.port),
-                    sni: sni.clone(),
+                    sni: sni_for(instance, entry).to_owned(),
                     peer: entry.import.peer.clone(),
                     sans: entry.import.service.sans.clone(),
                 };
                 HttpTarget {
                     endpoint: endpoint.clone(),
-                    sni,
                     pool: self.pool.handle(key),
                 }
             })
@@ -844,12 +841,13 @@ impl Egress {
         let mut last = None;
         'targets: for k in 0..targets.len() {
             let target = &targets[(start + k) % targets.len()];
-            let (endpoint, sni, key) = (&target.endpoint, target.sni.as_str(), target.pool.key());
+            let (endpoint, key) = (&target.endpoint, target.pool.key());
+            let sni = key.sni.as_str();
             // A pooled connection may close between the lease and the send;
             // the request comes back unsent then and goes on a fresh lease.
             for _ in 0..2 {
                 let dial = || Box::pin(self.dial_h2(&entry, endpoint, sni, config.clone()));
-                let lease = match self.pool.get_with(&target.pool, dial).await {
+                let lease = match self.pool.get(&target.pool, dial).await {
                     Ok(lease) => lease,
                     Err(e) if e.retry_safe => {
                         tracing::debug!(error = %e, "endpoint failed; trying the next");
@@ -1041,18 +1039,9 @@ fn upstream_authority(sent: Option<&str>, entry: &VipEntry) -> String {
     sent.to_owned()
 }
 
-/// Headers that describe one hop's connection and must not be forwarded.
-const HOP_BY_HOP: &[header::HeaderName] = &[
-    header::CONNECTION,
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::HOST,
-];
-
-/// Every name [`strip_hop_by_hop`] acts on (a `Connection` field names the
-/// others it removes).
+/// Headers that describe one hop's connection and are not forwarded (`te`
+/// only when it asks for more than trailers); a `Connection` field names
+/// more.
 const HOP_BY_HOP_NAMES: &[&str] = &[
     "connection",
     "proxy-authenticate",
@@ -1077,11 +1066,11 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|name| header::HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
-    for name in named.iter().chain(HOP_BY_HOP) {
+    for name in &named {
         headers.remove(name);
     }
-    for name in ["keep-alive", "proxy-connection"] {
-        headers.remove(name);
+    for name in HOP_BY_HOP_NAMES.iter().filter(|n| **n != "te") {
+        headers.remove(*name);
     }
     // HTTP/2 allows only `te: trailers` (gRPC needs it).
     if headers

@@ -166,37 +166,15 @@ impl<B> H2Pool<B> {
         PoolHandle { key, kp }
     }
 
-    /// Leases a stream slot for `key`, dialing a new connection with `dial`
-    /// when needed. A dial error is returned as is (and to the requests that
-    /// waited for that same dial).
-    pub async fn get<F, Fut>(&self, key: &PoolKey, dial: F) -> Result<Lease<B>, ProxyError>
+    /// Leases a stream slot on `handle`'s connections, dialing a new one
+    /// with `dial` when needed. A dial error is returned as is (and to the
+    /// requests that waited for that same dial).
+    pub async fn get<F, Fut>(&self, handle: &PoolHandle<B>, dial: F) -> Result<Lease<B>, ProxyError>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<SendRequest<B>, ProxyError>>,
     {
-        let kp = self.key_pool(key);
-        self.lease(&kp, dial).await
-    }
-
-    /// [`get`](Self::get) for a key already looked up.
-    pub async fn get_with<F, Fut>(
-        &self,
-        handle: &PoolHandle<B>,
-        dial: F,
-    ) -> Result<Lease<B>, ProxyError>
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<SendRequest<B>, ProxyError>>,
-    {
-        self.lease(&handle.kp, dial).await
-    }
-
-    async fn lease<F, Fut>(&self, kp: &Arc<KeyPool<B>>, dial: F) -> Result<Lease<B>, ProxyError>
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<SendRequest<B>, ProxyError>>,
-    {
-        let kp = Arc::clone(kp);
+        let kp = Arc::clone(&handle.kp);
         let waited_since = Instant::now();
         let guard = match self.pick(&kp) {
             Pick::Use(lease) => return Ok(lease),
@@ -365,7 +343,10 @@ mod tests {
         for _ in 0..300 {
             let pool = pool.clone();
             tasks.push(tokio::spawn(async move {
-                let mut lease = pool.get(&key(addr), || dial(addr)).await.unwrap();
+                let mut lease = pool
+                    .get(&pool.handle(key(addr)), || dial(addr))
+                    .await
+                    .unwrap();
                 let req = hyper::Request::builder()
                     .uri(format!("http://{addr}/"))
                     .body(Body::new())
@@ -395,7 +376,7 @@ mod tests {
             let pool = pool.clone();
             let dials = dials.clone();
             tasks.push(tokio::spawn(async move {
-                pool.get(&key(addr), || async move {
+                pool.get(&pool.handle(key(addr)), || async move {
                     dials.fetch_add(1, Ordering::SeqCst);
                     // Slow enough that the other requests queue behind it.
                     tokio::time::sleep(Duration::from_millis(50)).await;
