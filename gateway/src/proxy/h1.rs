@@ -732,7 +732,7 @@ where
     }
     match framing {
         Out::Length(n) => {
-            let _ = write!(Writer(&mut out), "content-length: {n}\r\n");
+            let _ = write!(out, "content-length: {n}\r\n");
         }
         Out::Chunked => out.put_slice(b"transfer-encoding: chunked\r\n"),
         Out::None => {
@@ -743,7 +743,7 @@ where
                     .flatten()
             });
             if let Some(n) = would_be {
-                let _ = write!(Writer(&mut out), "content-length: {n}\r\n");
+                let _ = write!(out, "content-length: {n}\r\n");
             }
         }
         Out::Close => {}
@@ -791,7 +791,7 @@ where
                     });
                 }
                 if framing == Out::Chunked {
-                    let _ = write!(Writer(&mut out), "{:x}\r\n", data.len());
+                    let _ = write!(out, "{:x}\r\n", data.len());
                 }
                 if data.len() >= WRITE_COALESCE {
                     wr.write_all(&out).await.map_err(ConnError::Write)?;
@@ -854,29 +854,25 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 }
 
 /// Refuses a request the loop cannot read: status, reason, close.
-async fn write_refusal(wr: &mut OwnedWriteHalf, status: StatusCode, why: &str) -> io::Result<()> {
-    let body = format!("{why}\n");
-    let mut out = String::with_capacity(160 + body.len());
-    let _ = write!(
-        out,
-        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\nx-elsinore-error: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        status.as_str(),
-        status.canonical_reason().unwrap_or(""),
-        ErrorKind::Protocol.as_str(),
-        body.len()
+async fn write_refusal(
+    wr: &mut OwnedWriteHalf,
+    status: StatusCode,
+    why: &str,
+) -> Result<(), ConnError> {
+    let mut resp = Response::new(http_body_util::Full::new(Bytes::from(format!("{why}\n"))));
+    *resp.status_mut() = status;
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
     );
-    wr.write_all(out.as_bytes()).await?;
-    wr.shutdown().await
-}
-
-/// `fmt::Write` into a `BytesMut`.
-struct Writer<'a>(&'a mut BytesMut);
-
-impl std::fmt::Write for Writer<'_> {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        self.0.put_slice(s.as_bytes());
-        Ok(())
-    }
+    headers.insert(
+        "x-elsinore-error",
+        HeaderValue::from_static(ErrorKind::Protocol.as_str()),
+    );
+    let mut keep_alive = false;
+    write_response(wr, resp, &Method::GET, Version::HTTP_11, &mut keep_alive).await?;
+    wr.shutdown().await.map_err(ConnError::Write)
 }
 
 #[cfg(test)]

@@ -45,12 +45,9 @@ impl<T> ReadAhead<T> {
         }
     }
 
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
-
-    /// Bytes held between reads (for tests and accounting).
-    pub fn buffered(&self) -> usize {
+    /// Bytes held between reads.
+    #[cfg(test)]
+    fn buffered(&self) -> usize {
         self.leftover.len() - self.pos
     }
 }
