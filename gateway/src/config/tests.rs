@@ -249,6 +249,16 @@ fn trust_domains_are_parsed() {
 }
 
 #[test]
+fn a_listener_that_is_off_does_not_claim_its_default_address() {
+    // 0.0.0.0:15443 is ingress's default; with ingress off it is free.
+    let c = ok(&doc(
+        "listeners: { ingress: \"off\", federation: \"0.0.0.0:15443\" }\n",
+    ));
+    assert_eq!(c.listeners.ingress, None);
+    assert_eq!(c.listeners.federation, "0.0.0.0:15443".parse().unwrap());
+}
+
+#[test]
 fn listeners_must_be_socket_addresses() {
     assert_err(
         &doc("listeners: { admin: \"localhost:15000\" }\n"),

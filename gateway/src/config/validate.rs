@@ -132,53 +132,63 @@ impl Validator<'_> {
             raw.admin.as_deref(),
             defaults::ADMIN_LISTENER,
         );
-        let ingress = self.socket_addr(
+        // The data-plane listeners may be switched off ("off"): a gateway
+        // that only federates catalogs, or whose imports are reached some
+        // other way, then binds no ingress, no egress VIPs, no DNS.
+        let ingress = self.optional_socket_addr(
             "listeners.ingress",
-            raw.ingress.as_deref().filter(|v| *v != "off"),
+            raw.ingress.as_deref(),
             defaults::INGRESS_LISTENER,
         );
-        let egress = self.socket_addr(
+        let egress = self.optional_socket_addr(
             "listeners.egress",
-            raw.egress.as_deref().filter(|v| *v != "off"),
+            raw.egress.as_deref(),
             defaults::EGRESS_LISTENER,
         );
-        let dns = self.socket_addr(
-            "listeners.dns",
-            raw.dns.as_deref().filter(|v| *v != "off"),
-            defaults::DNS_LISTENER,
-        );
+        let dns =
+            self.optional_socket_addr("listeners.dns", raw.dns.as_deref(), defaults::DNS_LISTENER);
         // Two listeners on one fixed address would fail at bind time with a
-        // less helpful message. Port 0 (any free port) never collides.
+        // less helpful message. Port 0 (any free port) never collides, and a
+        // listener that is off binds nothing.
         let all = [
-            ("federation", federation),
-            ("admin", admin),
+            ("federation", Some(federation)),
+            ("admin", Some(admin)),
             ("ingress", ingress),
             ("egress", egress),
             ("dns", dns),
         ];
-        for (i, (name, addr)) in all.iter().enumerate() {
+        let bound: Vec<(&str, SocketAddr)> = all
+            .iter()
+            .filter_map(|&(name, addr)| addr.map(|a| (name, a)))
+            .collect();
+        for (i, (name, addr)) in bound.iter().enumerate() {
             if addr.port() == 0 {
                 continue;
             }
-            if let Some((other, _)) = all[..i].iter().find(|(_, a)| a == addr) {
+            if let Some((other, _)) = bound[..i].iter().find(|(_, a)| a == addr) {
                 self.error(
                     format!("listeners.{name}"),
                     format!("{addr} is already used by listeners.{other}"),
                 );
             }
         }
-        // The data-plane listeners may be switched off ("off"): a gateway
-        // that only federates catalogs, or whose imports are reached some
-        // other way, then binds no ingress, no egress VIPs, no DNS.
-        let on =
-            |raw: Option<&String>, addr| (raw.map(String::as_str) != Some("off")).then_some(addr);
         Listeners {
             federation,
             admin,
-            ingress: on(raw.ingress.as_ref(), ingress),
-            egress: on(raw.egress.as_ref(), egress),
-            dns: on(raw.dns.as_ref(), dns),
+            ingress,
+            egress,
+            dns,
         }
+    }
+
+    /// A listener that may be `off`: `None` then, else as [`Self::socket_addr`].
+    fn optional_socket_addr(
+        &mut self,
+        path: &str,
+        raw: Option<&str>,
+        default: SocketAddr,
+    ) -> Option<SocketAddr> {
+        (raw != Some("off")).then(|| self.socket_addr(path, raw, default))
     }
 
     fn port(&mut self, path: &str, p: i64) -> u16 {
