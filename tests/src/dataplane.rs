@@ -325,7 +325,7 @@ impl HttpReply {
     }
 }
 
-/// A request for [`http1_send`] / [`h2c_send`]: `authority` becomes the
+/// A request for [`http1_send`]: `authority` becomes the
 /// `Host` header (HTTP/1.1) or `:authority` (HTTP/2, where the URI is
 /// absolute); `None` sends none (HTTP/1.1 only).
 pub fn http_request(
@@ -447,12 +447,6 @@ pub async fn h2c_exchange(
 pub async fn http1_send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Result<HttpReply, String> {
     let mut sender = http1_connect(addr).await?;
     http1_exchange(&mut sender, req).await
-}
-
-/// One HTTP/2 (h2c) request on a fresh connection to `addr`.
-pub async fn h2c_send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Result<HttpReply, String> {
-    let mut sender = h2c_connect(addr).await?;
-    h2c_exchange(&mut sender, req).await
 }
 
 /// A client config presenting `issued` (any trust domain, any CA) and

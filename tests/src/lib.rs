@@ -1025,13 +1025,6 @@ impl GatewayHandle {
             .unwrap_or_else(|| panic!("mesh {}: no ingress listener", self.mesh))
     }
 
-    /// The egress catch-all listener (plaintext HTTP from local apps).
-    pub fn egress_addr(&self) -> SocketAddr {
-        self.gateway
-            .egress_addr
-            .unwrap_or_else(|| panic!("mesh {}: no egress listener", self.mesh))
-    }
-
     /// The DNS responder (UDP and TCP on the same port).
     pub fn dns_addr(&self) -> SocketAddr {
         self.gateway

@@ -227,7 +227,7 @@ fn run_one(
         workload.resumption(),
     )?;
     let figures = match workload {
-        Workload::Http1 => workloads::http1(&mut dep, args, env, &log_dir),
+        Workload::Http1 => workloads::http1(&mut dep, args, &log_dir),
         Workload::Http2 => workloads::http2(&mut dep, args, &log_dir),
         Workload::Connect => workloads::connect(&mut dep, args, env, &log_dir, "connect"),
         Workload::ConnectResume => {

@@ -185,12 +185,8 @@ fn cost_figures(
     Ok(())
 }
 
-fn secs(d: u64) -> String {
-    d.to_string()
-}
-
 /// HTTP/1.1 keep-alive: wrk, 1 thread, `connections` connections.
-pub fn http1(dep: &mut Deployment, args: &Args, env: &Env, log_dir: &Path) -> Result<Figures> {
+pub fn http1(dep: &mut Deployment, args: &Args, log_dir: &Path) -> Result<Figures> {
     let url = format!("http://{}/", dep.targets.http1);
     let wrk = |duration: u64, log: &str| -> Result<String> {
         run_tool(
@@ -200,7 +196,7 @@ pub fn http1(dep: &mut Deployment, args: &Args, env: &Env, log_dir: &Path) -> Re
             &[
                 "-t1".to_owned(),
                 format!("-c{}", args.connections),
-                format!("-d{}s", secs(duration)),
+                format!("-d{}s", duration),
                 "--latency".to_owned(),
                 "-H".to_owned(),
                 format!("Host: {WEB_HOST}"),
@@ -232,7 +228,6 @@ pub fn http1(dep: &mut Deployment, args: &Args, env: &Env, log_dir: &Path) -> Re
         ("http1.busy_client_core".to_owned(), busy[0]),
         ("http1.busy_server_core".to_owned(), busy[1]),
     ];
-    let _ = env;
     cost_figures(&mut out, "http1", dep, &cpu, w.requests, 1000.0)?;
     Ok(out)
 }
@@ -312,7 +307,7 @@ pub fn http2(dep: &mut Deployment, args: &Args, log_dir: &Path) -> Result<Figure
                 "-t1".to_owned(),
                 format!("-c{}", args.connections),
                 format!("-m{}", args.streams),
-                format!("-D{}", secs(duration)),
+                format!("-D{}", duration),
                 "-H".to_owned(),
                 format!(":authority: {WEB_HOST}"),
                 url.clone(),
