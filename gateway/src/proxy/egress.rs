@@ -26,10 +26,9 @@ use arc_swap::ArcSwap;
 use elsinore_certs::SpiffeId;
 use elsinore_federation_api::{Endpoint, Instance, Protocol};
 use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version, header};
-use http_body_util::combinators::{BoxBody, UnsyncBoxBody};
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Bytes};
-use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -43,6 +42,7 @@ use super::ProxyContext;
 use super::activity::{Activity, ActivityIo};
 use super::error::{ErrorKind, ProxyError, Side};
 use super::h1::{self, BoxError};
+use super::h2client::{self, SendError};
 use super::pool::{H2Pool, PoolHandle, PoolKey, PoolLimits};
 use super::readahead::ReadAhead;
 use super::splice::splice;
@@ -50,10 +50,7 @@ use crate::dns::resolver;
 use crate::dns::vip::{VipEntry, VipTable};
 
 /// The body of every response egress gives to a local app.
-type RespBody = BoxBody<Bytes, hyper::Error>;
-/// The body of every request egress forwards: an HTTP/1.1 body read by
-/// [`h1`] or an h2c one read by hyper.
-type UpBody = UnsyncBoxBody<Bytes, BoxError>;
+type RespBody = BoxBody<Bytes, BoxError>;
 
 /// HTTP/2 connections to one remote endpoint (per SNI, peer and SANs).
 const MAX_CONNS_PER_KEY: usize = 4;
@@ -227,7 +224,7 @@ struct Routes {
 /// carries the SNI).
 struct HttpTarget {
     endpoint: Endpoint,
-    pool: PoolHandle<UpBody>,
+    pool: PoolHandle,
 }
 
 /// One running accept loop.
@@ -269,7 +266,7 @@ struct Egress {
     /// The latest VIP table, read lock-free per connection and per request.
     table: ArcSwap<VipTable>,
     tls: Mutex<HashMap<TlsKey, Arc<rustls::ClientConfig>>>,
-    pool: H2Pool<UpBody>,
+    pool: H2Pool,
     /// Round-robin position over a service's endpoints.
     next: AtomicUsize,
     /// For apps that speak h2c with prior knowledge; HTTP/1.1 is [`h1`].
@@ -856,10 +853,9 @@ impl Egress {
                     }
                     Err(e) => return Err(e),
                 };
-                let mut sender = lease.sender;
                 let in_flight = lease.in_flight;
                 let timeout = self.ctx.tuning.request_timeout;
-                let sent = tokio::time::timeout(timeout, sender.try_send_request(req)).await;
+                let sent = tokio::time::timeout(timeout, lease.sender.send(req)).await;
                 match sent {
                     Err(_) => {
                         return Err(ProxyError::upstream(
@@ -880,15 +876,16 @@ impl Egress {
                             .boxed();
                         return Ok(Response::from_parts(parts, body));
                     }
-                    Ok(Err(mut e)) => match e.take_message() {
-                        Some(unsent) => req = unsent,
-                        None => {
-                            return Err(ProxyError::upstream(
-                                ErrorKind::Protocol,
-                                format!("{}: {}", key.endpoint, e.error()),
-                            ));
-                        }
-                    },
+                    Ok(Err(SendError::Unsent(unsent, e))) => {
+                        tracing::debug!(error = %e, "pooled connection closed; sending on another");
+                        req = *unsent;
+                    }
+                    Ok(Err(SendError::Failed(e))) => {
+                        return Err(ProxyError::upstream(
+                            ErrorKind::Protocol,
+                            format!("{}: {e}", key.endpoint),
+                        ));
+                    }
                 }
             }
             last = Some(ProxyError::upstream(
@@ -906,7 +903,7 @@ impl Egress {
         endpoint: &Endpoint,
         sni: &str,
         config: Arc<rustls::ClientConfig>,
-    ) -> Result<SendRequest<UpBody>, ProxyError> {
+    ) -> Result<h2client::Sender, ProxyError> {
         let tls = self.dial_tls(entry, endpoint, sni, config).await?;
         let target = format!("{}:{}", endpoint.address, endpoint.port);
         if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
@@ -915,14 +912,9 @@ impl Egress {
                 format!("{target} (SNI {sni}) did not negotiate HTTP/2 (ALPN h2)"),
             ));
         }
-        let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
-        // Pings find a dead connection before a request is lost on it.
-        builder
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10));
-        let handshake = builder.handshake::<_, UpBody>(TokioIo::new(tls));
-        let (sender, conn) = tokio::time::timeout(self.ctx.tuning.handshake_timeout, handshake)
+        let span = tracing::debug_span!("pooled", endpoint = %target);
+        let handshake = h2client::handshake(tls, span);
+        let sender = tokio::time::timeout(self.ctx.tuning.handshake_timeout, handshake)
             .await
             .map_err(|_| {
                 ProxyError::upstream(
@@ -939,14 +931,6 @@ impl Egress {
                     format!("{target}: HTTP/2 handshake: {e}"),
                 )
             })?;
-        tokio::spawn(
-            async move {
-                if let Err(error) = conn.await {
-                    tracing::debug!(%error, "pooled HTTP/2 connection ended with an error");
-                }
-            }
-            .instrument(tracing::debug_span!("pooled", endpoint = %target)),
-        );
         Ok(sender)
     }
 }
@@ -1082,11 +1066,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// The request as it goes to the owner's ingress over HTTP/2.
-fn upstream_request<B>(req: Request<B>, entry: &VipEntry) -> Result<Request<UpBody>, ProxyError>
-where
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
+fn upstream_request<B>(req: Request<B>, entry: &VipEntry) -> Result<Request<B>, ProxyError> {
     let authority = upstream_authority(request_host(&req), entry);
     let (mut parts, body) = req.into_parts();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -1103,10 +1083,7 @@ where
         })?;
     parts.version = Version::HTTP_2;
     strip_hop_by_hop(&mut parts.headers);
-    Ok(Request::from_parts(
-        parts,
-        body.map_err(Into::into).boxed_unsync(),
-    ))
+    Ok(Request::from_parts(parts, body))
 }
 
 /// The response for a failed request: a text body naming the side, or for

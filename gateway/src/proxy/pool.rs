@@ -14,10 +14,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use hyper::client::conn::http2::SendRequest;
 use tokio::time::Instant;
 
 use super::error::ProxyError;
+use super::h2client::Sender;
 
 /// What a pooled connection is for. Two services behind the same remote
 /// endpoint and SNI share connections; different expected SANs never do,
@@ -55,38 +55,38 @@ impl Default for PoolLimits {
 }
 
 /// A pool of HTTP/2 client connections whose request body type is `B`.
-pub struct H2Pool<B> {
-    keys: Mutex<HashMap<PoolKey, Arc<KeyPool<B>>>>,
+pub struct H2Pool {
+    keys: Mutex<HashMap<PoolKey, Arc<KeyPool>>>,
     limits: PoolLimits,
 }
 
-struct KeyPool<B> {
-    state: Mutex<KeyState<B>>,
+struct KeyPool {
+    state: Mutex<KeyState>,
     /// Held while dialing, so dials of one key never race.
     dial: tokio::sync::Mutex<()>,
 }
 
-struct KeyState<B> {
-    conns: Vec<Conn<B>>,
+struct KeyState {
+    conns: Vec<Conn>,
     /// The last dial failure, handed to requests that were already waiting
     /// for that dial.
     failed: Option<(Instant, ProxyError)>,
 }
 
-struct Conn<B> {
-    sender: SendRequest<B>,
+struct Conn {
+    sender: Sender,
     in_flight: Arc<AtomicUsize>,
     last_used: Instant,
 }
 
 /// One key's connections, looked up once (see [`H2Pool::handle`]). While a
 /// handle lives, its key stays in the pool.
-pub struct PoolHandle<B> {
+pub struct PoolHandle {
     key: PoolKey,
-    kp: Arc<KeyPool<B>>,
+    kp: Arc<KeyPool>,
 }
 
-impl<B> PoolHandle<B> {
+impl PoolHandle {
     pub fn key(&self) -> &PoolKey {
         &self.key
     }
@@ -95,8 +95,8 @@ impl<B> PoolHandle<B> {
 /// One leased stream slot on a pooled connection. Keep the lease (or its
 /// [`InFlight`] guard) alive until the response body is finished: that is
 /// what the pool counts as load.
-pub struct Lease<B> {
-    pub sender: SendRequest<B>,
+pub struct Lease {
+    pub sender: Sender,
     pub in_flight: InFlight,
     /// True when this lease's connection was dialed for it.
     pub fresh: bool,
@@ -117,7 +117,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-impl<B> H2Pool<B> {
+impl H2Pool {
     pub fn new(limits: PoolLimits) -> Self {
         H2Pool {
             keys: Mutex::new(HashMap::new()),
@@ -127,7 +127,7 @@ impl<B> H2Pool<B> {
 
     /// Live connections across all keys (closed ones not yet pruned excluded).
     pub fn connections(&self) -> usize {
-        let keys: Vec<Arc<KeyPool<B>>> = lock(&self.keys).values().cloned().collect();
+        let keys: Vec<Arc<KeyPool>> = lock(&self.keys).values().cloned().collect();
         keys.iter()
             .map(|k| {
                 lock(&k.state)
@@ -139,7 +139,7 @@ impl<B> H2Pool<B> {
             .sum()
     }
 
-    fn key_pool(&self, key: &PoolKey) -> Arc<KeyPool<B>> {
+    fn key_pool(&self, key: &PoolKey) -> Arc<KeyPool> {
         let mut keys = lock(&self.keys);
         if let Some(k) = keys.get(key) {
             return k.clone();
@@ -161,7 +161,7 @@ impl<B> H2Pool<B> {
     /// The connections of `key`, to lease from without looking the key up
     /// again: what a route keeps so that a request costs no key hashing,
     /// allocation or map lock.
-    pub fn handle(&self, key: PoolKey) -> PoolHandle<B> {
+    pub fn handle(&self, key: PoolKey) -> PoolHandle {
         let kp = self.key_pool(&key);
         PoolHandle { key, kp }
     }
@@ -169,10 +169,10 @@ impl<B> H2Pool<B> {
     /// Leases a stream slot on `handle`'s connections, dialing a new one
     /// with `dial` when needed. A dial error is returned as is (and to the
     /// requests that waited for that same dial).
-    pub async fn get<F, Fut>(&self, handle: &PoolHandle<B>, dial: F) -> Result<Lease<B>, ProxyError>
+    pub async fn get<F, Fut>(&self, handle: &PoolHandle, dial: F) -> Result<Lease, ProxyError>
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<SendRequest<B>, ProxyError>>,
+        Fut: Future<Output = Result<Sender, ProxyError>>,
     {
         let kp = Arc::clone(&handle.kp);
         let waited_since = Instant::now();
@@ -233,7 +233,7 @@ impl<B> H2Pool<B> {
     }
 
     /// Prunes closed and idle connections and picks the least loaded one.
-    fn pick(&self, kp: &KeyPool<B>) -> Pick<B> {
+    fn pick(&self, kp: &KeyPool) -> Pick {
         let mut state = lock(&kp.state);
         let now = Instant::now();
         let idle = self.limits.idle_timeout;
@@ -264,11 +264,11 @@ impl<B> H2Pool<B> {
     }
 }
 
-enum Pick<B> {
+enum Pick {
     /// A connection with room (or the key is at its cap).
-    Use(Lease<B>),
+    Use(Lease),
     /// Every connection is busy and the key may grow: this is the fallback.
-    Busy(Lease<B>),
+    Busy(Lease),
     None,
 }
 
@@ -310,16 +310,13 @@ mod tests {
         (addr, accepted)
     }
 
-    async fn dial(addr: std::net::SocketAddr) -> Result<SendRequest<Body>, ProxyError> {
+    async fn dial(addr: std::net::SocketAddr) -> Result<Sender, ProxyError> {
         let tcp = TcpStream::connect(addr)
             .await
             .map_err(|e| ProxyError::upstream(ErrorKind::ConnectFailed, e.to_string()))?;
-        let (tx, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-                .await
-                .map_err(|e| ProxyError::upstream(ErrorKind::Protocol, e.to_string()))?;
-        tokio::spawn(conn);
-        Ok(tx)
+        crate::proxy::h2client::handshake(tcp, tracing::Span::none())
+            .await
+            .map_err(|e| ProxyError::upstream(ErrorKind::Protocol, e.to_string()))
     }
 
     fn key(addr: std::net::SocketAddr) -> PoolKey {
@@ -334,7 +331,7 @@ mod tests {
     #[tokio::test]
     async fn burst_on_empty_pool_opens_few_connections() {
         let (addr, accepted) = h2_server().await;
-        let pool = Arc::new(H2Pool::<Body>::new(PoolLimits {
+        let pool = Arc::new(H2Pool::new(PoolLimits {
             max_per_key: 4,
             streams_per_conn: 50,
             idle_timeout: Duration::from_secs(60),
@@ -343,7 +340,7 @@ mod tests {
         for _ in 0..300 {
             let pool = pool.clone();
             tasks.push(tokio::spawn(async move {
-                let mut lease = pool
+                let lease = pool
                     .get(&pool.handle(key(addr)), || dial(addr))
                     .await
                     .unwrap();
@@ -351,7 +348,9 @@ mod tests {
                     .uri(format!("http://{addr}/"))
                     .body(Body::new())
                     .unwrap();
-                let resp = lease.sender.send_request(req).await.unwrap();
+                let Ok(resp) = lease.sender.send(req).await else {
+                    panic!("request failed")
+                };
                 assert_eq!(resp.status(), 200);
             }));
         }
@@ -369,7 +368,7 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         drop(l);
-        let pool = Arc::new(H2Pool::<Body>::new(PoolLimits::default()));
+        let pool = Arc::new(H2Pool::new(PoolLimits::default()));
         let dials = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
         for _ in 0..20 {

@@ -1,0 +1,447 @@
+//! The HTTP/2 client side of egress, on the `h2` crate directly.
+//!
+//! Why not hyper's HTTP/2 client: hyper hands every request through a
+//! channel to the connection's task and spawns one more task per request to
+//! wait for the response and pass it back over a oneshot, so each request
+//! costs two task hand-offs and a spawn before the body moves. Here the
+//! request's own task opens the stream and waits on it; the connection task
+//! only moves frames. A request body that is not empty is piped by a task of
+//! its own (flow control may hold it back while the response already
+//! streams), as in hyper.
+//!
+//! Settings match hyper's client defaults: 2 MiB stream and 5 MiB
+//! connection windows, 16 KiB frames and header lists, 1 MiB send buffer,
+//! no server push. A ping every [`KEEPALIVE_INTERVAL`] that is not answered
+//! within [`KEEPALIVE_TIMEOUT`] closes the connection, so a dead peer is
+//! found before a request is lost on it.
+
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::{Ping, Reason, RecvStream, SendStream};
+use http::header::CONTENT_LENGTH;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::Instrument;
+
+use super::h1::BoxError;
+
+/// How often an open connection is pinged.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a ping may go unanswered before the connection is closed.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONN_WINDOW: u32 = 5 * 1024 * 1024;
+const MAX_FRAME: u32 = 16 * 1024;
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+const MAX_SEND_BUFFER: usize = 1024 * 1024;
+
+/// One HTTP/2 connection's request handle; clones share the connection.
+#[derive(Clone)]
+pub struct Sender {
+    tx: SendRequest<Bytes>,
+    closed: Arc<AtomicBool>,
+}
+
+/// Why a request got no response.
+pub enum SendError<B> {
+    /// The connection was gone before the stream opened: the request was not
+    /// sent and comes back whole, to go on another connection.
+    Unsent(Box<Request<B>>, h2::Error),
+    /// The stream opened and then failed.
+    Failed(h2::Error),
+}
+
+/// HTTP/2 over `io` (already TLS with ALPN h2): the handshake, then a task
+/// that drives the connection (and its keep-alive pings) until it closes.
+pub async fn handshake<T>(io: T, span: tracing::Span) -> Result<Sender, h2::Error>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    handshake_pinging(io, span, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT).await
+}
+
+async fn handshake_pinging<T>(
+    io: T,
+    span: tracing::Span,
+    interval: Duration,
+    timeout: Duration,
+) -> Result<Sender, h2::Error>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, conn) = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONN_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .enable_push(false)
+        .handshake::<_, Bytes>(io)
+        .await?;
+    let closed = Arc::new(AtomicBool::new(false));
+    tokio::spawn(drive(conn, closed.clone(), interval, timeout).instrument(span));
+    Ok(Sender { tx, closed })
+}
+
+/// Polls the connection to its end, pinging it while it lasts.
+async fn drive<T>(
+    mut conn: h2::client::Connection<T, Bytes>,
+    closed: Arc<AtomicBool>,
+    interval: Duration,
+    timeout: Duration,
+) where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut pings = conn.ping_pong();
+    let timer = tokio::time::sleep(interval);
+    tokio::pin!(timer);
+    let mut awaiting_pong = false;
+    loop {
+        tokio::select! {
+            ended = &mut conn => {
+                if let Err(error) = ended {
+                    tracing::debug!(%error, "pooled HTTP/2 connection ended with an error");
+                }
+                break;
+            }
+            () = timer.as_mut() => {
+                if awaiting_pong {
+                    tracing::debug!("no ping answer within {timeout:?}; closing");
+                    break;
+                }
+                let Some(p) = pings.as_mut() else { break };
+                if p.send_ping(Ping::opaque()).is_err() {
+                    break;
+                }
+                awaiting_pong = true;
+                timer.as_mut().reset(tokio::time::Instant::now() + timeout);
+            }
+            pong = poll_fn(|cx| match pings.as_mut() {
+                Some(p) => p.poll_pong(cx),
+                None => Poll::Pending,
+            }), if awaiting_pong => {
+                if pong.is_err() {
+                    break;
+                }
+                awaiting_pong = false;
+                timer.as_mut().reset(tokio::time::Instant::now() + interval);
+            }
+        }
+    }
+    closed.store(true, Ordering::Release);
+}
+
+impl Sender {
+    /// Whether the connection has ended (it takes no more requests).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Sends one request and waits for the response head. The request must
+    /// carry an absolute URI and no connection-specific fields.
+    pub async fn send<B>(&self, req: Request<B>) -> Result<Response<ResponseBody>, SendError<B>>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let mut tx = self.tx.clone();
+        if let Err(e) = poll_fn(|cx| tx.poll_ready(cx)).await {
+            return Err(SendError::Unsent(Box::new(req), e));
+        }
+        let (parts, body) = req.into_parts();
+        let end = body.is_end_stream();
+        let head = Request::from_parts(parts, ());
+        let (response, stream) = match tx.send_request(head, end) {
+            Ok(sent) => sent,
+            // The head is gone with it; only a closed connection or a
+            // malformed head get here, neither worth a retry.
+            Err(e) => return Err(SendError::Failed(e)),
+        };
+        if !end {
+            tokio::spawn(pipe(body, stream).in_current_span());
+        }
+        let resp = response.await.map_err(SendError::Failed)?;
+        let (parts, recv) = resp.into_parts();
+        let length = parts
+            .headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        Ok(Response::from_parts(
+            parts,
+            ResponseBody {
+                recv,
+                data_done: false,
+                length,
+            },
+        ))
+    }
+}
+
+/// Moves a request body into its stream as the peer's window allows.
+async fn pipe<B>(body: B, mut stream: SendStream<Bytes>)
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let mut body = std::pin::pin!(body);
+    loop {
+        let frame = match body.frame().await {
+            None => {
+                let _ = stream.send_data(Bytes::new(), true);
+                return;
+            }
+            Some(Ok(frame)) => frame,
+            Some(Err(error)) => {
+                let error: BoxError = error.into();
+                tracing::debug!(%error, "request body failed; resetting the stream");
+                stream.send_reset(Reason::CANCEL);
+                return;
+            }
+        };
+        match frame.into_data() {
+            Ok(mut data) => {
+                while !data.is_empty() {
+                    stream.reserve_capacity(data.len());
+                    match poll_fn(|cx| stream.poll_capacity(cx)).await {
+                        Some(Ok(n)) if n > 0 => {
+                            let chunk = data.split_to(n.min(data.len()));
+                            if stream.send_data(chunk, false).is_err() {
+                                return;
+                            }
+                        }
+                        Some(Ok(_)) => {}
+                        // The stream was reset or the connection closed.
+                        None | Some(Err(_)) => return,
+                    }
+                }
+            }
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    let _ = stream.send_trailers(trailers);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A response body read straight from its HTTP/2 stream; the window is
+/// given back as the data is taken.
+pub struct ResponseBody {
+    recv: RecvStream,
+    data_done: bool,
+    /// What is left of the response's `content-length`, for the size hint.
+    length: Option<u64>,
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if !this.data_done {
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    if let Some(left) = this.length.as_mut() {
+                        *left = left.saturating_sub(data.len() as u64);
+                    }
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                None => this.data_done = true,
+            }
+        }
+        match ready!(this.recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e.into()))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.length {
+            Some(n) if !self.data_done => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use http::HeaderMap;
+    use http_body_util::{Empty, Full, StreamBody};
+    use hyper::body::Incoming;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use std::convert::Infallible;
+    use std::net::SocketAddr;
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A real HTTP/2 server (hyper) that echoes the request body back,
+    /// followed by trailers naming the method and the byte count.
+    async fn echo_server() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        let method = req.method().to_string();
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let mut trailers = HeaderMap::new();
+                        trailers.insert("x-method", method.parse().unwrap());
+                        trailers.insert("x-len", body.len().to_string().parse().unwrap());
+                        let frames = vec![
+                            Ok::<_, Infallible>(Frame::data(body)),
+                            Ok(Frame::trailers(trailers)),
+                        ];
+                        Ok::<_, Infallible>(Response::new(StreamBody::new(
+                            futures_util::stream::iter(frames),
+                        )))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    async fn connect(addr: SocketAddr) -> Sender {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        handshake(tcp, tracing::Span::none()).await.unwrap()
+    }
+
+    fn request<B>(addr: SocketAddr, method: &str, body: B) -> Request<B> {
+        Request::builder()
+            .method(method)
+            .uri(format!("http://{addr}/echo"))
+            .body(body)
+            .unwrap()
+    }
+
+    async fn sent<B>(tx: &Sender, req: Request<B>) -> Response<ResponseBody>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        match tx.send(req).await {
+            Ok(resp) => resp,
+            Err(SendError::Unsent(_, e) | SendError::Failed(e)) => panic!("send failed: {e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn bodies_and_trailers_cross_in_both_directions() {
+        let addr = echo_server().await;
+        let tx = connect(addr).await;
+
+        // A body larger than the default 64 KiB window, in pieces.
+        let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let pieces: Vec<Result<Frame<Bytes>, Infallible>> = payload
+            .chunks(7_000)
+            .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
+            .collect();
+        let body = StreamBody::new(futures_util::stream::iter(pieces));
+        let resp = sent(&tx, request(addr, "POST", body)).await;
+        assert_eq!(resp.status(), 200);
+        let collected = resp.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned().unwrap();
+        assert_eq!(collected.to_bytes(), payload);
+        assert_eq!(trailers["x-method"], "POST");
+        assert_eq!(trailers["x-len"], "300000");
+
+        // An empty body goes out with the head (END_STREAM on HEADERS).
+        let resp = sent(&tx, request(addr, "GET", Empty::<Bytes>::new())).await;
+        let collected = resp.into_body().collect().await.unwrap();
+        assert_eq!(collected.trailers().unwrap()["x-len"], "0");
+    }
+
+    #[tokio::test]
+    async fn a_closed_connection_hands_the_request_back_unsent() {
+        // A server that answers the handshake and then closes.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let mut conn = h2::server::handshake(s).await.unwrap();
+            conn.graceful_shutdown();
+            while conn.accept().await.is_some() {}
+        });
+        let tx = connect(addr).await;
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !tx.is_closed() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the connection end is noticed");
+        let body = Full::new(Bytes::from_static(b"kept"));
+        match tx.send(request(addr, "PUT", body)).await {
+            Err(SendError::Unsent(req, _)) => {
+                assert_eq!(req.method(), "PUT");
+                let kept = req.into_body().collect().await.unwrap().to_bytes();
+                assert_eq!(kept, "kept");
+            }
+            Ok(_) => panic!("a closed connection answered"),
+            Err(SendError::Failed(e)) => panic!("request lost instead of handed back: {e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unanswered_ping_closes_the_connection_an_answered_one_does_not() {
+        // Answers pings: a served connection.
+        let live = echo_server().await;
+        // Never answers: the handshake completes, then the server stops
+        // reading (the connection is held, not polled).
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dead = l.local_addr().unwrap();
+        let (held_tx, mut held_rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let conn = h2::server::handshake(s).await.unwrap();
+            held_tx.send(conn).await.unwrap();
+        });
+        // Short periods, real time: what matters is the order of events.
+        let (interval, timeout) = (Duration::from_millis(50), Duration::from_millis(1000));
+        let pinging = |addr| async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            handshake_pinging(tcp, tracing::Span::none(), interval, timeout)
+                .await
+                .unwrap()
+        };
+        let live = pinging(live).await;
+        let dead = pinging(dead).await;
+        let _held = held_rx.recv().await.unwrap();
+
+        tokio::time::sleep(interval + timeout + Duration::from_millis(500)).await;
+        assert!(
+            dead.is_closed(),
+            "a peer that never answers a ping is dropped"
+        );
+        assert!(!live.is_closed(), "a peer that answers pings is kept");
+    }
+}
