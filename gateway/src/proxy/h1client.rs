@@ -99,7 +99,10 @@ impl Pool {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(entry) = idle.pop() {
             if entry.since.elapsed() > self.idle_timeout {
-                idle.clear();
+                // Closed after the lock is released.
+                let expired = std::mem::take(&mut *idle);
+                drop(idle);
+                drop((entry, expired));
                 return None;
             }
             if still_open(&entry.conn.io) {
