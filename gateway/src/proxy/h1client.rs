@@ -1148,6 +1148,21 @@ mod tests {
         assert_eq!(b.accepts.load(Ordering::SeqCst), 2);
     }
 
+    /// Waits (bounded) until the newest pooled connection is seen closed.
+    async fn until_pooled_seen_closed(c: &H1Client) {
+        for _ in 0..500 {
+            let open = {
+                let idle = c.inner.pool.idle.lock().unwrap();
+                idle.last().is_some_and(|e| still_open(&e.conn.io))
+            };
+            if !open {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the backend's close never reached the pooled connection");
+    }
+
     #[tokio::test]
     async fn pooled_connection_closed_by_the_backend_is_replaced() {
         // Closes each connection after its first response, as a backend
@@ -1156,7 +1171,7 @@ mod tests {
         let c = client(b.addr);
         assert_eq!(text(send(&c, get("/")).await.unwrap()).await, "hello");
         assert_eq!(c.idle(), 1, "the response said nothing of closing");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        until_pooled_seen_closed(&c).await;
         // Seen closed at checkout, so even a request with a body (which
         // could not be retried) goes out on a new connection.
         let post = Request::post("/")
@@ -1164,7 +1179,7 @@ mod tests {
             .body(Full::new(Bytes::from_static(b"payload")))
             .unwrap();
         assert_eq!(text(send(&c, post).await.unwrap()).await, "hello");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        until_pooled_seen_closed(&c).await;
         assert_eq!(text(send(&c, get("/")).await.unwrap()).await, "hello");
         assert_eq!(b.accepts.load(Ordering::SeqCst), 3);
     }
