@@ -20,6 +20,7 @@ pub mod backend;
 pub mod egress;
 pub mod error;
 pub mod h1;
+pub mod h1client;
 pub mod h2client;
 pub mod ingress;
 pub mod pool;

@@ -44,12 +44,12 @@ pub const MAX_HEAD: usize = 64 * 1024;
 /// The most header fields in one request head (or trailer section).
 pub const MAX_HEADERS: usize = 128;
 /// First allocation for a request head; grows while the head is incomplete.
-const HEAD_CHUNK: usize = 4 * 1024;
+pub(super) const HEAD_CHUNK: usize = 4 * 1024;
 /// Read size while a request body streams.
-const BODY_CHUNK: usize = 16 * 1024;
+pub(super) const BODY_CHUNK: usize = 16 * 1024;
 /// Response bytes gathered before a write (head and small bodies go out in
 /// one syscall).
-const WRITE_COALESCE: usize = 16 * 1024;
+pub(super) const WRITE_COALESCE: usize = 16 * 1024;
 /// How long a finished response waits for the request body to be handed
 /// back before the connection is closed instead of reused.
 const BODY_RETURN: Duration = Duration::from_secs(1);
@@ -237,16 +237,16 @@ where
     Ok(keep_alive)
 }
 
-/// How a request body is delimited.
+/// How a message body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
+pub(super) enum Framing {
     Length(u64),
     Chunked(Chunk),
 }
 
 /// Where the chunked decoder is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunk {
+pub(super) enum Chunk {
     /// Expecting a chunk-size line.
     Size,
     /// Inside chunk data, this many bytes left.
@@ -468,97 +468,132 @@ impl RequestBody {
 }
 
 impl BodyState {
-    /// Reads more bytes into `buf`; `Ready(Ok(false))` at EOF.
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, BodyError>> {
-        self.buf.reserve(BODY_CHUNK);
-        let n = ready!(tokio_util::io::poll_read_buf(
-            Pin::new(&mut self.rd),
-            cx,
-            &mut self.buf
-        ))
-        .map_err(BodyError::Io)?;
-        Poll::Ready(Ok(n > 0))
-    }
-
     /// The next frame, or `None` when the body is complete.
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Frame<Bytes>>, BodyError>> {
-        loop {
-            match self.framing {
-                Framing::Length(0) => return Poll::Ready(Ok(None)),
-                Framing::Length(left) => {
-                    if self.buf.is_empty() && !ready!(self.poll_fill(cx))? {
-                        return Poll::Ready(Err(BodyError::Incomplete));
-                    }
-                    let take = usize::try_from(left)
-                        .unwrap_or(usize::MAX)
-                        .min(self.buf.len());
-                    self.framing = Framing::Length(left - take as u64);
-                    return Poll::Ready(Ok(Some(Frame::data(self.buf.split_to(take).freeze()))));
+        let rd = &mut self.rd;
+        poll_decode(&mut self.framing, &mut self.buf, cx, |buf, cx| {
+            poll_fill(Pin::new(&mut *rd), buf, cx)
+        })
+        .map_err(|e| match e {
+            DecodeError::Io(e) => BodyError::Io(e),
+            DecodeError::Incomplete => BodyError::Incomplete,
+            DecodeError::Chunked(why) => BodyError::Chunked(why),
+        })
+    }
+}
+
+/// Reads more bytes into `buf` (reserving [`BODY_CHUNK`]); `Ready(Ok(false))`
+/// at EOF.
+pub(super) fn poll_fill<R: tokio::io::AsyncRead>(
+    rd: Pin<&mut R>,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<bool>> {
+    buf.reserve(BODY_CHUNK);
+    let n = ready!(tokio_util::io::poll_read_buf(rd, cx, buf))?;
+    Poll::Ready(Ok(n > 0))
+}
+
+/// Why a framed body could not be decoded; each side words it for its own
+/// peer.
+#[derive(Debug)]
+pub(super) enum DecodeError {
+    Io(io::Error),
+    /// EOF before the body's end.
+    Incomplete,
+    /// Malformed chunked framing.
+    Chunked(&'static str),
+}
+
+/// Decodes the next frame of a body framed by `framing` from `buf`,
+/// calling `fill` (which reads more into `buf`, `false` at EOF) when it
+/// needs bytes. `None` when the body is complete (`framing` is then
+/// `Length(0)`); bytes past the body stay in `buf`. Shared by the request
+/// bodies read here and the response bodies read by the ingress client.
+pub(super) fn poll_decode<F>(
+    framing: &mut Framing,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+    mut fill: F,
+) -> Poll<Result<Option<Frame<Bytes>>, DecodeError>>
+where
+    F: FnMut(&mut BytesMut, &mut Context<'_>) -> Poll<io::Result<bool>>,
+{
+    let mut fill = |buf: &mut BytesMut, cx: &mut Context<'_>| -> Poll<Result<(), DecodeError>> {
+        match ready!(fill(buf, cx)) {
+            Ok(true) => Poll::Ready(Ok(())),
+            Ok(false) => Poll::Ready(Err(DecodeError::Incomplete)),
+            Err(e) => Poll::Ready(Err(DecodeError::Io(e))),
+        }
+    };
+    loop {
+        match *framing {
+            Framing::Length(0) => return Poll::Ready(Ok(None)),
+            Framing::Length(left) => {
+                if buf.is_empty() {
+                    ready!(fill(buf, cx))?;
                 }
-                Framing::Chunked(Chunk::Data(left)) => {
-                    if self.buf.is_empty() && !ready!(self.poll_fill(cx))? {
-                        return Poll::Ready(Err(BodyError::Incomplete));
-                    }
-                    let take = usize::try_from(left)
-                        .unwrap_or(usize::MAX)
-                        .min(self.buf.len());
-                    let rest = left - take as u64;
-                    self.framing = Framing::Chunked(if rest == 0 {
-                        Chunk::DataEnd
-                    } else {
-                        Chunk::Data(rest)
-                    });
-                    return Poll::Ready(Ok(Some(Frame::data(self.buf.split_to(take).freeze()))));
+                let take = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+                *framing = Framing::Length(left - take as u64);
+                return Poll::Ready(Ok(Some(Frame::data(buf.split_to(take).freeze()))));
+            }
+            Framing::Chunked(Chunk::Data(left)) => {
+                if buf.is_empty() {
+                    ready!(fill(buf, cx))?;
                 }
-                Framing::Chunked(Chunk::DataEnd) => {
-                    if self.buf.len() < 2 {
-                        if !ready!(self.poll_fill(cx))? {
-                            return Poll::Ready(Err(BodyError::Incomplete));
-                        }
-                        continue;
-                    }
-                    if &self.buf[..2] != b"\r\n" {
-                        return Poll::Ready(Err(BodyError::Chunked(
-                            "chunk data not followed by CRLF",
-                        )));
-                    }
-                    self.buf.advance(2);
-                    self.framing = Framing::Chunked(Chunk::Size);
+                let take = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+                let rest = left - take as u64;
+                *framing = Framing::Chunked(if rest == 0 {
+                    Chunk::DataEnd
+                } else {
+                    Chunk::Data(rest)
+                });
+                return Poll::Ready(Ok(Some(Frame::data(buf.split_to(take).freeze()))));
+            }
+            Framing::Chunked(Chunk::DataEnd) => {
+                if buf.len() < 2 {
+                    ready!(fill(buf, cx))?;
+                    continue;
                 }
-                Framing::Chunked(Chunk::Size) => match parse_chunk_size(&self.buf)? {
+                if &buf[..2] != b"\r\n" {
+                    return Poll::Ready(Err(DecodeError::Chunked(
+                        "chunk data not followed by CRLF",
+                    )));
+                }
+                buf.advance(2);
+                *framing = Framing::Chunked(Chunk::Size);
+            }
+            Framing::Chunked(Chunk::Size) => {
+                match parse_chunk_size(buf).map_err(DecodeError::Chunked)? {
                     Some((size, len)) => {
-                        self.buf.advance(len);
-                        self.framing = Framing::Chunked(if size == 0 {
+                        buf.advance(len);
+                        *framing = Framing::Chunked(if size == 0 {
                             Chunk::Trailers
                         } else {
                             Chunk::Data(size)
                         });
                     }
-                    None => {
-                        if !ready!(self.poll_fill(cx))? {
-                            return Poll::Ready(Err(BodyError::Incomplete));
-                        }
-                    }
-                },
-                Framing::Chunked(Chunk::Trailers) => match parse_trailers(&self.buf)? {
+                    None => ready!(fill(buf, cx))?,
+                }
+            }
+            Framing::Chunked(Chunk::Trailers) => {
+                match parse_trailers(buf).map_err(DecodeError::Chunked)? {
                     Some((trailers, len)) => {
-                        self.buf.advance(len);
-                        self.framing = Framing::Length(0);
+                        buf.advance(len);
+                        *framing = Framing::Length(0);
                         if !trailers.is_empty() {
                             return Poll::Ready(Ok(Some(Frame::trailers(trailers))));
                         }
                     }
                     None => {
-                        if self.buf.len() > MAX_HEAD {
-                            return Poll::Ready(Err(BodyError::Chunked(
+                        if buf.len() > MAX_HEAD {
+                            return Poll::Ready(Err(DecodeError::Chunked(
                                 "trailer section too large",
                             )));
                         }
-                        if !ready!(self.poll_fill(cx))? {
-                            return Poll::Ready(Err(BodyError::Incomplete));
-                        }
+                        ready!(fill(buf, cx))?;
                     }
-                },
+                }
             }
         }
     }
@@ -566,11 +601,11 @@ impl BodyState {
 
 /// A chunk-size line (`hex[;extensions]CRLF`): the size and the line's
 /// length, or `None` if the line is not complete yet.
-fn parse_chunk_size(buf: &[u8]) -> Result<Option<(u64, usize)>, BodyError> {
+pub(super) fn parse_chunk_size(buf: &[u8]) -> Result<Option<(u64, usize)>, &'static str> {
     const MAX_LINE: usize = 4 * 1024;
     let Some(end) = buf.windows(2).take(MAX_LINE).position(|w| w == b"\r\n") else {
         return if buf.len() > MAX_LINE {
-            Err(BodyError::Chunked("chunk-size line too long"))
+            Err("chunk-size line too long")
         } else {
             Ok(None)
         };
@@ -582,13 +617,11 @@ fn parse_chunk_size(buf: &[u8]) -> Result<Option<(u64, usize)>, BodyError> {
         .unwrap_or_default()
         .trim_ascii();
     if digits.is_empty() || digits.len() > 16 {
-        return Err(BodyError::Chunked("invalid chunk size"));
+        return Err("invalid chunk size");
     }
     let mut size: u64 = 0;
     for &d in digits {
-        let v = (d as char)
-            .to_digit(16)
-            .ok_or(BodyError::Chunked("invalid chunk size"))?;
+        let v = (d as char).to_digit(16).ok_or("invalid chunk size")?;
         size = size << 4 | u64::from(v);
     }
     Ok(Some((size, end + 2)))
@@ -596,22 +629,22 @@ fn parse_chunk_size(buf: &[u8]) -> Result<Option<(u64, usize)>, BodyError> {
 
 /// The trailer section after the last chunk, up to and including its empty
 /// line: the fields and the section's length, or `None` if incomplete.
-fn parse_trailers(buf: &[u8]) -> Result<Option<(HeaderMap, usize)>, BodyError> {
+pub(super) fn parse_trailers(buf: &[u8]) -> Result<Option<(HeaderMap, usize)>, &'static str> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     match httparse::parse_headers(buf, &mut fields) {
         Ok(httparse::Status::Complete((len, fields))) => {
             let mut map = HeaderMap::with_capacity(fields.len());
             for f in fields {
                 let name = HeaderName::from_bytes(f.name.as_bytes())
-                    .map_err(|_| BodyError::Chunked("invalid trailer name"))?;
-                let value = HeaderValue::from_bytes(f.value)
-                    .map_err(|_| BodyError::Chunked("invalid trailer value"))?;
+                    .map_err(|_| "invalid trailer name")?;
+                let value =
+                    HeaderValue::from_bytes(f.value).map_err(|_| "invalid trailer value")?;
                 map.append(name, value);
             }
             Ok(Some((map, len)))
         }
         Ok(httparse::Status::Partial) => Ok(None),
-        Err(_) => Err(BodyError::Chunked("malformed trailer section")),
+        Err(_) => Err("malformed trailer section"),
     }
 }
 

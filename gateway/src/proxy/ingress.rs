@@ -11,8 +11,9 @@
 //! protocols (TCP, TLS, mTLS, HTTPS, Mongo) are spliced to a backend. HTTP,
 //! HTTP/2 and gRPC are served as HTTP (HTTP/1.1 or HTTP/2, whatever the peer
 //! speaks) and each request is forwarded through a pooled client per export:
-//! HTTP/1.1 to HTTP backends, HTTP/2 with prior knowledge (h2c) to HTTP2 and
-//! gRPC backends. Requests whose Host / `:authority` names another service
+//! HTTP/1.1 to HTTP backends by our own [`super::h1client`] (the request's
+//! task writes it and reads the response, no hand-off), HTTP/2 with prior
+//! knowledge (h2c) to HTTP2 and gRPC backends by hyper's client. Requests whose Host / `:authority` names another service
 //! than the SNI get 421, so a peer can never use an export it may reach to
 //! address one it may not. Identity headers a peer sends are stripped and
 //! replaced by [`PEER_IDENTITY_HEADER`] carrying the verified SPIFFE ID.
@@ -47,6 +48,7 @@ use tracing::{Instrument, field};
 use super::activity::{Activity, ActivityIo};
 use super::backend::Backends;
 use super::error::{ErrorKind, ProxyError};
+use super::h1client::{H1Client, ResponseBody};
 use super::readahead::ReadAhead;
 use super::splice::splice;
 use super::{PEER_IDENTITY_HEADER, ProxyContext, STRIPPED_IDENTITY_HEADERS, has_any};
@@ -392,7 +394,6 @@ async fn handle(tcp: TcpStream, inner: &Arc<Inner>) {
                 sni,
                 peer_header,
                 client: client.clone(),
-                h2_backend: upstream.backend_is_h2(),
                 request_timeout: inner.tuning().request_timeout,
                 stats: Arc::clone(&inner.stats),
             });
@@ -517,8 +518,16 @@ impl RouteCache {
     }
 }
 
-type ProxyBody = Either<Incoming, Full<Bytes>>;
+type ProxyBody = Either<Either<ResponseBody, Incoming>, Full<Bytes>>;
 type HttpClient = Client<BackendConnector, Incoming>;
+
+/// The client of an HTTP export: our own HTTP/1.1 client (the request's
+/// task does the exchange), or hyper's for h2c backends.
+#[derive(Clone)]
+enum HttpBackend {
+    H1(H1Client),
+    H2(Arc<HttpClient>),
+}
 
 /// Where one export's traffic goes.
 struct Upstream {
@@ -526,7 +535,7 @@ struct Upstream {
     backend_list: Vec<HostPort>,
     backends: Arc<Backends>,
     /// Pooled client for HTTP protocols; `None` = splice.
-    http: Option<HttpClient>,
+    http: Option<HttpBackend>,
 }
 
 impl Upstream {
@@ -536,15 +545,22 @@ impl Upstream {
             backends: Arc::clone(&backends),
             connect_timeout: tuning.connect_timeout,
         };
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(tuning.idle_timeout);
         let http = match export.protocol {
-            Protocol::Http => Some(builder.build(connector)),
+            Protocol::Http => Some(HttpBackend::H1(H1Client::new(
+                Arc::clone(&backends),
+                tuning.connect_timeout,
+                tuning.idle_timeout,
+            ))),
             // gRPC and HTTP/2 backends speak h2c: prior knowledge, no upgrade.
-            Protocol::Http2 | Protocol::Grpc => Some(builder.http2_only(true).build(connector)),
+            Protocol::Http2 | Protocol::Grpc => {
+                let mut builder = Client::builder(TokioExecutor::new());
+                builder
+                    .pool_timer(TokioTimer::new())
+                    .timer(TokioTimer::new())
+                    .pool_idle_timeout(tuning.idle_timeout)
+                    .http2_only(true);
+                Some(HttpBackend::H2(Arc::new(builder.build(connector))))
+            }
             Protocol::Https | Protocol::Mongo | Protocol::Tcp | Protocol::Tls | Protocol::Mtls => {
                 None
             }
@@ -559,10 +575,6 @@ impl Upstream {
 
     fn serves(&self, export: &ExportedService) -> bool {
         self.protocol == export.protocol && self.backend_list == export.backends
-    }
-
-    fn backend_is_h2(&self) -> bool {
-        matches!(self.protocol, Protocol::Http2 | Protocol::Grpc)
     }
 }
 
@@ -601,9 +613,7 @@ impl tower::Service<Uri> for BackendConnector {
 struct HttpConn {
     sni: String,
     peer_header: HeaderValue,
-    client: HttpClient,
-    /// The backend speaks HTTP/2 (h2c); the request version must match.
-    h2_backend: bool,
+    client: HttpBackend,
     request_timeout: Duration,
     stats: Arc<IngressStats>,
 }
@@ -716,8 +726,29 @@ async fn forward(
         .headers
         .insert(PEER_IDENTITY_HEADER, conn.peer_header.clone());
 
-    // The client wants an absolute URI (its pool key, and :authority for
-    // h2); it sends origin-form to HTTP/1 backends itself.
+    let client = match &conn.client {
+        HttpBackend::H1(client) => {
+            // Origin-form on the wire; Host is the peer's, or the SNI.
+            if host_header.is_none() {
+                let authority = uri_authority.unwrap_or_else(|| sni_authority(&conn.sni));
+                if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+                    parts.headers.insert(HOST, v);
+                }
+            }
+            parts.version = Version::HTTP_11;
+            let request = Request::from_parts(parts, body);
+            let response = within(conn.request_timeout, client.send(request)).await?;
+            let (mut parts, body) = response.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            return Ok(Response::from_parts(
+                parts,
+                Either::Left(Either::Left(body)),
+            ));
+        }
+        HttpBackend::H2(client) => client,
+    };
+
+    // hyper's client wants an absolute URI (its pool key, and :authority).
     let authority = match (&uri_authority, &host_header) {
         (Some(a), _) => a.clone(),
         (None, Some(h)) => h
@@ -740,29 +771,36 @@ async fn forward(
         .map_err(|e| {
             ProxyError::downstream(ErrorKind::Protocol, format!("bad request uri: {e}"))
         })?;
-    if conn.h2_backend {
-        // :authority carries it; a Host header alongside is redundant.
-        parts.headers.remove(HOST);
-        parts.version = Version::HTTP_2;
-    } else {
-        parts.version = Version::HTTP_11;
-    }
+    // :authority carries it; a Host header alongside is redundant.
+    parts.headers.remove(HOST);
+    parts.version = Version::HTTP_2;
 
     let request = Request::from_parts(parts, body);
-    let response =
-        match tokio::time::timeout(conn.request_timeout, conn.client.request(request)).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => return Err(client_error(&e)),
-            Err(_) => {
-                return Err(ProxyError::upstream(
-                    ErrorKind::RequestTimeout,
-                    format!("no response headers within {:?}", conn.request_timeout),
-                ));
-            }
-        };
+    let response = within(conn.request_timeout, async {
+        client.request(request).await.map_err(|e| client_error(&e))
+    })
+    .await?;
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    Ok(Response::from_parts(parts, Either::Left(body)))
+    Ok(Response::from_parts(
+        parts,
+        Either::Left(Either::Right(body)),
+    ))
+}
+
+/// `exchange` bounded by the request timeout: no response head within it
+/// is a 504.
+async fn within<T>(
+    limit: Duration,
+    exchange: impl Future<Output = Result<T, ProxyError>>,
+) -> Result<T, ProxyError> {
+    match tokio::time::timeout(limit, exchange).await {
+        Ok(r) => r,
+        Err(_) => Err(ProxyError::upstream(
+            ErrorKind::RequestTimeout,
+            format!("no response headers within {limit:?}"),
+        )),
+    }
 }
 
 fn sni_authority(sni: &str) -> Authority {
@@ -1416,6 +1454,91 @@ mod tests {
         }
         assert_eq!(count.load(Ordering::SeqCst), 2);
         assert_eq!(get(&gw.stats.http_requests), 2);
+        gw.stop().await;
+    }
+
+    /// An HTTP/1.1 backend echoing the request body after what it saw of
+    /// the framing; counts accepted connections.
+    async fn http1_echo_backend() -> (SocketAddr, Arc<AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepts = Arc::new(AtomicUsize::new(0));
+        let a = Arc::clone(&accepts);
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                a.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        let framing = if req.headers().contains_key(TRANSFER_ENCODING) {
+                            "chunked"
+                        } else {
+                            "length"
+                        };
+                        let host = req.headers()[HOST].to_str().unwrap().to_owned();
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let text = format!("{framing} {host} {}", String::from_utf8_lossy(&body));
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text))))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, accepts)
+    }
+
+    #[tokio::test]
+    async fn http_export_streams_bodies_over_one_pooled_backend_connection() {
+        let (backend, accepts) = http1_echo_backend().await;
+        let gw = start(
+            vec![export("reviews", Protocol::Http, &[backend], &["mesh-b"])],
+            tuning(),
+        )
+        .await;
+
+        // HTTP/1.1 peer, body of known length.
+        let tls = gw.connect_b("reviews.mesh-a.global", &[b"http/1.1"]).await;
+        let (mut h1, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = Request::post("/r")
+            .header(HOST, "reviews.mesh-a.global")
+            .body(Full::new(Bytes::from_static(b"five stars")))
+            .unwrap();
+        let resp = h1.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(
+            body_text(resp).await,
+            "length reviews.mesh-a.global five stars"
+        );
+
+        // HTTP/2 peer, streamed body of unknown length, no Host header:
+        // the backend gets it chunked, with Host from :authority.
+        let tls = gw.connect_b("reviews.mesh-a.global", &[b"h2"]).await;
+        let (mut h2, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let frames = vec![
+            Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"two "))),
+            Ok(Frame::data(Bytes::from_static(b"parts"))),
+        ];
+        let req = Request::post("https://reviews.mesh-a.global/r")
+            .body(StreamBody::new(futures_util::stream::iter(frames)))
+            .unwrap();
+        let resp = h2.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(
+            body_text(resp).await,
+            "chunked reviews.mesh-a.global two parts"
+        );
+
+        // Both peers' requests went over the one backend connection.
+        assert_eq!(accepts.load(Ordering::SeqCst), 1);
         gw.stop().await;
     }
 
