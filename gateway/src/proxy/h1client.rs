@@ -57,7 +57,9 @@ use super::h1::{
 use crate::config::HostPort;
 
 /// Idle connections kept per export; more are closed when they come back.
-pub const MAX_IDLE: usize = 64;
+/// As many as the streams a busy peer runs at once, so that a steady load
+/// does not churn backend connections (an idle one holds no buffer).
+pub const MAX_IDLE: usize = 1024;
 
 /// The HTTP/1.1 client of one export: its backends and its idle pool.
 /// Cheap to clone (one `Arc`).
@@ -1124,6 +1126,31 @@ mod tests {
         assert_eq!(err.kind, ErrorKind::Protocol);
         assert_eq!(err.status(), StatusCode::BAD_GATEWAY);
         assert!(err.message.contains("upgrades are not proxied"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_burst_keeps_its_connections_for_the_next_burst() {
+        // As many requests at once as a busy HTTP/2 peer runs: each holds a
+        // backend connection until its body is read; all go back to the
+        // pool, and the next burst opens none.
+        const BURST: usize = 300;
+        let b = backend(|_, _| Act::Reply(OK_HELLO)).await;
+        let c = Arc::new(client(b.addr));
+        for round in 0..2 {
+            let sends = (0..BURST).map(|_| {
+                let c = Arc::clone(&c);
+                tokio::spawn(async move { send(&c, get("/")).await.unwrap() })
+            });
+            let mut heads = Vec::new();
+            for s in sends.collect::<Vec<_>>() {
+                heads.push(s.await.unwrap());
+            }
+            for resp in heads {
+                assert_eq!(text(resp).await, "hello");
+            }
+            assert_eq!(c.idle(), BURST, "round {round}: every connection pooled");
+        }
+        assert_eq!(b.accepts.load(Ordering::SeqCst), BURST);
     }
 
     #[tokio::test]
