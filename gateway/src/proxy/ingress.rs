@@ -667,7 +667,9 @@ async fn serve_http(tls: PeerStream, conn: Arc<HttpConn>, inner: &Inner) {
 async fn proxy_request(req: Request<Incoming>, conn: &HttpConn) -> Response<ProxyBody> {
     bump(&conn.stats.http_requests);
     let grpc = is_grpc(req.headers());
-    match forward(req, conn).await {
+    // Boxed: hyper spawns a task per stream and moves its future on the
+    // way; the exchange's state (2 KiB and more) stays put on the heap.
+    match Box::pin(forward(req, conn)).await {
         Ok(resp) => resp,
         Err(e) => {
             match e.kind {
