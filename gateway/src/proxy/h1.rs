@@ -23,7 +23,7 @@
 use std::fmt::Write as _;
 use std::future::{Future, poll_fn};
 use std::io;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -100,6 +100,30 @@ async fn opens_with_h2_preface(rd: &mut OwnedReadHalf) -> bool {
     matches!(rd.peek(&mut first).await, Ok(3)) && &first == b"PRI"
 }
 
+/// Waits, holding as little as it can, until the client sends (true), or
+/// the idle timeout passes or shutdown begins (false). This is the state of
+/// every idle keep-alive connection, so it polls the socket's readiness
+/// directly instead of keeping a readiness future beside the timer.
+async fn next_request(
+    reader: &OwnedReadHalf,
+    idle: Duration,
+    shutdown: &CancellationToken,
+) -> io::Result<bool> {
+    let mut cancelled = pin!(shutdown.cancelled());
+    let mut expired = pin!(tokio::time::sleep(idle));
+    poll_fn(|cx| {
+        if cancelled.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Ok(false));
+        }
+        let tcp: &TcpStream = reader.as_ref();
+        if let Poll::Ready(ready) = tcp.poll_read_ready(cx) {
+            return Poll::Ready(ready.map(|()| true));
+        }
+        expired.as_mut().poll(cx).map(|()| Ok(false))
+    })
+    .await
+}
+
 /// Serves requests on `tcp` until the client closes, an error, the idle
 /// timeout, or `shutdown` (checked between requests: one in flight is
 /// finished first).
@@ -127,14 +151,11 @@ where
         if buf.is_empty() {
             // Idle: hold no buffer while waiting for the next request.
             buf = BytesMut::new();
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return Ok(Served::Closed),
-                ready = tokio::time::timeout(settings.idle_timeout, reader.readable()) => match ready {
-                    Err(_) => return Ok(Served::Closed),
-                    Ok(Err(e)) => return Err(ConnError::Read(e)),
-                    Ok(Ok(())) => {}
-                },
+            if !next_request(reader, settings.idle_timeout, shutdown)
+                .await
+                .map_err(ConnError::Read)?
+            {
+                return Ok(Served::Closed);
             }
         }
         if std::mem::take(&mut first) && opens_with_h2_preface(reader).await {
