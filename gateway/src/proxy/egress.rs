@@ -25,6 +25,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use elsinore_certs::SpiffeId;
 use elsinore_federation_api::{Endpoint, Instance, Protocol};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version, header};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
@@ -218,6 +219,35 @@ struct Routes {
     tls_h2: Result<Arc<rustls::ClientConfig>, ProxyError>,
     /// The HTTP targets in round-robin order.
     http: Vec<HttpTarget>,
+    /// The `:authority` for the Host apps last sent to this import.
+    authority: AuthorityMemo,
+}
+
+/// The last Host an app sent to one import and the `:authority` it became
+/// ([`upstream_authority`]). Apps send the same Host request after request;
+/// working it out again (lowercasing, an address parse, formatting and
+/// parsing the result) was per-request work.
+#[derive(Default)]
+struct AuthorityMemo(Mutex<Option<(Box<str>, Authority)>>);
+
+impl AuthorityMemo {
+    fn get(&self, sent: Option<&str>, entry: &VipEntry) -> Result<Authority, ProxyError> {
+        let key = sent.unwrap_or("");
+        if let Some((last, authority)) = &*lock(&self.0)
+            && **last == *key
+        {
+            return Ok(authority.clone());
+        }
+        let text = upstream_authority(sent, entry);
+        let authority = Authority::try_from(text.as_str()).map_err(|e| {
+            ProxyError::downstream(
+                ErrorKind::Protocol,
+                format!("cannot forward a request for {text:?}: {e}"),
+            )
+        })?;
+        *lock(&self.0) = Some((key.into(), authority.clone()));
+        Ok(authority)
+    }
 }
 
 /// One endpoint of an HTTP service, with its pool looked up (whose key
@@ -468,6 +498,7 @@ impl Egress {
         Routes {
             tls_h2: self.client_config(entry, true),
             http,
+            authority: AuthorityMemo::default(),
         }
     }
 
@@ -868,7 +899,7 @@ impl Egress {
             return Err(no_endpoints(&entry));
         }
         let version = req.version();
-        let mut req = upstream_request(req, &entry)?;
+        let mut req = upstream_request(req, &entry, &routes.authority)?;
         let config = routes.tls_h2.clone()?;
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut last = None;
@@ -1101,22 +1132,27 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// The request as it goes to the owner's ingress over HTTP/2.
-fn upstream_request<B>(req: Request<B>, entry: &VipEntry) -> Result<Request<B>, ProxyError> {
-    let authority = upstream_authority(request_host(&req), entry);
+/// The request as it goes to the owner's ingress over HTTP/2: the path and
+/// query kept as they are, scheme and `:authority` set.
+fn upstream_request<B>(
+    req: Request<B>,
+    entry: &VipEntry,
+    memo: &AuthorityMemo,
+) -> Result<Request<B>, ProxyError> {
+    let authority = memo.get(request_host(&req), entry)?;
     let (mut parts, body) = req.into_parts();
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    parts.uri = Uri::builder()
-        .scheme("https")
-        .authority(authority.as_str())
-        .path_and_query(path)
-        .build()
-        .map_err(|e| {
-            ProxyError::downstream(
-                ErrorKind::Protocol,
-                format!("cannot forward a request for {authority:?}: {e}"),
-            )
-        })?;
+    let mut uri = std::mem::take(&mut parts.uri).into_parts();
+    uri.scheme = Some(Scheme::HTTPS);
+    uri.authority = Some(authority);
+    if uri.path_and_query.is_none() {
+        uri.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    parts.uri = Uri::from_parts(uri).map_err(|e| {
+        ProxyError::downstream(
+            ErrorKind::Protocol,
+            format!("cannot forward the request: {e}"),
+        )
+    })?;
     parts.version = Version::HTTP_2;
     strip_hop_by_hop(&mut parts.headers);
     Ok(Request::from_parts(parts, body))
@@ -1908,6 +1944,24 @@ mod tests {
             upstream_authority(Some("other.example"), entry),
             "other.example"
         );
+        // The memo answers as the function does, whatever Host came before.
+        let memo = AuthorityMemo::default();
+        for sent in [
+            None,
+            Some(vip.as_str()),
+            Some(vip.as_str()),
+            Some("other.example"),
+            None,
+            Some("localhost:81"),
+        ] {
+            assert_eq!(
+                memo.get(sent, entry).unwrap().as_str(),
+                upstream_authority(sent, entry),
+                "Host {sent:?}"
+            );
+        }
+        let err = memo.get(Some("bad host"), entry).unwrap_err();
+        assert!(err.to_string().contains("bad host"), "{err}");
         assert_eq!(split_host("h:80"), ("h", ":80"));
         assert_eq!(split_host("h"), ("h", ""));
         assert_eq!(grpc_message("a b%\n"), "a b%25%0A");
