@@ -232,7 +232,7 @@ where
                 framing,
                 give_back: tx,
             };
-            (RequestBody { state: Some(state) }, Some(rx))
+            (RequestBody::new(state), Some(rx))
         }
     };
     let mut req = Request::new(body);
@@ -450,14 +450,97 @@ fn request_framing(headers: &HeaderMap) -> Result<Framing, HeadError> {
     Ok(Framing::Length(length.unwrap_or(0)))
 }
 
+/// A body streamed from a connection by the task that polls it: frames
+/// until the end, then the connection goes back where it came from
+/// ([`BodySource::finish`]); after an error the state is dropped, and the
+/// connection closes with it.
+pub struct ConnBody<S> {
+    state: Option<S>,
+}
+
+/// What a [`ConnBody`] reads from.
+pub trait BodySource {
+    type Error;
+    /// The next frame, or `None` when the body is complete.
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<Frame<Bytes>>, Self::Error>>;
+    /// What is left of a body framed by length; `None` for other framings.
+    fn length(&self) -> Option<u64>;
+    /// The body ended cleanly: hand the connection back.
+    fn finish(self);
+}
+
+impl<S: BodySource> ConnBody<S> {
+    pub(super) fn new(state: S) -> Self {
+        ConnBody { state: Some(state) }
+    }
+
+    pub fn empty() -> Self {
+        ConnBody { state: None }
+    }
+
+    pub(super) fn source(&self) -> Option<&S> {
+        self.state.as_ref()
+    }
+
+    fn finish(&mut self) {
+        if let Some(state) = self.state.take() {
+            state.finish();
+        }
+    }
+}
+
+impl<S: BodySource + Unpin> Body for ConnBody<S> {
+    type Data = Bytes;
+    type Error = S::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, S::Error>>> {
+        let Some(state) = self.state.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match ready!(state.poll_next(cx)) {
+            Ok(Some(frame)) => {
+                if state.length() == Some(0) {
+                    self.finish();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Ok(None) => {
+                self.finish();
+                Poll::Ready(None)
+            }
+            Err(e) => {
+                self.state = None;
+                Poll::Ready(Some(Err(e)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.state.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.state {
+            None => SizeHint::with_exact(0),
+            Some(state) => state
+                .length()
+                .map_or_else(SizeHint::default, SizeHint::with_exact),
+        }
+    }
+}
+
 /// The body of a request read from the client connection. It owns the
 /// connection's read half while the body streams and hands it back, with any
 /// bytes read past the body, when the body ends.
-pub struct RequestBody {
-    state: Option<BodyState>,
-}
+pub type RequestBody = ConnBody<BodyState>;
 
-struct BodyState {
+pub struct BodyState {
     rd: OwnedReadHalf,
     buf: BytesMut,
     framing: Framing,
@@ -475,21 +558,21 @@ pub enum BodyError {
     Chunked(&'static str),
 }
 
-impl RequestBody {
-    pub fn empty() -> RequestBody {
-        RequestBody { state: None }
-    }
+impl BodySource for BodyState {
+    type Error = BodyError;
 
-    fn finish(&mut self) {
-        if let Some(st) = self.state.take() {
-            // The connection may have gone already; nothing to hand back then.
-            let _ = st.give_back.send((st.rd, st.buf));
+    fn length(&self) -> Option<u64> {
+        match self.framing {
+            Framing::Length(n) => Some(n),
+            _ => None,
         }
     }
-}
 
-impl BodyState {
-    /// The next frame, or `None` when the body is complete.
+    fn finish(self) {
+        // The connection may have gone already; nothing to hand back then.
+        let _ = self.give_back.send((self.rd, self.buf));
+    }
+
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Frame<Bytes>>, BodyError>> {
         let rd = &mut self.rd;
         poll_decode(&mut self.framing, &mut self.buf, cx, |buf, cx| {
@@ -666,52 +749,6 @@ pub(super) fn parse_trailers(buf: &[u8]) -> Result<Option<(HeaderMap, usize)>, &
         }
         Ok(httparse::Status::Partial) => Ok(None),
         Err(_) => Err("malformed trailer section"),
-    }
-}
-
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = BodyError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let Some(state) = self.state.as_mut() else {
-            return Poll::Ready(None);
-        };
-        match ready!(state.poll_next(cx)) {
-            Ok(Some(frame)) => {
-                if state.framing == Framing::Length(0) {
-                    self.finish();
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Ok(None) => {
-                self.finish();
-                Poll::Ready(None)
-            }
-            // The read half is dropped with the state: the connection closes.
-            Err(e) => {
-                self.state = None;
-                Poll::Ready(Some(Err(e)))
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.state.is_none()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.state {
-            None => SizeHint::with_exact(0),
-            Some(BodyState {
-                framing: Framing::Length(n),
-                ..
-            }) => SizeHint::with_exact(*n),
-            Some(_) => SizeHint::default(),
-        }
     }
 }
 

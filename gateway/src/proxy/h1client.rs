@@ -43,7 +43,7 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
-use http_body::{Body, Frame, SizeHint};
+use http_body::{Body, Frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
@@ -267,7 +267,7 @@ impl H1Client {
         buf: BytesMut,
         reusable: bool,
     ) -> Response<ResponseBody> {
-        let mut resp = Response::new(ResponseBody { state: None });
+        let mut resp = Response::new(ResponseBody::empty());
         *resp.status_mut() = head.status;
         *resp.version_mut() = head.version;
         *resp.headers_mut() = head.headers;
@@ -278,7 +278,7 @@ impl H1Client {
                 self.inner.pool.checkin(conn);
             }
         } else {
-            resp.body_mut().state = Some(BodyState {
+            *resp.body_mut() = ResponseBody::new(BodyState {
                 conn,
                 buf,
                 read: head.read,
@@ -719,11 +719,9 @@ fn response_framing(headers: &HeaderMap) -> Result<Read, String> {
 /// A response body read from the backend connection it owns while it
 /// streams. At a clean end the connection goes back to the export's pool
 /// (when reusable); dropped earlier, the connection is closed.
-pub struct ResponseBody {
-    state: Option<BodyState>,
-}
+pub type ResponseBody = h1::ConnBody<BodyState>;
 
-struct BodyState {
+pub struct BodyState {
     conn: Conn,
     /// Bytes read past what was handed out.
     buf: BytesMut,
@@ -735,7 +733,7 @@ struct BodyState {
 impl std::fmt::Debug for ResponseBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut d = f.debug_struct("ResponseBody");
-        if let Some(st) = &self.state {
+        if let Some(st) = self.source() {
             d.field("backend", &st.conn.addr.to_string())
                 .field("read", &st.read)
                 .field("reusable", &st.reusable);
@@ -744,19 +742,23 @@ impl std::fmt::Debug for ResponseBody {
     }
 }
 
-impl ResponseBody {
-    fn finish(&mut self) {
-        if let Some(st) = self.state.take()
-            && st.reusable
-            && st.buf.is_empty()
-        {
-            // The buffer is dropped here: an idle connection holds none.
-            st.pool.checkin(st.conn);
+impl h1::BodySource for BodyState {
+    type Error = ProxyError;
+
+    fn length(&self) -> Option<u64> {
+        match self.read {
+            Read::Framed(Framing::Length(n)) => Some(n),
+            _ => None,
         }
     }
-}
 
-impl BodyState {
+    fn finish(self) {
+        if self.reusable && self.buf.is_empty() {
+            // The buffer is dropped here: an idle connection holds none.
+            self.pool.checkin(self.conn);
+        }
+    }
+
     fn poll_next(
         &mut self,
         cx: &mut Context<'_>,
@@ -802,52 +804,6 @@ impl BodyState {
                 }
                 Poll::Ready(Ok(Some(Frame::data(self.buf.split().freeze()))))
             }
-        }
-    }
-}
-
-impl Body for ResponseBody {
-    type Data = Bytes;
-    type Error = ProxyError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, ProxyError>>> {
-        let Some(state) = self.state.as_mut() else {
-            return Poll::Ready(None);
-        };
-        match ready!(state.poll_next(cx)) {
-            Ok(Some(frame)) => {
-                if state.read == Read::Framed(Framing::Length(0)) {
-                    self.finish();
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Ok(None) => {
-                self.finish();
-                Poll::Ready(None)
-            }
-            // The connection is dropped with the state: closed.
-            Err(e) => {
-                self.state = None;
-                Poll::Ready(Some(Err(e)))
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.state.is_none()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.state {
-            None => SizeHint::with_exact(0),
-            Some(BodyState {
-                read: Read::Framed(Framing::Length(n)),
-                ..
-            }) => SizeHint::with_exact(*n),
-            Some(_) => SizeHint::default(),
         }
     }
 }
