@@ -31,7 +31,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::oneshot;
@@ -752,6 +752,47 @@ pub(super) fn parse_trailers(buf: &[u8]) -> Result<Option<(HeaderMap, usize)>, &
     }
 }
 
+/// Adds one piece of body data to `out`, as a chunk when `chunked`, and
+/// writes once `out` is full; a large piece goes out in a write of its own
+/// right after what was gathered, not copied.
+pub(super) async fn put_data<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    out: &mut BytesMut,
+    data: &[u8],
+    chunked: bool,
+) -> io::Result<()> {
+    if chunked {
+        let _ = write!(out, "{:x}\r\n", data.len());
+    }
+    if data.len() >= WRITE_COALESCE {
+        wr.write_all(out).await?;
+        out.clear();
+        wr.write_all(data).await?;
+    } else {
+        out.put_slice(data);
+    }
+    if chunked {
+        out.put_slice(b"\r\n");
+    }
+    if out.len() >= WRITE_COALESCE {
+        wr.write_all(out).await?;
+        out.clear();
+    }
+    Ok(())
+}
+
+/// The end of a chunked body: the last chunk and the trailer section.
+pub(super) fn put_last_chunk(out: &mut BytesMut, trailers: Option<&HeaderMap>) {
+    out.put_slice(b"0\r\n");
+    for (name, value) in trailers.into_iter().flatten() {
+        out.put_slice(name.as_str().as_bytes());
+        out.put_slice(b": ");
+        out.put_slice(value.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    out.put_slice(b"\r\n");
+}
+
 /// How the response body is delimited on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Out {
@@ -881,23 +922,9 @@ where
                         got: sent,
                     });
                 }
-                if framing == Out::Chunked {
-                    let _ = write!(out, "{:x}\r\n", data.len());
-                }
-                if data.len() >= WRITE_COALESCE {
-                    wr.write_all(&out).await.map_err(ConnError::Write)?;
-                    out.clear();
-                    wr.write_all(&data).await.map_err(ConnError::Write)?;
-                } else {
-                    out.put_slice(&data);
-                }
-                if framing == Out::Chunked {
-                    out.put_slice(b"\r\n");
-                }
-                if out.len() >= WRITE_COALESCE {
-                    wr.write_all(&out).await.map_err(ConnError::Write)?;
-                    out.clear();
-                }
+                put_data(wr, &mut out, &data, framing == Out::Chunked)
+                    .await
+                    .map_err(ConnError::Write)?;
                 continue;
             }
             Err(frame) => frame,
@@ -907,17 +934,8 @@ where
         }
     }
     match framing {
-        Out::Chunked => {
-            out.put_slice(b"0\r\n");
-            // Trailers reach a client only in a chunked body.
-            for (name, value) in trailers.iter().flatten() {
-                out.put_slice(name.as_str().as_bytes());
-                out.put_slice(b": ");
-                out.put_slice(value.as_bytes());
-                out.put_slice(b"\r\n");
-            }
-            out.put_slice(b"\r\n");
-        }
+        // Trailers reach a client only in a chunked body.
+        Out::Chunked => put_last_chunk(&mut out, trailers.as_ref()),
         Out::Length(n) if sent != n => {
             let _ = wr.write_all(&out).await;
             return Err(ConnError::ResponseLength {

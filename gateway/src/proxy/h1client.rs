@@ -499,35 +499,12 @@ where
                 format!("request body longer than its content-length {n}"),
             )));
         }
-        if framing == Outgoing::Chunked {
-            let _ = write!(out, "{:x}\r\n", data.len());
-        }
-        if data.len() >= WRITE_COALESCE {
-            wr.write_all(&out).await.map_err(io_err)?;
-            out.clear();
-            wr.write_all(&data).await.map_err(io_err)?;
-        } else {
-            out.put_slice(&data);
-        }
-        if framing == Outgoing::Chunked {
-            out.put_slice(b"\r\n");
-        }
-        if out.len() >= WRITE_COALESCE {
-            wr.write_all(&out).await.map_err(io_err)?;
-            out.clear();
-        }
+        h1::put_data(wr, &mut out, &data, framing == Outgoing::Chunked)
+            .await
+            .map_err(io_err)?;
     }
     match framing {
-        Outgoing::Chunked => {
-            out.put_slice(b"0\r\n");
-            for (name, value) in trailers.iter().flatten() {
-                out.put_slice(name.as_str().as_bytes());
-                out.put_slice(b": ");
-                out.put_slice(value.as_bytes());
-                out.put_slice(b"\r\n");
-            }
-            out.put_slice(b"\r\n");
-        }
+        Outgoing::Chunked => h1::put_last_chunk(&mut out, trailers.as_ref()),
         Outgoing::Length(n) if sent != n => {
             return Err(WriteError::Downstream(ProxyError::downstream(
                 ErrorKind::Protocol,
