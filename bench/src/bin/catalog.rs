@@ -21,13 +21,16 @@
 //! ```
 
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
+use elsinore_bench::{
+    clock_ticks, command_line, cpu_model, cpu_ms, free_port, http_get, load_average, median,
+    mint_certs, tail,
+};
 use serde_json::Value;
 
 /// How often the consumer's admin API is polled while waiting for the sync.
@@ -163,48 +166,6 @@ impl Drop for Proc {
     }
 }
 
-fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-/// A loopback port that was free a moment ago (bound to port 0, then released).
-fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
-}
-
-/// One plain HTTP/1.1 GET on the admin listener: (status, body).
-fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad HTTP status line in {head:?}")))?;
-    // hyper answers a close-delimited or length-delimited body for these small
-    // documents; chunked would need decoding, so refuse it loudly.
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        return Err(std::io::Error::other(
-            "chunked admin response not supported",
-        ));
-    }
-    Ok((status, body.to_owned()))
-}
-
 /// `VmHWM` (peak) and `VmRSS` (current) of a process, in MiB.
 fn memory_mib(pid: u32) -> Result<(f64, f64)> {
     let path = format!("/proc/{pid}/status");
@@ -226,67 +187,9 @@ fn memory_mib(pid: u32) -> Result<(f64, f64)> {
     Ok((field("VmHWM:")?, field("VmRSS:")?))
 }
 
-/// CPU time (user + system) a process has used so far, in ms.
-fn cpu_ms(pid: u32, ticks_per_sec: f64) -> Result<f64> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
-    // Fields after the command name, which sits in parentheses and may hold spaces;
-    // utime and stime are fields 14 and 15 of the whole line.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .ok_or_else(|| anyhow!("{path}: no ')' in {stat:?}"))?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let tick = |i: usize| -> Result<f64> {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .ok_or_else(|| anyhow!("{path}: field {} missing or not a number", i + 3))
-    };
-    Ok((tick(11)? + tick(12)?) * 1000.0 / ticks_per_sec)
-}
-
-/// Clock ticks per second for `/proc/<pid>/stat` (almost always 100).
-fn clock_ticks() -> f64 {
-    command_line("getconf", &["CLK_TCK"])
-        .parse()
-        .unwrap_or(100.0)
-}
-
 struct Certs {
     owner: PathBuf,
     consumer: PathBuf,
-}
-
-fn mint_certs(elsinore: &Path, dir: &Path) -> Result<Certs> {
-    let mint = |mesh: &str| -> Result<PathBuf> {
-        let out = dir.join(format!("{mesh}-certs"));
-        let output = Command::new(elsinore)
-            .args(["certs", "init", "--trust-domain"])
-            .arg(format!("{mesh}.bench"))
-            .arg("--out")
-            .arg(&out)
-            .args(["--ip", "127.0.0.1"])
-            .output()
-            .with_context(|| format!("run {} certs init", elsinore.display()))?;
-        ensure!(
-            output.status.success(),
-            "elsinore certs init for {mesh} failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-        for file in ["ca.pem", "gateway.pem", "gateway.key"] {
-            ensure!(
-                out.join(file).is_file(),
-                "certs init for {mesh} did not write {file}"
-            );
-        }
-        Ok(out)
-    };
-    Ok(Certs {
-        owner: mint(OWNER_MESH)?,
-        consumer: mint(CONSUMER_MESH)?,
-    })
 }
 
 struct Ports {
@@ -389,7 +292,7 @@ fn wait_ready(proc: &mut Proc, admin: SocketAddr, timeout: Duration) -> Result<(
     let deadline = Instant::now() + timeout;
     loop {
         proc.check_alive()?;
-        let last = match http_get(admin, "/ready") {
+        let last = match http_get(admin, "admin", "/ready") {
             Ok((200, _)) => return Ok(()),
             Ok((status, body)) => format!("{status} {}", body.trim()),
             Err(e) => e.to_string(),
@@ -470,7 +373,7 @@ fn run_round(
     let mut first_connected: Option<Instant> = None;
     let mut last = String::from("admin listener not answering yet");
     let (done, messages) = loop {
-        if let Ok((200, body)) = http_get(admin, "/peers") {
+        if let Ok((200, body)) = http_get(admin, "admin", "/peers") {
             let now = Instant::now();
             if let Some(view) = owner_view(&body) {
                 let connected = view.get("connected").and_then(Value::as_bool) == Some(true);
@@ -529,19 +432,6 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    let n = xs.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        xs[n / 2]
-    } else {
-        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
-    }
-}
-
 /// The workspace's target directory, as cargo itself reports it.
 fn target_dir() -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
@@ -580,38 +470,8 @@ fn build_elsinore() -> Result<PathBuf> {
     Ok(bin)
 }
 
-/// One line of a command's stdout, or a note that it could not be run.
-fn command_line(program: &str, args: &[&str]) -> String {
-    Command::new(program)
-        .args(args)
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_else(|| format!("({program} unavailable)"))
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_owned())
-}
-
 fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "missed" }
-}
-
-/// The 1/5/15-minute load averages: other work on a shared machine skews every figure.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".to_owned())
 }
 
 fn report(args: &Args, raw_args: &[String], rounds: &[Round], load_before: &str) -> String {
@@ -757,7 +617,10 @@ fn main() -> Result<()> {
         .prefix("elsinore-bench-catalog-")
         .tempdir()
         .context("create a temporary directory")?;
-    let certs = mint_certs(&elsinore, dir.path())?;
+    let certs = Certs {
+        owner: mint_certs(&elsinore, dir.path(), OWNER_MESH, None)?,
+        consumer: mint_certs(&elsinore, dir.path(), CONSUMER_MESH, None)?,
+    };
     let load_before = load_average();
 
     let mut rounds = Vec::new();

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use serde_json::Value;
 
-use crate::procs::{Proc, free_port, http_get, local, tail, wait_port};
+use crate::procs::{Proc, local, wait_port};
+use elsinore_bench::{free_port, http_get, tail};
 
 /// Where the load generator and the egress gateway run.
 pub const CLIENT_CPU: &str = "0";

@@ -26,14 +26,14 @@ mod report;
 mod workloads;
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 
 use contenders::{BackendPorts, Contender, Env, Programs};
-use procs::{command_line, free_port, load_average};
+use elsinore_bench::{command_line, cpu_model, free_port, load_average, mint_certs};
 use report::Sample;
 use workloads::Workload;
 
@@ -187,28 +187,6 @@ fn sibling(name: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
-fn mint_certs(elsinore: &Path, dir: &Path, mesh: &str) -> Result<PathBuf> {
-    let out = dir.join(format!("{mesh}-certs"));
-    // The DNS SAN lets nginx and HAProxy verify the ingress by name (they
-    // cannot match the SPIFFE URI SAN that Elsinore and Envoy check).
-    let output = Command::new(elsinore)
-        .args(["certs", "init", "--trust-domain"])
-        .arg(format!("{mesh}.bench"))
-        .arg("--out")
-        .arg(&out)
-        .args(["--ip", "127.0.0.1", "--dns"])
-        .arg(format!("*.{mesh}.global"))
-        .output()
-        .with_context(|| format!("run {} certs init", elsinore.display()))?;
-    ensure!(
-        output.status.success(),
-        "elsinore certs init for {mesh} failed ({}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(out)
-}
-
 fn run_one(
     env: &Env,
     args: &Args,
@@ -290,8 +268,14 @@ fn main() -> Result<()> {
     std::fs::copy(&programs.elsinore, &frozen)
         .with_context(|| format!("copy {}", programs.elsinore.display()))?;
     programs.elsinore = frozen;
-    let certs_a = mint_certs(&programs.elsinore, tmp.path(), "mesh-a")?;
-    let certs_b = mint_certs(&programs.elsinore, tmp.path(), "mesh-b")?;
+    // The DNS SAN lets nginx and HAProxy verify the ingress by name (they
+    // cannot match the SPIFFE URI SAN that Elsinore and Envoy check).
+    let mint = |mesh: &str| {
+        let dns = format!("*.{mesh}.global");
+        mint_certs(&programs.elsinore, tmp.path(), mesh, Some(&dns))
+    };
+    let certs_a = mint("mesh-a")?;
+    let certs_b = mint("mesh-b")?;
     let env = Env {
         dir: tmp.path().to_owned(),
         certs_a,
@@ -598,16 +582,4 @@ fn revision() -> String {
 
 fn verdict(met: bool) -> &'static str {
     if met { "**met**" } else { "**missed**" }
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_owned())
 }

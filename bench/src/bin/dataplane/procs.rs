@@ -5,14 +5,14 @@
 //! readiness waits.
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use elsinore_bench::tail;
 
 /// Pids of every child still running; the signal handler kills these.
 static LIVE: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
@@ -175,18 +175,6 @@ pub fn run_tool(
     Ok(output)
 }
 
-pub fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-/// A loopback port that was free a moment ago (bound to port 0, then released).
-pub fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
-}
-
 pub fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
@@ -208,47 +196,6 @@ pub fn wait_port(addr: SocketAddr, procs: &mut [&mut Proc], timeout: Duration) -
     }
 }
 
-/// One plain HTTP/1.1 GET with `Connection: close`: (status, body). Enough
-/// for admin endpoints and for checking a path end to end.
-pub fn http_get(addr: SocketAddr, host: &str, path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad HTTP status line in {head:?}")))?;
-    Ok((status, body.to_owned()))
-}
-
-/// CPU time (user + system, all threads) a process has used so far, in ms.
-pub fn cpu_ms(pid: u32, ticks_per_sec: f64) -> Result<f64> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
-    // The command name sits in parentheses and may hold spaces; utime and
-    // stime are fields 14 and 15 of the whole line.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .ok_or_else(|| anyhow!("{path}: no ')' in {stat:?}"))?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let tick = |i: usize| -> Result<f64> {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .ok_or_else(|| anyhow!("{path}: field {} missing or not a number", i + 3))
-    };
-    Ok((tick(11)? + tick(12)?) * 1000.0 / ticks_per_sec)
-}
-
 /// A `/proc/<pid>/status` memory field (`VmRSS`, `VmHWM`) in KiB.
 pub fn status_kib(pid: u32, field: &str) -> Result<f64> {
     let path = format!("/proc/{pid}/status");
@@ -263,38 +210,4 @@ pub fn status_kib(pid: u32, field: &str) -> Result<f64> {
         .trim()
         .parse()
         .with_context(|| format!("{path}: {line:?}"))
-}
-
-/// Clock ticks per second for `/proc/<pid>/stat` (almost always 100).
-pub fn clock_ticks() -> f64 {
-    command_line("getconf", &["CLK_TCK"])
-        .parse()
-        .unwrap_or(100.0)
-}
-
-/// The first line of a command's stdout (or stderr, where tools print their
-/// version), or a note that it could not be run.
-pub fn command_line(program: &str, args: &[&str]) -> String {
-    Command::new(program)
-        .args(args)
-        .output()
-        .ok()
-        .map(|o| {
-            let out = String::from_utf8_lossy(&o.stdout).trim().to_owned();
-            let text = if out.is_empty() {
-                String::from_utf8_lossy(&o.stderr).trim().to_owned()
-            } else {
-                out
-            };
-            text.lines().next().unwrap_or("").trim().to_owned()
-        })
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| format!("({program} unavailable)"))
-}
-
-/// The 1/5/15-minute load averages: other work on a shared machine skews every figure.
-pub fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".to_owned())
 }

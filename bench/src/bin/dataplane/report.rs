@@ -6,6 +6,7 @@
 use std::fmt::Write as _;
 
 use crate::contenders::Contender;
+pub use elsinore_bench::median;
 
 /// One measured figure.
 #[derive(Debug, Clone)]
@@ -349,20 +350,6 @@ pub const METRICS: &[Metric] = &[
         "idle keep-alive connections that failed to open",
     ),
 ];
-
-pub fn median(mut xs: Vec<f64>) -> f64 {
-    xs.retain(|x| x.is_finite());
-    if xs.is_empty() {
-        return f64::NAN;
-    }
-    xs.sort_by(f64::total_cmp);
-    let n = xs.len();
-    if n % 2 == 1 {
-        xs[n / 2]
-    } else {
-        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
-    }
-}
 
 pub fn fmt_num(v: f64) -> String {
     if !v.is_finite() {
