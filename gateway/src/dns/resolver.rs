@@ -10,6 +10,9 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::OnceLock;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
 
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::ResolveHosts;
@@ -56,6 +59,55 @@ pub async fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
     match system_resolver() {
         Some(resolver) => resolve_with(resolver, host, port).await,
         None => lookup_os(host, port).await,
+    }
+}
+
+/// Why [`connect`] has no connection. A step that took longer than the
+/// timeout is an [`io::ErrorKind::TimedOut`] error.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// The name did not resolve.
+    Resolve(io::Error),
+    /// No address took the connection: the last one tried and its error.
+    Connect(SocketAddr, io::Error),
+}
+
+/// Resolves `host:port` and connects to the first address that takes the
+/// connection, in the resolver's order. With a `timeout`, the lookup and
+/// each address get that long.
+pub async fn connect(
+    host: &str,
+    port: u16,
+    timeout: Option<Duration>,
+) -> Result<TcpStream, ConnectError> {
+    let addrs = within(timeout, resolve(host, port))
+        .await
+        .map_err(ConnectError::Resolve)?;
+    let mut last = None;
+    for addr in addrs {
+        match within(timeout, TcpStream::connect(addr)).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last = Some((addr, e)),
+        }
+    }
+    Err(match last {
+        Some((addr, e)) => ConnectError::Connect(addr, e),
+        None => ConnectError::Resolve(not_found(host)),
+    })
+}
+
+async fn within<T>(
+    timeout: Option<Duration>,
+    step: impl Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    match timeout {
+        None => step.await,
+        Some(t) => tokio::time::timeout(t, step).await.unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {t:?}"),
+            ))
+        }),
     }
 }
 
@@ -125,6 +177,28 @@ mod tests {
     use std::time::Duration;
     use tokio::net::{TcpListener, UdpSocket};
     use tokio_util::sync::CancellationToken;
+
+    #[tokio::test]
+    async fn connect_takes_the_first_address_that_answers_and_names_the_last_failure() {
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = live.local_addr().unwrap().port();
+        // `localhost` may list ::1 first; only 127.0.0.1 listens.
+        let tcp = connect("localhost", port, Some(Duration::from_secs(2)))
+            .await
+            .unwrap();
+        assert_eq!(tcp.peer_addr().unwrap().port(), port);
+
+        let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dead_port = dead.local_addr().unwrap().port();
+        drop(dead);
+        match connect("127.0.0.1", dead_port, None).await {
+            Err(ConnectError::Connect(addr, e)) => {
+                assert_eq!(addr, SocketAddr::from(([127, 0, 0, 1], dead_port)));
+                assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+            }
+            other => panic!("expected a refused connection, got {other:?}"),
+        }
+    }
 
     #[tokio::test]
     async fn ip_literals_pass_through() {

@@ -9,7 +9,6 @@
 //! backend that moves is followed.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -18,7 +17,7 @@ use tokio::time::Instant;
 
 use super::error::{ErrorKind, ProxyError};
 use crate::config::HostPort;
-use crate::dns::resolver::resolve;
+use crate::dns::resolver::{self, ConnectError};
 
 /// How long a backend whose connect failed is skipped.
 pub const DEAD_FOR: Duration = Duration::from_secs(5);
@@ -163,26 +162,19 @@ fn millis(d: Duration) -> u64 {
 /// Resolves one backend and connects to the first of its addresses that
 /// accepts.
 async fn connect_one(addr: &HostPort) -> Result<TcpStream, String> {
-    let addrs: Vec<SocketAddr> = resolve(&addr.host, addr.port)
+    resolver::connect(&addr.host, addr.port, None)
         .await
-        .map_err(|e| format!("resolving {}: {e}", addr.host))?;
-    if addrs.is_empty() {
-        return Err(format!("{} resolved to no addresses", addr.host));
-    }
-    let mut last = String::new();
-    for sa in addrs {
-        match TcpStream::connect(sa).await {
-            Ok(s) => return Ok(s),
-            Err(e) => last = format!("{sa}: {e}"),
-        }
-    }
-    Err(last)
+        .map_err(|e| match e {
+            ConnectError::Resolve(e) => format!("resolving {}: {e}", addr.host),
+            ConnectError::Connect(sa, e) => format!("{sa}: {e}"),
+        })
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use std::net::SocketAddr;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 

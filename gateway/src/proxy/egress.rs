@@ -47,7 +47,7 @@ use super::h2client::{self, SendError};
 use super::pool::{H2Pool, PoolHandle, PoolKey, PoolLimits};
 use super::readahead::ReadAhead;
 use super::splice::splice;
-use crate::dns::resolver;
+use crate::dns::resolver::{self, ConnectError};
 use crate::dns::vip::{VipEntry, VipTable};
 
 /// The body of every response egress gives to a local app.
@@ -584,62 +584,20 @@ impl Egress {
     ) -> Result<TlsStream<ReadAhead<TcpStream>>, ProxyError> {
         let tuning = &self.ctx.tuning;
         let target = format!("{}:{}", endpoint.address, endpoint.port);
-        let resolved = tokio::time::timeout(
-            tuning.connect_timeout,
-            resolver::resolve(&endpoint.address, endpoint.port),
-        )
-        .await;
-        let addrs = match resolved {
-            Ok(Ok(addrs)) if !addrs.is_empty() => addrs,
-            Ok(Ok(_)) => {
-                return Err(ProxyError::upstream(
-                    ErrorKind::ConnectFailed,
-                    format!("{target}: name resolves to no address"),
-                ));
-            }
-            Ok(Err(e)) => {
-                return Err(ProxyError::upstream(
-                    ErrorKind::ConnectFailed,
-                    format!("resolving {target}: {e}"),
-                ));
-            }
-            Err(_) => {
-                return Err(ProxyError::upstream(
-                    ErrorKind::ConnectTimeout,
-                    format!("resolving {target} took over {:?}", tuning.connect_timeout),
-                ));
-            }
-        };
-        let mut last = None;
-        let mut tcp = None;
-        for addr in addrs {
-            match tokio::time::timeout(tuning.connect_timeout, TcpStream::connect(addr)).await {
-                Ok(Ok(s)) => {
-                    tcp = Some(s);
-                    break;
-                }
-                Ok(Err(e)) => {
-                    last = Some(ProxyError::upstream(
-                        ErrorKind::ConnectFailed,
-                        format!("{target} ({addr}): {e}"),
-                    ));
-                }
-                Err(_) => {
-                    last = Some(ProxyError::upstream(
-                        ErrorKind::ConnectTimeout,
-                        format!(
-                            "{target} ({addr}): no answer within {:?}",
-                            tuning.connect_timeout
-                        ),
-                    ));
-                }
-            }
-        }
-        let Some(tcp) = tcp else {
-            return Err(last.unwrap_or_else(|| {
-                ProxyError::upstream(ErrorKind::ConnectFailed, format!("{target}: no address"))
-            }));
-        };
+        let timeout = tuning.connect_timeout;
+        let connected = resolver::connect(&endpoint.address, endpoint.port, Some(timeout)).await;
+        let tcp = connected.map_err(|e| {
+            let (kind, what) = match &e {
+                ConnectError::Resolve(e) => (e.kind(), format!("resolving {target}: {e}")),
+                ConnectError::Connect(addr, e) => (e.kind(), format!("{target} ({addr}): {e}")),
+            };
+            let kind = if kind == io::ErrorKind::TimedOut {
+                ErrorKind::ConnectTimeout
+            } else {
+                ErrorKind::ConnectFailed
+            };
+            ProxyError::upstream(kind, what)
+        })?;
         let _ = tcp.set_nodelay(true);
         let server_name =
             rustls::pki_types::ServerName::try_from(sni.to_owned()).map_err(|_| {
