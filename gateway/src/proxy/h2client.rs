@@ -11,14 +11,16 @@
 //!
 //! Settings match hyper's client defaults: 2 MiB stream and 5 MiB
 //! connection windows, 16 KiB frames and header lists, 1 MiB send buffer,
-//! no server push. A ping every [`KEEPALIVE_INTERVAL`] that is not answered
-//! within [`KEEPALIVE_TIMEOUT`] closes the connection, so a dead peer is
-//! found before a request is lost on it.
+//! no server push. While streams are open, a ping every
+//! [`KEEPALIVE_INTERVAL`] that is not answered within [`KEEPALIVE_TIMEOUT`]
+//! closes the connection, so a dead peer is found before a request is lost
+//! on it. An idle connection is not pinged (as with hyper's default), so
+//! the pool's and the peer's idle timeouts still close it.
 
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -34,7 +36,7 @@ use tracing::Instrument;
 
 use super::h1::BoxError;
 
-/// How often an open connection is pinged.
+/// How often a connection with open streams is pinged.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a ping may go unanswered before the connection is closed.
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,7 +51,34 @@ const MAX_SEND_BUFFER: usize = 1024 * 1024;
 #[derive(Clone)]
 pub struct Sender {
     tx: SendRequest<Bytes>,
-    closed: Arc<AtomicBool>,
+    state: Arc<ConnState>,
+}
+
+/// What the request side and the connection task share.
+#[derive(Default)]
+struct ConnState {
+    /// The connection task has ended.
+    closed: AtomicBool,
+    /// Streams whose response is not done (or dropped) yet; pings go out
+    /// only while there are some, so an idle connection stays idle and
+    /// the peer's idle timeout can close it.
+    open: AtomicUsize,
+}
+
+/// One open stream, counted in [`ConnState::open`] until dropped.
+struct OpenStream(Arc<ConnState>);
+
+impl OpenStream {
+    fn new(state: &Arc<ConnState>) -> Self {
+        state.open.fetch_add(1, Ordering::Relaxed);
+        OpenStream(Arc::clone(state))
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Why a request got no response.
@@ -88,15 +117,15 @@ where
         .enable_push(false)
         .handshake::<_, Bytes>(io)
         .await?;
-    let closed = Arc::new(AtomicBool::new(false));
-    tokio::spawn(drive(conn, closed.clone(), interval, timeout).instrument(span));
-    Ok(Sender { tx, closed })
+    let state = Arc::new(ConnState::default());
+    tokio::spawn(drive(conn, Arc::clone(&state), interval, timeout).instrument(span));
+    Ok(Sender { tx, state })
 }
 
-/// Polls the connection to its end, pinging it while it lasts.
+/// Polls the connection to its end, pinging it while streams are open.
 async fn drive<T>(
     mut conn: h2::client::Connection<T, Bytes>,
-    closed: Arc<AtomicBool>,
+    state: Arc<ConnState>,
     interval: Duration,
     timeout: Duration,
 ) where
@@ -119,6 +148,10 @@ async fn drive<T>(
                     tracing::debug!("no ping answer within {timeout:?}; closing");
                     break;
                 }
+                if state.open.load(Ordering::Relaxed) == 0 {
+                    timer.as_mut().reset(tokio::time::Instant::now() + interval);
+                    continue;
+                }
                 let Some(p) = pings.as_mut() else { break };
                 if p.send_ping(Ping::opaque()).is_err() {
                     break;
@@ -138,13 +171,13 @@ async fn drive<T>(
             }
         }
     }
-    closed.store(true, Ordering::Release);
+    state.closed.store(true, Ordering::Release);
 }
 
 impl Sender {
     /// Whether the connection has ended (it takes no more requests).
     pub fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
+        self.state.closed.load(Ordering::Acquire)
     }
 
     /// Sends one request and waits for the response head. The request must
@@ -167,6 +200,7 @@ impl Sender {
             // malformed head get here, neither worth a retry.
             Err(e) => return Err(SendError::Failed(e)),
         };
+        let open = OpenStream::new(&self.state);
         if !end {
             tokio::spawn(pipe(body, stream).in_current_span());
         }
@@ -183,6 +217,7 @@ impl Sender {
                 recv,
                 data_done: false,
                 length,
+                _open: open,
             },
         ))
     }
@@ -243,6 +278,8 @@ pub struct ResponseBody {
     data_done: bool,
     /// What is left of the response's `content-length`, for the size hint.
     length: Option<u64>,
+    /// Keeps the connection pinged while the response streams.
+    _open: OpenStream,
 }
 
 impl Body for ResponseBody {
@@ -415,16 +452,21 @@ mod tests {
     async fn an_unanswered_ping_closes_the_connection_an_answered_one_does_not() {
         // Answers pings: a served connection.
         let live = echo_server().await;
-        // Never answers: the handshake completes, then the server stops
+        // Never answer: the handshake completes, then the server stops
         // reading (the connection is held, not polled).
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let dead = l.local_addr().unwrap();
-        let (held_tx, mut held_rx) = tokio::sync::mpsc::channel(1);
-        tokio::spawn(async move {
-            let (s, _) = l.accept().await.unwrap();
-            let conn = h2::server::handshake(s).await.unwrap();
-            held_tx.send(conn).await.unwrap();
-        });
+        let silent = || async {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let held = tokio::spawn(async move {
+                let (s, _) = l.accept().await.unwrap();
+                let conn: h2::server::Connection<TcpStream, Bytes> =
+                    h2::server::handshake(s).await.unwrap();
+                conn
+            });
+            (addr, held)
+        };
+        let (busy, busy_held) = silent().await;
+        let (idle, idle_held) = silent().await;
         // Short periods, real time: what matters is the order of events.
         let (interval, timeout) = (Duration::from_millis(50), Duration::from_millis(1000));
         let pinging = |addr| async move {
@@ -434,14 +476,32 @@ mod tests {
                 .unwrap()
         };
         let live = pinging(live).await;
-        let dead = pinging(dead).await;
-        let _held = held_rx.recv().await.unwrap();
+        let busy = pinging(busy).await;
+        let idle = pinging(idle).await;
+        let _held = (busy_held.await.unwrap(), idle_held.await.unwrap());
+
+        // Pings go out only while a stream is open: one request that never
+        // finishes on the live and on the busy connection, none on idle.
+        let never_ends = || {
+            StreamBody::new(futures_util::stream::pending::<
+                Result<Frame<Bytes>, Infallible>,
+            >())
+        };
+        let authority = SocketAddr::from(([127, 0, 0, 1], 80));
+        for tx in [live.clone(), busy.clone()] {
+            let req = request(authority, "POST", never_ends());
+            tokio::spawn(async move { tx.send(req).await.map(|_| ()) });
+        }
 
         tokio::time::sleep(interval + timeout + Duration::from_millis(500)).await;
         assert!(
-            dead.is_closed(),
+            busy.is_closed(),
             "a peer that never answers a ping is dropped"
         );
         assert!(!live.is_closed(), "a peer that answers pings is kept");
+        assert!(
+            !idle.is_closed(),
+            "a connection without streams is not pinged (the peer's idle timeout applies)"
+        );
     }
 }
