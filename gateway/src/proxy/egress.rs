@@ -768,7 +768,7 @@ impl Egress {
         };
         let span =
             tracing::debug_span!("request", service = %entry.fqdn, peer = %entry.import.peer);
-        match self.forward(Arc::clone(&entry), req).instrument(span).await {
+        match self.forward(&entry, req).instrument(span).await {
             Ok(resp) => resp,
             Err(e) => self.failed(&e, client, Some(&entry), grpc),
         }
@@ -844,20 +844,20 @@ impl Egress {
     /// endpoints in round-robin order until one can be reached.
     async fn forward<B>(
         &self,
-        entry: Arc<VipEntry>,
+        entry: &VipEntry,
         req: Request<B>,
     ) -> Result<Response<RespBody>, ProxyError>
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        let routes = self.routes(&entry);
+        let routes = self.routes(entry);
         let targets = &routes.http;
         if targets.is_empty() {
-            return Err(no_endpoints(&entry));
+            return Err(no_endpoints(entry));
         }
         let version = req.version();
-        let mut req = upstream_request(req, &entry, &routes.authority)?;
+        let mut req = upstream_request(req, entry, &routes.authority)?;
         let config = routes.tls_h2.clone()?;
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut last = None;
@@ -868,7 +868,7 @@ impl Egress {
             // A pooled connection may close between the lease and the send;
             // the request comes back unsent then and goes on a fresh lease.
             for _ in 0..2 {
-                let dial = || Box::pin(self.dial_h2(&entry, endpoint, sni, config.clone()));
+                let dial = || Box::pin(self.dial_h2(entry, endpoint, sni, config.clone()));
                 let lease = match self.pool.get(&target.pool, dial).await {
                     Ok(lease) => lease,
                     Err(e) if e.retry_safe => {
@@ -918,7 +918,7 @@ impl Egress {
                 format!("{}: connections keep closing", key.endpoint),
             ));
         }
-        Err(last.unwrap_or_else(|| no_endpoints(&entry)))
+        Err(last.unwrap_or_else(|| no_endpoints(entry)))
     }
 
     /// A new pooled connection: mTLS with ALPN h2, then the HTTP/2 handshake.

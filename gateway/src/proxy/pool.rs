@@ -54,7 +54,7 @@ impl Default for PoolLimits {
     }
 }
 
-/// A pool of HTTP/2 client connections whose request body type is `B`.
+/// A pool of HTTP/2 client connections ([`Sender`]s).
 pub struct H2Pool {
     keys: Mutex<HashMap<PoolKey, Arc<KeyPool>>>,
     limits: PoolLimits,
@@ -98,8 +98,6 @@ impl PoolHandle {
 pub struct Lease {
     pub sender: Sender,
     pub in_flight: InFlight,
-    /// True when this lease's connection was dialed for it.
-    pub fresh: bool,
 }
 
 /// Counts one stream on a pooled connection while alive.
@@ -221,7 +219,6 @@ impl H2Pool {
                 Ok(Lease {
                     sender,
                     in_flight: InFlight(in_flight),
-                    fresh: true,
                 })
             }
             Err(e) => {
@@ -254,7 +251,6 @@ impl H2Pool {
         let lease = Lease {
             sender: best.sender.clone(),
             in_flight: InFlight(best.in_flight.clone()),
-            fresh: false,
         };
         if load < self.limits.streams_per_conn || full {
             Pick::Use(lease)
