@@ -547,7 +547,9 @@ pub struct BodyState {
     give_back: oneshot::Sender<(OwnedReadHalf, BytesMut)>,
 }
 
-/// Why a request body could not be read.
+/// Why a framed body could not be read ([`poll_decode`]). The messages are
+/// worded for request bodies, the ones this server loop reads; the backend
+/// client words its own for response bodies.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
     #[error("reading the request body: {0}")]
@@ -578,11 +580,6 @@ impl BodySource for BodyState {
         poll_decode(&mut self.framing, &mut self.buf, cx, |buf, cx| {
             poll_fill(Pin::new(&mut *rd), buf, cx)
         })
-        .map_err(|e| match e {
-            DecodeError::Io(e) => BodyError::Io(e),
-            DecodeError::Incomplete => BodyError::Incomplete,
-            DecodeError::Chunked(why) => BodyError::Chunked(why),
-        })
     }
 }
 
@@ -598,17 +595,6 @@ pub(super) fn poll_fill<R: tokio::io::AsyncRead>(
     Poll::Ready(Ok(n > 0))
 }
 
-/// Why a framed body could not be decoded; each side words it for its own
-/// peer.
-#[derive(Debug)]
-pub(super) enum DecodeError {
-    Io(io::Error),
-    /// EOF before the body's end.
-    Incomplete,
-    /// Malformed chunked framing.
-    Chunked(&'static str),
-}
-
 /// Decodes the next frame of a body framed by `framing` from `buf`,
 /// calling `fill` (which reads more into `buf`, `false` at EOF) when it
 /// needs bytes. `None` when the body is complete (`framing` is then
@@ -619,15 +605,15 @@ pub(super) fn poll_decode<F>(
     buf: &mut BytesMut,
     cx: &mut Context<'_>,
     mut fill: F,
-) -> Poll<Result<Option<Frame<Bytes>>, DecodeError>>
+) -> Poll<Result<Option<Frame<Bytes>>, BodyError>>
 where
     F: FnMut(&mut BytesMut, &mut Context<'_>) -> Poll<io::Result<bool>>,
 {
-    let mut fill = |buf: &mut BytesMut, cx: &mut Context<'_>| -> Poll<Result<(), DecodeError>> {
+    let mut fill = |buf: &mut BytesMut, cx: &mut Context<'_>| -> Poll<Result<(), BodyError>> {
         match ready!(fill(buf, cx)) {
             Ok(true) => Poll::Ready(Ok(())),
-            Ok(false) => Poll::Ready(Err(DecodeError::Incomplete)),
-            Err(e) => Poll::Ready(Err(DecodeError::Io(e))),
+            Ok(false) => Poll::Ready(Err(BodyError::Incomplete)),
+            Err(e) => Poll::Ready(Err(BodyError::Io(e))),
         }
     };
     loop {
@@ -660,15 +646,13 @@ where
                     continue;
                 }
                 if &buf[..2] != b"\r\n" {
-                    return Poll::Ready(Err(DecodeError::Chunked(
-                        "chunk data not followed by CRLF",
-                    )));
+                    return Poll::Ready(Err(BodyError::Chunked("chunk data not followed by CRLF")));
                 }
                 buf.advance(2);
                 *framing = Framing::Chunked(Chunk::Size);
             }
             Framing::Chunked(Chunk::Size) => {
-                match parse_chunk_size(buf).map_err(DecodeError::Chunked)? {
+                match parse_chunk_size(buf).map_err(BodyError::Chunked)? {
                     Some((size, len)) => {
                         buf.advance(len);
                         *framing = Framing::Chunked(if size == 0 {
@@ -681,7 +665,7 @@ where
                 }
             }
             Framing::Chunked(Chunk::Trailers) => {
-                match parse_trailers(buf).map_err(DecodeError::Chunked)? {
+                match parse_trailers(buf).map_err(BodyError::Chunked)? {
                     Some((trailers, len)) => {
                         buf.advance(len);
                         *framing = Framing::Length(0);
@@ -691,7 +675,7 @@ where
                     }
                     None => {
                         if buf.len() > MAX_HEAD {
-                            return Poll::Ready(Err(DecodeError::Chunked(
+                            return Poll::Ready(Err(BodyError::Chunked(
                                 "trailer section too large",
                             )));
                         }

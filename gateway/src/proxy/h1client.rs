@@ -52,7 +52,7 @@ use tokio::time::Instant;
 use super::backend::Backends;
 use super::error::{ErrorKind, ProxyError};
 use super::h1::{
-    self, BoxError, Chunk, DecodeError, Framing, HEAD_CHUNK, MAX_HEAD, MAX_HEADERS, WRITE_COALESCE,
+    self, BodyError, BoxError, Chunk, Framing, HEAD_CHUNK, MAX_HEAD, MAX_HEADERS, WRITE_COALESCE,
 };
 use crate::config::HostPort;
 
@@ -748,17 +748,17 @@ impl h1::BodySource for BodyState {
                     h1::poll_fill(Pin::new(&mut *io), buf, cx)
                 }));
                 Poll::Ready(res.map_err(|e| match e {
-                    DecodeError::Io(e) => upstream(
+                    BodyError::Io(e) => upstream(
                         ErrorKind::Io,
                         addr,
                         format_args!("reading the response body: {e}"),
                     ),
-                    DecodeError::Incomplete => upstream(
+                    BodyError::Incomplete => upstream(
                         ErrorKind::Io,
                         addr,
                         "connection closed before the response body ended",
                     ),
-                    DecodeError::Chunked(why) => upstream(
+                    BodyError::Chunked(why) => upstream(
                         ErrorKind::Protocol,
                         addr,
                         format_args!("malformed chunked response body: {why}"),
