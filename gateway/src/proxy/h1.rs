@@ -689,7 +689,7 @@ where
 
 /// A chunk-size line (`hex[;extensions]CRLF`): the size and the line's
 /// length, or `None` if the line is not complete yet.
-pub(super) fn parse_chunk_size(buf: &[u8]) -> Result<Option<(u64, usize)>, &'static str> {
+fn parse_chunk_size(buf: &[u8]) -> Result<Option<(u64, usize)>, &'static str> {
     const MAX_LINE: usize = 4 * 1024;
     let Some(end) = buf.windows(2).take(MAX_LINE).position(|w| w == b"\r\n") else {
         return if buf.len() > MAX_LINE {
@@ -717,7 +717,7 @@ pub(super) fn parse_chunk_size(buf: &[u8]) -> Result<Option<(u64, usize)>, &'sta
 
 /// The trailer section after the last chunk, up to and including its empty
 /// line: the fields and the section's length, or `None` if incomplete.
-pub(super) fn parse_trailers(buf: &[u8]) -> Result<Option<(HeaderMap, usize)>, &'static str> {
+fn parse_trailers(buf: &[u8]) -> Result<Option<(HeaderMap, usize)>, &'static str> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     match httparse::parse_headers(buf, &mut fields) {
         Ok(httparse::Status::Complete((len, fields))) => {
