@@ -328,6 +328,25 @@ async fn read_head(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> Result<Head, H
     }
 }
 
+/// Whether a `Connection` field of `headers` holds `token`.
+pub(super) fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Whether a message lets its connection carry another one: HTTP/1.0 only
+/// when it asks for keep-alive, HTTP/1.1 unless it says close.
+pub(super) fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
+    match version {
+        Version::HTTP_10 => connection_has(headers, "keep-alive"),
+        _ => !connection_has(headers, "close"),
+    }
+}
+
 /// Parses a complete request head at the start of `buf`: `None` if more
 /// bytes are needed.
 fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HeadError> {
@@ -377,18 +396,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HeadError> {
     }
 
     let framing = request_framing(&headers)?;
-    let connection = |token: &str| {
-        headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    };
-    let keep_alive = match version {
-        Version::HTTP_10 => connection("keep-alive"),
-        _ => !connection("close"),
-    };
+    let keep_alive = keeps_alive(version, &headers);
     let expect_continue = version == Version::HTTP_11
         && headers
             .get(header::EXPECT)

@@ -225,7 +225,7 @@ impl H1Client {
         let mut body = pin!(body);
         let framing = request_framing(&parts.headers, &*body);
         let head = request_head(&parts, framing);
-        let req_close = has_token(&parts.headers, "close");
+        let req_close = h1::connection_has(&parts.headers, "close");
         let is_head = parts.method == Method::HEAD;
 
         let (mut conn, mut reused) = match self.inner.pool.checkout() {
@@ -354,16 +354,6 @@ fn request_head(parts: &http::request::Parts, framing: Outgoing) -> BytesMut {
     }
     out.put_slice(b"\r\n");
     out
-}
-
-/// Whether a `Connection` field of `headers` holds `token`.
-fn has_token(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 fn upstream(kind: ErrorKind, addr: &HostPort, what: impl std::fmt::Display) -> ProxyError {
@@ -624,10 +614,7 @@ fn parse_head(buf: &[u8], is_head: bool) -> Result<Parsed, String> {
             .map_err(|_| format!("invalid value for response header {name}"))?;
         headers.append(name, value);
     }
-    let keep_alive = match version {
-        Version::HTTP_10 => has_token(&headers, "keep-alive"),
-        _ => !has_token(&headers, "close"),
-    };
+    let keep_alive = h1::keeps_alive(version, &headers);
     let read = if is_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED
     {
         Read::Framed(Framing::Length(0))
