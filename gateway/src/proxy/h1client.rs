@@ -271,20 +271,18 @@ impl H1Client {
         *resp.status_mut() = head.status;
         *resp.version_mut() = head.version;
         *resp.headers_mut() = head.headers;
-        let reusable = reusable && head.read != Read::Close;
+        let state = BodyState {
+            conn,
+            buf,
+            read: head.read,
+            reusable: reusable && head.read != Read::Close,
+            pool: Arc::clone(&self.inner.pool),
+        };
         if head.read == Read::Framed(Framing::Length(0)) {
             // No body: the connection is free now, before hyper writes.
-            if reusable && buf.is_empty() {
-                self.inner.pool.checkin(conn);
-            }
+            h1::BodySource::finish(state);
         } else {
-            *resp.body_mut() = ResponseBody::new(BodyState {
-                conn,
-                buf,
-                read: head.read,
-                reusable,
-                pool: Arc::clone(&self.inner.pool),
-            });
+            *resp.body_mut() = ResponseBody::new(state);
         }
         resp
     }
