@@ -72,6 +72,14 @@ pub enum ConnectError {
     Connect(SocketAddr, io::Error),
 }
 
+impl From<ConnectError> for io::Error {
+    fn from(e: ConnectError) -> io::Error {
+        match e {
+            ConnectError::Resolve(e) | ConnectError::Connect(_, e) => e,
+        }
+    }
+}
+
 /// Resolves `host:port` and connects to the first address that takes the
 /// connection, in the resolver's order. With a `timeout`, the lookup and
 /// each address get that long.
@@ -180,7 +188,7 @@ mod tests {
 
     #[tokio::test]
     async fn connect_takes_the_first_address_that_answers_and_names_the_last_failure() {
-        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = live.local_addr().unwrap().port();
         // `localhost` may list ::1 first; only 127.0.0.1 listens.
         let tcp = connect("localhost", port, Some(Duration::from_secs(2)))
@@ -188,7 +196,7 @@ mod tests {
             .unwrap();
         assert_eq!(tcp.peer_addr().unwrap().port(), port);
 
-        let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let dead_port = dead.local_addr().unwrap().port();
         drop(dead);
         match connect("127.0.0.1", dead_port, None).await {

@@ -146,12 +146,7 @@ pub async fn dial_mtls(
     config: Arc<rustls::ClientConfig>,
 ) -> Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>, io::Error> {
     // Peer addresses given as names go through the gateway's resolver.
-    let tcp = crate::dns::resolver::connect(host, port, None)
-        .await
-        .map_err(|e| match e {
-            crate::dns::resolver::ConnectError::Resolve(e)
-            | crate::dns::resolver::ConnectError::Connect(_, e) => e,
-        })?;
+    let tcp = crate::dns::resolver::connect(host, port, None).await?;
     let _ = tcp.set_nodelay(true);
     let server_name = rustls::pki_types::ServerName::try_from(host.to_owned())
         .unwrap_or_else(|_| rustls::pki_types::ServerName::from(std::net::Ipv4Addr::LOCALHOST));
