@@ -1,5 +1,5 @@
 //! What the benchmark programs (`catalog`, `dataplane`) share: readers of
-//! `/proc` and of the host (CPU time, clock ticks, CPU model, load
+//! `/proc` and of the host (CPU time, memory, clock ticks, CPU model, load
 //! average), a small HTTP/1.1 GET for admin endpoints, loopback ports,
 //! certificate minting through `elsinore certs init`, medians and log tails.
 
@@ -29,6 +29,22 @@ pub fn cpu_ms(pid: u32, ticks_per_sec: f64) -> Result<f64> {
             .ok_or_else(|| anyhow!("{path}: field {} missing or not a number", i + 3))
     };
     Ok((tick(11)? + tick(12)?) * 1000.0 / ticks_per_sec)
+}
+
+/// A `/proc/<pid>/status` memory field (`VmRSS`, `VmHWM`) in KiB.
+pub fn status_kib(pid: u32, field: &str) -> Result<f64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))
+        .ok_or_else(|| anyhow!("{path} has no {field} line"))?;
+    line[field.len() + 1..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .with_context(|| format!("{path}: {line:?}"))
 }
 
 /// Clock ticks per second for `/proc/<pid>/stat` (almost always 100).

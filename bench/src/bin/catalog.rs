@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use elsinore_bench::{
     clock_ticks, command_line, cpu_model, cpu_ms, free_port, http_get, load_average, median,
-    mint_certs, tail,
+    mint_certs, status_kib, tail,
 };
 use serde_json::Value;
 
@@ -168,23 +168,10 @@ impl Drop for Proc {
 
 /// `VmHWM` (peak) and `VmRSS` (current) of a process, in MiB.
 fn memory_mib(pid: u32) -> Result<(f64, f64)> {
-    let path = format!("/proc/{pid}/status");
-    let status = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
-    let field = |name: &str| -> Result<f64> {
-        let line = status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .ok_or_else(|| anyhow!("{path} has no {name} line"))?;
-        let kib: f64 = line
-            .trim_start_matches(name)
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .with_context(|| format!("{path}: {line:?}"))?;
-        Ok(kib / 1024.0)
-    };
-    Ok((field("VmHWM:")?, field("VmRSS:")?))
+    Ok((
+        status_kib(pid, "VmHWM")? / 1024.0,
+        status_kib(pid, "VmRSS")? / 1024.0,
+    ))
 }
 
 struct Certs {

@@ -11,7 +11,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use elsinore_bench::tail;
 
 /// Pids of every child still running; the signal handler kills these.
@@ -194,20 +194,4 @@ pub fn wait_port(addr: SocketAddr, procs: &mut [&mut Proc], timeout: Duration) -
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// A `/proc/<pid>/status` memory field (`VmRSS`, `VmHWM`) in KiB.
-pub fn status_kib(pid: u32, field: &str) -> Result<f64> {
-    let path = format!("/proc/{pid}/status");
-    let status = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))
-        .ok_or_else(|| anyhow!("{path} has no {field} line"))?;
-    line[field.len() + 1..]
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .with_context(|| format!("{path}: {line:?}"))
 }

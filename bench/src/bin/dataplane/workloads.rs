@@ -13,8 +13,8 @@ use serde_json::Value;
 
 use crate::Args;
 use crate::contenders::{CLIENT_CPU, Deployment, Env, SERVER_CPU, WEB_HOST};
-use crate::procs::{run_tool, status_kib};
-use elsinore_bench::{clock_ticks, cpu_ms};
+use crate::procs::run_tool;
+use elsinore_bench::{clock_ticks, cpu_ms, status_kib};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Workload {
