@@ -541,10 +541,6 @@ struct Upstream {
 impl Upstream {
     fn new(export: &ExportedService, tuning: &ProxyTuning) -> Self {
         let backends = Arc::new(Backends::new(&export.backends));
-        let connector = BackendConnector {
-            backends: Arc::clone(&backends),
-            connect_timeout: tuning.connect_timeout,
-        };
         let http = match export.protocol {
             Protocol::Http => Some(HttpBackend::H1(H1Client::new(
                 Arc::clone(&backends),
@@ -559,6 +555,10 @@ impl Upstream {
                     .timer(TokioTimer::new())
                     .pool_idle_timeout(tuning.idle_timeout)
                     .http2_only(true);
+                let connector = BackendConnector {
+                    backends: Arc::clone(&backends),
+                    connect_timeout: tuning.connect_timeout,
+                };
                 Some(HttpBackend::H2(Arc::new(builder.build(connector))))
             }
             Protocol::Https | Protocol::Mongo | Protocol::Tcp | Protocol::Tls | Protocol::Mtls => {
@@ -578,7 +578,7 @@ impl Upstream {
     }
 }
 
-/// The hyper client connector of one export: round robin over its backends
+/// The hyper client connector of an h2c export: round robin over its backends
 /// with dead ones skipped. The URI the client asks for is only the pool key.
 #[derive(Clone)]
 struct BackendConnector {
