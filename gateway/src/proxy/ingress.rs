@@ -13,9 +13,10 @@
 //! speaks) and each request is forwarded through a pooled client per export:
 //! HTTP/1.1 to HTTP backends by our own [`super::h1client`] (the request's
 //! task writes it and reads the response, no hand-off), HTTP/2 with prior
-//! knowledge (h2c) to HTTP2 and gRPC backends by hyper's client. Requests whose Host / `:authority` names another service
-//! than the SNI get 421, so a peer can never use an export it may reach to
-//! address one it may not. Identity headers a peer sends are stripped and
+//! knowledge (h2c) to HTTP2 and gRPC backends by hyper's client. Requests
+//! whose Host / `:authority` names another service than the SNI get 421,
+//! so a peer can never use an export it may reach to address one it may
+//! not. Identity headers a peer sends are stripped and
 //! replaced by [`PEER_IDENTITY_HEADER`] carrying the verified SPIFFE ID.
 
 use std::collections::HashMap;
