@@ -773,13 +773,12 @@ impl h1::BodySource for BodyState {
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
-    use std::collections::VecDeque;
     use std::convert::Infallible;
     use std::future::Future;
     use std::net::SocketAddr;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use http_body_util::{BodyExt, Empty, Full};
+    use http_body_util::{BodyExt, Empty, Full, StreamBody};
     use tokio::net::TcpListener;
 
     use super::*;
@@ -1251,20 +1250,6 @@ mod tests {
         assert!(err.message.contains(&dead.to_string()), "{err}");
     }
 
-    /// A request body of several frames with no size known up front.
-    struct Frames(VecDeque<Frame<Bytes>>);
-
-    impl Body for Frames {
-        type Data = Bytes;
-        type Error = Infallible;
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-            Poll::Ready(self.0.pop_front().map(Ok))
-        }
-    }
-
     #[tokio::test]
     async fn request_bodies_arrive_intact_with_length_or_chunked() {
         let b = backend(|_, _| Act::Reply(OK_HELLO)).await;
@@ -1278,11 +1263,13 @@ mod tests {
 
         let mut trailers = HeaderMap::new();
         trailers.insert("x-sum", HeaderValue::from_static("8"));
-        let body = Frames(VecDeque::from([
+        // Several frames with no size known up front.
+        let frames = [
             Frame::data(Bytes::from_static(b"abc")),
             Frame::data(Bytes::from_static(b"defgh")),
             Frame::trailers(trailers),
-        ]));
+        ];
+        let body = StreamBody::new(futures_util::stream::iter(frames.map(Ok::<_, Infallible>)));
         let put = Request::put("/stream")
             .header(header::HOST, "svc")
             .body(body)
