@@ -15,7 +15,6 @@
 
 use std::any::Any;
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::io;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -30,7 +29,6 @@ use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version, header};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Bytes};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
@@ -44,6 +42,7 @@ use super::activity::{Activity, ActivityIo};
 use super::error::{ErrorKind, ProxyError, Side};
 use super::h1::{self, BoxError};
 use super::h2client::{self, SendError};
+use super::h2server;
 use super::pool::{H2Pool, PoolHandle, PoolKey, PoolLimits};
 use super::readahead::ReadAhead;
 use super::splice::splice;
@@ -299,15 +298,10 @@ struct Egress {
     pool: H2Pool,
     /// Round-robin position over a service's endpoints.
     next: AtomicUsize,
-    /// For apps that speak h2c with prior knowledge; HTTP/1.1 is [`h1`].
-    h2c: hyper::server::conn::http2::Builder<TokioExecutor>,
 }
 
 impl Egress {
     fn new(ctx: ProxyContext, stats: Arc<EgressStats>) -> Egress {
-        let mut h2c = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        h2c.timer(TokioTimer::new())
-            .max_concurrent_streams(ctx.tuning.http2_max_concurrent_streams);
         let pool = H2Pool::new(PoolLimits {
             max_per_key: MAX_CONNS_PER_KEY,
             streams_per_conn: STREAMS_PER_CONN,
@@ -321,7 +315,6 @@ impl Egress {
             tls: Mutex::new(HashMap::new()),
             pool,
             next: AtomicUsize::new(0),
-            h2c,
         }
     }
 
@@ -712,41 +705,34 @@ impl Egress {
     }
 
     async fn serve_h2c(self: Arc<Self>, tcp: TcpStream, client: SocketAddr, route: Route) {
-        let egress = self.clone();
-        let service = hyper::service::service_fn(move |req| {
-            let egress = egress.clone();
-            async move { Ok::<_, Infallible>(egress.handle(client, route, req).await) }
-        });
         let activity = Arc::new(Activity::new());
-        let io = TokioIo::new(ActivityIo {
+        let io = ActivityIo {
             inner: tcp,
             activity: activity.clone(),
-        });
-        let conn = self.h2c.serve_connection(io, service);
-        tokio::pin!(conn);
-        let idle = self.ctx.tuning.idle_timeout;
-        let idle_check = activity.idle(idle);
-        tokio::pin!(idle_check);
-        let drain = tokio::select! {
-            served = conn.as_mut() => {
-                if let Err(error) = served {
-                    tracing::debug!(%error, "downstream h2c connection ended with an error");
-                }
-                return;
-            }
-            _ = self.ctx.shutdown.cancelled() => "shutting down",
-            _ = idle_check.as_mut() => "idle",
         };
-        tracing::debug!(
-            reason = drain,
-            "closing downstream h2c connection gracefully"
-        );
-        // In-flight requests finish; new ones are refused (GOAWAY).
-        conn.as_mut().graceful_shutdown();
-        if tokio::time::timeout(DRAIN_TIMEOUT, conn).await.is_err() {
-            tracing::debug!(
-                "downstream h2c connection still busy after {DRAIN_TIMEOUT:?}; closing"
-            );
+        let idle = self.ctx.tuning.idle_timeout;
+        let stop = async {
+            let reason = tokio::select! {
+                () = self.ctx.shutdown.cancelled() => "shutting down",
+                () = activity.idle(idle) => "idle",
+            };
+            tracing::debug!(reason, "closing downstream h2c connection gracefully");
+        };
+        let settings = h2server::Settings {
+            max_concurrent_streams: self.ctx.tuning.http2_max_concurrent_streams,
+            drain_timeout: DRAIN_TIMEOUT,
+        };
+        let egress = &*self;
+        let served =
+            h2server::serve(io, settings, stop, |req| egress.handle(client, route, req)).await;
+        match served {
+            Ok(h2server::Ended::Closed) => {}
+            Ok(h2server::Ended::DrainTimedOut) => tracing::debug!(
+                "downstream h2c connection still busy after {DRAIN_TIMEOUT:?}; closed"
+            ),
+            Err(error) => {
+                tracing::debug!(%error, "downstream h2c connection ended with an error");
+            }
         }
     }
 
@@ -1181,7 +1167,9 @@ mod tests {
     use elsinore_federation_api::FederatedService;
     use http_body_util::StreamBody;
     use hyper::body::Frame;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
     use std::collections::BTreeSet;
+    use std::convert::Infallible;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_rustls::TlsAcceptor;
 

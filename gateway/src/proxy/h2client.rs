@@ -18,23 +18,21 @@
 //! the pool's and the peer's idle timeouts still close it.
 
 use std::future::poll_fn;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::task::{Context, Poll, ready};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
 use h2::client::SendRequest;
-use h2::{Ping, Reason, RecvStream, SendStream};
-use http::header::CONTENT_LENGTH;
+use h2::{Ping, Reason};
 use http::{Request, Response};
-use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
+use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::Instrument;
 
 use super::h1::BoxError;
+use super::h2body::{self, RecvBody};
 
 /// How often a connection with open streams is pinged.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
@@ -66,7 +64,7 @@ struct ConnState {
 }
 
 /// One open stream, counted in [`ConnState::open`] until dropped.
-struct OpenStream(Arc<ConnState>);
+pub struct OpenStream(Arc<ConnState>);
 
 impl OpenStream {
     fn new(state: &Arc<ConnState>) -> Self {
@@ -202,133 +200,34 @@ impl Sender {
         };
         let open = OpenStream::new(&self.state);
         if !end {
-            tokio::spawn(pipe(body, stream).in_current_span());
+            tokio::spawn(
+                async move {
+                    let mut stream = stream;
+                    if let Err(error) = h2body::pipe(body, &mut stream, Reason::CANCEL).await {
+                        tracing::debug!(%error, "request body not sent whole");
+                    }
+                }
+                .in_current_span(),
+            );
         }
         let resp = response.await.map_err(SendError::Failed)?;
         let (parts, recv) = resp.into_parts();
-        let length = parts
-            .headers
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok());
-        Ok(Response::from_parts(
-            parts,
-            ResponseBody {
-                recv,
-                data_done: false,
-                length,
-                _open: open,
-            },
-        ))
+        let body = RecvBody::new(recv, &parts.headers, open);
+        Ok(Response::from_parts(parts, body))
     }
 }
 
-/// Moves a request body into its stream as the peer's window allows.
-async fn pipe<B>(body: B, mut stream: SendStream<Bytes>)
-where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    let mut body = std::pin::pin!(body);
-    loop {
-        let frame = match body.frame().await {
-            None => {
-                let _ = stream.send_data(Bytes::new(), true);
-                return;
-            }
-            Some(Ok(frame)) => frame,
-            Some(Err(error)) => {
-                let error: BoxError = error.into();
-                tracing::debug!(%error, "request body failed; resetting the stream");
-                stream.send_reset(Reason::CANCEL);
-                return;
-            }
-        };
-        match frame.into_data() {
-            Ok(mut data) => {
-                while !data.is_empty() {
-                    stream.reserve_capacity(data.len());
-                    match poll_fn(|cx| stream.poll_capacity(cx)).await {
-                        Some(Ok(n)) if n > 0 => {
-                            let chunk = data.split_to(n.min(data.len()));
-                            if stream.send_data(chunk, false).is_err() {
-                                return;
-                            }
-                        }
-                        Some(Ok(_)) => {}
-                        // The stream was reset or the connection closed.
-                        None | Some(Err(_)) => return,
-                    }
-                }
-            }
-            Err(frame) => {
-                if let Ok(trailers) = frame.into_trailers() {
-                    let _ = stream.send_trailers(trailers);
-                    return;
-                }
-            }
-        }
-    }
-}
-
-/// A response body read straight from its HTTP/2 stream; the window is
-/// given back as the data is taken.
-pub struct ResponseBody {
-    recv: RecvStream,
-    data_done: bool,
-    /// What is left of the response's `content-length`, for the size hint.
-    length: Option<u64>,
-    /// Keeps the connection pinged while the response streams.
-    _open: OpenStream,
-}
-
-impl Body for ResponseBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.get_mut();
-        if !this.data_done {
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    if let Some(left) = this.length.as_mut() {
-                        *left = left.saturating_sub(data.len() as u64);
-                    }
-                    let _ = this.recv.flow_control().release_capacity(data.len());
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
-                None => this.data_done = true,
-            }
-        }
-        match ready!(this.recv.poll_trailers(cx)) {
-            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
-            Ok(None) => Poll::Ready(None),
-            Err(e) => Poll::Ready(Some(Err(e.into()))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.recv.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self.length {
-            Some(n) if !self.data_done => SizeHint::with_exact(n),
-            _ => SizeHint::default(),
-        }
-    }
-}
+/// A response body read from its stream; it keeps the connection pinged
+/// while it lives.
+pub type ResponseBody = RecvBody<OpenStream>;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
     use http::HeaderMap;
-    use http_body_util::{Empty, Full, StreamBody};
+    use http_body::Frame;
+    use http_body_util::{BodyExt, Empty, Full, StreamBody};
     use hyper::body::Incoming;
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use std::convert::Infallible;

@@ -50,6 +50,8 @@ use super::activity::{Activity, ActivityIo};
 use super::backend::Backends;
 use super::error::{ErrorKind, ProxyError};
 use super::h1client::{H1Client, ResponseBody};
+use super::h2body::RecvBody;
+use super::h2server;
 use super::readahead::ReadAhead;
 use super::splice::splice;
 use super::{PEER_IDENTITY_HEADER, ProxyContext, STRIPPED_IDENTITY_HEADERS, has_any};
@@ -520,7 +522,10 @@ impl RouteCache {
 }
 
 type ProxyBody = Either<Either<ResponseBody, Incoming>, Full<Bytes>>;
-type HttpClient = Client<BackendConnector, Incoming>;
+/// A request body from a peer: hyper's (HTTP/1.1 peers) or an HTTP/2
+/// stream's.
+type PeerBody = Either<Incoming, RecvBody>;
+type HttpClient = Client<BackendConnector, PeerBody>;
 
 /// The client of an HTTP export: our own HTTP/1.1 client (the request's
 /// task does the exchange), or hyper's for h2c backends.
@@ -622,14 +627,48 @@ struct HttpConn {
 async fn serve_http(tls: PeerStream, conn: Arc<HttpConn>, inner: &Inner) {
     let tuning = inner.tuning();
     let activity = Arc::new(Activity::new());
-    let io = TokioIo::new(ActivityIo {
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let io = ActivityIo {
         inner: tls,
         activity: Arc::clone(&activity),
-    });
+    };
+    let idle = tuning.idle_timeout;
+    if h2 {
+        // What peer gateways speak: HTTP/2, served in this task.
+        let stop = async {
+            tokio::select! {
+                () = inner.ctx.shutdown.cancelled() => {}
+                () = activity.idle(idle) => {
+                    tracing::debug!("ingress http connection idle for {idle:?}; closing");
+                }
+            }
+        };
+        let settings = h2server::Settings {
+            max_concurrent_streams: tuning.http2_max_concurrent_streams,
+            drain_timeout: DRAIN_TIMEOUT,
+        };
+        let conn = &*conn;
+        let served = h2server::serve(io, settings, stop, |req| {
+            proxy_request(req.map(Either::Right), conn)
+        })
+        .await;
+        match served {
+            Ok(h2server::Ended::Closed) => {}
+            Ok(h2server::Ended::DrainTimedOut) => {
+                tracing::debug!(
+                    "ingress http connection still busy after {DRAIN_TIMEOUT:?}; closed"
+                );
+            }
+            Err(e) => tracing::debug!(error = %e, "ingress http connection ended with an error"),
+        }
+        return;
+    }
+    // Without ALPN h2: HTTP/1.1, or HTTP/2 with prior knowledge.
+    let io = TokioIo::new(io);
     let h2 = Arc::clone(&conn);
-    let service = hyper::service::service_fn(move |req| {
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let conn = Arc::clone(&h2);
-        async move { Ok::<_, Infallible>(proxy_request(req, &conn).await) }
+        async move { Ok::<_, Infallible>(proxy_request(req.map(Either::Left), &conn).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
@@ -641,7 +680,6 @@ async fn serve_http(tls: PeerStream, conn: Arc<HttpConn>, inner: &Inner) {
         .timer(TokioTimer::new())
         .max_concurrent_streams(tuning.http2_max_concurrent_streams);
     let mut connection = pin!(builder.serve_connection(io, service));
-    let idle = tuning.idle_timeout;
     let mut idle_check = pin!(activity.idle(idle));
     let mut draining = false;
     loop {
@@ -665,11 +703,12 @@ async fn serve_http(tls: PeerStream, conn: Arc<HttpConn>, inner: &Inner) {
     }
 }
 
-async fn proxy_request(req: Request<Incoming>, conn: &HttpConn) -> Response<ProxyBody> {
+async fn proxy_request(req: Request<PeerBody>, conn: &HttpConn) -> Response<ProxyBody> {
     bump(&conn.stats.http_requests);
     let grpc = is_grpc(req.headers());
-    // Boxed: hyper spawns a task per stream and moves its future on the
-    // way; the exchange's state (2 KiB and more) stays put on the heap.
+    // Boxed: the exchange's state (2 KiB and more) stays put on the heap
+    // while the stream's future is moved into its place in the connection
+    // (or into hyper's task).
     match Box::pin(forward(req, conn)).await {
         Ok(resp) => resp,
         Err(e) => {
@@ -685,7 +724,7 @@ async fn proxy_request(req: Request<Incoming>, conn: &HttpConn) -> Response<Prox
 }
 
 async fn forward(
-    req: Request<Incoming>,
+    req: Request<PeerBody>,
     conn: &HttpConn,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let (mut parts, body) = req.into_parts();

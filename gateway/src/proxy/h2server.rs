@@ -1,0 +1,507 @@
+//! The HTTP/2 server side, on the `h2` crate directly, for ingress (peer
+//! gateways over mTLS) and egress (apps speaking h2c).
+//!
+//! Why not hyper's HTTP/2 server: hyper spawns a task per stream, so every
+//! request is handed between the connection's task and its own, and each
+//! frame that moves wakes the other. Here the streams are served inside
+//! the connection's task: one task polls the connection (which moves the
+//! frames) and the exchanges that are in flight, and only the exchanges
+//! that were woken are polled again.
+//!
+//! Settings match hyper's server defaults: 1 MiB stream and connection
+//! windows, 16 KiB frames and header lists, 400 KiB send buffer, and the
+//! caller's limit on concurrent streams. A stream the client resets is
+//! dropped, with the exchange it was waiting on (the request to the
+//! backend is cancelled as with hyper).
+
+use std::future::{Future, poll_fn};
+use std::pin::{Pin, pin};
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use h2::Reason;
+use h2::server::SendResponse;
+use http::{Request, Response};
+use http_body::Body;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Sleep;
+
+use super::h1::BoxError;
+use super::h2body::{self, RecvBody};
+
+const STREAM_WINDOW: u32 = 1024 * 1024;
+const CONN_WINDOW: u32 = 1024 * 1024;
+const MAX_FRAME: u32 = 16 * 1024;
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+const MAX_SEND_BUFFER: usize = 400 * 1024;
+
+/// How one connection is served.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub max_concurrent_streams: u32,
+    /// How long the exchanges in flight get to finish once the connection
+    /// is told to stop, before it is closed under them.
+    pub drain_timeout: Duration,
+}
+
+/// How a connection ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// The client closed it, or it was stopped and drained.
+    Closed,
+    /// It was stopped and exchanges were still in flight after the drain
+    /// timeout; they were cut.
+    DrainTimedOut,
+}
+
+/// Serves HTTP/2 on `io` (after TLS, or h2c with prior knowledge) until
+/// the client closes, or until `stop` resolves; then the connection is shut
+/// down gracefully (GOAWAY) and the exchanges in flight get
+/// `settings.drain_timeout` to finish. Each request goes to `handler`; its
+/// response is sent back on the stream.
+pub async fn serve<T, F, Fut, B>(
+    io: T,
+    settings: Settings,
+    stop: impl Future<Output = ()>,
+    mut handler: F,
+) -> Result<Ended, h2::Error>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+    F: FnMut(Request<RecvBody>) -> Fut,
+    Fut: Future<Output = Response<B>>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let mut conn = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONN_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .max_concurrent_streams(settings.max_concurrent_streams)
+        .handshake::<_, Bytes>(io)
+        .await?;
+    let mut stop = pin!(stop);
+    // Set once stopping: when the drain ends.
+    let mut drain: Option<Pin<Box<Sleep>>> = None;
+    let mut exchanges = FuturesUnordered::new();
+    poll_fn(|cx| {
+        match drain.as_mut() {
+            None => {
+                if stop.as_mut().poll(cx).is_ready() {
+                    conn.graceful_shutdown();
+                    let mut timer = Box::pin(tokio::time::sleep(settings.drain_timeout));
+                    if timer.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Ok(Ended::DrainTimedOut));
+                    }
+                    drain = Some(timer);
+                }
+            }
+            Some(timer) => {
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Ok(Ended::DrainTimedOut));
+                }
+            }
+        }
+        loop {
+            // Exchanges first: what they queued is written by the
+            // connection poll below, in the same pass.
+            while let Poll::Ready(Some(())) = exchanges.poll_next_unpin(cx) {}
+            match conn.poll_accept(cx) {
+                Poll::Ready(Some(Ok((req, respond)))) => {
+                    let (parts, recv) = req.into_parts();
+                    let body = RecvBody::new(recv, &parts.headers, ());
+                    exchanges.push(exchange(handler(Request::from_parts(parts, body)), respond));
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                // Closed: no stream can move any more.
+                Poll::Ready(None) => return Poll::Ready(Ok(Ended::Closed)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    })
+    .await
+}
+
+/// One stream: the handler's response (unless the client resets the stream
+/// first), then its body.
+async fn exchange<Fut, B>(response: Fut, mut respond: SendResponse<Bytes>)
+where
+    Fut: Future<Output = Response<B>>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let mut response = pin!(response);
+    let response = poll_fn(|cx| {
+        if let Poll::Ready(r) = response.as_mut().poll(cx) {
+            return Poll::Ready(Some(r));
+        }
+        match respond.poll_reset(cx) {
+            Poll::Ready(_) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await;
+    let Some(response) = response else {
+        tracing::debug!("stream reset by the client before its response");
+        return;
+    };
+    let (parts, body) = response.into_parts();
+    let end = body.is_end_stream();
+    let mut tx = match respond.send_response(Response::from_parts(parts, ()), end) {
+        Ok(tx) => tx,
+        Err(error) => {
+            tracing::debug!(%error, "response head not sent");
+            return;
+        }
+    };
+    if !end && let Err(error) = h2body::pipe(body, &mut tx, Reason::INTERNAL_ERROR).await {
+        tracing::debug!(%error, "response body not sent whole");
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use crate::proxy::h2client::{self, SendError, Sender};
+    use http::HeaderMap;
+    use http_body::Frame;
+    use http_body_util::{BodyExt, Empty, StreamBody};
+    use std::convert::Infallible;
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::{Notify, oneshot};
+
+    type Frames =
+        StreamBody<futures_util::stream::BoxStream<'static, Result<Frame<Bytes>, Infallible>>>;
+
+    fn frames(items: Vec<Frame<Bytes>>) -> Frames {
+        StreamBody::new(futures_util::stream::iter(items.into_iter().map(Ok)).boxed())
+    }
+
+    fn never_ending() -> Frames {
+        StreamBody::new(futures_util::stream::pending().boxed())
+    }
+
+    /// Counts drops: tells whether an exchange (or a body) was let go.
+    struct DropCount(Arc<AtomicUsize>);
+
+    impl Drop for DropCount {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    async fn client(addr: SocketAddr) -> Sender {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        h2client::handshake(tcp, tracing::Span::none())
+            .await
+            .unwrap()
+    }
+
+    async fn send<B>(
+        tx: &Sender,
+        method: &str,
+        path: &str,
+        body: B,
+    ) -> Response<h2client::ResponseBody>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("http://svc.test{path}"))
+            .body(body)
+            .unwrap();
+        match tx.send(req).await {
+            Ok(resp) => resp,
+            Err(SendError::Unsent(_, e) | SendError::Failed(e)) => panic!("send failed: {e}"),
+        }
+    }
+
+    async fn eventually(what: &str, check: impl Fn() -> bool) {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !check() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{what} within 5 s"));
+    }
+
+    const SETTINGS: Settings = Settings {
+        max_concurrent_streams: 100,
+        drain_timeout: Duration::from_secs(5),
+    };
+
+    #[tokio::test]
+    async fn bodies_larger_than_the_window_and_trailers_cross_both_ways() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = l.accept().await.unwrap();
+            // Echoes the body, then trailers naming the method and the byte
+            // count and the request's own trailer.
+            serve(
+                tcp,
+                SETTINGS,
+                std::future::pending(),
+                |req: Request<RecvBody>| async move {
+                    let method = req.method().to_string();
+                    let collected = req.into_body().collect().await.unwrap();
+                    let sent = collected.trailers().and_then(|t| t.get("x-sent")).cloned();
+                    let body = collected.to_bytes();
+                    let mut trailers = HeaderMap::new();
+                    trailers.insert("x-method", method.parse().unwrap());
+                    trailers.insert("x-len", body.len().to_string().parse().unwrap());
+                    if let Some(v) = sent {
+                        trailers.insert("x-sent", v);
+                    }
+                    Response::new(frames(vec![Frame::data(body), Frame::trailers(trailers)]))
+                },
+            )
+            .await
+            .unwrap();
+        });
+        let tx = client(addr).await;
+
+        // 3 MiB: more than the 1 MiB windows in each direction.
+        let payload: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+        let mut sent = HeaderMap::new();
+        sent.insert("x-sent", "yes".parse().unwrap());
+        let mut pieces: Vec<Frame<Bytes>> = payload
+            .chunks(100_000)
+            .map(|c| Frame::data(Bytes::copy_from_slice(c)))
+            .collect();
+        pieces.push(Frame::trailers(sent));
+        let resp = send(&tx, "POST", "/echo", frames(pieces)).await;
+        assert_eq!(resp.status(), 200);
+        let collected = resp.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned().unwrap();
+        assert_eq!(collected.to_bytes(), payload);
+        assert_eq!(trailers["x-method"], "POST");
+        assert_eq!(trailers["x-len"], (3 * 1024 * 1024).to_string());
+        assert_eq!(trailers["x-sent"], "yes");
+
+        // An empty request body: END_STREAM on the request head.
+        let resp = send(&tx, "GET", "/", Empty::<Bytes>::new()).await;
+        let collected = resp.into_body().collect().await.unwrap();
+        assert_eq!(collected.trailers().unwrap()["x-len"], "0");
+    }
+
+    #[tokio::test]
+    async fn streams_are_served_concurrently_in_the_connection_task() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        // The first request is answered only once the second has arrived:
+        // with streams served one after another this would never finish.
+        let second_in = Arc::new(Notify::new());
+        let server = {
+            let second_in = Arc::clone(&second_in);
+            async move {
+                let (tcp, _) = l.accept().await.unwrap();
+                serve(
+                    tcp,
+                    SETTINGS,
+                    std::future::pending(),
+                    |req: Request<RecvBody>| {
+                        let second_in = Arc::clone(&second_in);
+                        async move {
+                            if req.uri().path() == "/first" {
+                                second_in.notified().await;
+                            } else {
+                                second_in.notify_one();
+                            }
+                            Response::new(frames(vec![Frame::data(Bytes::from(
+                                req.uri().path().to_owned(),
+                            ))]))
+                        }
+                    },
+                )
+                .await
+                .unwrap();
+            }
+        };
+        // The server runs on this test's own thread, in one task.
+        tokio::spawn(server);
+        let tx = client(addr).await;
+        let first = {
+            let tx = tx.clone();
+            tokio::spawn(async move { send(&tx, "GET", "/first", Empty::<Bytes>::new()).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let second = send(&tx, "GET", "/second", Empty::<Bytes>::new()).await;
+        let first = tokio::time::timeout(Duration::from_secs(5), first)
+            .await
+            .expect("the first stream was answered")
+            .unwrap();
+        let body = |r: Response<h2client::ResponseBody>| async move {
+            r.into_body().collect().await.unwrap().to_bytes()
+        };
+        assert_eq!(body(first).await, "/first");
+        assert_eq!(body(second).await, "/second");
+    }
+
+    #[tokio::test]
+    async fn a_reset_stream_drops_its_exchange_and_its_response_body() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let server = {
+            let dropped = Arc::clone(&dropped);
+            async move {
+                let (tcp, _) = l.accept().await.unwrap();
+                serve(
+                    tcp,
+                    SETTINGS,
+                    std::future::pending(),
+                    |req: Request<RecvBody>| {
+                        let guard = DropCount(Arc::clone(&dropped));
+                        async move {
+                            if req.uri().path() == "/hang" {
+                                // The response never comes.
+                                std::future::pending::<()>().await;
+                            }
+                            // A head, then a body that never ends.
+                            let body = never_ending().map_frame(move |f| {
+                                let _held = &guard;
+                                f
+                            });
+                            Response::new(body)
+                        }
+                    },
+                )
+                .await
+                .unwrap();
+            }
+        };
+        tokio::spawn(server);
+
+        // Reset while the handler waits: the raw client resets the stream.
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (mut raw, conn) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(conn);
+        let req = Request::get("http://svc.test/hang").body(()).unwrap();
+        let (_response, mut stream) = raw.send_request(req, false).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(dropped.load(Ordering::SeqCst), 0);
+        stream.send_reset(Reason::CANCEL);
+        eventually("the waiting exchange is dropped", || {
+            dropped.load(Ordering::SeqCst) == 1
+        })
+        .await;
+
+        // Reset while the body streams: dropping every handle of the
+        // stream resets it, and the never-ending body is let go.
+        let req = Request::get("http://svc.test/stream").body(()).unwrap();
+        let (response, stream) = raw.send_request(req, true).unwrap();
+        let resp = response.await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(dropped.load(Ordering::SeqCst), 1);
+        drop((resp, stream));
+        eventually("the streaming body is dropped", || {
+            dropped.load(Ordering::SeqCst) == 2
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn stopping_drains_in_flight_exchanges_and_refuses_new_streams() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let release = Arc::new(Notify::new());
+        let server = {
+            let release = Arc::clone(&release);
+            tokio::spawn(async move {
+                let (tcp, _) = l.accept().await.unwrap();
+                let stop = async {
+                    let _ = stop_rx.await;
+                };
+                serve(tcp, SETTINGS, stop, |_req: Request<RecvBody>| {
+                    let release = Arc::clone(&release);
+                    async move {
+                        release.notified().await;
+                        Response::new(frames(vec![Frame::data(Bytes::from_static(b"done"))]))
+                    }
+                })
+                .await
+            })
+        };
+        let tx = client(addr).await;
+        let in_flight = {
+            let tx = tx.clone();
+            tokio::spawn(async move { send(&tx, "GET", "/", Empty::<Bytes>::new()).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stop_tx.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !server.is_finished(),
+            "an exchange in flight holds the connection open"
+        );
+
+        // A stream opened after the GOAWAY is refused.
+        let late = Request::get("http://svc.test/late")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        assert!(
+            tx.send(late).await.is_err(),
+            "a new stream after stop is refused"
+        );
+
+        release.notify_one();
+        let resp = in_flight.await.unwrap();
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "done");
+        let ended = tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the drained connection closes")
+            .unwrap()
+            .unwrap();
+        assert_eq!(ended, Ended::Closed);
+    }
+
+    #[tokio::test]
+    async fn a_drain_that_outlasts_its_timeout_is_cut() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let settings = Settings {
+            max_concurrent_streams: 100,
+            drain_timeout: Duration::from_millis(200),
+        };
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = l.accept().await.unwrap();
+            let stop = async {
+                let _ = stop_rx.await;
+            };
+            serve(tcp, settings, stop, |_req: Request<RecvBody>| async {
+                std::future::pending::<Response<Empty<Bytes>>>().await
+            })
+            .await
+        });
+        let tx = client(addr).await;
+        let stuck = tokio::spawn(async move {
+            let req = Request::get("http://svc.test/")
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            tx.send(req).await.is_err()
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stop_tx.send(()).unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the drain timeout cuts the connection")
+            .unwrap()
+            .unwrap();
+        assert_eq!(ended, Ended::DrainTimedOut);
+        assert!(stuck.await.unwrap(), "the cut stream fails on the client");
+    }
+}
