@@ -12,7 +12,8 @@
 //! windows, 16 KiB frames and header lists, 400 KiB send buffer, and the
 //! caller's limit on concurrent streams. A stream the client resets is
 //! dropped, with the exchange it was waiting on (the request to the
-//! backend is cancelled as with hyper).
+//! backend is cancelled as with hyper). `CONNECT` is answered 405 here, as
+//! by the HTTP/1.1 server: tunnels are not proxied.
 
 use std::future::{Future, poll_fn};
 use std::pin::{Pin, pin};
@@ -24,11 +25,13 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use h2::Reason;
 use h2::server::SendResponse;
-use http::{Request, Response};
+use http::header::CONTENT_TYPE;
+use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Sleep;
 
+use super::error::ErrorKind;
 use super::h1::BoxError;
 use super::h2body::{self, RecvBody};
 
@@ -112,6 +115,10 @@ where
             while let Poll::Ready(Some(())) = exchanges.poll_next_unpin(cx) {}
             match conn.poll_accept(cx) {
                 Poll::Ready(Some(Ok((req, respond)))) => {
+                    if req.method() == Method::CONNECT {
+                        refuse_connect(respond);
+                        continue;
+                    }
                     let (parts, recv) = req.into_parts();
                     let body = RecvBody::new(recv, &parts.headers, ());
                     exchanges.push(exchange(handler(Request::from_parts(parts, body)), respond));
@@ -124,6 +131,23 @@ where
         }
     })
     .await
+}
+
+/// Answers a CONNECT request 405 (tunnels are not proxied), as the
+/// HTTP/1.1 server does.
+fn refuse_connect(mut respond: SendResponse<Bytes>) {
+    let head = Response::builder()
+        .status(StatusCode::METHOD_NOT_ALLOWED)
+        .header(CONTENT_TYPE, "text/plain; charset=utf-8")
+        .header("x-elsinore-error", ErrorKind::Protocol.as_str())
+        .body(());
+    let Ok(head) = head else { return };
+    if let Ok(mut tx) = respond.send_response(head, false) {
+        let _ = tx.send_data(
+            Bytes::from_static(b"CONNECT tunnels are not proxied\n"),
+            true,
+        );
+    }
 }
 
 /// One stream: the handler's response (unless the client resets the stream
@@ -410,6 +434,49 @@ mod tests {
             dropped.load(Ordering::SeqCst) == 2
         })
         .await;
+    }
+
+    #[tokio::test]
+    async fn connect_is_refused_without_reaching_the_handler() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let handled = Arc::new(AtomicUsize::new(0));
+        {
+            let handled = Arc::clone(&handled);
+            tokio::spawn(async move {
+                let (tcp, _) = l.accept().await.unwrap();
+                serve(
+                    tcp,
+                    SETTINGS,
+                    std::future::pending(),
+                    |_req: Request<RecvBody>| {
+                        handled.fetch_add(1, Ordering::SeqCst);
+                        async { Response::new(Empty::<Bytes>::new()) }
+                    },
+                )
+                .await
+                .unwrap();
+            });
+        }
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (mut raw, conn) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri("svc.test:443")
+            .body(())
+            .unwrap();
+        let (response, _stream) = raw.send_request(req, false).unwrap();
+        let resp = response.await.unwrap();
+        assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(resp.headers()["x-elsinore-error"], "protocol");
+        let body = RecvBody::new(resp.into_body(), &HeaderMap::new(), ())
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(body, "CONNECT tunnels are not proxied\n");
+        assert_eq!(handled.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test]
