@@ -230,7 +230,7 @@ impl H1Client {
 
         let (mut conn, mut reused) = match self.inner.pool.checkout() {
             Some(c) => (c, true),
-            None => (self.connect().await?, false),
+            None => (Box::pin(self.connect()).await?, false),
         };
         loop {
             let attempt = exchange(&mut conn, &head, body.as_mut(), framing, is_head).await;
@@ -243,7 +243,7 @@ impl H1Client {
                 // was taken from the peer.
                 Err(f) if f.stale && reused && framing == Outgoing::Empty => {
                     tracing::debug!(backend = %conn.addr, error = %f.error, "pooled backend connection was closed; retrying on a new one");
-                    conn = self.connect().await?;
+                    conn = Box::pin(self.connect()).await?;
                     reused = false;
                 }
                 Err(f) => return Err(f.error),
