@@ -201,6 +201,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::net::{TcpListener, TcpStream};
     use tokio::sync::{Notify, oneshot};
+    use tokio::task::JoinHandle;
 
     type Frames =
         StreamBody<futures_util::stream::BoxStream<'static, Result<Frame<Bytes>, Infallible>>>;
@@ -222,11 +223,52 @@ mod tests {
         }
     }
 
+    const SETTINGS: Settings = Settings {
+        max_concurrent_streams: 100,
+        drain_timeout: Duration::from_secs(5),
+    };
+
+    /// Serves the first connection to a fresh loopback listener in a task
+    /// of its own.
+    async fn one_connection<F, Fut, B>(
+        settings: Settings,
+        stop: impl Future<Output = ()> + Send + 'static,
+        handler: F,
+    ) -> (SocketAddr, JoinHandle<Result<Ended, h2::Error>>)
+    where
+        F: FnMut(Request<RecvBody>) -> Fut + Send + 'static,
+        Fut: Future<Output = Response<B>> + Send + 'static,
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (tcp, _) = l.accept().await.unwrap();
+            serve(tcp, settings, stop, handler).await
+        });
+        (addr, task)
+    }
+
+    /// Until `rx` fires (or its sender is dropped).
+    async fn until(rx: oneshot::Receiver<()>) {
+        let _ = rx.await;
+    }
+
     async fn client(addr: SocketAddr) -> Sender {
         let tcp = TcpStream::connect(addr).await.unwrap();
         h2client::handshake(tcp, tracing::Span::none())
             .await
             .unwrap()
+    }
+
+    /// The `h2` crate's own client, for what ours never does (CONNECT,
+    /// resetting a stream on purpose).
+    async fn raw_client(addr: SocketAddr) -> h2::client::SendRequest<Bytes> {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (raw, conn) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(conn);
+        raw
     }
 
     async fn send<B>(
@@ -250,6 +292,10 @@ mod tests {
         }
     }
 
+    async fn text(resp: Response<h2client::ResponseBody>) -> Bytes {
+        resp.into_body().collect().await.unwrap().to_bytes()
+    }
+
     async fn eventually(what: &str, check: impl Fn() -> bool) {
         tokio::time::timeout(Duration::from_secs(5), async {
             while !check() {
@@ -260,40 +306,24 @@ mod tests {
         .unwrap_or_else(|_| panic!("{what} within 5 s"));
     }
 
-    const SETTINGS: Settings = Settings {
-        max_concurrent_streams: 100,
-        drain_timeout: Duration::from_secs(5),
-    };
-
     #[tokio::test]
     async fn bodies_larger_than_the_window_and_trailers_cross_both_ways() {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (tcp, _) = l.accept().await.unwrap();
-            // Echoes the body, then trailers naming the method and the byte
-            // count and the request's own trailer.
-            serve(
-                tcp,
-                SETTINGS,
-                std::future::pending(),
-                |req: Request<RecvBody>| async move {
-                    let method = req.method().to_string();
-                    let collected = req.into_body().collect().await.unwrap();
-                    let sent = collected.trailers().and_then(|t| t.get("x-sent")).cloned();
-                    let body = collected.to_bytes();
-                    let mut trailers = HeaderMap::new();
-                    trailers.insert("x-method", method.parse().unwrap());
-                    trailers.insert("x-len", body.len().to_string().parse().unwrap());
-                    if let Some(v) = sent {
-                        trailers.insert("x-sent", v);
-                    }
-                    Response::new(frames(vec![Frame::data(body), Frame::trailers(trailers)]))
-                },
-            )
-            .await
-            .unwrap();
-        });
+        // Echoes the body, then trailers naming the method and the byte
+        // count and the request's own trailer.
+        let echo = |req: Request<RecvBody>| async move {
+            let method = req.method().to_string();
+            let collected = req.into_body().collect().await.unwrap();
+            let sent = collected.trailers().and_then(|t| t.get("x-sent")).cloned();
+            let body = collected.to_bytes();
+            let mut trailers = HeaderMap::new();
+            trailers.insert("x-method", method.parse().unwrap());
+            trailers.insert("x-len", body.len().to_string().parse().unwrap());
+            if let Some(v) = sent {
+                trailers.insert("x-sent", v);
+            }
+            Response::new(frames(vec![Frame::data(body), Frame::trailers(trailers)]))
+        };
+        let (addr, _server) = one_connection(SETTINGS, std::future::pending(), echo).await;
         let tx = client(addr).await;
 
         // 3 MiB: more than the 1 MiB windows in each direction.
@@ -322,39 +352,22 @@ mod tests {
 
     #[tokio::test]
     async fn streams_are_served_concurrently_in_the_connection_task() {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
         // The first request is answered only once the second has arrived:
         // with streams served one after another this would never finish.
         let second_in = Arc::new(Notify::new());
-        let server = {
+        let handler = move |req: Request<RecvBody>| {
             let second_in = Arc::clone(&second_in);
             async move {
-                let (tcp, _) = l.accept().await.unwrap();
-                serve(
-                    tcp,
-                    SETTINGS,
-                    std::future::pending(),
-                    |req: Request<RecvBody>| {
-                        let second_in = Arc::clone(&second_in);
-                        async move {
-                            if req.uri().path() == "/first" {
-                                second_in.notified().await;
-                            } else {
-                                second_in.notify_one();
-                            }
-                            Response::new(frames(vec![Frame::data(Bytes::from(
-                                req.uri().path().to_owned(),
-                            ))]))
-                        }
-                    },
-                )
-                .await
-                .unwrap();
+                let path = req.uri().path().to_owned();
+                if path == "/first" {
+                    second_in.notified().await;
+                } else {
+                    second_in.notify_one();
+                }
+                Response::new(frames(vec![Frame::data(Bytes::from(path))]))
             }
         };
-        // The server runs on this test's own thread, in one task.
-        tokio::spawn(server);
+        let (addr, _server) = one_connection(SETTINGS, std::future::pending(), handler).await;
         let tx = client(addr).await;
         let first = {
             let tx = tx.clone();
@@ -366,52 +379,35 @@ mod tests {
             .await
             .expect("the first stream was answered")
             .unwrap();
-        let body = |r: Response<h2client::ResponseBody>| async move {
-            r.into_body().collect().await.unwrap().to_bytes()
-        };
-        assert_eq!(body(first).await, "/first");
-        assert_eq!(body(second).await, "/second");
+        assert_eq!(text(first).await, "/first");
+        assert_eq!(text(second).await, "/second");
     }
 
     #[tokio::test]
     async fn a_reset_stream_drops_its_exchange_and_its_response_body() {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
         let dropped = Arc::new(AtomicUsize::new(0));
-        let server = {
+        let handler = {
             let dropped = Arc::clone(&dropped);
-            async move {
-                let (tcp, _) = l.accept().await.unwrap();
-                serve(
-                    tcp,
-                    SETTINGS,
-                    std::future::pending(),
-                    |req: Request<RecvBody>| {
-                        let guard = DropCount(Arc::clone(&dropped));
-                        async move {
-                            if req.uri().path() == "/hang" {
-                                // The response never comes.
-                                std::future::pending::<()>().await;
-                            }
-                            // A head, then a body that never ends.
-                            let body = never_ending().map_frame(move |f| {
-                                let _held = &guard;
-                                f
-                            });
-                            Response::new(body)
-                        }
-                    },
-                )
-                .await
-                .unwrap();
+            move |req: Request<RecvBody>| {
+                let guard = DropCount(Arc::clone(&dropped));
+                async move {
+                    if req.uri().path() == "/hang" {
+                        // The response never comes.
+                        std::future::pending::<()>().await;
+                    }
+                    // A head, then a body that never ends.
+                    let body = never_ending().map_frame(move |f| {
+                        let _held = &guard;
+                        f
+                    });
+                    Response::new(body)
+                }
             }
         };
-        tokio::spawn(server);
+        let (addr, _server) = one_connection(SETTINGS, std::future::pending(), handler).await;
+        let mut raw = raw_client(addr).await;
 
-        // Reset while the handler waits: the raw client resets the stream.
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let (mut raw, conn) = h2::client::handshake(tcp).await.unwrap();
-        tokio::spawn(conn);
+        // Reset while the handler waits.
         let req = Request::get("http://svc.test/hang").body(()).unwrap();
         let (_response, mut stream) = raw.send_request(req, false).unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -438,29 +434,16 @@ mod tests {
 
     #[tokio::test]
     async fn connect_is_refused_without_reaching_the_handler() {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
         let handled = Arc::new(AtomicUsize::new(0));
-        {
+        let handler = {
             let handled = Arc::clone(&handled);
-            tokio::spawn(async move {
-                let (tcp, _) = l.accept().await.unwrap();
-                serve(
-                    tcp,
-                    SETTINGS,
-                    std::future::pending(),
-                    |_req: Request<RecvBody>| {
-                        handled.fetch_add(1, Ordering::SeqCst);
-                        async { Response::new(Empty::<Bytes>::new()) }
-                    },
-                )
-                .await
-                .unwrap();
-            });
-        }
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let (mut raw, conn) = h2::client::handshake(tcp).await.unwrap();
-        tokio::spawn(conn);
+            move |_req: Request<RecvBody>| {
+                handled.fetch_add(1, Ordering::SeqCst);
+                async { Response::new(Empty::<Bytes>::new()) }
+            }
+        };
+        let (addr, _server) = one_connection(SETTINGS, std::future::pending(), handler).await;
+        let mut raw = raw_client(addr).await;
         let req = Request::builder()
             .method(Method::CONNECT)
             .uri("svc.test:443")
@@ -481,27 +464,19 @@ mod tests {
 
     #[tokio::test]
     async fn stopping_drains_in_flight_exchanges_and_refuses_new_streams() {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let release = Arc::new(Notify::new());
-        let server = {
+        let handler = {
             let release = Arc::clone(&release);
-            tokio::spawn(async move {
-                let (tcp, _) = l.accept().await.unwrap();
-                let stop = async {
-                    let _ = stop_rx.await;
-                };
-                serve(tcp, SETTINGS, stop, |_req: Request<RecvBody>| {
-                    let release = Arc::clone(&release);
-                    async move {
-                        release.notified().await;
-                        Response::new(frames(vec![Frame::data(Bytes::from_static(b"done"))]))
-                    }
-                })
-                .await
-            })
+            move |_req: Request<RecvBody>| {
+                let release = Arc::clone(&release);
+                async move {
+                    release.notified().await;
+                    Response::new(frames(vec![Frame::data(Bytes::from_static(b"done"))]))
+                }
+            }
         };
+        let (addr, server) = one_connection(SETTINGS, until(stop_rx), handler).await;
         let tx = client(addr).await;
         let in_flight = {
             let tx = tx.clone();
@@ -525,8 +500,7 @@ mod tests {
         );
 
         release.notify_one();
-        let resp = in_flight.await.unwrap();
-        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "done");
+        assert_eq!(text(in_flight.await.unwrap()).await, "done");
         let ended = tokio::time::timeout(Duration::from_secs(5), server)
             .await
             .expect("the drained connection closes")
@@ -537,23 +511,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_drain_that_outlasts_its_timeout_is_cut() {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
         let settings = Settings {
             max_concurrent_streams: 100,
             drain_timeout: Duration::from_millis(200),
         };
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let server = tokio::spawn(async move {
-            let (tcp, _) = l.accept().await.unwrap();
-            let stop = async {
-                let _ = stop_rx.await;
-            };
-            serve(tcp, settings, stop, |_req: Request<RecvBody>| async {
-                std::future::pending::<Response<Empty<Bytes>>>().await
-            })
-            .await
-        });
+        let handler = |_req: Request<RecvBody>| async {
+            std::future::pending::<Response<Empty<Bytes>>>().await
+        };
+        let (addr, server) = one_connection(settings, until(stop_rx), handler).await;
         let tx = client(addr).await;
         let stuck = tokio::spawn(async move {
             let req = Request::get("http://svc.test/")
