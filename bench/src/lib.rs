@@ -3,10 +3,12 @@
 //! average), a small HTTP/1.1 GET for admin endpoints, loopback ports,
 //! certificate minting through `elsinore certs init`, medians and log tails.
 
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, ensure};
@@ -101,10 +103,23 @@ pub fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// A loopback port that was free a moment ago (bound to port 0, then released).
+/// A loopback port that was free a moment ago (bound to port 0, then
+/// released) and that this process has not handed out before: the kernel
+/// may give the same released port to two binds in a row, and a gateway
+/// then (rightly) refuses a config with two listeners on one port.
 pub fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    for _ in 0..1000 {
+        let listener = TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+        if handed_out.insert(port) {
+            return Ok(port);
+        }
+    }
+    Err(anyhow!(
+        "no loopback port that was not handed out already, in 1,000 binds"
+    ))
 }
 
 /// One `GET` with `Connection: close`: the status and the body. A chunked
@@ -185,6 +200,16 @@ pub fn median(mut xs: Vec<f64>) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_ports_are_never_handed_out_twice() {
+        // 2,000 binds to port 0 draw from ~28,000 ephemeral ports: without
+        // the memory of what was handed out, a repeat is all but certain.
+        let ports: Vec<u16> = (0..2000).map_while(|_| free_port().ok()).collect();
+        assert_eq!(ports.len(), 2000);
+        let distinct: BTreeSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), ports.len());
+    }
 
     #[test]
     fn median_skips_what_is_not_a_number() {
