@@ -69,11 +69,11 @@ pub async fn serve<T, F, Fut, B>(
     io: T,
     settings: Settings,
     stop: impl Future<Output = ()>,
-    mut handler: F,
+    handler: F,
 ) -> Result<Ended, h2::Error>
 where
     T: AsyncRead + AsyncWrite + Unpin,
-    F: FnMut(Request<RecvBody>) -> Fut,
+    F: Fn(Request<RecvBody>) -> Fut,
     Fut: Future<Output = Response<B>>,
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
@@ -121,7 +121,8 @@ where
                     }
                     let (parts, recv) = req.into_parts();
                     let body = RecvBody::new(recv, &parts.headers, ());
-                    exchanges.push(exchange(handler(Request::from_parts(parts, body)), respond));
+                    let req = Request::from_parts(parts, body);
+                    exchanges.push(exchange(&handler, req, respond));
                 }
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
                 // Closed: no stream can move any more.
@@ -151,14 +152,18 @@ fn refuse_connect(mut respond: SendResponse<Bytes>) {
 }
 
 /// One stream: the handler's response (unless the client resets the stream
-/// first), then its body.
-async fn exchange<Fut, B>(response: Fut, mut respond: SendResponse<Bytes>)
+/// first), then its body. The handler's future is made here, in place: taken
+/// as an argument, it would be kept twice in this future's state (as the
+/// argument and pinned), and that state is allocated and filled for every
+/// request.
+async fn exchange<F, Fut, B>(handler: &F, req: Request<RecvBody>, mut respond: SendResponse<Bytes>)
 where
+    F: Fn(Request<RecvBody>) -> Fut,
     Fut: Future<Output = Response<B>>,
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    let mut response = pin!(response);
+    let mut response = pin!(handler(req));
     let response = poll_fn(|cx| {
         if let Poll::Ready(r) = response.as_mut().poll(cx) {
             return Poll::Ready(Some(r));
@@ -236,7 +241,7 @@ mod tests {
         handler: F,
     ) -> (SocketAddr, JoinHandle<Result<Ended, h2::Error>>)
     where
-        F: FnMut(Request<RecvBody>) -> Fut + Send + 'static,
+        F: Fn(Request<RecvBody>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Response<B>> + Send + 'static,
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
@@ -430,6 +435,51 @@ mod tests {
             dropped.load(Ordering::SeqCst) == 2
         })
         .await;
+    }
+
+    /// The size of what `handler` returns.
+    fn output_size<F, Fut>(_: &F) -> usize
+    where
+        F: Fn(Request<RecvBody>) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    #[tokio::test]
+    async fn an_exchange_keeps_the_handler_future_once() {
+        // A handler whose future is large.
+        let handler = |req: Request<RecvBody>| async move {
+            let state = [7u8; 4096];
+            tokio::task::yield_now().await;
+            drop(req);
+            Response::new(frames(vec![Frame::data(Bytes::copy_from_slice(
+                &state[..1],
+            ))]))
+        };
+        let alone = output_size(&handler);
+        assert!(alone > 4096);
+
+        // One real stream, taken off the connection by hand.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let _client = tokio::spawn(async move {
+            let mut raw = raw_client(addr).await;
+            let req = Request::get("http://svc.test/").body(()).unwrap();
+            let (response, _stream) = raw.send_request(req, true).unwrap();
+            let _ = response.await;
+        });
+        let (tcp, _) = l.accept().await.unwrap();
+        let mut conn: h2::server::Connection<TcpStream, Bytes> =
+            h2::server::handshake(tcp).await.unwrap();
+        let (req, respond) = conn.accept().await.unwrap().unwrap();
+        let (parts, recv) = req.into_parts();
+        let req = Request::from_parts(parts, RecvBody::new(recv, &HeaderMap::new(), ()));
+
+        let size = std::mem::size_of_val(&exchange(&handler, req, respond));
+        assert!(
+            size < alone + 1024,
+            "the handler's future is {alone} bytes, its exchange {size}"
+        );
     }
 
     #[tokio::test]
