@@ -837,12 +837,7 @@ where
         *keep_alive = false;
         Out::Close
     };
-    if parts
-        .headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"))
-    {
+    if connection_has(&parts.headers, "close") {
         *keep_alive = false;
     }
     for (name, value) in &parts.headers {
@@ -1053,6 +1048,12 @@ mod tests {
             resp.headers_mut()
                 .insert("x-got-trailer", HeaderValue::from_str(&t).unwrap());
         }
+        if parts.uri.path() == "/close-in-a-list" {
+            resp.headers_mut().insert(
+                header::CONNECTION,
+                HeaderValue::from_static("x-trace, close"),
+            );
+        }
         resp
     }
 
@@ -1089,6 +1090,20 @@ mod tests {
             .expect("server closes the connection")
             .unwrap();
         String::from_utf8(out).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_response_whose_connection_list_names_close_ends_the_connection() {
+        let addr = server(settings()).await;
+        let got = exchange(
+            addr,
+            b"GET /close-in-a-list HTTP/1.1\r\nHost: x\r\n\r\n\
+              GET /second HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+        .await;
+        assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+        assert!(got.contains("connection: close\r\n"), "{got}");
+        assert!(!got.contains("/second"), "answered after close: {got}");
     }
 
     #[tokio::test]
