@@ -373,10 +373,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HeadError> {
     let method = Method::from_bytes(method_text.as_bytes())
         .map_err(|_| bad(format!("invalid method {method_text:?}")))?;
     if method == Method::CONNECT {
-        return Err(refused(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "CONNECT tunnels are not proxied",
-        ));
+        return Err(refused(StatusCode::METHOD_NOT_ALLOWED, CONNECT_REFUSED));
     }
     let target = req.path.unwrap_or_default();
     let uri: Uri = target
@@ -949,13 +946,13 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name.as_str() == "proxy-connection"
 }
 
-/// Refuses a request the loop cannot read: status, reason, close.
-async fn write_refusal(
-    wr: &mut OwnedWriteHalf,
-    status: StatusCode,
-    why: &str,
-) -> Result<(), ConnError> {
-    let mut resp = Response::new(http_body_util::Full::new(Bytes::from(format!("{why}\n"))));
+/// Why `CONNECT` is refused, by this server and by the HTTP/2 one.
+pub(super) const CONNECT_REFUSED: &str = "CONNECT tunnels are not proxied";
+
+/// The answer to a request refused for its protocol: `status`, the reason
+/// as text and `x-elsinore-error: protocol`.
+pub(super) fn refusal(status: StatusCode, why: &str) -> Response<Bytes> {
+    let mut resp = Response::new(Bytes::from(format!("{why}\n")));
     *resp.status_mut() = status;
     let headers = resp.headers_mut();
     headers.insert(
@@ -966,6 +963,16 @@ async fn write_refusal(
         "x-elsinore-error",
         HeaderValue::from_static(ErrorKind::Protocol.as_str()),
     );
+    resp
+}
+
+/// Refuses a request the loop cannot read: status, reason, close.
+async fn write_refusal(
+    wr: &mut OwnedWriteHalf,
+    status: StatusCode,
+    why: &str,
+) -> Result<(), ConnError> {
+    let resp = refusal(status, why).map(http_body_util::Full::new);
     let mut keep_alive = false;
     write_response(wr, resp, &Method::GET, Version::HTTP_11, &mut keep_alive).await?;
     wr.shutdown().await.map_err(ConnError::Write)

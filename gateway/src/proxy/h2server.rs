@@ -25,14 +25,12 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use h2::Reason;
 use h2::server::SendResponse;
-use http::header::CONTENT_TYPE;
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Sleep;
 
-use super::error::ErrorKind;
-use super::h1::BoxError;
+use super::h1::{self, BoxError};
 use super::h2body::{self, RecvBody};
 
 const STREAM_WINDOW: u32 = 1024 * 1024;
@@ -137,17 +135,10 @@ where
 /// Answers a CONNECT request 405 (tunnels are not proxied), as the
 /// HTTP/1.1 server does.
 fn refuse_connect(mut respond: SendResponse<Bytes>) {
-    let head = Response::builder()
-        .status(StatusCode::METHOD_NOT_ALLOWED)
-        .header(CONTENT_TYPE, "text/plain; charset=utf-8")
-        .header("x-elsinore-error", ErrorKind::Protocol.as_str())
-        .body(());
-    let Ok(head) = head else { return };
-    if let Ok(mut tx) = respond.send_response(head, false) {
-        let _ = tx.send_data(
-            Bytes::from_static(b"CONNECT tunnels are not proxied\n"),
-            true,
-        );
+    let (parts, body) =
+        h1::refusal(StatusCode::METHOD_NOT_ALLOWED, h1::CONNECT_REFUSED).into_parts();
+    if let Ok(mut tx) = respond.send_response(Response::from_parts(parts, ()), false) {
+        let _ = tx.send_data(body, true);
     }
 }
 
