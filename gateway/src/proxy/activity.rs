@@ -11,6 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::sync::CancellationToken;
 
 /// When bytes last moved on a connection (milliseconds since `epoch`; an
 /// atomic store per read or write, no timer reset per chunk).
@@ -40,6 +41,21 @@ impl Activity {
                 return;
             }
             tokio::time::sleep_until(last + idle).await;
+        }
+    }
+}
+
+impl Activity {
+    /// Resolves once `shutdown` is cancelled or nothing moved for `idle`,
+    /// naming which: when an HTTP connection is told to stop.
+    pub(crate) async fn idle_or_shutdown(
+        &self,
+        idle: Duration,
+        shutdown: &CancellationToken,
+    ) -> &'static str {
+        tokio::select! {
+            () = shutdown.cancelled() => "shutting down",
+            () = self.idle(idle) => "idle",
         }
     }
 }

@@ -712,10 +712,7 @@ impl Egress {
         };
         let idle = self.ctx.tuning.idle_timeout;
         let stop = async {
-            let reason = tokio::select! {
-                () = self.ctx.shutdown.cancelled() => "shutting down",
-                () = activity.idle(idle) => "idle",
-            };
+            let reason = activity.idle_or_shutdown(idle, &self.ctx.shutdown).await;
             tracing::debug!(reason, "closing downstream h2c connection gracefully");
         };
         let settings = h2server::Settings {

@@ -192,7 +192,7 @@ impl Sender {
         let (parts, body) = req.into_parts();
         let end = body.is_end_stream();
         let head = Request::from_parts(parts, ());
-        let (response, stream) = match tx.send_request(head, end) {
+        let (response, mut stream) = match tx.send_request(head, end) {
             Ok(sent) => sent,
             // The head is gone with it; only a closed connection or a
             // malformed head get here, neither worth a retry.
@@ -202,7 +202,6 @@ impl Sender {
         if !end {
             tokio::spawn(
                 async move {
-                    let mut stream = stream;
                     if let Err(error) = h2body::pipe(body, &mut stream, Reason::CANCEL).await {
                         tracing::debug!(%error, "request body not sent whole");
                     }

@@ -90,22 +90,14 @@ where
     let mut drain: Option<Pin<Box<Sleep>>> = None;
     let mut exchanges = FuturesUnordered::new();
     poll_fn(|cx| {
-        match drain.as_mut() {
-            None => {
-                if stop.as_mut().poll(cx).is_ready() {
-                    conn.graceful_shutdown();
-                    let mut timer = Box::pin(tokio::time::sleep(settings.drain_timeout));
-                    if timer.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Ok(Ended::DrainTimedOut));
-                    }
-                    drain = Some(timer);
-                }
-            }
-            Some(timer) => {
-                if timer.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Ok(Ended::DrainTimedOut));
-                }
-            }
+        if drain.is_none() && stop.as_mut().poll(cx).is_ready() {
+            conn.graceful_shutdown();
+            drain = Some(Box::pin(tokio::time::sleep(settings.drain_timeout)));
+        }
+        if let Some(timer) = drain.as_mut()
+            && timer.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Ok(Ended::DrainTimedOut));
         }
         loop {
             // Exchanges first: what they queued is written by the

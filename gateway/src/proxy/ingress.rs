@@ -637,12 +637,8 @@ async fn serve_http(tls: PeerStream, conn: Arc<HttpConn>, inner: &Inner) {
     if h2 {
         // What peer gateways speak: HTTP/2, served in this task.
         let stop = async {
-            tokio::select! {
-                () = inner.ctx.shutdown.cancelled() => {}
-                () = activity.idle(idle) => {
-                    tracing::debug!("ingress http connection idle for {idle:?}; closing");
-                }
-            }
+            let reason = activity.idle_or_shutdown(idle, &inner.ctx.shutdown).await;
+            tracing::debug!(reason, "closing ingress http connection gracefully");
         };
         let settings = h2server::Settings {
             max_concurrent_streams: tuning.http2_max_concurrent_streams,
