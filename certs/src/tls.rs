@@ -174,6 +174,16 @@ pub fn server_config(
     bundles: &[TrustBundle],
     alpn: &[&[u8]],
 ) -> Result<Arc<rustls::ServerConfig>, CertError> {
+    server_config_with_versions(identity, bundles, alpn, rustls::DEFAULT_VERSIONS)
+}
+
+/// [`server_config`] offering only the given TLS `versions`.
+pub fn server_config_with_versions(
+    identity: &Identity,
+    bundles: &[TrustBundle],
+    alpn: &[&[u8]],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Result<Arc<rustls::ServerConfig>, CertError> {
     if bundles.is_empty() {
         return Err(CertError::NoTrustBundles);
     }
@@ -193,7 +203,7 @@ pub fn server_config(
         verified: VerifiedChains::default(),
     };
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
+        .with_protocol_versions(versions)?
         .with_client_cert_verifier(Arc::new(verifier))
         .with_single_cert(identity.cert_chain().to_vec(), identity.private_key())?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
@@ -220,6 +230,17 @@ pub fn client_config(
     allowed_ids: Option<&[SpiffeId]>,
     alpn: &[&[u8]],
 ) -> Result<Arc<rustls::ClientConfig>, CertError> {
+    client_config_with_versions(identity, peer, allowed_ids, alpn, rustls::DEFAULT_VERSIONS)
+}
+
+/// [`client_config`] offering only the given TLS `versions`.
+pub fn client_config_with_versions(
+    identity: &Identity,
+    peer: &TrustBundle,
+    allowed_ids: Option<&[SpiffeId]>,
+    alpn: &[&[u8]],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Result<Arc<rustls::ClientConfig>, CertError> {
     let provider = provider();
     let verifier = SpiffeServerVerifier {
         bundle: peer.clone(),
@@ -228,7 +249,7 @@ pub fn client_config(
         verified: VerifiedChains::default(),
     };
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
+        .with_protocol_versions(versions)?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_auth_cert(identity.cert_chain().to_vec(), identity.private_key())?;

@@ -26,8 +26,8 @@ pub mod h2client;
 pub mod h2server;
 pub mod ingress;
 pub mod pool;
-pub mod readahead;
 pub mod splice;
+pub mod tls;
 
 /// The header in which ingress hands the verified peer identity (SPIFFE ID)
 /// to the backend. Any copy a peer sends is stripped first.

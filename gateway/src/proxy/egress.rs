@@ -32,8 +32,6 @@ use hyper::body::{Body, Bytes};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
-use tokio_rustls::TlsConnector;
-use tokio_rustls::client::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -44,8 +42,8 @@ use super::h1::{self, BoxError};
 use super::h2client::{self, SendError};
 use super::h2server;
 use super::pool::{H2Pool, PoolHandle, PoolKey, PoolLimits};
-use super::readahead::ReadAhead;
 use super::splice::splice;
+use super::tls::{self, TlsStream};
 use crate::dns::resolver::{self, ConnectError};
 use crate::dns::vip::{VipEntry, VipTable};
 
@@ -552,13 +550,11 @@ impl Egress {
                         ),
                     )
                 })?;
-        let config = if self.ctx.tuning.tls_resumption {
-            config
-        } else {
-            let mut c = (*config).clone();
-            c.resumption = rustls::client::Resumption::disabled();
-            Arc::new(c)
-        };
+        let mut config = (*config).clone();
+        if !self.ctx.tuning.tls_resumption {
+            config.resumption = rustls::client::Resumption::disabled();
+        }
+        let config = tls::client_config(&config);
         let mut cache = lock(&self.tls);
         if cache.len() >= TLS_CACHE_MAX {
             cache.clear();
@@ -574,7 +570,7 @@ impl Egress {
         endpoint: &Endpoint,
         sni: &str,
         config: Arc<rustls::ClientConfig>,
-    ) -> Result<TlsStream<ReadAhead<TcpStream>>, ProxyError> {
+    ) -> Result<TlsStream<TcpStream>, ProxyError> {
         let tuning = &self.ctx.tuning;
         let target = format!("{}:{}", endpoint.address, endpoint.port);
         let timeout = tuning.connect_timeout;
@@ -600,7 +596,7 @@ impl Egress {
                 )
                 .with_retry_safe(false)
             })?;
-        let handshake = TlsConnector::from(config).connect(server_name, ReadAhead::new(tcp));
+        let handshake = tls::connect(config, server_name, tcp);
         match tokio::time::timeout(tuning.handshake_timeout, handshake).await {
             Ok(Ok(tls)) => {
                 EgressStats::bump(&self.stats.upstream_connects);
@@ -914,7 +910,7 @@ impl Egress {
     ) -> Result<h2client::Sender, ProxyError> {
         let tls = self.dial_tls(entry, endpoint, sni, config).await?;
         let target = format!("{}:{}", endpoint.address, endpoint.port);
-        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+        if tls.alpn_protocol() != Some(b"h2") {
             return Err(ProxyError::upstream(
                 ErrorKind::Protocol,
                 format!("{target} (SNI {sni}) did not negotiate HTTP/2 (ALPN h2)"),

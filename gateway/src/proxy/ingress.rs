@@ -43,8 +43,6 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
 use tracing::{Instrument, field};
 
 use super::activity::{Activity, ActivityIo};
@@ -53,15 +51,15 @@ use super::error::{ErrorKind, ProxyError};
 use super::h1client::{H1Client, ResponseBody};
 use super::h2body::RecvBody;
 use super::h2server;
-use super::readahead::ReadAhead;
 use super::splice::splice;
+use super::tls::{self, TlsStream};
 use super::{PEER_IDENTITY_HEADER, ProxyContext, STRIPPED_IDENTITY_HEADERS, has_any};
 use crate::catalog::ExportCatalog;
 use crate::catalog::exports::ExportedService;
 use crate::config::{HostPort, ProxyTuning};
 
 /// A peer's mTLS connection, boxed (see `handle`).
-type PeerStream = Box<TlsStream<ReadAhead<TcpStream>>>;
+type PeerStream = Box<TlsStream<TcpStream>>;
 
 /// How long connections get to finish after shutdown is signalled before
 /// they are cut.
@@ -190,16 +188,13 @@ pub async fn serve(
             format!("building the ingress tls config: {e}"),
         )
     })?;
-    let tls = if ctx.tuning.tls_resumption {
-        tls
-    } else {
-        let mut c = (*tls).clone();
-        c.send_tls13_tickets = 0;
-        c.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-        Arc::new(c)
-    };
+    let mut tls = (*tls).clone();
+    if !ctx.tuning.tls_resumption {
+        tls.send_tls13_tickets = 0;
+        tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    }
     let inner = Arc::new(Inner {
-        acceptor: TlsAcceptor::from(tls),
+        tls: tls::server_config(&tls),
         routes: RouteCache::new(ctx.tuning.clone()),
         limit: Arc::new(Semaphore::new(
             ctx.tuning.max_connections.min(Semaphore::MAX_PERMITS),
@@ -280,7 +275,7 @@ pub async fn serve(
 /// What every connection task of one listener shares.
 struct Inner {
     ctx: ProxyContext,
-    acceptor: TlsAcceptor,
+    tls: Arc<rustls::ServerConfig>,
     routes: RouteCache,
     limit: Arc<Semaphore>,
     stats: Arc<IngressStats>,
@@ -313,15 +308,15 @@ async fn refuse<S: AsyncWrite + Unpin>(
 async fn handle(tcp: TcpStream, inner: &Arc<Inner>) {
     let _ = tcp.set_nodelay(true);
     let none = None::<TcpStream>;
-    let tls = match tokio::time::timeout(
+    let (tls, accepted) = match tokio::time::timeout(
         inner.tuning().handshake_timeout,
-        Box::pin(inner.acceptor.accept(ReadAhead::new(tcp))),
+        Box::pin(tls::accept(Arc::clone(&inner.tls), tcp)),
     )
     .await
     {
         // Boxed once: the stream moves through several futures, and each
         // by-value move would otherwise reserve its own slot in the task.
-        Ok(Ok(tls)) => Box::new(tls),
+        Ok(Ok((tls, accepted))) => (Box::new(tls), accepted),
         Ok(Err(e)) => {
             return refuse(
                 inner,
@@ -340,12 +335,11 @@ async fn handle(tcp: TcpStream, inner: &Arc<Inner>) {
         }
     };
     let span = tracing::Span::current();
-    let conn = tls.get_ref().1;
 
     // Who is calling: the trust domain of the verified SPIFFE ID names the
     // peer. The TLS layer accepts an unknown trust domain signed by one of
     // our bundles' CAs, so this check is what refuses it.
-    let peer_id = match elsinore_certs::peer_spiffe_id(conn.peer_certificates()) {
+    let peer_id = match elsinore_certs::peer_spiffe_id(accepted.peer_certificates.as_deref()) {
         Ok(id) => id,
         Err(e) => {
             let detail = format!("no usable peer identity: {e}");
@@ -362,7 +356,7 @@ async fn handle(tcp: TcpStream, inner: &Arc<Inner>) {
     let peer_name = peer.config.name.clone();
     span.record("peer", peer_name.as_str());
 
-    let Some(sni) = conn.server_name().map(normalize_host) else {
+    let Some(sni) = accepted.server_name.as_deref().map(normalize_host) else {
         let detail = format!("peer {peer_name} ({peer_id}) sent no sni");
         return refuse(inner, Refusal::NoSni, &detail, Some(tls)).await;
     };
@@ -628,7 +622,7 @@ struct HttpConn {
 async fn serve_http(tls: PeerStream, conn: Arc<HttpConn>, inner: &Inner) {
     let tuning = inner.tuning();
     let activity = Arc::new(Activity::new());
-    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let h2 = tls.alpn_protocol() == Some(b"h2");
     let io = ActivityIo {
         inner: tls,
         activity: Arc::clone(&activity),

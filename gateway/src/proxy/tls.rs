@@ -1,0 +1,1249 @@
+//! mTLS between gateways: rustls runs the handshake, our own TLS 1.3 record
+//! layer carries the traffic.
+//!
+//! rustls's buffered connection copies every record it decrypts into a
+//! fresh buffer, and the reader copies it out once more: on a bulk transfer
+//! those two copies were the biggest item of the ingress profile after the
+//! cipher. Here a record is read into the connection's buffer, opened in
+//! place and handed out with the one copy into the caller's buffer; records
+//! are sealed in place in the outgoing buffer, with no allocation per record.
+//!
+//! rustls's unbuffered connection drives the handshake; once it completes,
+//! [`rustls::kernel::KernelConnection`] keeps what TLS 1.3 still needs after
+//! it: new traffic secrets on a key update, and the session tickets a server
+//! sends (so resumption keeps working). Both TLS 1.3 and TLS 1.2 (which
+//! Envoy clients offer by default) are spoken, with the AEADs rustls
+//! negotiates: AES-128-GCM, AES-256-GCM and ChaCha20-Poly1305. A TLS 1.2
+//! connection cannot replace its keys, so it ends with an error before its
+//! key has sealed more records than is safe; a TLS 1.3 one updates its key.
+//!
+//! Buffers: a connection holds incoming bytes only while a record is
+//! incomplete or not yet handed out, and outgoing bytes only while the socket
+//! refuses them; both are freed when drained, so an idle connection holds
+//! neither.
+
+use std::cell::RefCell;
+use std::io;
+use std::ops::Range;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
+use bytes::{Buf, BytesMut};
+use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::kernel::KernelConnection;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::server::{
+    ClientHello, ResolvesServerCert, ServerConnectionData, UnbufferedServerConnection,
+};
+use rustls::sign::CertifiedKey;
+use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedStatus};
+use rustls::{ConnectionTrafficSecrets, ProtocolVersion};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio_util::io::poll_read_buf;
+
+/// Record header: type, legacy version, length.
+const HEADER: usize = 5;
+/// AEAD tag of every TLS 1.3 suite.
+const TAG: usize = 16;
+/// Most plaintext one record carries (RFC 8446 §5.1).
+const MAX_PLAINTEXT: usize = 16 * 1024;
+/// Most ciphertext one record may carry (RFC 8446 §5.2).
+const MAX_CIPHERTEXT: usize = MAX_PLAINTEXT + 256;
+/// Reserved per read while data flows: four full records per syscall.
+const READ_BIG: usize = 64 * 1024;
+/// Reserved per read on a connection whose buffer was empty: one record.
+const READ_SMALL: usize = HEADER + MAX_CIPHERTEXT;
+/// Sealed bytes a writer may queue before its writes wait for the socket.
+const OUT_HIGH: usize = 64 * 1024;
+
+const APPLICATION_DATA: u8 = 23;
+const ALERT: u8 = 21;
+const HANDSHAKE: u8 = 22;
+const NEW_SESSION_TICKET: u8 = 4;
+const KEY_UPDATE: u8 = 24;
+const CLOSE_NOTIFY: u8 = 0;
+const USER_CANCELED: u8 = 90;
+
+/// Records sealed under one key before we replace it. Below the AES-GCM
+/// confidentiality limit (2^24.5 records, RFC 8446 §5.5) with room to spare;
+/// ChaCha20-Poly1305's is far higher, so one figure serves all three suites.
+const TX_RECORDS_PER_KEY: u64 = 1 << 23;
+
+/// An mTLS connection to or from another gateway after its handshake.
+pub struct TlsStream<IO> {
+    io: IO,
+    kernel: Kernel,
+    rx: Keys,
+    tx: Keys,
+    tx_limit: u64,
+    alpn: Option<Vec<u8>>,
+    /// Bytes read from `io`: an opened record of `record` bytes at the front
+    /// (its unread plaintext at `plain`), then ciphertext not yet opened.
+    inbuf: BytesMut,
+    record: usize,
+    plain: Range<usize>,
+    /// Handshake bytes of a message that spans records (rare).
+    handshake: Vec<u8>,
+    /// Sealed records the socket has not taken yet.
+    outbuf: BytesMut,
+    /// The last read filled what was reserved: read more per syscall.
+    flowing: bool,
+    read_closed: bool,
+    write_closed: bool,
+    key_updates_sent: u64,
+}
+
+impl<IO> std::fmt::Debug for TlsStream<IO> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsStream")
+            .field("buffered_in", &self.inbuf.len())
+            .field("buffered_out", &self.outbuf.len())
+            .field("read_closed", &self.read_closed)
+            .field("write_closed", &self.write_closed)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the server side learns in the handshake, for authorization.
+#[derive(Debug)]
+pub struct Accepted {
+    /// The client's chain, end entity first.
+    pub peer_certificates: Option<Vec<CertificateDer<'static>>>,
+    /// The SNI the client sent, as rustls validated it.
+    pub server_name: Option<String>,
+}
+
+enum Kernel {
+    Client(KernelConnection<ClientConnectionData>),
+    Server(KernelConnection<ServerConnectionData>),
+}
+
+impl Kernel {
+    fn update_rx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
+        match self {
+            Kernel::Client(k) => k.update_rx_secret(),
+            Kernel::Server(k) => k.update_rx_secret(),
+        }
+    }
+
+    fn update_tx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
+        match self {
+            Kernel::Client(k) => k.update_tx_secret(),
+            Kernel::Server(k) => k.update_tx_secret(),
+        }
+    }
+
+    fn new_session_ticket(&mut self, payload: &[u8]) -> io::Result<()> {
+        match self {
+            Kernel::Client(k) => k.handle_new_session_ticket(payload).map_err(tls_err),
+            Kernel::Server(_) => Err(protocol("the client sent a NewSessionTicket")),
+        }
+    }
+}
+
+/// How records are framed and their nonces made.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Framing {
+    /// RFC 8446 §5.2: the content type inside, outer type application data.
+    Tls13,
+    /// RFC 5246 §6.2.3.3: the content type outside; AES-GCM sends 8 bytes of
+    /// explicit nonce before the ciphertext (RFC 5288), ChaCha20 does not
+    /// (RFC 7905).
+    Tls12 { explicit: bool },
+}
+
+/// One direction's key, IV, framing and record sequence number.
+struct Keys {
+    key: LessSafeKey,
+    iv: [u8; aead::NONCE_LEN],
+    seq: u64,
+    framing: Framing,
+}
+
+impl Keys {
+    fn new((seq, secrets): (u64, ConnectionTrafficSecrets), tls13: bool) -> io::Result<Keys> {
+        let (alg, key, iv, gcm) = match secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, key, iv, true),
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, key, iv, true),
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+                (&aead::CHACHA20_POLY1305, key, iv, false)
+            }
+            _ => {
+                return Err(protocol(
+                    "the negotiated cipher is not supported by the data plane",
+                ));
+            }
+        };
+        let key = UnboundKey::new(alg, key.as_ref())
+            .map_err(|_| protocol("the negotiated traffic key has the wrong length"))?;
+        let iv = iv
+            .as_ref()
+            .try_into()
+            .map_err(|_| protocol("the negotiated IV has the wrong length"))?;
+        let framing = if tls13 {
+            Framing::Tls13
+        } else {
+            Framing::Tls12 { explicit: gcm }
+        };
+        Ok(Keys {
+            key: LessSafeKey::new(key),
+            iv,
+            seq,
+            framing,
+        })
+    }
+
+    /// Bytes of explicit nonce after the header.
+    fn explicit_len(&self) -> usize {
+        match self.framing {
+            Framing::Tls12 { explicit: true } => 8,
+            _ => 0,
+        }
+    }
+
+    /// The next record's sequence number, consumed.
+    fn take_seq(&mut self) -> io::Result<u64> {
+        let seq = self.seq;
+        self.seq = seq
+            .checked_add(1)
+            .ok_or_else(|| protocol("record sequence number exhausted"))?;
+        Ok(seq)
+    }
+
+    /// The IV with `seq` folded into its last 8 bytes (RFC 8446 §5.3; rustls
+    /// and we use the same for TLS 1.2, sending the last 8 bytes as the
+    /// explicit part of an AES-GCM nonce).
+    fn nonce(&self, seq: u64) -> [u8; aead::NONCE_LEN] {
+        let mut nonce = self.iv;
+        for (n, s) in nonce[aead::NONCE_LEN - 8..]
+            .iter_mut()
+            .zip(seq.to_be_bytes())
+        {
+            *n ^= s;
+        }
+        nonce
+    }
+
+    /// The additional data of a record: its header in TLS 1.3; sequence
+    /// number, type, version and plaintext length in TLS 1.2.
+    fn aad(&self, seq: u64, header: &[u8; HEADER], plaintext: usize) -> ([u8; 13], usize) {
+        let mut aad = [0; 13];
+        match self.framing {
+            Framing::Tls13 => {
+                aad[..HEADER].copy_from_slice(header);
+                (aad, HEADER)
+            }
+            Framing::Tls12 { .. } => {
+                aad[..8].copy_from_slice(&seq.to_be_bytes());
+                aad[8..11].copy_from_slice(&header[..3]);
+                aad[11..].copy_from_slice(&(plaintext as u16).to_be_bytes());
+                (aad, 13)
+            }
+        }
+    }
+}
+
+fn tls_err(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+fn protocol(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("tls: {what}"))
+}
+
+/// The client config for the data plane: `config` with secret extraction on,
+/// which our record layer needs.
+pub fn client_config(config: &rustls::ClientConfig) -> Arc<rustls::ClientConfig> {
+    let mut c = config.clone();
+    c.enable_secret_extraction = true;
+    Arc::new(c)
+}
+
+/// The server config for the data plane: `config` with secret extraction on
+/// and the client's SNI recorded for [`Accepted`].
+pub fn server_config(config: &rustls::ServerConfig) -> Arc<rustls::ServerConfig> {
+    let mut c = config.clone();
+    c.enable_secret_extraction = true;
+    c.cert_resolver = Arc::new(RecordSni(Arc::clone(&c.cert_resolver)));
+    Arc::new(c)
+}
+
+thread_local! {
+    /// The SNI of the ClientHello rustls last handled on this thread. The
+    /// unbuffered server connection does not expose it, but rustls hands it
+    /// to the certificate resolver (for every ClientHello, resumed or not),
+    /// synchronously inside `process_tls_records`: the handshake takes it
+    /// right after that call, before anything else can run on the thread.
+    static LAST_SNI: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+#[derive(Debug)]
+struct RecordSni(Arc<dyn ResolvesServerCert>);
+
+impl ResolvesServerCert for RecordSni {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let sni = hello.server_name().map(str::to_owned);
+        LAST_SNI.with(|s| *s.borrow_mut() = sni);
+        self.0.resolve(hello)
+    }
+
+    fn only_raw_public_keys(&self) -> bool {
+        self.0.only_raw_public_keys()
+    }
+}
+
+/// Connects as a client over `io`; the caller bounds the time.
+pub async fn connect<IO>(
+    config: Arc<rustls::ClientConfig>,
+    name: ServerName<'static>,
+    mut io: IO,
+) -> io::Result<TlsStream<IO>>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut conn = UnbufferedClientConnection::new(config, name).map_err(tls_err)?;
+    let mut inbuf = BytesMut::new();
+    let mut early = Vec::new();
+    let peer_closed = drive(
+        &mut io,
+        &mut conn,
+        |c, b| c.process_tls_records(b),
+        &mut inbuf,
+        &mut early,
+        || {},
+    )
+    .await?;
+    let tls13 = is_tls13(conn.protocol_version())?;
+    let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+    let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(tls_err)?;
+    let kernel = Kernel::Client(kernel);
+    TlsStream::new(io, kernel, secrets, tls13, alpn, inbuf, early, peer_closed)
+}
+
+/// Accepts a client over `io`; the caller bounds the time.
+pub async fn accept<IO>(
+    config: Arc<rustls::ServerConfig>,
+    mut io: IO,
+) -> io::Result<(TlsStream<IO>, Accepted)>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut conn = UnbufferedServerConnection::new(config).map_err(tls_err)?;
+    let mut inbuf = BytesMut::new();
+    let mut early = Vec::new();
+    let mut server_name = None;
+    let peer_closed = drive(
+        &mut io,
+        &mut conn,
+        |c, b| c.process_tls_records(b),
+        &mut inbuf,
+        &mut early,
+        || {
+            if let Some(sni) = LAST_SNI.with(|s| s.borrow_mut().take()) {
+                server_name = Some(sni);
+            }
+        },
+    )
+    .await?;
+    let tls13 = is_tls13(conn.protocol_version())?;
+    let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+    let peer_certificates = conn
+        .peer_certificates()
+        .map(<[CertificateDer<'static>]>::to_vec);
+    let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(tls_err)?;
+    let kernel = Kernel::Server(kernel);
+    let stream = TlsStream::new(io, kernel, secrets, tls13, alpn, inbuf, early, peer_closed)?;
+    let accepted = Accepted {
+        peer_certificates,
+        server_name,
+    };
+    Ok((stream, accepted))
+}
+
+fn is_tls13(version: Option<ProtocolVersion>) -> io::Result<bool> {
+    match version {
+        Some(ProtocolVersion::TLSv1_3) => Ok(true),
+        Some(ProtocolVersion::TLSv1_2) => Ok(false),
+        other => Err(protocol(&format!(
+            "the handshake settled on {other:?}, which the data plane does not speak"
+        ))),
+    }
+}
+
+/// Runs rustls's unbuffered handshake over `io` until application data may
+/// be written. Bytes read past the handshake stay in `inbuf`; application
+/// data rustls already decrypted (a client may send it with its Finished)
+/// is appended to `early`. Returns whether the peer already sent its
+/// close_notify. On failure, the alert rustls queued is sent
+/// before the error returns, so the peer learns why.
+async fn drive<IO, C, D>(
+    io: &mut IO,
+    conn: &mut C,
+    process: impl for<'c, 'i> Fn(&'c mut C, &'i mut [u8]) -> UnbufferedStatus<'c, 'i, D>,
+    inbuf: &mut BytesMut,
+    early: &mut Vec<u8>,
+    mut after_step: impl FnMut(),
+) -> io::Result<bool>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut out = Vec::new();
+    let mut peer_closed = false;
+    loop {
+        let UnbufferedStatus { mut discard, state } = process(conn, &mut inbuf[..]);
+        after_step();
+        let mut read = false;
+        match state {
+            Err(e) => {
+                let _ = state_alert(conn, &process, &mut out);
+                let _ = io.write_all(&out).await;
+                return Err(tls_err(e));
+            }
+            Ok(ConnectionState::EncodeTlsData(mut enc)) => encode(&mut out, |b| enc.encode(b))?,
+            Ok(ConnectionState::TransmitTlsData(transmit)) => {
+                io.write_all(&out).await?;
+                out.clear();
+                transmit.done();
+            }
+            Ok(ConnectionState::BlockedHandshake) => read = true,
+            Ok(ConnectionState::ReadTraffic(mut traffic)) => {
+                while let Some(record) = traffic.next_record() {
+                    let record = record.map_err(tls_err)?;
+                    discard += record.discard;
+                    early.extend_from_slice(record.payload);
+                }
+            }
+            // The client may close right after its first data.
+            Ok(ConnectionState::PeerClosed) => peer_closed = true,
+            Ok(ConnectionState::WriteTraffic(_)) => {
+                inbuf.advance(discard);
+                return Ok(peer_closed);
+            }
+            Ok(other) => {
+                return Err(protocol(&format!(
+                    "unexpected state {other:?} during the handshake"
+                )));
+            }
+        }
+        inbuf.advance(discard);
+        if read {
+            inbuf.reserve(READ_SMALL);
+            if std::future::poll_fn(|cx| poll_read_buf(Pin::new(&mut *io), cx, inbuf)).await? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "tls handshake: the peer closed the connection",
+                ));
+            }
+        }
+    }
+}
+
+/// After a handshake error: encodes the fatal alert rustls queued, if any.
+fn state_alert<C, D>(
+    conn: &mut C,
+    process: &impl for<'c, 'i> Fn(&'c mut C, &'i mut [u8]) -> UnbufferedStatus<'c, 'i, D>,
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
+    out.clear();
+    if let Ok(ConnectionState::EncodeTlsData(mut enc)) = process(conn, &mut []).state {
+        encode(out, |b| enc.encode(b))?;
+    }
+    Ok(())
+}
+
+/// Appends one handshake record rustls has for us to `out`.
+fn encode(
+    out: &mut Vec<u8>,
+    mut enc: impl FnMut(&mut [u8]) -> Result<usize, EncodeError>,
+) -> io::Result<()> {
+    let at = out.len();
+    let need = match enc(&mut []) {
+        Ok(n) => n,
+        Err(EncodeError::InsufficientSize(s)) => s.required_size,
+        Err(e) => return Err(protocol(&format!("encoding a handshake record: {e}"))),
+    };
+    out.resize(at + need, 0);
+    let n = enc(&mut out[at..]).map_err(|e| protocol(&format!("encoding: {e}")))?;
+    out.truncate(at + n);
+    Ok(())
+}
+
+impl<IO> TlsStream<IO> {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        io: IO,
+        kernel: Kernel,
+        secrets: rustls::ExtractedSecrets,
+        tls13: bool,
+        alpn: Option<Vec<u8>>,
+        inbuf: BytesMut,
+        early: Vec<u8>,
+        read_closed: bool,
+    ) -> io::Result<Self> {
+        let mut stream = TlsStream {
+            io,
+            kernel,
+            rx: Keys::new(secrets.rx, tls13)?,
+            tx: Keys::new(secrets.tx, tls13)?,
+            tx_limit: TX_RECORDS_PER_KEY,
+            alpn,
+            inbuf,
+            record: 0,
+            plain: 0..0,
+            handshake: Vec::new(),
+            outbuf: BytesMut::new(),
+            flowing: false,
+            read_closed,
+            write_closed: false,
+            key_updates_sent: 0,
+        };
+        if !early.is_empty() {
+            // Rare: plaintext rustls decrypted before handing over. Put it
+            // in front as an already opened record.
+            let mut inbuf = BytesMut::with_capacity(early.len() + stream.inbuf.len());
+            inbuf.extend_from_slice(&early);
+            inbuf.extend_from_slice(&stream.inbuf);
+            stream.record = early.len();
+            stream.plain = 0..early.len();
+            stream.inbuf = inbuf;
+        }
+        Ok(stream)
+    }
+
+    /// The protocol agreed by ALPN, if any.
+    pub fn alpn_protocol(&self) -> Option<&[u8]> {
+        self.alpn.as_deref()
+    }
+
+    #[cfg(test)]
+    fn set_tx_limit(&mut self, records: u64) {
+        self.tx_limit = records;
+    }
+
+    /// Seals `data` as one record of type `typ` onto `outbuf`.
+    fn seal(&mut self, typ: u8, data: &[u8]) -> io::Result<()> {
+        let start = self.begin_record(data.len());
+        self.outbuf.extend_from_slice(data);
+        self.finish_record(start, typ)
+    }
+
+    /// Starts a record of up to `len` bytes of plaintext on `outbuf`: room
+    /// for the header and explicit nonce. Returns where it starts.
+    fn begin_record(&mut self, len: usize) -> usize {
+        let start = self.outbuf.len();
+        let prefix = HEADER + self.tx.explicit_len();
+        self.outbuf.reserve(prefix + len + 1 + TAG);
+        self.outbuf.extend_from_slice(&[0; HEADER + 8][..prefix]);
+        start
+    }
+
+    /// Seals the record begun at `start` of `outbuf` (its plaintext runs to
+    /// the end): content type, header, nonce, encryption, tag.
+    fn finish_record(&mut self, start: usize, typ: u8) -> io::Result<()> {
+        let explicit = self.tx.explicit_len();
+        let outer = if self.tx.framing == Framing::Tls13 {
+            self.outbuf.extend_from_slice(&[typ]);
+            APPLICATION_DATA
+        } else {
+            typ
+        };
+        let body = start + HEADER + explicit;
+        let plaintext = self.outbuf.len() - body;
+        let len = explicit + plaintext + TAG;
+        let header = [outer, 3, 3, (len >> 8) as u8, (len & 0xff) as u8];
+        self.outbuf[start..start + HEADER].copy_from_slice(&header);
+        let seq = self.tx.take_seq()?;
+        let nonce = self.tx.nonce(seq);
+        self.outbuf[start + HEADER..body].copy_from_slice(&nonce[aead::NONCE_LEN - explicit..]);
+        let (aad, aad_len) = self.tx.aad(seq, &header, plaintext);
+        let tag = self
+            .tx
+            .key
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(&aad[..aad_len]),
+                &mut self.outbuf[body..],
+            )
+            .map_err(|_| protocol("sealing a record failed"))?;
+        self.outbuf.extend_from_slice(tag.as_ref());
+        Ok(())
+    }
+
+    /// Before the next record: a key update if the peer asked for one or
+    /// this key has sealed enough (RFC 8446 §4.6.3).
+    fn update_tx_key(&mut self) -> io::Result<()> {
+        self.seal(HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0])?;
+        self.tx = Keys::new(self.kernel.update_tx().map_err(tls_err)?, true)?;
+        self.key_updates_sent += 1;
+        Ok(())
+    }
+
+    /// Seals up to [`OUT_HIGH`] bytes of `bufs` as full records, copying
+    /// straight into the outgoing buffer. Returns the bytes taken.
+    fn seal_slices(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let mut left = total.min(
+            OUT_HIGH
+                .saturating_sub(self.outbuf.len())
+                .max(MAX_PLAINTEXT),
+        );
+        let taken = left;
+        let mut slices = bufs.iter().map(|b| &b[..]).filter(|b| !b.is_empty());
+        let mut current: &[u8] = &[];
+        while left > 0 {
+            if self.tx.seq >= self.tx_limit {
+                if self.tx.framing != Framing::Tls13 {
+                    return Err(protocol(
+                        "this TLS 1.2 connection has sealed all the records its key may; TLS 1.2 cannot replace keys",
+                    ));
+                }
+                self.update_tx_key()?;
+            }
+            let size = left.min(MAX_PLAINTEXT);
+            let start = self.begin_record(size);
+            let mut need = size;
+            while need > 0 {
+                if current.is_empty() {
+                    current = slices.next().unwrap_or_default();
+                }
+                let n = need.min(current.len());
+                self.outbuf.extend_from_slice(&current[..n]);
+                current = &current[n..];
+                need -= n;
+            }
+            self.finish_record(start, APPLICATION_DATA)?;
+            left -= size;
+        }
+        Ok(taken)
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
+    /// Writes queued records until none are left.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.outbuf.is_empty() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.outbuf))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.outbuf.advance(n);
+        }
+        // Drained: give the memory back; an idle connection holds none.
+        self.outbuf = BytesMut::new();
+        Poll::Ready(Ok(()))
+    }
+
+    /// Opens the next whole record in `inbuf`, if there is one. Returns
+    /// false when more bytes must be read first.
+    fn open_record(&mut self) -> io::Result<bool> {
+        let Some(&[typ, major, minor, hi, lo]) = self.inbuf.get(..HEADER) else {
+            return Ok(false);
+        };
+        let header = [typ, major, minor, hi, lo];
+        let len = usize::from(u16::from_be_bytes([hi, lo]));
+        let tls13 = self.rx.framing == Framing::Tls13;
+        let allowed = if tls13 {
+            typ == APPLICATION_DATA
+        } else {
+            matches!(typ, APPLICATION_DATA | ALERT | HANDSHAKE)
+        };
+        if !allowed {
+            return Err(protocol(&format!(
+                "record of type {typ} after the handshake"
+            )));
+        }
+        let explicit = self.rx.explicit_len();
+        let shortest = explicit + TAG + usize::from(tls13);
+        if !(shortest..=MAX_CIPHERTEXT).contains(&len) {
+            return Err(protocol(&format!(
+                "record length {len} outside {shortest}..={MAX_CIPHERTEXT}"
+            )));
+        }
+        if self.inbuf.len() < HEADER + len {
+            return Ok(false);
+        }
+        let seq = self.rx.take_seq()?;
+        let mut nonce = self.rx.nonce(seq);
+        if explicit > 0 {
+            // The explicit part as the record carries it.
+            nonce[aead::NONCE_LEN - explicit..]
+                .copy_from_slice(&self.inbuf[HEADER..HEADER + explicit]);
+        }
+        let body = HEADER + explicit..HEADER + len;
+        let (aad, aad_len) = self.rx.aad(seq, &header, body.len() - TAG);
+        let opened = self
+            .rx
+            .key
+            .open_in_place(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(&aad[..aad_len]),
+                &mut self.inbuf[body.clone()],
+            )
+            .map_err(|_| protocol("a record failed to decrypt (bad_record_mac)"))?;
+        let (typ, content_len) = if tls13 {
+            // Inner plaintext: content, content type, zero padding.
+            let Some(at) = opened.iter().rposition(|&b| b != 0) else {
+                return Err(protocol("a record carries no content type"));
+            };
+            (opened[at], at)
+        } else {
+            (typ, opened.len())
+        };
+        self.record = HEADER + len;
+        let content = body.start..body.start + content_len;
+        match typ {
+            APPLICATION_DATA => self.plain = content,
+            ALERT => self.alert(content)?,
+            HANDSHAKE if tls13 => self.handshake_messages(content)?,
+            HANDSHAKE => return Err(protocol("the peer tried to renegotiate TLS 1.2")),
+            other => return Err(protocol(&format!("record of inner type {other}"))),
+        }
+        Ok(true)
+    }
+
+    fn alert(&mut self, content: Range<usize>) -> io::Result<()> {
+        match self.inbuf[content] {
+            [_, CLOSE_NOTIFY] => self.read_closed = true,
+            [_, USER_CANCELED] => {}
+            [_, description] => {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    format!("tls: the peer sent alert {description}"),
+                ));
+            }
+            _ => return Err(protocol("malformed alert")),
+        }
+        Ok(())
+    }
+
+    /// NewSessionTicket and KeyUpdate: the handshake messages TLS 1.3 sends
+    /// after the handshake (RFC 8446 §4.6).
+    fn handshake_messages(&mut self, content: Range<usize>) -> io::Result<()> {
+        let mut messages = std::mem::take(&mut self.handshake);
+        messages.extend_from_slice(&self.inbuf[content]);
+        let mut rest = &messages[..];
+        while let [typ, a, b, c, body @ ..] = rest {
+            let len = usize::from(*a) << 16 | usize::from(*b) << 8 | usize::from(*c);
+            let Some((body, after)) = body.split_at_checked(len) else {
+                break;
+            };
+            match *typ {
+                NEW_SESSION_TICKET => self.kernel.new_session_ticket(body)?,
+                KEY_UPDATE => {
+                    let requested = match body {
+                        [0] => false,
+                        [1] => true,
+                        _ => return Err(protocol("malformed KeyUpdate")),
+                    };
+                    if !after.is_empty() {
+                        return Err(protocol("a KeyUpdate does not end its record"));
+                    }
+                    self.rx = Keys::new(self.kernel.update_rx().map_err(tls_err)?, true)?;
+                    if requested && !self.write_closed {
+                        self.update_tx_key()?;
+                    }
+                }
+                other => {
+                    return Err(protocol(&format!(
+                        "handshake message of type {other} after the handshake"
+                    )));
+                }
+            }
+            rest = after;
+        }
+        if rest.len() > MAX_PLAINTEXT {
+            return Err(protocol("a handshake message is too long"));
+        }
+        self.handshake = rest.to_vec();
+        Ok(())
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if !this.plain.is_empty() {
+                let n = this.plain.len().min(buf.remaining());
+                let at = this.plain.start;
+                buf.put_slice(&this.inbuf[at..at + n]);
+                this.plain.start += n;
+                if this.plain.is_empty() {
+                    this.release_record();
+                }
+                return Poll::Ready(Ok(()));
+            }
+            this.release_record();
+            if this.read_closed {
+                return Poll::Ready(Ok(()));
+            }
+            if this.open_record()? {
+                continue;
+            }
+            // A key update we owe the peer goes out even if we never write.
+            if !this.outbuf.is_empty()
+                && let Poll::Ready(Err(e)) = this.poll_drain(cx)
+            {
+                return Poll::Ready(Err(e));
+            }
+            let want = if this.flowing { READ_BIG } else { READ_SMALL };
+            this.inbuf.reserve(want);
+            let room = this.inbuf.capacity() - this.inbuf.len();
+            let n = ready!(poll_read_buf(Pin::new(&mut this.io), cx, &mut this.inbuf))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "tls: the peer closed the connection without sending close_notify",
+                )));
+            }
+            this.flowing = n == room;
+        }
+    }
+}
+
+impl<IO> TlsStream<IO> {
+    /// Drops the record handed out (or handled) at the front of `inbuf`,
+    /// and the buffer itself once nothing is left in it.
+    fn release_record(&mut self) {
+        if self.record > 0 {
+            self.inbuf.advance(self.record);
+            self.record = 0;
+            self.plain = 0..0;
+        }
+        if self.inbuf.is_empty() && self.inbuf.capacity() > 0 {
+            self.inbuf = BytesMut::new();
+            self.flowing = false;
+        }
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.write_closed {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "tls: write after close_notify",
+            )));
+        }
+        if this.outbuf.len() >= OUT_HIGH {
+            // Full: make room first; what the socket took makes room.
+            if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
+                return Poll::Ready(Err(e));
+            }
+            if this.outbuf.len() >= OUT_HIGH {
+                return Poll::Pending;
+            }
+        }
+        let taken = this.seal_slices(bufs)?;
+        // Send now; what the socket refuses waits for the next write or flush.
+        if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(Ok(taken))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.write_closed {
+            this.seal(ALERT, &[1, CLOSE_NOTIFY])?;
+            this.write_closed = true;
+        }
+        ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use elsinore_certs::{Ca, Identity, SpiffeId, TrustBundle, TrustDomain};
+    use rustls::HandshakeKind;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    struct Pki {
+        server: Identity,
+        client: Identity,
+        server_bundle: TrustBundle,
+        client_bundle: TrustBundle,
+    }
+
+    fn pki() -> Pki {
+        let issue = |domain: &str| {
+            let td: TrustDomain = domain.parse().unwrap();
+            let ca = Ca::new(&td).unwrap();
+            let id: SpiffeId = format!("spiffe://{domain}/gw").parse().unwrap();
+            let issued = ca.issue(&id, &[], &[]).unwrap();
+            let identity =
+                Identity::from_pem(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes()).unwrap();
+            (
+                identity,
+                TrustBundle::from_pem(td, ca.cert_pem().as_bytes()).unwrap(),
+            )
+        };
+        let (server, server_bundle) = issue("a.example");
+        let (client, client_bundle) = issue("b.example");
+        Pki {
+            server,
+            client,
+            server_bundle,
+            client_bundle,
+        }
+    }
+
+    impl Pki {
+        fn server(&self) -> rustls::ServerConfig {
+            let bundles = std::slice::from_ref(&self.client_bundle);
+            (*elsinore_certs::server_config(&self.server, bundles, &[b"h2"]).unwrap()).clone()
+        }
+
+        fn client(&self) -> rustls::ClientConfig {
+            (*elsinore_certs::client_config(&self.client, &self.server_bundle, None, &[b"h2"])
+                .unwrap())
+            .clone()
+        }
+    }
+
+    fn name() -> ServerName<'static> {
+        ServerName::try_from("svc.a.example").unwrap()
+    }
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        (client.unwrap(), accepted.unwrap().0)
+    }
+
+    /// A payload no two offsets of which look alike, so a lost, repeated or
+    /// reordered chunk shows.
+    fn payload(len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i % 251) as u8 ^ (i / 251) as u8)
+            .collect()
+    }
+
+    /// Writes `data` and a close, and reads to the end at the same time.
+    async fn exchange<S: AsyncRead + AsyncWrite>(stream: S, data: &[u8]) -> io::Result<Vec<u8>> {
+        let (mut r, mut w) = tokio::io::split(stream);
+        let write = async {
+            w.write_all(data).await?;
+            w.shutdown().await
+        };
+        let mut got = Vec::new();
+        let (written, read) = tokio::join!(write, r.read_to_end(&mut got));
+        written?;
+        read?;
+        Ok(got)
+    }
+
+    /// Echoes until EOF, then closes.
+    async fn echo<S: AsyncRead + AsyncWrite>(stream: S) -> io::Result<u64> {
+        let (mut r, mut w) = tokio::io::split(stream);
+        let n = tokio::io::copy(&mut r, &mut w).await?;
+        w.shutdown().await?;
+        Ok(n)
+    }
+
+    #[tokio::test]
+    async fn our_client_and_a_rustls_server_carry_megabytes_both_ways() {
+        let pki = pki();
+        let (c, s) = pair().await;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(pki.server()));
+        let server = tokio::spawn(async move { echo(acceptor.accept(s).await.unwrap()).await });
+        let tls = connect(client_config(&pki.client()), name(), c)
+            .await
+            .unwrap();
+        assert_eq!(tls.alpn_protocol(), Some(&b"h2"[..]));
+        let data = payload(3 << 20);
+        assert_eq!(exchange(tls, &data).await.unwrap(), data);
+        assert_eq!(server.await.unwrap().unwrap(), 3 << 20);
+    }
+
+    #[tokio::test]
+    async fn a_rustls_client_and_our_server_carry_megabytes_both_ways() {
+        let pki = pki();
+        let (c, s) = pair().await;
+        let config = server_config(&pki.server());
+        let server = tokio::spawn(async move {
+            let (tls, accepted) = accept(config, s).await.unwrap();
+            (echo(tls).await.unwrap(), accepted)
+        });
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(pki.client()));
+        let tls = connector.connect(name(), c).await.unwrap();
+        let data = payload(3 << 20);
+        assert_eq!(exchange(tls, &data).await.unwrap(), data);
+        let (echoed, accepted) = server.await.unwrap();
+        assert_eq!(echoed, 3 << 20);
+        assert_eq!(accepted.server_name.as_deref(), Some("svc.a.example"));
+        let chain = accepted.peer_certificates.unwrap();
+        let id = elsinore_certs::peer_spiffe_id(Some(&chain)).unwrap();
+        assert_eq!(id.to_string(), "spiffe://b.example/gw");
+    }
+
+    #[tokio::test]
+    async fn a_key_update_the_peer_requests_is_followed_and_answered() {
+        let pki = pki();
+        let (c, s) = pair().await;
+        let config = server_config(&pki.server());
+        let server = tokio::spawn(async move {
+            let (mut tls, _) = accept(config, s).await.unwrap();
+            let mut buf = [0; 5];
+            for _ in 0..2 {
+                tls.read_exact(&mut buf).await.unwrap();
+                tls.write_all(&buf).await.unwrap();
+            }
+            tls.key_updates_sent
+        });
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(pki.client()));
+        let mut tls = connector.connect(name(), c).await.unwrap();
+        let mut buf = [0; 5];
+        for word in [b"first", b"again"] {
+            // Ask for new keys both ways before each message.
+            tls.get_mut().1.refresh_traffic_keys().unwrap();
+            tls.write_all(word).await.unwrap();
+            tls.read_exact(&mut buf).await.unwrap();
+            assert_eq!(&buf, word);
+        }
+        assert_eq!(server.await.unwrap(), 2, "each request must be answered");
+    }
+
+    #[tokio::test]
+    async fn our_keys_are_replaced_before_their_limit() {
+        let pki = pki();
+        let (c, s) = pair().await;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(pki.server()));
+        let server = tokio::spawn(async move { echo(acceptor.accept(s).await.unwrap()).await });
+        let mut tls = connect(client_config(&pki.client()), name(), c)
+            .await
+            .unwrap();
+        tls.set_tx_limit(2);
+        let data = payload(10 * MAX_PLAINTEXT);
+        let mut got = vec![0; data.len()];
+        let (written, read) = {
+            let (mut r, mut w) = tokio::io::split(&mut tls);
+            tokio::join!(
+                async {
+                    w.write_all(&data).await?;
+                    w.shutdown().await
+                },
+                r.read_exact(&mut got)
+            )
+        };
+        written.unwrap();
+        read.unwrap();
+        assert_eq!(got, data);
+        assert!(
+            tls.key_updates_sent >= 4,
+            "{} updates",
+            tls.key_updates_sent
+        );
+        server.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn tickets_a_server_sends_after_the_handshake_resume_the_next_connection() {
+        let pki = pki();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(pki.server()));
+        let config = client_config(&pki.client());
+        let mut kinds = Vec::new();
+        for _ in 0..2 {
+            let (c, s) = pair().await;
+            let acceptor = acceptor.clone();
+            let server = tokio::spawn(async move {
+                let tls = acceptor.accept(s).await.unwrap();
+                let kind = tls.get_ref().1.handshake_kind();
+                echo(tls).await.unwrap();
+                kind
+            });
+            let tls = connect(Arc::clone(&config), name(), c).await.unwrap();
+            assert_eq!(exchange(tls, b"hello").await.unwrap(), b"hello");
+            kinds.push(server.await.unwrap());
+        }
+        assert_eq!(
+            kinds,
+            [Some(HandshakeKind::Full), Some(HandshakeKind::Resumed)]
+        );
+    }
+
+    /// Our server, a rustls client that completed the handshake, and the
+    /// client's raw socket for what a broken peer would send.
+    async fn server_with_raw_client(pki: &Pki) -> (TlsStream<TcpStream>, TcpStream) {
+        let (c, s) = pair().await;
+        let config = server_config(&pki.server());
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(pki.client()));
+        let (ours, theirs) = tokio::join!(accept(config, s), connector.connect(name(), c));
+        let (ours, _) = ours.unwrap();
+        (ours, theirs.unwrap().into_inner().0)
+    }
+
+    #[tokio::test]
+    async fn a_tampered_record_is_an_error_naming_it() {
+        let pki = pki();
+        let (mut ours, mut raw) = server_with_raw_client(&pki).await;
+        let mut record = vec![APPLICATION_DATA, 3, 3, 0, 40];
+        record.extend_from_slice(&[7; 40]);
+        raw.write_all(&record).await.unwrap();
+        let e = ours.read(&mut [0; 64]).await.unwrap_err();
+        assert!(e.to_string().contains("bad_record_mac"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn an_oversized_record_is_refused_before_it_is_read() {
+        let pki = pki();
+        let (mut ours, mut raw) = server_with_raw_client(&pki).await;
+        raw.write_all(&[APPLICATION_DATA, 3, 3, 0x48, 0])
+            .await
+            .unwrap();
+        let e = ours.read(&mut [0; 64]).await.unwrap_err();
+        assert!(e.to_string().contains("record length 18432"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_close_without_close_notify_is_an_unexpected_eof() {
+        let pki = pki();
+        let (mut ours, mut raw) = server_with_raw_client(&pki).await;
+        // A FIN, with no close_notify before it.
+        raw.shutdown().await.unwrap();
+        let e = ours.read(&mut [0; 64]).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
+    }
+
+    #[tokio::test]
+    async fn data_and_a_close_sent_right_after_the_handshake_are_kept() {
+        let pki = pki();
+        let (c, s) = pair().await;
+        let config = server_config(&pki.server());
+        let server = tokio::spawn(async move {
+            let (mut tls, _) = accept(config, s).await.unwrap();
+            let mut got = Vec::new();
+            tls.read_to_end(&mut got).await.unwrap();
+            tls.write_all(&got).await.unwrap();
+            tls.shutdown().await.unwrap();
+        });
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(pki.client()));
+        let mut tls = connector.connect(name(), c).await.unwrap();
+        // No await point between the client's Finished and these: on this
+        // one-thread runtime the server reads them in the same read.
+        tls.write_all(b"early words").await.unwrap();
+        tls.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        tls.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"early words");
+        server.await.unwrap();
+    }
+
+    /// A rustls server speaking only `suite` (and so only its version),
+    /// echoing one connection.
+    async fn echo_server_with(
+        pki: &Pki,
+        suite: rustls::SupportedCipherSuite,
+    ) -> (TcpStream, tokio::task::JoinHandle<io::Result<u64>>) {
+        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+        provider.cipher_suites = vec![suite];
+        let version = suite.version();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(pki.server.cert_chain().to_vec(), pki.server.private_key())
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let (c, s) = pair().await;
+        let server = tokio::spawn(async move { echo(acceptor.accept(s).await?).await });
+        (c, server)
+    }
+
+    #[tokio::test]
+    async fn every_suite_of_both_versions_carries_data() {
+        use rustls::crypto::aws_lc_rs::cipher_suite as cs;
+        let pki = pki();
+        for suite in [
+            cs::TLS13_AES_128_GCM_SHA256,
+            cs::TLS13_AES_256_GCM_SHA384,
+            cs::TLS13_CHACHA20_POLY1305_SHA256,
+            cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+            cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        ] {
+            let (c, server) = echo_server_with(&pki, suite).await;
+            let tls = connect(client_config(&pki.client()), name(), c)
+                .await
+                .unwrap_or_else(|e| panic!("{suite:?}: {e}"));
+            let data = payload(200 * 1024 + 7);
+            let got = exchange(tls, &data)
+                .await
+                .unwrap_or_else(|e| panic!("{suite:?}: {e}"));
+            assert!(got == data, "{suite:?}: the echo differs");
+            assert_eq!(
+                server.await.unwrap().unwrap(),
+                data.len() as u64,
+                "{suite:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tls12_client_and_our_server_carry_data_both_ways() {
+        let pki = pki();
+        let (c, s) = pair().await;
+        let config = server_config(&pki.server());
+        let server = tokio::spawn(async move {
+            let (tls, accepted) = accept(config, s).await.unwrap();
+            (echo(tls).await.unwrap(), accepted)
+        });
+        let tls12 = elsinore_certs::client_config_with_versions(
+            &pki.client,
+            &pki.server_bundle,
+            None,
+            &[],
+            &[&rustls::version::TLS12],
+        )
+        .unwrap();
+        let tls = tokio_rustls::TlsConnector::from(tls12)
+            .connect(name(), c)
+            .await
+            .unwrap();
+        assert_eq!(
+            tls.get_ref().1.protocol_version(),
+            Some(ProtocolVersion::TLSv1_2)
+        );
+        let data = payload(1 << 20);
+        assert_eq!(exchange(tls, &data).await.unwrap(), data);
+        let (echoed, accepted) = server.await.unwrap();
+        assert_eq!(echoed, 1 << 20);
+        assert_eq!(accepted.server_name.as_deref(), Some("svc.a.example"));
+    }
+}
