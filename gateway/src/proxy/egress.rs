@@ -570,7 +570,7 @@ impl Egress {
         endpoint: &Endpoint,
         sni: &str,
         config: Arc<rustls::ClientConfig>,
-    ) -> Result<TlsStream<TcpStream>, ProxyError> {
+    ) -> Result<TlsStream, ProxyError> {
         let tuning = &self.ctx.tuning;
         let target = format!("{}:{}", endpoint.address, endpoint.port);
         let timeout = tuning.connect_timeout;

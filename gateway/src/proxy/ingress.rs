@@ -59,7 +59,7 @@ use crate::catalog::exports::ExportedService;
 use crate::config::{HostPort, ProxyTuning};
 
 /// A peer's mTLS connection, boxed (see `handle`).
-type PeerStream = Box<TlsStream<TcpStream>>;
+type PeerStream = Box<TlsStream>;
 
 /// How long connections get to finish after shutdown is signalled before
 /// they are cut.

@@ -41,6 +41,7 @@ use rustls::sign::CertifiedKey;
 use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedStatus};
 use rustls::{ConnectionTrafficSecrets, ProtocolVersion};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
 use tokio_util::io::poll_read_buf;
 
 /// Record header: type, legacy version, length.
@@ -72,8 +73,8 @@ const USER_CANCELED: u8 = 90;
 const TX_RECORDS_PER_KEY: u64 = 1 << 23;
 
 /// An mTLS connection to or from another gateway after its handshake.
-pub struct TlsStream<IO> {
-    io: IO,
+pub struct TlsStream {
+    io: TcpStream,
     kernel: Kernel,
     rx: Keys,
     tx: Keys,
@@ -95,7 +96,7 @@ pub struct TlsStream<IO> {
     key_updates_sent: u64,
 }
 
-impl<IO> std::fmt::Debug for TlsStream<IO> {
+impl std::fmt::Debug for TlsStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsStream")
             .field("buffered_in", &self.inbuf.len())
@@ -295,14 +296,11 @@ impl ResolvesServerCert for RecordSni {
 }
 
 /// Connects as a client over `io`; the caller bounds the time.
-pub async fn connect<IO>(
+pub async fn connect(
     config: Arc<rustls::ClientConfig>,
     name: ServerName<'static>,
-    mut io: IO,
-) -> io::Result<TlsStream<IO>>
-where
-    IO: AsyncRead + AsyncWrite + Unpin,
-{
+    mut io: TcpStream,
+) -> io::Result<TlsStream> {
     let mut conn = UnbufferedClientConnection::new(config, name).map_err(tls_err)?;
     let mut inbuf = BytesMut::new();
     let mut early = Vec::new();
@@ -323,13 +321,10 @@ where
 }
 
 /// Accepts a client over `io`; the caller bounds the time.
-pub async fn accept<IO>(
+pub async fn accept(
     config: Arc<rustls::ServerConfig>,
-    mut io: IO,
-) -> io::Result<(TlsStream<IO>, Accepted)>
-where
-    IO: AsyncRead + AsyncWrite + Unpin,
-{
+    mut io: TcpStream,
+) -> io::Result<(TlsStream, Accepted)> {
     let mut conn = UnbufferedServerConnection::new(config).map_err(tls_err)?;
     let mut inbuf = BytesMut::new();
     let mut early = Vec::new();
@@ -470,10 +465,10 @@ fn encode(
     Ok(())
 }
 
-impl<IO> TlsStream<IO> {
+impl TlsStream {
     #[allow(clippy::too_many_arguments)]
     fn new(
-        io: IO,
+        io: TcpStream,
         kernel: Kernel,
         secrets: rustls::ExtractedSecrets,
         tls13: bool,
@@ -482,6 +477,11 @@ impl<IO> TlsStream<IO> {
         early: Vec<u8>,
         read_closed: bool,
     ) -> io::Result<Self> {
+        let inbuf = if inbuf.is_empty() {
+            BytesMut::new()
+        } else {
+            inbuf
+        };
         let mut stream = TlsStream {
             io,
             kernel,
@@ -620,7 +620,7 @@ impl<IO> TlsStream<IO> {
     }
 }
 
-impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
+impl TlsStream {
     /// Writes queued records until none are left.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.outbuf.is_empty() {
@@ -761,7 +761,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> TlsStream<IO> {
     }
 }
 
-impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<IO> {
+impl AsyncRead for TlsStream {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -792,22 +792,29 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<IO> {
             {
                 return Poll::Ready(Err(e));
             }
+            // Wait for bytes before taking a buffer for them: a connection
+            // waiting for its peer holds none.
+            ready!(this.io.poll_read_ready(cx))?;
             let want = if this.flowing { READ_BIG } else { READ_SMALL };
             this.inbuf.reserve(want);
             let room = this.inbuf.capacity() - this.inbuf.len();
-            let n = ready!(poll_read_buf(Pin::new(&mut this.io), cx, &mut this.inbuf))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "tls: the peer closed the connection without sending close_notify",
-                )));
+            match this.io.try_read_buf(&mut this.inbuf) {
+                Ok(0) => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "tls: the peer closed the connection without sending close_notify",
+                    )));
+                }
+                Ok(n) => this.flowing = n == room,
+                // Readiness was stale; poll_read_ready registers us again.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => this.release_record(),
+                Err(e) => return Poll::Ready(Err(e)),
             }
-            this.flowing = n == room;
         }
     }
 }
 
-impl<IO> TlsStream<IO> {
+impl TlsStream {
     /// Drops the record handed out (or handled) at the front of `inbuf`,
     /// and the buffer itself once nothing is left in it.
     fn release_record(&mut self) {
@@ -823,7 +830,7 @@ impl<IO> TlsStream<IO> {
     }
 }
 
-impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<IO> {
+impl AsyncWrite for TlsStream {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -888,8 +895,10 @@ mod tests {
 
     use elsinore_certs::{Ca, Identity, SpiffeId, TrustBundle, TrustDomain};
     use rustls::HandshakeKind;
+    use std::time::Duration;
+
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::{TcpListener, TcpStream};
+    use tokio::net::TcpListener;
 
     use super::*;
 
@@ -977,6 +986,18 @@ mod tests {
         Ok(n)
     }
 
+    /// Our server echoing one connection; the handle yields the bytes
+    /// echoed and what the handshake learned.
+    async fn our_echo_server(pki: &Pki) -> (TcpStream, tokio::task::JoinHandle<(u64, Accepted)>) {
+        let (c, s) = pair().await;
+        let config = server_config(&pki.server());
+        let server = tokio::spawn(async move {
+            let (tls, accepted) = accept(config, s).await.unwrap();
+            (echo(tls).await.unwrap(), accepted)
+        });
+        (c, server)
+    }
+
     #[tokio::test]
     async fn our_client_and_a_rustls_server_carry_megabytes_both_ways() {
         let pki = pki();
@@ -995,12 +1016,7 @@ mod tests {
     #[tokio::test]
     async fn a_rustls_client_and_our_server_carry_megabytes_both_ways() {
         let pki = pki();
-        let (c, s) = pair().await;
-        let config = server_config(&pki.server());
-        let server = tokio::spawn(async move {
-            let (tls, accepted) = accept(config, s).await.unwrap();
-            (echo(tls).await.unwrap(), accepted)
-        });
+        let (c, server) = our_echo_server(&pki).await;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(pki.client()));
         let tls = connector.connect(name(), c).await.unwrap();
         let data = payload(3 << 20);
@@ -1100,7 +1116,7 @@ mod tests {
 
     /// Our server, a rustls client that completed the handshake, and the
     /// client's raw socket for what a broken peer would send.
-    async fn server_with_raw_client(pki: &Pki) -> (TlsStream<TcpStream>, TcpStream) {
+    async fn server_with_raw_client(pki: &Pki) -> (TlsStream, TcpStream) {
         let (c, s) = pair().await;
         let config = server_config(&pki.server());
         let connector = tokio_rustls::TlsConnector::from(Arc::new(pki.client()));
@@ -1218,12 +1234,7 @@ mod tests {
     #[tokio::test]
     async fn a_tls12_client_and_our_server_carry_data_both_ways() {
         let pki = pki();
-        let (c, s) = pair().await;
-        let config = server_config(&pki.server());
-        let server = tokio::spawn(async move {
-            let (tls, accepted) = accept(config, s).await.unwrap();
-            (echo(tls).await.unwrap(), accepted)
-        });
+        let (c, server) = our_echo_server(&pki).await;
         let tls12 = elsinore_certs::client_config_with_versions(
             &pki.client,
             &pki.server_bundle,
@@ -1245,5 +1256,34 @@ mod tests {
         let (echoed, accepted) = server.await.unwrap();
         assert_eq!(echoed, 1 << 20);
         assert_eq!(accepted.server_name.as_deref(), Some("svc.a.example"));
+    }
+
+    #[tokio::test]
+    async fn a_connection_waiting_for_its_peer_holds_no_buffer() {
+        let pki = pki();
+        let (c, s) = pair().await;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(pki.server()));
+        let server = tokio::spawn(async move {
+            let mut tls = acceptor.accept(s).await.unwrap();
+            tls.write_all(&payload(40 * 1024)).await.unwrap();
+            tls.flush().await.unwrap();
+            // Hold the connection open until the client is done.
+            let _ = tls.read_to_end(&mut Vec::new()).await;
+        });
+        let mut ours = connect(client_config(&pki.client()), name(), c)
+            .await
+            .unwrap();
+        ours.write_all(b"hello").await.unwrap();
+        let mut got = vec![0; 40 * 1024];
+        ours.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, payload(40 * 1024));
+        // Nothing more is coming: the read waits, without a buffer.
+        let mut buf = [0; 64];
+        let waiting = tokio::time::timeout(Duration::from_millis(50), ours.read(&mut buf));
+        assert!(waiting.await.is_err(), "no data was sent");
+        assert_eq!(ours.inbuf.capacity(), 0, "incoming buffer kept");
+        assert_eq!(ours.outbuf.capacity(), 0, "outgoing buffer kept");
+        drop(ours);
+        server.await.unwrap();
     }
 }
