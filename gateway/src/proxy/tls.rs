@@ -295,6 +295,49 @@ impl ResolvesServerCert for RecordSni {
     }
 }
 
+/// Buffers between uses. A connection gives its buffer back as soon as it
+/// is drained, and request/response traffic drains it on every message:
+/// taking a fresh 16-64 KiB block from malloc each time cost more than the
+/// record layer itself (glibc consolidates its free lists for every block
+/// that large). A few are kept per thread instead, so the memory stays with
+/// the thread, not with the thousands of connections it serves.
+mod spare {
+    use std::cell::RefCell;
+
+    use bytes::BytesMut;
+
+    /// Enough for the connections one thread moves data on at once.
+    const KEEP: usize = 8;
+    /// A buffer that grew past this (a burst) is not kept.
+    const KEEP_CAPACITY: usize = 2 * super::READ_BIG;
+
+    thread_local! {
+        static SPARE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+    }
+
+    #[cfg(test)]
+    pub(super) fn kept() -> usize {
+        SPARE.with(|s| s.borrow().len())
+    }
+
+    pub(super) fn take() -> BytesMut {
+        SPARE.with(|s| s.borrow_mut().pop()).unwrap_or_default()
+    }
+
+    pub(super) fn give(mut buf: BytesMut) {
+        if buf.capacity() == 0 || buf.capacity() > KEEP_CAPACITY {
+            return;
+        }
+        buf.clear();
+        SPARE.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < KEEP {
+                s.push(buf);
+            }
+        });
+    }
+}
+
 /// Connects as a client over `io`; the caller bounds the time.
 pub async fn connect(
     config: Arc<rustls::ClientConfig>,
@@ -478,6 +521,7 @@ impl TlsStream {
         read_closed: bool,
     ) -> io::Result<Self> {
         let inbuf = if inbuf.is_empty() {
+            spare::give(inbuf);
             BytesMut::new()
         } else {
             inbuf
@@ -534,6 +578,9 @@ impl TlsStream {
     fn begin_record(&mut self, len: usize) -> usize {
         let start = self.outbuf.len();
         let prefix = HEADER + self.tx.explicit_len();
+        if self.outbuf.capacity() == 0 {
+            self.outbuf = spare::take();
+        }
         self.outbuf.reserve(prefix + len + 1 + TAG);
         self.outbuf.extend_from_slice(&[0; HEADER + 8][..prefix]);
         start
@@ -631,7 +678,7 @@ impl TlsStream {
             self.outbuf.advance(n);
         }
         // Drained: give the memory back; an idle connection holds none.
-        self.outbuf = BytesMut::new();
+        spare::give(std::mem::take(&mut self.outbuf));
         Poll::Ready(Ok(()))
     }
 
@@ -796,6 +843,9 @@ impl AsyncRead for TlsStream {
             // waiting for its peer holds none.
             ready!(this.io.poll_read_ready(cx))?;
             let want = if this.flowing { READ_BIG } else { READ_SMALL };
+            if this.inbuf.capacity() == 0 {
+                this.inbuf = spare::take();
+            }
             this.inbuf.reserve(want);
             let room = this.inbuf.capacity() - this.inbuf.len();
             match this.io.try_read_buf(&mut this.inbuf) {
@@ -824,7 +874,7 @@ impl TlsStream {
             self.plain = 0..0;
         }
         if self.inbuf.is_empty() && self.inbuf.capacity() > 0 {
-            self.inbuf = BytesMut::new();
+            spare::give(std::mem::take(&mut self.inbuf));
             self.flowing = false;
         }
     }
@@ -1285,5 +1335,21 @@ mod tests {
         assert_eq!(ours.outbuf.capacity(), 0, "outgoing buffer kept");
         drop(ours);
         server.await.unwrap();
+    }
+
+    #[test]
+    fn drained_buffers_are_kept_per_thread_up_to_a_limit() {
+        let before = spare::kept();
+        spare::give(BytesMut::with_capacity(READ_SMALL));
+        assert_eq!(spare::kept(), before + 1);
+        assert!(spare::take().capacity() >= READ_SMALL);
+        assert_eq!(spare::kept(), before);
+        // A burst's oversized buffer goes back to malloc.
+        spare::give(BytesMut::with_capacity(4 * READ_BIG));
+        assert_eq!(spare::kept(), before);
+        for _ in 0..20 {
+            spare::give(BytesMut::with_capacity(1024));
+        }
+        assert_eq!(spare::kept(), 8);
     }
 }
