@@ -1352,4 +1352,37 @@ mod tests {
         }
         assert_eq!(spare::kept(), 8);
     }
+
+    #[tokio::test]
+    async fn a_client_resumes_with_our_server_and_keeps_its_identity() {
+        let pki = pki();
+        let config = server_config(&pki.server());
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(pki.client()));
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let (c, s) = pair().await;
+            let config = Arc::clone(&config);
+            let server = tokio::spawn(async move {
+                let (tls, accepted) = accept(config, s).await.unwrap();
+                echo(tls).await.unwrap();
+                accepted
+            });
+            let tls = connector.connect(name(), c).await.unwrap();
+            let kind = tls.get_ref().1.handshake_kind();
+            assert_eq!(exchange(tls, b"hello").await.unwrap(), b"hello");
+            let accepted = server.await.unwrap();
+            let chain = accepted.peer_certificates.expect("a client chain");
+            let id = elsinore_certs::peer_spiffe_id(Some(&chain)).unwrap();
+            seen.push((kind, id.to_string(), accepted.server_name));
+        }
+        let id = "spiffe://b.example/gw".to_owned();
+        let sni = Some("svc.a.example".to_owned());
+        assert_eq!(
+            seen,
+            [
+                (Some(HandshakeKind::Full), id.clone(), sni.clone()),
+                (Some(HandshakeKind::Resumed), id, sni),
+            ]
+        );
+    }
 }
