@@ -1175,35 +1175,35 @@ mod tests {
         (ours, theirs.unwrap().into_inner().0)
     }
 
-    #[tokio::test]
-    async fn a_tampered_record_is_an_error_naming_it() {
+    /// What our server's next read fails with once the peer's raw socket
+    /// sent `bytes`, or (for `None`) a FIN with no close_notify before it.
+    async fn read_error_after(bytes: Option<&[u8]>) -> io::Error {
         let pki = pki();
         let (mut ours, mut raw) = server_with_raw_client(&pki).await;
+        match bytes {
+            Some(bytes) => raw.write_all(bytes).await.unwrap(),
+            None => raw.shutdown().await.unwrap(),
+        }
+        ours.read(&mut [0; 64]).await.unwrap_err()
+    }
+
+    #[tokio::test]
+    async fn a_tampered_record_is_an_error_naming_it() {
         let mut record = vec![APPLICATION_DATA, 3, 3, 0, 40];
         record.extend_from_slice(&[7; 40]);
-        raw.write_all(&record).await.unwrap();
-        let e = ours.read(&mut [0; 64]).await.unwrap_err();
+        let e = read_error_after(Some(&record)).await;
         assert!(e.to_string().contains("bad_record_mac"), "{e}");
     }
 
     #[tokio::test]
     async fn an_oversized_record_is_refused_before_it_is_read() {
-        let pki = pki();
-        let (mut ours, mut raw) = server_with_raw_client(&pki).await;
-        raw.write_all(&[APPLICATION_DATA, 3, 3, 0x48, 0])
-            .await
-            .unwrap();
-        let e = ours.read(&mut [0; 64]).await.unwrap_err();
+        let e = read_error_after(Some(&[APPLICATION_DATA, 3, 3, 0x48, 0])).await;
         assert!(e.to_string().contains("record length 18432"), "{e}");
     }
 
     #[tokio::test]
     async fn a_close_without_close_notify_is_an_unexpected_eof() {
-        let pki = pki();
-        let (mut ours, mut raw) = server_with_raw_client(&pki).await;
-        // A FIN, with no close_notify before it.
-        raw.shutdown().await.unwrap();
-        let e = ours.read(&mut [0; 64]).await.unwrap_err();
+        let e = read_error_after(None).await;
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
     }
 
