@@ -325,10 +325,13 @@ mod spare {
     }
 
     pub(super) fn give(mut buf: BytesMut) {
-        if buf.capacity() == 0 || buf.capacity() > KEEP_CAPACITY {
+        // A drained buffer has been advanced to its end, which leaves it no
+        // capacity until the space before it is reclaimed (no copy: it is
+        // empty). One too small for a record is not worth keeping.
+        buf.clear();
+        if buf.capacity() > KEEP_CAPACITY || !buf.try_reclaim(super::READ_SMALL) {
             return;
         }
-        buf.clear();
         SPARE.with(|s| {
             let mut s = s.borrow_mut();
             if s.len() < KEEP {
@@ -1340,15 +1343,23 @@ mod tests {
     #[test]
     fn drained_buffers_are_kept_per_thread_up_to_a_limit() {
         let before = spare::kept();
-        spare::give(BytesMut::with_capacity(READ_SMALL));
+        // Drained the way a connection drains it: read to the end.
+        let mut drained = BytesMut::with_capacity(READ_BIG);
+        drained.extend_from_slice(&payload(READ_BIG));
+        drained.advance(READ_BIG);
+        spare::give(drained);
         assert_eq!(spare::kept(), before + 1);
-        assert!(spare::take().capacity() >= READ_SMALL);
+        assert!(spare::take().capacity() >= READ_BIG);
+        assert_eq!(spare::kept(), before);
+        // Nothing to keep in a buffer never allocated, or one too small.
+        spare::give(BytesMut::new());
+        spare::give(BytesMut::with_capacity(100));
         assert_eq!(spare::kept(), before);
         // A burst's oversized buffer goes back to malloc.
         spare::give(BytesMut::with_capacity(4 * READ_BIG));
         assert_eq!(spare::kept(), before);
         for _ in 0..20 {
-            spare::give(BytesMut::with_capacity(1024));
+            spare::give(BytesMut::with_capacity(READ_SMALL));
         }
         assert_eq!(spare::kept(), 8);
     }
