@@ -348,22 +348,12 @@ pub async fn connect(
     mut io: TcpStream,
 ) -> io::Result<TlsStream> {
     let mut conn = UnbufferedClientConnection::new(config, name).map_err(tls_err)?;
-    let mut inbuf = BytesMut::new();
-    let mut early = Vec::new();
-    let peer_closed = drive(
-        &mut io,
-        &mut conn,
-        |c, b| c.process_tls_records(b),
-        &mut inbuf,
-        &mut early,
-        || {},
-    )
-    .await?;
+    let leftover = drive(&mut io, &mut conn, |c, b| c.process_tls_records(b), || {}).await?;
     let tls13 = is_tls13(conn.protocol_version())?;
     let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
     let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(tls_err)?;
     let kernel = Kernel::Client(kernel);
-    TlsStream::new(io, kernel, secrets, tls13, alpn, inbuf, early, peer_closed)
+    TlsStream::new(io, kernel, secrets, tls13, alpn, leftover)
 }
 
 /// Accepts a client over `io`; the caller bounds the time.
@@ -372,15 +362,11 @@ pub async fn accept(
     mut io: TcpStream,
 ) -> io::Result<(TlsStream, Accepted)> {
     let mut conn = UnbufferedServerConnection::new(config).map_err(tls_err)?;
-    let mut inbuf = BytesMut::new();
-    let mut early = Vec::new();
     let mut server_name = None;
-    let peer_closed = drive(
+    let leftover = drive(
         &mut io,
         &mut conn,
         |c, b| c.process_tls_records(b),
-        &mut inbuf,
-        &mut early,
         || {
             if let Some(sni) = LAST_SNI.with(|s| s.borrow_mut().take()) {
                 server_name = Some(sni);
@@ -395,7 +381,7 @@ pub async fn accept(
         .map(<[CertificateDer<'static>]>::to_vec);
     let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(tls_err)?;
     let kernel = Kernel::Server(kernel);
-    let stream = TlsStream::new(io, kernel, secrets, tls13, alpn, inbuf, early, peer_closed)?;
+    let stream = TlsStream::new(io, kernel, secrets, tls13, alpn, leftover)?;
     let accepted = Accepted {
         peer_certificates,
         server_name,
@@ -413,24 +399,32 @@ fn is_tls13(version: Option<ProtocolVersion>) -> io::Result<bool> {
     }
 }
 
+/// What the handshake leaves to the record layer, besides the secrets.
+struct Leftover {
+    /// Bytes read past the handshake, not yet processed.
+    inbuf: BytesMut,
+    /// Application data rustls already decrypted: a client may send it
+    /// with its Finished.
+    early: Vec<u8>,
+    /// The peer's close_notify came with it.
+    peer_closed: bool,
+}
+
 /// Runs rustls's unbuffered handshake over `io` until application data may
-/// be written. Bytes read past the handshake stay in `inbuf`; application
-/// data rustls already decrypted (a client may send it with its Finished)
-/// is appended to `early`. Returns whether the peer already sent its
-/// close_notify. On failure, the alert rustls queued is sent
+/// be written. On failure, the alert rustls queued is sent
 /// before the error returns, so the peer learns why.
 async fn drive<IO, C, D>(
     io: &mut IO,
     conn: &mut C,
     process: impl for<'c, 'i> Fn(&'c mut C, &'i mut [u8]) -> UnbufferedStatus<'c, 'i, D>,
-    inbuf: &mut BytesMut,
-    early: &mut Vec<u8>,
     mut after_step: impl FnMut(),
-) -> io::Result<bool>
+) -> io::Result<Leftover>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
     let mut out = Vec::new();
+    let mut inbuf = BytesMut::new();
+    let mut early = Vec::new();
     let mut peer_closed = false;
     loop {
         let UnbufferedStatus { mut discard, state } = process(conn, &mut inbuf[..]);
@@ -460,7 +454,11 @@ where
             Ok(ConnectionState::PeerClosed) => peer_closed = true,
             Ok(ConnectionState::WriteTraffic(_)) => {
                 inbuf.advance(discard);
-                return Ok(peer_closed);
+                return Ok(Leftover {
+                    inbuf,
+                    early,
+                    peer_closed,
+                });
             }
             Ok(other) => {
                 return Err(protocol(&format!(
@@ -471,7 +469,9 @@ where
         inbuf.advance(discard);
         if read {
             inbuf.reserve(READ_SMALL);
-            if std::future::poll_fn(|cx| poll_read_buf(Pin::new(&mut *io), cx, inbuf)).await? == 0 {
+            if std::future::poll_fn(|cx| poll_read_buf(Pin::new(&mut *io), cx, &mut inbuf)).await?
+                == 0
+            {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "tls handshake: the peer closed the connection",
@@ -512,17 +512,19 @@ fn encode(
 }
 
 impl TlsStream {
-    #[allow(clippy::too_many_arguments)]
     fn new(
         io: TcpStream,
         kernel: Kernel,
         secrets: rustls::ExtractedSecrets,
         tls13: bool,
         alpn: Option<Vec<u8>>,
-        inbuf: BytesMut,
-        early: Vec<u8>,
-        read_closed: bool,
+        leftover: Leftover,
     ) -> io::Result<Self> {
+        let Leftover {
+            inbuf,
+            early,
+            peer_closed: read_closed,
+        } = leftover;
         let inbuf = if inbuf.is_empty() {
             spare::give(inbuf);
             BytesMut::new()
