@@ -554,7 +554,7 @@ impl Egress {
         if !self.ctx.tuning.tls_resumption {
             config.resumption = rustls::client::Resumption::disabled();
         }
-        let config = tls::client_config(&config);
+        let config = tls::client_config(config);
         let mut cache = lock(&self.tls);
         if cache.len() >= TLS_CACHE_MAX {
             cache.clear();

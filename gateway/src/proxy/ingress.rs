@@ -194,7 +194,7 @@ pub async fn serve(
         tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     }
     let inner = Arc::new(Inner {
-        tls: tls::server_config(&tls),
+        tls: tls::server_config(tls),
         routes: RouteCache::new(ctx.tuning.clone()),
         limit: Arc::new(Semaphore::new(
             ctx.tuning.max_connections.min(Semaphore::MAX_PERMITS),

@@ -40,9 +40,8 @@ use rustls::server::{
 use rustls::sign::CertifiedKey;
 use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedStatus};
 use rustls::{ConnectionTrafficSecrets, ProtocolVersion};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_util::io::poll_read_buf;
 
 /// Record header: type, legacy version, length.
 const HEADER: usize = 5;
@@ -256,19 +255,17 @@ fn protocol(what: &str) -> io::Error {
 
 /// The client config for the data plane: `config` with secret extraction on,
 /// which our record layer needs.
-pub fn client_config(config: &rustls::ClientConfig) -> Arc<rustls::ClientConfig> {
-    let mut c = config.clone();
-    c.enable_secret_extraction = true;
-    Arc::new(c)
+pub fn client_config(mut config: rustls::ClientConfig) -> Arc<rustls::ClientConfig> {
+    config.enable_secret_extraction = true;
+    Arc::new(config)
 }
 
 /// The server config for the data plane: `config` with secret extraction on
 /// and the client's SNI recorded for [`Accepted`].
-pub fn server_config(config: &rustls::ServerConfig) -> Arc<rustls::ServerConfig> {
-    let mut c = config.clone();
-    c.enable_secret_extraction = true;
-    c.cert_resolver = Arc::new(RecordSni(Arc::clone(&c.cert_resolver)));
-    Arc::new(c)
+pub fn server_config(mut config: rustls::ServerConfig) -> Arc<rustls::ServerConfig> {
+    config.enable_secret_extraction = true;
+    config.cert_resolver = Arc::new(RecordSni(Arc::clone(&config.cert_resolver)));
+    Arc::new(config)
 }
 
 thread_local! {
@@ -413,15 +410,12 @@ struct Leftover {
 /// Runs rustls's unbuffered handshake over `io` until application data may
 /// be written. On failure, the alert rustls queued is sent
 /// before the error returns, so the peer learns why.
-async fn drive<IO, C, D>(
-    io: &mut IO,
+async fn drive<C, D>(
+    io: &mut TcpStream,
     conn: &mut C,
     process: impl for<'c, 'i> Fn(&'c mut C, &'i mut [u8]) -> UnbufferedStatus<'c, 'i, D>,
     mut after_step: impl FnMut(),
-) -> io::Result<Leftover>
-where
-    IO: AsyncRead + AsyncWrite + Unpin,
-{
+) -> io::Result<Leftover> {
     let mut out = Vec::new();
     let mut inbuf = BytesMut::new();
     let mut early = Vec::new();
@@ -432,8 +426,13 @@ where
         let mut read = false;
         match state {
             Err(e) => {
-                let _ = state_alert(conn, &process, &mut out);
-                let _ = io.write_all(&out).await;
+                // Best effort: the alert rustls queued for this error.
+                out.clear();
+                if let Ok(ConnectionState::EncodeTlsData(mut enc)) = process(conn, &mut []).state
+                    && encode(&mut out, |b| enc.encode(b)).is_ok()
+                {
+                    let _ = io.write_all(&out).await;
+                }
                 return Err(tls_err(e));
             }
             Ok(ConnectionState::EncodeTlsData(mut enc)) => encode(&mut out, |b| enc.encode(b))?,
@@ -469,9 +468,7 @@ where
         inbuf.advance(discard);
         if read {
             inbuf.reserve(READ_SMALL);
-            if std::future::poll_fn(|cx| poll_read_buf(Pin::new(&mut *io), cx, &mut inbuf)).await?
-                == 0
-            {
+            if io.read_buf(&mut inbuf).await? == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "tls handshake: the peer closed the connection",
@@ -479,19 +476,6 @@ where
             }
         }
     }
-}
-
-/// After a handshake error: encodes the fatal alert rustls queued, if any.
-fn state_alert<C, D>(
-    conn: &mut C,
-    process: &impl for<'c, 'i> Fn(&'c mut C, &'i mut [u8]) -> UnbufferedStatus<'c, 'i, D>,
-    out: &mut Vec<u8>,
-) -> io::Result<()> {
-    out.clear();
-    if let Ok(ConnectionState::EncodeTlsData(mut enc)) = process(conn, &mut []).state {
-        encode(out, |b| enc.encode(b))?;
-    }
-    Ok(())
 }
 
 /// Appends one handshake record rustls has for us to `out`.
@@ -1045,7 +1029,7 @@ mod tests {
     /// echoed and what the handshake learned.
     async fn our_echo_server(pki: &Pki) -> (TcpStream, tokio::task::JoinHandle<(u64, Accepted)>) {
         let (c, s) = pair().await;
-        let config = server_config(&pki.server());
+        let config = server_config(pki.server());
         let server = tokio::spawn(async move {
             let (tls, accepted) = accept(config, s).await.unwrap();
             (echo(tls).await.unwrap(), accepted)
@@ -1059,7 +1043,7 @@ mod tests {
         let (c, s) = pair().await;
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(pki.server()));
         let server = tokio::spawn(async move { echo(acceptor.accept(s).await.unwrap()).await });
-        let tls = connect(client_config(&pki.client()), name(), c)
+        let tls = connect(client_config(pki.client()), name(), c)
             .await
             .unwrap();
         assert_eq!(tls.alpn_protocol(), Some(&b"h2"[..]));
@@ -1088,7 +1072,7 @@ mod tests {
     async fn a_key_update_the_peer_requests_is_followed_and_answered() {
         let pki = pki();
         let (c, s) = pair().await;
-        let config = server_config(&pki.server());
+        let config = server_config(pki.server());
         let server = tokio::spawn(async move {
             let (mut tls, _) = accept(config, s).await.unwrap();
             let mut buf = [0; 5];
@@ -1117,7 +1101,7 @@ mod tests {
         let (c, s) = pair().await;
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(pki.server()));
         let server = tokio::spawn(async move { echo(acceptor.accept(s).await.unwrap()).await });
-        let mut tls = connect(client_config(&pki.client()), name(), c)
+        let mut tls = connect(client_config(pki.client()), name(), c)
             .await
             .unwrap();
         tls.set_tx_limit(2);
@@ -1148,7 +1132,7 @@ mod tests {
     async fn tickets_a_server_sends_after_the_handshake_resume_the_next_connection() {
         let pki = pki();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(pki.server()));
-        let config = client_config(&pki.client());
+        let config = client_config(pki.client());
         let mut kinds = Vec::new();
         for _ in 0..2 {
             let (c, s) = pair().await;
@@ -1173,7 +1157,7 @@ mod tests {
     /// client's raw socket for what a broken peer would send.
     async fn server_with_raw_client(pki: &Pki) -> (TlsStream, TcpStream) {
         let (c, s) = pair().await;
-        let config = server_config(&pki.server());
+        let config = server_config(pki.server());
         let connector = tokio_rustls::TlsConnector::from(Arc::new(pki.client()));
         let (ours, theirs) = tokio::join!(accept(config, s), connector.connect(name(), c));
         let (ours, _) = ours.unwrap();
@@ -1216,7 +1200,7 @@ mod tests {
     async fn data_and_a_close_sent_right_after_the_handshake_are_kept() {
         let pki = pki();
         let (c, s) = pair().await;
-        let config = server_config(&pki.server());
+        let config = server_config(pki.server());
         let server = tokio::spawn(async move {
             let (mut tls, _) = accept(config, s).await.unwrap();
             let mut got = Vec::new();
@@ -1270,7 +1254,7 @@ mod tests {
             cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
         ] {
             let (c, server) = echo_server_with(&pki, suite).await;
-            let tls = connect(client_config(&pki.client()), name(), c)
+            let tls = connect(client_config(pki.client()), name(), c)
                 .await
                 .unwrap_or_else(|e| panic!("{suite:?}: {e}"));
             let data = payload(200 * 1024 + 7);
@@ -1325,7 +1309,7 @@ mod tests {
             // Hold the connection open until the client is done.
             let _ = tls.read_to_end(&mut Vec::new()).await;
         });
-        let mut ours = connect(client_config(&pki.client()), name(), c)
+        let mut ours = connect(client_config(pki.client()), name(), c)
             .await
             .unwrap();
         ours.write_all(b"hello").await.unwrap();
@@ -1369,7 +1353,7 @@ mod tests {
     #[tokio::test]
     async fn a_client_resumes_with_our_server_and_keeps_its_identity() {
         let pki = pki();
-        let config = server_config(&pki.server());
+        let config = server_config(pki.server());
         let connector = tokio_rustls::TlsConnector::from(Arc::new(pki.client()));
         let mut seen = Vec::new();
         for _ in 0..2 {
