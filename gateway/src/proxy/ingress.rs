@@ -339,7 +339,15 @@ async fn handle(tcp: TcpStream, inner: &Arc<Inner>) {
     // Who is calling: the trust domain of the verified SPIFFE ID names the
     // peer. The TLS layer accepts an unknown trust domain signed by one of
     // our bundles' CAs, so this check is what refuses it.
-    let peer_id = match elsinore_certs::peer_spiffe_id(accepted.peer_certificates.as_deref()) {
+    let tls::Accepted {
+        peer_certificates,
+        server_name,
+    } = accepted;
+    let peer_id = elsinore_certs::peer_spiffe_id(peer_certificates.as_deref());
+    // The chain is only for this check; a held connection's task should
+    // not keep it (rustls keeps its own copy for resumption).
+    drop(peer_certificates);
+    let peer_id = match peer_id {
         Ok(id) => id,
         Err(e) => {
             let detail = format!("no usable peer identity: {e}");
@@ -356,7 +364,7 @@ async fn handle(tcp: TcpStream, inner: &Arc<Inner>) {
     let peer_name = peer.config.name.clone();
     span.record("peer", peer_name.as_str());
 
-    let Some(sni) = accepted.server_name.as_deref().map(normalize_host) else {
+    let Some(sni) = server_name.as_deref().map(normalize_host) else {
         let detail = format!("peer {peer_name} ({peer_id}) sent no sni");
         return refuse(inner, Refusal::NoSni, &detail, Some(tls)).await;
     };
