@@ -274,10 +274,19 @@ mod tests {
                 Arc::new(VipAllocator::new("127.77.0.0/16".parse().unwrap()).update(&view));
             let vip = table.lookup_name("reviews.default.global").unwrap().vip;
 
-            let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-            let port = udp.local_addr().unwrap().port();
-            // Same port on TCP, as a DNS client expects.
-            let tcp = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+            // Same port on TCP, as a DNS client expects. The UDP port the
+            // kernel picks may be taken on TCP (a client's ephemeral port,
+            // a socket in TIME_WAIT): try another.
+            let mut pair = None;
+            for _ in 0..100 {
+                let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+                let port = udp.local_addr().unwrap().port();
+                if let Ok(tcp) = TcpListener::bind(("127.0.0.1", port)).await {
+                    pair = Some((udp, tcp, port));
+                    break;
+                }
+            }
+            let (udp, tcp, port) = pair.expect("a port free on both UDP and TCP");
             let (_tables, rx) = tokio::sync::watch::channel(table);
             let shutdown = CancellationToken::new();
             let server = tokio::spawn(super::super::responder::serve(
