@@ -264,13 +264,26 @@ impl Demo {
         })
     }
 
-    /// Waits until both gateways are ready (each synced with the other).
+    /// Waits until each gateway has imported the other's whole catalog.
+    ///
+    /// Admin readiness is not enough here: it turns true once the first
+    /// sync was attempted (it may have failed while the peer was still
+    /// starting), and before the merged import view is published.
     pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        fn imported_all(shared: &crate::state::Shared) -> bool {
+            let mut expected = 0;
+            for peer in &shared.peers {
+                let consumer = peer.consumer.borrow();
+                if !consumer.snapshot_complete {
+                    return false;
+                }
+                expected += consumer.services.len();
+            }
+            shared.imports.borrow().by_fqdn.len() >= expected
+        }
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let (a, _) = crate::admin::readiness(&self.a.shared);
-            let (b, _) = crate::admin::readiness(&self.b.shared);
-            if a && b {
+            if imported_all(&self.a.shared) && imported_all(&self.b.shared) {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
