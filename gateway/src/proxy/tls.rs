@@ -51,12 +51,15 @@ const TAG: usize = 16;
 const MAX_PLAINTEXT: usize = 16 * 1024;
 /// Most ciphertext one record may carry (RFC 8446 §5.2).
 const MAX_CIPHERTEXT: usize = MAX_PLAINTEXT + 256;
-/// Reserved per read while data flows: four full records per syscall.
-const READ_BIG: usize = 64 * 1024;
+/// Reserved per read while data flows: 32 full records per syscall. Fewer,
+/// larger reads and writes are what makes bulk transfers cheap: each syscall
+/// on a socket wakes the peer, and on loopback also runs its receive path.
+const READ_BIG: usize = 512 * 1024;
 /// Reserved per read on a connection whose buffer was empty: one record.
 const READ_SMALL: usize = HEADER + MAX_CIPHERTEXT;
-/// Sealed bytes a writer may queue before its writes wait for the socket.
-const OUT_HIGH: usize = 64 * 1024;
+/// Sealed bytes a writer may queue before its writes wait for the socket;
+/// one write seals up to this much, so a bulk sender writes 512 KiB at once.
+const OUT_HIGH: usize = 512 * 1024;
 
 const APPLICATION_DATA: u8 = 23;
 const ALERT: u8 = 21;
@@ -307,18 +310,31 @@ mod spare {
     const KEEP: usize = 8;
     /// A buffer that grew past this (a burst) is not kept.
     const KEEP_CAPACITY: usize = 2 * super::READ_BIG;
+    /// At most this much kept per thread: two bulk transfers' buffers, or
+    /// all eight of request/response traffic. A bulk buffer given back to
+    /// malloc each time costs page faults when it is taken again (glibc
+    /// trims the heap top under it).
+    pub(super) const KEEP_BYTES: usize = 2 * KEEP_CAPACITY;
 
     thread_local! {
-        static SPARE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+        static SPARE: RefCell<(Vec<BytesMut>, usize)> = const { RefCell::new((Vec::new(), 0)) };
     }
 
     #[cfg(test)]
-    pub(super) fn kept() -> usize {
-        SPARE.with(|s| s.borrow().len())
+    pub(super) fn kept() -> (usize, usize) {
+        SPARE.with(|s| {
+            let s = s.borrow();
+            (s.0.len(), s.1)
+        })
     }
 
     pub(super) fn take() -> BytesMut {
-        SPARE.with(|s| s.borrow_mut().pop()).unwrap_or_default()
+        SPARE.with(|s| {
+            let (list, bytes) = &mut *s.borrow_mut();
+            let buf = list.pop().unwrap_or_default();
+            *bytes -= buf.capacity();
+            buf
+        })
     }
 
     pub(super) fn give(mut buf: BytesMut) {
@@ -330,9 +346,10 @@ mod spare {
             return;
         }
         SPARE.with(|s| {
-            let mut s = s.borrow_mut();
-            if s.len() < KEEP {
-                s.push(buf);
+            let (list, bytes) = &mut *s.borrow_mut();
+            if list.len() < KEEP && *bytes + buf.capacity() <= KEEP_BYTES {
+                *bytes += buf.capacity();
+                list.push(buf);
             }
         });
     }
@@ -1328,26 +1345,43 @@ mod tests {
 
     #[test]
     fn drained_buffers_are_kept_per_thread_up_to_a_limit() {
-        let before = spare::kept();
+        while spare::kept().0 > 0 {
+            spare::take();
+        }
         // Drained the way a connection drains it: read to the end.
         let mut drained = BytesMut::with_capacity(READ_BIG);
         drained.extend_from_slice(&payload(READ_BIG));
         drained.advance(READ_BIG);
         spare::give(drained);
-        assert_eq!(spare::kept(), before + 1);
+        assert_eq!(spare::kept().0, 1);
         assert!(spare::take().capacity() >= READ_BIG);
-        assert_eq!(spare::kept(), before);
+        assert_eq!(spare::kept(), (0, 0));
         // Nothing to keep in a buffer never allocated, or one too small.
         spare::give(BytesMut::new());
         spare::give(BytesMut::with_capacity(100));
-        assert_eq!(spare::kept(), before);
+        assert_eq!(spare::kept(), (0, 0));
         // A burst's oversized buffer goes back to malloc.
         spare::give(BytesMut::with_capacity(4 * READ_BIG));
-        assert_eq!(spare::kept(), before);
+        assert_eq!(spare::kept(), (0, 0));
+        // Bulk buffers: only as many as the byte budget holds.
+        for _ in 0..8 {
+            spare::give(BytesMut::with_capacity(2 * READ_BIG));
+        }
+        let (count, bytes) = spare::kept();
+        assert!(
+            count >= 1 && bytes <= spare::KEEP_BYTES,
+            "{count} kept, {bytes} bytes"
+        );
+        assert!(bytes + 2 * READ_BIG > spare::KEEP_BYTES, "room left unused");
+        while spare::kept().0 > 0 {
+            spare::take();
+        }
+        assert_eq!(spare::kept(), (0, 0), "taking gives the bytes back");
+        // Request/response buffers: eight, whatever the budget.
         for _ in 0..20 {
             spare::give(BytesMut::with_capacity(READ_SMALL));
         }
-        assert_eq!(spare::kept(), 8);
+        assert_eq!(spare::kept().0, 8);
     }
 
     #[tokio::test]
