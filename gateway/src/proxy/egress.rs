@@ -42,7 +42,7 @@ use super::h1::{self, BoxError};
 use super::h2client::{self, SendError};
 use super::h2server;
 use super::pool::{H2Pool, PoolHandle, PoolKey, PoolLimits};
-use super::splice::splice;
+use super::splice::splice_to_tls;
 use super::tls::{self, TlsStream};
 use crate::dns::resolver::{self, ConnectError};
 use crate::dns::vip::{VipEntry, VipTable};
@@ -660,7 +660,7 @@ impl Egress {
             return Err(last.unwrap_or_else(|| no_endpoints(entry)));
         };
         let (sent, received) = tokio::select! {
-            spliced = splice(client, upstream, self.ctx.tuning.idle_timeout) => spliced?,
+            spliced = splice_to_tls(client, upstream, self.ctx.tuning.idle_timeout) => spliced?,
             _ = self.ctx.shutdown.cancelled() => return Ok(()),
         };
         tracing::debug!(sent, received, "connection finished");

@@ -21,7 +21,10 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use tokio::net::TcpStream;
+
 use super::error::{ErrorKind, ProxyError, Side};
+use super::tls::{RelayError, Relayed, TlsStream};
 
 /// Copies `a` → `b` and `b` → `a` until both directions have reached EOF.
 ///
@@ -40,6 +43,46 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
+    run(idle_timeout, |cx, a_to_b, b_to_a, progressed| {
+        (
+            a_to_b.poll_copy(cx, Pin::new(&mut a), Pin::new(&mut b), progressed),
+            b_to_a.poll_copy(cx, Pin::new(&mut b), Pin::new(&mut a), progressed),
+        )
+    })
+    .await
+}
+
+/// [`splice`] from a plain TCP client to a TLS peer (egress): the client's
+/// bytes are read straight into TLS records and sealed where they land
+/// ([`TlsStream::poll_relay_from`]), with no copy between the two sockets'
+/// buffers. The peer's bytes come back as in [`splice`].
+pub async fn splice_to_tls(
+    mut a: TcpStream,
+    mut b: Box<TlsStream>,
+    idle_timeout: Duration,
+) -> Result<(u64, u64), ProxyError> {
+    run(idle_timeout, |cx, a_to_b, b_to_a, progressed| {
+        (
+            a_to_b.poll_relay(cx, &mut a, &mut b, progressed),
+            b_to_a.poll_copy(cx, Pin::new(&mut *b), Pin::new(&mut a), progressed),
+        )
+    })
+    .await
+}
+
+type Step = Poll<Result<(), ProxyError>>;
+
+/// Polls both directions until both are done, one fails, or nothing moved
+/// for `idle_timeout`.
+async fn run(
+    idle_timeout: Duration,
+    mut poll_both: impl FnMut(
+        &mut Context<'_>,
+        &mut Direction,
+        &mut Direction,
+        &mut bool,
+    ) -> (Step, Step),
+) -> Result<(u64, u64), ProxyError> {
     let mut a_to_b = Direction::new(Side::Downstream, Side::Upstream);
     let mut b_to_a = Direction::new(Side::Upstream, Side::Downstream);
     let mut last_activity = Instant::now();
@@ -47,8 +90,7 @@ where
 
     poll_fn(|cx| {
         let mut progressed = false;
-        let ab = a_to_b.poll_copy(cx, Pin::new(&mut a), Pin::new(&mut b), &mut progressed);
-        let ba = b_to_a.poll_copy(cx, Pin::new(&mut b), Pin::new(&mut a), &mut progressed);
+        let (ab, ba) = poll_both(cx, &mut a_to_b, &mut b_to_a, &mut progressed);
         if let Poll::Ready(Err(e)) = ab {
             return Poll::Ready(Err(e));
         }
@@ -228,6 +270,37 @@ impl Direction {
             }
             return Poll::Pending;
         }
+    }
+
+    /// As [`Direction::poll_copy`], reading `r` straight into `w`'s records
+    /// while it can ([`TlsStream::poll_relay_from`]); bytes the copy path
+    /// kept, EOF and a key that must be replaced first go through
+    /// `poll_copy`.
+    fn poll_relay(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut TcpStream,
+        w: &mut TlsStream,
+        progressed: &mut bool,
+    ) -> Poll<Result<(), ProxyError>> {
+        while !self.done && !self.read_done && self.pos >= self.pending.len() {
+            match w.poll_relay_from(cx, r) {
+                Poll::Ready(Ok(Relayed::Moved(n))) => {
+                    self.copied += n as u64;
+                    *progressed = true;
+                }
+                Poll::Ready(Ok(Relayed::Eof)) => self.read_done = true,
+                Poll::Ready(Ok(Relayed::Unavailable)) => break,
+                Poll::Ready(Err(RelayError::Read(e))) => {
+                    return Poll::Ready(Err(self.err(self.reader, "read", &e)));
+                }
+                Poll::Ready(Err(RelayError::Write(e))) => {
+                    return Poll::Ready(Err(self.err(self.writer, "write", &e)));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        self.poll_copy(cx, Pin::new(r), Pin::new(w), progressed)
     }
 
     /// Reads into `scratch` and writes what was read. `Ok(true)`: go round

@@ -229,6 +229,33 @@ impl Keys {
         nonce
     }
 
+    /// Seals the record laid out in `rec`: header, explicit nonce (TLS 1.2
+    /// AES-GCM), plaintext (ending with its content type in TLS 1.3), and
+    /// room for the tag. Fills in everything but the plaintext.
+    fn seal_record(&mut self, rec: &mut [u8], outer: u8) -> io::Result<()> {
+        let explicit = self.explicit_len();
+        let body = HEADER + explicit;
+        let plaintext = rec.len() - body - TAG;
+        let len = explicit + plaintext + TAG;
+        let header = [outer, 3, 3, (len >> 8) as u8, (len & 0xff) as u8];
+        rec[..HEADER].copy_from_slice(&header);
+        let seq = self.take_seq()?;
+        let nonce = self.nonce(seq);
+        rec[HEADER..body].copy_from_slice(&nonce[aead::NONCE_LEN - explicit..]);
+        let (aad, aad_len) = self.aad(seq, &header, plaintext);
+        let (data, tag_room) = rec[body..].split_at_mut(plaintext);
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(&aad[..aad_len]),
+                data,
+            )
+            .map_err(|_| protocol("sealing a record failed"))?;
+        tag_room.copy_from_slice(tag.as_ref());
+        Ok(())
+    }
+
     /// The additional data of a record: its header in TLS 1.3; sequence
     /// number, type, version and plaintext length in TLS 1.2.
     fn aad(&self, seq: u64, header: &[u8; HEADER], plaintext: usize) -> ([u8; 13], usize) {
@@ -595,33 +622,14 @@ impl TlsStream {
     /// Seals the record begun at `start` of `outbuf` (its plaintext runs to
     /// the end): content type, header, nonce, encryption, tag.
     fn finish_record(&mut self, start: usize, typ: u8) -> io::Result<()> {
-        let explicit = self.tx.explicit_len();
         let outer = if self.tx.framing == Framing::Tls13 {
             self.outbuf.extend_from_slice(&[typ]);
             APPLICATION_DATA
         } else {
             typ
         };
-        let body = start + HEADER + explicit;
-        let plaintext = self.outbuf.len() - body;
-        let len = explicit + plaintext + TAG;
-        let header = [outer, 3, 3, (len >> 8) as u8, (len & 0xff) as u8];
-        self.outbuf[start..start + HEADER].copy_from_slice(&header);
-        let seq = self.tx.take_seq()?;
-        let nonce = self.tx.nonce(seq);
-        self.outbuf[start + HEADER..body].copy_from_slice(&nonce[aead::NONCE_LEN - explicit..]);
-        let (aad, aad_len) = self.tx.aad(seq, &header, plaintext);
-        let tag = self
-            .tx
-            .key
-            .seal_in_place_separate_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(&aad[..aad_len]),
-                &mut self.outbuf[body..],
-            )
-            .map_err(|_| protocol("sealing a record failed"))?;
-        self.outbuf.extend_from_slice(tag.as_ref());
-        Ok(())
+        self.outbuf.extend_from_slice(&[0; TAG]);
+        self.tx.seal_record(&mut self.outbuf[start..], outer)
     }
 
     /// Before the next record: a key update if the peer asked for one or
@@ -670,6 +678,134 @@ impl TlsStream {
             left -= size;
         }
         Ok(taken)
+    }
+}
+
+/// What [`TlsStream::poll_relay_from`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Relayed {
+    /// This many bytes were read, sealed, and sent or queued.
+    Moved(usize),
+    /// The source reached EOF.
+    Eof,
+    /// The direct path cannot be taken now (a key must be replaced first):
+    /// copy through `poll_write` instead.
+    Unavailable,
+}
+
+/// Which side failed in [`TlsStream::poll_relay_from`].
+#[derive(Debug)]
+pub enum RelayError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+/// Records one relay read fills: as many as a write may queue.
+const RELAY_RECORDS: usize = OUT_HIGH / MAX_PLAINTEXT;
+/// The largest record slot: header, TLS 1.2 explicit nonce, plaintext,
+/// TLS 1.3 content type, tag.
+const RELAY_SLOT: usize = HEADER + 8 + MAX_PLAINTEXT + 1 + TAG;
+
+thread_local! {
+    /// Record slots the relay reads plaintext into and seals in place,
+    /// shared by a thread's connections (used within one call only).
+    static RELAY_SLAB: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+impl TlsStream {
+    /// Moves what `src` holds to the peer without copying it between
+    /// buffers: one vectored read puts the plaintext straight into record
+    /// slots, each is sealed where it landed, and the records go out in one
+    /// write. What the socket does not take is queued as by `poll_write`.
+    /// Records queued earlier go first; until they are out this waits.
+    pub fn poll_relay_from(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &TcpStream,
+    ) -> Poll<Result<Relayed, RelayError>> {
+        if self.write_closed {
+            return Poll::Ready(Err(RelayError::Write(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "tls: write after close_notify",
+            ))));
+        }
+        if !self.outbuf.is_empty() {
+            ready!(self.poll_drain(cx)).map_err(RelayError::Write)?;
+        }
+        if self.tx.seq.saturating_add(RELAY_RECORDS as u64) >= self.tx_limit {
+            return Poll::Ready(Ok(Relayed::Unavailable));
+        }
+        RELAY_SLAB.with(|cell| {
+            let Ok(mut slab) = cell.try_borrow_mut() else {
+                return Poll::Ready(Ok(Relayed::Unavailable));
+            };
+            if slab.is_empty() {
+                *slab = vec![0; RELAY_RECORDS * RELAY_SLOT];
+            }
+            self.relay_through(cx, src, &mut slab)
+        })
+    }
+
+    fn relay_through(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &TcpStream,
+        slab: &mut [u8],
+    ) -> Poll<Result<Relayed, RelayError>> {
+        let tls13 = self.tx.framing == Framing::Tls13;
+        let prefix = HEADER + self.tx.explicit_len();
+        let suffix = usize::from(tls13) + TAG;
+        // Full records lie back to back: the sealed bytes are contiguous.
+        let stride = prefix + MAX_PLAINTEXT + suffix;
+        let read = loop {
+            ready!(src.poll_read_ready(cx)).map_err(RelayError::Read)?;
+            let mut slots: Vec<io::IoSliceMut<'_>> = slab
+                .chunks_mut(stride)
+                .take(RELAY_RECORDS)
+                .map(|slot| io::IoSliceMut::new(&mut slot[prefix..prefix + MAX_PLAINTEXT]))
+                .collect();
+            match src.try_read_vectored(&mut slots) {
+                Ok(0) => return Poll::Ready(Ok(Relayed::Eof)),
+                Ok(n) => break n,
+                // Readiness was stale; poll_read_ready registers us again.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(RelayError::Read(e))),
+            }
+        };
+        let mut end = 0;
+        let mut left = read;
+        for slot in slab.chunks_mut(stride) {
+            if left == 0 {
+                break;
+            }
+            let len = left.min(MAX_PLAINTEXT);
+            left -= len;
+            let rec = &mut slot[..prefix + len + suffix];
+            if tls13 {
+                rec[prefix + len] = APPLICATION_DATA;
+            }
+            self.tx
+                .seal_record(rec, APPLICATION_DATA)
+                .map_err(RelayError::Write)?;
+            end += rec.len();
+        }
+        let sealed = &slab[..end];
+        let written = match self.io.try_write(sealed) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Poll::Ready(Err(RelayError::Write(e))),
+        };
+        if written < end {
+            if self.outbuf.capacity() == 0 {
+                self.outbuf = spare::take();
+            }
+            self.outbuf.extend_from_slice(&sealed[written..]);
+            // Registers for room; the rest goes out first next time.
+            if let Poll::Ready(Err(e)) = self.poll_drain(cx) {
+                return Poll::Ready(Err(RelayError::Write(e)));
+            }
+        }
+        Poll::Ready(Ok(Relayed::Moved(read)))
     }
 }
 
@@ -951,6 +1087,7 @@ mod tests {
 
     use elsinore_certs::{Ca, Identity, SpiffeId, TrustBundle, TrustDomain};
     use rustls::HandshakeKind;
+    use std::future::poll_fn;
     use std::time::Duration;
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1285,6 +1422,63 @@ mod tests {
                 "{suite:?}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn bytes_relayed_from_a_socket_are_sealed_where_they_land() {
+        use rustls::crypto::aws_lc_rs::cipher_suite as cs;
+        let pki = pki();
+        // TLS 1.3, and TLS 1.2 with the explicit nonce of AES-GCM.
+        for suite in [
+            cs::TLS13_AES_128_GCM_SHA256,
+            cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        ] {
+            let (c, server) = echo_server_with(&pki, suite).await;
+            let mut tls = connect(client_config(pki.client()), name(), c)
+                .await
+                .unwrap();
+            let (mut app, src) = pair().await;
+            // More than one relay read holds, and not a whole record.
+            let data = payload(RELAY_RECORDS * MAX_PLAINTEXT + 3 * MAX_PLAINTEXT + 7);
+            app.write_all(&data).await.unwrap();
+            app.shutdown().await.unwrap();
+            let mut moved = 0;
+            loop {
+                match poll_fn(|cx| tls.poll_relay_from(cx, &src)).await.unwrap() {
+                    Relayed::Moved(n) => moved += n,
+                    Relayed::Eof => break,
+                    Relayed::Unavailable => panic!("{suite:?}: direct path refused"),
+                }
+            }
+            assert_eq!(moved, data.len(), "{suite:?}");
+            let got = exchange(tls, &[]).await.unwrap();
+            assert!(got == data, "{suite:?}: the echo differs");
+            assert_eq!(server.await.unwrap().unwrap(), data.len() as u64);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_spliced_client_reaches_the_peer_across_key_updates() {
+        let pki = pki();
+        let (c, s) = pair().await;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(pki.server()));
+        let server = tokio::spawn(async move { echo(acceptor.accept(s).await.unwrap()).await });
+        let mut tls = connect(client_config(pki.client()), name(), c)
+            .await
+            .unwrap();
+        // The direct path steps aside while a key must be replaced.
+        tls.set_tx_limit(2 * RELAY_RECORDS as u64);
+        let (app, src) = pair().await;
+        let splice = tokio::spawn(super::super::splice::splice_to_tls(
+            src,
+            Box::new(tls),
+            Duration::from_secs(10),
+        ));
+        let data = payload(5 << 20);
+        assert_eq!(exchange(app, &data).await.unwrap(), data);
+        let (sent, received) = splice.await.unwrap().unwrap();
+        assert_eq!((sent, received), (data.len() as u64, data.len() as u64));
+        assert_eq!(server.await.unwrap().unwrap(), data.len() as u64);
     }
 
     #[tokio::test]
