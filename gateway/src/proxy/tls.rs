@@ -1191,8 +1191,9 @@ mod tests {
         (c, server)
     }
 
-    #[tokio::test]
-    async fn our_client_and_a_rustls_server_carry_megabytes_both_ways() {
+    /// Our client connected to a rustls server that echoes one connection.
+    async fn our_client_to_a_rustls_echo() -> (TlsStream, tokio::task::JoinHandle<io::Result<u64>>)
+    {
         let pki = pki();
         let (c, s) = pair().await;
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(pki.server()));
@@ -1200,6 +1201,12 @@ mod tests {
         let tls = connect(client_config(pki.client()), name(), c)
             .await
             .unwrap();
+        (tls, server)
+    }
+
+    #[tokio::test]
+    async fn our_client_and_a_rustls_server_carry_megabytes_both_ways() {
+        let (tls, server) = our_client_to_a_rustls_echo().await;
         assert_eq!(tls.alpn_protocol(), Some(&b"h2"[..]));
         let data = payload(3 << 20);
         assert_eq!(exchange(tls, &data).await.unwrap(), data);
@@ -1251,13 +1258,7 @@ mod tests {
 
     #[tokio::test]
     async fn our_keys_are_replaced_before_their_limit() {
-        let pki = pki();
-        let (c, s) = pair().await;
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(pki.server()));
-        let server = tokio::spawn(async move { echo(acceptor.accept(s).await.unwrap()).await });
-        let mut tls = connect(client_config(pki.client()), name(), c)
-            .await
-            .unwrap();
+        let (mut tls, server) = our_client_to_a_rustls_echo().await;
         tls.set_tx_limit(2);
         let data = payload(10 * MAX_PLAINTEXT);
         let mut got = vec![0; data.len()];
@@ -1459,13 +1460,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_spliced_client_reaches_the_peer_across_key_updates() {
-        let pki = pki();
-        let (c, s) = pair().await;
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(pki.server()));
-        let server = tokio::spawn(async move { echo(acceptor.accept(s).await.unwrap()).await });
-        let mut tls = connect(client_config(pki.client()), name(), c)
-            .await
-            .unwrap();
+        let (mut tls, server) = our_client_to_a_rustls_echo().await;
         // The direct path steps aside while a key must be replaced.
         tls.set_tx_limit(2 * RELAY_RECORDS as u64);
         let (app, src) = pair().await;
