@@ -19,9 +19,8 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::{Instant, Sleep};
-
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 
 use super::error::{ErrorKind, ProxyError, Side};
 use super::tls::{RelayError, Relayed, TlsStream};
