@@ -5,7 +5,8 @@
 //! wait for the response and pass it back over a oneshot, so each request
 //! costs two task hand-offs and a spawn before the body moves. Here the
 //! request's own task opens the stream and waits on it; the connection task
-//! only moves frames. A request body that is not empty is piped by a task of
+//! only moves frames, except that every [`FLUSH_EVERY`]th request's task
+//! writes what is queued itself, so a burst does not leave in one piece. A request body that is not empty is piped by a task of
 //! its own (flow control may hold it back while the response already
 //! streams), as in hyper.
 //!
@@ -17,7 +18,7 @@
 //! on it. An idle connection is not pinged (as with hyper's default), so
 //! the pool's and the peer's idle timeouts still close it.
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::Poll;
@@ -50,6 +51,48 @@ const MAX_SEND_BUFFER: usize = 1024 * 1024;
 pub struct Sender {
     tx: SendRequest<Bytes>,
     state: Arc<ConnState>,
+    conn: Arc<dyn Flush>,
+}
+
+/// Requests a sender queues before it writes them itself, instead of
+/// leaving them all to the connection task. The connection task runs after
+/// every request task the runtime woke with it, so without this a burst of
+/// requests leaves in one write and the peer idles until the whole burst
+/// is handled; in parts, the peer starts on the first while this side
+/// works on the rest.
+const FLUSH_EVERY: usize = 16;
+
+/// The connection, shared between its task and the senders.
+struct Shared<T> {
+    /// Taken out when the connection task ends, which closes it.
+    conn: std::sync::Mutex<Option<h2::client::Connection<T, Bytes>>>,
+    /// The connection task's waker: whoever polls the connection polls it
+    /// on the task's behalf.
+    waker: std::sync::Mutex<Option<std::task::Waker>>,
+}
+
+trait Flush: Send + Sync {
+    /// Polls the connection once, which writes what is queued.
+    fn flush(&self);
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Flush for Shared<T> {
+    fn flush(&self) {
+        let Ok(mut conn) = self.conn.try_lock() else {
+            return;
+        };
+        let Some(conn) = conn.as_mut() else {
+            return;
+        };
+        let Some(waker) = self.waker.lock().ok().and_then(|w| w.clone()) else {
+            return;
+        };
+        let mut cx = std::task::Context::from_waker(&waker);
+        if std::pin::Pin::new(conn).poll(&mut cx).is_ready() {
+            // Ended: its task finds out on its next poll.
+            waker.wake();
+        }
+    }
 }
 
 /// What the request side and the connection task share.
@@ -61,6 +104,8 @@ struct ConnState {
     /// only while there are some, so an idle connection stays idle and
     /// the peer's idle timeout can close it.
     open: AtomicUsize,
+    /// Requests queued since the connection last wrote.
+    queued: AtomicUsize,
 }
 
 /// One open stream, counted in [`ConnState::open`] until dropped.
@@ -106,7 +151,7 @@ async fn handshake_pinging<T>(
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (tx, conn) = h2::client::Builder::new()
+    let (tx, mut conn) = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONN_WINDOW)
         .max_frame_size(MAX_FRAME)
@@ -116,20 +161,50 @@ where
         .handshake::<_, Bytes>(io)
         .await?;
     let state = Arc::new(ConnState::default());
-    tokio::spawn(drive(conn, Arc::clone(&state), interval, timeout).instrument(span));
-    Ok(Sender { tx, state })
+    let pings = conn.ping_pong();
+    let shared = Arc::new(Shared {
+        conn: std::sync::Mutex::new(Some(conn)),
+        waker: std::sync::Mutex::new(None),
+    });
+    tokio::spawn(
+        drive(
+            Arc::clone(&shared),
+            pings,
+            Arc::clone(&state),
+            interval,
+            timeout,
+        )
+        .instrument(span),
+    );
+    Ok(Sender {
+        tx,
+        state,
+        conn: shared,
+    })
 }
 
 /// Polls the connection to its end, pinging it while streams are open.
 async fn drive<T>(
-    mut conn: h2::client::Connection<T, Bytes>,
+    shared: Arc<Shared<T>>,
+    mut pings: Option<h2::PingPong>,
     state: Arc<ConnState>,
     interval: Duration,
     timeout: Duration,
 ) where
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut pings = conn.ping_pong();
+    let mut conn = poll_fn(|cx| {
+        if let Ok(mut w) = shared.waker.lock()
+            && !w.as_ref().is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            *w = Some(cx.waker().clone());
+        }
+        state.queued.store(0, Ordering::Relaxed);
+        match shared.conn.lock().as_deref_mut() {
+            Ok(Some(conn)) => std::pin::Pin::new(conn).poll(cx),
+            _ => Poll::Ready(Ok(())),
+        }
+    });
     let timer = tokio::time::sleep(interval);
     tokio::pin!(timer);
     let mut awaiting_pong = false;
@@ -170,6 +245,10 @@ async fn drive<T>(
         }
     }
     state.closed.store(true, Ordering::Release);
+    // Dropped here, not with the last sender: this closes the socket.
+    if let Ok(mut conn) = shared.conn.lock() {
+        conn.take();
+    }
 }
 
 impl Sender {
@@ -198,6 +277,10 @@ impl Sender {
             // malformed head get here, neither worth a retry.
             Err(e) => return Err(SendError::Failed(e)),
         };
+        if self.state.queued.fetch_add(1, Ordering::Relaxed) + 1 >= FLUSH_EVERY {
+            self.state.queued.store(0, Ordering::Relaxed);
+            self.conn.flush();
+        }
         let open = OpenStream::new(&self.state);
         if !end {
             tokio::spawn(
@@ -313,6 +396,90 @@ mod tests {
         let resp = sent(&tx, request(addr, "GET", Empty::<Bytes>::new())).await;
         let collected = resp.into_body().collect().await.unwrap();
         assert_eq!(collected.trailers().unwrap()["x-len"], "0");
+    }
+
+    /// A TCP stream that records, for every write, how many request tasks
+    /// had started by then.
+    struct Recording {
+        inner: TcpStream,
+        started: Arc<AtomicUsize>,
+        writes: Arc<std::sync::Mutex<Vec<usize>>>,
+    }
+
+    impl AsyncRead for Recording {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Recording {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let started = self.started.load(Ordering::Relaxed);
+            self.writes.lock().unwrap().push(started);
+            std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_requests_leaves_in_parts() {
+        let addr = echo_server().await;
+        let started = Arc::new(AtomicUsize::new(0));
+        let writes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let io = Recording {
+            inner: TcpStream::connect(addr).await.unwrap(),
+            started: Arc::clone(&started),
+            writes: Arc::clone(&writes),
+        };
+        let tx = handshake(io, tracing::Span::none()).await.unwrap();
+        // The handshake's own frames go out first.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        writes.lock().unwrap().clear();
+
+        // 64 request tasks woken together, as a burst of app requests is:
+        // on this current-thread runtime they run one after another, and
+        // the connection task only after all of them.
+        let burst = 4 * FLUSH_EVERY;
+        let tasks: Vec<_> = (0..burst)
+            .map(|_| {
+                let (tx, started) = (tx.clone(), Arc::clone(&started));
+                tokio::spawn(async move {
+                    started.fetch_add(1, Ordering::Relaxed);
+                    let resp = sent(&tx, request(addr, "GET", Empty::<Bytes>::new())).await;
+                    resp.into_body().collect().await.unwrap();
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let writes = writes.lock().unwrap().clone();
+        let first = writes.first().copied().unwrap_or(burst);
+        assert!(
+            first <= FLUSH_EVERY,
+            "the first requests went out only after {first} of {burst} tasks had run: {writes:?}"
+        );
     }
 
     #[tokio::test]
