@@ -6,9 +6,10 @@
 //! costs two task hand-offs and a spawn before the body moves. Here the
 //! request's own task opens the stream and waits on it; the connection task
 //! only moves frames, except that every [`FLUSH_EVERY`]th request's task
-//! writes what is queued itself, so a burst does not leave in one piece. A request body that is not empty is piped by a task of
-//! its own (flow control may hold it back while the response already
-//! streams), as in hyper.
+//! writes what is queued itself, so a burst does not leave in one piece.
+//! A request body that is not empty is piped by a task of its own (flow
+//! control may hold it back while the response already streams), as in
+//! hyper.
 //!
 //! Settings match hyper's client defaults: 2 MiB stream and 5 MiB
 //! connection windows, 16 KiB frames and header lists, 1 MiB send buffer,
@@ -62,13 +63,16 @@ pub struct Sender {
 /// works on the rest.
 const FLUSH_EVERY: usize = 16;
 
-/// The connection, shared between its task and the senders.
-struct Shared<T> {
+/// The connection, shared between its task and the senders: one lock for
+/// both, taken once per poll.
+struct Shared<T>(std::sync::Mutex<Driven<T>>);
+
+struct Driven<T> {
     /// Taken out when the connection task ends, which closes it.
-    conn: std::sync::Mutex<Option<h2::client::Connection<T, Bytes>>>,
+    conn: Option<h2::client::Connection<T, Bytes>>,
     /// The connection task's waker: whoever polls the connection polls it
     /// on the task's behalf.
-    waker: std::sync::Mutex<Option<std::task::Waker>>,
+    waker: Option<std::task::Waker>,
 }
 
 trait Flush: Send + Sync {
@@ -78,19 +82,20 @@ trait Flush: Send + Sync {
 
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Flush for Shared<T> {
     fn flush(&self) {
-        let Ok(mut conn) = self.conn.try_lock() else {
+        let Ok(mut driven) = self.0.try_lock() else {
             return;
         };
-        let Some(conn) = conn.as_mut() else {
+        let Driven {
+            conn: Some(conn),
+            waker: Some(waker),
+        } = &mut *driven
+        else {
             return;
         };
-        let Some(waker) = self.waker.lock().ok().and_then(|w| w.clone()) else {
-            return;
-        };
-        let mut cx = std::task::Context::from_waker(&waker);
+        let mut cx = std::task::Context::from_waker(waker);
         if std::pin::Pin::new(conn).poll(&mut cx).is_ready() {
             // Ended: its task finds out on its next poll.
-            waker.wake();
+            waker.wake_by_ref();
         }
     }
 }
@@ -162,10 +167,10 @@ where
         .await?;
     let state = Arc::new(ConnState::default());
     let pings = conn.ping_pong();
-    let shared = Arc::new(Shared {
-        conn: std::sync::Mutex::new(Some(conn)),
-        waker: std::sync::Mutex::new(None),
-    });
+    let shared = Arc::new(Shared(std::sync::Mutex::new(Driven {
+        conn: Some(conn),
+        waker: None,
+    })));
     tokio::spawn(
         drive(
             Arc::clone(&shared),
@@ -194,15 +199,20 @@ async fn drive<T>(
     T: AsyncRead + AsyncWrite + Unpin,
 {
     let mut conn = poll_fn(|cx| {
-        if let Ok(mut w) = shared.waker.lock()
-            && !w.as_ref().is_some_and(|w| w.will_wake(cx.waker()))
-        {
-            *w = Some(cx.waker().clone());
-        }
         state.queued.store(0, Ordering::Relaxed);
-        match shared.conn.lock().as_deref_mut() {
-            Ok(Some(conn)) => std::pin::Pin::new(conn).poll(cx),
-            _ => Poll::Ready(Ok(())),
+        let Ok(mut driven) = shared.0.lock() else {
+            return Poll::Ready(Ok(()));
+        };
+        if !driven
+            .waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            driven.waker = Some(cx.waker().clone());
+        }
+        match driven.conn.as_mut() {
+            Some(conn) => std::pin::Pin::new(conn).poll(cx),
+            None => Poll::Ready(Ok(())),
         }
     });
     let timer = tokio::time::sleep(interval);
@@ -246,8 +256,8 @@ async fn drive<T>(
     }
     state.closed.store(true, Ordering::Release);
     // Dropped here, not with the last sender: this closes the socket.
-    if let Ok(mut conn) = shared.conn.lock() {
-        conn.take();
+    if let Ok(mut driven) = shared.0.lock() {
+        driven.conn = None;
     }
 }
 

@@ -682,7 +682,7 @@ impl TlsStream {
 }
 
 /// What [`TlsStream::poll_relay_from`] did.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Relayed {
     /// This many bytes were read, sealed, and sent or queued.
     Moved(usize),
