@@ -26,6 +26,8 @@ pub mod h2client;
 pub mod h2server;
 pub mod ingress;
 pub mod pool;
+#[cfg(test)]
+mod recording;
 pub mod splice;
 pub mod tls;
 

@@ -317,6 +317,7 @@ pub type ResponseBody = RecvBody<OpenStream>;
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+    use crate::proxy::recording::Recording;
     use http::HeaderMap;
     use http_body::Frame;
     use http_body_util::{BodyExt, Empty, Full, StreamBody};
@@ -408,60 +409,12 @@ mod tests {
         assert_eq!(collected.trailers().unwrap()["x-len"], "0");
     }
 
-    /// A TCP stream that records, for every write, how many request tasks
-    /// had started by then.
-    struct Recording {
-        inner: TcpStream,
-        started: Arc<AtomicUsize>,
-        writes: Arc<std::sync::Mutex<Vec<usize>>>,
-    }
-
-    impl AsyncRead for Recording {
-        fn poll_read(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-            buf: &mut tokio::io::ReadBuf<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
-        }
-    }
-
-    impl AsyncWrite for Recording {
-        fn poll_write(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-            buf: &[u8],
-        ) -> Poll<std::io::Result<usize>> {
-            let started = self.started.load(Ordering::Relaxed);
-            self.writes.lock().unwrap().push(started);
-            std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
-        }
-
-        fn poll_flush(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-        }
-
-        fn poll_shutdown(
-            mut self: std::pin::Pin<&mut Self>,
-            cx: &mut std::task::Context<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
-        }
-    }
-
     #[tokio::test]
     async fn a_burst_of_requests_leaves_in_parts() {
         let addr = echo_server().await;
+        // For every write: how many request tasks had started by then.
         let started = Arc::new(AtomicUsize::new(0));
-        let writes = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let io = Recording {
-            inner: TcpStream::connect(addr).await.unwrap(),
-            started: Arc::clone(&started),
-            writes: Arc::clone(&writes),
-        };
+        let (io, writes) = Recording::new(TcpStream::connect(addr).await.unwrap(), &started);
         let tx = handshake(io, tracing::Span::none()).await.unwrap();
         // The handshake's own frames go out first.
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -38,6 +38,10 @@ const CONN_WINDOW: u32 = 1024 * 1024;
 const MAX_FRAME: u32 = 16 * 1024;
 const MAX_HEADER_LIST: u32 = 16 * 1024;
 const MAX_SEND_BUFFER: usize = 400 * 1024;
+/// Responses finished before the connection writes them, instead of
+/// writing all that a pass finished at once: the peer starts on the first
+/// while the rest are still read from the backends.
+const RESPOND_EVERY: usize = 16;
 
 /// How one connection is served.
 #[derive(Debug, Clone, Copy)]
@@ -101,8 +105,17 @@ where
         }
         loop {
             // Exchanges first: what they queued is written by the
-            // connection poll below, in the same pass.
-            while let Poll::Ready(Some(())) = exchanges.poll_next_unpin(cx) {}
+            // connection poll below, in the same pass, and every
+            // RESPOND_EVERY finished exchanges on the way.
+            let mut finished = 0;
+            while let Poll::Ready(Some(())) = exchanges.poll_next_unpin(cx) {
+                finished += 1;
+                if finished % RESPOND_EVERY == 0 {
+                    // How the connection ended, if it did, is for
+                    // `poll_accept` below to say.
+                    let _ = conn.poll_closed(cx);
+                }
+            }
             match conn.poll_accept(cx) {
                 Poll::Ready(Some(Ok((req, respond)))) => {
                     if req.method() == Method::CONNECT {
@@ -180,6 +193,7 @@ where
 mod tests {
     use super::*;
     use crate::proxy::h2client::{self, SendError, Sender};
+    use crate::proxy::recording::Recording;
     use http::HeaderMap;
     use http_body::Frame;
     use http_body_util::{BodyExt, Empty, StreamBody};
@@ -292,6 +306,73 @@ mod tests {
         })
         .await
         .unwrap_or_else(|_| panic!("{what} within 5 s"));
+    }
+
+    #[tokio::test]
+    async fn responses_finished_together_leave_in_parts() {
+        let burst = 4 * RESPOND_EVERY;
+        let entered = Arc::new(AtomicUsize::new(0));
+        let answered = Arc::new(AtomicUsize::new(0));
+        let release = Arc::new(Notify::new());
+        // Every handler waits for the release, so all of them finish in the
+        // same pass of the connection's task, as responses that arrive from
+        // the backends together do.
+        let handler = {
+            let (entered, answered, release) = (
+                Arc::clone(&entered),
+                Arc::clone(&answered),
+                Arc::clone(&release),
+            );
+            move |_: Request<RecvBody>| {
+                let (entered, answered, release) = (
+                    Arc::clone(&entered),
+                    Arc::clone(&answered),
+                    Arc::clone(&release),
+                );
+                async move {
+                    entered.fetch_add(1, Ordering::SeqCst);
+                    release.notified().await;
+                    answered.fetch_add(1, Ordering::SeqCst);
+                    Response::new(Empty::<Bytes>::new())
+                }
+            }
+        };
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (recorded, writes) = oneshot::channel();
+        let counter = Arc::clone(&answered);
+        tokio::spawn(async move {
+            let (tcp, _) = l.accept().await.unwrap();
+            // For every write: how many handlers had answered by then.
+            let (io, writes) = Recording::new(tcp, &counter);
+            let _ = recorded.send(writes);
+            serve(io, SETTINGS, std::future::pending(), handler).await
+        });
+        let tx = client(addr).await;
+        let writes = writes.await.unwrap();
+        let requests: Vec<_> = (0..burst)
+            .map(|_| {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    text(send(&tx, "GET", "/", Empty::<Bytes>::new()).await).await
+                })
+            })
+            .collect();
+        eventually("every request reached its handler", || {
+            entered.load(Ordering::SeqCst) == burst
+        })
+        .await;
+        writes.lock().unwrap().clear();
+        release.notify_waiters();
+        for r in requests {
+            r.await.unwrap();
+        }
+        let writes = writes.lock().unwrap().clone();
+        let first = writes.first().copied().unwrap_or(burst);
+        assert!(
+            first <= RESPOND_EVERY,
+            "the first responses went out only after {first} of {burst} were answered: {writes:?}"
+        );
     }
 
     #[tokio::test]
