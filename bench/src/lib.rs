@@ -15,6 +15,13 @@ use anyhow::{Context, Result, anyhow, ensure};
 
 /// CPU time (user + system, all threads) a process has used so far, in ms.
 pub fn cpu_ms(pid: u32, ticks_per_sec: f64) -> Result<f64> {
+    let (user, system) = cpu_split_ms(pid, ticks_per_sec)?;
+    Ok(user + system)
+}
+
+/// CPU time a process has used so far in user space and in the kernel (all
+/// threads), in ms.
+pub fn cpu_split_ms(pid: u32, ticks_per_sec: f64) -> Result<(f64, f64)> {
     let path = format!("/proc/{pid}/stat");
     let stat = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
     // The command name sits in parentheses and may hold spaces; utime and
@@ -28,9 +35,10 @@ pub fn cpu_ms(pid: u32, ticks_per_sec: f64) -> Result<f64> {
         fields
             .get(i)
             .and_then(|f| f.parse::<f64>().ok())
+            .map(|t| t * 1000.0 / ticks_per_sec)
             .ok_or_else(|| anyhow!("{path}: field {} missing or not a number", i + 3))
     };
-    Ok((tick(11)? + tick(12)?) * 1000.0 / ticks_per_sec)
+    Ok((tick(11)?, tick(12)?))
 }
 
 /// A `/proc/<pid>/status` memory field (`VmRSS`, `VmHWM`) in KiB.
@@ -224,5 +232,27 @@ mod tests {
         let ms = cpu_ms(std::process::id(), clock_ticks());
         assert!(ms.is_ok_and(|ms| ms >= 0.0));
         assert!(cpu_ms(u32::MAX, 100.0).is_err());
+    }
+
+    #[test]
+    fn time_spent_in_syscalls_is_read_as_kernel_time() -> Result<()> {
+        let (pid, ticks) = (std::process::id(), clock_ticks());
+        let (user0, system0) = cpu_split_ms(pid, ticks)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let (mut user, mut system) = (user0, system0);
+        // Opening and reading a /proc file is almost all kernel work.
+        while system - system0 < 100.0 && std::time::Instant::now() < deadline {
+            for _ in 0..200 {
+                let _ = std::fs::read_to_string("/proc/self/stat");
+            }
+            (user, system) = cpu_split_ms(pid, ticks)?;
+        }
+        assert!(
+            system - system0 >= 100.0 && system - system0 > user - user0,
+            "kernel {:.0} ms, user {:.0} ms",
+            system - system0,
+            user - user0
+        );
+        Ok(())
     }
 }

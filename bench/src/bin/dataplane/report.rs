@@ -89,6 +89,13 @@ pub const METRICS: &[Metric] = &[
         Some(Target::MaxVsPeer(0.7)),
     ),
     m(
+        "http1.cpu_kernel",
+        "HTTP/1.1 kernel CPU per request (both gateways)",
+        "µs",
+        false,
+        None,
+    ),
+    m(
         "http1.cpu_egress",
         "HTTP/1.1 CPU per request, egress",
         "µs",

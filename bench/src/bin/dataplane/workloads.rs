@@ -14,7 +14,7 @@ use serde_json::Value;
 use crate::Args;
 use crate::contenders::{CLIENT_CPU, Deployment, Env, SERVER_CPU, WEB_HOST};
 use crate::procs::run_tool;
-use elsinore_bench::{clock_ticks, cpu_ms, status_kib};
+use elsinore_bench::{clock_ticks, cpu_split_ms, status_kib};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Workload {
@@ -94,7 +94,8 @@ pub type Figures = Vec<(String, f64)>;
 /// CPU time of each gateway, to subtract around a measurement.
 struct CpuMark {
     ticks: f64,
-    per_gateway: Vec<(&'static str, u32, f64)>,
+    /// (role, pid, user ms, kernel ms) at the mark.
+    per_gateway: Vec<(&'static str, u32, f64, f64)>,
     /// (busy, total) jiffies of the client core and the server core.
     cores: [(u64, u64); 2],
 }
@@ -131,7 +132,10 @@ impl CpuMark {
         let per_gateway = dep
             .gateways()
             .into_iter()
-            .map(|(role, pid)| Ok((role, pid, cpu_ms(pid, ticks)?)))
+            .map(|(role, pid)| {
+                let (user, kernel) = cpu_split_ms(pid, ticks)?;
+                Ok((role, pid, user, kernel))
+            })
             .collect::<Result<_>>()?;
         Ok(CpuMark {
             ticks,
@@ -152,9 +156,21 @@ impl CpuMark {
 
     /// (role, ms of CPU used since the mark) per gateway.
     fn since(&self) -> Result<Vec<(&'static str, f64)>> {
+        Ok(self
+            .split_since()?
+            .into_iter()
+            .map(|(role, user, kernel)| (role, user + kernel))
+            .collect())
+    }
+
+    /// (role, user ms, kernel ms used since the mark) per gateway.
+    fn split_since(&self) -> Result<Vec<(&'static str, f64, f64)>> {
         self.per_gateway
             .iter()
-            .map(|&(role, pid, before)| Ok((role, cpu_ms(pid, self.ticks)? - before)))
+            .map(|&(role, pid, user0, kernel0)| {
+                let (user, kernel) = cpu_split_ms(pid, self.ticks)?;
+                Ok((role, user - user0, kernel - kernel0))
+            })
             .collect()
     }
 }
@@ -212,7 +228,9 @@ pub fn http1(dep: &mut Deployment, args: &Args, log_dir: &Path) -> Result<Figure
     }
     let mark = CpuMark::take(dep)?;
     let text = wrk(args.duration, "wrk.log")?;
-    let cpu = mark.since()?;
+    let split = mark.split_since()?;
+    let cpu: Vec<_> = split.iter().map(|&(r, u, k)| (r, u + k)).collect();
+    let kernel_ms: f64 = split.iter().map(|&(_, _, k)| k).sum();
     let busy = mark.busy_since()?;
     dep.check_alive()?;
     let w = parse_wrk(&text).with_context(|| format!("parse wrk output:\n{text}"))?;
@@ -230,6 +248,14 @@ pub fn http1(dep: &mut Deployment, args: &Args, log_dir: &Path) -> Result<Figure
         ("http1.busy_server_core".to_owned(), busy[1]),
     ];
     cost_figures(&mut out, "http1", dep, &cpu, w.requests, 1000.0)?;
+    if dep.egress.is_some() {
+        // How much of it the kernel's share is: what no user-space change
+        // takes away.
+        out.push((
+            "http1.cpu_kernel".to_owned(),
+            kernel_ms * 1000.0 / w.requests,
+        ));
+    }
     Ok(out)
 }
 
