@@ -25,7 +25,7 @@ use arc_swap::ArcSwap;
 use elsinore_certs::SpiffeId;
 use elsinore_federation_api::{Endpoint, Instance, Protocol};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri, Version, header};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Bytes};
@@ -1029,36 +1029,38 @@ fn upstream_authority(sent: Option<&str>, entry: &VipEntry) -> String {
 
 /// Headers that describe one hop's connection and are not forwarded (`te`
 /// only when it asks for more than trailers); a `Connection` field names
-/// more.
-const HOP_BY_HOP_NAMES: &[&str] = &[
-    "connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "transfer-encoding",
-    "upgrade",
-    "host",
-    "keep-alive",
-    "proxy-connection",
-    "te",
+/// more. `Host` goes too (HTTP/2 carries `:authority`), but as every
+/// HTTP/1.1 request has one it is removed on its own, and one scan of the
+/// fields for these names finds that most requests carry none.
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
 ];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if !super::has_any(headers, HOP_BY_HOP_NAMES) {
+    headers.remove(header::HOST);
+    if !headers.keys().any(|n| HOP_BY_HOP.contains(n)) {
         return;
     }
     // Headers the client named in `Connection` are hop-by-hop too.
-    let named: Vec<header::HeaderName> = headers
+    let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|name| header::HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
     for name in &named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP_NAMES.iter().filter(|n| **n != "te") {
-        headers.remove(*name);
+    for name in HOP_BY_HOP.iter().filter(|n| **n != header::TE) {
+        headers.remove(name);
     }
     // HTTP/2 allows only `te: trailers` (gRPC needs it).
     if headers
@@ -1849,6 +1851,45 @@ mod tests {
         );
         ctx.shutdown.cancel();
         task.await.unwrap();
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_host_are_not_forwarded() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::HOST,
+            HeaderValue::from_static("reviews.mesh-a.global"),
+        );
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-custom"),
+        );
+        h.insert("x-custom", HeaderValue::from_static("1"));
+        for name in &HOP_BY_HOP {
+            if *name != header::CONNECTION && *name != header::TE {
+                h.insert(name, HeaderValue::from_static("x"));
+            }
+        }
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert_eq!(h[header::TE], "trailers");
+        assert_eq!(h["x-kept"], "1");
+
+        // Only Host: the common case, which skips the rest.
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("reviews"));
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key(header::ACCEPT));
+
+        // HTTP/2 allows no `te` but `trailers`.
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty(), "{h:?}");
     }
 
     #[test]
