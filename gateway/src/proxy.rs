@@ -24,6 +24,7 @@ pub mod h1client;
 pub mod h2body;
 pub mod h2client;
 pub mod h2server;
+pub mod handoff;
 pub mod ingress;
 pub mod pool;
 #[cfg(test)]

@@ -223,6 +223,7 @@ impl Gateway {
         ));
 
         // Data plane.
+        crate::proxy::handoff::set_enabled(config.proxy.yield_to_local_peers);
         let proxy = ProxyContext {
             shared: shared.clone(),
             identity: identity.clone(),

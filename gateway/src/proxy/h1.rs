@@ -38,6 +38,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::error::ErrorKind;
+use super::handoff;
 
 /// The largest request head (request line and fields) accepted.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -873,7 +874,9 @@ where
 
     if framing == Out::None {
         drop(body);
-        return wr.write_all(&out).await.map_err(ConnError::Write);
+        wr.write_all(&out).await.map_err(ConnError::Write)?;
+        handoff::handed_off();
+        return Ok(());
     }
     let mut sent: u64 = 0;
     let mut trailers = None;
@@ -930,6 +933,7 @@ where
         _ => {}
     }
     wr.write_all(&out).await.map_err(ConnError::Write)?;
+    handoff::handed_off();
     if framing == Out::Close {
         let _ = wr.shutdown().await;
     }
@@ -1097,6 +1101,19 @@ mod tests {
             .expect("server closes the connection")
             .unwrap();
         String::from_utf8(out).unwrap()
+    }
+
+    #[tokio::test]
+    async fn responses_written_to_the_client_count_as_hand_offs() {
+        let addr = server(settings()).await;
+        crate::proxy::handoff::set_every(4);
+        let before = crate::proxy::handoff::yields_on_this_thread();
+        let mut raw = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n".repeat(7);
+        raw.extend_from_slice(b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let got = exchange(addr, &raw).await;
+        assert_eq!(got.matches("HTTP/1.1 200").count(), 8, "{got}");
+        // The server runs on this test's thread: every 4th response yielded.
+        assert_eq!(crate::proxy::handoff::yields_on_this_thread() - before, 2);
     }
 
     #[tokio::test]

@@ -108,6 +108,8 @@ pub struct Env {
     pub backend: BackendPorts,
     pub timeout: Duration,
     pub elsinore_log: String,
+    /// `proxy.yieldToLocalPeers` for both Elsinore gateways.
+    pub elsinore_yield: bool,
 }
 
 /// Where the client sends each kind of traffic.
@@ -463,6 +465,7 @@ fn deploy_elsinore(env: &Env, dir: &Path, resume: bool) -> Result<Deployment> {
     let (a_fed, a_admin, a_ingress, a_egress, a_dns) = (p(())?, p(())?, p(())?, p(())?, p(())?);
     let vars = vec![
         ("ELSINORE_RESUMPTION", resume.to_string()),
+        ("ELSINORE_YIELD", env.elsinore_yield.to_string()),
         ("CERTS_A", path_str(&env.certs_a)),
         ("CERTS_B", path_str(&env.certs_b)),
         ("B_FEDERATION", b_fed.to_string()),

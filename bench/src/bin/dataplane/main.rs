@@ -17,7 +17,7 @@
 //!           [--connections 64] [--streams 10] [--parallel 32] [--idle 5000]
 //!           [--catalog-services 10000,100000] [--catalog-rounds N]
 //!           [--elsinore PATH] [--envoy PATH] [--nginx PATH] [--haproxy PATH]
-//!           [--elsinore-log warn] [--timeout 60] [--markdown FILE] [--keep]
+//!           [--elsinore-log warn] [--elsinore-yield on|off] [--timeout 60] [--markdown FILE] [--keep]
 //! ```
 
 mod contenders;
@@ -54,6 +54,7 @@ pub struct Args {
     nginx: String,
     haproxy: String,
     elsinore_log: String,
+    elsinore_yield: bool,
     timeout: Duration,
     markdown: Option<PathBuf>,
     keep: bool,
@@ -64,7 +65,7 @@ const USAGE: &str = "usage: dataplane [--rounds N] [--duration SECS] [--warmup S
 [--contenders direct,elsinore,nginx,haproxy,envoy] [--connections N] [--streams N] \
 [--parallel N] [--idle N] [--catalog-services 10000,100000] [--catalog-rounds N] \
 [--elsinore PATH] [--envoy PATH] [--nginx PATH] [--haproxy PATH] [--elsinore-log FILTER] \
-[--timeout SECS] [--markdown FILE] [--keep]";
+[--elsinore-yield on|off] [--timeout SECS] [--markdown FILE] [--keep]";
 
 fn list<T>(v: &str, parse: impl Fn(&str) -> Result<T>) -> Result<Vec<T>> {
     v.split(',')
@@ -94,6 +95,9 @@ impl Args {
             nginx: "nginx".to_owned(),
             haproxy: "haproxy".to_owned(),
             elsinore_log: "warn".to_owned(),
+            // The benchmark pins each gateway to a core it shares with the
+            // process it feeds: the case `proxy.yieldToLocalPeers` is for.
+            elsinore_yield: true,
             timeout: Duration::from_secs(60),
             markdown: None,
             keep: false,
@@ -135,6 +139,13 @@ impl Args {
                 "--nginx" => a.nginx = value()?,
                 "--haproxy" => a.haproxy = value()?,
                 "--elsinore-log" => a.elsinore_log = value()?,
+                "--elsinore-yield" => {
+                    a.elsinore_yield = match value()?.as_str() {
+                        "on" => true,
+                        "off" => false,
+                        v => bail!("--elsinore-yield {v:?}: expected on or off"),
+                    }
+                }
                 "--markdown" => a.markdown = Some(PathBuf::from(value()?)),
                 "--keep" => a.keep = true,
                 "-h" | "--help" => {
@@ -289,6 +300,7 @@ fn main() -> Result<()> {
         },
         timeout: args.timeout,
         elsinore_log: args.elsinore_log.clone(),
+        elsinore_yield: args.elsinore_yield,
     };
     eprintln!("working directory {}", env.dir.display());
 
@@ -416,8 +428,8 @@ fn render_markdown(
     );
     let _ = writeln!(
         out,
-        "- Elsinore: {revision} (`elsinore --worker-threads 1 --log {} run`)",
-        args.elsinore_log
+        "- Elsinore: {revision} (`elsinore --worker-threads 1 --log {} run`, `proxy.yieldToLocalPeers: {}`)",
+        args.elsinore_log, args.elsinore_yield
     );
     let _ = writeln!(
         out,

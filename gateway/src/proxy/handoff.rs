@@ -1,0 +1,200 @@
+//! Giving the core to a process this gateway has just handed work to.
+//!
+//! A write on a socket wakes the process that reads it (the app behind the
+//! egress, the backend behind the ingress). When that process shares the
+//! gateway's core, the kernel does not preempt the gateway for it: the
+//! gateway keeps the core until it has nothing left to do, having handed
+//! over every request or response of the batch it was working on, and the
+//! woken process then works on all of them at once while the gateway at the
+//! other end of the chain waits for the first. Every [`Policy::every`]th
+//! hand-off the gateway yields the core (`sched_yield`), so the woken process
+//! starts on what it was given while the rest are handed over.
+//!
+//! A yield costs one syscall when nothing else wants the core. When
+//! something does that is not a woken peer (a busy neighbour), the yield
+//! gives it a whole time slice; [`Policy::long_yields`] yields in a row that
+//! each took longer than [`Policy::budget`] turn yielding off for
+//! [`Policy::pause`], so such a neighbour gets at most that many extra
+//! slices per pause.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// Hand-offs between yields; 0 (the default) turns yielding off. Set at
+/// startup from `proxy.yieldToLocalPeers`.
+static EVERY: AtomicU32 = AtomicU32::new(0);
+
+/// Hand-offs between yields when yielding is on.
+pub const EVERY_WHEN_ON: u32 = 16;
+
+/// Turns yielding on or off for the whole process.
+pub fn set_enabled(on: bool) {
+    set_every(if on { EVERY_WHEN_ON } else { 0 });
+}
+
+/// Sets how many hand-offs go between yields for the whole process (0: never
+/// yield).
+pub fn set_every(every: u32) {
+    EVERY.store(every, Ordering::Relaxed);
+}
+
+/// How many times this thread has yielded.
+pub fn yields_on_this_thread() -> u64 {
+    HANDOFFS.with(|h| h.try_borrow().map_or(0, |h| h.yields))
+}
+
+/// When to yield, and when to stop.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    pub every: u32,
+    /// A yield that kept this thread off the core longer than this means
+    /// the core went to something other than a peer finishing a few
+    /// requests.
+    pub budget: Duration,
+    /// How many such yields in a row turn yielding off: one alone may be
+    /// a kernel thread or a timer that happened to run.
+    pub long_yields: u32,
+    /// How long yielding stays off then.
+    pub pause: Duration,
+}
+
+impl Policy {
+    fn current() -> Self {
+        Policy {
+            every: EVERY.load(Ordering::Relaxed),
+            budget: Duration::from_micros(500),
+            long_yields: 2,
+            pause: Duration::from_secs(1),
+        }
+    }
+}
+
+/// One thread's count of hand-offs since it last yielded.
+#[derive(Debug, Default)]
+pub struct Handoffs {
+    count: u32,
+    /// Yields in a row that took longer than the budget.
+    long: u32,
+    yields: u64,
+    paused_until: Option<Instant>,
+}
+
+impl Handoffs {
+    /// Counts a hand-off; every `policy.every`th one calls `yield_now`
+    /// (unless paused) and returns whether it did.
+    pub fn handed_off(
+        &mut self,
+        policy: Policy,
+        now: impl Fn() -> Instant,
+        yield_now: impl FnOnce(),
+    ) -> bool {
+        if policy.every == 0 {
+            return false;
+        }
+        self.count += 1;
+        if self.count < policy.every {
+            return false;
+        }
+        self.count = 0;
+        let before = now();
+        if let Some(until) = self.paused_until {
+            if before < until {
+                return false;
+            }
+            self.paused_until = None;
+        }
+        yield_now();
+        self.yields += 1;
+        let after = now();
+        if after.saturating_duration_since(before) <= policy.budget {
+            self.long = 0;
+        } else {
+            self.long += 1;
+            if self.long >= policy.long_yields {
+                self.long = 0;
+                self.paused_until = Some(after + policy.pause);
+            }
+        }
+        true
+    }
+}
+
+thread_local! {
+    static HANDOFFS: RefCell<Handoffs> = RefCell::default();
+}
+
+/// Called after a request or response was written to a local peer (an app
+/// or a backend over plain TCP).
+pub fn handed_off() {
+    let policy = Policy::current();
+    if policy.every == 0 {
+        return;
+    }
+    HANDOFFS.with(|h| {
+        if let Ok(mut h) = h.try_borrow_mut() {
+            h.handed_off(policy, Instant::now, std::thread::yield_now);
+        }
+    });
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    fn policy(every: u32) -> Policy {
+        Policy {
+            every,
+            budget: Duration::from_micros(500),
+            long_yields: 2,
+            pause: Duration::from_secs(1),
+        }
+    }
+
+    /// Runs `n` hand-offs on a fake clock where each yield takes `took`;
+    /// returns how many yielded.
+    fn run(h: &mut Handoffs, p: Policy, clock: &Cell<Instant>, n: usize, took: Duration) -> usize {
+        (0..n)
+            .filter(|_| h.handed_off(p, || clock.get(), || clock.set(clock.get() + took)))
+            .count()
+    }
+
+    #[test]
+    fn every_nth_hand_off_yields() {
+        let clock = Cell::new(Instant::now());
+        let mut h = Handoffs::default();
+        let quick = Duration::from_micros(100);
+        assert_eq!(run(&mut h, policy(16), &clock, 15, quick), 0);
+        assert_eq!(run(&mut h, policy(16), &clock, 1, quick), 1);
+        assert_eq!(run(&mut h, policy(16), &clock, 64, quick), 4);
+        assert_eq!(run(&mut h, policy(1), &clock, 5, quick), 5);
+    }
+
+    #[test]
+    fn zero_never_yields() {
+        let clock = Cell::new(Instant::now());
+        let mut h = Handoffs::default();
+        assert_eq!(run(&mut h, policy(0), &clock, 1000, Duration::ZERO), 0);
+    }
+
+    #[test]
+    fn a_long_yield_pauses_yielding() {
+        let clock = Cell::new(Instant::now());
+        let mut h = Handoffs::default();
+        let p = policy(4);
+        // One long yield alone (a kernel thread ran) changes nothing.
+        assert_eq!(run(&mut h, p, &clock, 4, Duration::from_millis(3)), 1);
+        assert_eq!(run(&mut h, p, &clock, 8, Duration::from_micros(100)), 2);
+        // A neighbour took the core for 3 ms on two yields in a row.
+        assert_eq!(run(&mut h, p, &clock, 8, Duration::from_millis(3)), 2);
+        // No yield for the next second, however many hand-offs.
+        assert_eq!(run(&mut h, p, &clock, 4000, Duration::from_millis(3)), 0);
+        clock.set(clock.get() + Duration::from_millis(999));
+        assert_eq!(run(&mut h, p, &clock, 4, Duration::ZERO), 0);
+        // After the pause it tries again, and quick yields keep it on.
+        clock.set(clock.get() + Duration::from_millis(2));
+        assert_eq!(run(&mut h, p, &clock, 40, Duration::from_micros(100)), 10);
+    }
+}
