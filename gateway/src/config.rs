@@ -334,12 +334,12 @@ pub struct ProxyTuning {
     /// full handshake it came from. Default true; benchmarks that must pay a
     /// full handshake per connection turn it off.
     pub tls_resumption: bool,
-    /// Yield the core after every 16 requests or responses written to
-    /// apps and backends, so that one sharing this gateway's core starts on
-    /// them at once (see `proxy::handoff`). Default false: it pays off only
-    /// where the gateway is pinned to a core with the processes it feeds,
-    /// and costs next to a busy neighbour.
-    pub yield_to_local_peers: bool,
+    /// Yield the core after every 16 responses written to HTTP/1.1
+    /// clients, so that a client sharing this gateway's core starts on them
+    /// at once (see `proxy::handoff`). Default false: it pays off only where
+    /// the gateway is pinned to a core with the apps it serves, and costs
+    /// next to a busy neighbour.
+    pub yield_to_clients: bool,
 }
 
 /// An IPv4 CIDR range.
@@ -411,7 +411,7 @@ impl Default for ProxyTuning {
             max_connections: defaults::MAX_CONNECTIONS,
             http2_max_concurrent_streams: defaults::HTTP2_MAX_CONCURRENT_STREAMS,
             tls_resumption: true,
-            yield_to_local_peers: false,
+            yield_to_clients: false,
         }
     }
 }

@@ -223,7 +223,7 @@ impl Gateway {
         ));
 
         // Data plane.
-        crate::proxy::handoff::set_enabled(config.proxy.yield_to_local_peers);
+        crate::proxy::handoff::set_enabled(config.proxy.yield_to_clients);
         let proxy = ProxyContext {
             shared: shared.clone(),
             identity: identity.clone(),

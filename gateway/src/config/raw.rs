@@ -117,5 +117,5 @@ pub(super) struct RawProxy {
     pub max_connections: Option<i64>,
     pub http2_max_concurrent_streams: Option<i64>,
     pub tls_resumption: Option<bool>,
-    pub yield_to_local_peers: Option<bool>,
+    pub yield_to_clients: Option<bool>,
 }

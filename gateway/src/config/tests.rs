@@ -927,7 +927,7 @@ fn proxy_section_parses_and_checks_its_values() {
                 identity: { certificate: gw.pem, privateKey: gw.key }\n";
     let config = Config::from_yaml_str(
         &format!(
-            "{base}proxy: {{ vipRange: 127.90.0.0/16, connectTimeout: 2s, maxConnections: 10, tlsResumption: false, yieldToLocalPeers: true }}\n"
+            "{base}proxy: {{ vipRange: 127.90.0.0/16, connectTimeout: 2s, maxConnections: 10, tlsResumption: false, yieldToClients: true }}\n"
         ),
         Path::new("/etc/elsinore"),
     )
@@ -936,10 +936,10 @@ fn proxy_section_parses_and_checks_its_values() {
     assert_eq!(config.proxy.connect_timeout, Duration::from_secs(2));
     assert_eq!(config.proxy.max_connections, 10);
     assert!(!config.proxy.tls_resumption);
-    assert!(config.proxy.yield_to_local_peers);
+    assert!(config.proxy.yield_to_clients);
     let defaults = Config::from_yaml_str(base, Path::new("/")).unwrap().proxy;
     assert!(defaults.tls_resumption);
-    assert!(!defaults.yield_to_local_peers);
+    assert!(!defaults.yield_to_clients);
 
     let errors = Config::from_yaml_str(
         &format!("{base}proxy: {{ vipRange: 127.90.0.1/16, maxConnections: 0 }}\n"),

@@ -604,7 +604,7 @@ impl Validator<'_> {
             max_connections,
             http2_max_concurrent_streams,
             tls_resumption: raw.tls_resumption.unwrap_or(true),
-            yield_to_local_peers: raw.yield_to_local_peers.unwrap_or(false),
+            yield_to_clients: raw.yield_to_clients.unwrap_or(false),
         }
     }
 }

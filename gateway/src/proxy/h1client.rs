@@ -54,7 +54,6 @@ use super::error::{ErrorKind, ProxyError};
 use super::h1::{
     self, BodyError, BoxError, Chunk, Framing, HEAD_CHUNK, MAX_HEAD, MAX_HEADERS, WRITE_COALESCE,
 };
-use super::handoff;
 use crate::config::HostPort;
 
 /// Idle connections kept per export; more are closed when they come back.
@@ -386,7 +385,6 @@ where
                 stale: true,
             });
         }
-        handoff::handed_off();
         let parsed = read_head(&mut rd, &mut buf, addr, is_head).await?;
         return Ok((parsed, buf, true));
     }
@@ -506,7 +504,6 @@ where
     if !out.is_empty() {
         wr.write_all(&out).await.map_err(io_err)?;
     }
-    handoff::handed_off();
     Ok(())
 }
 
@@ -1083,28 +1080,6 @@ mod tests {
         }
         assert_eq!(b.accepts.load(Ordering::SeqCst), 1);
         assert_eq!(b.seen.lock().unwrap().len(), 3);
-    }
-
-    #[tokio::test]
-    async fn requests_written_to_a_backend_count_as_hand_offs() {
-        let b = backend(|_, _| Act::Reply(OK_HELLO)).await;
-        let c = client(b.addr);
-        crate::proxy::handoff::set_every(4);
-        let before = crate::proxy::handoff::yields_on_this_thread();
-        for i in 0..8 {
-            let resp = if i % 2 == 0 {
-                send(&c, get("/")).await.unwrap()
-            } else {
-                let req = Request::post("http://backend/up")
-                    .header("content-length", "2")
-                    .body(Full::new(Bytes::from_static(b"ok")))
-                    .unwrap();
-                send(&c, req).await.unwrap()
-            };
-            assert_eq!(text(resp).await, "hello");
-        }
-        // Every 4th request written, with or without a body, yielded.
-        assert_eq!(crate::proxy::handoff::yields_on_this_thread() - before, 2);
     }
 
     #[tokio::test]

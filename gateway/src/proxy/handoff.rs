@@ -1,14 +1,18 @@
-//! Giving the core to a process this gateway has just handed work to.
+//! Giving the core to a client this gateway has just answered.
 //!
-//! A write on a socket wakes the process that reads it (the app behind the
-//! egress, the backend behind the ingress). When that process shares the
-//! gateway's core, the kernel does not preempt the gateway for it: the
-//! gateway keeps the core until it has nothing left to do, having handed
-//! over every request or response of the batch it was working on, and the
-//! woken process then works on all of them at once while the gateway at the
-//! other end of the chain waits for the first. Every [`Policy::every`]th
-//! hand-off the gateway yields the core (`sched_yield`), so the woken process
-//! starts on what it was given while the rest are handed over.
+//! Writing a response wakes the client that reads it (an app behind the
+//! egress). When that client shares the gateway's core, the kernel does not
+//! always preempt the gateway for it: the gateway then keeps the core until
+//! it has nothing left to do, having written every response of the batch it
+//! was working on, and the client works on all of them at once (and sends
+//! its next requests at once) while the gateway at the other end of the
+//! chain waits. Every [`Policy::every`]th response the gateway yields the
+//! core (`sched_yield`), so the client starts on what it was given while
+//! the rest are written.
+//!
+//! Only responses to HTTP/1.1 clients count: yielding after requests
+//! written to backends as well gave the same gain where it helps and cost
+//! CPU under HTTP/2 load (BENCHMARKS.md, "Ninth session").
 //!
 //! A yield costs one syscall when nothing else wants the core. When
 //! something does that is not a woken peer (a busy neighbour), the yield
@@ -22,7 +26,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// Hand-offs between yields; 0 (the default) turns yielding off. Set at
-/// startup from `proxy.yieldToLocalPeers`.
+/// startup from `proxy.yieldToClients`.
 static EVERY: AtomicU32 = AtomicU32::new(0);
 
 /// Hand-offs between yields when yielding is on.
@@ -124,8 +128,7 @@ thread_local! {
     static HANDOFFS: RefCell<Handoffs> = RefCell::default();
 }
 
-/// Called after a request or response was written to a local peer (an app
-/// or a backend over plain TCP).
+/// Called after a response was written whole to an HTTP/1.1 client.
 pub fn handed_off() {
     let policy = Policy::current();
     if policy.every == 0 {

@@ -108,7 +108,7 @@ pub struct Env {
     pub backend: BackendPorts,
     pub timeout: Duration,
     pub elsinore_log: String,
-    /// `proxy.yieldToLocalPeers` for both Elsinore gateways.
+    /// `proxy.yieldToClients` for both Elsinore gateways.
     pub elsinore_yield: bool,
 }
 

@@ -95,8 +95,8 @@ impl Args {
             nginx: "nginx".to_owned(),
             haproxy: "haproxy".to_owned(),
             elsinore_log: "warn".to_owned(),
-            // The benchmark pins each gateway to a core it shares with the
-            // process it feeds: the case `proxy.yieldToLocalPeers` is for.
+            // The benchmark pins the egress to the load generator's core:
+            // the case `proxy.yieldToClients` is for.
             elsinore_yield: true,
             timeout: Duration::from_secs(60),
             markdown: None,
@@ -428,7 +428,7 @@ fn render_markdown(
     );
     let _ = writeln!(
         out,
-        "- Elsinore: {revision} (`elsinore --worker-threads 1 --log {} run`, `proxy.yieldToLocalPeers: {}`)",
+        "- Elsinore: {revision} (`elsinore --worker-threads 1 --log {} run`, `proxy.yieldToClients: {}`)",
         args.elsinore_log, args.elsinore_yield
     );
     let _ = writeln!(
