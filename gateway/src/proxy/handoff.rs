@@ -6,7 +6,7 @@
 //! it has nothing left to do, having written every response of the batch it
 //! was working on, and the client works on all of them at once (and sends
 //! its next requests at once) while the gateway at the other end of the
-//! chain waits. Every [`Policy::every`]th response the gateway yields the
+//! chain waits. Every [`EVERY_WHEN_ON`]th response the gateway yields the
 //! core (`sched_yield`), so the client starts on what it was given while
 //! the rest are written.
 //!
@@ -16,10 +16,9 @@
 //!
 //! A yield costs one syscall when nothing else wants the core. When
 //! something does that is not a woken peer (a busy neighbour), the yield
-//! gives it a whole time slice; [`Policy::long_yields`] yields in a row that
-//! each took longer than [`Policy::budget`] turn yielding off for
-//! [`Policy::pause`], so such a neighbour gets at most that many extra
-//! slices per pause.
+//! gives it a whole time slice; [`LONG_YIELDS`] yields in a row that each
+//! took longer than [`BUDGET`] turn yielding off for [`PAUSE`], so such a
+//! neighbour gets at most that many extra slices per pause.
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -39,44 +38,28 @@ pub fn set_enabled(on: bool) {
 
 /// Sets how many hand-offs go between yields for the whole process (0: never
 /// yield).
-pub fn set_every(every: u32) {
+pub(crate) fn set_every(every: u32) {
     EVERY.store(every, Ordering::Relaxed);
 }
 
 /// How many times this thread has yielded.
-pub fn yields_on_this_thread() -> u64 {
+#[cfg(test)]
+pub(crate) fn yields_on_this_thread() -> u64 {
     HANDOFFS.with(|h| h.try_borrow().map_or(0, |h| h.yields))
 }
 
-/// When to yield, and when to stop.
-#[derive(Debug, Clone, Copy)]
-pub struct Policy {
-    pub every: u32,
-    /// A yield that kept this thread off the core longer than this means
-    /// the core went to something other than a peer finishing a few
-    /// requests.
-    pub budget: Duration,
-    /// How many such yields in a row turn yielding off: one alone may be
-    /// a kernel thread or a timer that happened to run.
-    pub long_yields: u32,
-    /// How long yielding stays off then.
-    pub pause: Duration,
-}
-
-impl Policy {
-    fn current() -> Self {
-        Policy {
-            every: EVERY.load(Ordering::Relaxed),
-            budget: Duration::from_micros(500),
-            long_yields: 2,
-            pause: Duration::from_secs(1),
-        }
-    }
-}
+/// A yield that kept the thread off the core longer than this means the
+/// core went to something other than a client reading a few responses.
+const BUDGET: Duration = Duration::from_micros(500);
+/// How many such yields in a row turn yielding off: one alone may be a
+/// kernel thread or a timer that happened to run.
+const LONG_YIELDS: u32 = 2;
+/// How long yielding stays off then.
+const PAUSE: Duration = Duration::from_secs(1);
 
 /// One thread's count of hand-offs since it last yielded.
 #[derive(Debug, Default)]
-pub struct Handoffs {
+struct Handoffs {
     count: u32,
     /// Yields in a row that took longer than the budget.
     long: u32,
@@ -85,19 +68,19 @@ pub struct Handoffs {
 }
 
 impl Handoffs {
-    /// Counts a hand-off; every `policy.every`th one calls `yield_now`
-    /// (unless paused) and returns whether it did.
-    pub fn handed_off(
+    /// Counts a hand-off; every `every`th one calls `yield_now` (unless
+    /// paused) and returns whether it did.
+    fn handed_off(
         &mut self,
-        policy: Policy,
+        every: u32,
         now: impl Fn() -> Instant,
         yield_now: impl FnOnce(),
     ) -> bool {
-        if policy.every == 0 {
+        if every == 0 {
             return false;
         }
         self.count += 1;
-        if self.count < policy.every {
+        if self.count < every {
             return false;
         }
         self.count = 0;
@@ -111,13 +94,13 @@ impl Handoffs {
         yield_now();
         self.yields += 1;
         let after = now();
-        if after.saturating_duration_since(before) <= policy.budget {
+        if after.saturating_duration_since(before) <= BUDGET {
             self.long = 0;
         } else {
             self.long += 1;
-            if self.long >= policy.long_yields {
+            if self.long >= LONG_YIELDS {
                 self.long = 0;
-                self.paused_until = Some(after + policy.pause);
+                self.paused_until = Some(after + PAUSE);
             }
         }
         true
@@ -130,13 +113,14 @@ thread_local! {
 
 /// Called after a response was written whole to an HTTP/1.1 client.
 pub fn handed_off() {
-    let policy = Policy::current();
-    if policy.every == 0 {
+    // Off (the default): no thread-local touched.
+    let every = EVERY.load(Ordering::Relaxed);
+    if every == 0 {
         return;
     }
     HANDOFFS.with(|h| {
         if let Ok(mut h) = h.try_borrow_mut() {
-            h.handed_off(policy, Instant::now, std::thread::yield_now);
+            h.handed_off(every, Instant::now, std::thread::yield_now);
         }
     });
 }
@@ -147,20 +131,11 @@ mod tests {
     use super::*;
     use std::cell::Cell;
 
-    fn policy(every: u32) -> Policy {
-        Policy {
-            every,
-            budget: Duration::from_micros(500),
-            long_yields: 2,
-            pause: Duration::from_secs(1),
-        }
-    }
-
     /// Runs `n` hand-offs on a fake clock where each yield takes `took`;
     /// returns how many yielded.
-    fn run(h: &mut Handoffs, p: Policy, clock: &Cell<Instant>, n: usize, took: Duration) -> usize {
+    fn run(h: &mut Handoffs, every: u32, clock: &Cell<Instant>, n: usize, took: Duration) -> usize {
         (0..n)
-            .filter(|_| h.handed_off(p, || clock.get(), || clock.set(clock.get() + took)))
+            .filter(|_| h.handed_off(every, || clock.get(), || clock.set(clock.get() + took)))
             .count()
     }
 
@@ -169,24 +144,24 @@ mod tests {
         let clock = Cell::new(Instant::now());
         let mut h = Handoffs::default();
         let quick = Duration::from_micros(100);
-        assert_eq!(run(&mut h, policy(16), &clock, 15, quick), 0);
-        assert_eq!(run(&mut h, policy(16), &clock, 1, quick), 1);
-        assert_eq!(run(&mut h, policy(16), &clock, 64, quick), 4);
-        assert_eq!(run(&mut h, policy(1), &clock, 5, quick), 5);
+        assert_eq!(run(&mut h, 16, &clock, 15, quick), 0);
+        assert_eq!(run(&mut h, 16, &clock, 1, quick), 1);
+        assert_eq!(run(&mut h, 16, &clock, 64, quick), 4);
+        assert_eq!(run(&mut h, 1, &clock, 5, quick), 5);
     }
 
     #[test]
     fn zero_never_yields() {
         let clock = Cell::new(Instant::now());
         let mut h = Handoffs::default();
-        assert_eq!(run(&mut h, policy(0), &clock, 1000, Duration::ZERO), 0);
+        assert_eq!(run(&mut h, 0, &clock, 1000, Duration::ZERO), 0);
     }
 
     #[test]
     fn a_long_yield_pauses_yielding() {
         let clock = Cell::new(Instant::now());
         let mut h = Handoffs::default();
-        let p = policy(4);
+        let p = 4;
         // One long yield alone (a kernel thread ran) changes nothing.
         assert_eq!(run(&mut h, p, &clock, 4, Duration::from_millis(3)), 1);
         assert_eq!(run(&mut h, p, &clock, 8, Duration::from_micros(100)), 2);
