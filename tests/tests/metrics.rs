@@ -305,8 +305,14 @@ async fn wait_scrape(
     .await
 }
 
+/// Label pairs of one sample.
+type Labels<'a> = &'a [(&'a str, &'a str)];
+
+/// (family, labels, expected value) with the labels owned.
+type OwnedSample<'a> = (&'a str, Vec<(&'a str, &'a str)>, u64);
+
 /// `Ok` when every (family, labels, expected) matches.
-fn expect(s: &Scrape, want: &[(&str, &[(&str, &str)], u64)]) -> Result<(), String> {
+fn expect(s: &Scrape, want: &[(&str, Labels<'_>, u64)]) -> Result<(), String> {
     let wrong: Vec<String> = want
         .iter()
         .filter_map(|(name, labels, value)| {
@@ -518,25 +524,24 @@ async fn every_family_moves_with_federation_and_data_plane_traffic() {
             Err(e) => Err(e.to_string()),
         };
         assert!(refused.is_err(), "an unknown SNI was served: {refused:?}");
-        let mut want: Vec<(&str, Vec<(&str, &str)>, u64)> =
-            elsinore_gateway::proxy::ingress::Refusal::ALL
-                .iter()
-                .map(|r| {
-                    let label = r.label();
-                    let add = u64::from(label == "unknown_sni");
-                    (
-                        "elsinore_ingress_refused_total",
-                        vec![("reason", label)],
-                        before.value("elsinore_ingress_refused_total", &[("reason", label)]) + add,
-                    )
-                })
-                .collect();
-        want.push((
+        let mut owned: Vec<OwnedSample<'_>> = elsinore_gateway::proxy::ingress::Refusal::ALL
+            .iter()
+            .map(|r| {
+                let label = r.label();
+                let add = u64::from(label == "unknown_sni");
+                (
+                    "elsinore_ingress_refused_total",
+                    vec![("reason", label)],
+                    before.value("elsinore_ingress_refused_total", &[("reason", label)]) + add,
+                )
+            })
+            .collect();
+        owned.push((
             "elsinore_ingress_connections_total",
             vec![],
             before.plain("elsinore_ingress_connections_total") + 1,
         ));
-        let want: Vec<(&str, &[(&str, &str)], u64)> = want
+        let want: Vec<(&str, Labels<'_>, u64)> = owned
             .iter()
             .map(|(n, l, v)| (*n, l.as_slice(), *v))
             .collect();
