@@ -697,6 +697,100 @@ async fn ingress_resumes_tls_sessions_only_when_tls_resumption_is_on() {
     .await;
 }
 
+/// A stand-in for the owner's ingress, for the egress side: terminates mTLS
+/// as `owner`'s gateway (clients must chain to `consumer`), records each
+/// handshake's kind, writes `hello` and closes (so the client also reads
+/// the session tickets sent after the handshake).
+async fn recording_tls_server(
+    owner: &MeshFixture,
+    consumer: &MeshFixture,
+) -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<rustls::HandshakeKind>,
+    tokio::task::JoinHandle<()>,
+) {
+    let config =
+        elsinore_certs::server_config(&owner.gateway_identity(), &[consumer.bundle()], &[])
+            .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let Ok(Ok(mut tls)) = tokio::time::timeout(WAIT, acceptor.accept(tcp)).await else {
+                    return;
+                };
+                if let Some(kind) = tls.get_ref().1.handshake_kind() {
+                    let _ = tx.send(kind);
+                }
+                let _ = tls.write_all(b"hello\n").await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    (addr, rx, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_resumes_tls_sessions_only_when_tls_resumption_is_on() {
+    run_test(async {
+        for resumption in [true, false] {
+            let a = MeshFixture::data_plane(A).await;
+            let b = MeshFixture::data_plane(B).await;
+            let (endpoint, mut kinds, _server) = recording_tls_server(&a, &b).await;
+            let fqdn = "raw.mesh-a.global";
+            let mut service = advertised(&a, "raw", fqdn, endpoint, 9090);
+            service.protocol = "TCP";
+            let flag = resumption.to_string();
+            let (_owner, gb) =
+                scripted_consumer(&a, &b, &[service], &[("tlsResumption", flag.as_str())]).await;
+            // Not wait_vip: its probe would open an upstream connection
+            // too. A connect refused before the VIP is bound reaches no one.
+            let vip = wait_for("B to publish the VIP", WAIT, || async { gb.vip(fqdn) }).await;
+            for i in 0..2 {
+                let text = wait_for(&format!("app connection {i} answered"), WAIT, || async {
+                    let mut app = TcpStream::connect(vip)
+                        .await
+                        .map_err(|e| format!("connect {vip}: {e}"))?;
+                    let mut text = String::new();
+                    tokio::time::timeout(WAIT, app.read_to_string(&mut text))
+                        .await
+                        .map_err(|_| "no answer".to_owned())?
+                        .map_err(|e| e.to_string())?;
+                    Ok::<_, String>(text)
+                })
+                .await;
+                assert_eq!(text, "hello\n");
+            }
+            let mut seen = Vec::new();
+            while seen.len() < 2 {
+                let kind = tokio::time::timeout(WAIT, kinds.recv())
+                    .await
+                    .expect("two handshakes at the stand-in")
+                    .unwrap();
+                seen.push(kind);
+            }
+            assert!(kinds.try_recv().is_err(), "more than two handshakes");
+            let later = if resumption {
+                rustls::HandshakeKind::Resumed
+            } else {
+                rustls::HandshakeKind::Full
+            };
+            assert_eq!(
+                seen,
+                vec![rustls::HandshakeKind::Full, later],
+                "tlsResumption: {resumption}"
+            );
+            gb.stop().await;
+        }
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------------------
 // Ingress refusal without a usable peer identity.
 // ---------------------------------------------------------------------------
