@@ -443,6 +443,28 @@ impl Drop for Proc {
     }
 }
 
+/// Runs `elsinore` with `args` to completion, killing it after `timeout`.
+/// Returns the exit status (`None` if it had to be killed), stdout, stderr.
+pub fn run_to_end(
+    args: &[&str],
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> (Option<ExitStatus>, String, String) {
+    let mut p = Proc::spawn("elsinore", args, env);
+    let status = p.wait_exit(timeout);
+    let lines = p.lines();
+    let stdout: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("stdout: "))
+        .collect();
+    let stderr: Vec<&str> = lines
+        .iter()
+        .filter(|l| !l.starts_with("stdout: "))
+        .map(String::as_str)
+        .collect();
+    (status, stdout.join("\n"), stderr.join("\n"))
+}
+
 /// One plain HTTP/1.1 GET with `Connection: close`, bounded in every step.
 /// Returns the status code and the body.
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
