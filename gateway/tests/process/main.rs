@@ -6,6 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod catalog_cli;
 mod env;
 mod federation;
 mod harness;
