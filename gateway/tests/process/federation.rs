@@ -1,11 +1,12 @@
 //! Two `elsinore run` processes federating over real mTLS, every listener
 //! bound where the config file says.
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::harness::{
-    Export, GatewaySpec, Net, Proc, WAIT, accepts, export_names, get_json, http_get_host,
+    Export, GatewaySpec, Net, Proc, WAIT, accepts, dns_a, export_names, get_json, http_get_host,
     imported_from, spawn_backend, wait_for,
 };
 
@@ -81,6 +82,33 @@ fn run_binds_the_configured_listeners_and_a_second_process_imports_its_exports()
             200,
             "hello from reviews (called by spiffe://mesh-b.test/ns/elsinore/sa/gateway)"
         )
+    );
+
+    // mesh-b's DNS listener (where its config put it) answers the
+    // imported name with a VIP from its configured `proxy.vipRange`, and
+    // that VIP carries the request too.
+    let vip = wait_for("mesh-b's DNS answer", WAIT, || {
+        dns_a(b.dns, "reviews.mesh-a.global")
+    });
+    let (range, prefix) = b.vip_range.split_once('/').unwrap();
+    let range: Ipv4Addr = range.parse().unwrap();
+    let mask = u32::MAX << (32 - prefix.parse::<u32>().unwrap());
+    assert_eq!(
+        u32::from(vip) & mask,
+        u32::from(range),
+        "{vip} is not in {}",
+        b.vip_range
+    );
+    let via_vip = SocketAddr::from((vip, backend.port()));
+    let (status, body) = wait_for("a request to the VIP", WAIT, || {
+        match http_get_host(via_vip, "reviews.mesh-a.global", "/") {
+            Ok((200, body)) => Ok((200, body)),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    assert!(
+        status == 200 && body.starts_with("hello from reviews"),
+        "{body}"
     );
 
     // A new export written to mesh-a's file reaches mesh-b live.

@@ -162,7 +162,7 @@ impl GatewaySpec {
             ingress: net.port(host),
             egress: net.port(host),
             dns: net.port(host),
-            vip_range: net.vip_range(host),
+            vip_range: net.vip_range(host / 10),
             exports: Vec::new(),
             peers: Vec::new(),
             extra: String::new(),
@@ -604,4 +604,38 @@ fn serve_backend_conn(conn: TcpStream, name: &str, before_answer: &(dyn Fn() + S
             return;
         }
     }
+}
+
+/// The A record for `name` from the DNS responder at `server`, over UDP
+/// (three tries of 2 s each); `Err` says what came back instead.
+pub fn dns_a(server: SocketAddr, name: &str) -> Result<Ipv4Addr, String> {
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    socket.connect(server).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut query = Message::query();
+    query.metadata.id = rand::random();
+    query.metadata.recursion_desired = true;
+    query.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+    let packet = query.to_vec().unwrap();
+    let mut buf = [0u8; 4096];
+    for _ in 0..3 {
+        socket.send(&packet).map_err(|e| format!("send: {e}"))?;
+        let Ok(n) = socket.recv(&mut buf) else {
+            continue;
+        };
+        let reply = Message::from_vec(&buf[..n]).map_err(|e| format!("decode: {e}"))?;
+        return reply
+            .answers
+            .iter()
+            .find_map(|r| match &r.data {
+                RData::A(a) => Some(a.0),
+                _ => None,
+            })
+            .ok_or_else(|| format!("no A record: {:?}", reply.metadata.response_code));
+    }
+    Err(format!("no answer from {server}"))
 }
