@@ -1,8 +1,6 @@
 //! Every flag can be set through an `ELSINORE_*` variable: the config
 //! file, the log filter and format, the runtime's worker threads.
 
-use std::time::Duration;
-
 use crate::harness::{GatewaySpec, Net, Proc, WAIT, run_to_end};
 
 /// mesh-a with one (undialed) peer, its config written; returns the spec
@@ -14,18 +12,6 @@ fn mesh_a(net: &Net, dir: &std::path::Path) -> (GatewaySpec, std::path::PathBuf)
     let config = a.config_path(dir);
     a.write(&config);
     (a, config)
-}
-
-/// Sends SIGTERM and requires exit status 0 (so every log line is in).
-fn stop(p: &mut Proc) {
-    p.signal("TERM");
-    let status = p.wait_exit(Duration::from_secs(20));
-    assert_eq!(
-        status.map(|s| s.code()),
-        Some(Some(0)),
-        "{} did not exit 0 within 20 s of SIGTERM",
-        p.name
-    );
 }
 
 #[test]
@@ -43,7 +29,7 @@ fn elsinore_config_selects_the_file_and_elsinore_log_format_json_gives_json_line
     );
     p.wait_ready(a.admin);
     p.wait_log_after(0, &["gateway started"], WAIT);
-    stop(&mut p);
+    p.stop();
     let lines = p.lines();
     assert!(!lines.is_empty());
     let mut started = None;
@@ -80,7 +66,7 @@ fn text_logs_to_a_pipe_carry_no_terminal_colour_codes() {
         )),
         "{started:?}"
     );
-    stop(&mut p);
+    p.stop();
     for line in p.lines() {
         assert!(!line.contains('\u{1b}'), "escape codes in {line:?}");
     }
@@ -93,7 +79,7 @@ fn elsinore_log_sets_the_filter() {
     let (a, config) = mesh_a(&net, dir.path());
     let mut p = Proc::run("mesh-a", &config, &[("ELSINORE_LOG", "warn")]);
     p.wait_ready(a.admin);
-    stop(&mut p);
+    p.stop();
     // With `warn`, none of the info lines every start and stop logs.
     let lines = p.lines();
     assert!(
@@ -114,14 +100,14 @@ fn elsinore_worker_threads_one_runs_a_single_threaded_gateway_that_still_stops()
     // A current-thread runtime has no worker threads.
     let names = thread_names(p.pid());
     assert!(!names.iter().any(|n| n.starts_with("tokio-r")), "{names:?}");
-    stop(&mut p);
+    p.stop();
 
     let mut p = Proc::run("mesh-a", &config, &[("ELSINORE_WORKER_THREADS", "3")]);
     p.wait_ready(a.admin);
     let names = thread_names(p.pid());
     let workers = names.iter().filter(|n| n.starts_with("tokio-r")).count();
     assert!(workers >= 3, "{names:?}");
-    stop(&mut p);
+    p.stop();
 }
 
 /// The names of the threads of process `pid` (Linux `/proc`).

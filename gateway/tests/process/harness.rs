@@ -18,6 +18,11 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_elsinore");
 /// sync: generous, since two cores run seven engineers' builds and tests.
 pub const WAIT: Duration = Duration::from_secs(30);
 
+/// How long a gateway may take to exit once signalled (SIGTERM, SIGINT)
+/// with at most one short request in flight. The one place to change if
+/// shutdown learns a longer drain.
+pub const EXIT_BOUND: Duration = Duration::from_secs(20);
+
 const POLL: Duration = Duration::from_millis(50);
 
 /// Re-checks `check` every 50 ms until it returns `Ok`, for at most
@@ -404,6 +409,19 @@ impl Proc {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Sends SIGTERM and requires exit status 0 within [`EXIT_BOUND`] (after
+    /// which every log line is in).
+    pub fn stop(&mut self) {
+        self.signal("TERM");
+        let status = self.wait_exit(EXIT_BOUND);
+        assert_eq!(
+            status.map(|s| s.code()),
+            Some(Some(0)),
+            "{} did not exit 0 within {EXIT_BOUND:?} of SIGTERM",
+            self.name
+        );
     }
 
     /// Waits until `GET /ready` on `admin` answers 200.

@@ -11,12 +11,8 @@ use std::time::{Duration, Instant};
 use elsinore_certs::{Identity, TrustBundle};
 
 use crate::harness::{
-    Export, GatewaySpec, Net, Proc, WAIT, accepts, parse_response, spawn_backend,
+    EXIT_BOUND, Export, GatewaySpec, Net, Proc, WAIT, accepts, parse_response, spawn_backend,
 };
-
-/// How long the process may take to exit once signalled with nothing in
-/// flight beyond one request; generous for a loaded machine.
-const EXIT_BOUND: Duration = Duration::from_secs(20);
 
 /// One HTTP/1.1 request to `fqdn` over mTLS to `ingress`, presenting
 /// `client`'s gateway certificate and verifying `server`'s, as a peer
