@@ -17,6 +17,7 @@ use crate::state::Shared;
 
 pub(crate) mod activity;
 pub mod backend;
+pub mod budget;
 pub mod egress;
 pub mod error;
 pub mod h1;

@@ -150,6 +150,7 @@ fn full_example_parses_to_typed_values() {
         imports: Imports {
             stale_after: Duration::from_secs(300),
             cache_dir: Some(PathBuf::from("/var/lib/elsinore")),
+            port_overrides: Default::default(),
         },
         federation: FederationTuning {
             window: 256,

@@ -14,7 +14,7 @@
 //! TLS connections between the gateways.
 
 use std::any::Any;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -45,7 +45,8 @@ use super::pool::{H2Pool, PoolHandle, PoolKey, PoolLimits};
 use super::splice::splice_to_tls;
 use super::tls::{self, TlsStream};
 use crate::dns::resolver::{self, ConnectError};
-use crate::dns::vip::{VipEntry, VipTable};
+use crate::config::EgressMode;
+use crate::dns::vip::{PortRoute, VipEntry, VipTable};
 
 /// The body of every response egress gives to a local app.
 type RespBody = BoxBody<Bytes, BoxError>;
@@ -59,8 +60,10 @@ const STREAMS_PER_CONN: usize = 100;
 const TLS_CACHE_MAX: usize = 256;
 /// How long an HTTP connection may drain after shutdown or idleness.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often a failed VIP bind is retried even without a catalog change.
-const BIND_RETRY: Duration = Duration::from_secs(5);
+/// First retry of a failed listener bind; doubles per failure of that
+/// address up to [`BIND_RETRY_MAX`].
+const BIND_RETRY: Duration = Duration::from_secs(1);
+const BIND_RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// Counters of the egress side, read by admin and tests.
 #[derive(Debug, Default)]
@@ -79,6 +82,33 @@ pub struct EgressStats {
     pub errors_downstream: AtomicU64,
     pub errors_upstream: AtomicU64,
     pub errors_internal: AtomicU64,
+    /// Import listeners (VIPs, or shared-mode ports) bound now.
+    pub listeners: AtomicU64,
+    /// The listener budget in force ([`super::budget`]).
+    pub listener_budget: AtomicU64,
+    /// Listeners wanted but not held: beyond the budget, or failing to bind.
+    /// Replaced whole on change; read by `/catalog`.
+    pub unbound: Mutex<Arc<Vec<Unbound>>>,
+}
+
+/// An import listener egress wants but does not hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unbound {
+    /// The address apps would call.
+    pub addr: SocketAddr,
+    /// The import (VIP mode) or `port <n>` (shared mode).
+    pub what: String,
+    /// `budget` or `bind`.
+    pub reason: &'static str,
+    /// For `bind`: the last error.
+    pub error: Option<String>,
+}
+
+impl EgressStats {
+    /// The listeners wanted but not held, by reason.
+    pub fn unbound(&self) -> Arc<Vec<Unbound>> {
+        lock(&self.unbound).clone()
+    }
 }
 
 /// A copy of [`EgressStats`] at one moment.
@@ -122,9 +152,16 @@ impl EgressStats {
     }
 }
 
-/// Runs the egress until `ctx.shutdown`: keeps one listener per entry of the
-/// VIP table, and serves `catch_all` (HTTP routed by Host) if given.
+/// Runs the egress until `ctx.shutdown`: keeps one listener per entry of
+/// the VIP table (VIP mode) or per distinct port (shared mode), within the
+/// listener budget, and serves `catch_all` (HTTP routed by Host) if given.
 pub async fn run(ctx: ProxyContext, catch_all: Option<TcpListener>, stats: Arc<EgressStats>) {
+    let budget = super::budget::listener_budget(ctx.tuning.vip_listener_budget);
+    tracing::info!(budget = budget.listeners, source = %budget.source, "egress import listener budget");
+    stats.listener_budget.store(
+        u64::try_from(budget.listeners).unwrap_or(u64::MAX),
+        Ordering::Relaxed,
+    );
     let egress = Arc::new(Egress::new(ctx.clone(), stats));
     let catch_all = catch_all.map(|listener| {
         if let Ok(addr) = listener.local_addr() {
@@ -133,19 +170,30 @@ pub async fn run(ctx: ProxyContext, catch_all: Option<TcpListener>, stats: Arc<E
         Listener::spawn(&egress, listener, Route::CatchAll, &ctx.shutdown)
     });
     let mut vips = ctx.shared.vips.subscribe();
-    let mut listeners: HashMap<SocketAddrV4, Listener> = HashMap::new();
+    let mut binder = Binder {
+        budget: budget.listeners,
+        listeners: HashMap::new(),
+        retries: HashMap::new(),
+        over_budget: 0,
+    };
     loop {
         let table = vips.borrow_and_update().clone();
         egress.table.store(table.clone());
-        let failed = egress.reconcile(&table, &mut listeners).await;
+        let next_retry = egress.reconcile(&table, &mut binder).await;
+        let retry = async {
+            match next_retry {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
             changed = vips.changed() => if changed.is_err() { break },
             // A port another process held may have been freed.
-            _ = tokio::time::sleep(BIND_RETRY), if failed => {}
+            _ = retry => {}
         }
     }
-    for (_, listener) in listeners.drain() {
+    for (_, listener) in binder.listeners.drain() {
         listener.stop().await;
     }
     if let Some(listener) = catch_all {
@@ -153,11 +201,36 @@ pub async fn run(ctx: ProxyContext, catch_all: Option<TcpListener>, stats: Arc<E
     }
 }
 
+/// The import listeners and what is known of those that failed to bind.
+struct Binder {
+    budget: usize,
+    listeners: HashMap<SocketAddr, Listener>,
+    /// Addresses whose bind failed: when to try again, and why.
+    retries: HashMap<SocketAddr, BindRetry>,
+    /// Wanted listeners beyond the budget at the last reconcile (logged on change).
+    over_budget: usize,
+}
+
+struct BindRetry {
+    failures: u32,
+    at: tokio::time::Instant,
+    error: String,
+}
+
+/// The delay after `failures` consecutive failed binds of one address.
+fn bind_backoff(failures: u32) -> Duration {
+    BIND_RETRY
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
+        .min(BIND_RETRY_MAX)
+}
+
 /// Which listener a connection came in on.
 #[derive(Debug, Clone, Copy)]
 enum Route {
     /// A service VIP and port: the address is the route.
     Vip(SocketAddrV4),
+    /// A port of the shared address: TCP by port, HTTP by Host.
+    Port(u16),
     /// The catch-all listener: HTTP routed by Host.
     CatchAll,
 }
@@ -316,49 +389,130 @@ impl Egress {
         }
     }
 
-    /// Brings the listeners in line with `table`. Returns whether some VIP
-    /// could not be bound (retried later).
+    /// The listeners `table` asks for, in priority order (the budget is
+    /// spent in this order): VIP mode, each import with a port by FQDN;
+    /// shared mode, each port ascending.
+    fn wanted(&self, table: &VipTable) -> Vec<(SocketAddr, Route, String)> {
+        match &self.ctx.tuning.mode {
+            EgressMode::Vip => table
+                .iter()
+                .filter(|e| e.port != 0)
+                .map(|e| {
+                    let addr = SocketAddrV4::new(e.vip, e.port);
+                    (SocketAddr::V4(addr), Route::Vip(addr), e.fqdn.clone())
+                })
+                .collect(),
+            EgressMode::Shared { bind, .. } => table
+                .ports()
+                .into_iter()
+                .map(|port| {
+                    (
+                        SocketAddr::new(*bind, port),
+                        Route::Port(port),
+                        format!("port {port}"),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// Brings the listeners in line with `table`, within the budget.
+    /// Returns when a failed bind is next due for a retry, if any.
     async fn reconcile(
         self: &Arc<Self>,
         table: &VipTable,
-        listeners: &mut HashMap<SocketAddrV4, Listener>,
-    ) -> bool {
-        let wanted: HashMap<SocketAddrV4, &Arc<VipEntry>> = table
-            .iter()
-            .filter(|e| e.port != 0)
-            .map(|e| (SocketAddrV4::new(e.vip, e.port), e))
-            .collect();
-        let gone: Vec<SocketAddrV4> = listeners
+        b: &mut Binder,
+    ) -> Option<tokio::time::Instant> {
+        let mut wanted = self.wanted(table);
+        let beyond = wanted.split_off(wanted.len().min(b.budget));
+        let keys: HashSet<SocketAddr> = wanted.iter().map(|(a, _, _)| *a).collect();
+        let gone: Vec<SocketAddr> = b
+            .listeners
             .keys()
-            .filter(|a| !wanted.contains_key(a))
+            .filter(|a| !keys.contains(a))
             .copied()
             .collect();
         for addr in gone {
-            if let Some(listener) = listeners.remove(&addr) {
+            if let Some(listener) = b.listeners.remove(&addr) {
                 listener.stop().await;
-                tracing::info!(%addr, "egress VIP listener closed: import withdrawn");
+                tracing::info!(%addr, "egress import listener closed: no longer wanted");
             }
         }
-        let mut failed = false;
-        for (addr, entry) in wanted {
-            if listeners.contains_key(&addr) {
+        b.retries.retain(|a, _| keys.contains(a));
+        let now = tokio::time::Instant::now();
+        for (addr, route, what) in &wanted {
+            if b.listeners.contains_key(addr) {
                 continue;
             }
-            match TcpListener::bind(addr).await {
+            if b.retries.get(addr).is_some_and(|r| r.at > now) {
+                continue;
+            }
+            match bind_import_listener(*addr) {
                 Ok(l) => {
-                    tracing::info!(%addr, service = %entry.fqdn, peer = %entry.import.peer, "egress VIP listener bound");
-                    listeners.insert(
-                        addr,
-                        Listener::spawn(self, l, Route::Vip(addr), &self.ctx.shutdown),
-                    );
+                    b.retries.remove(addr);
+                    tracing::info!(%addr, import = %what, "egress import listener bound");
+                    b.listeners
+                        .insert(*addr, Listener::spawn(self, l, *route, &self.ctx.shutdown));
                 }
                 Err(error) => {
-                    failed = true;
-                    tracing::warn!(%addr, service = %entry.fqdn, %error, "cannot bind egress VIP listener; retrying later");
+                    let failures = b.retries.get(addr).map_or(0, |r| r.failures) + 1;
+                    let delay = bind_backoff(failures);
+                    let error = error.to_string();
+                    // The first failure is worth a warning; the rest of the
+                    // backoff is quiet unless the reason changes.
+                    let changed = b.retries.get(addr).is_none_or(|r| r.error != error);
+                    if changed {
+                        tracing::warn!(%addr, import = %what, %error, retry_in = ?delay, "cannot bind egress import listener; retrying with backoff");
+                    } else {
+                        tracing::debug!(%addr, import = %what, %error, failures, retry_in = ?delay, "egress import listener still cannot bind");
+                    }
+                    b.retries.insert(
+                        *addr,
+                        BindRetry {
+                            failures,
+                            at: now + delay,
+                            error,
+                        },
+                    );
                 }
             }
         }
-        failed
+        if beyond.len() != b.over_budget {
+            if beyond.is_empty() {
+                tracing::info!(budget = b.budget, "every egress import listener fits the budget again");
+            } else {
+                tracing::error!(budget = b.budget, beyond = beyond.len(), first = %beyond[0].2, "egress import listeners beyond the budget are not bound (raise the open-file limit or proxy.vipListenerBudget, or use proxy.mode: shared)");
+            }
+            b.over_budget = beyond.len();
+        }
+        let mut unbound: Vec<Unbound> = wanted
+            .iter()
+            .filter_map(|(addr, _, what)| {
+                let r = b.retries.get(addr)?;
+                Some(Unbound {
+                    addr: *addr,
+                    what: what.clone(),
+                    reason: "bind",
+                    error: Some(r.error.clone()),
+                })
+            })
+            .collect();
+        unbound.extend(beyond.into_iter().map(|(addr, _, what)| Unbound {
+            addr,
+            what,
+            reason: "budget",
+            error: None,
+        }));
+        let stats = &self.stats;
+        stats
+            .listeners
+            .store(b.listeners.len() as u64, Ordering::Relaxed);
+        let mut current = lock(&stats.unbound);
+        if **current != unbound {
+            *current = Arc::new(unbound);
+        }
+        drop(current);
+        b.retries.values().map(|r| r.at).min()
     }
 
     async fn accept_loop(
@@ -411,6 +565,14 @@ impl Egress {
     ) {
         let entry = match route {
             Route::CatchAll => None,
+            Route::Port(port) => match self.table.load().port_route(port) {
+                Some(PortRoute::Stream(entry)) => Some(entry.clone()),
+                Some(PortRoute::Http(_)) => None,
+                None => {
+                    tracing::debug!(client.addr = %client, port, "connection to a port no longer imported; closing");
+                    return;
+                }
+            },
             Route::Vip(addr) => {
                 let Some(entry) = self.lookup_vip(addr) else {
                     tracing::debug!(client.addr = %client, %addr, "connection to a VIP no longer imported; closing");
@@ -780,6 +942,25 @@ impl Egress {
                     format!("{addr} is no longer an imported service"),
                 )
             }),
+            Route::Port(port) => {
+                let host = request_host(req).ok_or_else(|| {
+                    ProxyError::downstream(
+                        ErrorKind::NoRoute,
+                        format!("request has no Host; port {port} of the shared egress address routes by Host"),
+                    )
+                })?;
+                let (name, _) = split_host(host);
+                self.table
+                    .load()
+                    .lookup_http(port, name)
+                    .cloned()
+                    .ok_or_else(|| {
+                        ProxyError::downstream(
+                            ErrorKind::NoRoute,
+                            format!("no HTTP import named {name:?} on port {port}"),
+                        )
+                    })
+            }
             Route::CatchAll => {
                 let host = request_host(req).ok_or_else(|| {
                     ProxyError::downstream(
@@ -937,6 +1118,24 @@ impl Egress {
             })?;
         Ok(sender)
     }
+}
+
+/// Binds an import listener with `IP_FREEBIND`, so an address of a
+/// routable VIP range (or a shared address) can be bound before, or
+/// without, being configured on an interface: traffic for it arrives once
+/// the host routes it locally (see docs/data-plane.md, "AnyIP").
+fn bind_import_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(SockProtocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    match addr {
+        SocketAddr::V4(_) => socket.set_freebind_v4(true)?,
+        SocketAddr::V6(_) => socket.set_freebind_v6(true)?,
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
