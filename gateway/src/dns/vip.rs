@@ -597,4 +597,224 @@ mod tests {
         let vips: HashSet<_> = t.iter().map(|e| e.vip).collect();
         assert_eq!(vips.len(), 2);
     }
+
+    fn svc_proto(fqdn: &str, port: u16, protocol: Protocol) -> Arc<FederatedService> {
+        let mut s = (*svc(fqdn.split('.').next().unwrap(), fqdn, port)).clone();
+        s.instances[0].protocol = protocol;
+        Arc::new(s)
+    }
+
+    /// Two peers' catalogs resolved the way the merger does.
+    fn view2(a: Vec<Arc<FederatedService>>, b: Vec<Arc<FederatedService>>) -> ImportsView {
+        resolve(
+            &BTreeSet::new(),
+            &[("mesh-a".to_owned(), a), ("mesh-c".to_owned(), b)],
+        )
+    }
+
+    fn summary(t: &VipTable) -> Vec<(String, Ipv4Addr, u16)> {
+        t.iter().map(|e| (e.fqdn.clone(), e.vip, e.port)).collect()
+    }
+
+    /// A tiny deterministic shuffle (no RNG dependency in unit tests).
+    fn shuffled<T: Clone>(items: &[T], seed: u64) -> Vec<T> {
+        let mut v = items.to_vec();
+        let mut x = seed | 1;
+        for i in (1..v.len()).rev() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            v.swap(i, (x % (i as u64 + 1)) as usize);
+        }
+        v
+    }
+
+    /// Item 6 of issue 15: replicas that receive the same catalog in
+    /// different orders (one service at a time, in different sequences,
+    /// with some withdrawn and re-added on the way) end with the same
+    /// table. A /24 with 200 names makes hash collisions certain, so a
+    /// first-come allocation would disagree.
+    #[test]
+    fn replicas_agree_whatever_the_arrival_order() {
+        let range: VipRange = "10.231.99.0/24".parse().unwrap();
+        let services: Vec<_> = (0..200)
+            .map(|i| svc(&format!("s{i}"), &format!("s{i}.m.global"), 8000 + (i % 3) as u16))
+            .collect();
+        let mut finals = Vec::new();
+        for seed in [1u64, 7, 12345, 999_999] {
+            let mut alloc = VipAllocator::new(range);
+            let order = shuffled(&services, seed);
+            let mut have = Vec::new();
+            for (k, s) in order.iter().enumerate() {
+                have.push(s.clone());
+                // Every 50th step, one earlier arrival is withdrawn for a while.
+                if k % 50 == 49 {
+                    let gone = have.remove(k / 3);
+                    alloc.update(&view(have.clone()));
+                    have.push(gone);
+                }
+                alloc.update(&view(have.clone()));
+            }
+            let t = alloc.update(&view(have));
+            assert_eq!(t.len(), 200);
+            let distinct: HashSet<_> = t.iter().map(|e| e.vip).collect();
+            assert_eq!(distinct.len(), 200, "every name has its own VIP");
+            finals.push(summary(&t));
+        }
+        // And a fresh replica that got it all at once.
+        finals.push(summary(&VipAllocator::new(range).update(&view(services))));
+        for f in &finals[1..] {
+            assert_eq!(f, &finals[0]);
+        }
+    }
+
+    /// Shared mode: one answer for every name, one route per port; HTTP
+    /// imports share a port by Host, a TCP import needs it alone.
+    #[test]
+    fn shared_mode_routes_by_port_and_host() {
+        let plan = TablePlan {
+            range: "127.77.0.0/16".parse().unwrap(),
+            shared: Some(SharedAnswer::Address(Ipv4Addr::new(10, 96, 0, 53))),
+            port_overrides: BTreeMap::new(),
+        };
+        let mut alloc = VipAllocator::with_plan(plan);
+        let t = alloc.update(&view(vec![
+            svc_proto("web.m.global", 80, Protocol::Http),
+            svc_proto("api.m.global", 80, Protocol::Grpc),
+            svc_proto("db.m.global", 5432, Protocol::Tcp),
+        ]));
+        assert_eq!(t.ports(), vec![80, 5432]);
+        for name in ["web.m.global", "api.m.global", "db.m.global"] {
+            assert_eq!(t.lookup_name(name).unwrap().vip, Ipv4Addr::new(10, 96, 0, 53));
+        }
+        assert_eq!(t.lookup_http(80, "WEB.m.global.").unwrap().fqdn, "web.m.global");
+        assert_eq!(t.lookup_http(80, "gw.api.m.global").unwrap().fqdn, "api.m.global");
+        assert!(t.lookup_http(80, "db.m.global").is_none());
+        assert!(t.lookup_http(5432, "db.m.global").is_none(), "TCP is routed by port");
+        assert!(matches!(t.port_route(5432), Some(PortRoute::Stream(e)) if e.fqdn == "db.m.global"));
+        assert!(t.lookup_vip(Ipv4Addr::new(10, 96, 0, 53)).is_none());
+        assert!(t.port_collisions().is_empty());
+    }
+
+    /// Two TCP imports on one port: the smallest FQDN holds it, whatever
+    /// order they came in; the other is reported and not answered (never
+    /// routed to the holder). HTTP imports hold a port against TCP. An
+    /// override moves the loser, and then both route.
+    #[test]
+    fn shared_mode_port_collisions_are_deterministic_and_movable() {
+        let plan = |overrides: &[(&str, u16)]| TablePlan {
+            range: "127.77.0.0/16".parse().unwrap(),
+            shared: Some(SharedAnswer::Cname("egress.elsinore.svc.cluster.local".into())),
+            port_overrides: overrides.iter().map(|(f, p)| ((*f).to_owned(), *p)).collect(),
+        };
+        let pg_a = svc_proto("pg.mesh-a.global", 5432, Protocol::Tcp);
+        let pg_c = svc_proto("pg.mesh-c.global", 5432, Protocol::Tcp);
+        let web = svc_proto("web.mesh-a.global", 80, Protocol::Http);
+        let raw80 = svc_proto("raw.mesh-c.global", 80, Protocol::Tcp);
+        let views = [
+            view2(vec![pg_a.clone(), web.clone()], vec![pg_c.clone(), raw80.clone()]),
+            // The other arrival order: the later peer's services first.
+            view2(vec![], vec![raw80.clone(), pg_c.clone()]),
+        ];
+        let mut first = VipAllocator::with_plan(plan(&[]));
+        let t1 = first.update(&views[0]);
+        let mut second = VipAllocator::with_plan(plan(&[]));
+        second.update(&views[1]);
+        let t2 = second.update(&views[0]);
+        for t in [&t1, &t2] {
+            assert!(matches!(t.port_route(5432), Some(PortRoute::Stream(e)) if e.fqdn == "pg.mesh-a.global"));
+            let lost: Vec<(&str, u16)> = t
+                .port_collisions()
+                .iter()
+                .map(|c| (&*c.fqdn, c.port))
+                .collect();
+            assert_eq!(lost, vec![("raw.mesh-c.global", 80), ("pg.mesh-c.global", 5432)]);
+            assert!(t.lookup_name("pg.mesh-c.global").is_none(), "a loser is not answered");
+            assert!(t.lookup_name("raw.mesh-c.global").is_none());
+            assert!(t.lookup_http(80, "web.mesh-a.global").is_some());
+            assert_eq!(t.port_collisions()[1].holder, "TCP import pg.mesh-a.global");
+        }
+        assert_eq!(summary(&t1), summary(&t2));
+        // Moving the loser to 15432 (names are matched lower case).
+        let mut moved = VipAllocator::with_plan(plan(&[("pg.mesh-c.global", 15432)]));
+        let t3 = moved.update(&views[0]);
+        assert!(matches!(t3.port_route(15432), Some(PortRoute::Stream(e)) if e.fqdn == "pg.mesh-c.global"));
+        assert!(matches!(t3.port_route(5432), Some(PortRoute::Stream(e)) if e.fqdn == "pg.mesh-a.global"));
+        assert_eq!(t3.port_collisions().len(), 1, "raw on 80 still loses to HTTP");
+        assert_eq!(t3.lookup_name("pg.mesh-c.global").unwrap().port, 15432);
+        assert_eq!(t3.shared_answer(), Some(&SharedAnswer::Cname("egress.elsinore.svc.cluster.local".into())));
+    }
+
+    /// Issue 15: 100,000 imports in shared mode need one listener per
+    /// distinct port, not per import; the table builds in bounded time and
+    /// routes by one hash lookup. Also measures VIP mode over a /8.
+    #[test]
+    fn hundred_thousand_imports() {
+        const N: usize = 100_000;
+        let services: Vec<_> = (0..N)
+            .map(|i| {
+                let proto = if i % 1000 == 0 { Protocol::Tcp } else { Protocol::Http };
+                // HTTP on 80/443/8080; TCP imports each on their own port.
+                let port = if proto == Protocol::Tcp {
+                    20_000 + (i / 1000) as u16
+                } else {
+                    [80, 443, 8080][i % 3]
+                };
+                svc_proto(&format!("svc-{i}.mesh-a.global"), port, proto)
+            })
+            .collect();
+        let v = view(services);
+        let rss = || {
+            std::fs::read_to_string("/proc/self/status")
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find(|l| l.starts_with("VmRSS"))
+                        .and_then(|l| l.split_whitespace().nth(1).map(|n| n.parse::<u64>().unwrap()))
+                })
+                .unwrap_or(0)
+        };
+        let before = rss();
+        let started = std::time::Instant::now();
+        let mut alloc = VipAllocator::with_plan(TablePlan {
+            range: "127.77.0.0/16".parse().unwrap(),
+            shared: Some(SharedAnswer::Address(Ipv4Addr::new(10, 96, 0, 53))),
+            port_overrides: BTreeMap::new(),
+        });
+        let t = alloc.update(&v);
+        let built = started.elapsed();
+        let again = std::time::Instant::now();
+        let t2 = alloc.update(&v);
+        let rebuilt = again.elapsed();
+        println!(
+            "shared mode, {N} imports: table built in {built:?}, rebuilt (unchanged) in {rebuilt:?}, RSS +{} KiB, {} listeners",
+            rss().saturating_sub(before),
+            t.ports().len()
+        );
+        assert_eq!(t.len(), N);
+        assert_eq!(t.ports().len(), 3 + 100, "one listener per distinct port");
+        assert!(t.port_collisions().is_empty());
+        assert_eq!(t.lookup_http(8080, "svc-99998.mesh-a.global").unwrap().fqdn, "svc-99998.mesh-a.global");
+        assert!(matches!(t2.port_route(20_099), Some(PortRoute::Stream(e)) if e.fqdn == "svc-99000.mesh-a.global"));
+        let lookups = std::time::Instant::now();
+        for i in (1..N).step_by(7) {
+            let port = [80, 443, 8080][i % 3];
+            let name = format!("svc-{i}.mesh-a.global");
+            if i % 1000 != 0 {
+                assert!(t.lookup_http(port, &name).is_some(), "{name}");
+            }
+        }
+        println!("shared mode: {} Host lookups in {:?}", N / 7, lookups.elapsed());
+        // VIP mode over a /8: every import its own address, still a pure function.
+        let started = std::time::Instant::now();
+        let tv = VipAllocator::new("10.0.0.0/8".parse().unwrap()).update(&v);
+        println!("VIP mode, {N} imports in a /8: table built in {:?}", started.elapsed());
+        assert_eq!(tv.len(), N);
+        let distinct: HashSet<_> = tv.iter().map(|e| e.vip).collect();
+        assert_eq!(distinct.len(), N);
+        // A /16 holds 65,534: the rest are reported, deterministically.
+        let t16 = VipAllocator::new("127.77.0.0/16".parse().unwrap()).update(&v);
+        assert_eq!(t16.len(), 65_534);
+        assert_eq!(t16.unassigned().len(), N - 65_534);
+    }
 }
