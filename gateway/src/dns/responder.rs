@@ -842,4 +842,55 @@ mod tests {
         assert_eq!(r.answers.len(), 1);
         assert_eq!(r.answers[0].record_type(), RecordType::SOA);
     }
+
+    fn shared_table(answer: SharedAnswer) -> Arc<VipTable> {
+        let plan = crate::dns::vip::TablePlan {
+            range: range(),
+            shared: Some(answer),
+            port_overrides: Default::default(),
+        };
+        Arc::new(VipAllocator::with_plan(plan).update(&resolve(
+            &BTreeSet::new(),
+            &[(
+                "mesh-a".to_owned(),
+                vec![
+                    svc("reviews", "reviews.default.global", "gw-1"),
+                    svc("ratings", "ratings.default.global", "gw-2"),
+                ],
+            )],
+        )))
+    }
+
+    /// Shared mode: every imported name is answered with the one address,
+    /// or with a CNAME to the one name (for any type); others as before.
+    #[test]
+    fn shared_mode_answers_one_address_or_a_cname() {
+        let shared = Ipv4Addr::new(10, 96, 0, 53);
+        let auth = Authority::new(shared_table(SharedAnswer::Address(shared)));
+        for name in ["reviews.default.global.", "ratings.default.global.", "gw-1.reviews.default.global."] {
+            let q = query(name, RecordType::A);
+            let r = Message::from_vec(&auth.respond(&q.to_vec().unwrap(), Transport::Udp).unwrap())
+                .unwrap();
+            assert_eq!(a_records(&r), vec![shared], "{name}");
+        }
+        let target = "elsinore-egress.elsinore.svc.cluster.local";
+        let auth = Authority::new(shared_table(SharedAnswer::Cname(target.into())));
+        for rtype in [RecordType::A, RecordType::AAAA, RecordType::CNAME] {
+            let q = query("Reviews.Default.Global.", rtype);
+            let r = Message::from_vec(&auth.respond(&q.to_vec().unwrap(), Transport::Udp).unwrap())
+                .unwrap();
+            assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+            assert!(r.metadata.authoritative);
+            assert_eq!(r.answers.len(), 1, "{rtype}");
+            assert_eq!(r.answers[0].name.to_ascii(), "Reviews.Default.Global.");
+            match &r.answers[0].data {
+                RData::CNAME(c) => assert_eq!(c.0.to_ascii(), format!("{target}.")),
+                other => panic!("expected a CNAME, got {other:?}"),
+            }
+        }
+        let q = query("missing.default.global.", RecordType::A);
+        let r = Message::from_vec(&auth.respond(&q.to_vec().unwrap(), Transport::Udp).unwrap())
+            .unwrap();
+        assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+    }
 }
