@@ -196,6 +196,13 @@ pub fn render(shared: &Shared, ingress: &IngressStats, egress: &EgressStats) -> 
         "Most import listeners egress may hold (from the open-file limit or proxy.vipListenerBudget).",
         &one(load(&egress.listener_budget)),
     );
+    family(
+        &mut out,
+        "elsinore_egress_import_listener_bind_failures_total",
+        "counter",
+        "Failed binds of import listeners (each address retried with exponential backoff).",
+        &one(load(&egress.bind_failures)),
+    );
     let unbound = egress.unbound();
     let count = |reason: &str| unbound.iter().filter(|u| u.reason == reason).count() as u64;
     family(

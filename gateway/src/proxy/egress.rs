@@ -84,6 +84,8 @@ pub struct EgressStats {
     pub errors_internal: AtomicU64,
     /// Import listeners (VIPs, or shared-mode ports) bound now.
     pub listeners: AtomicU64,
+    /// Failed binds of import listeners (each retried with backoff).
+    pub bind_failures: AtomicU64,
     /// The listener budget in force ([`super::budget`]).
     pub listener_budget: AtomicU64,
     /// Listeners wanted but not held: beyond the budget, or failing to bind.
@@ -455,6 +457,7 @@ impl Egress {
                         .insert(*addr, Listener::spawn(self, l, *route, &self.ctx.shutdown));
                 }
                 Err(error) => {
+                    EgressStats::bump(&self.stats.bind_failures);
                     let failures = b.retries.get(addr).map_or(0, |r| r.failures) + 1;
                     let delay = bind_backoff(failures);
                     let error = error.to_string();
@@ -1356,7 +1359,7 @@ mod tests {
     use crate::catalog::ExportCatalog;
     use crate::catalog::imports::resolve;
     use crate::config::ProxyTuning;
-    use crate::dns::vip::VipAllocator;
+    use crate::dns::vip::{TablePlan, VipAllocator};
     use elsinore_certs::{Ca, Identity, TrustBundle, TrustDomain};
     use elsinore_federation_api::FederatedService;
     use http_body_util::StreamBody;
@@ -2144,5 +2147,187 @@ mod tests {
         assert_eq!(split_host("h:80"), ("h", ":80"));
         assert_eq!(split_host("h"), ("h", ""));
         assert_eq!(grpc_message("a b%\n"), "a b%25%0A");
+    }
+
+    fn publish_plan(ctx: &ProxyContext, plan: TablePlan, services: Vec<Arc<FederatedService>>) {
+        let view = resolve(&BTreeSet::new(), &[("mesh-a".to_owned(), services)]);
+        let table = VipAllocator::with_plan(plan).update(&view);
+        ctx.shared.vips.send_replace(Arc::new(table));
+    }
+
+    async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+        for _ in 0..1000 {
+            if check() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    /// Never the last descriptor: beyond the budget, imports get no
+    /// listener and are reported; the first ones by name get theirs.
+    #[tokio::test]
+    async fn import_listeners_stay_within_the_budget() {
+        let w = world();
+        let echo = remote(&w.ca_a, A_GATEWAY, &w.bundle_b, Serve::Echo).await;
+        let ctx = context(
+            &w,
+            ProxyTuning {
+                vip_listener_budget: Some(10),
+                ..ProxyTuning::default()
+            },
+        );
+        let range = test_range();
+        let services: Vec<_> = (0..30)
+            .map(|i| service(&format!("s{i:02}"), Protocol::Tcp, 7000, &[echo.addr], &[A_GATEWAY]))
+            .collect();
+        publish(&ctx, &range, services.clone());
+        let stats = Arc::new(EgressStats::default());
+        let task = tokio::spawn(run(ctx.clone(), None, stats.clone()));
+        wait_until("20 imports reported beyond the budget", || {
+            stats.unbound().len() == 20
+        })
+        .await;
+        assert_eq!(stats.listeners.load(Ordering::Relaxed), 10);
+        assert_eq!(stats.listener_budget.load(Ordering::Relaxed), 10);
+        let unbound = stats.unbound();
+        assert!(unbound.iter().all(|u| u.reason == "budget"));
+        assert_eq!(unbound[0].what, "s10.mesh-a.global");
+        // The first ten by name are served, the others refused.
+        let mut app = TcpStream::connect(vip_of(&ctx, "s00.mesh-a.global")).await.unwrap();
+        app.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        app.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ping");
+        let refused = TcpStream::connect(vip_of(&ctx, "s29.mesh-a.global")).await;
+        assert!(refused.is_err(), "an import beyond the budget has no listener");
+        // Fewer imports: everyone fits again.
+        publish(&ctx, &range, services[20..].to_vec());
+        wait_until("every import bound", || {
+            stats.unbound().is_empty() && stats.listeners.load(Ordering::Relaxed) == 10
+        })
+        .await;
+        wait_bound(vip_of(&ctx, "s29.mesh-a.global")).await;
+        ctx.shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    #[test]
+    fn bind_retries_back_off_exponentially() {
+        let delays: Vec<u64> = (1..=9).map(|n| bind_backoff(n).as_secs()).collect();
+        assert_eq!(delays, vec![1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(bind_backoff(u32::MAX), BIND_RETRY_MAX);
+    }
+
+    /// A VIP whose port another process holds is retried with backoff, not
+    /// on every catalog change, and bound once the port is free.
+    #[tokio::test]
+    async fn a_failing_bind_is_not_retried_on_every_change() {
+        let w = world();
+        let echo = remote(&w.ca_a, A_GATEWAY, &w.bundle_b, Serve::Echo).await;
+        let ctx = context(&w, ProxyTuning::default());
+        let range = test_range();
+        let db = service("db", Protocol::Tcp, 7100, &[echo.addr], &[A_GATEWAY]);
+        publish(&ctx, &range, vec![db.clone()]);
+        let vip = vip_of(&ctx, "db.mesh-a.global");
+        let squatter = std::net::TcpListener::bind(vip).unwrap();
+        let stats = Arc::new(EgressStats::default());
+        let task = tokio::spawn(run(ctx.clone(), None, stats.clone()));
+        wait_until("the failed bind reported", || {
+            stats.unbound().first().is_some_and(|u| u.reason == "bind")
+        })
+        .await;
+        // A burst of catalog changes (another import coming and going).
+        for i in 0..50 {
+            let mut services = vec![db.clone()];
+            if i % 2 == 0 {
+                services.push(service("other", Protocol::Tcp, 7101, &[echo.addr], &[A_GATEWAY]));
+            }
+            publish(&ctx, &range, services);
+            tokio::task::yield_now().await;
+        }
+        let failures = stats.bind_failures.load(Ordering::Relaxed);
+        assert!(failures <= 2, "{failures} bind attempts for one busy VIP in a burst");
+        drop(squatter);
+        wait_bound(vip).await;
+        wait_until("nothing unbound", || stats.unbound().is_empty()).await;
+        ctx.shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    /// Import listeners bind addresses not (yet) configured on any
+    /// interface (IP_FREEBIND), which a plain bind refuses.
+    #[tokio::test]
+    async fn import_listeners_bind_addresses_not_on_any_interface() {
+        // TEST-NET-3: never configured on this machine.
+        let addr: SocketAddr = "203.0.113.77:0".parse().unwrap();
+        let nonlocal = std::fs::read_to_string("/proc/sys/net/ipv4/ip_nonlocal_bind")
+            .map(|s| s.trim() == "1")
+            .unwrap_or(false);
+        if !nonlocal {
+            let plain = std::net::TcpListener::bind(addr);
+            assert_eq!(
+                plain.unwrap_err().raw_os_error(),
+                Some(99),
+                "EADDRNOTAVAIL without freebind"
+            );
+        }
+        let l = bind_import_listener(addr).unwrap();
+        assert_eq!(l.local_addr().unwrap().ip(), addr.ip());
+    }
+
+    /// Shared mode: one listener per port on the bind address; HTTP imports
+    /// on one port routed by Host, a TCP import by its port.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shared_mode_routes_http_by_host_and_tcp_by_port() {
+        let w = world();
+        let h2 = remote(&w.ca_a, A_GATEWAY, &w.bundle_b, Serve::H2).await;
+        let echo = remote(&w.ca_a, A_GATEWAY, &w.bundle_b, Serve::Echo).await;
+        // A loopback address of its own, so fixed ports never clash with
+        // another test process.
+        let bind = std::net::Ipv4Addr::new(127, 128 + rand::random::<u8>() % 120, rand::random(), 1);
+        let ctx = context(
+            &w,
+            ProxyTuning {
+                mode: EgressMode::Shared {
+                    answer: crate::config::SharedAnswer::Address(bind),
+                    bind: IpAddr::V4(bind),
+                },
+                ..ProxyTuning::default()
+            },
+        );
+        let plan = TablePlan {
+            range: test_range().parse().unwrap(),
+            shared: Some(crate::config::SharedAnswer::Address(bind)),
+            port_overrides: Default::default(),
+        };
+        publish_plan(
+            &ctx,
+            plan,
+            vec![
+                service("web", Protocol::Http, 18080, &[h2.addr], &[A_GATEWAY]),
+                service("api", Protocol::Grpc, 18080, &[h2.addr], &[A_GATEWAY]),
+                service("db", Protocol::Tcp, 18081, &[echo.addr], &[A_GATEWAY]),
+            ],
+        );
+        let stats = Arc::new(EgressStats::default());
+        let task = tokio::spawn(run(ctx.clone(), None, stats.clone()));
+        let http = SocketAddr::from((bind, 18080));
+        wait_bound(http).await;
+        wait_until("two listeners", || stats.listeners.load(Ordering::Relaxed) == 2).await;
+        let (status, body) = h1_get(http, "web.mesh-a.global:18080", "/w").await;
+        assert_eq!((status, body.as_str()), (200, "web.mesh-a.global:18080 /w"));
+        let (status, body) = h1_get(http, "API.mesh-a.global", "/a").await;
+        assert_eq!((status, body.as_str()), (200, "api.mesh-a.global /a"));
+        let (status, body) = h1_get(http, "db.mesh-a.global", "/").await;
+        assert_eq!(status, 404, "{body}");
+        let mut app = TcpStream::connect((bind, 18081)).await.unwrap();
+        app.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        app.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ping");
+        ctx.shutdown.cancel();
+        task.await.unwrap();
     }
 }
