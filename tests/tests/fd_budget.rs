@@ -8,6 +8,8 @@
 //! linux), which is why this file holds a single test: nextest and `cargo
 //! test` both give it a process of its own.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::net::SocketAddr;
 use std::process::Command;
 
@@ -42,7 +44,10 @@ async fn vip_listeners_leave_descriptors_for_everything_else() {
         .args(["--pid", &pid, &limit])
         .status()
         .expect("run prlimit (util-linux)");
-    assert!(status.success(), "prlimit {limit} on this test process failed");
+    assert!(
+        status.success(),
+        "prlimit {limit} on this test process failed"
+    );
     run_test(async {
         let a = MeshFixture::data_plane("mesh-a").await;
         let b = MeshFixture::new("mesh-b").await;

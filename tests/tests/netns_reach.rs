@@ -15,6 +15,8 @@
 //! test says so loudly on stderr and returns. Namespaces, links and files
 //! are named after the process id and removed on drop, even on failure.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
@@ -68,11 +70,10 @@ fn can_run(test: &str) -> bool {
 }
 
 fn run(cmd: &[&str]) -> Output {
-    let out = Command::new(cmd[0])
+    Command::new(cmd[0])
         .args(&cmd[1..])
         .output()
-        .unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
-    out
+        .unwrap_or_else(|e| panic!("run {cmd:?}: {e}"))
 }
 
 fn must(cmd: &[&str]) {
@@ -111,9 +112,18 @@ impl AppHost {
         host.cleanup();
         let peer = format!("{}p", host.veth);
         must(&["ip", "netns", "add", &host.ns]);
-        must(&["ip", "link", "add", &host.veth, "type", "veth", "peer", "name", &peer]);
+        must(&[
+            "ip", "link", "add", &host.veth, "type", "veth", "peer", "name", &peer,
+        ]);
         must(&["ip", "link", "set", &peer, "netns", &host.ns]);
-        must(&["ip", "addr", "add", &format!("{}/24", host.gateway_ip()), "dev", &host.veth]);
+        must(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/24", host.gateway_ip()),
+            "dev",
+            &host.veth,
+        ]);
         must(&["ip", "link", "set", &host.veth, "up"]);
         let inside = |args: &[&str]| {
             let mut cmd = vec!["ip", "netns", "exec", host.ns.as_str()];
@@ -121,9 +131,23 @@ impl AppHost {
             must(&cmd);
         };
         inside(&["ip", "link", "set", "lo", "up"]);
-        inside(&["ip", "addr", "add", &format!("{}/24", host.app_ip()), "dev", &peer]);
+        inside(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/24", host.app_ip()),
+            "dev",
+            &peer,
+        ]);
         inside(&["ip", "link", "set", &peer, "up"]);
-        inside(&["ip", "route", "add", "default", "via", &host.gateway_ip().to_string()]);
+        inside(&[
+            "ip",
+            "route",
+            "add",
+            "default",
+            "via",
+            &host.gateway_ip().to_string(),
+        ]);
         // The app's /etc/resolv.conf (bind-mounted by `ip netns exec`):
         // the node-local forwarder below.
         std::fs::create_dir_all(&host.resolv_dir).expect("create /etc/netns/<ns>");
@@ -151,7 +175,9 @@ impl AppHost {
     /// there ("AnyIP"): the route is on the veth, so it goes with it.
     fn route_vips(&self) {
         let range = self.vip_range();
-        let cmd = ["ip", "netns", "exec", &self.ns, "ip", "route", "add", &range, "via"];
+        let cmd = [
+            "ip", "netns", "exec", &self.ns, "ip", "route", "add", &range, "via",
+        ];
         let gw = self.gateway_ip().to_string();
         let mut cmd = cmd.to_vec();
         cmd.push(&gw);
@@ -163,7 +189,11 @@ impl AppHost {
     /// the `global` zone forwarded to Elsinore's DNS listener and nothing
     /// else answered.
     fn start_forwarder(&mut self, elsinore_dns: SocketAddr) {
-        let server = format!("--server=/global/{}#{}", elsinore_dns.ip(), elsinore_dns.port());
+        let server = format!(
+            "--server=/global/{}#{}",
+            elsinore_dns.ip(),
+            elsinore_dns.port()
+        );
         let child = Command::new("ip")
             .args(["netns", "exec", &self.ns, "dnsmasq", "--keep-in-foreground"])
             .args([
@@ -232,7 +262,10 @@ impl AppHost {
         if out.status.success() {
             Ok(out.stdout)
         } else {
-            Err(format!("curl {url}: {}", String::from_utf8_lossy(&out.stderr)))
+            Err(format!(
+                "curl {url}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
         }
     }
 
@@ -248,7 +281,10 @@ impl AppHost {
         } else {
             Err(format!(
                 "tcp {host}:{port}: {}",
-                String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
+                String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or("")
             ))
         }
     }
@@ -303,7 +339,11 @@ async fn owner() -> Owner {
     let db2 = Backend::tcp_echo("db2").await;
     let spec = ConfigSpec::new()
         .peer(b.peer())
-        .export(ExportSpec::new("web", &["mesh-b"]).port(8080).backend(&web.host_port()))
+        .export(
+            ExportSpec::new("web", &["mesh-b"])
+                .port(8080)
+                .backend(&web.host_port()),
+        )
         .export(
             ExportSpec::new("api", &["mesh-b"])
                 .protocol("GRPC")
@@ -384,7 +424,10 @@ async fn app_reaches_every_protocol(host: &std::sync::Arc<AppHost>) {
     let reply: Value = serde_json::from_str(&body).expect("backend JSON");
     assert_eq!(reply["backend"], "web");
     assert_eq!(reply["path"], "/hello");
-    assert_eq!(reply["identity"], "spiffe://mesh-b.test/ns/elsinore/sa/gateway");
+    assert_eq!(
+        reply["identity"],
+        "spiffe://mesh-b.test/ns/elsinore/sa/gateway"
+    );
     let h = host.clone();
     let grpc = blocking(move || h.grpc_health_check("api.mesh-a.global:8080")).await;
     // One message: HealthCheckResponse { status: SERVING (1) }.
@@ -416,7 +459,9 @@ async fn app_in_another_namespace_reaches_imports_on_routable_vips() {
         // Each name has its own VIP from the routed range, so the two TCP
         // imports on port 9000 both work.
         let h = host.clone();
-        let vip = blocking(move || h.resolve("db2.mesh-a.global")).await.expect("db2 resolves");
+        let vip = blocking(move || h.resolve("db2.mesh-a.global"))
+            .await
+            .expect("db2 resolves");
         let range: elsinore_gateway::config::VipRange = host.vip_range().parse().unwrap();
         assert!(range.contains(vip.parse().unwrap()), "{vip} in {range}");
         let h = host.clone();
@@ -436,17 +481,27 @@ async fn app_in_another_namespace_reaches_imports_on_the_shared_address() {
         let mut host = AppHost::new("s");
         let o = owner().await;
         let shared = host.gateway_ip();
-        let proxy = format!("  mode: shared\n  shared: {{ answer: \"{shared}\", bind: \"{shared}\" }}");
-        let gateway = Gateway::start(consumer_config(&o, &host, 0, &proxy, ""), StartOptions::default())
-            .await
-            .expect("consumer gateway starts");
+        let proxy =
+            format!("  mode: shared\n  shared: {{ answer: \"{shared}\", bind: \"{shared}\" }}");
+        let gateway = Gateway::start(
+            consumer_config(&o, &host, 0, &proxy, ""),
+            StartOptions::default(),
+        )
+        .await
+        .expect("consumer gateway starts");
         let dns = gateway.dns_addr.expect("DNS listener");
         host.start_forwarder(dns);
         let host = std::sync::Arc::new(host);
         app_reaches_every_protocol(&host).await;
         let h = host.clone();
-        let addr = blocking(move || h.resolve("web.mesh-a.global")).await.expect("resolves");
-        assert_eq!(addr, shared.to_string(), "every name answers the shared address");
+        let addr = blocking(move || h.resolve("web.mesh-a.global"))
+            .await
+            .expect("resolves");
+        assert_eq!(
+            addr,
+            shared.to_string(),
+            "every name answers the shared address"
+        );
 
         // db and db2 both want TCP port 9000: db (first by name) holds it,
         // db2 is reported and not answered, so nothing misroutes to db.
@@ -457,10 +512,16 @@ async fn app_in_another_namespace_reaches_imports_on_the_shared_address() {
         assert_eq!(collisions[0]["fqdn"], "db2.mesh-a.global");
         assert_eq!(collisions[0]["port"], 9000);
         assert_eq!(collisions[0]["heldBy"], "TCP import db.mesh-a.global");
-        assert_eq!(catalog["egress"]["listeners"], 2, "one listener per port: {catalog:#}");
+        assert_eq!(
+            catalog["egress"]["listeners"], 2,
+            "one listener per port: {catalog:#}"
+        );
         let metrics = admin_json(admin, "/metrics").await.expect("/metrics");
         assert!(
-            metrics.as_str().unwrap().contains("\nelsinore_egress_port_collisions 1\n"),
+            metrics
+                .as_str()
+                .unwrap()
+                .contains("\nelsinore_egress_port_collisions 1\n"),
             "{metrics}"
         );
         let h = host.clone();
@@ -485,7 +546,9 @@ async fn app_in_another_namespace_reaches_imports_on_the_shared_address() {
         let h = host.clone();
         let echoed = blocking(move || h.tcp_echo("db.mesh-a.global", 9000, "stays")).await;
         assert_eq!(echoed.expect("db still on 9000"), "stays");
-        let catalog = admin_json(gateway.admin_addr, "/catalog").await.expect("/catalog");
+        let catalog = admin_json(gateway.admin_addr, "/catalog")
+            .await
+            .expect("/catalog");
         assert_eq!(catalog["egress"]["portCollisions"], serde_json::json!([]));
         gateway.shutdown().await;
     })

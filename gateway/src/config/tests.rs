@@ -1006,13 +1006,29 @@ fn egress_mode_and_port_overrides() {
         ("proxy: { mode: shared }\n", "proxy.shared"),
         ("proxy: { mode: vipp }\n", "proxy.mode"),
         ("proxy: { shared: { answer: 10.0.0.1 } }\n", "proxy.shared"),
-        ("proxy: { mode: shared, shared: { answer: \"not a name!\" } }\n", "proxy.shared.answer"),
-        ("proxy: { mode: shared, shared: { answer: 10.0.0.1, bind: nowhere } }\n", "proxy.shared.bind"),
-        ("proxy: { vipListenerBudget: -1 }\n", "proxy.vipListenerBudget"),
-        ("imports: { portOverrides: { pg.mesh-a.global: 0 } }\n", "imports.portOverrides.pg.mesh-a.global"),
-        ("imports: { portOverrides: { \"bad name\": 80 } }\n", "imports.portOverrides.bad name"),
+        (
+            "proxy: { mode: shared, shared: { answer: \"not a name!\" } }\n",
+            "proxy.shared.answer",
+        ),
+        (
+            "proxy: { mode: shared, shared: { answer: 10.0.0.1, bind: nowhere } }\n",
+            "proxy.shared.bind",
+        ),
+        (
+            "proxy: { vipListenerBudget: -1 }\n",
+            "proxy.vipListenerBudget",
+        ),
+        (
+            "imports: { portOverrides: { pg.mesh-a.global: 0 } }\n",
+            "imports.portOverrides.pg.mesh-a.global",
+        ),
+        (
+            "imports: { portOverrides: { \"bad name\": 80 } }\n",
+            "imports.portOverrides.bad name",
+        ),
     ] {
-        let errors = Config::from_yaml_str(&doc(text), std::path::Path::new("/etc/elsinore")).unwrap_err();
+        let errors =
+            Config::from_yaml_str(&doc(text), std::path::Path::new("/etc/elsinore")).unwrap_err();
         assert!(
             errors.0.iter().any(|e| e.path == path),
             "{text}: expected an error at {path}, got {errors}"

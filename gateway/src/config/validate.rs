@@ -17,8 +17,8 @@ use super::raw::{
     RawAdvertise, RawConfig, RawExport, RawFederation, RawImports, RawListeners, RawPeer, RawProxy,
 };
 use super::{
-    Advertise, ApiVersion, Config, ConfigError, ConfigErrors, Export, FederationTuning,
-    EgressMode, IdentityFiles, Imports, Listeners, Mesh, Peer, ProxyTuning, SharedAnswer, defaults,
+    Advertise, ApiVersion, Config, ConfigError, ConfigErrors, EgressMode, Export, FederationTuning,
+    IdentityFiles, Imports, Listeners, Mesh, Peer, ProxyTuning, SharedAnswer, defaults,
 };
 
 const LABEL_RULE: &str =
@@ -501,7 +501,10 @@ impl Validator<'_> {
             }
             let port = self.port(&at, *port);
             if out.insert(fqdn.clone(), port).is_some() {
-                self.error(at, format!("{fqdn:?} is listed twice (names are case-insensitive)"));
+                self.error(
+                    at,
+                    format!("{fqdn:?} is listed twice (names are case-insensitive)"),
+                );
             }
         }
         out
@@ -628,16 +631,18 @@ impl Validator<'_> {
             tls_resumption: raw.tls_resumption.unwrap_or(true),
             yield_to_clients: raw.yield_to_clients.unwrap_or(false),
             mode: self.egress_mode(raw),
-            vip_listener_budget: raw.vip_listener_budget.and_then(|n| match usize::try_from(n) {
-                Ok(n) if n <= 1_000_000 => Some(n),
-                _ => {
-                    self.error(
-                        "proxy.vipListenerBudget",
-                        format!("{n} is out of range 0..=1000000"),
-                    );
-                    None
-                }
-            }),
+            vip_listener_budget: raw
+                .vip_listener_budget
+                .and_then(|n| match usize::try_from(n) {
+                    Ok(n) if n <= 1_000_000 => Some(n),
+                    _ => {
+                        self.error(
+                            "proxy.vipListenerBudget",
+                            format!("{n} is out of range 0..=1000000"),
+                        );
+                        None
+                    }
+                }),
         }
     }
 

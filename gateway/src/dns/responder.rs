@@ -867,7 +867,11 @@ mod tests {
     fn shared_mode_answers_one_address_or_a_cname() {
         let shared = Ipv4Addr::new(10, 96, 0, 53);
         let auth = Authority::new(shared_table(SharedAnswer::Address(shared)));
-        for name in ["reviews.default.global.", "ratings.default.global.", "gw-1.reviews.default.global."] {
+        for name in [
+            "reviews.default.global.",
+            "ratings.default.global.",
+            "gw-1.reviews.default.global.",
+        ] {
             let q = query(name, RecordType::A);
             let r = Message::from_vec(&auth.respond(&q.to_vec().unwrap(), Transport::Udp).unwrap())
                 .unwrap();

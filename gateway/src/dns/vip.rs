@@ -314,6 +314,9 @@ impl VipAllocator {
     }
 }
 
+/// A registered name with its entry.
+type Named = (Arc<str>, Arc<VipEntry>);
+
 /// The pure table function (see the module docs). `previous` only lends
 /// entries that come out identical.
 fn build(
@@ -364,7 +367,7 @@ fn build(
                 SharedAnswer::Cname(_) => Ipv4Addr::UNSPECIFIED,
             };
             // Group by port; BTreeMap iteration keeps FQDN order within a port.
-            let mut by_port: BTreeMap<u16, Vec<(Arc<str>, Arc<VipEntry>)>> = BTreeMap::new();
+            let mut by_port: BTreeMap<u16, Vec<Named>> = BTreeMap::new();
             for (fqdn, import) in &view.by_fqdn {
                 let entry = entry_for(fqdn, import, vip);
                 by_port
@@ -390,7 +393,11 @@ fn build(
                     };
                     table.by_fqdn.insert(fqdn, Arc::clone(&winner));
                     let holder = format!("TCP import {}", winner.fqdn);
-                    (PortRoute::Stream(winner), holder, stream.collect::<Vec<_>>())
+                    (
+                        PortRoute::Stream(winner),
+                        holder,
+                        stream.collect::<Vec<_>>(),
+                    )
                 } else {
                     let holder = format!("{} HTTP import(s)", http.len());
                     let mut names = HashMap::with_capacity(http.len());
@@ -426,9 +433,8 @@ fn assign_vips<'a>(
     names: impl Iterator<Item = &'a Arc<str>>,
 ) -> (HashMap<Arc<str>, Ipv4Addr>, Vec<Arc<str>>) {
     let usable = range.size().saturating_sub(2).max(1);
-    let mut order: Vec<(u64, &Arc<str>)> = names
-        .map(|n| (fnv1a(n.as_bytes()) % usable, n))
-        .collect();
+    let mut order: Vec<(u64, &Arc<str>)> =
+        names.map(|n| (fnv1a(n.as_bytes()) % usable, n)).collect();
     order.sort_unstable();
     let mut assigned = HashMap::with_capacity(order.len().min(usable as usize));
     // Slots of names that did not wrap past the end: ascending, since the
@@ -638,7 +644,13 @@ mod tests {
     fn replicas_agree_whatever_the_arrival_order() {
         let range: VipRange = "10.231.99.0/24".parse().unwrap();
         let services: Vec<_> = (0..200)
-            .map(|i| svc(&format!("s{i}"), &format!("s{i}.m.global"), 8000 + (i % 3) as u16))
+            .map(|i| {
+                svc(
+                    &format!("s{i}"),
+                    &format!("s{i}.m.global"),
+                    8000 + (i % 3) as u16,
+                )
+            })
             .collect();
         let mut finals = Vec::new();
         for seed in [1u64, 7, 12345, 999_999] {
@@ -685,13 +697,27 @@ mod tests {
         ]));
         assert_eq!(t.ports(), vec![80, 5432]);
         for name in ["web.m.global", "api.m.global", "db.m.global"] {
-            assert_eq!(t.lookup_name(name).unwrap().vip, Ipv4Addr::new(10, 96, 0, 53));
+            assert_eq!(
+                t.lookup_name(name).unwrap().vip,
+                Ipv4Addr::new(10, 96, 0, 53)
+            );
         }
-        assert_eq!(t.lookup_http(80, "WEB.m.global.").unwrap().fqdn, "web.m.global");
-        assert_eq!(t.lookup_http(80, "gw.api.m.global").unwrap().fqdn, "api.m.global");
+        assert_eq!(
+            t.lookup_http(80, "WEB.m.global.").unwrap().fqdn,
+            "web.m.global"
+        );
+        assert_eq!(
+            t.lookup_http(80, "gw.api.m.global").unwrap().fqdn,
+            "api.m.global"
+        );
         assert!(t.lookup_http(80, "db.m.global").is_none());
-        assert!(t.lookup_http(5432, "db.m.global").is_none(), "TCP is routed by port");
-        assert!(matches!(t.port_route(5432), Some(PortRoute::Stream(e)) if e.fqdn == "db.m.global"));
+        assert!(
+            t.lookup_http(5432, "db.m.global").is_none(),
+            "TCP is routed by port"
+        );
+        assert!(
+            matches!(t.port_route(5432), Some(PortRoute::Stream(e)) if e.fqdn == "db.m.global")
+        );
         assert!(t.lookup_vip(Ipv4Addr::new(10, 96, 0, 53)).is_none());
         assert!(t.port_collisions().is_empty());
     }
@@ -704,15 +730,23 @@ mod tests {
     fn shared_mode_port_collisions_are_deterministic_and_movable() {
         let plan = |overrides: &[(&str, u16)]| TablePlan {
             range: "127.77.0.0/16".parse().unwrap(),
-            shared: Some(SharedAnswer::Cname("egress.elsinore.svc.cluster.local".into())),
-            port_overrides: overrides.iter().map(|(f, p)| ((*f).to_owned(), *p)).collect(),
+            shared: Some(SharedAnswer::Cname(
+                "egress.elsinore.svc.cluster.local".into(),
+            )),
+            port_overrides: overrides
+                .iter()
+                .map(|(f, p)| ((*f).to_owned(), *p))
+                .collect(),
         };
         let pg_a = svc_proto("pg.mesh-a.global", 5432, Protocol::Tcp);
         let pg_c = svc_proto("pg.mesh-c.global", 5432, Protocol::Tcp);
         let web = svc_proto("web.mesh-a.global", 80, Protocol::Http);
         let raw80 = svc_proto("raw.mesh-c.global", 80, Protocol::Tcp);
         let views = [
-            view2(vec![pg_a.clone(), web.clone()], vec![pg_c.clone(), raw80.clone()]),
+            view2(
+                vec![pg_a.clone(), web.clone()],
+                vec![pg_c.clone(), raw80.clone()],
+            ),
             // The other arrival order: the later peer's services first.
             view2(vec![], vec![raw80.clone(), pg_c.clone()]),
         ];
@@ -722,14 +756,22 @@ mod tests {
         second.update(&views[1]);
         let t2 = second.update(&views[0]);
         for t in [&t1, &t2] {
-            assert!(matches!(t.port_route(5432), Some(PortRoute::Stream(e)) if e.fqdn == "pg.mesh-a.global"));
+            assert!(
+                matches!(t.port_route(5432), Some(PortRoute::Stream(e)) if e.fqdn == "pg.mesh-a.global")
+            );
             let lost: Vec<(&str, u16)> = t
                 .port_collisions()
                 .iter()
                 .map(|c| (&*c.fqdn, c.port))
                 .collect();
-            assert_eq!(lost, vec![("raw.mesh-c.global", 80), ("pg.mesh-c.global", 5432)]);
-            assert!(t.lookup_name("pg.mesh-c.global").is_none(), "a loser is not answered");
+            assert_eq!(
+                lost,
+                vec![("raw.mesh-c.global", 80), ("pg.mesh-c.global", 5432)]
+            );
+            assert!(
+                t.lookup_name("pg.mesh-c.global").is_none(),
+                "a loser is not answered"
+            );
             assert!(t.lookup_name("raw.mesh-c.global").is_none());
             assert!(t.lookup_http(80, "web.mesh-a.global").is_some());
             assert_eq!(t.port_collisions()[1].holder, "TCP import pg.mesh-a.global");
@@ -738,11 +780,24 @@ mod tests {
         // Moving the loser to 15432 (names are matched lower case).
         let mut moved = VipAllocator::with_plan(plan(&[("pg.mesh-c.global", 15432)]));
         let t3 = moved.update(&views[0]);
-        assert!(matches!(t3.port_route(15432), Some(PortRoute::Stream(e)) if e.fqdn == "pg.mesh-c.global"));
-        assert!(matches!(t3.port_route(5432), Some(PortRoute::Stream(e)) if e.fqdn == "pg.mesh-a.global"));
-        assert_eq!(t3.port_collisions().len(), 1, "raw on 80 still loses to HTTP");
+        assert!(
+            matches!(t3.port_route(15432), Some(PortRoute::Stream(e)) if e.fqdn == "pg.mesh-c.global")
+        );
+        assert!(
+            matches!(t3.port_route(5432), Some(PortRoute::Stream(e)) if e.fqdn == "pg.mesh-a.global")
+        );
+        assert_eq!(
+            t3.port_collisions().len(),
+            1,
+            "raw on 80 still loses to HTTP"
+        );
         assert_eq!(t3.lookup_name("pg.mesh-c.global").unwrap().port, 15432);
-        assert_eq!(t3.shared_answer(), Some(&SharedAnswer::Cname("egress.elsinore.svc.cluster.local".into())));
+        assert_eq!(
+            t3.shared_answer(),
+            Some(&SharedAnswer::Cname(
+                "egress.elsinore.svc.cluster.local".into()
+            ))
+        );
     }
 
     /// Issue 15: 100,000 imports in shared mode need one listener per
@@ -753,7 +808,11 @@ mod tests {
         const N: usize = 100_000;
         let services: Vec<_> = (0..N)
             .map(|i| {
-                let proto = if i % 1000 == 0 { Protocol::Tcp } else { Protocol::Http };
+                let proto = if i % 1000 == 0 {
+                    Protocol::Tcp
+                } else {
+                    Protocol::Http
+                };
                 // HTTP on 80/443/8080; TCP imports each on their own port.
                 let port = if proto == Protocol::Tcp {
                     20_000 + (i / 1000) as u16
@@ -768,9 +827,11 @@ mod tests {
             std::fs::read_to_string("/proc/self/status")
                 .ok()
                 .and_then(|s| {
-                    s.lines()
-                        .find(|l| l.starts_with("VmRSS"))
-                        .and_then(|l| l.split_whitespace().nth(1).map(|n| n.parse::<u64>().unwrap()))
+                    s.lines().find(|l| l.starts_with("VmRSS")).and_then(|l| {
+                        l.split_whitespace()
+                            .nth(1)
+                            .map(|n| n.parse::<u64>().unwrap())
+                    })
                 })
                 .unwrap_or(0)
         };
@@ -794,8 +855,13 @@ mod tests {
         assert_eq!(t.len(), N);
         assert_eq!(t.ports().len(), 3 + 100, "one listener per distinct port");
         assert!(t.port_collisions().is_empty());
-        assert_eq!(t.lookup_http(8080, "svc-99998.mesh-a.global").unwrap().fqdn, "svc-99998.mesh-a.global");
-        assert!(matches!(t2.port_route(20_099), Some(PortRoute::Stream(e)) if e.fqdn == "svc-99000.mesh-a.global"));
+        assert_eq!(
+            t.lookup_http(8080, "svc-99998.mesh-a.global").unwrap().fqdn,
+            "svc-99998.mesh-a.global"
+        );
+        assert!(
+            matches!(t2.port_route(20_099), Some(PortRoute::Stream(e)) if e.fqdn == "svc-99000.mesh-a.global")
+        );
         let lookups = std::time::Instant::now();
         for i in (1..N).step_by(7) {
             let port = [80, 443, 8080][i % 3];
@@ -804,11 +870,18 @@ mod tests {
                 assert!(t.lookup_http(port, &name).is_some(), "{name}");
             }
         }
-        println!("shared mode: {} Host lookups in {:?}", N / 7, lookups.elapsed());
+        println!(
+            "shared mode: {} Host lookups in {:?}",
+            N / 7,
+            lookups.elapsed()
+        );
         // VIP mode over a /8: every import its own address, still a pure function.
         let started = std::time::Instant::now();
         let tv = VipAllocator::new("10.0.0.0/8".parse().unwrap()).update(&v);
-        println!("VIP mode, {N} imports in a /8: table built in {:?}", started.elapsed());
+        println!(
+            "VIP mode, {N} imports in a /8: table built in {:?}",
+            started.elapsed()
+        );
         assert_eq!(tv.len(), N);
         let distinct: HashSet<_> = tv.iter().map(|e| e.vip).collect();
         assert_eq!(distinct.len(), N);

@@ -31,7 +31,10 @@ pub fn listener_budget(configured: Option<usize>) -> Budget {
     match soft_nofile(Path::new("/proc/self/limits")) {
         Some(limit) => Budget {
             listeners: derive(limit),
-            source: format!("open-file limit {limit} minus a reserve of {}", reserve(limit)),
+            source: format!(
+                "open-file limit {limit} minus a reserve of {}",
+                reserve(limit)
+            ),
         },
         None => Budget {
             listeners: usize::MAX,
@@ -76,7 +79,8 @@ mod tests {
                     Max cpu time              unlimited            unlimited            seconds   \n\
                     Max open files            20000                524288               files     \n";
         assert_eq!(parse_soft_nofile(text), Some(20000));
-        let unlimited = "Max open files            unlimited            unlimited            files\n";
+        let unlimited =
+            "Max open files            unlimited            unlimited            files\n";
         assert_eq!(parse_soft_nofile(unlimited), None);
         assert_eq!(parse_soft_nofile("garbage"), None);
         // This process has one on Linux.

@@ -44,8 +44,8 @@ use super::h2server;
 use super::pool::{H2Pool, PoolHandle, PoolKey, PoolLimits};
 use super::splice::splice_to_tls;
 use super::tls::{self, TlsStream};
-use crate::dns::resolver::{self, ConnectError};
 use crate::config::EgressMode;
+use crate::dns::resolver::{self, ConnectError};
 use crate::dns::vip::{PortRoute, VipEntry, VipTable};
 
 /// The body of every response egress gives to a local app.
@@ -482,7 +482,10 @@ impl Egress {
         }
         if beyond.len() != b.over_budget {
             if beyond.is_empty() {
-                tracing::info!(budget = b.budget, "every egress import listener fits the budget again");
+                tracing::info!(
+                    budget = b.budget,
+                    "every egress import listener fits the budget again"
+                );
             } else {
                 tracing::error!(budget = b.budget, beyond = beyond.len(), first = %beyond[0].2, "egress import listeners beyond the budget are not bound (raise the open-file limit or proxy.vipListenerBudget, or use proxy.mode: shared)");
             }
@@ -1129,7 +1132,11 @@ impl Egress {
 /// the host routes it locally (see docs/data-plane.md, "AnyIP").
 fn bind_import_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(SockProtocol::TCP))?;
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM,
+        Some(SockProtocol::TCP),
+    )?;
     socket.set_reuse_address(true)?;
     match addr {
         SocketAddr::V4(_) => socket.set_freebind_v4(true)?,
@@ -2180,7 +2187,15 @@ mod tests {
         );
         let range = test_range();
         let services: Vec<_> = (0..30)
-            .map(|i| service(&format!("s{i:02}"), Protocol::Tcp, 7000, &[echo.addr], &[A_GATEWAY]))
+            .map(|i| {
+                service(
+                    &format!("s{i:02}"),
+                    Protocol::Tcp,
+                    7000,
+                    &[echo.addr],
+                    &[A_GATEWAY],
+                )
+            })
             .collect();
         publish(&ctx, &range, services.clone());
         let stats = Arc::new(EgressStats::default());
@@ -2195,13 +2210,18 @@ mod tests {
         assert!(unbound.iter().all(|u| u.reason == "budget"));
         assert_eq!(unbound[0].what, "s10.mesh-a.global");
         // The first ten by name are served, the others refused.
-        let mut app = TcpStream::connect(vip_of(&ctx, "s00.mesh-a.global")).await.unwrap();
+        let mut app = TcpStream::connect(vip_of(&ctx, "s00.mesh-a.global"))
+            .await
+            .unwrap();
         app.write_all(b"ping").await.unwrap();
         let mut got = [0u8; 4];
         app.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"ping");
         let refused = TcpStream::connect(vip_of(&ctx, "s29.mesh-a.global")).await;
-        assert!(refused.is_err(), "an import beyond the budget has no listener");
+        assert!(
+            refused.is_err(),
+            "an import beyond the budget has no listener"
+        );
         // Fewer imports: everyone fits again.
         publish(&ctx, &range, services[20..].to_vec());
         wait_until("every import bound", || {
@@ -2242,13 +2262,22 @@ mod tests {
         for i in 0..50 {
             let mut services = vec![db.clone()];
             if i % 2 == 0 {
-                services.push(service("other", Protocol::Tcp, 7101, &[echo.addr], &[A_GATEWAY]));
+                services.push(service(
+                    "other",
+                    Protocol::Tcp,
+                    7101,
+                    &[echo.addr],
+                    &[A_GATEWAY],
+                ));
             }
             publish(&ctx, &range, services);
             tokio::task::yield_now().await;
         }
         let failures = stats.bind_failures.load(Ordering::Relaxed);
-        assert!(failures <= 2, "{failures} bind attempts for one busy VIP in a burst");
+        assert!(
+            failures <= 2,
+            "{failures} bind attempts for one busy VIP in a burst"
+        );
         drop(squatter);
         wait_bound(vip).await;
         wait_until("nothing unbound", || stats.unbound().is_empty()).await;
@@ -2286,7 +2315,8 @@ mod tests {
         let echo = remote(&w.ca_a, A_GATEWAY, &w.bundle_b, Serve::Echo).await;
         // A loopback address of its own, so fixed ports never clash with
         // another test process.
-        let bind = std::net::Ipv4Addr::new(127, 128 + rand::random::<u8>() % 120, rand::random(), 1);
+        let bind =
+            std::net::Ipv4Addr::new(127, 128 + rand::random::<u8>() % 120, rand::random(), 1);
         let ctx = context(
             &w,
             ProxyTuning {
@@ -2315,7 +2345,10 @@ mod tests {
         let task = tokio::spawn(run(ctx.clone(), None, stats.clone()));
         let http = SocketAddr::from((bind, 18080));
         wait_bound(http).await;
-        wait_until("two listeners", || stats.listeners.load(Ordering::Relaxed) == 2).await;
+        wait_until("two listeners", || {
+            stats.listeners.load(Ordering::Relaxed) == 2
+        })
+        .await;
         let (status, body) = h1_get(http, "web.mesh-a.global:18080", "/w").await;
         assert_eq!((status, body.as_str()), (200, "web.mesh-a.global:18080 /w"));
         let (status, body) = h1_get(http, "API.mesh-a.global", "/a").await;
