@@ -444,7 +444,6 @@ async fn app_in_another_namespace_reaches_imports_on_routable_vips() {
     }
     run_test(async {
         let mut host = AppHost::new("v");
-        host.route_vips();
         let o = owner().await;
         let proxy = format!("  vipRange: {:?}", host.vip_range());
         let config = consumer_config(&o, &host, 0, &proxy, "");
@@ -453,6 +452,23 @@ async fn app_in_another_namespace_reaches_imports_on_routable_vips() {
             .expect("consumer gateway starts");
         let dns = gateway.dns_addr.expect("DNS listener");
         assert_eq!(dns.ip(), host.gateway_ip(), "DNS faces the app's network");
+        // The VIPs bind before any route makes them local (IP_FREEBIND).
+        let admin = gateway.admin_addr;
+        wait_for(
+            "every VIP listener bound before the route exists",
+            WAIT,
+            || async {
+                let catalog = admin_json(admin, "/catalog").await?;
+                let egress = &catalog["egress"];
+                if egress["listeners"] == 4 && egress["unbound"] == serde_json::json!([]) {
+                    Ok(())
+                } else {
+                    Err(format!("{egress}"))
+                }
+            },
+        )
+        .await;
+        host.route_vips();
         host.start_forwarder(dns);
         let host = std::sync::Arc::new(host);
         app_reaches_every_protocol(&host).await;
