@@ -2363,4 +2363,73 @@ mod tests {
         ctx.shutdown.cancel();
         task.await.unwrap();
     }
+
+    /// Issue 15: 100,000 imports in shared mode are served by one socket
+    /// per distinct port (four here), and a request still finds its import
+    /// by Host among them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shared_mode_serves_100k_imports_with_a_few_sockets() {
+        const N: usize = 100_000;
+        let w = world();
+        let h2 = remote(&w.ca_a, A_GATEWAY, &w.bundle_b, Serve::H2).await;
+        let bind =
+            std::net::Ipv4Addr::new(127, 128 + rand::random::<u8>() % 120, rand::random(), 2);
+        let answer = crate::config::SharedAnswer::Address(bind);
+        let ctx = context(
+            &w,
+            ProxyTuning {
+                mode: EgressMode::Shared {
+                    answer: answer.clone(),
+                    bind: IpAddr::V4(bind),
+                },
+                ..ProxyTuning::default()
+            },
+        );
+        let services: Vec<_> = (0..N)
+            .map(|i| {
+                service(
+                    &format!("svc-{i}"),
+                    Protocol::Http,
+                    18090 + (i % 4) as u16,
+                    &[h2.addr],
+                    &[A_GATEWAY],
+                )
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        publish_plan(
+            &ctx,
+            TablePlan {
+                range: test_range().parse().unwrap(),
+                shared: Some(answer),
+                port_overrides: Default::default(),
+            },
+            services,
+        );
+        let stats = Arc::new(EgressStats::default());
+        let task = tokio::spawn(run(ctx.clone(), None, stats.clone()));
+        wait_until("four listeners", || {
+            stats.listeners.load(Ordering::Relaxed) == 4
+        })
+        .await;
+        let port = 18090 + (99_999 % 4) as u16;
+        let (status, body) = h1_get(
+            SocketAddr::from((bind, port)),
+            "svc-99999.mesh-a.global",
+            "/last",
+        )
+        .await;
+        assert_eq!(
+            (status, body.as_str()),
+            (200, "svc-99999.mesh-a.global /last")
+        );
+        println!(
+            "shared mode: {N} imports published and served on {} sockets; first request answered {:?} after publishing",
+            stats.listeners.load(Ordering::Relaxed),
+            started.elapsed()
+        );
+        assert!(stats.unbound().is_empty());
+        ctx.shutdown.cancel();
+        task.await.unwrap();
+    }
 }
