@@ -1,7 +1,11 @@
-//! The egress side of the data plane: what local apps connect to. Every
-//! imported service gets a listener on its VIP and port (kept in step with
-//! the published VIP table: bound when an import appears, closed when it is
-//! withdrawn), plus an optional catch-all HTTP listener that routes by Host.
+//! The egress side of the data plane: what local apps connect to. In VIP
+//! mode every imported service gets a listener on its VIP and port; in
+//! shared mode every distinct port gets one listener on the shared bind
+//! address, routing HTTP by Host and TCP by port. Either way the listeners
+//! are kept in step with the published table (bound when an import appears,
+//! closed when it is withdrawn), within a budget of descriptors
+//! ([`super::budget`]), with failed binds retried with backoff per address;
+//! plus an optional catch-all HTTP listener that routes by Host.
 //! A connection is mapped to its import, and traffic goes to one of the
 //! owner's ingress endpoints over mTLS, presenting our identity, with the
 //! instance's SNI, verifying that the owner's certificate chains to that
