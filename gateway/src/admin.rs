@@ -76,7 +76,11 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 )
             }
         }
-        "/catalog" => json_response(catalog_json(shared)),
+        "/catalog" => {
+            let mut doc = catalog_json(shared);
+            doc["egress"] = egress_json(shared, &state.egress);
+            json_response(doc)
+        }
         "/peers" => json_response(peers_json(shared)),
         "/metrics" => {
             let mut r = text(
@@ -164,6 +168,50 @@ pub fn catalog_json(shared: &Shared) -> Value {
         "exports": exports,
         "imports": per_peer,
         "collisions": collisions,
+    })
+}
+
+/// The `egress` part of `/catalog`: what the address table could not give
+/// a route (shared-mode port collisions, a full VIP range) and the import
+/// listeners egress holds, against its budget, with those it does not.
+pub fn egress_json(shared: &Shared, egress: &EgressStats) -> Value {
+    let table = shared.vips.borrow().clone();
+    let mode = match table.shared_answer() {
+        None => json!({ "mode": "vip" }),
+        Some(crate::config::SharedAnswer::Address(ip)) => {
+            json!({ "mode": "shared", "answer": ip.to_string() })
+        }
+        Some(crate::config::SharedAnswer::Cname(name)) => {
+            json!({ "mode": "shared", "answer": name })
+        }
+    };
+    let port_collisions: Vec<Value> = table
+        .port_collisions()
+        .iter()
+        .map(|c| {
+            json!({
+                "fqdn": &*c.fqdn,
+                "peer": c.peer,
+                "protocol": c.protocol,
+                "port": c.port,
+                "heldBy": c.holder,
+            })
+        })
+        .collect();
+    let unbound: Vec<Value> = egress
+        .unbound()
+        .iter()
+        .map(|u| json!({ "address": u.addr.to_string(), "import": u.what, "reason": u.reason, "error": u.error }))
+        .collect();
+    let budget = egress.listener_budget.load(Ordering::Relaxed);
+    json!({
+        "mode": mode["mode"],
+        "answer": mode.get("answer"),
+        "listeners": egress.listeners.load(Ordering::Relaxed),
+        "listenerBudget": if budget == u64::MAX { Value::Null } else { json!(budget) },
+        "unbound": unbound,
+        "portCollisions": port_collisions,
+        "unassigned": table.unassigned().iter().map(|f| &**f).collect::<Vec<_>>(),
     })
 }
 

@@ -120,6 +120,10 @@ pub struct Imports {
     pub stale_after: Duration,
     /// Where imports are persisted; `None` = no cache.
     pub cache_dir: Option<PathBuf>,
+    /// Registered FQDN (lower case, no trailing dot) → the port local apps
+    /// call that import on, instead of the port its owner published. How a
+    /// TCP import that lost its port in shared mode is moved.
+    pub port_overrides: std::collections::BTreeMap<String, u16>,
 }
 
 /// Federation tuning (config key `federation`, all optional).
@@ -154,6 +158,7 @@ impl Default for Imports {
         Imports {
             stale_after: defaults::STALE_AFTER,
             cache_dir: None,
+            port_overrides: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -340,6 +345,38 @@ pub struct ProxyTuning {
     /// the gateway is pinned to a core with the apps it serves, and costs
     /// next to a busy neighbour.
     pub yield_to_clients: bool,
+    /// How local apps reach imports: a VIP per import (default) or one
+    /// shared address with a listener per distinct port.
+    pub mode: EgressMode,
+    /// Most per-import listening sockets egress holds (VIP mode: one per
+    /// import; shared mode: one per port). `None` = derived from the
+    /// open-file limit at start ([`crate::proxy::budget`]).
+    pub vip_listener_budget: Option<usize>,
+}
+
+/// How imported names are answered in DNS and reached through egress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EgressMode {
+    /// Every import gets its own address from `vipRange`; egress listens on
+    /// each (VIP, port).
+    Vip,
+    /// Every import is answered with one address (or a CNAME); egress has
+    /// one listener per distinct port on `bind`, routing HTTP by Host and
+    /// TCP by port.
+    Shared {
+        answer: SharedAnswer,
+        bind: std::net::IpAddr,
+    },
+}
+
+/// What DNS answers for every imported name in shared mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SharedAnswer {
+    /// An A record with this address (e.g. the egress Service's ClusterIP).
+    Address(std::net::Ipv4Addr),
+    /// A CNAME to this name (lower case, no trailing dot), e.g. the egress
+    /// Service's cluster DNS name.
+    Cname(String),
 }
 
 /// An IPv4 CIDR range.
@@ -412,6 +449,8 @@ impl Default for ProxyTuning {
             http2_max_concurrent_streams: defaults::HTTP2_MAX_CONCURRENT_STREAMS,
             tls_resumption: true,
             yield_to_clients: false,
+            mode: EgressMode::Vip,
+            vip_listener_budget: None,
         }
     }
 }

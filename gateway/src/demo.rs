@@ -179,6 +179,7 @@ fn config(
         imports: Imports {
             stale_after: defaults::STALE_AFTER,
             cache_dir: Some(cache_dir),
+            ..Imports::default()
         },
         federation: FederationTuning {
             window: defaults::WINDOW,

@@ -167,6 +167,54 @@ pub fn render(shared: &Shared, ingress: &IngressStats, egress: &EgressStats) -> 
         "Ingress connections or requests that failed at the backend.",
         &one(load(&ingress.upstream_errors)),
     );
+    let table = shared.vips.borrow().clone();
+    family(
+        &mut out,
+        "elsinore_egress_port_collisions",
+        "gauge",
+        "Shared mode: imports left without a route because another import holds their port.",
+        &one(table.port_collisions().len() as u64),
+    );
+    family(
+        &mut out,
+        "elsinore_egress_vip_unassigned",
+        "gauge",
+        "VIP mode: imports without an address because the VIP range is full.",
+        &one(table.unassigned().len() as u64),
+    );
+    family(
+        &mut out,
+        "elsinore_egress_import_listeners",
+        "gauge",
+        "Import listeners bound (one per VIP, or per port in shared mode).",
+        &one(load(&egress.listeners)),
+    );
+    family(
+        &mut out,
+        "elsinore_egress_import_listener_budget",
+        "gauge",
+        "Most import listeners egress may hold (from the open-file limit or proxy.vipListenerBudget).",
+        &one(load(&egress.listener_budget)),
+    );
+    family(
+        &mut out,
+        "elsinore_egress_import_listener_bind_failures_total",
+        "counter",
+        "Failed binds of import listeners (each address retried with exponential backoff).",
+        &one(load(&egress.bind_failures)),
+    );
+    let unbound = egress.unbound();
+    let count = |reason: &str| unbound.iter().filter(|u| u.reason == reason).count() as u64;
+    family(
+        &mut out,
+        "elsinore_egress_unbound_listeners",
+        "gauge",
+        "Import listeners wanted but not held, by reason (budget: beyond the listener budget; bind: bind failing, retried with backoff).",
+        &[
+            ("reason=\"budget\"".to_owned(), count("budget")),
+            ("reason=\"bind\"".to_owned(), count("bind")),
+        ],
+    );
     let e = egress.snapshot();
     family(
         &mut out,

@@ -1,8 +1,9 @@
 //! The data plane. [`ingress`] faces peers: it terminates mTLS, identifies
 //! the peer by its SPIFFE ID, routes by SNI to an exported service the peer
 //! may reach, and forwards to the service's backends. [`egress`] faces local
-//! apps: it listens on one VIP per imported service, opens (or reuses) an
-//! mTLS connection to the owner's ingress, and carries the traffic across.
+//! apps: it listens on one VIP per imported service (or on one shared
+//! address, once per port), opens (or reuses) an mTLS connection to the
+//! owner's ingress, and carries the traffic across.
 //! Routing state is read from immutable snapshots (`watch`), never locked
 //! per request.
 
@@ -17,6 +18,7 @@ use crate::state::Shared;
 
 pub(crate) mod activity;
 pub mod backend;
+pub mod budget;
 pub mod egress;
 pub mod error;
 pub mod h1;

@@ -218,7 +218,7 @@ impl Gateway {
 
         tasks.spawn(run_merger(
             shared.clone(),
-            config.proxy.vip_range,
+            crate::dns::vip::TablePlan::from_config(&config),
             shutdown.clone(),
         ));
 

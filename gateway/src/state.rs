@@ -16,8 +16,8 @@ use tokio::sync::{Notify, watch};
 
 use crate::catalog::ExportCatalog;
 use crate::catalog::imports::ImportsView;
-use crate::config::{Peer, VipRange};
-use crate::dns::vip::{VipAllocator, VipTable};
+use crate::config::Peer;
+use crate::dns::vip::{TablePlan, VipAllocator, VipTable};
 
 /// Everything the tasks of one gateway share.
 pub struct Shared {
@@ -140,11 +140,11 @@ pub fn new_shared(mesh: String, exports: ExportCatalog, peers: &[Peer]) -> Arc<S
 /// the local exports change (local names win over imported ones).
 pub async fn run_merger(
     shared: Arc<Shared>,
-    vip_range: VipRange,
+    plan: TablePlan,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let mut exports = shared.exports.subscribe();
-    let mut vips = VipAllocator::new(vip_range);
+    let mut vips = VipAllocator::with_plan(plan);
     loop {
         let view = merge(&shared);
         let table = vips.update(&view);

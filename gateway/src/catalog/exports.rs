@@ -207,6 +207,7 @@ pub(crate) mod tests {
             imports: Imports {
                 stale_after: Duration::from_secs(300),
                 cache_dir: None,
+                port_overrides: Default::default(),
             },
             federation: FederationTuning {
                 window: 256,

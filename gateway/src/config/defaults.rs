@@ -67,3 +67,6 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 pub const MAX_CONNECTIONS: usize = 10_000;
 /// HTTP/2 max concurrent streams per connection we serve.
 pub const HTTP2_MAX_CONCURRENT_STREAMS: u32 = 1000;
+
+/// Where shared-mode egress listeners bind when `proxy.shared.bind` is omitted.
+pub const SHARED_BIND: std::net::IpAddr = std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED);

@@ -87,6 +87,9 @@ pub(super) struct RawPeer {
 pub(super) struct RawImports {
     pub stale_after: Option<String>,
     pub cache_dir: Option<String>,
+    /// Registered FQDN → the port local apps call it on instead of its own.
+    #[serde(default)]
+    pub port_overrides: std::collections::BTreeMap<String, i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -118,4 +121,15 @@ pub(super) struct RawProxy {
     pub http2_max_concurrent_streams: Option<i64>,
     pub tls_resumption: Option<bool>,
     pub yield_to_clients: Option<bool>,
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub shared: Option<RawShared>,
+    pub vip_listener_budget: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RawShared {
+    pub answer: String,
+    pub bind: Option<String>,
 }

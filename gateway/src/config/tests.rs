@@ -150,6 +150,7 @@ fn full_example_parses_to_typed_values() {
         imports: Imports {
             stale_after: Duration::from_secs(300),
             cache_dir: Some(PathBuf::from("/var/lib/elsinore")),
+            port_overrides: Default::default(),
         },
         federation: FederationTuning {
             window: 256,
@@ -972,4 +973,65 @@ fn data_plane_listeners_can_be_switched_off() {
         config.listeners.ingress.is_some(),
         "ingress stays on by default"
     );
+}
+
+#[test]
+fn egress_mode_and_port_overrides() {
+    let c = ok(&doc("proxy: { vipRange: 10.231.99.0/24 }\n"));
+    assert_eq!(c.proxy.mode, super::EgressMode::Vip);
+    assert_eq!(c.proxy.vip_range.to_string(), "10.231.99.0/24");
+    let c = ok(&doc(
+        "proxy: { mode: shared, shared: { answer: 10.96.0.53 }, vipListenerBudget: 100 }\nimports: { portOverrides: { PG.Mesh-A.Global.: 15432 } }\n",
+    ));
+    assert_eq!(
+        c.proxy.mode,
+        super::EgressMode::Shared {
+            answer: super::SharedAnswer::Address("10.96.0.53".parse().unwrap()),
+            bind: "0.0.0.0".parse().unwrap(),
+        }
+    );
+    assert_eq!(c.proxy.vip_listener_budget, Some(100));
+    assert_eq!(c.imports.port_overrides["pg.mesh-a.global"], 15432);
+    let c = ok(&doc(
+        "proxy: { mode: shared, shared: { answer: Egress.Elsinore.svc.cluster.local., bind: 10.0.0.7 } }\n",
+    ));
+    assert_eq!(
+        c.proxy.mode,
+        super::EgressMode::Shared {
+            answer: super::SharedAnswer::Cname("egress.elsinore.svc.cluster.local".into()),
+            bind: "10.0.0.7".parse().unwrap(),
+        }
+    );
+    for (text, path) in [
+        ("proxy: { mode: shared }\n", "proxy.shared"),
+        ("proxy: { mode: vipp }\n", "proxy.mode"),
+        ("proxy: { shared: { answer: 10.0.0.1 } }\n", "proxy.shared"),
+        (
+            "proxy: { mode: shared, shared: { answer: \"not a name!\" } }\n",
+            "proxy.shared.answer",
+        ),
+        (
+            "proxy: { mode: shared, shared: { answer: 10.0.0.1, bind: nowhere } }\n",
+            "proxy.shared.bind",
+        ),
+        (
+            "proxy: { vipListenerBudget: -1 }\n",
+            "proxy.vipListenerBudget",
+        ),
+        (
+            "imports: { portOverrides: { pg.mesh-a.global: 0 } }\n",
+            "imports.portOverrides.pg.mesh-a.global",
+        ),
+        (
+            "imports: { portOverrides: { \"bad name\": 80 } }\n",
+            "imports.portOverrides.bad name",
+        ),
+    ] {
+        let errors =
+            Config::from_yaml_str(&doc(text), std::path::Path::new("/etc/elsinore")).unwrap_err();
+        assert!(
+            errors.0.iter().any(|e| e.path == path),
+            "{text}: expected an error at {path}, got {errors}"
+        );
+    }
 }

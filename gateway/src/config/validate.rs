@@ -17,8 +17,8 @@ use super::raw::{
     RawAdvertise, RawConfig, RawExport, RawFederation, RawImports, RawListeners, RawPeer, RawProxy,
 };
 use super::{
-    Advertise, ApiVersion, Config, ConfigError, ConfigErrors, Export, FederationTuning,
-    IdentityFiles, Imports, Listeners, Mesh, Peer, ProxyTuning, defaults,
+    Advertise, ApiVersion, Config, ConfigError, ConfigErrors, EgressMode, Export, FederationTuning,
+    IdentityFiles, Imports, Listeners, Mesh, Peer, ProxyTuning, SharedAnswer, defaults,
 };
 
 const LABEL_RULE: &str =
@@ -482,7 +482,32 @@ impl Validator<'_> {
                 .cache_dir
                 .as_deref()
                 .map(|dir| self.path("imports.cacheDir", dir)),
+            port_overrides: self.port_overrides(&raw.port_overrides),
         }
+    }
+
+    fn port_overrides(
+        &mut self,
+        raw: &std::collections::BTreeMap<String, i64>,
+    ) -> std::collections::BTreeMap<String, u16> {
+        let mut out = std::collections::BTreeMap::new();
+        for (name, port) in raw {
+            let at = format!("imports.portOverrides.{name}");
+            let lower = name.to_ascii_lowercase();
+            let fqdn = lower.strip_suffix('.').unwrap_or(&lower).to_owned();
+            if !is_dns_name(&fqdn) {
+                self.error(at, format!("{name:?} is not a valid DNS name"));
+                continue;
+            }
+            let port = self.port(&at, *port);
+            if out.insert(fqdn.clone(), port).is_some() {
+                self.error(
+                    at,
+                    format!("{fqdn:?} is listed twice (names are case-insensitive)"),
+                );
+            }
+        }
+        out
     }
 
     fn federation(&mut self, raw: &RawFederation) -> FederationTuning {
@@ -605,6 +630,75 @@ impl Validator<'_> {
             http2_max_concurrent_streams,
             tls_resumption: raw.tls_resumption.unwrap_or(true),
             yield_to_clients: raw.yield_to_clients.unwrap_or(false),
+            mode: self.egress_mode(raw),
+            vip_listener_budget: raw
+                .vip_listener_budget
+                .and_then(|n| match usize::try_from(n) {
+                    Ok(n) if n <= 1_000_000 => Some(n),
+                    _ => {
+                        self.error(
+                            "proxy.vipListenerBudget",
+                            format!("{n} is out of range 0..=1000000"),
+                        );
+                        None
+                    }
+                }),
+        }
+    }
+
+    fn egress_mode(&mut self, raw: &RawProxy) -> EgressMode {
+        match (raw.mode.as_deref(), &raw.shared) {
+            (None | Some("vip"), None) => EgressMode::Vip,
+            (None | Some("vip"), Some(_)) => {
+                self.error(
+                    "proxy.shared",
+                    "only meaningful with proxy.mode: shared (the mode is vip)",
+                );
+                EgressMode::Vip
+            }
+            (Some("shared"), None) => {
+                self.error(
+                    "proxy.shared",
+                    "required with proxy.mode: shared (at least shared.answer: the address or name DNS answers for every import)",
+                );
+                EgressMode::Vip
+            }
+            (Some("shared"), Some(shared)) => {
+                let answer = if let Ok(ip) = shared.answer.parse::<std::net::Ipv4Addr>() {
+                    SharedAnswer::Address(ip)
+                } else {
+                    let lower = shared.answer.to_ascii_lowercase();
+                    let name = lower.strip_suffix('.').unwrap_or(&lower).to_owned();
+                    if !is_dns_name(&name) || name.parse::<std::net::IpAddr>().is_ok() {
+                        self.error(
+                            "proxy.shared.answer",
+                            format!(
+                                "{:?} is neither an IPv4 address nor a DNS name",
+                                shared.answer
+                            ),
+                        );
+                    }
+                    SharedAnswer::Cname(name)
+                };
+                let bind = match shared.bind.as_deref() {
+                    None => defaults::SHARED_BIND,
+                    Some(b) => b.parse().unwrap_or_else(|_| {
+                        self.error(
+                            "proxy.shared.bind",
+                            format!("{b:?} is not an IP address (e.g. 0.0.0.0)"),
+                        );
+                        defaults::SHARED_BIND
+                    }),
+                };
+                EgressMode::Shared { answer, bind }
+            }
+            (Some(other), _) => {
+                self.error(
+                    "proxy.mode",
+                    format!("unknown mode {other:?} (expected vip or shared)"),
+                );
+                EgressMode::Vip
+            }
         }
     }
 }

@@ -15,7 +15,7 @@ use arc_swap::ArcSwap;
 use hickory_proto::op::{
     Edns, Header, Message, MessageType, Metadata, OpCode, Query, ResponseCode,
 };
-use hickory_proto::rr::rdata::{A, SOA};
+use hickory_proto::rr::rdata::{A, CNAME, SOA};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::BinDecodable;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -25,6 +25,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::vip::VipTable;
+use crate::config::SharedAnswer;
 
 /// TTL of answers and of negative answers (SOA minimum). Short, because a
 /// withdrawn import must stop resolving quickly in clients' caches too.
@@ -209,6 +210,8 @@ enum Transport {
 /// RFC 8020 would lose every name below them).
 struct Authority {
     table: Arc<VipTable>,
+    /// Shared mode with `answer: <name>`: the CNAME target of every name.
+    cname: Option<Name>,
     /// Zone apex (lower case, no trailing dot) → its SOA record.
     zones: HashMap<String, Record>,
     empty_non_terminals: HashSet<String>,
@@ -242,8 +245,20 @@ impl Authority {
                 rest = parent;
             }
         }
+        let cname = match table.shared_answer() {
+            Some(SharedAnswer::Cname(target)) => match Name::from_ascii(format!("{target}.")) {
+                Ok(name) => Some(name),
+                Err(error) => {
+                    // Validated as a DNS name at config load; not expected.
+                    tracing::error!(%target, %error, "shared CNAME target is not a DNS name");
+                    None
+                }
+            },
+            _ => None,
+        };
         Authority {
             table,
+            cname,
             zones,
             empty_non_terminals,
         }
@@ -312,6 +327,16 @@ impl Authority {
 
         if let Some(entry) = self.table.lookup_name(&key) {
             response.metadata.authoritative = true;
+            if let Some(target) = &self.cname {
+                // Shared mode with a name: a CNAME answers every type; the
+                // client's resolver follows it (we do not serve its zone).
+                response.add_answer(Record::from_rdata(
+                    query.name().clone(),
+                    ANSWER_TTL,
+                    RData::CNAME(CNAME(target.clone())),
+                ));
+                return;
+            }
             if matches!(query.query_type(), RecordType::A | RecordType::ANY) {
                 // The owner name is the question's, case included, so
                 // clients using 0x20 case randomization accept it.
@@ -816,5 +841,60 @@ mod tests {
         assert_eq!(r.metadata.response_code, ResponseCode::NoError);
         assert_eq!(r.answers.len(), 1);
         assert_eq!(r.answers[0].record_type(), RecordType::SOA);
+    }
+
+    fn shared_table(answer: SharedAnswer) -> Arc<VipTable> {
+        let plan = crate::dns::vip::TablePlan {
+            range: range(),
+            shared: Some(answer),
+            port_overrides: Default::default(),
+        };
+        Arc::new(VipAllocator::with_plan(plan).update(&resolve(
+            &BTreeSet::new(),
+            &[(
+                "mesh-a".to_owned(),
+                vec![
+                    svc("reviews", "reviews.default.global", "gw-1"),
+                    svc("ratings", "ratings.default.global", "gw-2"),
+                ],
+            )],
+        )))
+    }
+
+    /// Shared mode: every imported name is answered with the one address,
+    /// or with a CNAME to the one name (for any type); others as before.
+    #[test]
+    fn shared_mode_answers_one_address_or_a_cname() {
+        let shared = Ipv4Addr::new(10, 96, 0, 53);
+        let auth = Authority::new(shared_table(SharedAnswer::Address(shared)));
+        for name in [
+            "reviews.default.global.",
+            "ratings.default.global.",
+            "gw-1.reviews.default.global.",
+        ] {
+            let q = query(name, RecordType::A);
+            let r = Message::from_vec(&auth.respond(&q.to_vec().unwrap(), Transport::Udp).unwrap())
+                .unwrap();
+            assert_eq!(a_records(&r), vec![shared], "{name}");
+        }
+        let target = "elsinore-egress.elsinore.svc.cluster.local";
+        let auth = Authority::new(shared_table(SharedAnswer::Cname(target.into())));
+        for rtype in [RecordType::A, RecordType::AAAA, RecordType::CNAME] {
+            let q = query("Reviews.Default.Global.", rtype);
+            let r = Message::from_vec(&auth.respond(&q.to_vec().unwrap(), Transport::Udp).unwrap())
+                .unwrap();
+            assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+            assert!(r.metadata.authoritative);
+            assert_eq!(r.answers.len(), 1, "{rtype}");
+            assert_eq!(r.answers[0].name.to_ascii(), "Reviews.Default.Global.");
+            match &r.answers[0].data {
+                RData::CNAME(c) => assert_eq!(c.0.to_ascii(), format!("{target}.")),
+                other => panic!("expected a CNAME, got {other:?}"),
+            }
+        }
+        let q = query("missing.default.global.", RecordType::A);
+        let r = Message::from_vec(&auth.respond(&q.to_vec().unwrap(), Transport::Udp).unwrap())
+            .unwrap();
+        assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
     }
 }

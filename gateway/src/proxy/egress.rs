@@ -1,7 +1,11 @@
-//! The egress side of the data plane: what local apps connect to. Every
-//! imported service gets a listener on its VIP and port (kept in step with
-//! the published VIP table: bound when an import appears, closed when it is
-//! withdrawn), plus an optional catch-all HTTP listener that routes by Host.
+//! The egress side of the data plane: what local apps connect to. In VIP
+//! mode every imported service gets a listener on its VIP and port; in
+//! shared mode every distinct port gets one listener on the shared bind
+//! address, routing HTTP by Host and TCP by port. Either way the listeners
+//! are kept in step with the published table (bound when an import appears,
+//! closed when it is withdrawn), within a budget of descriptors
+//! ([`super::budget`]), with failed binds retried with backoff per address;
+//! plus an optional catch-all HTTP listener that routes by Host.
 //! A connection is mapped to its import, and traffic goes to one of the
 //! owner's ingress endpoints over mTLS, presenting our identity, with the
 //! instance's SNI, verifying that the owner's certificate chains to that
@@ -14,7 +18,7 @@
 //! TLS connections between the gateways.
 
 use std::any::Any;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -44,8 +48,9 @@ use super::h2server;
 use super::pool::{H2Pool, PoolHandle, PoolKey, PoolLimits};
 use super::splice::splice_to_tls;
 use super::tls::{self, TlsStream};
+use crate::config::EgressMode;
 use crate::dns::resolver::{self, ConnectError};
-use crate::dns::vip::{VipEntry, VipTable};
+use crate::dns::vip::{PortRoute, VipEntry, VipTable};
 
 /// The body of every response egress gives to a local app.
 type RespBody = BoxBody<Bytes, BoxError>;
@@ -59,8 +64,10 @@ const STREAMS_PER_CONN: usize = 100;
 const TLS_CACHE_MAX: usize = 256;
 /// How long an HTTP connection may drain after shutdown or idleness.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often a failed VIP bind is retried even without a catalog change.
-const BIND_RETRY: Duration = Duration::from_secs(5);
+/// First retry of a failed listener bind; doubles per failure of that
+/// address up to [`BIND_RETRY_MAX`].
+const BIND_RETRY: Duration = Duration::from_secs(1);
+const BIND_RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// Counters of the egress side, read by admin and tests.
 #[derive(Debug, Default)]
@@ -79,6 +86,35 @@ pub struct EgressStats {
     pub errors_downstream: AtomicU64,
     pub errors_upstream: AtomicU64,
     pub errors_internal: AtomicU64,
+    /// Import listeners (VIPs, or shared-mode ports) bound now.
+    pub listeners: AtomicU64,
+    /// Failed binds of import listeners (each retried with backoff).
+    pub bind_failures: AtomicU64,
+    /// The listener budget in force ([`super::budget`]).
+    pub listener_budget: AtomicU64,
+    /// Listeners wanted but not held: beyond the budget, or failing to bind.
+    /// Replaced whole on change; read by `/catalog`.
+    pub unbound: Mutex<Arc<Vec<Unbound>>>,
+}
+
+/// An import listener egress wants but does not hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unbound {
+    /// The address apps would call.
+    pub addr: SocketAddr,
+    /// The import (VIP mode) or `port <n>` (shared mode).
+    pub what: String,
+    /// `budget` or `bind`.
+    pub reason: &'static str,
+    /// For `bind`: the last error.
+    pub error: Option<String>,
+}
+
+impl EgressStats {
+    /// The listeners wanted but not held, by reason.
+    pub fn unbound(&self) -> Arc<Vec<Unbound>> {
+        lock(&self.unbound).clone()
+    }
 }
 
 /// A copy of [`EgressStats`] at one moment.
@@ -122,9 +158,16 @@ impl EgressStats {
     }
 }
 
-/// Runs the egress until `ctx.shutdown`: keeps one listener per entry of the
-/// VIP table, and serves `catch_all` (HTTP routed by Host) if given.
+/// Runs the egress until `ctx.shutdown`: keeps one listener per entry of
+/// the VIP table (VIP mode) or per distinct port (shared mode), within the
+/// listener budget, and serves `catch_all` (HTTP routed by Host) if given.
 pub async fn run(ctx: ProxyContext, catch_all: Option<TcpListener>, stats: Arc<EgressStats>) {
+    let budget = super::budget::listener_budget(ctx.tuning.vip_listener_budget);
+    tracing::info!(budget = budget.listeners, source = %budget.source, "egress import listener budget");
+    stats.listener_budget.store(
+        u64::try_from(budget.listeners).unwrap_or(u64::MAX),
+        Ordering::Relaxed,
+    );
     let egress = Arc::new(Egress::new(ctx.clone(), stats));
     let catch_all = catch_all.map(|listener| {
         if let Ok(addr) = listener.local_addr() {
@@ -133,19 +176,30 @@ pub async fn run(ctx: ProxyContext, catch_all: Option<TcpListener>, stats: Arc<E
         Listener::spawn(&egress, listener, Route::CatchAll, &ctx.shutdown)
     });
     let mut vips = ctx.shared.vips.subscribe();
-    let mut listeners: HashMap<SocketAddrV4, Listener> = HashMap::new();
+    let mut binder = Binder {
+        budget: budget.listeners,
+        listeners: HashMap::new(),
+        retries: HashMap::new(),
+        over_budget: 0,
+    };
     loop {
         let table = vips.borrow_and_update().clone();
         egress.table.store(table.clone());
-        let failed = egress.reconcile(&table, &mut listeners).await;
+        let next_retry = egress.reconcile(&table, &mut binder).await;
+        let retry = async {
+            match next_retry {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
             changed = vips.changed() => if changed.is_err() { break },
             // A port another process held may have been freed.
-            _ = tokio::time::sleep(BIND_RETRY), if failed => {}
+            _ = retry => {}
         }
     }
-    for (_, listener) in listeners.drain() {
+    for (_, listener) in binder.listeners.drain() {
         listener.stop().await;
     }
     if let Some(listener) = catch_all {
@@ -153,11 +207,36 @@ pub async fn run(ctx: ProxyContext, catch_all: Option<TcpListener>, stats: Arc<E
     }
 }
 
+/// The import listeners and what is known of those that failed to bind.
+struct Binder {
+    budget: usize,
+    listeners: HashMap<SocketAddr, Listener>,
+    /// Addresses whose bind failed: when to try again, and why.
+    retries: HashMap<SocketAddr, BindRetry>,
+    /// Wanted listeners beyond the budget at the last reconcile (logged on change).
+    over_budget: usize,
+}
+
+struct BindRetry {
+    failures: u32,
+    at: tokio::time::Instant,
+    error: String,
+}
+
+/// The delay after `failures` consecutive failed binds of one address.
+fn bind_backoff(failures: u32) -> Duration {
+    BIND_RETRY
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
+        .min(BIND_RETRY_MAX)
+}
+
 /// Which listener a connection came in on.
 #[derive(Debug, Clone, Copy)]
 enum Route {
     /// A service VIP and port: the address is the route.
     Vip(SocketAddrV4),
+    /// A port of the shared address: TCP by port, HTTP by Host.
+    Port(u16),
     /// The catch-all listener: HTTP routed by Host.
     CatchAll,
 }
@@ -316,49 +395,134 @@ impl Egress {
         }
     }
 
-    /// Brings the listeners in line with `table`. Returns whether some VIP
-    /// could not be bound (retried later).
+    /// The listeners `table` asks for, in priority order (the budget is
+    /// spent in this order): VIP mode, each import with a port by FQDN;
+    /// shared mode, each port ascending.
+    fn wanted(&self, table: &VipTable) -> Vec<(SocketAddr, Route, String)> {
+        match &self.ctx.tuning.mode {
+            EgressMode::Vip => table
+                .iter()
+                .filter(|e| e.port != 0)
+                .map(|e| {
+                    let addr = SocketAddrV4::new(e.vip, e.port);
+                    (SocketAddr::V4(addr), Route::Vip(addr), e.fqdn.clone())
+                })
+                .collect(),
+            EgressMode::Shared { bind, .. } => table
+                .ports()
+                .into_iter()
+                .map(|port| {
+                    (
+                        SocketAddr::new(*bind, port),
+                        Route::Port(port),
+                        format!("port {port}"),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// Brings the listeners in line with `table`, within the budget.
+    /// Returns when a failed bind is next due for a retry, if any.
     async fn reconcile(
         self: &Arc<Self>,
         table: &VipTable,
-        listeners: &mut HashMap<SocketAddrV4, Listener>,
-    ) -> bool {
-        let wanted: HashMap<SocketAddrV4, &Arc<VipEntry>> = table
-            .iter()
-            .filter(|e| e.port != 0)
-            .map(|e| (SocketAddrV4::new(e.vip, e.port), e))
-            .collect();
-        let gone: Vec<SocketAddrV4> = listeners
+        b: &mut Binder,
+    ) -> Option<tokio::time::Instant> {
+        let mut wanted = self.wanted(table);
+        let beyond = wanted.split_off(wanted.len().min(b.budget));
+        let keys: HashSet<SocketAddr> = wanted.iter().map(|(a, _, _)| *a).collect();
+        let gone: Vec<SocketAddr> = b
+            .listeners
             .keys()
-            .filter(|a| !wanted.contains_key(a))
+            .filter(|a| !keys.contains(a))
             .copied()
             .collect();
         for addr in gone {
-            if let Some(listener) = listeners.remove(&addr) {
+            if let Some(listener) = b.listeners.remove(&addr) {
                 listener.stop().await;
-                tracing::info!(%addr, "egress VIP listener closed: import withdrawn");
+                tracing::info!(%addr, "egress import listener closed: no longer wanted");
             }
         }
-        let mut failed = false;
-        for (addr, entry) in wanted {
-            if listeners.contains_key(&addr) {
+        b.retries.retain(|a, _| keys.contains(a));
+        let now = tokio::time::Instant::now();
+        for (addr, route, what) in &wanted {
+            if b.listeners.contains_key(addr) {
                 continue;
             }
-            match TcpListener::bind(addr).await {
+            if b.retries.get(addr).is_some_and(|r| r.at > now) {
+                continue;
+            }
+            match bind_import_listener(*addr) {
                 Ok(l) => {
-                    tracing::info!(%addr, service = %entry.fqdn, peer = %entry.import.peer, "egress VIP listener bound");
-                    listeners.insert(
-                        addr,
-                        Listener::spawn(self, l, Route::Vip(addr), &self.ctx.shutdown),
-                    );
+                    b.retries.remove(addr);
+                    tracing::info!(%addr, import = %what, "egress import listener bound");
+                    b.listeners
+                        .insert(*addr, Listener::spawn(self, l, *route, &self.ctx.shutdown));
                 }
                 Err(error) => {
-                    failed = true;
-                    tracing::warn!(%addr, service = %entry.fqdn, %error, "cannot bind egress VIP listener; retrying later");
+                    EgressStats::bump(&self.stats.bind_failures);
+                    let failures = b.retries.get(addr).map_or(0, |r| r.failures) + 1;
+                    let delay = bind_backoff(failures);
+                    let error = error.to_string();
+                    // The first failure is worth a warning; the rest of the
+                    // backoff is quiet unless the reason changes.
+                    let changed = b.retries.get(addr).is_none_or(|r| r.error != error);
+                    if changed {
+                        tracing::warn!(%addr, import = %what, %error, retry_in = ?delay, "cannot bind egress import listener; retrying with backoff");
+                    } else {
+                        tracing::debug!(%addr, import = %what, %error, failures, retry_in = ?delay, "egress import listener still cannot bind");
+                    }
+                    b.retries.insert(
+                        *addr,
+                        BindRetry {
+                            failures,
+                            at: now + delay,
+                            error,
+                        },
+                    );
                 }
             }
         }
-        failed
+        if beyond.len() != b.over_budget {
+            if beyond.is_empty() {
+                tracing::info!(
+                    budget = b.budget,
+                    "every egress import listener fits the budget again"
+                );
+            } else {
+                tracing::error!(budget = b.budget, beyond = beyond.len(), first = %beyond[0].2, "egress import listeners beyond the budget are not bound (raise the open-file limit or proxy.vipListenerBudget, or use proxy.mode: shared)");
+            }
+            b.over_budget = beyond.len();
+        }
+        let mut unbound: Vec<Unbound> = wanted
+            .iter()
+            .filter_map(|(addr, _, what)| {
+                let r = b.retries.get(addr)?;
+                Some(Unbound {
+                    addr: *addr,
+                    what: what.clone(),
+                    reason: "bind",
+                    error: Some(r.error.clone()),
+                })
+            })
+            .collect();
+        unbound.extend(beyond.into_iter().map(|(addr, _, what)| Unbound {
+            addr,
+            what,
+            reason: "budget",
+            error: None,
+        }));
+        let stats = &self.stats;
+        stats
+            .listeners
+            .store(b.listeners.len() as u64, Ordering::Relaxed);
+        let mut current = lock(&stats.unbound);
+        if **current != unbound {
+            *current = Arc::new(unbound);
+        }
+        drop(current);
+        b.retries.values().map(|r| r.at).min()
     }
 
     async fn accept_loop(
@@ -411,6 +575,14 @@ impl Egress {
     ) {
         let entry = match route {
             Route::CatchAll => None,
+            Route::Port(port) => match self.table.load().port_route(port) {
+                Some(PortRoute::Stream(entry)) => Some(entry.clone()),
+                Some(PortRoute::Http(_)) => None,
+                None => {
+                    tracing::debug!(client.addr = %client, port, "connection to a port no longer imported; closing");
+                    return;
+                }
+            },
             Route::Vip(addr) => {
                 let Some(entry) = self.lookup_vip(addr) else {
                     tracing::debug!(client.addr = %client, %addr, "connection to a VIP no longer imported; closing");
@@ -780,6 +952,25 @@ impl Egress {
                     format!("{addr} is no longer an imported service"),
                 )
             }),
+            Route::Port(port) => {
+                let host = request_host(req).ok_or_else(|| {
+                    ProxyError::downstream(
+                        ErrorKind::NoRoute,
+                        format!("request has no Host; port {port} of the shared egress address routes by Host"),
+                    )
+                })?;
+                let (name, _) = split_host(host);
+                self.table
+                    .load()
+                    .lookup_http(port, name)
+                    .cloned()
+                    .ok_or_else(|| {
+                        ProxyError::downstream(
+                            ErrorKind::NoRoute,
+                            format!("no HTTP import named {name:?} on port {port}"),
+                        )
+                    })
+            }
             Route::CatchAll => {
                 let host = request_host(req).ok_or_else(|| {
                     ProxyError::downstream(
@@ -937,6 +1128,28 @@ impl Egress {
             })?;
         Ok(sender)
     }
+}
+
+/// Binds an import listener with `IP_FREEBIND`, so an address of a
+/// routable VIP range (or a shared address) can be bound before, or
+/// without, being configured on an interface: traffic for it arrives once
+/// the host routes it locally (see docs/data-plane.md, "AnyIP").
+fn bind_import_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM,
+        Some(SockProtocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    match addr {
+        SocketAddr::V4(_) => socket.set_freebind_v4(true)?,
+        SocketAddr::V6(_) => socket.set_freebind_v6(true)?,
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -1157,7 +1370,7 @@ mod tests {
     use crate::catalog::ExportCatalog;
     use crate::catalog::imports::resolve;
     use crate::config::ProxyTuning;
-    use crate::dns::vip::VipAllocator;
+    use crate::dns::vip::{TablePlan, VipAllocator};
     use elsinore_certs::{Ca, Identity, TrustBundle, TrustDomain};
     use elsinore_federation_api::FederatedService;
     use http_body_util::StreamBody;
@@ -1945,5 +2158,282 @@ mod tests {
         assert_eq!(split_host("h:80"), ("h", ":80"));
         assert_eq!(split_host("h"), ("h", ""));
         assert_eq!(grpc_message("a b%\n"), "a b%25%0A");
+    }
+
+    fn publish_plan(ctx: &ProxyContext, plan: TablePlan, services: Vec<Arc<FederatedService>>) {
+        let view = resolve(&BTreeSet::new(), &[("mesh-a".to_owned(), services)]);
+        let table = VipAllocator::with_plan(plan).update(&view);
+        ctx.shared.vips.send_replace(Arc::new(table));
+    }
+
+    async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+        for _ in 0..1000 {
+            if check() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    /// Never the last descriptor: beyond the budget, imports get no
+    /// listener and are reported; the first ones by name get theirs.
+    #[tokio::test]
+    async fn import_listeners_stay_within_the_budget() {
+        let w = world();
+        let echo = remote(&w.ca_a, A_GATEWAY, &w.bundle_b, Serve::Echo).await;
+        let ctx = context(
+            &w,
+            ProxyTuning {
+                vip_listener_budget: Some(10),
+                ..ProxyTuning::default()
+            },
+        );
+        let range = test_range();
+        let services: Vec<_> = (0..30)
+            .map(|i| {
+                service(
+                    &format!("s{i:02}"),
+                    Protocol::Tcp,
+                    7000,
+                    &[echo.addr],
+                    &[A_GATEWAY],
+                )
+            })
+            .collect();
+        publish(&ctx, &range, services.clone());
+        let stats = Arc::new(EgressStats::default());
+        let task = tokio::spawn(run(ctx.clone(), None, stats.clone()));
+        wait_until("20 imports reported beyond the budget", || {
+            stats.unbound().len() == 20
+        })
+        .await;
+        assert_eq!(stats.listeners.load(Ordering::Relaxed), 10);
+        assert_eq!(stats.listener_budget.load(Ordering::Relaxed), 10);
+        let unbound = stats.unbound();
+        assert!(unbound.iter().all(|u| u.reason == "budget"));
+        assert_eq!(unbound[0].what, "s10.mesh-a.global");
+        // The first ten by name are served, the others refused.
+        let mut app = TcpStream::connect(vip_of(&ctx, "s00.mesh-a.global"))
+            .await
+            .unwrap();
+        app.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        app.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ping");
+        let refused = TcpStream::connect(vip_of(&ctx, "s29.mesh-a.global")).await;
+        assert!(
+            refused.is_err(),
+            "an import beyond the budget has no listener"
+        );
+        // Fewer imports: everyone fits again.
+        publish(&ctx, &range, services[20..].to_vec());
+        wait_until("every import bound", || {
+            stats.unbound().is_empty() && stats.listeners.load(Ordering::Relaxed) == 10
+        })
+        .await;
+        wait_bound(vip_of(&ctx, "s29.mesh-a.global")).await;
+        ctx.shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    #[test]
+    fn bind_retries_back_off_exponentially() {
+        let delays: Vec<u64> = (1..=9).map(|n| bind_backoff(n).as_secs()).collect();
+        assert_eq!(delays, vec![1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(bind_backoff(u32::MAX), BIND_RETRY_MAX);
+    }
+
+    /// A VIP whose port another process holds is retried with backoff, not
+    /// on every catalog change, and bound once the port is free.
+    #[tokio::test]
+    async fn a_failing_bind_is_not_retried_on_every_change() {
+        let w = world();
+        let echo = remote(&w.ca_a, A_GATEWAY, &w.bundle_b, Serve::Echo).await;
+        let ctx = context(&w, ProxyTuning::default());
+        let range = test_range();
+        let db = service("db", Protocol::Tcp, 7100, &[echo.addr], &[A_GATEWAY]);
+        publish(&ctx, &range, vec![db.clone()]);
+        let vip = vip_of(&ctx, "db.mesh-a.global");
+        let squatter = std::net::TcpListener::bind(vip).unwrap();
+        let stats = Arc::new(EgressStats::default());
+        let task = tokio::spawn(run(ctx.clone(), None, stats.clone()));
+        wait_until("the failed bind reported", || {
+            stats.unbound().first().is_some_and(|u| u.reason == "bind")
+        })
+        .await;
+        // A burst of catalog changes (another import coming and going).
+        for i in 0..50 {
+            let mut services = vec![db.clone()];
+            if i % 2 == 0 {
+                services.push(service(
+                    "other",
+                    Protocol::Tcp,
+                    7101,
+                    &[echo.addr],
+                    &[A_GATEWAY],
+                ));
+            }
+            publish(&ctx, &range, services);
+            tokio::task::yield_now().await;
+        }
+        let failures = stats.bind_failures.load(Ordering::Relaxed);
+        assert!(
+            failures <= 2,
+            "{failures} bind attempts for one busy VIP in a burst"
+        );
+        drop(squatter);
+        wait_bound(vip).await;
+        wait_until("nothing unbound", || stats.unbound().is_empty()).await;
+        ctx.shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    /// Import listeners bind addresses not (yet) configured on any
+    /// interface (IP_FREEBIND), which a plain bind refuses.
+    #[tokio::test]
+    async fn import_listeners_bind_addresses_not_on_any_interface() {
+        // TEST-NET-3: never configured on this machine.
+        let addr: SocketAddr = "203.0.113.77:0".parse().unwrap();
+        let nonlocal = std::fs::read_to_string("/proc/sys/net/ipv4/ip_nonlocal_bind")
+            .map(|s| s.trim() == "1")
+            .unwrap_or(false);
+        if !nonlocal {
+            let plain = std::net::TcpListener::bind(addr);
+            assert_eq!(
+                plain.unwrap_err().raw_os_error(),
+                Some(99),
+                "EADDRNOTAVAIL without freebind"
+            );
+        }
+        let l = bind_import_listener(addr).unwrap();
+        assert_eq!(l.local_addr().unwrap().ip(), addr.ip());
+    }
+
+    /// Shared mode: one listener per port on the bind address; HTTP imports
+    /// on one port routed by Host, a TCP import by its port.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shared_mode_routes_http_by_host_and_tcp_by_port() {
+        let w = world();
+        let h2 = remote(&w.ca_a, A_GATEWAY, &w.bundle_b, Serve::H2).await;
+        let echo = remote(&w.ca_a, A_GATEWAY, &w.bundle_b, Serve::Echo).await;
+        // A loopback address of its own, so fixed ports never clash with
+        // another test process.
+        let bind =
+            std::net::Ipv4Addr::new(127, 128 + rand::random::<u8>() % 120, rand::random(), 1);
+        let ctx = context(
+            &w,
+            ProxyTuning {
+                mode: EgressMode::Shared {
+                    answer: crate::config::SharedAnswer::Address(bind),
+                    bind: IpAddr::V4(bind),
+                },
+                ..ProxyTuning::default()
+            },
+        );
+        let plan = TablePlan {
+            range: test_range().parse().unwrap(),
+            shared: Some(crate::config::SharedAnswer::Address(bind)),
+            port_overrides: Default::default(),
+        };
+        publish_plan(
+            &ctx,
+            plan,
+            vec![
+                service("web", Protocol::Http, 18080, &[h2.addr], &[A_GATEWAY]),
+                service("api", Protocol::Grpc, 18080, &[h2.addr], &[A_GATEWAY]),
+                service("db", Protocol::Tcp, 18081, &[echo.addr], &[A_GATEWAY]),
+            ],
+        );
+        let stats = Arc::new(EgressStats::default());
+        let task = tokio::spawn(run(ctx.clone(), None, stats.clone()));
+        let http = SocketAddr::from((bind, 18080));
+        wait_bound(http).await;
+        wait_until("two listeners", || {
+            stats.listeners.load(Ordering::Relaxed) == 2
+        })
+        .await;
+        let (status, body) = h1_get(http, "web.mesh-a.global:18080", "/w").await;
+        assert_eq!((status, body.as_str()), (200, "web.mesh-a.global:18080 /w"));
+        let (status, body) = h1_get(http, "API.mesh-a.global", "/a").await;
+        assert_eq!((status, body.as_str()), (200, "api.mesh-a.global /a"));
+        let (status, body) = h1_get(http, "db.mesh-a.global", "/").await;
+        assert_eq!(status, 404, "{body}");
+        let mut app = TcpStream::connect((bind, 18081)).await.unwrap();
+        app.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        app.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ping");
+        ctx.shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    /// Issue 15: 100,000 imports in shared mode are served by one socket
+    /// per distinct port (four here), and a request still finds its import
+    /// by Host among them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shared_mode_serves_100k_imports_with_a_few_sockets() {
+        const N: usize = 100_000;
+        let w = world();
+        let h2 = remote(&w.ca_a, A_GATEWAY, &w.bundle_b, Serve::H2).await;
+        let bind =
+            std::net::Ipv4Addr::new(127, 128 + rand::random::<u8>() % 120, rand::random(), 2);
+        let answer = crate::config::SharedAnswer::Address(bind);
+        let ctx = context(
+            &w,
+            ProxyTuning {
+                mode: EgressMode::Shared {
+                    answer: answer.clone(),
+                    bind: IpAddr::V4(bind),
+                },
+                ..ProxyTuning::default()
+            },
+        );
+        let services: Vec<_> = (0..N)
+            .map(|i| {
+                service(
+                    &format!("svc-{i}"),
+                    Protocol::Http,
+                    18090 + (i % 4) as u16,
+                    &[h2.addr],
+                    &[A_GATEWAY],
+                )
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        publish_plan(
+            &ctx,
+            TablePlan {
+                range: test_range().parse().unwrap(),
+                shared: Some(answer),
+                port_overrides: Default::default(),
+            },
+            services,
+        );
+        let stats = Arc::new(EgressStats::default());
+        let task = tokio::spawn(run(ctx.clone(), None, stats.clone()));
+        wait_until("four listeners", || {
+            stats.listeners.load(Ordering::Relaxed) == 4
+        })
+        .await;
+        let port = 18090 + (99_999 % 4) as u16;
+        let (status, body) = h1_get(
+            SocketAddr::from((bind, port)),
+            "svc-99999.mesh-a.global",
+            "/last",
+        )
+        .await;
+        assert_eq!(
+            (status, body.as_str()),
+            (200, "svc-99999.mesh-a.global /last")
+        );
+        println!(
+            "shared mode: {N} imports published and served on {} sockets; first request answered {:?} after publishing",
+            stats.listeners.load(Ordering::Relaxed),
+            started.elapsed()
+        );
+        assert!(stats.unbound().is_empty());
+        ctx.shutdown.cancel();
+        task.await.unwrap();
     }
 }
