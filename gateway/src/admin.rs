@@ -1,6 +1,6 @@
 //! The admin HTTP listener: `/live`, `/ready`, `/catalog`, `/peers`,
-//! `/metrics`. Read
-//! only; it reads the shared snapshots and never blocks the other rooms.
+//! `/config`, `/metrics`. Read only; it reads the shared snapshots and
+//! never blocks the other rooms.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -25,6 +25,8 @@ pub struct AdminState {
     pub shared: Arc<Shared>,
     pub ingress: Arc<IngressStats>,
     pub egress: Arc<EgressStats>,
+    /// The effective config and the keys waiting for a restart (`/config`).
+    pub config: tokio::sync::watch::Receiver<Arc<crate::reload::ConfigStatus>>,
 }
 
 /// Serves the admin API until `shutdown`.
@@ -78,6 +80,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/catalog" => json_response(catalog_json(shared)),
         "/peers" => json_response(peers_json(shared)),
+        "/config" => json_response(config_json(&state.config.borrow())),
         "/metrics" => {
             let mut r = text(
                 StatusCode::OK,
@@ -91,7 +94,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /live, /ready, /catalog, /peers, /metrics\n",
+            "not found; try /live, /ready, /catalog, /peers, /config, /metrics\n",
         ),
     }
 }
@@ -164,6 +167,18 @@ pub fn catalog_json(shared: &Shared) -> Value {
         "exports": exports,
         "imports": per_peer,
         "collisions": collisions,
+    })
+}
+
+/// The `/config` document: the effective config (file paths, never the
+/// content of keys or certificates), the version, and the keys changed in
+/// the file that wait for a restart.
+pub fn config_json(status: &crate::reload::ConfigStatus) -> Value {
+    json!({
+        "version": crate::cli::VERSION,
+        "commit": crate::cli::COMMIT,
+        "config": crate::config::effective::to_json(&status.running),
+        "pendingRestart": status.pending_restart,
     })
 }
 
