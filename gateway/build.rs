@@ -28,8 +28,16 @@ fn main() {
     let from_env = std::env::var("ELSINORE_COMMIT")
         .ok()
         .filter(|c| !c.trim().is_empty() && c.bytes().all(|b| b.is_ascii_graphic()));
+    // Only this repository's git counts: a source tarball unpacked inside
+    // some other repository must not take that repository's commit.
+    let ours = dir.parent().and_then(|root| {
+        let top = git(&dir, &["rev-parse", "--show-toplevel"])?;
+        let same = std::fs::canonicalize(top).ok()? == std::fs::canonicalize(root).ok()?;
+        same.then_some(())
+    });
     let commit = match from_env {
         Some(c) => c,
+        None if ours.is_none() => "unknown".to_owned(),
         None => {
             // Rebuild when HEAD moves: HEAD itself (checkout), the branch it
             // names (commit), and packed-refs (gc).

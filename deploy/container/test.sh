@@ -43,6 +43,7 @@ cleanup() {
   local rc=$?
   if [ "$rc" != 0 ]; then
     for m in a b; do
+      "${P[@]}" container exists "$name-$m" 2>/dev/null || continue
       echo "--- logs of $name-$m" >&2
       "${P[@]}" logs "$name-$m" 2>&1 | tail -n 40 >&2 || true
     done
