@@ -293,3 +293,51 @@ fn strip_ansi(line: &str) -> String {
     }
     out
 }
+
+/// `elsinore resolve` against a DNS server played by this test over real
+/// UDP: an NXDOMAIN answer and a malformed name are clear errors naming
+/// the name, with exit status 1 (the success path is the demo test's).
+#[test]
+fn resolve_reports_nxdomain_and_bad_names() {
+    use hickory_proto::op::{Message, MessageType, ResponseCode};
+    let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let addr = server.local_addr().unwrap();
+    let answering = std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        let (n, from) = server.recv_from(&mut buf).unwrap();
+        let query = Message::from_vec(&buf[..n]).unwrap();
+        let mut reply = query.clone();
+        reply.metadata.message_type = MessageType::Response;
+        reply.metadata.response_code = ResponseCode::NXDomain;
+        server.send_to(&reply.to_vec().unwrap(), from).unwrap();
+        query.queries[0]
+            .name()
+            .to_string()
+            .trim_end_matches('.')
+            .to_owned()
+    });
+    let out = Command::new(BIN)
+        .args(["resolve", "nosuch.mesh-a.global", "--dns"])
+        .arg(addr.to_string())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(out.stdout.is_empty());
+    assert!(
+        stderr.contains("nosuch.mesh-a.global") && stderr.contains("Non-Existent Domain"),
+        "{stderr}"
+    );
+    assert_eq!(answering.join().unwrap(), "nosuch.mesh-a.global");
+
+    let out = Command::new(BIN)
+        .args(["resolve", "a..b", "--dns", "127.0.0.1:9"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("\"a..b\" is not a DNS name"), "{stderr}");
+}
