@@ -4,7 +4,8 @@
 # network created here with an explicit private subnet, run read-only as
 # the image's non-root user, certificates minted with the image's own
 # `elsinore certs init` and mounted read-only. The test asserts that:
-#   - the image has no shell and runs as uid 65532, read-only root fs;
+#   - the image has no shell and runs as uid 65532, read-only root fs
+#     without podman's writable tmpfs on /tmp, /var/tmp and /run;
 #   - `elsinore check` accepts each config inside the container;
 #   - the gateways exchange catalogs (each /catalog lists the other's export),
 #     mesh-b's DNS listener answers the imported name;
@@ -137,7 +138,7 @@ echo "--- two gateways on $net ($subnet_prefix.0/24)"
 for m in a b; do
   "${P[@]}" "${RUN[@]}" -d --name "$name-$m" --hostname "$name-$m" \
     --network "$net" --ip "${ip[$m]}" \
-    --read-only --cap-drop ALL --security-opt no-new-privileges \
+    --read-only --read-only-tmpfs=false --cap-drop ALL --security-opt no-new-privileges \
     -v "$tmp/$m/etc:/etc/elsinore:ro" -v "$tmp/$m/cache:/var/lib/elsinore" \
     -p 127.0.0.1::15000 -p 127.0.0.1::15001 -p 127.0.0.1::15053/udp \
     -e ELSINORE_LOG=info "$image" >/dev/null
@@ -157,6 +158,10 @@ for m in a b; do
   [ "$uids" = "65532 65532 65532 65532" ] || fail "$name-$m runs with Uid: $uids"
   ro="$("${P[@]}" inspect --format '{{.HostConfig.ReadonlyRootfs}}' "$name-$m")"
   [ "$ro" = true ] || fail "$name-$m root file system is not read-only ($ro)"
+  # Nothing writable but the cache volume: no tmpfs mounts.
+  if awk '$3 == "tmpfs" {print $2}' "/proc/$pid/mounts" | grep -Eq '^/(tmp|var/tmp|run)$'; then
+    fail "$name-$m has a writable tmpfs: $(awk '$3 == "tmpfs" {print $2}' "/proc/$pid/mounts" | tr '\n' ' ')"
+  fi
   echo "$name-$m: pid $pid Uid $uids, ReadonlyRootfs $ro"
 done
 
