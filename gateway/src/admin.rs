@@ -1,6 +1,6 @@
 //! The admin HTTP listener: `/live`, `/ready`, `/catalog`, `/peers`,
-//! `/metrics`. Read
-//! only; it reads the shared snapshots and never blocks the other rooms.
+//! `/config`, `/metrics`. Read only; it reads the shared snapshots and
+//! never blocks the other rooms.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -25,6 +25,8 @@ pub struct AdminState {
     pub shared: Arc<Shared>,
     pub ingress: Arc<IngressStats>,
     pub egress: Arc<EgressStats>,
+    /// The effective config and the keys waiting for a restart (`/config`).
+    pub config: tokio::sync::watch::Receiver<Arc<crate::reload::ConfigStatus>>,
 }
 
 /// Serves the admin API until `shutdown`.
@@ -82,6 +84,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             json_response(doc)
         }
         "/peers" => json_response(peers_json(shared)),
+        "/config" => json_response(config_json(&state.config.borrow())),
         "/metrics" => {
             let mut r = text(
                 StatusCode::OK,
@@ -95,7 +98,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /live, /ready, /catalog, /peers, /metrics\n",
+            "not found; try /live, /ready, /catalog, /peers, /config, /metrics\n",
         ),
     }
 }
@@ -212,6 +215,18 @@ pub fn egress_json(shared: &Shared, egress: &EgressStats) -> Value {
         "unbound": unbound,
         "portCollisions": port_collisions,
         "unassigned": table.unassigned().iter().map(|f| &**f).collect::<Vec<_>>(),
+    })
+}
+
+/// The `/config` document: the effective config (file paths, never the
+/// content of keys or certificates), the version, and the keys changed in
+/// the file that wait for a restart.
+pub fn config_json(status: &crate::reload::ConfigStatus) -> Value {
+    json!({
+        "version": crate::cli::VERSION,
+        "commit": crate::cli::COMMIT,
+        "config": crate::config::effective::to_json(&status.running),
+        "pendingRestart": status.pending_restart,
     })
 }
 

@@ -1,7 +1,8 @@
 //! The `elsinore` command line: `run`, `check`, `certs init`, `demo`,
-//! `catalog`. Every flag can also be set through an `ELSINORE_*` variable.
+//! `catalog`, `resolve`, `completions`. Every flag can also be set through
+//! an `ELSINORE_*` variable.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -11,10 +12,22 @@ use elsinore_certs::TrustDomain;
 
 use crate::config::Config;
 
+/// The package version and the commit it was built from (see `build.rs`):
+/// what `elsinore --version` prints and `elsinore_build_info` reports.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The commit the binary was built from (12 hex digits), or `unknown`.
+pub const COMMIT: &str = env!("ELSINORE_COMMIT");
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("ELSINORE_COMMIT"),
+    ")"
+);
+
 #[derive(Debug, Parser)]
 #[command(
     name = "elsinore",
-    version,
+    version = LONG_VERSION,
     about = "Elsinore: a multi-mesh federation gateway (Hamlet API over mTLS)"
 )]
 pub struct Cli {
@@ -75,6 +88,21 @@ pub enum Command {
     Catalog {
         #[arg(long, env = "ELSINORE_ADMIN", default_value = "127.0.0.1:15000")]
         admin: String,
+    },
+    /// Ask a DNS server (e.g. a gateway's DNS listener) for a name's IPv4
+    /// addresses over UDP and print them, one per line; what `dig +short`
+    /// does, for machines without dig.
+    Resolve {
+        /// The name to look up, e.g. `reviews.mesh-a.global`.
+        name: String,
+        /// The DNS server, `IP:PORT`.
+        #[arg(long, env = "ELSINORE_DNS", default_value = "127.0.0.1:15053")]
+        dns: SocketAddr,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
 }
 
@@ -156,7 +184,76 @@ pub async fn main(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Demo { dir } => demo(dir).await,
         Command::Catalog { admin } => catalog(&admin).await,
+        Command::Resolve { name, dns } => resolve(&name, dns).await,
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut command = Cli::command();
+            clap_complete::generate(shell, &mut command, "elsinore", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// `elsinore resolve`: one A query over UDP, retried on silence.
+async fn resolve(name: &str, server: SocketAddr) -> anyhow::Result<ExitCode> {
+    use hickory_proto::op::{Message, Query, ResponseCode};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    let qname = Name::from_ascii(name).with_context(|| format!("{name:?} is not a DNS name"))?;
+    let bind: SocketAddr = if server.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = tokio::net::UdpSocket::bind(bind).await?;
+    socket
+        .connect(server)
+        .await
+        .with_context(|| format!("DNS server {server}"))?;
+    let mut query = Message::query();
+    query.metadata.id = rand::random();
+    query.metadata.recursion_desired = true;
+    query.add_query(Query::query(qname, RecordType::A));
+    let packet = query.to_vec()?;
+    let mut buf = vec![0u8; 4096];
+    for _ in 0..3 {
+        socket
+            .send(&packet)
+            .await
+            .with_context(|| format!("send a DNS query to {server}"))?;
+        let n = match tokio::time::timeout(std::time::Duration::from_secs(2), socket.recv(&mut buf))
+            .await
+        {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => anyhow::bail!("no DNS answer from {server} for {name}: {e}"),
+            Err(_) => continue,
+        };
+        let Ok(reply) = Message::from_vec(&buf[..n]) else {
+            anyhow::bail!("undecodable DNS answer from {server} for {name}");
+        };
+        if reply.metadata.id != query.metadata.id {
+            continue;
+        }
+        let addrs: Vec<_> = reply
+            .answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::A(a) => Some(a.0),
+                _ => None,
+            })
+            .collect();
+        if addrs.is_empty() {
+            let code = reply.metadata.response_code;
+            if code == ResponseCode::NoError {
+                anyhow::bail!("{server} has no IPv4 address for {name}");
+            }
+            anyhow::bail!("{server} answered {name} with {code}");
+        }
+        for a in addrs {
+            println!("{a}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    anyhow::bail!("no DNS answer from {server} for {name} after 3 tries of 2s")
 }
 
 fn check(path: &Path) -> ExitCode {

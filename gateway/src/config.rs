@@ -13,6 +13,7 @@ pub use elsinore_federation_api::ApiVersion;
 use elsinore_federation_api::Protocol;
 
 pub mod defaults;
+pub mod effective;
 mod locate;
 mod names;
 mod raw;

@@ -295,12 +295,19 @@ impl Demo {
     }
 
     /// The command that sends a request from mesh-b to `reviews` in mesh-a:
-    /// resolve the imported name through mesh-b's DNS responder, then curl
-    /// it, which goes through mesh-b's egress and mesh-a's ingress.
+    /// resolve the imported name through mesh-b's DNS responder (with this
+    /// very binary's `resolve`: a fresh machine has curl but not dig), then
+    /// curl it, which goes through mesh-b's egress and mesh-a's ingress.
     pub fn curl_command(&self) -> String {
-        let dns_port = self.b.dns_addr.map_or(0, |a| a.port());
+        let dns = self
+            .b
+            .dns_addr
+            .map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
+        let exe = std::env::current_exe()
+            .map(|p| shell_quote(&p.to_string_lossy()))
+            .unwrap_or_else(|_| "elsinore".to_owned());
         format!(
-            "curl -s --resolve reviews.mesh-a.global:9080:$(dig +short -p {dns_port} @127.0.0.1 reviews.mesh-a.global) http://reviews.mesh-a.global:9080/"
+            "curl -s --resolve reviews.mesh-a.global:9080:$({exe} resolve reviews.mesh-a.global --dns {dns}) http://reviews.mesh-a.global:9080/"
         )
     }
 
@@ -357,5 +364,26 @@ impl Demo {
     pub async fn shutdown(self) {
         self.a.shutdown().await;
         self.b.shutdown().await;
+    }
+}
+
+/// `word` as one POSIX shell word: as it is when it holds only safe
+/// characters, else in single quotes.
+fn shell_quote(word: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "/._-+:,@%=".contains(c);
+    if !word.is_empty() && word.chars().all(safe) {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn shell_quote_keeps_safe_words_and_quotes_the_rest() {
+        assert_eq!(super::shell_quote("/usr/bin/elsinore"), "/usr/bin/elsinore");
+        assert_eq!(super::shell_quote("/a b/it's"), "'/a b/it'\\''s'");
+        assert_eq!(super::shell_quote(""), "''");
     }
 }

@@ -39,6 +39,20 @@ pub fn render(shared: &Shared, ingress: &IngressStats, egress: &EgressStats) -> 
     };
     family(
         &mut out,
+        "elsinore_build_info",
+        "gauge",
+        "Always 1; the labels name the version and the commit it was built from.",
+        &[(
+            format!(
+                "version=\"{}\",commit=\"{}\"",
+                crate::cli::VERSION,
+                crate::cli::COMMIT
+            ),
+            1,
+        )],
+    );
+    family(
+        &mut out,
         "elsinore_exports",
         "gauge",
         "Services exported by this gateway.",
@@ -263,4 +277,24 @@ pub fn render(shared: &Shared, ingress: &IngressStats, egress: &EgressStats) -> 
         ],
     );
     out
+}
+
+#[cfg(test)]
+mod build_info_tests {
+    #[test]
+    fn build_info_names_version_and_commit() {
+        let shared = crate::state::new_shared(
+            "mesh-a".to_owned(),
+            crate::catalog::ExportCatalog::default(),
+            &[],
+        );
+        let text = super::render(&shared, &Default::default(), &Default::default());
+        let line = format!(
+            "elsinore_build_info{{version=\"{}\",commit=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION"),
+            env!("ELSINORE_COMMIT")
+        );
+        assert!(text.lines().any(|l| l == line), "{text}");
+        assert!(text.contains("# TYPE elsinore_build_info gauge"));
+    }
 }

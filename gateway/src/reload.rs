@@ -2,7 +2,10 @@
 //! (Kubernetes swaps a `..data` link, so watching the file alone misses
 //! updates) and SIGHUP forces a reload. A config that fails validation is
 //! logged and ignored: the gateway keeps serving the last good catalog.
-//! Only `exports` apply live; other changes are reported as needing a restart.
+//! `exports` and `advertise` apply live; a change to any other key is
+//! logged as a warning naming each such key ("needs a restart"), on every
+//! reload until the file and the running config agree again, and listed
+//! under `pendingRestart` by the admin `/config` endpoint.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,19 +13,57 @@ use std::time::Duration;
 
 use elsinore_certs::SpiffeId;
 use notify::{RecursiveMode, Watcher};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::ExportCatalog;
 use crate::config::Config;
 use crate::state::Shared;
 
-/// Watches `path` and publishes new exports until `shutdown`.
+/// What runs and what the file asks for that needs a restart: the admin
+/// `/config` document.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigStatus {
+    /// The effective config: the start-up config with the live-applied
+    /// sections (`exports`, `advertise`) of the last good file.
+    pub running: Config,
+    /// Keys (YAML paths) whose value in the last good file differs from
+    /// the running one and needs a restart to apply.
+    pub pending_restart: Vec<String>,
+}
+
+impl ConfigStatus {
+    pub fn new(running: Config) -> Self {
+        ConfigStatus {
+            running,
+            pending_restart: Vec::new(),
+        }
+    }
+
+    /// The status after the file now says `next`: live sections applied,
+    /// every other difference listed as pending a restart.
+    pub fn apply(&self, next: &Config) -> ConfigStatus {
+        let running = Config {
+            exports: next.exports.clone(),
+            advertise: next.advertise.clone(),
+            ..self.running.clone()
+        };
+        let pending_restart = crate::config::effective::changed_keys(&running, next);
+        ConfigStatus {
+            running,
+            pending_restart,
+        }
+    }
+}
+
+/// Watches `path` and publishes new exports until `shutdown`; `status`
+/// carries the effective config and the keys waiting for a restart.
 pub async fn run(
     path: PathBuf,
     mut current: Config,
     gateway_id: SpiffeId,
     shared: Arc<Shared>,
+    status: watch::Sender<Arc<ConfigStatus>>,
     shutdown: CancellationToken,
 ) {
     let (tx, mut rx) = mpsc::channel::<()>(1);
@@ -107,18 +148,18 @@ pub async fn run(
         if next == current {
             continue;
         }
-        if next.mesh != current.mesh
-            || next.identity != current.identity
-            || next.listeners != current.listeners
-            || next.peers != current.peers
-            || next.imports != current.imports
-            || next.federation != current.federation
-        {
-            tracing::warn!("config changes outside `exports`/`advertise` need a restart to apply");
+        let next_status = status.borrow().apply(&next);
+        if !next_status.pending_restart.is_empty() {
+            tracing::warn!(
+                config = %path.display(),
+                keys = %next_status.pending_restart.join(", "),
+                "config reload: these keys changed and need a restart to apply; the running values stay in use"
+            );
         }
-        let exports = ExportCatalog::from_config(&next, &gateway_id);
+        let exports = ExportCatalog::from_config(&next_status.running, &gateway_id);
         tracing::info!(exports = exports.len(), "exports reloaded");
         shared.exports.send_replace(Arc::new(exports));
+        status.send_replace(Arc::new(next_status));
         current = next;
     }
 }

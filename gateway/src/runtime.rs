@@ -233,12 +233,15 @@ impl Gateway {
         };
         let ingress_stats = Arc::new(IngressStats::default());
         let egress_stats = Arc::new(EgressStats::default());
+        let (config_status, config_status_rx) =
+            tokio::sync::watch::channel(Arc::new(crate::reload::ConfigStatus::new(config.clone())));
         tasks.spawn(crate::admin::serve(
             admin,
             crate::admin::AdminState {
                 shared: shared.clone(),
                 ingress: ingress_stats.clone(),
                 egress: egress_stats.clone(),
+                config: config_status_rx,
             },
             shutdown.clone(),
         ));
@@ -272,6 +275,7 @@ impl Gateway {
                 config.clone(),
                 identity.spiffe_id().clone(),
                 shared.clone(),
+                config_status,
                 shutdown.clone(),
             ));
         }

@@ -182,8 +182,22 @@ fn demo_federates_two_meshes_and_prints_the_imports() {
                 .then(|| l.trim().to_owned())
         })
         .unwrap_or_else(|| panic!("demo printed no curl command: {text}"));
-    assert!(command.contains("dig +short -p"), "{command}");
-    let out = Command::new("sh").arg("-c").arg(&command).output().unwrap();
+    // A fresh machine has curl but not dig: run the command with a PATH
+    // that holds curl and nothing else.
+    assert!(
+        command.contains(" resolve reviews.mesh-a.global --dns "),
+        "{command}"
+    );
+    assert!(!command.contains("dig"), "{command}");
+    let only_curl = tempfile::tempdir().unwrap();
+    let curl = which("curl").expect("curl is needed to run the demo's command");
+    std::os::unix::fs::symlink(curl, only_curl.path().join("curl")).unwrap();
+    let out = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(&command)
+        .env("PATH", only_curl.path())
+        .output()
+        .unwrap();
     let body = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && body.contains("hello from reviews in mesh-a"),
@@ -195,4 +209,11 @@ fn demo_federates_two_meshes_and_prints_the_imports() {
         body.contains("spiffe://mesh-b.demo/ns/elsinore/sa/gateway"),
         "{body}"
     );
+}
+
+/// The first `name` on this process's PATH.
+fn which(name: &str) -> Option<std::path::PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
 }
