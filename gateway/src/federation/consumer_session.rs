@@ -1114,6 +1114,22 @@ mod tests {
     #[test]
     fn random_interleavings_keep_the_invariants() {
         let reached = Reached::default();
+        // A case that once failed (from proptest-regressions, which a
+        // hand-driven TestRunner does not replay).
+        interleaving(
+            0,
+            1000,
+            300,
+            vec![
+                (Step::Open(None), 0),
+                (Step::Upsert(0), 0),
+                (Step::Open(Some(2)), 0),
+                (Step::Upsert(1), 0),
+                (Step::Mismatch(0), 0),
+            ],
+            &reached,
+        )
+        .unwrap();
         let strategy = (
             0..3_000u64,
             1_000..20_000u64,
