@@ -1708,7 +1708,9 @@ mod tests {
                 Some(0x16) => server_hellos += 1,
                 Some(0x15) => alerts += 1,
                 None => silent += 1,
-                Some(other) => panic!("first record of type {other}: {out:?}"),
+                Some(other) => {
+                    panic!("first record of type {other} for the hello edited by {edits}: {out:?}")
+                }
             }
         }
         eprintln!(
@@ -1749,5 +1751,51 @@ mod tests {
             panic!("a handshake completed without a client Finished");
         };
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+    }
+
+    /// Found by the mutation test too: a ClientHello with one byte appended
+    /// inside its record fails after rustls has encoded the ServerHello
+    /// flight. The flight used to be dropped and only the alert sent, which
+    /// TLS 1.3 encrypts under handshake keys the client cannot derive
+    /// without that flight; now the flight goes out first.
+    #[tokio::test]
+    async fn an_alert_after_the_server_hello_flight_follows_that_flight() {
+        let pki = pki();
+        let mut client =
+            rustls::ClientConnection::new(client_config(pki.client()), name()).unwrap();
+        let mut hello = Vec::new();
+        while client.wants_write() {
+            client.write_tls(&mut hello).unwrap();
+        }
+        let at = ((hello.len() as u128 + 1) * 18425487743616005254u128 >> 64) as usize;
+        hello.insert(at, 64);
+        let (mut c, s) = pair().await;
+        c.write_all(&hello).await.unwrap();
+        c.shutdown().await.unwrap();
+        let accepted = tokio::time::timeout(
+            Duration::from_secs(10),
+            accept(server_config(pki.server()), s),
+        )
+        .await
+        .expect("accept ends within 10s");
+        assert!(accepted.is_err());
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut out))
+            .await
+            .expect("the server closes")
+            .unwrap();
+        assert_eq!(
+            out.first(),
+            Some(&0x16),
+            "the ServerHello comes first: {out:?}"
+        );
+        // The last record is the (encrypted) alert.
+        let mut rest = out.as_slice();
+        let mut last = 0;
+        while rest.len() >= 5 {
+            last = rest[0];
+            rest = &rest[5 + usize::from(u16::from_be_bytes([rest[3], rest[4]]))..];
+        }
+        assert_eq!(last, 0x17, "an encrypted alert ends the flight: {out:?}");
     }
 }
