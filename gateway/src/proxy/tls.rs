@@ -1767,7 +1767,7 @@ mod tests {
         while client.wants_write() {
             client.write_tls(&mut hello).unwrap();
         }
-        let at = ((hello.len() as u128 + 1) * 18425487743616005254u128 >> 64) as usize;
+        let at = (((hello.len() as u128 + 1) * 18425487743616005254u128) >> 64) as usize;
         hello.insert(at, 64);
         let (mut c, s) = pair().await;
         c.write_all(&hello).await.unwrap();
