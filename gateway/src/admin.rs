@@ -297,3 +297,62 @@ fn json_response(v: Value) -> Response<Full<Bytes>> {
     );
     r
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::catalog::exports::ExportCatalog;
+    use crate::config::{ApiVersion, HostPort, Peer};
+    use crate::state::{ConsumerView, new_shared};
+
+    fn peer(name: &str, dialed: bool) -> Peer {
+        Peer {
+            name: name.to_owned(),
+            trust_domain: format!("{name}.example").parse().unwrap(),
+            trust_bundle: format!("certs/{name}/ca.pem").into(),
+            federation: dialed.then(|| HostPort {
+                host: "127.0.0.1".into(),
+                port: 15001,
+            }),
+            api_version: ApiVersion::V1alpha2,
+        }
+    }
+
+    /// Not ready until the listeners are bound and every dialed peer has
+    /// synced or failed once; a peer we only serve is never waited for.
+    #[test]
+    fn ready_needs_bound_listeners_and_every_dialed_peer_attempted() {
+        let peers = [
+            peer("mesh-b", true),
+            peer("mesh-c", false),
+            peer("mesh-d", true),
+        ];
+        let shared = new_shared("mesh-a".into(), ExportCatalog::default(), &peers);
+        assert_eq!(
+            readiness(&shared),
+            (
+                false,
+                vec![
+                    "listeners".to_owned(),
+                    "peer mesh-b".to_owned(),
+                    "peer mesh-d".to_owned()
+                ]
+            )
+        );
+        shared.listeners_bound.store(true, Ordering::Release);
+        let attempted = |i: usize, state: &'static str| {
+            shared.peers[i]
+                .consumer
+                .send_replace(Arc::new(ConsumerView {
+                    state,
+                    attempted: true,
+                    ..ConsumerView::default()
+                }));
+        };
+        attempted(0, "synced");
+        assert_eq!(readiness(&shared), (false, vec!["peer mesh-d".to_owned()]));
+        attempted(2, "failed");
+        assert_eq!(readiness(&shared), (true, vec![]));
+    }
+}

@@ -15,7 +15,8 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 use hickory_resolver::TokioResolver;
-use hickory_resolver::config::ResolveHosts;
+use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
 
 /// The process-wide resolver, built on first use. A global because the
 /// cache is only worth having if every caller shares it, and because the
@@ -43,6 +44,60 @@ fn system_resolver() -> Option<&'static TokioResolver> {
             }
         })
         .as_ref()
+}
+
+/// Why [`use_name_servers`] could not take effect.
+#[derive(Debug, thiserror::Error)]
+pub enum NameServersError {
+    /// A lookup already built the resolver.
+    #[error(
+        "the resolver is already in use; name servers can only be chosen before the first lookup"
+    )]
+    InUse,
+    #[error("no name servers given")]
+    Empty,
+    #[error("cannot build a resolver for name servers {servers}: {reason}")]
+    Build { servers: String, reason: String },
+}
+
+/// Makes every later lookup of a name (other than `localhost`) ask
+/// `servers` (UDP, then TCP, on each address's port) instead of the name
+/// servers of `/etc/resolv.conf`; `/etc/hosts` is still read first. For a
+/// process that embeds the gateway and must not use the host's DNS, and for
+/// tests that serve their own names. Only possible before the first lookup.
+pub fn use_name_servers(servers: &[SocketAddr]) -> Result<(), NameServersError> {
+    if servers.is_empty() {
+        return Err(NameServersError::Empty);
+    }
+    if SYSTEM.get().is_some() {
+        return Err(NameServersError::InUse);
+    }
+    let name_servers = servers
+        .iter()
+        .map(|addr| {
+            let mut ns = NameServerConfig::udp_and_tcp(addr.ip());
+            for conn in &mut ns.connections {
+                conn.port = addr.port();
+            }
+            ns
+        })
+        .collect();
+    let mut builder = TokioResolver::builder_with_config(
+        ResolverConfig::from_name_servers(name_servers),
+        TokioRuntimeProvider::default(),
+    );
+    builder.options_mut().use_hosts_file = ResolveHosts::Always;
+    let resolver = builder.build().map_err(|e| NameServersError::Build {
+        servers: servers
+            .iter()
+            .map(SocketAddr::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        reason: e.to_string(),
+    })?;
+    SYSTEM
+        .set(Some(resolver))
+        .map_err(|_| NameServersError::InUse)
 }
 
 /// Resolves `host:port` to socket addresses. An IP literal (IPv6 with or
@@ -177,8 +232,6 @@ mod tests {
     use crate::catalog::imports::resolve as resolve_imports;
     use crate::dns::vip::{VipAllocator, VipTable};
     use elsinore_federation_api::{Endpoint, FederatedService, Instance, Protocol};
-    use hickory_resolver::config::{NameServerConfig, ResolverConfig};
-    use hickory_resolver::net::runtime::TokioRuntimeProvider;
     use std::collections::BTreeSet;
     use std::net::{Ipv4Addr, Ipv6Addr};
     use std::sync::Arc;

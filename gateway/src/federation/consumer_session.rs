@@ -1020,6 +1020,9 @@ mod tests {
         Delete(usize),
         Unknown(usize),
         Tick,
+        /// The process restarts: a new session restores every import from
+        /// the on-disk cache (its age measured from when it was confirmed).
+        Restore,
     }
 
     const NAMES: [&str; 5] = ["a", "b", "c", "d", "e"];
@@ -1035,6 +1038,7 @@ mod tests {
             2 => name.clone().prop_map(Step::Delete),
             1 => name.prop_map(Step::Unknown),
             3 => Just(Step::Tick),
+            1 => Just(Step::Restore),
         ]
     }
 
@@ -1046,22 +1050,136 @@ mod tests {
         Nacked { present: bool },
     }
 
-    proptest! {
-        #[test]
-        fn random_interleavings_keep_the_invariants(
-            initial_ms in 0..3_000u64,
-            max_ms in 1_000..20_000u64,
-            steps in prop::collection::vec((step(), 0..200_000u64), 1..60),
-        ) {
+    /// The open stream as the documented rules describe it.
+    #[derive(Debug, Clone)]
+    struct ModelStream {
+        announced: Option<usize>,
+        responses: usize,
+        last_activity: Instant,
+        complete: bool,
+        /// Names upserted on this stream since it opened (and not deleted
+        /// since): what survives the stale cut-off.
+        fresh: BTreeSet<String>,
+    }
+
+    /// The timers of a session, from the rules in the docs of
+    /// [`ConsumerSession`]: the quiet period of an unannounced snapshot and
+    /// the staleness clock.
+    #[derive(Debug, Clone, Default)]
+    struct Timers {
+        stream: Option<ModelStream>,
+        stale_since: Option<Instant>,
+    }
+
+    impl Timers {
+        fn quiet_deadline(&self) -> Option<Instant> {
+            let st = self.stream.as_ref()?;
+            (!st.complete && st.announced.is_none()).then(|| st.last_activity + QUIET)
+        }
+
+        fn stale_deadline(&self, stale_after: Duration) -> Option<Instant> {
+            self.stale_since.map(|t| t + stale_after)
+        }
+
+        fn complete(&mut self) {
+            if let Some(st) = self.stream.as_mut() {
+                st.complete = true;
+                st.fresh.clear();
+            }
+            self.stale_since = None;
+        }
+    }
+
+    /// How often the interleavings reached each path worth reaching.
+    #[derive(Debug, Default)]
+    struct Reached {
+        cut_offs: std::sync::atomic::AtomicU32,
+        quiet_completions: std::sync::atomic::AtomicU32,
+        restores_with_imports: std::sync::atomic::AtomicU32,
+        give_ups: std::sync::atomic::AtomicU32,
+    }
+
+    fn bump(counter: &std::sync::atomic::AtomicU32) {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Random interleavings of stream opens and losses (with give-ups),
+    /// responses of every kind, timer ticks and process restarts from the
+    /// cache, against a model of the documented rules: imports after a
+    /// completed snapshot, backoff bounds, the quiet-period and stale
+    /// deadlines to the instant, the stale cut-off keeping exactly the fresh
+    /// names, and what a cache restore brings back. The counts at the end
+    /// prove the cases reach cut-offs, quiet completions, restores and
+    /// give-ups.
+    #[test]
+    fn random_interleavings_keep_the_invariants() {
+        let reached = Reached::default();
+        // A case that once failed (from proptest-regressions, which a
+        // hand-driven TestRunner does not replay).
+        interleaving(
+            0,
+            1000,
+            300,
+            vec![
+                (Step::Open(None), 0),
+                (Step::Upsert(0), 0),
+                (Step::Open(Some(2)), 0),
+                (Step::Upsert(1), 0),
+                (Step::Mismatch(0), 0),
+            ],
+            &reached,
+        )
+        .unwrap();
+        let strategy = (
+            0..3_000u64,
+            1_000..20_000u64,
+            1..400u64,
+            prop::collection::vec((step(), 0..200_000u64), 1..60),
+        );
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(512));
+        runner
+            .run(&strategy, |(initial_ms, max_ms, stale_s, steps)| {
+                interleaving(initial_ms, max_ms, stale_s, steps, &reached)
+            })
+            .unwrap();
+        let counts = [
+            ("stale cut-offs", reached.cut_offs.into_inner()),
+            (
+                "quiet-period completions",
+                reached.quiet_completions.into_inner(),
+            ),
+            (
+                "restores with imports",
+                reached.restores_with_imports.into_inner(),
+            ),
+            ("give-ups", reached.give_ups.into_inner()),
+        ];
+        eprintln!("reached in 512 cases: {counts:?}");
+        for (what, n) in counts {
+            assert!(n >= 20, "only {n} {what} in 512 cases: {counts:?}");
+        }
+    }
+
+    fn interleaving(
+        initial_ms: u64,
+        max_ms: u64,
+        stale_s: u64,
+        steps: Vec<(Step, u64)>,
+        reached: &Reached,
+    ) -> Result<(), TestCaseError> {
+        {
             let backoff_max = Duration::from_millis(max_ms);
-            let mut s = ConsumerSession::new(ConsumerSettings {
-                stale_after: secs(300),
-                snapshot_quiet_period: secs(2),
+            let stale_after = secs(stale_s);
+            let settings = ConsumerSettings {
+                stale_after,
+                snapshot_quiet_period: QUIET,
                 backoff_initial: Duration::from_millis(initial_ms),
                 backoff_max,
-            });
+            };
+            let mut s = ConsumerSession::new(settings.clone());
             let mut now = t0();
             let mut last: BTreeMap<String, Last> = BTreeMap::new();
+            let mut timers = Timers::default();
             let mut nonce = 0u64;
             for (step, advance_ms) in steps {
                 now += Duration::from_millis(advance_ms);
@@ -1080,7 +1198,20 @@ mod tests {
                 match step {
                     Step::Open(size) => {
                         last.clear();
+                        if timers.stream.is_some() {
+                            timers.stale_since.get_or_insert(now);
+                        }
+                        timers.stream = Some(ModelStream {
+                            announced: size,
+                            responses: 0,
+                            last_activity: now,
+                            complete: false,
+                            fresh: BTreeSet::new(),
+                        });
                         s.on_stream_open(now, size);
+                        if size == Some(0) {
+                            timers.complete();
+                        }
                     }
                     Step::Close(kind, jitter) => {
                         let reason = match kind {
@@ -1089,10 +1220,21 @@ mod tests {
                             _ => CloseReason::Other("unavailable".into()),
                         };
                         last.clear();
-                        if let AfterClose::ReconnectAt(at) = s.on_stream_closed(now, reason, jitter) {
-                            let delay = at - now;
-                            prop_assert!(delay >= secs(1), "{delay:?}");
-                            prop_assert!(delay <= backoff_max.max(secs(1)), "{delay:?}");
+                        timers.stream = None;
+                        let since = *timers.stale_since.get_or_insert(now);
+                        match s.on_stream_closed(now, reason, jitter) {
+                            AfterClose::ReconnectAt(at) => {
+                                prop_assert!(kind >= 2);
+                                let delay = at - now;
+                                prop_assert!(delay >= secs(1), "{delay:?}");
+                                prop_assert!(delay <= backoff_max.max(secs(1)), "{delay:?}");
+                                prop_assert_eq!(s.state(), &SyncState::Disconnected { since });
+                            }
+                            AfterClose::GiveUp { reason } => {
+                                bump(&reached.give_ups);
+                                prop_assert!(kind < 2);
+                                prop_assert_eq!(s.state(), &SyncState::Failed { reason });
+                            }
                         }
                     }
                     Step::Upsert(i) | Step::BadUpsert(i) | Step::Mismatch(i) | Step::Unknown(i) => {
@@ -1112,38 +1254,145 @@ mod tests {
                         if open {
                             record(&s, name, event);
                         }
-                        s.on_response(now, &n, name, op, service);
+                        let handled = s.on_response(now, &n, name, op, service);
+                        let acked = matches!(handled.reply, Reply::Ack { .. });
+                        prop_assert_eq!(acked, event == Last::Upserted);
+                        if let Some(st) = timers.stream.as_mut() {
+                            if acked {
+                                st.fresh.insert(name.to_owned());
+                                prop_assert_eq!(&s.imports()[name].confirmed_at, &now);
+                            }
+                            st.responses += 1;
+                            st.last_activity = now;
+                            if st.announced.is_some_and(|a| st.responses >= a) && !st.complete {
+                                timers.complete();
+                            }
+                        }
                     }
                     Step::Delete(i) => {
                         if s.stats().connected {
                             record(&s, NAMES[i], Last::Deleted);
                         }
-                        s.on_response(now, &n, NAMES[i], Operation::Delete, Err("gone".into()));
-                    }
-                    Step::Tick => {
-                        let dropped = s.on_tick(now);
-                        if !s.stats().snapshot_complete {
-                            // A stale cut-off, not reconciliation: the old
-                            // copies kept by a NACK are gone now.
-                            for name in dropped {
-                                if let Some(l @ Last::Nacked { .. }) = last.get_mut(&name) {
-                                    *l = Last::Nacked { present: false };
-                                }
+                        let handled =
+                            s.on_response(now, &n, NAMES[i], Operation::Delete, Err("gone".into()));
+                        prop_assert!(
+                            !s.imports().contains_key(NAMES[i]) || timers.stream.is_none()
+                        );
+                        if let Some(st) = timers.stream.as_mut() {
+                            prop_assert!(
+                                matches!(handled.reply, Reply::Ack { .. }),
+                                "{:?}",
+                                handled
+                            );
+                            st.fresh.remove(NAMES[i]);
+                            st.responses += 1;
+                            st.last_activity = now;
+                            if st.announced.is_some_and(|a| st.responses >= a) && !st.complete {
+                                timers.complete();
                             }
                         }
                     }
+                    Step::Tick => {
+                        let before: BTreeSet<String> = s.imports().keys().cloned().collect();
+                        let quiet = timers.quiet_deadline().is_some_and(|d| now >= d);
+                        let stale = timers.stale_deadline(stale_after).is_some_and(|d| now >= d);
+                        let dropped = s.on_tick(now);
+                        let after: BTreeSet<String> = s.imports().keys().cloned().collect();
+                        let removed: BTreeSet<String> =
+                            before.difference(&after).cloned().collect();
+                        prop_assert_eq!(
+                            &dropped.iter().cloned().collect::<BTreeSet<_>>(),
+                            &removed
+                        );
+                        if quiet {
+                            // The quiet period completes the snapshot first.
+                            prop_assert!(s.stats().snapshot_complete);
+                            bump(&reached.quiet_completions);
+                            timers.complete();
+                        } else if stale {
+                            // The cut-off: exactly the names not fresh on the open stream go.
+                            if !dropped.is_empty() {
+                                bump(&reached.cut_offs);
+                            }
+                            let empty = BTreeSet::new();
+                            let fresh = timers.stream.as_ref().map_or(&empty, |st| &st.fresh);
+                            let kept: BTreeSet<String> =
+                                before.intersection(fresh).cloned().collect();
+                            prop_assert_eq!(&after, &kept);
+                            timers.stale_since = None;
+                            for name in &dropped {
+                                if let Some(l @ Last::Nacked { .. }) = last.get_mut(name) {
+                                    *l = Last::Nacked { present: false };
+                                }
+                            }
+                        } else {
+                            // Before either deadline, a tick changes nothing.
+                            prop_assert!(dropped.is_empty());
+                            prop_assert_eq!(s.stats().snapshot_complete, was_complete);
+                        }
+                    }
+                    Step::Restore => {
+                        // What the cache holds: every import with its age.
+                        let entries: Vec<(FederatedService, Duration)> = s
+                            .imports()
+                            .values()
+                            .map(|i| ((*i.service).clone(), now - i.confirmed_at))
+                            .collect();
+                        let kept: Vec<String> = entries
+                            .iter()
+                            .filter(|(_, age)| *age < stale_after)
+                            .map(|(svc, _)| svc.name.clone())
+                            .collect();
+                        let youngest = entries
+                            .iter()
+                            .map(|(_, age)| *age)
+                            .filter(|age| *age < stale_after)
+                            .min();
+                        s = ConsumerSession::new(settings.clone());
+                        s.restore(entries, now);
+                        last.clear();
+                        timers = Timers {
+                            stream: None,
+                            stale_since: youngest.map(|age| now - age),
+                        };
+                        prop_assert_eq!(names(&s), kept);
+                        if youngest.is_some() {
+                            bump(&reached.restores_with_imports);
+                        }
+                        match youngest {
+                            Some(age) => prop_assert_eq!(
+                                s.state(),
+                                &SyncState::Disconnected { since: now - age }
+                            ),
+                            None => prop_assert_eq!(s.state(), &SyncState::Connecting),
+                        }
+                    }
                 }
+                // The deadlines, to the instant.
+                let expected = match (timers.quiet_deadline(), timers.stale_deadline(stale_after)) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                prop_assert_eq!(s.next_deadline(), expected, "{:?}", timers);
                 let stats = s.stats();
+                prop_assert_eq!(stats.connected, timers.stream.is_some());
+                prop_assert_eq!(
+                    stats.snapshot_complete,
+                    timers.stream.as_ref().is_some_and(|st| st.complete)
+                );
                 if stats.snapshot_complete {
                     prop_assert_eq!(s.state(), &SyncState::Synced);
                     let expected: Vec<String> = last
                         .iter()
-                        .filter(|(_, l)| matches!(l, Last::Upserted | Last::Nacked { present: true }))
+                        .filter(|(_, l)| {
+                            matches!(l, Last::Upserted | Last::Nacked { present: true })
+                        })
                         .map(|(name, _)| name.clone())
                         .collect();
                     prop_assert_eq!(names(&s), expected, "just completed: {}", !was_complete);
                 }
             }
         }
+        Ok(())
     }
 }

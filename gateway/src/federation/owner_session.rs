@@ -1114,4 +1114,304 @@ mod tests {
             prop_assert_eq!(head, snapshot_names);
         }
     }
+
+    #[derive(Debug, Clone)]
+    enum Event {
+        /// Put service `name` at `version` into the view.
+        Set(u8, u32),
+        /// Remove service `name` from the view.
+        Remove(u8),
+        /// ACK (or NACK) the in-flight message at this index (modulo).
+        Reply(usize, bool),
+        /// ACK a nonce of an earlier stream of this consumer.
+        StaleReply(usize),
+        /// Send up to this many messages.
+        Poll(u8),
+        /// Time passes (milliseconds), then the owner task's timer fires.
+        Advance(u64),
+        /// The stream breaks (network); the consumer dials a new one.
+        Restart,
+    }
+
+    fn event() -> impl Strategy<Value = Event> {
+        prop_oneof![
+            3 => (0u8..6, 0u32..3).prop_map(|(n, v)| Event::Set(n, v)),
+            2 => (0u8..6).prop_map(Event::Remove),
+            3 => (any::<usize>(), prop::bool::weighted(0.2)).prop_map(|(i, nack)| Event::Reply(i, nack)),
+            1 => any::<usize>().prop_map(Event::StaleReply),
+            3 => (1u8..4).prop_map(Event::Poll),
+            3 => (0u64..20_000).prop_map(Event::Advance),
+            1 => Just(Event::Restart),
+        ]
+    }
+
+    /// The consumer across streams: what it holds (applied on receipt, as
+    /// the owner counts it), what is in flight on the current stream with
+    /// its send time, and the snapshot of the current stream.
+    #[derive(Default)]
+    struct Peer {
+        model: BTreeMap<String, Arc<FederatedService>>,
+        in_flight: Vec<(Outgoing, Instant)>,
+        stream_received: Vec<Outgoing>,
+        snapshot_names: BTreeSet<String>,
+        snapshot_size: usize,
+        old_nonces: Vec<String>,
+    }
+
+    impl Peer {
+        /// A new stream: the owner session starts from `current`.
+        fn open(
+            &mut self,
+            s: &mut OwnerSession,
+            current: &BTreeMap<String, Arc<FederatedService>>,
+        ) {
+            self.old_nonces
+                .extend(self.in_flight.drain(..).map(|(m, _)| m.nonce));
+            self.old_nonces
+                .extend(self.stream_received.drain(..).map(|m| m.nonce));
+            s.start(V2_URL, "c".into(), current.clone()).unwrap();
+            self.snapshot_names = current.keys().cloned().collect();
+            self.snapshot_size = s.snapshot_size();
+            assert_eq!(self.snapshot_size, self.snapshot_names.len());
+            if self.snapshot_size == 0 {
+                // An empty snapshot is complete at once: nothing survives it.
+                self.model.clear();
+            }
+        }
+
+        fn receive(&mut self, msg: Outgoing, now: Instant, window: u32) {
+            assert!(
+                self.in_flight.iter().all(|(m, _)| m.name != msg.name),
+                "two in flight for {}",
+                msg.name
+            );
+            assert!(
+                !self.old_nonces.contains(&msg.nonce),
+                "nonce {} reused across streams",
+                msg.nonce
+            );
+            match msg.op {
+                Op::Upsert { .. } => {
+                    let service = msg.service.clone().expect("upsert carries the service");
+                    self.model.insert(msg.name.clone(), service);
+                }
+                Op::Delete => {
+                    self.model.remove(&msg.name);
+                }
+            }
+            self.in_flight.push((msg.clone(), now));
+            self.stream_received.push(msg);
+            assert!(self.in_flight.len() <= window.max(1) as usize);
+            if self.stream_received.len() == self.snapshot_size {
+                // The snapshot is complete: the consumer reconciles away what
+                // the owner no longer has (names absent from the snapshot).
+                let names = &self.snapshot_names;
+                self.model.retain(|name, _| names.contains(name));
+                let head: BTreeSet<String> = self
+                    .stream_received
+                    .iter()
+                    .map(|m| m.name.clone())
+                    .collect();
+                assert_eq!(&head, names, "the first messages are the snapshot");
+            }
+        }
+    }
+
+    /// How often the cases reached each path worth reaching.
+    #[derive(Default)]
+    struct OwnerReached {
+        timeouts: std::sync::atomic::AtomicU32,
+        restarts: std::sync::atomic::AtomicU32,
+        stale_replies: std::sync::atomic::AtomicU32,
+    }
+
+    fn owner_interleaving(
+        window: u32,
+        ack_timeout_ms: u64,
+        initial: BTreeMap<u8, u32>,
+        events: Vec<Event>,
+        reached: &OwnerReached,
+    ) -> Result<(), TestCaseError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let ack_timeout = Duration::from_millis(ack_timeout_ms);
+        let new_session = || {
+            OwnerSession::new(OwnerSettings {
+                version: ApiVersion::V1alpha2,
+                window,
+                ack_timeout,
+            })
+        };
+        let mut now = Instant::now();
+        let name = |n: u8| format!("s{n}");
+        let mut current: BTreeMap<String, Arc<FederatedService>> = initial
+            .iter()
+            .map(|(n, v)| (name(*n), svc(&name(*n), *v)))
+            .collect();
+        let mut s = new_session();
+        let mut peer = Peer::default();
+        peer.open(&mut s, &current);
+
+        for event in events {
+            match event {
+                Event::Set(n, v) => {
+                    current.insert(name(n), svc(&name(n), v));
+                    s.on_catalog(&current);
+                }
+                Event::Remove(n) => {
+                    current.remove(&name(n));
+                    s.on_catalog(&current);
+                }
+                Event::Reply(i, nack) => {
+                    if !peer.in_flight.is_empty() {
+                        let (msg, _) = peer.in_flight.remove(i % peer.in_flight.len());
+                        let status = nack.then(|| Status {
+                            code: 3,
+                            message: "no".into(),
+                        });
+                        let outcome = s.on_request(&msg.nonce, status, now).unwrap();
+                        prop_assert!(
+                            !matches!(outcome, AckOutcome::UnknownNonce { .. }),
+                            "{:?}",
+                            outcome
+                        );
+                    }
+                }
+                Event::StaleReply(i) => {
+                    if !peer.old_nonces.is_empty() {
+                        let nonce = peer.old_nonces[i % peer.old_nonces.len()].clone();
+                        let before = s.stats();
+                        let outcome = s.on_request(&nonce, None, now).unwrap();
+                        prop_assert_eq!(outcome, AckOutcome::UnknownNonce { nonce });
+                        let after = s.stats();
+                        prop_assert_eq!(after.in_flight, before.in_flight);
+                        prop_assert_eq!(after.acks, before.acks);
+                        reached.stale_replies.fetch_add(1, Relaxed);
+                    }
+                }
+                Event::Poll(k) => {
+                    for _ in 0..k {
+                        let Some(msg) = s.poll_send(now) else { break };
+                        peer.receive(msg, now, window);
+                    }
+                }
+                Event::Advance(ms) => {
+                    now += Duration::from_millis(ms);
+                    // The oldest message in flight decides, to the instant.
+                    let oldest = peer
+                        .in_flight
+                        .iter()
+                        .min_by_key(|(_, sent_at)| *sent_at)
+                        .map(|(m, sent_at)| (m.clone(), *sent_at));
+                    prop_assert_eq!(
+                        s.next_deadline(),
+                        oldest.as_ref().map(|(_, at)| *at + ack_timeout)
+                    );
+                    match (s.on_tick(now), oldest) {
+                        (Ok(()), None) => {}
+                        (Ok(()), Some((_, sent_at))) => {
+                            prop_assert!(now - sent_at < ack_timeout);
+                        }
+                        (
+                            Err(SessionError::AckTimeout {
+                                nonce,
+                                name,
+                                waited,
+                            }),
+                            Some((_, sent_at)),
+                        ) => {
+                            prop_assert!(now - sent_at >= ack_timeout);
+                            prop_assert_eq!(waited, now - sent_at);
+                            // Ties in send time: any of them is the oldest.
+                            let tied: Vec<&str> = peer
+                                .in_flight
+                                .iter()
+                                .filter(|(_, at)| *at == sent_at)
+                                .map(|(m, _)| m.nonce.as_str())
+                                .collect();
+                            prop_assert!(
+                                tied.contains(&nonce.as_str()),
+                                "{} not among {:?}",
+                                nonce,
+                                tied
+                            );
+                            prop_assert!(
+                                peer.in_flight
+                                    .iter()
+                                    .any(|(m, _)| m.nonce == nonce && m.name == name)
+                            );
+                            // The owner task ends the stream; the consumer dials again.
+                            reached.timeouts.fetch_add(1, Relaxed);
+                            s = new_session();
+                            peer.open(&mut s, &current);
+                        }
+                        (other, oldest) => {
+                            return Err(TestCaseError::fail(format!(
+                                "on_tick gave {other:?} with oldest in flight {oldest:?}"
+                            )));
+                        }
+                    }
+                }
+                Event::Restart => {
+                    reached.restarts.fetch_add(1, Relaxed);
+                    s = new_session();
+                    peer.open(&mut s, &current);
+                }
+            }
+            let stats = s.stats();
+            prop_assert!(stats.in_flight <= window as usize);
+            prop_assert_eq!(stats.in_flight, peer.in_flight.len());
+        }
+
+        // Let the consumer catch up on the last stream: send and ACK until
+        // quiet, in time, so no ACK times out.
+        loop {
+            while let Some(msg) = s.poll_send(now) {
+                peer.receive(msg, now, window);
+            }
+            if peer.in_flight.is_empty() {
+                break;
+            }
+            for (msg, _) in std::mem::take(&mut peer.in_flight) {
+                s.on_request(&msg.nonce, None, now).unwrap();
+            }
+        }
+        prop_assert_eq!(s.on_tick(now), Ok(()));
+        let stats = s.stats();
+        prop_assert_eq!((stats.in_flight, stats.pending), (0, 0));
+        // Whatever timed out or broke on the way, the consumer converges.
+        prop_assert_eq!(&peer.model, &current);
+        Ok(())
+    }
+
+    /// Interleavings with time: ACKs that come too late end the stream
+    /// (exactly when the oldest message in flight has waited `ack_timeout`,
+    /// never earlier), streams break and restart with a fresh snapshot,
+    /// replies to an earlier stream's nonces are ignored, and the consumer
+    /// still ends up with exactly the owner's catalog. The counts prove
+    /// timeouts, restarts and stale replies happen in many cases.
+    #[test]
+    fn ack_timeouts_and_restarts_still_converge() {
+        let reached = OwnerReached::default();
+        let strategy = (
+            1u32..5,
+            1_000u64..30_000,
+            prop::collection::btree_map(0u8..6, 0u32..3, 0..6),
+            prop::collection::vec(event(), 0..80),
+        );
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(512));
+        runner
+            .run(&strategy, |(window, timeout_ms, initial, events)| {
+                owner_interleaving(window, timeout_ms, initial, events, &reached)
+            })
+            .unwrap();
+        let counts = [
+            ("ack timeouts", reached.timeouts.into_inner()),
+            ("restarts", reached.restarts.into_inner()),
+            ("stale replies", reached.stale_replies.into_inner()),
+        ];
+        eprintln!("reached in 512 cases: {counts:?}");
+        for (what, n) in counts {
+            assert!(n >= 20, "only {n} {what} in 512 cases: {counts:?}");
+        }
+    }
 }

@@ -281,31 +281,6 @@ mod tests {
 
     type Body = Empty<Bytes>;
 
-    /// A plaintext HTTP/2 server on a real socket (the pool itself does not
-    /// care about TLS; egress tests cover the mTLS dial), counting accepts.
-    async fn h2_server() -> (std::net::SocketAddr, Arc<AtomicU64>) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let accepted = Arc::new(AtomicU64::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            loop {
-                let (s, _) = l.accept().await.unwrap();
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(|_req| async {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Body::new()))
-                    });
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
-                });
-            }
-        });
-        (addr, accepted)
-    }
-
     async fn dial(addr: std::net::SocketAddr) -> Result<Sender, ProxyError> {
         let tcp = TcpStream::connect(addr)
             .await
@@ -324,16 +299,49 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn burst_on_empty_pool_opens_few_connections() {
-        let (addr, accepted) = h2_server().await;
-        let pool = Arc::new(H2Pool::new(PoolLimits {
-            max_per_key: 4,
-            streams_per_conn: 50,
-            idle_timeout: Duration::from_secs(60),
-        }));
+    /// A plaintext HTTP/2 server on a real socket (the pool itself does not
+    /// care about TLS; egress tests cover the mTLS dial) that holds every
+    /// response until `total` requests
+    /// have arrived, so that none of them ends (and frees its stream slot)
+    /// before the pool has placed them all; counts accepts.
+    async fn h2_server_holding(total: usize) -> (std::net::SocketAddr, Arc<AtomicU64>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let count = accepted.clone();
+        let (arrived, _) = tokio::sync::watch::channel(0usize);
+        let arrived = Arc::new(arrived);
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                let arrived = arrived.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req| {
+                        let arrived = arrived.clone();
+                        async move {
+                            arrived.send_modify(|n| *n += 1);
+                            let mut all = arrived.subscribe();
+                            let _ = all.wait_for(|n| *n >= total).await;
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(Body::new()))
+                        }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// `requests` concurrent requests on an empty pool, all in flight at
+    /// once; returns the connections opened.
+    async fn burst(requests: usize, limits: PoolLimits) -> u64 {
+        let (addr, accepted) = h2_server_holding(requests).await;
+        let pool = Arc::new(H2Pool::new(limits));
         let mut tasks = Vec::new();
-        for _ in 0..300 {
+        for _ in 0..requests {
             let pool = pool.clone();
             tasks.push(tokio::spawn(async move {
                 let lease = pool
@@ -350,12 +358,36 @@ mod tests {
                 assert_eq!(resp.status(), 200);
             }));
         }
-        for t in tasks {
-            t.await.unwrap();
-        }
+        tokio::time::timeout(Duration::from_secs(30), async {
+            for t in tasks {
+                t.await.unwrap();
+            }
+        })
+        .await
+        .expect("every request answered within 30s");
         let n = accepted.load(Ordering::SeqCst);
-        assert!((1..=4).contains(&n), "{n} connections for 300 requests");
         assert_eq!(pool.connections() as u64, n);
+        n
+    }
+
+    /// The rule (docs/data-plane.md): a connection is dialed only when there
+    /// is none, or every one carries `streams_per_conn` streams and the key
+    /// is below `max_per_key`. With every request in flight at once, that is
+    /// exactly `ceil(requests / streams_per_conn)` connections, capped.
+    #[tokio::test]
+    async fn burst_on_empty_pool_opens_exactly_the_connections_the_rule_allows() {
+        let limits = PoolLimits {
+            max_per_key: 4,
+            streams_per_conn: 50,
+            idle_timeout: Duration::from_secs(60),
+        };
+        for (requests, connections) in [(1, 1), (50, 1), (51, 2), (120, 3), (300, 4)] {
+            assert_eq!(
+                burst(requests, limits).await,
+                connections,
+                "connections for {requests} requests at 50 streams each, at most 4"
+            );
+        }
     }
 
     #[tokio::test]

@@ -470,11 +470,23 @@ async fn drive<C, D>(
         let mut read = false;
         match state {
             Err(e) => {
-                // Best effort: the alert rustls queued for this error.
-                out.clear();
-                if let Ok(ConnectionState::EncodeTlsData(mut enc)) = process(conn, &mut []).state
-                    && encode(&mut out, |b| enc.encode(b)).is_ok()
+                // Best effort: the records encoded but not yet sent (a
+                // ServerHello flight: without it the peer cannot read an
+                // alert encrypted under the handshake keys), then the alert
+                // rustls queued for this error. Ask with the same buffer
+                // (past what it discarded): rustls's deframer counts
+                // progress in it, and an empty slice made it index out of
+                // range when no alert was queued.
+                inbuf.advance(discard);
+                if let Ok(ConnectionState::EncodeTlsData(mut enc)) =
+                    process(conn, &mut inbuf[..]).state
                 {
+                    let flight = out.len();
+                    if encode(&mut out, |b| enc.encode(b)).is_err() {
+                        out.truncate(flight);
+                    }
+                }
+                if !out.is_empty() {
                     let _ = io.write_all(&out).await;
                 }
                 return Err(tls_err(e));
@@ -1604,5 +1616,186 @@ mod tests {
                 (Some(HandshakeKind::Resumed), id, sni),
             ]
         );
+    }
+
+    /// A real ClientHello (rustls, SNI svc.a.example, ALPN h2) with a few
+    /// bytes flipped, inserted, deleted or cut off, sent to [`accept`]
+    /// followed by the end of the stream: the server never panics or hangs,
+    /// always ends with an error (the client never finishes), and what it
+    /// wrote is well-formed TLS records: a ServerHello flight when the hello
+    /// still parsed, or a fatal plaintext alert (sent before the error
+    /// returns, as `drive` promises). The counts prove the edits reach both.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn edited_client_hellos_get_a_server_hello_or_a_fatal_alert() {
+        use proptest::prelude::*;
+        use proptest::strategy::ValueTree;
+        let pki = pki();
+        let server = server_config(pki.server());
+        let mut client =
+            rustls::ClientConnection::new(client_config(pki.client()), name()).unwrap();
+        let mut hello = Vec::new();
+        while client.wants_write() {
+            client.write_tls(&mut hello).unwrap();
+        }
+        assert_eq!(hello[0], 0x16, "a handshake record");
+
+        let edit = (0u8..4, any::<prop::sample::Index>(), any::<u8>());
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(256));
+        let mut cases = Vec::new();
+        for _ in 0..256 {
+            let edits = prop::collection::vec(edit.clone(), 0..3)
+                .new_tree(&mut runner)
+                .unwrap()
+                .current();
+            let mut bytes = hello.clone();
+            let described = format!("{edits:?}");
+            for (kind, at, byte) in edits {
+                let len = bytes.len();
+                match kind {
+                    0 => bytes.insert(at.index(len + 1), byte),
+                    _ if len == 0 => {}
+                    1 => bytes[at.index(len)] ^= 1 << (byte % 8),
+                    2 => {
+                        bytes.remove(at.index(len));
+                    }
+                    _ => bytes.truncate(at.index(len)),
+                }
+            }
+            cases.push((described, bytes));
+        }
+
+        let (mut server_hellos, mut alerts, mut silent) = (0, 0, 0);
+        for (edits, bytes) in cases {
+            let (mut c, s) = pair().await;
+            c.write_all(&bytes).await.unwrap();
+            c.shutdown().await.unwrap();
+            // In a task of its own, so that a panic is reported with its input.
+            let accepting = tokio::spawn(tokio::time::timeout(
+                Duration::from_secs(10),
+                accept(server.clone(), s),
+            ));
+            let accepted = match accepting.await {
+                Ok(result) => result.expect("accept ends within 10s"),
+                Err(e) => panic!("accept panicked on the hello edited by {edits}: {e}"),
+            };
+            assert!(
+                accepted.is_err(),
+                "a handshake completed without a client Finished"
+            );
+            let mut out = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut out))
+                .await
+                .expect("the server closes")
+                .unwrap_or(0);
+            // Walk the records the server wrote.
+            let mut rest = out.as_slice();
+            let mut types = Vec::new();
+            while !rest.is_empty() {
+                assert!(rest.len() >= 5, "a truncated record header: {out:?}");
+                let (typ, len) = (rest[0], usize::from(u16::from_be_bytes([rest[3], rest[4]])));
+                assert!(matches!(typ, 0x14..=0x17), "record type {typ}: {out:?}");
+                assert_eq!(rest[1], 0x03, "record version: {out:?}");
+                assert!(rest.len() >= 5 + len, "a truncated record: {out:?}");
+                if typ == 0x15 && types.is_empty() {
+                    // A plaintext alert before any handshake: fatal.
+                    assert_eq!(len, 2);
+                    assert_eq!(rest[5], 2, "alert level: {out:?}");
+                }
+                types.push(typ);
+                rest = &rest[5 + len..];
+            }
+            match types.first() {
+                Some(0x16) => server_hellos += 1,
+                Some(0x15) => alerts += 1,
+                None => silent += 1,
+                Some(other) => {
+                    panic!("first record of type {other} for the hello edited by {edits}: {out:?}")
+                }
+            }
+        }
+        eprintln!(
+            "of 256 edited ClientHellos: {server_hellos} answered with a ServerHello, {alerts} with an alert, {silent} closed silently"
+        );
+        assert!(server_hellos >= 10, "{server_hellos} ServerHellos");
+        assert!(alerts >= 10, "{alerts} alerts");
+    }
+
+    /// Found by the test above: a ClientHello with one bit flipped and one
+    /// byte inserted made rustls fail without queueing an alert, and the
+    /// alert probe that followed handed rustls an empty buffer while its
+    /// deframer still counted progress in the real one: a panic (slice
+    /// index out of range) instead of an error.
+    #[tokio::test]
+    async fn a_client_hello_that_fails_without_an_alert_is_an_error_not_a_panic() {
+        let pki = pki();
+        let mut client =
+            rustls::ClientConnection::new(client_config(pki.client()), name()).unwrap();
+        let mut hello = Vec::new();
+        while client.wants_write() {
+            client.write_tls(&mut hello).unwrap();
+        }
+        // proptest's Index(raw).index(size): a fixed-point fraction of size.
+        let at = |raw: u64, size: usize| ((size as u128 * u128::from(raw)) >> 64) as usize;
+        let len = hello.len();
+        hello[at(4553423649611829179, len)] ^= 1 << (84 % 8);
+        hello.insert(at(486907595222288628, len + 1), 63);
+        let (mut c, s) = pair().await;
+        c.write_all(&hello).await.unwrap();
+        c.shutdown().await.unwrap();
+        let accepting = tokio::spawn(tokio::time::timeout(
+            Duration::from_secs(10),
+            accept(server_config(pki.server()), s),
+        ));
+        let accepted = accepting.await.expect("accept does not panic");
+        let Err(err) = accepted.expect("accept ends within 10s") else {
+            panic!("a handshake completed without a client Finished");
+        };
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+    }
+
+    /// Found by the mutation test too: a ClientHello with one byte appended
+    /// inside its record fails after rustls has encoded the ServerHello
+    /// flight. The flight used to be dropped and only the alert sent, which
+    /// TLS 1.3 encrypts under handshake keys the client cannot derive
+    /// without that flight; now the flight goes out first.
+    #[tokio::test]
+    async fn an_alert_after_the_server_hello_flight_follows_that_flight() {
+        let pki = pki();
+        let mut client =
+            rustls::ClientConnection::new(client_config(pki.client()), name()).unwrap();
+        let mut hello = Vec::new();
+        while client.wants_write() {
+            client.write_tls(&mut hello).unwrap();
+        }
+        let at = (((hello.len() as u128 + 1) * 18425487743616005254u128) >> 64) as usize;
+        hello.insert(at, 64);
+        let (mut c, s) = pair().await;
+        c.write_all(&hello).await.unwrap();
+        c.shutdown().await.unwrap();
+        let accepted = tokio::time::timeout(
+            Duration::from_secs(10),
+            accept(server_config(pki.server()), s),
+        )
+        .await
+        .expect("accept ends within 10s");
+        assert!(accepted.is_err());
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut out))
+            .await
+            .expect("the server closes")
+            .unwrap();
+        assert_eq!(
+            out.first(),
+            Some(&0x16),
+            "the ServerHello comes first: {out:?}"
+        );
+        // The last record is the (encrypted) alert.
+        let mut rest = out.as_slice();
+        let mut last = 0;
+        while rest.len() >= 5 {
+            last = rest[0];
+            rest = &rest[5 + usize::from(u16::from_be_bytes([rest[3], rest[4]]))..];
+        }
+        assert_eq!(last, 0x17, "an encrypted alert ends the flight: {out:?}");
     }
 }
