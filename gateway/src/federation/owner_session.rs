@@ -967,6 +967,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn timeout_works_with_paused_time() {
+        let _limit = crate::test_support::limit();
         let mut s = started(1, &[("a", 1)]);
         s.poll_send(Instant::now()).unwrap();
         let deadline = s.next_deadline().unwrap();

@@ -326,6 +326,7 @@ mod tests {
 
     #[tokio::test]
     async fn burst_on_empty_pool_opens_few_connections() {
+        let _limit = crate::test_support::limit();
         let (addr, accepted) = h2_server().await;
         let pool = Arc::new(H2Pool::new(PoolLimits {
             max_per_key: 4,
@@ -358,8 +359,12 @@ mod tests {
         assert_eq!(pool.connections() as u64, n);
     }
 
-    #[tokio::test]
+    // Paused time: the clock advances only when every task waits, so the
+    // dial's sleep below ends only after the other 19 requests have queued
+    // behind its dial lock (not after 50 ms of hoping they did).
+    #[tokio::test(start_paused = true)]
     async fn waiters_share_a_dial_failure() {
+        let _limit = crate::test_support::limit();
         // A closed port: every dial fails at once.
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
@@ -373,7 +378,8 @@ mod tests {
             tasks.push(tokio::spawn(async move {
                 pool.get(&pool.handle(key(addr)), || async move {
                     dials.fetch_add(1, Ordering::SeqCst);
-                    // Slow enough that the other requests queue behind it.
+                    // Paused time (see above): waits for the other requests
+                    // to queue behind this dial, whatever the load.
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     dial(addr).await
                 })

@@ -1206,6 +1206,7 @@ mod tests {
 
     #[tokio::test]
     async fn our_client_and_a_rustls_server_carry_megabytes_both_ways() {
+        let _limit = crate::test_support::limit();
         let (tls, server) = our_client_to_a_rustls_echo().await;
         assert_eq!(tls.alpn_protocol(), Some(&b"h2"[..]));
         let data = payload(3 << 20);
@@ -1215,6 +1216,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_rustls_client_and_our_server_carry_megabytes_both_ways() {
+        let _limit = crate::test_support::limit();
         let pki = pki();
         let (c, server) = our_echo_server(&pki).await;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(pki.client()));
@@ -1231,6 +1233,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_key_update_the_peer_requests_is_followed_and_answered() {
+        let _limit = crate::test_support::limit();
         let pki = pki();
         let (c, s) = pair().await;
         let config = server_config(pki.server());
@@ -1258,6 +1261,7 @@ mod tests {
 
     #[tokio::test]
     async fn our_keys_are_replaced_before_their_limit() {
+        let _limit = crate::test_support::limit();
         let (mut tls, server) = our_client_to_a_rustls_echo().await;
         tls.set_tx_limit(2);
         let data = payload(10 * MAX_PLAINTEXT);
@@ -1285,6 +1289,7 @@ mod tests {
 
     #[tokio::test]
     async fn tickets_a_server_sends_after_the_handshake_resume_the_next_connection() {
+        let _limit = crate::test_support::limit();
         let pki = pki();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(pki.server()));
         let config = client_config(pki.client());
@@ -1333,6 +1338,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_tampered_record_is_an_error_naming_it() {
+        let _limit = crate::test_support::limit();
         let mut record = vec![APPLICATION_DATA, 3, 3, 0, 40];
         record.extend_from_slice(&[7; 40]);
         let e = read_error_after(Some(&record)).await;
@@ -1341,18 +1347,21 @@ mod tests {
 
     #[tokio::test]
     async fn an_oversized_record_is_refused_before_it_is_read() {
+        let _limit = crate::test_support::limit();
         let e = read_error_after(Some(&[APPLICATION_DATA, 3, 3, 0x48, 0])).await;
         assert!(e.to_string().contains("record length 18432"), "{e}");
     }
 
     #[tokio::test]
     async fn a_close_without_close_notify_is_an_unexpected_eof() {
+        let _limit = crate::test_support::limit();
         let e = read_error_after(None).await;
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
     }
 
     #[tokio::test]
     async fn data_and_a_close_sent_right_after_the_handshake_are_kept() {
+        let _limit = crate::test_support::limit();
         let pki = pki();
         let (c, s) = pair().await;
         let config = server_config(pki.server());
@@ -1398,6 +1407,7 @@ mod tests {
 
     #[tokio::test]
     async fn every_suite_of_both_versions_carries_data() {
+        let _limit = crate::test_support::limit();
         use rustls::crypto::aws_lc_rs::cipher_suite as cs;
         let pki = pki();
         for suite in [
@@ -1427,6 +1437,7 @@ mod tests {
 
     #[tokio::test]
     async fn bytes_relayed_from_a_socket_are_sealed_where_they_land() {
+        let _limit = crate::test_support::limit();
         use rustls::crypto::aws_lc_rs::cipher_suite as cs;
         let pki = pki();
         // TLS 1.3, and TLS 1.2 with the explicit nonce of AES-GCM.
@@ -1460,6 +1471,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_spliced_client_reaches_the_peer_across_key_updates() {
+        let _limit = crate::test_support::limit();
         let (mut tls, server) = our_client_to_a_rustls_echo().await;
         // The direct path steps aside while a key must be replaced.
         tls.set_tx_limit(2 * RELAY_RECORDS as u64);
@@ -1478,6 +1490,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_tls12_client_and_our_server_carry_data_both_ways() {
+        let _limit = crate::test_support::limit();
         let pki = pki();
         let (c, server) = our_echo_server(&pki).await;
         let tls12 = elsinore_certs::client_config_with_versions(
@@ -1505,6 +1518,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_waiting_for_its_peer_holds_no_buffer() {
+        let _limit = crate::test_support::limit();
         let pki = pki();
         let (c, s) = pair().await;
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(pki.server()));
@@ -1575,6 +1589,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_resumes_with_our_server_and_keeps_its_identity() {
+        let _limit = crate::test_support::limit();
         let pki = pki();
         let config = server_config(pki.server());
         let connector = tokio_rustls::TlsConnector::from(Arc::new(pki.client()));
