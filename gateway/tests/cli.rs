@@ -137,6 +137,56 @@ fn check_also_verifies_the_certificates_it_names() {
     assert!(stderr.contains("peers[0].trustBundle"), "{stderr}");
 }
 
+/// Runs the demo's printed command as a user would, in `sh`, with a bound:
+/// curl gets `--max-time`, and the whole command is killed (by its pid)
+/// if it outlives [`COMMAND_TIMEOUT`]. The tools it needs must be there:
+/// a missing one fails the test saying how to install it.
+fn run_bounded(command: &str) -> std::process::Output {
+    for tool in ["curl", "dig"] {
+        if command.contains(&format!("{tool} ")) {
+            let found = Command::new("sh")
+                .arg("-c")
+                .arg(format!("command -v {tool}"))
+                .output()
+                .unwrap();
+            assert!(
+                found.status.success(),
+                "the demo's command needs `{tool}`, which is not on PATH \
+                 (Debian: apt-get install curl bind9-dnsutils; .ci/run installs both)"
+            );
+        }
+    }
+    let bounded = command.replacen(
+        "curl ",
+        &format!("curl --max-time {} ", CURL_MAX_TIME.as_secs()),
+        1,
+    );
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg(&bounded)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(COMMAND_TIMEOUT) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+            panic!("`{bounded}` did not finish within {COMMAND_TIMEOUT:?}");
+        }
+    }
+}
+
+/// curl's own limit on the demo request.
+const CURL_MAX_TIME: Duration = Duration::from_secs(10);
+/// The limit on the whole printed command (a DNS query, then curl).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
 #[test]
 fn demo_federates_two_meshes_and_prints_the_imports() {
     let dir = tempfile::tempdir().unwrap();
@@ -183,7 +233,7 @@ fn demo_federates_two_meshes_and_prints_the_imports() {
         })
         .unwrap_or_else(|| panic!("demo printed no curl command: {text}"));
     assert!(command.contains("dig +short -p"), "{command}");
-    let out = Command::new("sh").arg("-c").arg(&command).output().unwrap();
+    let out = run_bounded(&command);
     let body = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && body.contains("hello from reviews in mesh-a"),

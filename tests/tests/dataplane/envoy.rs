@@ -53,7 +53,10 @@ pub async fn envoy_binary() -> Option<PathBuf> {
         Ok(version) => {
             println!("Envoy under test: {version}");
             // `envoy --version`: "<path>  version: <sha>/<release>/<status>/...".
-            let release = version.split('/').nth(1).unwrap_or_default();
+            let release = version
+                .split_once("version:")
+                .and_then(|(_, v)| v.trim().split('/').nth(1))
+                .unwrap_or_default();
             let wanted = pinned.split(".post").next().unwrap_or(pinned);
             if release != wanted {
                 let msg = format!(
