@@ -971,6 +971,7 @@ mod tests {
         let mut s = started(1, &[("a", 1)]);
         s.poll_send(Instant::now()).unwrap();
         let deadline = s.next_deadline().unwrap();
+        // Paused time: time passing to the deadline, not an ordering wait.
         tokio::time::sleep_until(deadline).await;
         assert!(matches!(
             s.on_tick(Instant::now()),

@@ -1345,7 +1345,8 @@ mod tests {
         req: Request<hyper::body::Incoming>,
     ) -> Result<Response<BoxBody<Bytes, Infallible>>, Infallible> {
         if req.uri().path() == "/slow" {
-            tokio::time::sleep(Duration::from_secs(60)).await;
+            // Never answers: the egress's request timeout must.
+            std::future::pending::<()>().await;
         }
         let text = format!(
             "{} {}",

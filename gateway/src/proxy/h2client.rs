@@ -462,13 +462,18 @@ mod tests {
             while conn.accept().await.is_some() {}
         });
         let tx = connect(addr).await;
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while !tx.is_closed() {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await
-        .expect("the connection end is noticed");
+        crate::test_support::wait_until(
+            "the connection end to be noticed",
+            crate::test_support::WAIT,
+            || {
+                std::future::ready(if tx.is_closed() {
+                    Ok(())
+                } else {
+                    Err("open".to_owned())
+                })
+            },
+        )
+        .await;
         let body = Full::new(Bytes::from_static(b"kept"));
         match tx.send(request(addr, "PUT", body)).await {
             Err(SendError::Unsent(req, _)) => {
