@@ -389,7 +389,14 @@ pub async fn connect(
     mut io: TcpStream,
 ) -> io::Result<TlsStream> {
     let mut conn = UnbufferedClientConnection::new(config, name).map_err(tls_err)?;
-    let leftover = drive(&mut io, &mut conn, |c, b| c.process_tls_records(b), || {}).await?;
+    let leftover = drive(
+        &mut io,
+        &mut conn,
+        |c, b| c.process_tls_records(b),
+        |c| c.is_handshaking(),
+        || {},
+    )
+    .await?;
     let tls13 = is_tls13(conn.protocol_version())?;
     let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
     let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(tls_err)?;
@@ -408,6 +415,7 @@ pub async fn accept(
         &mut io,
         &mut conn,
         |c, b| c.process_tls_records(b),
+        |c| c.is_handshaking(),
         || {
             if let Some(sni) = LAST_SNI.with(|s| s.borrow_mut().take()) {
                 server_name = Some(sni);
@@ -454,18 +462,30 @@ struct Leftover {
 /// Runs rustls's unbuffered handshake over `io` until application data may
 /// be written. On failure, the alert rustls queued is sent
 /// before the error returns, so the peer learns why.
+///
+/// rustls is given one record at a time, and none once the handshake is
+/// over: records that follow the peer's last handshake record in the same
+/// read (data, a KeyUpdate sent with the client's Finished) are left to the
+/// record layer. A KeyUpdate rustls read here would switch its sending key
+/// and queue its answer where the handover to [`TlsStream`] drops it.
 async fn drive<C, D>(
     io: &mut TcpStream,
     conn: &mut C,
     process: impl for<'c, 'i> Fn(&'c mut C, &'i mut [u8]) -> UnbufferedStatus<'c, 'i, D>,
+    handshaking: impl Fn(&C) -> bool,
     mut after_step: impl FnMut(),
 ) -> io::Result<Leftover> {
     let mut out = Vec::new();
     let mut inbuf = BytesMut::new();
     let mut early = Vec::new();
     let mut peer_closed = false;
+    // The front of `inbuf` offered to rustls: whole records only.
+    let mut fed = 0;
     loop {
-        let UnbufferedStatus { mut discard, state } = process(conn, &mut inbuf[..]);
+        if !handshaking(conn) {
+            fed = 0;
+        }
+        let UnbufferedStatus { mut discard, state } = process(conn, &mut inbuf[..fed]);
         after_step();
         let mut read = false;
         match state {
@@ -509,8 +529,15 @@ async fn drive<C, D>(
                 )));
             }
         }
+        fed = fed.saturating_sub(discard);
         inbuf.advance(discard);
-        if read {
+        // rustls has taken all it was offered and waits for more: offer the
+        // next record, reading until it is whole.
+        while read {
+            if let Some(end) = record_end(&inbuf, fed) {
+                fed = end;
+                break;
+            }
             inbuf.reserve(READ_SMALL);
             if io.read_buf(&mut inbuf).await? == 0 {
                 return Err(io::Error::new(
@@ -520,6 +547,15 @@ async fn drive<C, D>(
             }
         }
     }
+}
+
+/// Where the record that starts at `from` in `buf` ends, if it is whole.
+fn record_end(buf: &[u8], from: usize) -> Option<usize> {
+    let [_, _, _, hi, lo] = *buf.get(from..from + HEADER)? else {
+        return None;
+    };
+    let end = from + HEADER + usize::from(u16::from_be_bytes([hi, lo]));
+    (end <= buf.len()).then_some(end)
 }
 
 /// Appends one handshake record rustls has for us to `out`.
@@ -1257,6 +1293,75 @@ mod tests {
             assert_eq!(&buf, word);
         }
         assert_eq!(server.await.unwrap(), 2, "each request must be answered");
+    }
+
+    /// A client may ask for new keys in the same flight as its Finished
+    /// (here: one write holding Finished, a KeyUpdate asking for an answer,
+    /// and data). The server's handshake must leave that KeyUpdate to the
+    /// record layer: were rustls to read it during the handshake, it would
+    /// switch its sending key and queue the answer where the handover never
+    /// sends it, and the client could not decrypt anything after. This was
+    /// the load-dependent failure of the test above.
+    #[tokio::test]
+    async fn a_key_update_in_the_flight_of_the_client_finished_is_answered() {
+        let _limit = crate::test_support::limit();
+        let pki = pki();
+        let (c, s) = pair().await;
+        let config = server_config(pki.server());
+        let server = tokio::spawn(async move {
+            let (mut tls, _) = accept(config, s).await.unwrap();
+            let mut buf = [0; 5];
+            tls.read_exact(&mut buf).await.unwrap();
+            tls.write_all(&buf).await.unwrap();
+            tls.flush().await.unwrap();
+            tls.key_updates_sent
+        });
+        let client_config = Arc::new(pki.client());
+        let c = c.into_std().unwrap();
+        c.set_nonblocking(false).unwrap();
+        let echoed = tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            let mut sock = c;
+            let mut conn = rustls::ClientConnection::new(client_config, name()).unwrap();
+            // The handshake up to the client's Finished, which is queued
+            // but not written yet.
+            while conn.is_handshaking() {
+                if conn.wants_write() {
+                    conn.write_tls(&mut sock).unwrap();
+                } else {
+                    conn.read_tls(&mut sock).unwrap();
+                    conn.process_new_packets().unwrap();
+                }
+            }
+            conn.refresh_traffic_keys().unwrap();
+            conn.writer().write_all(b"first").unwrap();
+            // Finished, KeyUpdate and data in one write.
+            conn.write_tls(&mut sock).unwrap();
+            assert!(!conn.wants_write(), "the flight took more than one write");
+            let mut got = Vec::new();
+            while got.len() < 5 {
+                if conn.read_tls(&mut sock).unwrap() == 0 {
+                    break;
+                }
+                conn.process_new_packets()
+                    .unwrap_or_else(|e| panic!("the client cannot read the answer: {e}"));
+                let mut buf = [0; 16];
+                match conn.reader().read(&mut buf) {
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            got
+        })
+        .await
+        .unwrap();
+        assert_eq!(echoed, b"first");
+        assert_eq!(
+            server.await.unwrap(),
+            1,
+            "the request for new keys is answered"
+        );
     }
 
     #[tokio::test]
