@@ -533,18 +533,19 @@ async fn drive<C, D>(
         inbuf.advance(discard);
         // rustls has taken all it was offered and waits for more: offer the
         // next record, reading until it is whole.
-        while read {
-            if let Some(end) = record_end(&inbuf, fed) {
-                fed = end;
-                break;
-            }
-            inbuf.reserve(READ_SMALL);
-            if io.read_buf(&mut inbuf).await? == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "tls handshake: the peer closed the connection",
-                ));
-            }
+        if read {
+            fed = loop {
+                if let Some(end) = record_end(&inbuf, fed) {
+                    break end;
+                }
+                inbuf.reserve(READ_SMALL);
+                if io.read_buf(&mut inbuf).await? == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "tls handshake: the peer closed the connection",
+                    ));
+                }
+            };
         }
     }
 }
