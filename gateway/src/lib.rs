@@ -14,5 +14,7 @@ pub mod proxy;
 pub mod reload;
 pub mod runtime;
 pub mod state;
+#[cfg(test)]
+pub(crate) mod test_support;
 
 pub use runtime::{Gateway, Listeners, StartError, StartOptions};

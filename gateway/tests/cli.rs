@@ -137,6 +137,51 @@ fn check_also_verifies_the_certificates_it_names() {
     assert!(stderr.contains("peers[0].trustBundle"), "{stderr}");
 }
 
+/// Runs the demo's printed command as a user would, in `sh`, with a bound:
+/// curl gets `--max-time`, and the whole command is killed (by its pid)
+/// if it outlives [`COMMAND_TIMEOUT`]. The tools it needs must be there:
+/// a missing one fails the test saying how to install it.
+fn run_bounded(command: &str) -> std::process::Output {
+    let curl = which("curl").unwrap_or_else(|| {
+        panic!(
+            "the demo's command needs `curl`, which is not on PATH \
+             (Debian: apt-get install curl; .ci/run installs it)"
+        )
+    });
+    let only_curl = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(curl, only_curl.path().join("curl")).unwrap();
+    let bounded = command.replacen(
+        "curl ",
+        &format!("curl --max-time {} ", CURL_MAX_TIME.as_secs()),
+        1,
+    );
+    let child = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(&bounded)
+        .env("PATH", only_curl.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(COMMAND_TIMEOUT) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+            panic!("`{bounded}` did not finish within {COMMAND_TIMEOUT:?}");
+        }
+    }
+}
+
+/// curl's own limit on the demo request.
+const CURL_MAX_TIME: Duration = Duration::from_secs(10);
+/// The limit on the whole printed command (a DNS query, then curl).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
 #[test]
 fn demo_federates_two_meshes_and_prints_the_imports() {
     let dir = tempfile::tempdir().unwrap();
@@ -189,15 +234,7 @@ fn demo_federates_two_meshes_and_prints_the_imports() {
         "{command}"
     );
     assert!(!command.contains("dig"), "{command}");
-    let only_curl = tempfile::tempdir().unwrap();
-    let curl = which("curl").expect("curl is needed to run the demo's command");
-    std::os::unix::fs::symlink(curl, only_curl.path().join("curl")).unwrap();
-    let out = Command::new("/bin/sh")
-        .arg("-c")
-        .arg(&command)
-        .env("PATH", only_curl.path())
-        .output()
-        .unwrap();
+    let out = run_bounded(&command);
     let body = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && body.contains("hello from reviews in mesh-a"),

@@ -3,8 +3,11 @@
 //! ingress with a SPIFFE client certificate over HTTP/2, and Envoy as a
 //! foreign mesh's mTLS ingress that an Elsinore egress dials after
 //! importing the service from a scripted Hamlet owner. Certificates are
-//! minted per test; Envoy runs on loopback ports it picks itself. If no
-//! Envoy can be found or installed, each test says so loudly and passes.
+//! minted per test; Envoy runs on loopback ports it picks itself. Envoy
+//! must be on `PATH` at the version pinned in `.ci/tools.env` (`.ci/run`
+//! installs it; the tests never install anything). Without it each test
+//! fails under `CI=true`, saying why; outside CI it says loudly that it
+//! skipped, and nextest shows that output (`.config/nextest.toml`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 

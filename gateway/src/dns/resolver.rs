@@ -241,6 +241,7 @@ mod tests {
 
     #[tokio::test]
     async fn connect_takes_the_first_address_that_answers_and_names_the_last_failure() {
+        let _limit = crate::test_support::limit();
         let live = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = live.local_addr().unwrap().port();
         // `localhost` may list ::1 first; only 127.0.0.1 listens.
@@ -263,6 +264,7 @@ mod tests {
 
     #[tokio::test]
     async fn ip_literals_pass_through() {
+        let _limit = crate::test_support::limit();
         let v4 = resolve("10.1.2.3", 443).await.unwrap();
         assert_eq!(
             v4,
@@ -276,6 +278,7 @@ mod tests {
 
     #[tokio::test]
     async fn localhost_resolves_to_loopback() {
+        let _limit = crate::test_support::limit();
         for host in ["localhost", "LOCALHOST.", "api.localhost"] {
             let addrs = match resolve(host, 9000).await {
                 Ok(addrs) => addrs,
@@ -300,6 +303,7 @@ mod tests {
     /// DNS, and a name that does not exist is `NotFound`.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn resolves_names_through_dns() {
+        let _limit = crate::test_support::limit();
         tokio::time::timeout(Duration::from_secs(30), async {
             let service = Arc::new(FederatedService {
                 name: "reviews".into(),

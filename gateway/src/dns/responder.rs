@@ -562,6 +562,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn udp_answers_by_the_rules() {
+        let _limit = crate::test_support::limit();
         tokio::time::timeout(Duration::from_secs(30), async {
             let (_alloc, t) = reviews_table();
             let server = Server::start(t.clone()).await;
@@ -644,6 +645,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn bad_input_is_dropped_or_formerr_and_server_keeps_answering() {
+        let _limit = crate::test_support::limit();
         tokio::time::timeout(Duration::from_secs(30), async {
             let (_alloc, t) = reviews_table();
             let server = Server::start(t.clone()).await;
@@ -705,6 +707,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn withdrawn_import_stops_resolving() {
+        let _limit = crate::test_support::limit();
         tokio::time::timeout(Duration::from_secs(30), async {
             let (mut alloc, t) = reviews_table();
             let server = Server::start(t.clone()).await;
@@ -745,6 +748,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn tcp_answers_several_queries_per_connection() {
+        let _limit = crate::test_support::limit();
         tokio::time::timeout(Duration::from_secs(30), async {
             let (_alloc, t) = reviews_table();
             let server = Server::start(t.clone()).await;

@@ -967,9 +967,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn timeout_works_with_paused_time() {
+        let _limit = crate::test_support::limit();
         let mut s = started(1, &[("a", 1)]);
         s.poll_send(Instant::now()).unwrap();
         let deadline = s.next_deadline().unwrap();
+        // Paused time: time passing to the deadline, not an ordering wait.
         tokio::time::sleep_until(deadline).await;
         assert!(matches!(
             s.on_tick(Instant::now()),

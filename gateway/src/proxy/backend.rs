@@ -212,6 +212,7 @@ mod tests {
 
     #[tokio::test]
     async fn round_robin_over_live_backends() {
+        let _limit = crate::test_support::limit();
         let a = live(b"a").await;
         let b = live(b"b").await;
         let backends = Backends::new(&[hp(a), hp(b)]);
@@ -228,6 +229,7 @@ mod tests {
 
     #[tokio::test]
     async fn dead_backend_is_skipped_and_marked() {
+        let _limit = crate::test_support::limit();
         let dead = dead_port().await;
         let alive = live(b"x").await;
         let backends = Backends::new(&[hp(dead), hp(alive)]);
@@ -241,6 +243,7 @@ mod tests {
 
     #[tokio::test]
     async fn all_dead_names_every_backend() {
+        let _limit = crate::test_support::limit();
         let d1 = dead_port().await;
         let d2 = dead_port().await;
         let backends = Backends::new(&[hp(d1), hp(d2)]);
@@ -255,6 +258,7 @@ mod tests {
 
     #[tokio::test]
     async fn backends_marked_dead_are_still_tried_when_nothing_else_is_left() {
+        let _limit = crate::test_support::limit();
         // Mark the only backend dead, then bring it up on the same port.
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
@@ -273,6 +277,7 @@ mod tests {
 
     #[tokio::test]
     async fn names_are_resolved() {
+        let _limit = crate::test_support::limit();
         let alive = live(b"n").await;
         let backends = Backends::new(&[HostPort {
             host: "localhost".to_owned(),
@@ -285,6 +290,7 @@ mod tests {
 
     #[tokio::test]
     async fn no_backends_is_no_route() {
+        let _limit = crate::test_support::limit();
         let err = Backends::new(&[])
             .connect(Duration::from_secs(1))
             .await

@@ -1371,6 +1371,7 @@ mod tests {
     use crate::catalog::imports::resolve;
     use crate::config::ProxyTuning;
     use crate::dns::vip::{TablePlan, VipAllocator};
+    use crate::test_support::{WAIT, wait_until};
     use elsinore_certs::{Ca, Identity, TrustBundle, TrustDomain};
     use elsinore_federation_api::FederatedService;
     use http_body_util::StreamBody;
@@ -1478,14 +1479,16 @@ mod tests {
     }
 
     /// Waits until the egress listens on `addr`.
+    /// Exactly one probe connection succeeds (the one that returns).
     async fn wait_bound(addr: SocketAddr) {
-        for _ in 0..200 {
-            if TcpStream::connect(addr).await.is_ok() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("egress never bound {addr}");
+        let what = format!("the egress to bind {addr}");
+        wait_until(&what, WAIT, || async {
+            TcpStream::connect(addr)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        })
+        .await;
     }
 
     enum Serve {
@@ -1555,7 +1558,8 @@ mod tests {
         req: Request<hyper::body::Incoming>,
     ) -> Result<Response<BoxBody<Bytes, Infallible>>, Infallible> {
         if req.uri().path() == "/slow" {
-            tokio::time::sleep(Duration::from_secs(60)).await;
+            // Never answers: the egress's request timeout must.
+            std::future::pending::<()>().await;
         }
         let text = format!(
             "{} {}",
@@ -1597,6 +1601,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn many_http_requests_share_a_few_pooled_tls_connections() {
+        let _limit = crate::test_support::limit();
         let w = world();
         let remote = remote(&w.ca_a, A_GATEWAY, &w.bundle_b, Serve::H2).await;
         let ctx = context(&w, ProxyTuning::default());
@@ -1686,6 +1691,7 @@ mod tests {
 
     #[tokio::test]
     async fn refuses_remotes_without_the_expected_identity() {
+        let _limit = crate::test_support::limit();
         let w = world();
         // Right CA, wrong workload; right CA, wrong trust domain.
         let impostor = remote(
@@ -1794,6 +1800,7 @@ mod tests {
 
     #[tokio::test]
     async fn tcp_is_spliced_over_mtls_skipping_a_dead_endpoint() {
+        let _limit = crate::test_support::limit();
         let w = world();
         let echo = remote(&w.ca_a, A_GATEWAY, &w.bundle_b, Serve::Echo).await;
         let dead = {
@@ -1816,8 +1823,17 @@ mod tests {
         let task = tokio::spawn(run(ctx.clone(), None, stats.clone()));
         let vip = vip_of(&ctx, "db.mesh-a.global");
         wait_bound(vip).await;
-        // Let the probe's own upstream connection settle before counting.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The probe's connection dials upstream too: count from after its
+        // mTLS connection is up (one accepted connection, one upstream).
+        wait_until("the probe's upstream connection", WAIT, || async {
+            let s = snapshot(&stats);
+            if s.connections == 1 && s.upstream_connects == 1 {
+                Ok(())
+            } else {
+                Err(format!("{s:?}"))
+            }
+        })
+        .await;
         let before = snapshot(&stats).upstream_connects;
         for i in 0..4u8 {
             let mut app = TcpStream::connect(vip).await.unwrap();
@@ -1843,6 +1859,7 @@ mod tests {
 
     #[tokio::test]
     async fn withdrawn_vip_stops_accepting() {
+        let _limit = crate::test_support::limit();
         let w = world();
         let echo = remote(&w.ca_a, A_GATEWAY, &w.bundle_b, Serve::Echo).await;
         let ctx = context(&w, ProxyTuning::default());
@@ -1857,17 +1874,14 @@ mod tests {
         wait_bound(gone_vip).await;
 
         publish(&ctx, &range, vec![keep]);
-        let mut refused = false;
-        for _ in 0..200 {
+        let what = format!("{gone_vip} to refuse connections after the withdrawal");
+        wait_until(&what, WAIT, || async {
             match TcpStream::connect(gone_vip).await {
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                    refused = true;
-                    break;
-                }
-                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(()),
+                other => Err(format!("{other:?}")),
             }
-        }
-        assert!(refused, "{gone_vip} still accepts after the withdrawal");
+        })
+        .await;
         // The other import is untouched.
         let mut app = TcpStream::connect(keep_vip).await.unwrap();
         app.write_all(b"ping").await.unwrap();
@@ -1880,6 +1894,7 @@ mod tests {
 
     #[tokio::test]
     async fn catch_all_routes_by_host() {
+        let _limit = crate::test_support::limit();
         let w = world();
         let h2 = remote(&w.ca_a, A_GATEWAY, &w.bundle_b, Serve::H2).await;
         let ctx = context(&w, ProxyTuning::default());
@@ -1912,6 +1927,7 @@ mod tests {
 
     #[tokio::test]
     async fn slow_remote_gets_504_and_unreachable_502() {
+        let _limit = crate::test_support::limit();
         let w = world();
         let h2 = remote(&w.ca_a, A_GATEWAY, &w.bundle_b, Serve::H2).await;
         let dead = {
@@ -1973,6 +1989,7 @@ mod tests {
 
     #[tokio::test]
     async fn connections_over_the_cap_are_closed() {
+        let _limit = crate::test_support::limit();
         let w = world();
         let echo = remote(&w.ca_a, A_GATEWAY, &w.bundle_b, Serve::Echo).await;
         let tuning = ProxyTuning {
@@ -1994,14 +2011,20 @@ mod tests {
         let stats = Arc::new(EgressStats::default());
         let task = tokio::spawn(run(ctx.clone(), None, stats.clone()));
         let vip = vip_of(&ctx, "capped.mesh-a.global");
-        // Probe until bound; each probe closes at once and frees its slot.
+        // The probe holds the one slot until its splice ends: until then a
+        // connection is closed at once. Retry until one is served.
         wait_bound(vip).await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-
-        let mut first = TcpStream::connect(vip).await.unwrap();
-        first.write_all(b"one").await.unwrap();
         let mut got = [0u8; 3];
-        first.read_exact(&mut got).await.unwrap();
+        let mut first = wait_until("the probe's slot to be freed", WAIT, || async {
+            let mut first = TcpStream::connect(vip).await.map_err(|e| e.to_string())?;
+            first.write_all(b"one").await.map_err(|e| e.to_string())?;
+            let mut got = [0u8; 3];
+            match first.read_exact(&mut got).await {
+                Ok(_) => Ok(first),
+                Err(e) => Err(format!("closed, the slot still taken: {e}")),
+            }
+        })
+        .await;
         let before = snapshot(&stats).refused_over_cap;
         let mut second = TcpStream::connect(vip).await.unwrap();
         let mut rest = Vec::new();
@@ -2021,6 +2044,7 @@ mod tests {
     /// registration); it was 1 KiB with a span and a wrapper around the loop.
     #[tokio::test]
     async fn an_http_connection_task_stays_small() {
+        let _limit = crate::test_support::limit();
         let w = world();
         let egress = Arc::new(Egress::new(
             context(&w, ProxyTuning::default()),
@@ -2037,6 +2061,7 @@ mod tests {
 
     #[tokio::test]
     async fn idle_http_connections_are_closed() {
+        let _limit = crate::test_support::limit();
         let w = world();
         let tuning = ProxyTuning {
             idle_timeout: Duration::from_millis(200),
@@ -2169,7 +2194,7 @@ mod tests {
         ctx.shared.vips.send_replace(Arc::new(table));
     }
 
-    async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    async fn wait_sync(what: &str, mut check: impl FnMut() -> bool) {
         for _ in 0..1000 {
             if check() {
                 return;
@@ -2207,7 +2232,7 @@ mod tests {
         publish(&ctx, &range, services.clone());
         let stats = Arc::new(EgressStats::default());
         let task = tokio::spawn(run(ctx.clone(), None, stats.clone()));
-        wait_until("20 imports reported beyond the budget", || {
+        wait_sync("20 imports reported beyond the budget", || {
             stats.unbound().len() == 20
         })
         .await;
@@ -2231,7 +2256,7 @@ mod tests {
         );
         // Fewer imports: everyone fits again.
         publish(&ctx, &range, services[20..].to_vec());
-        wait_until("every import bound", || {
+        wait_sync("every import bound", || {
             stats.unbound().is_empty() && stats.listeners.load(Ordering::Relaxed) == 10
         })
         .await;
@@ -2261,7 +2286,7 @@ mod tests {
         let squatter = std::net::TcpListener::bind(vip).unwrap();
         let stats = Arc::new(EgressStats::default());
         let task = tokio::spawn(run(ctx.clone(), None, stats.clone()));
-        wait_until("the failed bind reported", || {
+        wait_sync("the failed bind reported", || {
             stats.unbound().first().is_some_and(|u| u.reason == "bind")
         })
         .await;
@@ -2287,7 +2312,7 @@ mod tests {
         );
         drop(squatter);
         wait_bound(vip).await;
-        wait_until("nothing unbound", || stats.unbound().is_empty()).await;
+        wait_sync("nothing unbound", || stats.unbound().is_empty()).await;
         ctx.shutdown.cancel();
         task.await.unwrap();
     }
@@ -2352,7 +2377,7 @@ mod tests {
         let task = tokio::spawn(run(ctx.clone(), None, stats.clone()));
         let http = SocketAddr::from((bind, 18080));
         wait_bound(http).await;
-        wait_until("two listeners", || {
+        wait_sync("two listeners", || {
             stats.listeners.load(Ordering::Relaxed) == 2
         })
         .await;
@@ -2415,7 +2440,7 @@ mod tests {
         );
         let stats = Arc::new(EgressStats::default());
         let task = tokio::spawn(run(ctx.clone(), None, stats.clone()));
-        wait_until("four listeners", || {
+        wait_sync("four listeners", || {
             stats.listeners.load(Ordering::Relaxed) == 4
         })
         .await;

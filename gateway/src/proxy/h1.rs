@@ -1105,6 +1105,7 @@ mod tests {
 
     #[tokio::test]
     async fn responses_written_to_the_client_count_as_hand_offs() {
+        let _limit = crate::test_support::limit();
         let addr = server(settings()).await;
         crate::proxy::handoff::set_every(4);
         let before = crate::proxy::handoff::yields_on_this_thread();
@@ -1118,6 +1119,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_response_whose_connection_list_names_close_ends_the_connection() {
+        let _limit = crate::test_support::limit();
         let addr = server(settings()).await;
         let got = exchange(
             addr,
@@ -1132,6 +1134,7 @@ mod tests {
 
     #[tokio::test]
     async fn pipelined_requests_with_length_and_chunked_bodies_on_one_connection() {
+        let _limit = crate::test_support::limit();
         let addr = server(settings()).await;
         let got = exchange(
             addr,
@@ -1164,6 +1167,7 @@ mod tests {
 
     #[tokio::test]
     async fn http10_gets_a_close_delimited_body_and_keep_alive_on_request() {
+        let _limit = crate::test_support::limit();
         let addr = server(settings()).await;
         let got = exchange(addr, b"GET /chunked HTTP/1.0\r\n\r\n").await;
         assert!(
@@ -1186,6 +1190,7 @@ mod tests {
 
     #[tokio::test]
     async fn smuggling_shapes_and_oversized_heads_are_refused_with_a_status() {
+        let _limit = crate::test_support::limit();
         let addr = server(settings()).await;
         for (raw, status) in [
             (
@@ -1215,6 +1220,7 @@ mod tests {
 
     #[tokio::test]
     async fn malformed_chunked_body_fails_the_request_and_closes() {
+        let _limit = crate::test_support::limit();
         let addr = server(settings()).await;
         let got = exchange(
             addr,
@@ -1232,6 +1238,7 @@ mod tests {
 
     #[tokio::test]
     async fn expect_continue_gets_100_before_the_body_is_sent() {
+        let _limit = crate::test_support::limit();
         let addr = server(settings()).await;
         let mut s = TcpStream::connect(addr).await.unwrap();
         s.write_all(b"PUT /up HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
@@ -1250,6 +1257,7 @@ mod tests {
 
     #[tokio::test]
     async fn head_response_has_length_but_no_body() {
+        let _limit = crate::test_support::limit();
         let addr = server(settings()).await;
         let got = exchange(addr, b"HEAD /h HTTP/1.1\r\nConnection: close\r\n\r\n").await;
         assert!(got.contains("content-length: 8\r\n"), "{got}");
@@ -1258,6 +1266,7 @@ mod tests {
 
     #[tokio::test]
     async fn idle_and_slow_head_connections_are_closed() {
+        let _limit = crate::test_support::limit();
         let addr = server(Settings {
             header_timeout: Duration::from_millis(300),
             idle_timeout: Duration::from_millis(300),
@@ -1285,6 +1294,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_h2c_preface_is_handed_back_unread() {
+        let _limit = crate::test_support::limit();
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let mut client = TcpStream::connect(addr).await.unwrap();

@@ -918,6 +918,7 @@ mod tests {
 
     #[tokio::test]
     async fn content_length_response_is_read_and_the_connection_pooled() {
+        let _limit = crate::test_support::limit();
         let b = backend(|_, _| Act::Reply(OK_HELLO)).await;
         let c = client(b.addr);
         let resp = send(&c, get("http://ignored.example/reviews/1?x=y"))
@@ -939,6 +940,7 @@ mod tests {
 
     #[tokio::test]
     async fn host_is_added_from_the_uri_when_missing() {
+        let _limit = crate::test_support::limit();
         let b = backend(|_, _| Act::Reply(OK_HELLO)).await;
         let c = client(b.addr);
         let req = Request::builder()
@@ -955,6 +957,7 @@ mod tests {
 
     #[tokio::test]
     async fn chunked_response_passes_its_trailers_on() {
+        let _limit = crate::test_support::limit();
         let b = backend(|_, _| {
             Act::Reply(
                 "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
@@ -975,6 +978,7 @@ mod tests {
 
     #[tokio::test]
     async fn close_delimited_response_is_read_to_eof_and_not_reused() {
+        let _limit = crate::test_support::limit();
         let b = backend(|_, _| Act::ReplyClose("HTTP/1.1 200 OK\r\n\r\nuntil the end")).await;
         let c = client(b.addr);
         for _ in 0..2 {
@@ -996,6 +1000,7 @@ mod tests {
 
     #[tokio::test]
     async fn head_and_204_have_no_body_and_keep_the_connection() {
+        let _limit = crate::test_support::limit();
         let b = backend(|_, n| {
             Act::Reply(if n == 0 {
                 // Says how long a GET's body would be; none follows.
@@ -1024,6 +1029,7 @@ mod tests {
 
     #[tokio::test]
     async fn interim_100_continue_is_skipped_and_101_refused() {
+        let _limit = crate::test_support::limit();
         let b = backend(|_, n| {
             Act::Reply(if n == 0 {
                 "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n\
@@ -1047,6 +1053,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_burst_keeps_its_connections_for_the_next_burst() {
+        let _limit = crate::test_support::limit();
         // As many requests at once as a busy HTTP/2 peer runs: each holds a
         // backend connection until its body is read; all go back to the
         // pool, and the next burst opens none.
@@ -1072,6 +1079,7 @@ mod tests {
 
     #[tokio::test]
     async fn sequential_requests_reuse_one_backend_connection() {
+        let _limit = crate::test_support::limit();
         let b = backend(|_, _| Act::Reply(OK_HELLO)).await;
         let c = client(b.addr);
         for _ in 0..3 {
@@ -1084,6 +1092,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_dropped_early_closes_the_connection() {
+        let _limit = crate::test_support::limit();
         let b = backend(|_, _| Act::Reply(OK_HELLO)).await;
         let c = client(b.addr);
         drop(send(&c, get("/")).await.unwrap());
@@ -1094,21 +1103,25 @@ mod tests {
 
     /// Waits (bounded) until the newest pooled connection is seen closed.
     async fn until_pooled_seen_closed(c: &H1Client) {
-        for _ in 0..500 {
-            let open = {
+        crate::test_support::wait_until(
+            "the backend's close to reach the pooled connection",
+            crate::test_support::WAIT,
+            || {
                 let idle = c.inner.pool.idle.lock().unwrap();
-                idle.last().is_some_and(|e| still_open(&e.conn.io))
-            };
-            if !open {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("the backend's close never reached the pooled connection");
+                let open = idle.last().is_some_and(|e| still_open(&e.conn.io));
+                std::future::ready(if open {
+                    Err("still open".to_owned())
+                } else {
+                    Ok(())
+                })
+            },
+        )
+        .await;
     }
 
     #[tokio::test]
     async fn pooled_connection_closed_by_the_backend_is_replaced() {
+        let _limit = crate::test_support::limit();
         // Closes each connection after its first response, as a backend
         // with a short keep-alive timeout does.
         let b = backend(|_, _| Act::ReplyClose(OK_HELLO)).await;
@@ -1130,6 +1143,7 @@ mod tests {
 
     #[tokio::test]
     async fn connections_idle_past_the_idle_timeout_are_not_reused() {
+        let _limit = crate::test_support::limit();
         let b = backend(|_, _| Act::Reply(OK_HELLO)).await;
         let backends = Backends::new(&[HostPort {
             host: b.addr.ip().to_string(),
@@ -1143,6 +1157,8 @@ mod tests {
         text(send(&c, get("/")).await.unwrap()).await;
         text(send(&c, get("/")).await.unwrap()).await;
         assert_eq!(b.accepts.load(Ordering::SeqCst), 1);
+        // Time passing, not an ordering wait: the idle timeout is 100 ms,
+        // and whatever the load, 250 ms have then passed.
         tokio::time::sleep(Duration::from_millis(250)).await;
         text(send(&c, get("/")).await.unwrap()).await;
         assert_eq!(b.accepts.load(Ordering::SeqCst), 2);
@@ -1151,6 +1167,7 @@ mod tests {
 
     #[tokio::test]
     async fn request_on_a_connection_closing_under_it_is_retried_once() {
+        let _limit = crate::test_support::limit();
         // The first connection answers one request, then takes the second
         // and closes without a byte (the race of a keep-alive timeout).
         let b = backend(|conn, n| match (conn, n) {
@@ -1169,6 +1186,7 @@ mod tests {
 
     #[tokio::test]
     async fn request_with_a_body_is_not_retried() {
+        let _limit = crate::test_support::limit();
         let b = backend(|conn, n| match (conn, n) {
             (0, 0) => Act::Reply(OK_HELLO),
             (0, _) => Act::Close,
@@ -1192,6 +1210,7 @@ mod tests {
 
     #[tokio::test]
     async fn malformed_responses_are_clear_502s() {
+        let _limit = crate::test_support::limit();
         for (raw, why) in [
             ("HTTP/1.1 abc OK\r\n\r\n", "malformed response head"),
             ("SMTP ready\r\n\r\n", "malformed response head"),
@@ -1224,6 +1243,7 @@ mod tests {
 
     #[tokio::test]
     async fn malformed_chunked_body_is_an_error_and_not_pooled() {
+        let _limit = crate::test_support::limit();
         let b = backend(|_, _| {
             Act::Reply("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n")
         })
@@ -1240,6 +1260,7 @@ mod tests {
 
     #[tokio::test]
     async fn connect_failure_names_the_backend() {
+        let _limit = crate::test_support::limit();
         let dead = TcpListener::bind("127.0.0.1:0")
             .await
             .unwrap()
@@ -1252,6 +1273,7 @@ mod tests {
 
     #[tokio::test]
     async fn request_bodies_arrive_intact_with_length_or_chunked() {
+        let _limit = crate::test_support::limit();
         let b = backend(|_, _| Act::Reply(OK_HELLO)).await;
         let c = client(b.addr);
         let post = Request::post("/upload")
@@ -1303,6 +1325,7 @@ mod tests {
 
     #[tokio::test]
     async fn early_response_ends_the_upload_and_the_connection() {
+        let _limit = crate::test_support::limit();
         // Answers 413 on seeing the head, without reading the body.
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
@@ -1318,7 +1341,8 @@ mod tests {
                 .await
                 .unwrap();
             // Hold the connection open: the client must not wait for it.
-            tokio::time::sleep(Duration::from_secs(30)).await;
+            std::future::pending::<()>().await;
+            drop(tcp);
         });
         let c = client(addr);
         // A body that never ends.

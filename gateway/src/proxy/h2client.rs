@@ -385,6 +385,7 @@ mod tests {
 
     #[tokio::test]
     async fn bodies_and_trailers_cross_in_both_directions() {
+        let _limit = crate::test_support::limit();
         let addr = echo_server().await;
         let tx = connect(addr).await;
 
@@ -411,13 +412,16 @@ mod tests {
 
     #[tokio::test]
     async fn a_burst_of_requests_leaves_in_parts() {
+        let _limit = crate::test_support::limit();
         let addr = echo_server().await;
         // For every write: how many request tasks had started by then.
         let started = Arc::new(AtomicUsize::new(0));
         let (io, writes) = Recording::new(TcpStream::connect(addr).await.unwrap(), &started);
         let tx = handshake(io, tracing::Span::none()).await.unwrap();
-        // The handshake's own frames go out first.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The handshake's own frames go out first: a whole exchange has
+        // crossed once its response is read.
+        let warm = sent(&tx, request(addr, "GET", Empty::<Bytes>::new())).await;
+        warm.into_body().collect().await.unwrap();
         writes.lock().unwrap().clear();
 
         // 64 request tasks woken together, as a burst of app requests is:
@@ -447,6 +451,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_closed_connection_hands_the_request_back_unsent() {
+        let _limit = crate::test_support::limit();
         // A server that answers the handshake and then closes.
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
@@ -457,13 +462,18 @@ mod tests {
             while conn.accept().await.is_some() {}
         });
         let tx = connect(addr).await;
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while !tx.is_closed() {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await
-        .expect("the connection end is noticed");
+        crate::test_support::wait_until(
+            "the connection end to be noticed",
+            crate::test_support::WAIT,
+            || {
+                std::future::ready(if tx.is_closed() {
+                    Ok(())
+                } else {
+                    Err("open".to_owned())
+                })
+            },
+        )
+        .await;
         let body = Full::new(Bytes::from_static(b"kept"));
         match tx.send(request(addr, "PUT", body)).await {
             Err(SendError::Unsent(req, _)) => {
@@ -478,6 +488,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unanswered_ping_closes_the_connection_an_answered_one_does_not() {
+        let _limit = crate::test_support::limit();
         // Answers pings: a served connection.
         let live = echo_server().await;
         // Never answer: the handshake completes, then the server stops
@@ -521,11 +532,22 @@ mod tests {
             tokio::spawn(async move { tx.send(req).await.map(|_| ()) });
         }
 
-        tokio::time::sleep(interval + timeout + Duration::from_millis(500)).await;
-        assert!(
-            busy.is_closed(),
-            "a peer that never answers a ping is dropped"
-        );
+        crate::test_support::wait_until(
+            "a peer that never answers a ping to be dropped",
+            crate::test_support::WAIT,
+            || {
+                std::future::ready(if busy.is_closed() {
+                    Ok(())
+                } else {
+                    Err("open".to_owned())
+                })
+            },
+        )
+        .await;
+        // Not an ordering wait: that nothing closes the others is seen only
+        // once time passes. They must outlive a further whole ping period
+        // (unanswered, the busy one took no longer than that).
+        tokio::time::sleep(interval + timeout).await;
         assert!(!live.is_closed(), "a peer that answers pings is kept");
         assert!(
             !idle.is_closed(),

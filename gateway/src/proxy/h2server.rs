@@ -299,17 +299,19 @@ mod tests {
     }
 
     async fn eventually(what: &str, check: impl Fn() -> bool) {
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while !check() {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+        crate::test_support::wait_until(what, crate::test_support::WAIT, || {
+            std::future::ready(if check() {
+                Ok(())
+            } else {
+                Err("not yet".to_owned())
+            })
         })
-        .await
-        .unwrap_or_else(|_| panic!("{what} within 5 s"));
+        .await;
     }
 
     #[tokio::test]
     async fn responses_finished_together_leave_in_parts() {
+        let _limit = crate::test_support::limit();
         let burst = 4 * RESPOND_EVERY;
         let entered = Arc::new(AtomicUsize::new(0));
         let answered = Arc::new(AtomicUsize::new(0));
@@ -377,6 +379,7 @@ mod tests {
 
     #[tokio::test]
     async fn bodies_larger_than_the_window_and_trailers_cross_both_ways() {
+        let _limit = crate::test_support::limit();
         // Echoes the body, then trailers naming the method and the byte
         // count and the request's own trailer.
         let echo = |req: Request<RecvBody>| async move {
@@ -421,14 +424,18 @@ mod tests {
 
     #[tokio::test]
     async fn streams_are_served_concurrently_in_the_connection_task() {
+        let _limit = crate::test_support::limit();
         // The first request is answered only once the second has arrived:
         // with streams served one after another this would never finish.
         let second_in = Arc::new(Notify::new());
+        let first_in = Arc::new(Notify::new());
+        let first_entered = Arc::clone(&first_in);
         let handler = move |req: Request<RecvBody>| {
-            let second_in = Arc::clone(&second_in);
+            let (second_in, first_in) = (Arc::clone(&second_in), Arc::clone(&first_in));
             async move {
                 let path = req.uri().path().to_owned();
                 if path == "/first" {
+                    first_in.notify_one();
                     second_in.notified().await;
                 } else {
                     second_in.notify_one();
@@ -442,7 +449,8 @@ mod tests {
             let tx = tx.clone();
             tokio::spawn(async move { send(&tx, "GET", "/first", Empty::<Bytes>::new()).await })
         };
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The second goes out only once the first waits in its handler.
+        first_entered.notified().await;
         let second = send(&tx, "GET", "/second", Empty::<Bytes>::new()).await;
         let first = tokio::time::timeout(Duration::from_secs(5), first)
             .await
@@ -454,13 +462,17 @@ mod tests {
 
     #[tokio::test]
     async fn a_reset_stream_drops_its_exchange_and_its_response_body() {
+        let _limit = crate::test_support::limit();
         let dropped = Arc::new(AtomicUsize::new(0));
+        let hanging = Arc::new(Notify::new());
         let handler = {
-            let dropped = Arc::clone(&dropped);
+            let (dropped, hanging) = (Arc::clone(&dropped), Arc::clone(&hanging));
             move |req: Request<RecvBody>| {
                 let guard = DropCount(Arc::clone(&dropped));
+                let hanging = Arc::clone(&hanging);
                 async move {
                     if req.uri().path() == "/hang" {
+                        hanging.notify_one();
                         // The response never comes.
                         std::future::pending::<()>().await;
                     }
@@ -479,7 +491,7 @@ mod tests {
         // Reset while the handler waits.
         let req = Request::get("http://svc.test/hang").body(()).unwrap();
         let (_response, mut stream) = raw.send_request(req, false).unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        hanging.notified().await;
         assert_eq!(dropped.load(Ordering::SeqCst), 0);
         stream.send_reset(Reason::CANCEL);
         eventually("the waiting exchange is dropped", || {
@@ -511,6 +523,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_exchange_keeps_the_handler_future_once() {
+        let _limit = crate::test_support::limit();
         // A handler whose future is large.
         let handler = |req: Request<RecvBody>| async move {
             let state = [7u8; 4096];
@@ -548,6 +561,7 @@ mod tests {
 
     #[tokio::test]
     async fn connect_is_refused_without_reaching_the_handler() {
+        let _limit = crate::test_support::limit();
         let handled = Arc::new(AtomicUsize::new(0));
         let handler = {
             let handled = Arc::clone(&handled);
@@ -578,13 +592,23 @@ mod tests {
 
     #[tokio::test]
     async fn stopping_drains_in_flight_exchanges_and_refuses_new_streams() {
+        let _limit = crate::test_support::limit();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let release = Arc::new(Notify::new());
+        let entered = Arc::new(Notify::new());
         let handler = {
-            let release = Arc::clone(&release);
-            move |_req: Request<RecvBody>| {
-                let release = Arc::clone(&release);
+            let (release, entered) = (Arc::clone(&release), Arc::clone(&entered));
+            move |req: Request<RecvBody>| {
+                let (release, entered) = (Arc::clone(&release), Arc::clone(&entered));
                 async move {
+                    // Streams the server accepted while its GOAWAY was on
+                    // the way (see below) are answered at once.
+                    if req.uri().path() == "/late" {
+                        return Response::new(frames(vec![Frame::data(Bytes::from_static(
+                            b"accepted",
+                        ))]));
+                    }
+                    entered.notify_one();
                     release.notified().await;
                     Response::new(frames(vec![Frame::data(Bytes::from_static(b"done"))]))
                 }
@@ -596,21 +620,30 @@ mod tests {
             let tx = tx.clone();
             tokio::spawn(async move { send(&tx, "GET", "/", Empty::<Bytes>::new()).await })
         };
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        entered.notified().await;
         stop_tx.send(()).unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+
+        // A stream opened after the GOAWAY is refused. A graceful GOAWAY
+        // comes in two steps (the final one after a ping's round trip), and
+        // streams sent before the final one are still served: retry until
+        // the stop has reached the client.
+        crate::test_support::wait_until(
+            "a new stream after stop to be refused",
+            crate::test_support::WAIT,
+            || async {
+                let late = Request::get("http://svc.test/late")
+                    .body(Empty::<Bytes>::new())
+                    .unwrap();
+                match tx.send(late).await {
+                    Err(_) => Ok(()),
+                    Ok(resp) => Err(format!("accepted: {:?}", text(resp).await)),
+                }
+            },
+        )
+        .await;
         assert!(
             !server.is_finished(),
             "an exchange in flight holds the connection open"
-        );
-
-        // A stream opened after the GOAWAY is refused.
-        let late = Request::get("http://svc.test/late")
-            .body(Empty::<Bytes>::new())
-            .unwrap();
-        assert!(
-            tx.send(late).await.is_err(),
-            "a new stream after stop is refused"
         );
 
         release.notify_one();
@@ -625,13 +658,19 @@ mod tests {
 
     #[tokio::test]
     async fn a_drain_that_outlasts_its_timeout_is_cut() {
+        let _limit = crate::test_support::limit();
         let settings = Settings {
             max_concurrent_streams: 100,
             drain_timeout: Duration::from_millis(200),
         };
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let handler = |_req: Request<RecvBody>| async {
-            std::future::pending::<Response<Empty<Bytes>>>().await
+        let entered = Arc::new(Notify::new());
+        let handler = {
+            let entered = Arc::clone(&entered);
+            move |_req: Request<RecvBody>| {
+                entered.notify_one();
+                async { std::future::pending::<Response<Empty<Bytes>>>().await }
+            }
         };
         let (addr, server) = one_connection(settings, until(stop_rx), handler).await;
         let tx = client(addr).await;
@@ -641,7 +680,8 @@ mod tests {
                 .unwrap();
             tx.send(req).await.is_err()
         });
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Stop only once the stream is in the handler.
+        entered.notified().await;
         stop_tx.send(()).unwrap();
         let ended = tokio::time::timeout(Duration::from_secs(5), server)
             .await

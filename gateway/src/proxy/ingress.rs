@@ -1307,6 +1307,7 @@ mod tests {
 
     #[tokio::test]
     async fn tcp_export_is_spliced_to_a_backend_skipping_a_dead_one() {
+        let _limit = crate::test_support::limit();
         let (echo, count) = echo_backend().await;
         let dead = dead_addr().await;
         let gw = start(
@@ -1341,6 +1342,7 @@ mod tests {
 
     #[tokio::test]
     async fn refusals_close_the_connection_and_are_counted() {
+        let _limit = crate::test_support::limit();
         let (echo, count) = echo_backend().await;
         let gw = start(
             vec![
@@ -1399,6 +1401,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_without_a_trusted_certificate_fails_the_handshake() {
+        let _limit = crate::test_support::limit();
         let (echo, _) = echo_backend().await;
         let gw = start(
             vec![export("db", Protocol::Tcp, &[echo], &["mesh-b"])],
@@ -1431,6 +1434,7 @@ mod tests {
 
     #[tokio::test]
     async fn connection_cap_closes_new_connections() {
+        let _limit = crate::test_support::limit();
         let (echo, _) = echo_backend().await;
         let gw = start(
             vec![export("db", Protocol::Tcp, &[echo], &["mesh-b"])],
@@ -1464,6 +1468,7 @@ mod tests {
 
     #[tokio::test]
     async fn http_export_forwards_with_the_verified_identity() {
+        let _limit = crate::test_support::limit();
         let (backend, count) = http1_backend().await;
         let gw = start(
             vec![export("reviews", Protocol::Http, &[backend], &["mesh-b"])],
@@ -1534,6 +1539,7 @@ mod tests {
 
     #[tokio::test]
     async fn http_export_streams_bodies_over_one_pooled_backend_connection() {
+        let _limit = crate::test_support::limit();
         let (backend, accepts) = http1_echo_backend().await;
         let gw = start(
             vec![export("reviews", Protocol::Http, &[backend], &["mesh-b"])],
@@ -1587,6 +1593,7 @@ mod tests {
 
     #[tokio::test]
     async fn host_naming_another_service_is_misdirected() {
+        let _limit = crate::test_support::limit();
         let (backend, count) = http1_backend().await;
         let gw = start(
             vec![
@@ -1626,6 +1633,7 @@ mod tests {
 
     #[tokio::test]
     async fn upstream_failures_map_to_502_and_504() {
+        let _limit = crate::test_support::limit();
         let dead = dead_addr().await;
         // Accepts and reads, never answers.
         let hang = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1681,6 +1689,7 @@ mod tests {
 
     #[tokio::test]
     async fn grpc_export_goes_over_h2c_with_trailers() {
+        let _limit = crate::test_support::limit();
         let backend = h2c_backend().await;
         let gw = start(
             vec![export("ratings", Protocol::Grpc, &[backend], &["mesh-b"])],
@@ -1736,6 +1745,7 @@ mod tests {
 
     #[tokio::test]
     async fn catalog_changes_reroute_new_connections() {
+        let _limit = crate::test_support::limit();
         let (echo, _) = echo_backend().await;
         let gw = start(
             vec![export("db", Protocol::Tcp, &[echo], &["mesh-c"])],
@@ -1762,6 +1772,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_request_timeout_does_not_copy_the_exchange() {
+        let _limit = crate::test_support::limit();
         // Every request's exchange lives in one heap block that is allocated
         // and filled per request; an `async fn` timeout wrapper once kept the
         // backend exchange twice (8 KiB per request in release builds).

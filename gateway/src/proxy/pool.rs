@@ -376,6 +376,7 @@ mod tests {
     /// exactly `ceil(requests / streams_per_conn)` connections, capped.
     #[tokio::test]
     async fn burst_on_empty_pool_opens_exactly_the_connections_the_rule_allows() {
+        let _limit = crate::test_support::limit();
         let limits = PoolLimits {
             max_per_key: 4,
             streams_per_conn: 50,
@@ -390,8 +391,12 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    // Paused time: the clock advances only when every task waits, so the
+    // dial's sleep below ends only after the other 19 requests have queued
+    // behind its dial lock (not after 50 ms of hoping they did).
+    #[tokio::test(start_paused = true)]
     async fn waiters_share_a_dial_failure() {
+        let _limit = crate::test_support::limit();
         // A closed port: every dial fails at once.
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
@@ -405,7 +410,8 @@ mod tests {
             tasks.push(tokio::spawn(async move {
                 pool.get(&pool.handle(key(addr)), || async move {
                     dials.fetch_add(1, Ordering::SeqCst);
-                    // Slow enough that the other requests queue behind it.
+                    // Paused time (see above): waits for the other requests
+                    // to queue behind this dial, whatever the load.
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     dial(addr).await
                 })

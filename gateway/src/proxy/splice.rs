@@ -426,6 +426,7 @@ mod tests {
 
     #[tokio::test]
     async fn no_buffer_is_held_between_bursts_and_a_slow_writer_loses_nothing() {
+        let _limit = crate::test_support::limit();
         let mut d = Direction::new(Side::Downstream, Side::Upstream);
         let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
         let mut reader = &payload[..];
@@ -456,6 +457,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_idle_direction_owns_no_buffer() {
+        let _limit = crate::test_support::limit();
         let (_client, mut down) = tokio::io::duplex(64);
         let mut sink = tokio::io::sink();
         let mut d = Direction::new(Side::Downstream, Side::Upstream);
@@ -493,6 +495,7 @@ mod tests {
 
     #[tokio::test]
     async fn bytes_both_ways_and_half_close_over_tcp() {
+        let _limit = crate::test_support::limit();
         let backend = echo_server().await;
         let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let front_addr = front.local_addr().unwrap();
@@ -518,6 +521,7 @@ mod tests {
 
     #[tokio::test]
     async fn half_close_reply_after_request_end() {
+        let _limit = crate::test_support::limit();
         // The upstream answers only once it sees the request's EOF.
         let (client, proxy_down) = tokio::io::duplex(64);
         let (proxy_up, mut server) = tokio::io::duplex(64);
@@ -541,12 +545,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn idle_timeout_closes_both() {
+        let _limit = crate::test_support::limit();
         let (mut client, proxy_down) = tokio::io::duplex(64);
         let (proxy_up, mut server) = tokio::io::duplex(64);
         let started = Instant::now();
         let task = tokio::spawn(splice(proxy_down, proxy_up, Duration::from_secs(30)));
 
-        // Activity at 20s pushes the deadline to 50s.
+        // Activity at 20s pushes the deadline to 50s. (Paused time: this
+        // sleep is time passing, not an ordering wait.)
         tokio::time::sleep(Duration::from_secs(20)).await;
         client.write_all(b"x").await.unwrap();
         let mut one = [0u8; 1];
@@ -566,13 +572,16 @@ mod tests {
 
     #[tokio::test]
     async fn upstream_reset_is_named_upstream() {
+        let _limit = crate::test_support::limit();
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         tokio::spawn(async move {
             let (s, _) = l.accept().await.unwrap();
             // Closing with unread data in the receive buffer makes the
-            // kernel answer with RST instead of FIN.
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            // kernel answer with RST instead of FIN: wait until data is
+            // there (peek leaves it unread), then close.
+            let mut first = [0u8; 1];
+            s.peek(&mut first).await.unwrap();
             drop(s);
         });
         let up = TcpStream::connect(addr).await.unwrap();

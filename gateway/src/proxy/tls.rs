@@ -389,7 +389,14 @@ pub async fn connect(
     mut io: TcpStream,
 ) -> io::Result<TlsStream> {
     let mut conn = UnbufferedClientConnection::new(config, name).map_err(tls_err)?;
-    let leftover = drive(&mut io, &mut conn, |c, b| c.process_tls_records(b), || {}).await?;
+    let leftover = drive(
+        &mut io,
+        &mut conn,
+        |c, b| c.process_tls_records(b),
+        |c| c.is_handshaking(),
+        || {},
+    )
+    .await?;
     let tls13 = is_tls13(conn.protocol_version())?;
     let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
     let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(tls_err)?;
@@ -408,6 +415,7 @@ pub async fn accept(
         &mut io,
         &mut conn,
         |c, b| c.process_tls_records(b),
+        |c| c.is_handshaking(),
         || {
             if let Some(sni) = LAST_SNI.with(|s| s.borrow_mut().take()) {
                 server_name = Some(sni);
@@ -454,18 +462,30 @@ struct Leftover {
 /// Runs rustls's unbuffered handshake over `io` until application data may
 /// be written. On failure, the alert rustls queued is sent
 /// before the error returns, so the peer learns why.
+///
+/// rustls is given one record at a time, and none once the handshake is
+/// over: records that follow the peer's last handshake record in the same
+/// read (data, a KeyUpdate sent with the client's Finished) are left to the
+/// record layer. A KeyUpdate rustls read here would switch its sending key
+/// and queue its answer where the handover to [`TlsStream`] drops it.
 async fn drive<C, D>(
     io: &mut TcpStream,
     conn: &mut C,
     process: impl for<'c, 'i> Fn(&'c mut C, &'i mut [u8]) -> UnbufferedStatus<'c, 'i, D>,
+    handshaking: impl Fn(&C) -> bool,
     mut after_step: impl FnMut(),
 ) -> io::Result<Leftover> {
     let mut out = Vec::new();
     let mut inbuf = BytesMut::new();
     let mut early = Vec::new();
     let mut peer_closed = false;
+    // The front of `inbuf` offered to rustls: whole records only.
+    let mut fed = 0;
     loop {
-        let UnbufferedStatus { mut discard, state } = process(conn, &mut inbuf[..]);
+        if !handshaking(conn) {
+            fed = 0;
+        }
+        let UnbufferedStatus { mut discard, state } = process(conn, &mut inbuf[..fed]);
         after_step();
         let mut read = false;
         match state {
@@ -521,17 +541,34 @@ async fn drive<C, D>(
                 )));
             }
         }
+        fed = fed.saturating_sub(discard);
         inbuf.advance(discard);
+        // rustls has taken all it was offered and waits for more: offer the
+        // next record, reading until it is whole.
         if read {
-            inbuf.reserve(READ_SMALL);
-            if io.read_buf(&mut inbuf).await? == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "tls handshake: the peer closed the connection",
-                ));
-            }
+            fed = loop {
+                if let Some(end) = record_end(&inbuf, fed) {
+                    break end;
+                }
+                inbuf.reserve(READ_SMALL);
+                if io.read_buf(&mut inbuf).await? == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "tls handshake: the peer closed the connection",
+                    ));
+                }
+            };
         }
     }
+}
+
+/// Where the record that starts at `from` in `buf` ends, if it is whole.
+fn record_end(buf: &[u8], from: usize) -> Option<usize> {
+    let [_, _, _, hi, lo] = *buf.get(from..from + HEADER)? else {
+        return None;
+    };
+    let end = from + HEADER + usize::from(u16::from_be_bytes([hi, lo]));
+    (end <= buf.len()).then_some(end)
 }
 
 /// Appends one handshake record rustls has for us to `out`.
@@ -1218,6 +1255,7 @@ mod tests {
 
     #[tokio::test]
     async fn our_client_and_a_rustls_server_carry_megabytes_both_ways() {
+        let _limit = crate::test_support::limit();
         let (tls, server) = our_client_to_a_rustls_echo().await;
         assert_eq!(tls.alpn_protocol(), Some(&b"h2"[..]));
         let data = payload(3 << 20);
@@ -1227,6 +1265,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_rustls_client_and_our_server_carry_megabytes_both_ways() {
+        let _limit = crate::test_support::limit();
         let pki = pki();
         let (c, server) = our_echo_server(&pki).await;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(pki.client()));
@@ -1243,6 +1282,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_key_update_the_peer_requests_is_followed_and_answered() {
+        let _limit = crate::test_support::limit();
         let pki = pki();
         let (c, s) = pair().await;
         let config = server_config(pki.server());
@@ -1268,8 +1308,78 @@ mod tests {
         assert_eq!(server.await.unwrap(), 2, "each request must be answered");
     }
 
+    /// A client may ask for new keys in the same flight as its Finished
+    /// (here: one write holding Finished, a KeyUpdate asking for an answer,
+    /// and data). The server's handshake must leave that KeyUpdate to the
+    /// record layer: were rustls to read it during the handshake, it would
+    /// switch its sending key and queue the answer where the handover never
+    /// sends it, and the client could not decrypt anything after. This was
+    /// the load-dependent failure of the test above.
+    #[tokio::test]
+    async fn a_key_update_in_the_flight_of_the_client_finished_is_answered() {
+        let _limit = crate::test_support::limit();
+        let pki = pki();
+        let (c, s) = pair().await;
+        let config = server_config(pki.server());
+        let server = tokio::spawn(async move {
+            let (mut tls, _) = accept(config, s).await.unwrap();
+            let mut buf = [0; 5];
+            tls.read_exact(&mut buf).await.unwrap();
+            tls.write_all(&buf).await.unwrap();
+            tls.flush().await.unwrap();
+            tls.key_updates_sent
+        });
+        let client_config = Arc::new(pki.client());
+        let c = c.into_std().unwrap();
+        c.set_nonblocking(false).unwrap();
+        let echoed = tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            let mut sock = c;
+            let mut conn = rustls::ClientConnection::new(client_config, name()).unwrap();
+            // The handshake up to the client's Finished, which is queued
+            // but not written yet.
+            while conn.is_handshaking() {
+                if conn.wants_write() {
+                    conn.write_tls(&mut sock).unwrap();
+                } else {
+                    conn.read_tls(&mut sock).unwrap();
+                    conn.process_new_packets().unwrap();
+                }
+            }
+            conn.refresh_traffic_keys().unwrap();
+            conn.writer().write_all(b"first").unwrap();
+            // Finished, KeyUpdate and data in one write.
+            conn.write_tls(&mut sock).unwrap();
+            assert!(!conn.wants_write(), "the flight took more than one write");
+            let mut got = Vec::new();
+            while got.len() < 5 {
+                if conn.read_tls(&mut sock).unwrap() == 0 {
+                    break;
+                }
+                conn.process_new_packets()
+                    .unwrap_or_else(|e| panic!("the client cannot read the answer: {e}"));
+                let mut buf = [0; 16];
+                match conn.reader().read(&mut buf) {
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            got
+        })
+        .await
+        .unwrap();
+        assert_eq!(echoed, b"first");
+        assert_eq!(
+            server.await.unwrap(),
+            1,
+            "the request for new keys is answered"
+        );
+    }
+
     #[tokio::test]
     async fn our_keys_are_replaced_before_their_limit() {
+        let _limit = crate::test_support::limit();
         let (mut tls, server) = our_client_to_a_rustls_echo().await;
         tls.set_tx_limit(2);
         let data = payload(10 * MAX_PLAINTEXT);
@@ -1297,6 +1407,7 @@ mod tests {
 
     #[tokio::test]
     async fn tickets_a_server_sends_after_the_handshake_resume_the_next_connection() {
+        let _limit = crate::test_support::limit();
         let pki = pki();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(pki.server()));
         let config = client_config(pki.client());
@@ -1345,6 +1456,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_tampered_record_is_an_error_naming_it() {
+        let _limit = crate::test_support::limit();
         let mut record = vec![APPLICATION_DATA, 3, 3, 0, 40];
         record.extend_from_slice(&[7; 40]);
         let e = read_error_after(Some(&record)).await;
@@ -1353,18 +1465,21 @@ mod tests {
 
     #[tokio::test]
     async fn an_oversized_record_is_refused_before_it_is_read() {
+        let _limit = crate::test_support::limit();
         let e = read_error_after(Some(&[APPLICATION_DATA, 3, 3, 0x48, 0])).await;
         assert!(e.to_string().contains("record length 18432"), "{e}");
     }
 
     #[tokio::test]
     async fn a_close_without_close_notify_is_an_unexpected_eof() {
+        let _limit = crate::test_support::limit();
         let e = read_error_after(None).await;
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
     }
 
     #[tokio::test]
     async fn data_and_a_close_sent_right_after_the_handshake_are_kept() {
+        let _limit = crate::test_support::limit();
         let pki = pki();
         let (c, s) = pair().await;
         let config = server_config(pki.server());
@@ -1410,6 +1525,7 @@ mod tests {
 
     #[tokio::test]
     async fn every_suite_of_both_versions_carries_data() {
+        let _limit = crate::test_support::limit();
         use rustls::crypto::aws_lc_rs::cipher_suite as cs;
         let pki = pki();
         for suite in [
@@ -1439,6 +1555,7 @@ mod tests {
 
     #[tokio::test]
     async fn bytes_relayed_from_a_socket_are_sealed_where_they_land() {
+        let _limit = crate::test_support::limit();
         use rustls::crypto::aws_lc_rs::cipher_suite as cs;
         let pki = pki();
         // TLS 1.3, and TLS 1.2 with the explicit nonce of AES-GCM.
@@ -1472,6 +1589,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_spliced_client_reaches_the_peer_across_key_updates() {
+        let _limit = crate::test_support::limit();
         let (mut tls, server) = our_client_to_a_rustls_echo().await;
         // The direct path steps aside while a key must be replaced.
         tls.set_tx_limit(2 * RELAY_RECORDS as u64);
@@ -1490,6 +1608,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_tls12_client_and_our_server_carry_data_both_ways() {
+        let _limit = crate::test_support::limit();
         let pki = pki();
         let (c, server) = our_echo_server(&pki).await;
         let tls12 = elsinore_certs::client_config_with_versions(
@@ -1517,6 +1636,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_waiting_for_its_peer_holds_no_buffer() {
+        let _limit = crate::test_support::limit();
         let pki = pki();
         let (c, s) = pair().await;
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(pki.server()));
@@ -1587,6 +1707,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_resumes_with_our_server_and_keeps_its_identity() {
+        let _limit = crate::test_support::limit();
         let pki = pki();
         let config = server_config(pki.server());
         let connector = tokio_rustls::TlsConnector::from(Arc::new(pki.client()));

