@@ -113,6 +113,7 @@ pub async fn run(
             || next.peers != current.peers
             || next.imports != current.imports
             || next.federation != current.federation
+            || next.drain != current.drain
         {
             tracing::warn!("config changes outside `exports`/`advertise` need a restart to apply");
         }

@@ -67,3 +67,10 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 pub const MAX_CONNECTIONS: usize = 10_000;
 /// HTTP/2 max concurrent streams per connection we serve.
 pub const HTTP2_MAX_CONCURRENT_STREAMS: u32 = 1000;
+
+/// After SIGTERM, how long `/ready` fails while every listener still
+/// serves, so load balancers and endpoint controllers take us out first.
+pub const DRAIN_DELAY: Duration = Duration::from_secs(5);
+/// Then, how long in-flight requests and streams get to finish once the
+/// listeners stopped accepting; what is left is cut.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);

@@ -24,6 +24,8 @@ pub(super) struct RawConfig {
     pub federation: RawFederation,
     #[serde(default)]
     pub proxy: RawProxy,
+    #[serde(default)]
+    pub drain: RawDrain,
 }
 
 #[derive(Debug, Deserialize)]
@@ -118,4 +120,11 @@ pub(super) struct RawProxy {
     pub http2_max_concurrent_streams: Option<i64>,
     pub tls_resumption: Option<bool>,
     pub yield_to_clients: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RawDrain {
+    pub delay: Option<String>,
+    pub timeout: Option<String>,
 }
