@@ -214,5 +214,58 @@ pub fn render(shared: &Shared, ingress: &IngressStats, egress: &EgressStats) -> 
             ("side=\"internal\"".to_owned(), e.errors_internal),
         ],
     );
+    tls(&mut out, shared);
+    family(
+        &mut out,
+        "elsinore_draining",
+        "gauge",
+        "1 once SIGTERM started the drain (/ready fails).",
+        &one(u64::from(shared.draining.load(Ordering::Acquire))),
+    );
     out
+}
+
+/// Certificate expiry and rotations (see `credentials`).
+fn tls(out: &mut String, shared: &Shared) {
+    use crate::credentials::{Kind, REFUSAL_REASONS};
+    let status = shared.tls_status.snapshot();
+    family(
+        out,
+        "elsinore_tls_certificate_expiry_timestamp_seconds",
+        "gauge",
+        "notAfter of the identity certificate in use (kind=identity, name=its SPIFFE ID) and the earliest of each peer's trust bundle CAs (kind=bundle, name=the peer), in seconds since the Unix epoch.",
+        &status
+            .expiry
+            .iter()
+            .map(|(kind, name, at)| (format!("kind=\"{}\",name=\"{name}\"", kind.label()), *at))
+            .collect::<Vec<_>>(),
+    );
+    let kinds = [Kind::Identity, Kind::Bundle];
+    family(
+        out,
+        "elsinore_tls_rotations_total",
+        "counter",
+        "New TLS material published without a restart, by what changed.",
+        &kinds
+            .iter()
+            .map(|k| {
+                let n = status.rotations.get(k).copied().unwrap_or(0);
+                (format!("kind=\"{}\"", k.label()), n)
+            })
+            .collect::<Vec<_>>(),
+    );
+    family(
+        out,
+        "elsinore_tls_rotations_refused_total",
+        "counter",
+        "New certificate, key or bundle files refused (the old material stays in use), by what and why.",
+        &kinds
+            .iter()
+            .flat_map(|k| REFUSAL_REASONS.iter().map(move |r| (*k, *r)))
+            .map(|(k, r)| {
+                let n = status.refused.get(&(k, r)).copied().unwrap_or(0);
+                (format!("kind=\"{}\",reason=\"{r}\"", k.label()), n)
+            })
+            .collect::<Vec<_>>(),
+    );
 }

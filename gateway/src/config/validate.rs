@@ -18,8 +18,8 @@ use super::raw::{
     RawProxy,
 };
 use super::{
-    Advertise, ApiVersion, Config, ConfigError, ConfigErrors, Export, FederationTuning,
-    Drain, IdentityFiles, Imports, Listeners, Mesh, Peer, ProxyTuning, defaults,
+    Advertise, ApiVersion, Config, ConfigError, ConfigErrors, Drain, Export, FederationTuning,
+    IdentityFiles, Imports, Listeners, Mesh, Peer, ProxyTuning, defaults,
 };
 
 const LABEL_RULE: &str =

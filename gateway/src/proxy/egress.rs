@@ -57,8 +57,6 @@ const STREAMS_PER_CONN: usize = 100;
 /// Client configs cached at most; a catalog with more distinct (peer, SANs)
 /// pairs just rebuilds some (cheap next to the handshake that follows).
 const TLS_CACHE_MAX: usize = 256;
-/// How long an HTTP connection may drain after shutdown or idleness.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a failed VIP bind is retried even without a catalog change.
 const BIND_RETRY: Duration = Duration::from_secs(5);
 
@@ -151,6 +149,22 @@ pub async fn run(ctx: ProxyContext, catch_all: Option<TcpListener>, stats: Arc<E
     if let Some(listener) = catch_all {
         listener.stop().await;
     }
+    // Requests and streams in flight get `drain.timeout` to finish.
+    let open = egress.open.count();
+    if open > 0 {
+        tracing::info!(open, "egress draining connections");
+    }
+    let drained = tokio::select! {
+        () = egress.open.idle() => true,
+        () = ctx.abort.cancelled() => false,
+        () = tokio::time::sleep(ctx.drain_timeout) => false,
+    };
+    if !drained {
+        tracing::warn!(
+            open = egress.open.count(),
+            "egress drain timed out; closing remaining connections"
+        );
+    }
 }
 
 /// Which listener a connection came in on.
@@ -212,8 +226,6 @@ fn sni_for<'a>(instance: &'a Instance, entry: &'a VipEntry) -> &'a str {
 
 /// What egress derives once per VIP entry (see [`Egress::routes`]).
 struct Routes {
-    /// The client config of pooled HTTP/2 connections, or why there is none.
-    tls_h2: Result<Arc<rustls::ClientConfig>, ProxyError>,
     /// The HTTP targets in round-robin order.
     http: Vec<HttpTarget>,
     /// The `:authority` for the Host apps last sent to this import.
@@ -292,8 +304,13 @@ struct Egress {
     stats: Arc<EgressStats>,
     /// The latest VIP table, read lock-free per connection and per request.
     table: ArcSwap<VipTable>,
-    tls: Mutex<HashMap<TlsKey, Arc<rustls::ClientConfig>>>,
+    /// Client configs built from one generation of TLS material: emptied
+    /// when the credentials rotate, so the next dial presents (and
+    /// verifies with) the new material, with a new session cache.
+    tls: Mutex<(u64, HashMap<TlsKey, Arc<rustls::ClientConfig>>)>,
     pool: H2Pool,
+    /// Connections served now (drain waits for them).
+    open: super::Tracker,
     /// Round-robin position over a service's endpoints.
     next: AtomicUsize,
 }
@@ -310,8 +327,9 @@ impl Egress {
             table,
             ctx,
             stats,
-            tls: Mutex::new(HashMap::new()),
+            tls: Mutex::new((0, HashMap::new())),
             pool,
+            open: super::Tracker::default(),
             next: AtomicUsize::new(0),
         }
     }
@@ -422,8 +440,10 @@ impl Egress {
         match entry {
             Some(entry) if service_mode(&entry) == Mode::Stream => {
                 let span = tracing::info_span!("egress", client.addr = %client, service = %entry.fqdn, peer = %entry.import.peer);
+                let open = self.open.enter();
                 tokio::spawn(
                     async move {
+                        let _open = open;
                         // Boxed: the TLS dial and splice state stay out of
                         // the task's own allocation until they are needed.
                         match Box::pin(self.serve_stream(&entry, tcp)).await {
@@ -442,7 +462,11 @@ impl Egress {
                 );
             }
             _ => {
-                tokio::spawn(self.serve_http(tcp, client, route, permit));
+                let open = self.open.enter();
+                tokio::spawn(async move {
+                    let _open = open;
+                    self.serve_http(tcp, client, route, permit).await;
+                });
             }
         }
     }
@@ -487,7 +511,6 @@ impl Egress {
             })
             .collect();
         Routes {
-            tls_h2: self.client_config(entry, true),
             http,
             authority: AuthorityMemo::default(),
         }
@@ -505,10 +528,17 @@ impl Egress {
             sans: import.service.sans.clone(),
             h2,
         };
-        if let Some(config) = lock(&self.tls).get(&key) {
-            return Ok(config.clone());
+        let generation = self.ctx.credentials.generation();
+        {
+            let cache = lock(&self.tls);
+            if cache.0 == generation
+                && let Some(config) = cache.1.get(&key)
+            {
+                return Ok(config.clone());
+            }
         }
-        let bundle = self.ctx.bundles.get(&import.peer).ok_or_else(|| {
+        let material = self.ctx.credentials.current();
+        let bundle = material.bundles.get(&import.peer).ok_or_else(|| {
             ProxyError::internal(
                 ErrorKind::HandshakeFailed,
                 format!("no trust bundle configured for peer {}", import.peer),
@@ -540,7 +570,7 @@ impl Egress {
         }
         let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[] };
         let config =
-            elsinore_certs::client_config(&self.ctx.identity, bundle, Some(&allowed), alpn)
+            elsinore_certs::client_config(&material.identity, bundle, Some(&allowed), alpn)
                 .map_err(|e| {
                     ProxyError::internal(
                         ErrorKind::HandshakeFailed,
@@ -556,10 +586,10 @@ impl Egress {
         }
         let config = tls::client_config(config);
         let mut cache = lock(&self.tls);
-        if cache.len() >= TLS_CACHE_MAX {
-            cache.clear();
+        if cache.0 != material.generation || cache.1.len() >= TLS_CACHE_MAX {
+            *cache = (material.generation, HashMap::new());
         }
-        cache.insert(key, config.clone());
+        cache.1.insert(key, config.clone());
         Ok(config)
     }
 
@@ -661,7 +691,8 @@ impl Egress {
         };
         let (sent, received) = tokio::select! {
             spliced = splice_to_tls(client, upstream, self.ctx.tuning.idle_timeout) => spliced?,
-            _ = self.ctx.shutdown.cancelled() => return Ok(()),
+            // A stream in flight outlives the start of a drain, not its end.
+            _ = self.ctx.abort.cancelled() => return Ok(()),
         };
         tracing::debug!(sent, received, "connection finished");
         Ok(())
@@ -713,7 +744,7 @@ impl Egress {
         };
         let settings = h2server::Settings {
             max_concurrent_streams: self.ctx.tuning.http2_max_concurrent_streams,
-            drain_timeout: DRAIN_TIMEOUT,
+            drain_timeout: self.ctx.drain_timeout,
         };
         let egress = &*self;
         let served =
@@ -721,7 +752,8 @@ impl Egress {
         match served {
             Ok(h2server::Ended::Closed) => {}
             Ok(h2server::Ended::DrainTimedOut) => tracing::debug!(
-                "downstream h2c connection still busy after {DRAIN_TIMEOUT:?}; closed"
+                drain_timeout = ?self.ctx.drain_timeout,
+                "downstream h2c connection still busy after the drain timeout; closed"
             ),
             Err(error) => {
                 tracing::debug!(%error, "downstream h2c connection ended with an error");
@@ -837,7 +869,6 @@ impl Egress {
         }
         let version = req.version();
         let mut req = upstream_request(req, entry, &routes.authority)?;
-        let config = routes.tls_h2.clone()?;
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut last = None;
         'targets: for k in 0..targets.len() {
@@ -847,7 +878,14 @@ impl Egress {
             // A pooled connection may close between the lease and the send;
             // the request comes back unsent then and goes on a fresh lease.
             for _ in 0..2 {
-                let dial = || Box::pin(self.dial_h2(entry, endpoint, sni, config.clone()));
+                // The config is looked up per dial, not per request: a
+                // rotation reaches the next pooled connection.
+                let dial = || {
+                    Box::pin(async move {
+                        let config = self.client_config(entry, true)?;
+                        self.dial_h2(entry, endpoint, sni, config).await
+                    })
+                };
                 let lease = match self.pool.get(&target.pool, dial).await {
                     Ok(lease) => lease,
                     Err(e) if e.retry_safe => {
@@ -1197,10 +1235,17 @@ mod tests {
     fn context(w: &World, tuning: ProxyTuning) -> ProxyContext {
         ProxyContext {
             shared: crate::state::new_shared("mesh-b".into(), ExportCatalog::default(), &[]),
-            identity: w.ident_b.clone(),
-            bundles: Arc::new([("mesh-a".to_owned(), w.bundle_a.clone())].into()),
+            credentials: Arc::new(
+                crate::credentials::Credentials::fixed(
+                    w.ident_b.clone(),
+                    [("mesh-a".to_owned(), w.bundle_a.clone())].into(),
+                )
+                .unwrap(),
+            ),
             tuning,
             shutdown: CancellationToken::new(),
+            abort: CancellationToken::new(),
+            drain_timeout: Duration::from_secs(5),
         }
     }
 

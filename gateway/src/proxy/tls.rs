@@ -390,6 +390,17 @@ pub async fn connect(
 ) -> io::Result<TlsStream> {
     let mut conn = UnbufferedClientConnection::new(config, name).map_err(tls_err)?;
     let leftover = drive(&mut io, &mut conn, |c, b| c.process_tls_records(b), || {}).await?;
+    // A resumed session skips chain verification: the server identity its
+    // ticket carries must not outlive the certificate it came from.
+    if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+        && let Some([leaf, ..]) = conn.peer_certificates()
+    {
+        elsinore_certs::check_not_expired(leaf, std::time::SystemTime::now()).map_err(|e| {
+            protocol(&format!(
+                "resumed a session whose server certificate has expired: {e}"
+            ))
+        })?;
+    }
     let tls13 = is_tls13(conn.protocol_version())?;
     let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
     let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(tls_err)?;
