@@ -139,6 +139,8 @@ pub struct StatusInner {
     pub expiry: Vec<(Kind, String, u64)>,
     pub rotations: HashMap<Kind, u64>,
     pub refused: HashMap<(Kind, &'static str), u64>,
+    /// The last refusal, as logged (it names the file).
+    pub last_refusal: Option<String>,
 }
 
 impl TlsStatus {
@@ -237,6 +239,15 @@ impl Credentials {
                 })
                 .collect(),
         };
+        Self::from_sources(sources, identity, bundles, status)
+    }
+
+    fn from_sources(
+        sources: Sources,
+        identity: Identity,
+        bundles: HashMap<String, TrustBundle>,
+        status: Arc<TlsStatus>,
+    ) -> Result<Credentials, CertError> {
         let material = Material::build(1, identity, bundles)?;
         status.set_expiry(&material, &sources.peers);
         // What the files hold now; a later read that differs is a rotation.
@@ -357,12 +368,9 @@ impl Credentials {
         // reported on every attempt.
         for r in &refused {
             tracing::error!(file = %r.file.display(), kind = r.kind.label(), reason = r.reason, "certificate rotation refused; keeping the material in use: {}", r.message);
-            *self
-                .status
-                .lock()
-                .refused
-                .entry((r.kind, r.reason))
-                .or_default() += 1;
+            let mut status = self.status.lock();
+            *status.refused.entry((r.kind, r.reason)).or_default() += 1;
+            status.last_refusal = Some(r.to_string());
         }
         if rotated.is_empty() {
             return refused;
@@ -571,5 +579,205 @@ pub async fn watch(credentials: Arc<Credentials>, shutdown: CancellationToken) {
         let creds = Arc::clone(&credentials);
         // File reads and certificate parsing: off the async workers.
         let _ = tokio::task::spawn_blocking(move || creds.reload()).await;
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use elsinore_certs::{Ca, SpiffeId};
+
+    use super::*;
+
+    struct Files {
+        _dir: tempfile::TempDir,
+        cert: PathBuf,
+        key: PathBuf,
+        bundle: PathBuf,
+        td: TrustDomain,
+        creds: Credentials,
+    }
+
+    fn td(s: &str) -> TrustDomain {
+        s.parse().unwrap()
+    }
+
+    fn write_identity(f: &Files, ca: &Ca, id: &SpiffeId) {
+        let issued = ca.issue(id, &[], &[]).unwrap();
+        std::fs::write(&f.cert, issued.cert_pem).unwrap();
+        std::fs::write(&f.key, issued.key_pem).unwrap();
+    }
+
+    /// Mesh a.test with peer b (bundle: b's CA), all in files.
+    fn setup() -> (Files, Ca, Ca) {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (td("a.test"), td("b.test"));
+        let (ca_a, ca_b) = (Ca::new(&a).unwrap(), Ca::new(&b).unwrap());
+        let cert = dir.path().join("tls.crt");
+        let key = dir.path().join("tls.key");
+        let bundle = dir.path().join("b.pem");
+        let issued = ca_a.issue(&SpiffeId::gateway(a.clone()), &[], &[]).unwrap();
+        std::fs::write(&cert, &issued.cert_pem).unwrap();
+        std::fs::write(&key, &issued.key_pem).unwrap();
+        std::fs::write(&bundle, ca_b.cert_pem()).unwrap();
+        let sources = Sources {
+            files: true,
+            certificate: cert.clone(),
+            private_key: key.clone(),
+            trust_domain: a.clone(),
+            peers: vec![PeerSource {
+                name: "b".into(),
+                trust_domain: b.clone(),
+                file: bundle.clone(),
+            }],
+        };
+        let identity = Identity::load(&cert, &key).unwrap();
+        let bundles = HashMap::from([(
+            "b".to_owned(),
+            TrustBundle::load(b.clone(), &bundle).unwrap(),
+        )]);
+        let creds = Credentials::from_sources(sources, identity, bundles, Arc::default()).unwrap();
+        let files = Files {
+            _dir: dir,
+            cert,
+            key,
+            bundle,
+            td: a,
+            creds,
+        };
+        (files, ca_a, ca_b)
+    }
+
+    #[test]
+    fn a_new_certificate_from_a_new_ca_is_published_whole() {
+        let (f, _, ca_b) = setup();
+        let before = f.creds.current();
+        assert!(
+            f.creds.reload().is_empty(),
+            "unchanged files: nothing to do"
+        );
+        assert_eq!(f.creds.generation(), 1);
+
+        let ca_a2 = Ca::new(&f.td).unwrap();
+        write_identity(&f, &ca_a2, &SpiffeId::gateway(f.td.clone()));
+        assert_eq!(f.creds.reload(), vec![]);
+        let after = f.creds.current();
+        assert_eq!(after.generation, 2);
+        assert_ne!(after.identity.cert_chain(), before.identity.cert_chain());
+        assert!(!Arc::ptr_eq(
+            &after.federation_server,
+            &before.federation_server
+        ));
+
+        // Old + new CA in the peer's bundle, then the new one alone.
+        let ca_b2 = Ca::new(&td("b.test")).unwrap();
+        std::fs::write(&f.bundle, ca_b.cert_pem() + &ca_b2.cert_pem()).unwrap();
+        assert_eq!(f.creds.reload(), vec![]);
+        assert_eq!(f.creds.current().bundles["b"].roots().len(), 2);
+        std::fs::write(&f.bundle, ca_b2.cert_pem()).unwrap();
+        assert_eq!(f.creds.reload(), vec![]);
+        assert_eq!(f.creds.current().bundles["b"].roots().len(), 1);
+        let status = f.creds.status.snapshot();
+        assert_eq!(status.rotations[&Kind::Identity], 1);
+        assert_eq!(status.rotations[&Kind::Bundle], 2);
+        assert_eq!(f.creds.generation(), 4);
+    }
+
+    #[test]
+    fn bad_new_files_are_refused_naming_the_file_and_the_old_material_stays() {
+        let (f, ca_a, _) = setup();
+        let check = |what: &str, kind: Kind, reason: &str, file: &Path| {
+            let refused = f.creds.reload();
+            assert_eq!(refused.len(), 1, "{what}: {refused:?}");
+            assert_eq!(
+                (refused[0].kind, refused[0].reason),
+                (kind, reason),
+                "{what}"
+            );
+            assert_eq!(refused[0].file, file, "{what}");
+            assert!(
+                refused[0]
+                    .to_string()
+                    .starts_with(&file.display().to_string()),
+                "{what}: {}",
+                refused[0]
+            );
+            assert_eq!(f.creds.generation(), 1, "{what}: old material kept");
+            // Reported once: the same content is not refused again.
+            assert!(f.creds.reload().is_empty(), "{what}");
+        };
+
+        std::fs::write(
+            &f.cert,
+            "-----BEGIN CERTIFICATE-----\n!!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        check("garbage certificate", Kind::Identity, "unparsable", &f.cert);
+
+        // A valid certificate whose key is another one.
+        let issued = ca_a
+            .issue(&SpiffeId::gateway(f.td.clone()), &[], &[])
+            .unwrap();
+        std::fs::write(&f.cert, &issued.cert_pem).unwrap();
+        check("mismatched key", Kind::Identity, "key_mismatch", &f.cert);
+
+        // A valid pair for another trust domain.
+        write_identity(&f, &ca_a, &SpiffeId::gateway(td("other.test")));
+        check(
+            "other trust domain",
+            Kind::Identity,
+            "trust_domain",
+            &f.cert,
+        );
+
+        std::fs::write(&f.bundle, "not pem at all").unwrap();
+        check(
+            "bundle without a certificate",
+            Kind::Bundle,
+            "unparsable",
+            &f.bundle,
+        );
+
+        std::fs::remove_file(&f.key).unwrap();
+        let refused = f.creds.reload();
+        assert_eq!(refused[0].reason, "unreadable");
+        assert_eq!(refused[0].file, f.key);
+
+        let status = f.creds.status.snapshot();
+        assert_eq!(status.refused[&(Kind::Identity, "unparsable")], 1);
+        assert_eq!(status.refused[&(Kind::Identity, "key_mismatch")], 1);
+        assert_eq!(status.refused[&(Kind::Identity, "trust_domain")], 1);
+        assert_eq!(status.refused[&(Kind::Bundle, "unparsable")], 1);
+        assert!(status.rotations.is_empty());
+        assert!(
+            status
+                .last_refusal
+                .unwrap()
+                .contains(&f.key.display().to_string())
+        );
+
+        // A good pair again is taken.
+        write_identity(&f, &ca_a, &SpiffeId::gateway(f.td.clone()));
+        std::fs::write(&f.bundle, Ca::new(&td("b.test")).unwrap().cert_pem()).unwrap();
+        assert_eq!(f.creds.reload(), vec![]);
+        assert_eq!(f.creds.generation(), 2);
+    }
+
+    #[test]
+    fn expiry_is_published_for_the_identity_and_each_bundle() {
+        let (f, _, _) = setup();
+        let status = f.creds.status.snapshot();
+        let now = epoch_secs(SystemTime::now());
+        let identity = status
+            .expiry
+            .iter()
+            .find(|e| e.0 == Kind::Identity)
+            .unwrap();
+        assert_eq!(identity.1, SpiffeId::gateway(f.td.clone()).to_string());
+        // 90-day leaf, one-year CA.
+        assert!((now + 89 * 86_400..now + 91 * 86_400).contains(&identity.2));
+        let bundle = status.expiry.iter().find(|e| e.0 == Kind::Bundle).unwrap();
+        assert_eq!(bundle.1, "b");
+        assert!((now + 364 * 86_400..now + 366 * 86_400).contains(&bundle.2));
     }
 }
