@@ -253,15 +253,24 @@ impl ConsumerTask {
             let Some(reason) = end else {
                 return self.save_cache(writer, &session);
             };
-            match &reason {
+            let ended = match &reason {
                 // Draining or restarting: not an error. Imports stay (stale
                 // after `staleAfter`) and we dial again with backoff.
                 CloseReason::Other(text) if text == CLEAN_END => {
                     tracing::info!(
                         "owner ended the stream cleanly; keeping its imports until staleAfter"
                     );
+                    "the owner ended the stream cleanly (draining or restarting)".to_owned()
                 }
-                _ => tracing::warn!(reason = ?reason, "federation stream lost"),
+                CloseReason::Unauthenticated(text)
+                | CloseReason::InvalidArgument(text)
+                | CloseReason::Other(text) => {
+                    tracing::warn!(reason = ?reason, "federation stream lost");
+                    format!("stream lost: {text}")
+                }
+            };
+            if stats.connected {
+                stats.last_stream_end = Some(ended);
             }
             match session.on_stream_closed(Instant::now(), reason, rand::random::<f64>()) {
                 AfterClose::ReconnectAt(at) => {
@@ -509,7 +518,7 @@ impl ConsumerTask {
             SyncState::Connecting => ("connecting", None),
             SyncState::Syncing => ("syncing", None),
             SyncState::Synced => ("synced", None),
-            SyncState::Disconnected { .. } => ("disconnected", None),
+            SyncState::Disconnected { .. } => ("disconnected", counters.last_stream_end.clone()),
             SyncState::Failed { reason } => ("failed", Some(reason.clone())),
             SyncState::Stopped => ("stopped", None),
         };
@@ -540,6 +549,9 @@ impl ConsumerTask {
 #[derive(Default)]
 struct Counters {
     connected: bool,
+    /// How the last open stream ended (not a failed dial): shown while
+    /// disconnected, so a drained peer reads differently from a broken one.
+    last_stream_end: Option<String>,
     attempted: bool,
     reconnects: u64,
     failed: Option<String>,
