@@ -1479,6 +1479,66 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_resumed_session_does_not_outlive_the_peer_certificate() {
+        let (echo, count) = echo_backend().await;
+        let gw = start(
+            vec![export("db", Protocol::Tcp, &[echo], &["mesh-b"])],
+            tuning(),
+        )
+        .await;
+        let id: SpiffeId = "spiffe://mesh-b.example/ns/elsinore/sa/gateway"
+            .parse()
+            .unwrap();
+        let issued = gw
+            .b_ca
+            .issue_valid_for(&id, Duration::from_secs(2))
+            .unwrap();
+        let short =
+            Identity::from_pem(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes()).unwrap();
+        // One client config, so one session cache across both connections.
+        let cfg = elsinore_certs::client_config(&short, &gw.a_bundle, None, &[]).unwrap();
+        let dial = || async {
+            let tcp = TcpStream::connect(gw.addr).await.unwrap();
+            tokio_rustls::TlsConnector::from(Arc::clone(&cfg))
+                .connect(ServerName::try_from("db.mesh-a.global").unwrap(), tcp)
+                .await
+                .unwrap()
+        };
+        // While valid: a full handshake, traffic (which also delivers the
+        // session ticket).
+        let mut first = dial().await;
+        first.write_all(b"1").await.unwrap();
+        let mut one = [0u8; 1];
+        first.read_exact(&mut one).await.unwrap();
+        drop(first);
+
+        // Once the certificate expired, the client resumes (it does not
+        // check), and ingress refuses the identity the ticket carries.
+        let not_after = elsinore_certs::not_after(&short.cert_chain()[0]).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::SystemTime::now() <= not_after + Duration::from_millis(1100) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "certificate never expired"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let second = dial().await;
+        assert_eq!(
+            second.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed)
+        );
+        assert_closed(second).await;
+        assert_eq!(gw.stats.refused(Refusal::NoPeerIdentity), 1);
+        assert_eq!(
+            count.load(Ordering::SeqCst),
+            1,
+            "only the first reached the backend"
+        );
+        gw.stop().await;
+    }
+
+    #[tokio::test]
     async fn connection_cap_closes_new_connections() {
         let (echo, _) = echo_backend().await;
         let gw = start(

@@ -1616,4 +1616,65 @@ mod tests {
             ]
         );
     }
+
+    /// Waits (on the wall clock: that is the condition) until `cert` has expired.
+    async fn until_expired(cert: &CertificateDer<'_>) {
+        let not_after = elsinore_certs::not_after(cert).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::SystemTime::now() <= not_after + Duration::from_millis(1100) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "certificate never expired"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_refuses_to_resume_with_a_server_whose_certificate_expired() {
+        let td: TrustDomain = "a.example".parse().unwrap();
+        let ca = Ca::new(&td).unwrap();
+        let issued = ca
+            .issue_valid_for(
+                &"spiffe://a.example/gw".parse().unwrap(),
+                Duration::from_secs(2),
+            )
+            .unwrap();
+        let short =
+            Identity::from_pem(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes()).unwrap();
+        let mut pki = pki();
+        pki.server = short.clone();
+        pki.server_bundle = TrustBundle::from_pem(td, ca.cert_pem().as_bytes()).unwrap();
+        // A rustls server that resumes whatever it issued a ticket for.
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(pki.server()));
+        let client = client_config(pki.client());
+        let mut kinds = Vec::new();
+        let mut results = Vec::new();
+        for round in 0..2 {
+            if round == 1 {
+                until_expired(&short.cert_chain()[0]).await;
+            }
+            let (c, s) = pair().await;
+            let acceptor = acceptor.clone();
+            let server = tokio::spawn(async move {
+                let tls = acceptor.accept(s).await.ok()?;
+                let kind = tls.get_ref().1.handshake_kind();
+                let _ = echo(tls).await;
+                kind
+            });
+            let result = match connect(Arc::clone(&client), name(), c).await {
+                Ok(tls) => exchange(tls, b"hello").await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            results.push(result.map_err(|e| e.to_string()));
+            kinds.push(server.await.unwrap());
+        }
+        assert_eq!(results[0], Ok(()), "the full handshake, while valid");
+        assert_eq!(
+            kinds,
+            [Some(HandshakeKind::Full), Some(HandshakeKind::Resumed)]
+        );
+        let err = results[1].clone().unwrap_err();
+        assert!(err.contains("server certificate has expired"), "{err}");
+    }
 }
