@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use elsinore_certs::{Ca, Identity, Issued, TrustBundle};
+use elsinore_gateway::proxy::ingress::Refusal;
 use elsinore_tests::{
     Backend, ConfigSpec, ExportSpec, GatewayHandle, MeshFixture, PeerSpec, WAIT, get, http1_send,
     run_test, tls_connect, tls_connect_sni, wait_for,
@@ -418,6 +419,81 @@ async fn identities_and_bundles_rotate_under_traffic_without_a_failed_request() 
         );
         println!("rotation under traffic: {h} requests, {t} streams, 0 failed");
         gb.stop().await;
+        ga.stop().await;
+    })
+    .await;
+}
+
+/// A session resumed after a rotation would carry an identity the new
+/// material no longer accepts: a peer whose CA left the bundle must do a
+/// full handshake, and fail it, even with a ticket from before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_session_resumes_across_a_rotation() {
+    run_test(async {
+        let a = MeshFixture::data_plane(A).await;
+        let b = MeshFixture::new(B).await;
+        let echo_backend = Backend::tcp_echo("echo").await;
+        let a_trusts_b = a.dir.join("trust-mesh-b.pem");
+        replace_file(&a_trusts_b, &b.ca.cert_pem());
+        let ga = a
+            .start(
+                &ConfigSpec::new()
+                    .export(
+                        ExportSpec::new("echo", &[B])
+                            .protocol("TCP")
+                            .port(7000)
+                            .backend(&echo_backend.host_port()),
+                    )
+                    .peer(PeerSpec::new(B, b.trust_domain.as_str(), &a_trusts_b)),
+            )
+            .await;
+        // One client config: one session cache for every connection.
+        let b1 = issue(&b.ca, &b);
+        let config = elsinore_certs::client_config(&identity(&b1), &a.bundle(), None, &[]).unwrap();
+        let ingress = ga.ingress_addr();
+        let exchange = |config: Arc<rustls::ClientConfig>| async move {
+            let mut tls = tls_connect_sni(ingress, config, "echo.mesh-a.global")
+                .await
+                .map_err(|e| format!("handshake: {e}"))?;
+            let kind = tls.get_ref().1.handshake_kind();
+            tls.write_all(b"ping")
+                .await
+                .map_err(|e| format!("write: {e}"))?;
+            tls.shutdown().await.map_err(|e| format!("shutdown: {e}"))?;
+            let mut back = Vec::new();
+            match tokio::time::timeout(WAIT, tls.read_to_end(&mut back)).await {
+                Ok(Ok(_)) if back == b"ping" => Ok(kind),
+                Ok(Ok(_)) => Err(format!("{kind:?}: got {back:?}")),
+                Ok(Err(e)) => Err(format!("{kind:?}: read: {e}")),
+                Err(_) => Err(format!("{kind:?}: no answer")),
+            }
+        };
+        // Before the rotation the second connection resumes: the setup
+        // does exercise resumption.
+        assert_eq!(
+            exchange(config.clone()).await,
+            Ok(Some(rustls::HandshakeKind::Full))
+        );
+        assert_eq!(
+            exchange(config.clone()).await,
+            Ok(Some(rustls::HandshakeKind::Resumed))
+        );
+
+        // B's CA leaves A's bundle.
+        let b_ca2 = Ca::new(&b.trust_domain).unwrap();
+        replace_file(&a_trusts_b, &b_ca2.cert_pem());
+        wait_generation(&ga, 2, "A to take B's new bundle").await;
+        let refused_before = ga.ingress_stats().refused(Refusal::HandshakeFailed);
+        let after = exchange(config.clone()).await;
+        assert!(
+            after.is_err(),
+            "a B1 client got through after the rotation: {after:?}"
+        );
+        assert_eq!(
+            ga.ingress_stats().refused(Refusal::HandshakeFailed),
+            refused_before + 1,
+            "refused by the new chain check ({after:?})"
+        );
         ga.stop().await;
     })
     .await;
