@@ -88,6 +88,22 @@ pub struct Gateway {
     shutdown: CancellationToken,
     abort: CancellationToken,
     tasks: JoinSet<()>,
+    admin_task: AdminTask,
+}
+
+/// The admin server's task, aborted if the gateway is dropped unstopped.
+struct AdminTask(tokio::task::JoinHandle<()>);
+
+impl AdminTask {
+    async fn join(&mut self) {
+        let _ = (&mut self.0).await;
+    }
+}
+
+impl Drop for AdminTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Gateway {
@@ -249,15 +265,17 @@ impl Gateway {
         };
         let ingress_stats = Arc::new(IngressStats::default());
         let egress_stats = Arc::new(EgressStats::default());
-        tasks.spawn(crate::admin::serve(
+        // The admin API answers through the whole drain (`/ready` 503,
+        // `/metrics`), so it stops with `abort`, outside `tasks`.
+        let admin_task = AdminTask(tokio::spawn(crate::admin::serve(
             admin,
             crate::admin::AdminState {
                 shared: shared.clone(),
                 ingress: ingress_stats.clone(),
                 egress: egress_stats.clone(),
             },
-            shutdown.clone(),
-        ));
+            abort.clone(),
+        )));
         if let Some(listener) = ingress {
             let (ctx, stats) = (proxy.clone(), ingress_stats.clone());
             tasks.spawn(async move {
@@ -307,6 +325,7 @@ impl Gateway {
             shutdown,
             abort,
             tasks,
+            admin_task,
         })
     }
 
@@ -326,6 +345,7 @@ impl Gateway {
         self.shutdown.cancel();
         self.abort.cancel();
         while self.tasks.join_next().await.is_some() {}
+        self.admin_task.join().await;
     }
 
     /// Runs until the shutdown token is cancelled, then drains without
@@ -380,6 +400,7 @@ impl Gateway {
             self.tasks.abort_all();
             while self.tasks.join_next().await.is_some() {}
         }
+        self.admin_task.join().await;
         tracing::info!("drained");
     }
 }

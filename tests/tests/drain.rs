@@ -237,6 +237,8 @@ async fn sigterm_drain_lets_a_long_request_and_a_stream_finish_and_the_peer_keep
             "stopped accepting after {:?}, before drain.delay",
             began.elapsed()
         );
+        // The admin API answers through the drain.
+        assert_eq!(admin_get(a_admin, "/ready").await.0, 503);
         // Idle connections are closed: HTTP/2 by GOAWAY, HTTP/1.1 keep-alive
         // by closing it; both client connections end without an error.
         tokio::time::timeout(WAIT, h2_conn)
