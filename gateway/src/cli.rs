@@ -116,8 +116,11 @@ pub fn build_runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::R
 pub fn init_tracing(cli: &Cli) {
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a person at a terminal: a pipe (journald, `kubectl
+    // logs`, a log shipper) would get the escape codes as text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => builder.init(),
@@ -226,7 +229,7 @@ async fn run(path: &Path) -> anyhow::Result<ExitCode> {
     )
     .await?;
     shutdown_signal().await;
-    tracing::info!("shutdown signal: draining (a second signal stops at once)");
+    tracing::info!("shutting down: draining (a second signal stops at once)");
     tokio::select! {
         () = gateway.drain() => {}
         () = shutdown_signal() => tracing::warn!("second shutdown signal: stopping without finishing the drain"),
@@ -264,26 +267,54 @@ async fn demo(dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// How long `elsinore catalog` waits for the admin listener: connecting and
+/// answering together. A wrong address must give an error, not a hang.
+const CATALOG_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn catalog(admin: &str) -> anyhow::Result<ExitCode> {
+    match tokio::time::timeout(CATALOG_TIMEOUT, fetch_catalog(admin)).await {
+        Ok(result) => result,
+        Err(_) => anyhow::bail!(
+            "admin listener {admin} did not answer GET /catalog within {CATALOG_TIMEOUT:?}"
+        ),
+    }
+}
+
+async fn fetch_catalog(admin: &str) -> anyhow::Result<ExitCode> {
     use http_body_util::BodyExt;
     let stream = tokio::net::TcpStream::connect(admin)
         .await
         .with_context(|| format!("connect to admin listener {admin}"))?;
+    let context = || format!("GET /catalog from admin listener {admin}");
     let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .with_context(context)?;
     tokio::spawn(conn);
     let req = http::Request::get("/catalog")
         .header(http::header::HOST, admin)
         .body(http_body_util::Empty::<hyper::body::Bytes>::new())?;
-    let resp = sender.send_request(req).await?;
+    let resp = sender.send_request(req).await.with_context(context)?;
     let status = resp.status();
-    let body = resp.into_body().collect().await?.to_bytes();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .with_context(context)?
+        .to_bytes();
+    // Something else listening there (a backend, another service) must not
+    // pass for an empty or odd catalog.
+    let is_catalog = serde_json::from_slice::<serde_json::Value>(&body)
+        .is_ok_and(|v| v.get("exports").is_some() && v.get("imports").is_some());
+    if !status.is_success() || !is_catalog {
+        let text = String::from_utf8_lossy(&body);
+        let text: String = text.chars().take(200).collect();
+        anyhow::bail!(
+            "{admin} is not an Elsinore admin listener: GET /catalog answered {status}: {text:?}"
+        );
+    }
     println!("{}", String::from_utf8_lossy(&body));
-    Ok(if status.is_success() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn shutdown_signal() {

@@ -367,7 +367,7 @@ impl Credentials {
         // not on every event in its directory; an unreadable file is
         // reported on every attempt.
         for r in &refused {
-            tracing::error!(file = %r.file.display(), kind = r.kind.label(), reason = r.reason, "certificate rotation refused; keeping the material in use: {}", r.message);
+            tracing::error!(file = %r.file.display(), kind = r.kind.label(), cause = r.reason, "certificate rotation refused; keeping the material in use: {}", r.message);
             let mut status = self.status.lock();
             *status.refused.entry((r.kind, r.reason)).or_default() += 1;
             status.last_refusal = Some(r.to_string());

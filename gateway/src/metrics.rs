@@ -229,15 +229,21 @@ pub fn render(shared: &Shared, ingress: &IngressStats, egress: &EgressStats) -> 
 fn tls(out: &mut String, shared: &Shared) {
     use crate::credentials::{Kind, REFUSAL_REASONS};
     let status = shared.tls_status.snapshot();
+    let expiry = |kind: Kind| status.expiry.iter().filter(move |e| e.0 == kind);
     family(
         out,
-        "elsinore_tls_certificate_expiry_timestamp_seconds",
+        "elsinore_tls_identity_expiry_timestamp_seconds",
         "gauge",
-        "notAfter of the identity certificate in use (kind=identity, name=its SPIFFE ID) and the earliest of each peer's trust bundle CAs (kind=bundle, name=the peer), in seconds since the Unix epoch.",
-        &status
-            .expiry
-            .iter()
-            .map(|(kind, name, at)| (format!("kind=\"{}\",name=\"{name}\"", kind.label()), *at))
+        "notAfter of the identity certificate in use, in seconds since the Unix epoch.",
+        &one(expiry(Kind::Identity).map(|e| e.2).next().unwrap_or(0)),
+    );
+    family(
+        out,
+        "elsinore_tls_bundle_expiry_timestamp_seconds",
+        "gauge",
+        "notAfter of the earliest-expiring CA in the peer's trust bundle in use, in seconds since the Unix epoch.",
+        &expiry(Kind::Bundle)
+            .map(|(_, peer, at)| (format!("peer=\"{peer}\""), *at))
             .collect::<Vec<_>>(),
     );
     let kinds = [Kind::Identity, Kind::Bundle];
@@ -264,7 +270,7 @@ fn tls(out: &mut String, shared: &Shared) {
             .flat_map(|k| REFUSAL_REASONS.iter().map(move |r| (*k, *r)))
             .map(|(k, r)| {
                 let n = status.refused.get(&(k, r)).copied().unwrap_or(0);
-                (format!("kind=\"{}\",reason=\"{r}\"", k.label()), n)
+                (format!("kind=\"{}\",cause=\"{r}\"", k.label()), n)
             })
             .collect::<Vec<_>>(),
     );

@@ -742,8 +742,8 @@ impl RenderCtx {
         );
         let _ = writeln!(y, "proxy:\n  vipRange: {}", q(&self.vip_range));
         for (key, value) in &spec.proxy {
-            // Counts are YAML integers, durations strings.
-            if value.parse::<i64>().is_ok() {
+            // Counts are YAML integers, switches booleans, durations strings.
+            if value.parse::<i64>().is_ok() || value.parse::<bool>().is_ok() {
                 let _ = writeln!(y, "  {key}: {value}");
             } else {
                 let _ = writeln!(y, "  {key}: {}", q(value));

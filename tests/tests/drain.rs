@@ -142,7 +142,11 @@ async fn sigterm_drain_lets_a_long_request_and_a_stream_finish_and_the_peer_keep
         let mut stream = TcpStream::connect(echo_vip).await.unwrap();
         stream.write_all(b"before the drain; ").await.unwrap();
         wait_for("the stream to reach the echo backend", WAIT, || async {
-            echo.hits() == 1
+            if echo.hits() == 1 {
+                Ok(())
+            } else {
+                Err(format!("B's egress: {:?}", gb.egress_stats()))
+            }
         })
         .await;
 

@@ -372,7 +372,7 @@ async fn identities_and_bundles_rotate_under_traffic_without_a_failed_request() 
         let (_, metrics) = admin_get(ga.admin_addr, "/metrics").await;
         assert!(
             metrics.contains(
-                "elsinore_tls_rotations_refused_total{kind=\"identity\",reason=\"unparsable\"} 1"
+                "elsinore_tls_rotations_refused_total{kind=\"identity\",cause=\"unparsable\"} 1"
             ),
             "{metrics}"
         );
