@@ -116,6 +116,9 @@ pub struct Accepted {
     pub peer_certificates: Option<Vec<CertificateDer<'static>>>,
     /// The SNI the client sent, as rustls validated it.
     pub server_name: Option<String>,
+    /// The session was resumed: the chain was verified in an earlier
+    /// handshake, not in this one.
+    pub resumed: bool,
 }
 
 enum Kernel {
@@ -431,12 +434,14 @@ pub async fn accept(
     let peer_certificates = conn
         .peer_certificates()
         .map(<[CertificateDer<'static>]>::to_vec);
+    let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(tls_err)?;
     let kernel = Kernel::Server(kernel);
     let stream = TlsStream::new(io, kernel, secrets, tls13, alpn, leftover)?;
     let accepted = Accepted {
         peer_certificates,
         server_name,
+        resumed,
     };
     Ok((stream, accepted))
 }
