@@ -19,6 +19,8 @@ pub enum CertError {
         #[source]
         source: SpiffeError,
     },
+    #[error("certificate expired at {not_after} (seconds since the Unix epoch)")]
+    Expired { not_after: u64 },
     #[error("peer presented no certificate")]
     NoPeerCertificate,
     #[error(

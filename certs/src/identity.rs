@@ -81,6 +81,22 @@ impl Identity {
         )
     }
 
+    /// From the PEM bytes read from the files `cert` and `key` (errors
+    /// name them): for callers that compare bytes before parsing.
+    pub fn from_pem_files(
+        cert_pem: &[u8],
+        key_pem: &[u8],
+        cert: &Path,
+        key: &Path,
+    ) -> Result<Identity, CertError> {
+        Self::from_pem_named(
+            cert_pem,
+            key_pem,
+            &cert.display().to_string(),
+            &key.display().to_string(),
+        )
+    }
+
     fn from_pem_named(
         cert_pem: &[u8],
         key_pem: &[u8],
@@ -158,6 +174,15 @@ impl TrustBundle {
     pub fn load(td: TrustDomain, path: &Path) -> Result<TrustBundle, CertError> {
         let pem = read(path)?;
         Self::from_pem_named(td, &pem, &path.display().to_string())
+    }
+
+    /// From the PEM bytes read from `path` (errors name it).
+    pub fn from_pem_file_bytes(
+        td: TrustDomain,
+        pem: &[u8],
+        path: &Path,
+    ) -> Result<TrustBundle, CertError> {
+        Self::from_pem_named(td, pem, &path.display().to_string())
     }
 
     fn from_pem_named(

@@ -17,7 +17,7 @@ pub use error::CertError;
 pub use identity::{Identity, TrustBundle};
 pub use mint::{Ca, InitFiles, Issued, init};
 pub use spiffe::{SpiffeError, SpiffeId, TrustDomain};
-pub use svid::{not_after, peer_spiffe_id, spiffe_id_of};
+pub use svid::{check_not_expired, claimed_trust_domain, not_after, peer_spiffe_id, spiffe_id_of};
 pub use tls::{
     client_config, client_config_with_versions, server_config, server_config_with_versions,
 };

@@ -128,6 +128,18 @@ impl Ca {
         self.issue_with_uris(&[uri.as_str()], dns, ips)
     }
 
+    /// Like [`Ca::issue`], valid for `validity` from now (whole seconds):
+    /// for tests of what happens when a certificate expires.
+    pub fn issue_valid_for(
+        &self,
+        id: &SpiffeId,
+        validity: std::time::Duration,
+    ) -> Result<Issued, CertError> {
+        let uri = id.to_string();
+        let secs = i64::try_from(validity.as_secs()).unwrap_or(i64::MAX);
+        self.issue_for(&[uri.as_str()], &[], &[], Duration::seconds(secs))
+    }
+
     /// Like [`Ca::issue`] with arbitrary URI SANs (none, several, not
     /// SPIFFE): for tests of how non-SVIDs are rejected.
     pub fn issue_with_uris(
@@ -136,11 +148,21 @@ impl Ca {
         dns: &[String],
         ips: &[IpAddr],
     ) -> Result<Issued, CertError> {
+        self.issue_for(uris, dns, ips, LEAF_VALIDITY)
+    }
+
+    fn issue_for(
+        &self,
+        uris: &[&str],
+        dns: &[String],
+        ips: &[IpAddr],
+        validity: Duration,
+    ) -> Result<Issued, CertError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
         let now = OffsetDateTime::now_utc();
         params.not_before = now - BACKDATE;
-        params.not_after = now + LEAF_VALIDITY;
+        params.not_after = now + validity;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Elsinore");
         // CN is limited to 64 bytes; the URI SAN is what identifies anyway.

@@ -57,6 +57,37 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, CertError> {
     }
 }
 
+/// The trust domain a certificate's `spiffe://` URI SAN names, if it has
+/// one. SPIFFE CA certificates carry `spiffe://<trust domain>` (no path),
+/// which is not a workload ID, so this reads only the authority.
+pub fn claimed_trust_domain(cert: &CertificateDer<'_>) -> Result<Option<String>, CertError> {
+    let parsed = parse(cert)?;
+    let san = parsed
+        .subject_alternative_name()
+        .map_err(|e| CertError::BadCertificate(format!("subjectAltName: {e}")))?;
+    let Some(san) = san else { return Ok(None) };
+    Ok(san.value.general_names.iter().find_map(|name| match name {
+        GeneralName::URI(uri) => uri
+            .strip_prefix("spiffe://")
+            .map(|rest| rest.split('/').next().unwrap_or(rest).to_ascii_lowercase()),
+        _ => None,
+    }))
+}
+
+/// Fails with [`CertError::Expired`] once `now` is past the certificate's
+/// notAfter. For sessions resumed without a fresh chain verification: the
+/// identity a ticket carries must not outlive its certificate.
+pub fn check_not_expired(cert: &CertificateDer<'_>, now: SystemTime) -> Result<(), CertError> {
+    let not_after = not_after(cert)?;
+    if now > not_after {
+        let at = not_after
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        return Err(CertError::Expired { not_after: at });
+    }
+    Ok(())
+}
+
 /// The certificate's notAfter time.
 pub fn not_after(cert: &CertificateDer<'_>) -> Result<SystemTime, CertError> {
     let parsed = parse(cert)?;

@@ -69,7 +69,12 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/live" => text(StatusCode::OK, "live\n"),
         "/ready" => {
             let (ready, waiting) = readiness(shared);
-            if ready {
+            if shared.draining.load(Ordering::Acquire) {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: draining for shutdown\n",
+                )
+            } else if ready {
                 text(StatusCode::OK, "ready\n")
             } else {
                 text(
@@ -103,9 +108,14 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
-/// Ready when the listeners are bound and every peer we dial has synced or failed once.
+/// Ready when the listeners are bound and every peer we dial has synced or
+/// failed once, and not draining.
 pub fn readiness(shared: &Shared) -> (bool, Vec<String>) {
     let mut waiting = Vec::new();
+    if shared.draining.load(Ordering::Acquire) {
+        // SIGTERM: out of rotation at once, whatever else holds.
+        return (false, vec!["draining".to_owned()]);
+    }
     if !shared.listeners_bound.load(Ordering::Acquire) {
         waiting.push("listeners".to_owned());
     }

@@ -325,13 +325,12 @@ async fn run(path: &Path) -> anyhow::Result<ExitCode> {
         },
     )
     .await?;
-    let token = gateway.shutdown_token();
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        tracing::info!("shutting down");
-        token.cancel();
-    });
-    gateway.wait().await;
+    shutdown_signal().await;
+    tracing::info!("shutting down: draining (a second signal stops at once)");
+    tokio::select! {
+        () = gateway.drain() => {}
+        () = shutdown_signal() => tracing::warn!("second shutdown signal: stopping without finishing the drain"),
+    }
     Ok(ExitCode::SUCCESS)
 }
 

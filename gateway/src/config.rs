@@ -36,6 +36,27 @@ pub struct Config {
     pub imports: Imports,
     pub federation: FederationTuning,
     pub proxy: ProxyTuning,
+    pub drain: Drain,
+}
+
+/// What SIGTERM does (config key `drain`, all optional): `/ready` fails at
+/// once, every listener keeps serving for `delay`, then stops accepting
+/// while in-flight requests and streams get up to `timeout` to finish.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Drain {
+    /// Default 5s; 0 is allowed.
+    pub delay: Duration,
+    /// Default 30s; must be greater than 0.
+    pub timeout: Duration,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Drain {
+            delay: defaults::DRAIN_DELAY,
+            timeout: defaults::DRAIN_TIMEOUT,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -192,6 +192,7 @@ fn config(
             vip_range,
             ..Default::default()
         },
+        drain: crate::config::Drain::default(),
     })
 }
 

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod catalog;
 pub mod cli;
 pub mod config;
+pub mod credentials;
 pub mod demo;
 pub mod dns;
 pub mod federation;

@@ -276,7 +276,66 @@ pub fn render(shared: &Shared, ingress: &IngressStats, egress: &EgressStats) -> 
             ("side=\"internal\"".to_owned(), e.errors_internal),
         ],
     );
+    tls(&mut out, shared);
+    family(
+        &mut out,
+        "elsinore_draining",
+        "gauge",
+        "1 once SIGTERM started the drain (/ready fails).",
+        &one(u64::from(shared.draining.load(Ordering::Acquire))),
+    );
     out
+}
+
+/// Certificate expiry and rotations (see `credentials`).
+fn tls(out: &mut String, shared: &Shared) {
+    use crate::credentials::{Kind, REFUSAL_REASONS};
+    let status = shared.tls_status.snapshot();
+    let expiry = |kind: Kind| status.expiry.iter().filter(move |e| e.0 == kind);
+    family(
+        out,
+        "elsinore_tls_identity_expiry_timestamp_seconds",
+        "gauge",
+        "notAfter of the identity certificate in use, in seconds since the Unix epoch.",
+        &one(expiry(Kind::Identity).map(|e| e.2).next().unwrap_or(0)),
+    );
+    family(
+        out,
+        "elsinore_tls_bundle_expiry_timestamp_seconds",
+        "gauge",
+        "notAfter of the earliest-expiring CA in the peer's trust bundle in use, in seconds since the Unix epoch.",
+        &expiry(Kind::Bundle)
+            .map(|(_, peer, at)| (format!("peer=\"{peer}\""), *at))
+            .collect::<Vec<_>>(),
+    );
+    let kinds = [Kind::Identity, Kind::Bundle];
+    family(
+        out,
+        "elsinore_tls_rotations_total",
+        "counter",
+        "New TLS material published without a restart, by what changed.",
+        &kinds
+            .iter()
+            .map(|k| {
+                let n = status.rotations.get(k).copied().unwrap_or(0);
+                (format!("kind=\"{}\"", k.label()), n)
+            })
+            .collect::<Vec<_>>(),
+    );
+    family(
+        out,
+        "elsinore_tls_rotations_refused_total",
+        "counter",
+        "New certificate, key or bundle files refused (the old material stays in use), by what and why.",
+        &kinds
+            .iter()
+            .flat_map(|k| REFUSAL_REASONS.iter().map(move |r| (*k, *r)))
+            .map(|(k, r)| {
+                let n = status.refused.get(&(k, r)).copied().unwrap_or(0);
+                (format!("kind=\"{}\",cause=\"{r}\"", k.label()), n)
+            })
+            .collect::<Vec<_>>(),
+    );
 }
 
 #[cfg(test)]

@@ -7,10 +7,9 @@
 //! Routing state is read from immutable snapshots (`watch`), never locked
 //! per request.
 
-use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
-use elsinore_certs::{Identity, TrustBundle};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ProxyTuning;
@@ -63,10 +62,68 @@ pub(crate) fn has_any(headers: &http::HeaderMap, names: &[&str]) -> bool {
 #[derive(Clone)]
 pub struct ProxyContext {
     pub shared: Arc<Shared>,
-    /// Our gateway identity (presented by egress, and by ingress as server).
-    pub identity: Identity,
-    /// Each peer's trust bundle, by peer name.
-    pub bundles: Arc<HashMap<String, TrustBundle>>,
+    /// Our identity and the peers' bundles, as published now: loaded once
+    /// per new connection (never per request), so a rotation reaches the
+    /// next handshake while open connections keep what they started with.
+    pub credentials: Arc<crate::credentials::Credentials>,
     pub tuning: ProxyTuning,
+    /// Drain begins: stop accepting, GOAWAY, close idle keep-alives; what
+    /// is in flight carries on.
     pub shutdown: CancellationToken,
+    /// `drain.timeout` after `shutdown`: cut whatever is still open.
+    pub abort: CancellationToken,
+    /// How long connections get to finish after `shutdown`.
+    pub drain_timeout: Duration,
+}
+
+/// Counts the connections of a listener that are still being served, so a
+/// drain can wait until none is left.
+#[derive(Debug, Default)]
+pub(crate) struct Tracker(Arc<TrackerInner>);
+
+#[derive(Debug, Default)]
+struct TrackerInner {
+    open: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// Held by one connection's task; dropping it (however the task ends)
+/// counts the connection as finished.
+pub(crate) struct Open(Arc<TrackerInner>);
+
+impl Tracker {
+    pub(crate) fn enter(&self) -> Open {
+        self.0
+            .open
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Open(Arc::clone(&self.0))
+    }
+
+    pub(crate) fn count(&self) -> usize {
+        self.0.open.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Resolves once no connection is open.
+    pub(crate) async fn idle(&self) {
+        loop {
+            let notified = self.0.idle.notified();
+            if self.count() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if self
+            .0
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            self.0.idle.notify_waiters();
+        }
+    }
 }

@@ -1,7 +1,9 @@
 //! A running gateway: binds (or adopts) its listeners, loads its identity
 //! and the peers' bundles, and owns every task — the federation server, one
 //! consumer per dialed peer, the imports merger, the admin API and the
-//! config reloader. One cancellation token drains them all.
+//! config reloader. One cancellation token starts the drain of them all
+//! (see [`Gateway::drain`] for what SIGTERM does); a second one cuts what
+//! is still open when `drain.timeout` is up.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,7 +20,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::ExportCatalog;
-use crate::config::Config;
+use crate::config::{Config, Drain};
+use crate::credentials::Credentials;
 use crate::federation::consumer::ConsumerTask;
 use crate::federation::consumer_session::ConsumerSettings;
 use crate::federation::owner::{OwnerOptions, OwnerService, OwnerServiceV1alpha1};
@@ -79,8 +82,28 @@ pub struct Gateway {
     pub ingress_stats: Arc<IngressStats>,
     pub egress_stats: Arc<EgressStats>,
     pub shared: Arc<Shared>,
+    /// The TLS material in use (rotated when its files change).
+    pub credentials: Arc<Credentials>,
+    drain: Drain,
     shutdown: CancellationToken,
+    abort: CancellationToken,
     tasks: JoinSet<()>,
+    admin_task: AdminTask,
+}
+
+/// The admin server's task, aborted if the gateway is dropped unstopped.
+struct AdminTask(tokio::task::JoinHandle<()>);
+
+impl AdminTask {
+    async fn join(&mut self) {
+        let _ = (&mut self.0).await;
+    }
+}
+
+impl Drop for AdminTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Gateway {
@@ -94,7 +117,7 @@ impl Gateway {
                 got: identity.spiffe_id().to_string(),
             });
         }
-        let mut bundles = Vec::with_capacity(config.peers.len());
+        let mut bundles = std::collections::HashMap::with_capacity(config.peers.len());
         for peer in &config.peers {
             let bundle = TrustBundle::load(peer.trust_domain.clone(), &peer.trust_bundle).map_err(
                 |source| StartError::Bundle {
@@ -102,10 +125,8 @@ impl Gateway {
                     source,
                 },
             )?;
-            bundles.push(bundle);
+            bundles.insert(peer.name.clone(), bundle);
         }
-        let server_tls = elsinore_certs::server_config(&identity, &bundles, &[b"h2"])
-            .map_err(StartError::Tls)?;
 
         let federation = match options.listeners.federation.take() {
             Some(l) => l,
@@ -144,8 +165,22 @@ impl Gateway {
 
         let exports = ExportCatalog::from_config(&config, identity.spiffe_id());
         let shared = new_shared(config.mesh.name.clone(), exports, &config.peers);
+        let credentials = Arc::new(
+            Credentials::new(
+                &config,
+                identity.clone(),
+                bundles,
+                Arc::clone(&shared.tls_status),
+            )
+            .map_err(StartError::Tls)?,
+        );
         let shutdown = CancellationToken::new();
+        let abort = CancellationToken::new();
         let mut tasks = JoinSet::new();
+        tasks.spawn(crate::credentials::watch(
+            Arc::clone(&credentials),
+            shutdown.clone(),
+        ));
 
         // Owner side: one gRPC server for both API versions.
         let owner = OwnerService::new(
@@ -156,8 +191,11 @@ impl Gateway {
             },
             shutdown.clone(),
         );
-        let (incoming, accept_task) =
-            crate::federation::transport::accept_mtls(federation, server_tls, shutdown.clone());
+        let (incoming, accept_task) = crate::federation::transport::accept_mtls(
+            federation,
+            Arc::clone(&credentials),
+            shutdown.clone(),
+        );
         tasks.spawn(async move {
             let _ = accept_task.await;
         });
@@ -192,13 +230,7 @@ impl Gateway {
             backoff_initial: config.federation.backoff_initial,
             backoff_max: config.federation.backoff_max,
         };
-        let bundle_map: std::collections::HashMap<String, TrustBundle> = shared
-            .peers
-            .iter()
-            .zip(bundles.iter())
-            .map(|(p, b)| (p.config.name.clone(), b.clone()))
-            .collect();
-        for (peer, bundle) in shared.peers.iter().zip(bundles) {
+        for peer in &shared.peers {
             let Some(address) = peer.config.federation.clone() else {
                 continue;
             };
@@ -206,8 +238,7 @@ impl Gateway {
                 shared: shared.clone(),
                 peer: peer.clone(),
                 address,
-                identity: identity.clone(),
-                bundle,
+                credentials: Arc::clone(&credentials),
                 settings: settings.clone(),
                 window: config.federation.window,
                 cache_dir: config.imports.cache_dir.clone(),
@@ -226,16 +257,19 @@ impl Gateway {
         crate::proxy::handoff::set_enabled(config.proxy.yield_to_clients);
         let proxy = ProxyContext {
             shared: shared.clone(),
-            identity: identity.clone(),
-            bundles: Arc::new(bundle_map),
+            credentials: Arc::clone(&credentials),
             tuning: config.proxy.clone(),
             shutdown: shutdown.clone(),
+            abort: abort.clone(),
+            drain_timeout: config.drain.timeout,
         };
         let ingress_stats = Arc::new(IngressStats::default());
         let egress_stats = Arc::new(EgressStats::default());
         let (config_status, config_status_rx) =
             tokio::sync::watch::channel(Arc::new(crate::reload::ConfigStatus::new(config.clone())));
-        tasks.spawn(crate::admin::serve(
+        // The admin API answers through the whole drain (`/ready` 503,
+        // `/metrics`), so it stops with `abort`, outside `tasks`.
+        let admin_task = AdminTask(tokio::spawn(crate::admin::serve(
             admin,
             crate::admin::AdminState {
                 shared: shared.clone(),
@@ -243,8 +277,8 @@ impl Gateway {
                 egress: egress_stats.clone(),
                 config: config_status_rx,
             },
-            shutdown.clone(),
-        ));
+            abort.clone(),
+        )));
         if let Some(listener) = ingress {
             let (ctx, stats) = (proxy.clone(), ingress_stats.clone());
             tasks.spawn(async move {
@@ -290,8 +324,12 @@ impl Gateway {
             ingress_stats,
             egress_stats,
             shared,
+            credentials,
+            drain: config.drain,
             shutdown,
+            abort,
             tasks,
+            admin_task,
         })
     }
 
@@ -305,16 +343,69 @@ impl Gateway {
         self.shutdown.clone()
     }
 
-    /// Drains every task and waits for them.
+    /// Stops at once: listeners close and connections still open are cut
+    /// (tests, the demo). SIGTERM does [`Gateway::drain`] instead.
     pub async fn shutdown(mut self) {
         self.shutdown.cancel();
+        self.abort.cancel();
         while self.tasks.join_next().await.is_some() {}
+        self.admin_task.join().await;
     }
 
-    /// Runs until the shutdown token is cancelled, then drains.
+    /// Runs until the shutdown token is cancelled, then drains without
+    /// the `drain.delay` (the token's owner decided when to stop).
     pub async fn wait(mut self) {
         self.shutdown.cancelled().await;
-        while self.tasks.join_next().await.is_some() {}
+        self.drain = Drain {
+            delay: std::time::Duration::ZERO,
+            ..self.drain
+        };
+        self.drain().await;
+    }
+
+    /// What SIGTERM does. `/ready` fails at once; every listener keeps
+    /// serving for `drain.delay`, so load balancers and endpoint
+    /// controllers take us out before we stop answering. Then listeners
+    /// stop accepting, HTTP/2 connections get a GOAWAY, idle HTTP/1.1
+    /// keep-alive connections are closed, federation streams end cleanly
+    /// (peers keep our imports as stale), and requests and TCP streams in
+    /// flight get up to `drain.timeout` to finish. What is left then is
+    /// cut. Returns when every task has ended.
+    pub async fn drain(mut self) {
+        self.shared.draining.store(true, Ordering::Release);
+        tracing::info!(
+            delay = ?self.drain.delay,
+            "draining: /ready fails; listeners keep serving for drain.delay"
+        );
+        tokio::time::sleep(self.drain.delay).await;
+        tracing::info!(
+            timeout = ?self.drain.timeout,
+            "draining: listeners stop accepting; in-flight requests and streams get drain.timeout"
+        );
+        self.shutdown.cancel();
+        let finished = tokio::time::timeout(self.drain.timeout, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if finished.is_err() {
+            tracing::warn!(
+                tasks = self.tasks.len(),
+                "drain.timeout passed; cutting what is still open"
+            );
+        }
+        self.abort.cancel();
+        // Every room returns promptly once cut; do not hang the exit on one
+        // that does not.
+        let cut = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if cut.is_err() {
+            self.tasks.abort_all();
+            while self.tasks.join_next().await.is_some() {}
+        }
+        self.admin_task.join().await;
+        tracing::info!("drained");
     }
 }
 

@@ -32,6 +32,10 @@ pub struct Shared {
     /// Poked by consumers whenever their imports change; the merger rebuilds `imports`.
     pub imports_changed: Notify,
     pub listeners_bound: std::sync::atomic::AtomicBool,
+    /// Set on SIGTERM: `/ready` fails from then on (see `Gateway::drain`).
+    pub draining: std::sync::atomic::AtomicBool,
+    /// Certificate expiry and rotation counters, written by `credentials`.
+    pub tls_status: Arc<crate::credentials::TlsStatus>,
 }
 
 impl Shared {
@@ -133,6 +137,8 @@ pub fn new_shared(mesh: String, exports: ExportCatalog, peers: &[Peer]) -> Arc<S
         peer_by_trust_domain,
         imports_changed: Notify::new(),
         listeners_bound: std::sync::atomic::AtomicBool::new(false),
+        draining: std::sync::atomic::AtomicBool::new(false),
+        tls_status: Arc::default(),
     })
 }
 

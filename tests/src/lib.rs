@@ -599,6 +599,8 @@ pub struct ConfigSpec {
     /// Extra `proxy:` keys (camelCase key, value), e.g.
     /// `("connectTimeout", "2s")`; `vipRange` is always the fixture's.
     pub proxy: Vec<(String, String)>,
+    /// `drain.{delay,timeout}`, humantime durations.
+    pub drain: Option<(String, String)>,
 }
 
 impl ConfigSpec {
@@ -669,6 +671,12 @@ impl ConfigSpec {
     /// Sets one `proxy:` key (e.g. `requestTimeout`, `"5s"`).
     pub fn proxy(mut self, key: &str, value: &str) -> Self {
         self.proxy.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Sets `drain.delay` and `drain.timeout`.
+    pub fn drain(mut self, delay: &str, timeout: &str) -> Self {
+        self.drain = Some((delay.to_owned(), timeout.to_owned()));
         self
     }
 }
@@ -816,6 +824,14 @@ impl RenderCtx {
                     q(max)
                 );
             }
+        }
+        if let Some((delay, timeout)) = &spec.drain {
+            let _ = writeln!(
+                y,
+                "drain:\n  delay: {}\n  timeout: {}",
+                q(delay),
+                q(timeout)
+            );
         }
         y
     }

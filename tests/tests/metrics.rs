@@ -220,7 +220,11 @@ fn documented() -> (
 
 /// Families that describe the gateway itself and are not 0 before any
 /// traffic; each has its own assertion below.
-const NOT_ZERO_AT_START: &[&str] = &["elsinore_exports", "elsinore_egress_import_listener_budget"];
+const NOT_ZERO_AT_START: &[&str] = &[
+    "elsinore_exports",
+    "elsinore_egress_import_listener_budget",
+    "elsinore_build_info",
+];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn documented_families_are_exactly_the_exposed_ones() {
@@ -265,6 +269,8 @@ async fn documented_families_are_exactly_the_exposed_ones() {
                 let keys: BTreeSet<String> = labels.keys().cloned().collect();
                 assert_eq!(keys, doc.labels, "label names of {name}");
             }
+            // A family with several labels has one sample per combination.
+            let mut combinations = 1;
             for label in &doc.labels {
                 let seen: BTreeSet<String> = family
                     .samples
@@ -273,6 +279,9 @@ async fn documented_families_are_exactly_the_exposed_ones() {
                     .collect();
                 let want = match label.as_str() {
                     "peer" => [B, "mesh-c"].iter().map(|s| (*s).to_owned()).collect(),
+                    // This build's own: the binary's version and commit.
+                    "version" => [elsinore_gateway::cli::VERSION.to_owned()].into(),
+                    "commit" => [elsinore_gateway::cli::COMMIT.to_owned()].into(),
                     other => values
                         .get(&format!("{name}/{other}"))
                         .or_else(|| values.get(other))
@@ -280,20 +289,37 @@ async fn documented_families_are_exactly_the_exposed_ones() {
                         .clone(),
                 };
                 assert_eq!(seen, want, "values of label {label} of {name}");
-                assert_eq!(
-                    family.samples.len(),
-                    want.len(),
-                    "{name}: one sample per value of {label}"
-                );
+                combinations *= want.len();
             }
+            assert_eq!(
+                family.samples.len(),
+                combinations,
+                "{name}: one sample per value (combination) of {:?}",
+                doc.labels
+            );
         }
         // A fresh gateway: the one export, nothing else moved yet. The
         // gauges in NOT_ZERO_AT_START describe the gateway itself, not
         // traffic.
         assert_eq!(scrape.plain("elsinore_exports"), 1);
         assert!(scrape.plain("elsinore_egress_import_listener_budget") >= 256);
+        assert_eq!(
+            scrape.value(
+                "elsinore_build_info",
+                &[
+                    ("version", elsinore_gateway::cli::VERSION),
+                    ("commit", elsinore_gateway::cli::COMMIT)
+                ]
+            ),
+            1
+        );
         for (name, family) in &scrape.0 {
-            if !NOT_ZERO_AT_START.contains(&name.as_str()) {
+            if name.ends_with("_timestamp_seconds") {
+                // Certificate expiry: a time, and a future one.
+                for (labels, value) in &family.samples {
+                    assert!(*value > 0, "{name}{labels:?} is not a time");
+                }
+            } else if !NOT_ZERO_AT_START.contains(&name.as_str()) {
                 for (labels, value) in &family.samples {
                     assert_eq!(*value, 0, "{name}{labels:?} on a gateway that saw nothing");
                 }

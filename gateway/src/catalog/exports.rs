@@ -217,6 +217,7 @@ pub(crate) mod tests {
                 backoff_max: Duration::from_secs(30),
             },
             proxy: crate::config::ProxyTuning::default(),
+            drain: crate::config::Drain::default(),
         }
     }
 

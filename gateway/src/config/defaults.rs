@@ -70,3 +70,9 @@ pub const HTTP2_MAX_CONCURRENT_STREAMS: u32 = 1000;
 
 /// Where shared-mode egress listeners bind when `proxy.shared.bind` is omitted.
 pub const SHARED_BIND: std::net::IpAddr = std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+/// After SIGTERM, how long `/ready` fails while every listener still
+/// serves, so load balancers and endpoint controllers take us out first.
+pub const DRAIN_DELAY: Duration = Duration::from_secs(5);
+/// Then, how long in-flight requests and streams get to finish once the
+/// listeners stopped accepting; what is left is cut.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);

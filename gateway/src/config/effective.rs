@@ -76,7 +76,12 @@ pub fn to_json(config: &Config) -> Value {
         imports,
         federation,
         proxy,
+        drain,
     } = config;
+    let crate::config::Drain {
+        delay: drain_delay,
+        timeout: drain_timeout,
+    } = drain;
     let Mesh { name, trust_domain } = mesh;
     let IdentityFiles {
         certificate,
@@ -170,6 +175,10 @@ pub fn to_json(config: &Config) -> Value {
             "mode": mode,
             "shared": shared,
             "vipListenerBudget": vip_listener_budget,
+        },
+        "drain": {
+            "delay": duration(*drain_delay),
+            "timeout": duration(*drain_timeout),
         },
     })
 }

@@ -24,6 +24,8 @@ pub(super) struct RawConfig {
     pub federation: RawFederation,
     #[serde(default)]
     pub proxy: RawProxy,
+    #[serde(default)]
+    pub drain: RawDrain,
 }
 
 #[derive(Debug, Deserialize)]
@@ -132,4 +134,11 @@ pub(super) struct RawProxy {
 pub(super) struct RawShared {
     pub answer: String,
     pub bind: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RawDrain {
+    pub delay: Option<String>,
+    pub timeout: Option<String>,
 }

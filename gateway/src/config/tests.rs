@@ -104,6 +104,7 @@ peers:
     apiVersion: v1alpha2
 imports: { staleAfter: 5m, cacheDir: /var/lib/elsinore }
 federation: { window: 256, ackTimeout: 30s, snapshotQuietPeriod: 2s, backoff: { initial: 1s, max: 30s } }
+drain: { delay: 10s, timeout: 45s }
 "#;
 
 #[test]
@@ -160,6 +161,10 @@ fn full_example_parses_to_typed_values() {
             backoff_max: Duration::from_secs(30),
         },
         proxy: crate::config::ProxyTuning::default(),
+        drain: crate::config::Drain {
+            delay: Duration::from_secs(10),
+            timeout: Duration::from_secs(45),
+        },
     };
     assert_eq!(ok(FULL), expected);
 }
@@ -548,6 +553,31 @@ fn peer_federation_address_and_api_version() {
         &with_peers(&["{ name: mesh-b, trustDomain: mesh-b.example, trustBundle: \"\" }"]),
         "peers[0].trustBundle",
         &["must not be empty"],
+    );
+}
+
+#[test]
+fn drain_rules() {
+    let c = ok(HEAD);
+    assert_eq!(c.drain.delay, Duration::from_secs(5));
+    assert_eq!(c.drain.timeout, Duration::from_secs(30));
+    let c = ok(&doc("drain: { delay: 0s, timeout: 2m }\n"));
+    assert_eq!(c.drain.delay, Duration::ZERO);
+    assert_eq!(c.drain.timeout, Duration::from_secs(120));
+    assert_err(
+        &doc("drain: { timeout: 0s }\n"),
+        "drain.timeout",
+        &["\"0s\" must be greater than 0"],
+    );
+    assert_err(
+        &doc("drain: { delay: later }\n"),
+        "drain.delay",
+        &["\"later\" is not a duration"],
+    );
+    assert_err(
+        &doc("drain: { grace: 1s }\n"),
+        "drain.grace",
+        &["unknown field `grace`"],
     );
 }
 

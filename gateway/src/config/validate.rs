@@ -14,11 +14,13 @@ use elsinore_federation_api::Protocol;
 
 use super::names::{is_dns_label, is_dns_name, is_host, parse_host_port};
 use super::raw::{
-    RawAdvertise, RawConfig, RawExport, RawFederation, RawImports, RawListeners, RawPeer, RawProxy,
+    RawAdvertise, RawConfig, RawDrain, RawExport, RawFederation, RawImports, RawListeners, RawPeer,
+    RawProxy,
 };
 use super::{
-    Advertise, ApiVersion, Config, ConfigError, ConfigErrors, EgressMode, Export, FederationTuning,
-    IdentityFiles, Imports, Listeners, Mesh, Peer, ProxyTuning, SharedAnswer, defaults,
+    Advertise, ApiVersion, Config, ConfigError, ConfigErrors, Drain, EgressMode, Export,
+    FederationTuning, IdentityFiles, Imports, Listeners, Mesh, Peer, ProxyTuning, SharedAnswer,
+    defaults,
 };
 
 const LABEL_RULE: &str =
@@ -43,6 +45,7 @@ pub(super) fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Config
     let imports = v.imports(&raw.imports);
     let federation = v.federation(&raw.federation);
     let proxy = v.proxy(&raw.proxy);
+    let drain = v.drain(&raw.drain);
     match mesh {
         Some(mesh) if v.errors.is_empty() => Ok(Config {
             mesh,
@@ -54,6 +57,7 @@ pub(super) fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Config
             imports,
             federation,
             proxy,
+            drain,
         }),
         _ => Err(ConfigErrors(v.errors)),
     }
@@ -469,6 +473,18 @@ impl Validator<'_> {
             );
         }
         d
+    }
+
+    fn drain(&mut self, raw: &RawDrain) -> Drain {
+        Drain {
+            // Zero is allowed: no load balancer in front, nothing to wait for.
+            delay: self.duration("drain.delay", raw.delay.as_deref(), defaults::DRAIN_DELAY),
+            timeout: self.positive_duration(
+                "drain.timeout",
+                raw.timeout.as_deref(),
+                defaults::DRAIN_TIMEOUT,
+            ),
+        }
     }
 
     fn imports(&mut self, raw: &RawImports) -> Imports {

@@ -7,7 +7,6 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use elsinore_certs::{Identity, TrustBundle};
 use elsinore_federation_api::proto::federation::resourcediscovery::{
     v1alpha1 as rd1, v1alpha2 as rd2,
 };
@@ -40,13 +39,16 @@ const SNAPSHOT_PUBLISH_EVERY: Duration = Duration::from_secs(1);
 /// How often a changed import set is written to the cache at most.
 const SAVE_EVERY: Duration = Duration::from_secs(1);
 
+/// Why a stream ended when the owner closed it with status OK.
+const CLEAN_END: &str = "owner closed the stream";
+
 /// Everything one consumer task needs.
 pub struct ConsumerTask {
     pub shared: Arc<Shared>,
     pub peer: Arc<PeerState>,
     pub address: HostPort,
-    pub identity: Identity,
-    pub bundle: TrustBundle,
+    /// Our identity and this peer's bundle are read from here on every dial.
+    pub credentials: Arc<crate::credentials::Credentials>,
     pub settings: ConsumerSettings,
     pub window: u32,
     pub cache_dir: Option<std::path::PathBuf>,
@@ -229,20 +231,6 @@ impl ConsumerTask {
         let mut stats = Counters::default();
         self.restore_cache(&mut session);
         self.publish(&session, &stats);
-        let client_config = match elsinore_certs::client_config(
-            &self.identity,
-            &self.bundle,
-            None,
-            &[b"h2"],
-        ) {
-            Ok(c) => c,
-            Err(error) => {
-                tracing::error!(%error, "cannot build the TLS client config; not dialing this peer");
-                stats.failed = Some(error.to_string());
-                self.publish(&session, &stats);
-                return;
-            }
-        };
         let mut attempt_at = Instant::now();
         loop {
             // Wait for the next attempt while still expiring stale imports.
@@ -261,13 +249,29 @@ impl ConsumerTask {
                     self.save_cache(writer, &session);
                 }
             }
-            let end = self
-                .one_stream(&client_config, &mut session, &mut stats, writer)
-                .await;
+            let end = self.one_stream(&mut session, &mut stats, writer).await;
             let Some(reason) = end else {
                 return self.save_cache(writer, &session);
             };
-            tracing::warn!(reason = ?reason, "federation stream lost");
+            let ended = match &reason {
+                // Draining or restarting: not an error. Imports stay (stale
+                // after `staleAfter`) and we dial again with backoff.
+                CloseReason::Other(text) if text == CLEAN_END => {
+                    tracing::info!(
+                        "owner ended the stream cleanly; keeping its imports until staleAfter"
+                    );
+                    "the owner ended the stream cleanly (draining or restarting)".to_owned()
+                }
+                CloseReason::Unauthenticated(text)
+                | CloseReason::InvalidArgument(text)
+                | CloseReason::Other(text) => {
+                    tracing::warn!(reason = ?reason, "federation stream lost");
+                    format!("stream lost: {text}")
+                }
+            };
+            if stats.connected {
+                stats.last_stream_end = Some(ended);
+            }
             match session.on_stream_closed(Instant::now(), reason, rand::random::<f64>()) {
                 AfterClose::ReconnectAt(at) => {
                     stats.reconnects += 1;
@@ -288,14 +292,13 @@ impl ConsumerTask {
     /// One connection attempt and stream. `None` = shutdown.
     async fn one_stream(
         &self,
-        client_config: &Arc<rustls::ClientConfig>,
         session: &mut ConsumerSession,
         stats: &mut Counters,
         writer: Option<&CacheWriter>,
     ) -> Option<CloseReason> {
         let mut wire = tokio::select! {
             _ = self.shutdown.cancelled() => return None,
-            opened = self.open(client_config, session) => match opened {
+            opened = self.open(session) => match opened {
                 Ok(wire) => wire,
                 Err(status) => return Some(close_reason(&status)),
             },
@@ -320,7 +323,7 @@ impl ConsumerTask {
                 _ = self.shutdown.cancelled() => return None,
                 next = wire.next() => match next {
                     Err(status) => return Some(close_reason(&status)),
-                    Ok(None) => return Some(CloseReason::Other("owner closed the stream".to_owned())),
+                    Ok(None) => return Some(CloseReason::Other(CLEAN_END.to_owned())),
                     Ok(Some(r)) => {
                         let was_complete = session.stats().snapshot_complete;
                         let handled = session.on_response(Instant::now(), &r.nonce, &r.resource_id, r.operation, r.decoded);
@@ -368,19 +371,21 @@ impl ConsumerTask {
         }
     }
 
-    async fn open(
-        &self,
-        client_config: &Arc<rustls::ClientConfig>,
-        session: &mut ConsumerSession,
-    ) -> Result<Wire, tonic::Status> {
+    async fn open(&self, session: &mut ConsumerSession) -> Result<Wire, tonic::Status> {
         let address = self.address.to_string();
-        let config = client_config.clone();
+        let credentials = Arc::clone(&self.credentials);
+        let peer = self.peer.config.name.clone();
         let target = self.address.clone();
         // Every connection tonic makes is a fresh mTLS dial to the peer.
         let connector = tower::service_fn(move |_uri: http::Uri| {
             let target = target.clone();
-            let config = config.clone();
-            async move { super::transport::dial_mtls(&target.host, target.port, config).await }
+            // The material published now: a rotation reaches the next dial.
+            let config = credentials.current().federation_clients.get(&peer).cloned();
+            async move {
+                let config =
+                    config.ok_or_else(|| std::io::Error::other("no trust bundle for this peer"))?;
+                super::transport::dial_mtls(&target.host, target.port, config).await
+            }
         });
         let channel = Endpoint::from_shared(format!("http://{address}"))
             .map_err(|e| tonic::Status::invalid_argument(format!("peer address {address}: {e}")))?
@@ -513,7 +518,7 @@ impl ConsumerTask {
             SyncState::Connecting => ("connecting", None),
             SyncState::Syncing => ("syncing", None),
             SyncState::Synced => ("synced", None),
-            SyncState::Disconnected { .. } => ("disconnected", None),
+            SyncState::Disconnected { .. } => ("disconnected", counters.last_stream_end.clone()),
             SyncState::Failed { reason } => ("failed", Some(reason.clone())),
             SyncState::Stopped => ("stopped", None),
         };
@@ -544,6 +549,9 @@ impl ConsumerTask {
 #[derive(Default)]
 struct Counters {
     connected: bool,
+    /// How the last open stream ended (not a failed dial): shown while
+    /// disconnected, so a drained peer reads differently from a broken one.
+    last_stream_end: Option<String>,
     attempted: bool,
     reconnects: u64,
     failed: Option<String>,

@@ -161,7 +161,9 @@ async fn drive<M: Send + 'static>(
         .streams_open
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     match end {
-        Ok(()) => tracing::info!("consumer closed the stream"),
+        Ok(()) => {
+            tracing::info!("stream ended cleanly (closed by the consumer, or we are draining)")
+        }
         Err(status) => {
             tracing::info!(code = ?status.code(), message = status.message(), "stream ended");
             let _ = tx.send(Err(status)).await;
@@ -182,7 +184,9 @@ async fn run_stream<M: Send + 'static>(
 ) -> Result<(), Status> {
     let version = session.settings().version;
     let first = tokio::select! {
-        _ = shutdown.cancelled() => return Err(Status::unavailable("gateway shutting down")),
+        // Draining: end the stream cleanly (status OK), so the consumer
+            // keeps our imports as stale and dials again, not an error.
+            _ = shutdown.cancelled() => return Ok(()),
         first = tokio::time::timeout(FIRST_REQUEST_TIMEOUT, inbound.next()) => first,
     };
     let first = match first {
@@ -210,7 +214,9 @@ async fn run_stream<M: Send + 'static>(
         }
         let deadline = session.next_deadline();
         tokio::select! {
-            _ = shutdown.cancelled() => return Err(Status::unavailable("gateway shutting down")),
+            // Draining: end the stream cleanly (status OK), so the consumer
+            // keeps our imports as stale and dials again, not an error.
+            _ = shutdown.cancelled() => return Ok(()),
             request = inbound.next() => match request {
                 None => return Ok(()),
                 Some(Err(status)) => {

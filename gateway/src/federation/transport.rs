@@ -86,14 +86,13 @@ impl AsyncWrite for MtlsConn {
 /// logged with the client address and never reach the gRPC layer.
 pub fn accept_mtls(
     listener: TcpListener,
-    config: Arc<rustls::ServerConfig>,
+    credentials: Arc<crate::credentials::Credentials>,
     shutdown: CancellationToken,
 ) -> (
     mpsc::Receiver<Result<MtlsConn, io::Error>>,
     tokio::task::JoinHandle<()>,
 ) {
     let (tx, rx) = mpsc::channel(64);
-    let acceptor = TlsAcceptor::from(config);
     let task = tokio::spawn(async move {
         loop {
             let (tcp, remote) = tokio::select! {
@@ -109,7 +108,8 @@ pub fn accept_mtls(
                 },
             };
             let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
+            // The material published now: a rotation reaches the next handshake.
+            let acceptor = TlsAcceptor::from(Arc::clone(&credentials.current().federation_server));
             let tx = tx.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {

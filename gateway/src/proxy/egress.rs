@@ -62,8 +62,6 @@ const STREAMS_PER_CONN: usize = 100;
 /// Client configs cached at most; a catalog with more distinct (peer, SANs)
 /// pairs just rebuilds some (cheap next to the handshake that follows).
 const TLS_CACHE_MAX: usize = 256;
-/// How long an HTTP connection may drain after shutdown or idleness.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// First retry of a failed listener bind; doubles per failure of that
 /// address up to [`BIND_RETRY_MAX`].
 const BIND_RETRY: Duration = Duration::from_secs(1);
@@ -205,6 +203,22 @@ pub async fn run(ctx: ProxyContext, catch_all: Option<TcpListener>, stats: Arc<E
     if let Some(listener) = catch_all {
         listener.stop().await;
     }
+    // Requests and streams in flight get `drain.timeout` to finish.
+    let open = egress.open.count();
+    if open > 0 {
+        tracing::info!(open, "egress draining connections");
+    }
+    let drained = tokio::select! {
+        () = egress.open.idle() => true,
+        () = ctx.abort.cancelled() => false,
+        () = tokio::time::sleep(ctx.drain_timeout) => false,
+    };
+    if !drained {
+        tracing::warn!(
+            open = egress.open.count(),
+            "egress drain timed out; closing remaining connections"
+        );
+    }
 }
 
 /// The import listeners and what is known of those that failed to bind.
@@ -291,8 +305,6 @@ fn sni_for<'a>(instance: &'a Instance, entry: &'a VipEntry) -> &'a str {
 
 /// What egress derives once per VIP entry (see [`Egress::routes`]).
 struct Routes {
-    /// The client config of pooled HTTP/2 connections, or why there is none.
-    tls_h2: Result<Arc<rustls::ClientConfig>, ProxyError>,
     /// The HTTP targets in round-robin order.
     http: Vec<HttpTarget>,
     /// The `:authority` for the Host apps last sent to this import.
@@ -371,8 +383,13 @@ struct Egress {
     stats: Arc<EgressStats>,
     /// The latest VIP table, read lock-free per connection and per request.
     table: ArcSwap<VipTable>,
-    tls: Mutex<HashMap<TlsKey, Arc<rustls::ClientConfig>>>,
+    /// Client configs built from one generation of TLS material: emptied
+    /// when the credentials rotate, so the next dial presents (and
+    /// verifies with) the new material, with a new session cache.
+    tls: Mutex<(u64, HashMap<TlsKey, Arc<rustls::ClientConfig>>)>,
     pool: H2Pool,
+    /// Connections served now (drain waits for them).
+    open: super::Tracker,
     /// Round-robin position over a service's endpoints.
     next: AtomicUsize,
 }
@@ -389,8 +406,9 @@ impl Egress {
             table,
             ctx,
             stats,
-            tls: Mutex::new(HashMap::new()),
+            tls: Mutex::new((0, HashMap::new())),
             pool,
+            open: super::Tracker::default(),
             next: AtomicUsize::new(0),
         }
     }
@@ -594,8 +612,10 @@ impl Egress {
         match entry {
             Some(entry) if service_mode(&entry) == Mode::Stream => {
                 let span = tracing::info_span!("egress", client.addr = %client, service = %entry.fqdn, peer = %entry.import.peer);
+                let open = self.open.enter();
                 tokio::spawn(
                     async move {
+                        let _open = open;
                         // Boxed: the TLS dial and splice state stay out of
                         // the task's own allocation until they are needed.
                         match Box::pin(self.serve_stream(&entry, tcp)).await {
@@ -614,7 +634,11 @@ impl Egress {
                 );
             }
             _ => {
-                tokio::spawn(self.serve_http(tcp, client, route, permit));
+                let open = self.open.enter();
+                tokio::spawn(async move {
+                    let _open = open;
+                    self.serve_http(tcp, client, route, permit).await;
+                });
             }
         }
     }
@@ -659,7 +683,6 @@ impl Egress {
             })
             .collect();
         Routes {
-            tls_h2: self.client_config(entry, true),
             http,
             authority: AuthorityMemo::default(),
         }
@@ -677,10 +700,17 @@ impl Egress {
             sans: import.service.sans.clone(),
             h2,
         };
-        if let Some(config) = lock(&self.tls).get(&key) {
-            return Ok(config.clone());
+        let generation = self.ctx.credentials.generation();
+        {
+            let cache = lock(&self.tls);
+            if cache.0 == generation
+                && let Some(config) = cache.1.get(&key)
+            {
+                return Ok(config.clone());
+            }
         }
-        let bundle = self.ctx.bundles.get(&import.peer).ok_or_else(|| {
+        let material = self.ctx.credentials.current();
+        let bundle = material.bundles.get(&import.peer).ok_or_else(|| {
             ProxyError::internal(
                 ErrorKind::HandshakeFailed,
                 format!("no trust bundle configured for peer {}", import.peer),
@@ -712,7 +742,7 @@ impl Egress {
         }
         let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[] };
         let config =
-            elsinore_certs::client_config(&self.ctx.identity, bundle, Some(&allowed), alpn)
+            elsinore_certs::client_config(&material.identity, bundle, Some(&allowed), alpn)
                 .map_err(|e| {
                     ProxyError::internal(
                         ErrorKind::HandshakeFailed,
@@ -728,10 +758,10 @@ impl Egress {
         }
         let config = tls::client_config(config);
         let mut cache = lock(&self.tls);
-        if cache.len() >= TLS_CACHE_MAX {
-            cache.clear();
+        if cache.0 != material.generation || cache.1.len() >= TLS_CACHE_MAX {
+            *cache = (material.generation, HashMap::new());
         }
-        cache.insert(key, config.clone());
+        cache.1.insert(key, config.clone());
         Ok(config)
     }
 
@@ -833,7 +863,8 @@ impl Egress {
         };
         let (sent, received) = tokio::select! {
             spliced = splice_to_tls(client, upstream, self.ctx.tuning.idle_timeout) => spliced?,
-            _ = self.ctx.shutdown.cancelled() => return Ok(()),
+            // A stream in flight outlives the start of a drain, not its end.
+            _ = self.ctx.abort.cancelled() => return Ok(()),
         };
         tracing::debug!(sent, received, "connection finished");
         Ok(())
@@ -885,7 +916,7 @@ impl Egress {
         };
         let settings = h2server::Settings {
             max_concurrent_streams: self.ctx.tuning.http2_max_concurrent_streams,
-            drain_timeout: DRAIN_TIMEOUT,
+            drain_timeout: self.ctx.drain_timeout,
         };
         let egress = &*self;
         let served =
@@ -893,7 +924,8 @@ impl Egress {
         match served {
             Ok(h2server::Ended::Closed) => {}
             Ok(h2server::Ended::DrainTimedOut) => tracing::debug!(
-                "downstream h2c connection still busy after {DRAIN_TIMEOUT:?}; closed"
+                drain_timeout = ?self.ctx.drain_timeout,
+                "downstream h2c connection still busy after the drain timeout; closed"
             ),
             Err(error) => {
                 tracing::debug!(%error, "downstream h2c connection ended with an error");
@@ -1028,7 +1060,6 @@ impl Egress {
         }
         let version = req.version();
         let mut req = upstream_request(req, entry, &routes.authority)?;
-        let config = routes.tls_h2.clone()?;
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut last = None;
         'targets: for k in 0..targets.len() {
@@ -1038,7 +1069,14 @@ impl Egress {
             // A pooled connection may close between the lease and the send;
             // the request comes back unsent then and goes on a fresh lease.
             for _ in 0..2 {
-                let dial = || Box::pin(self.dial_h2(entry, endpoint, sni, config.clone()));
+                // The config is looked up per dial, not per request: a
+                // rotation reaches the next pooled connection.
+                let dial = || {
+                    Box::pin(async move {
+                        let config = self.client_config(entry, true)?;
+                        self.dial_h2(entry, endpoint, sni, config).await
+                    })
+                };
                 let lease = match self.pool.get(&target.pool, dial).await {
                     Ok(lease) => lease,
                     Err(e) if e.retry_safe => {
@@ -1411,10 +1449,17 @@ mod tests {
     fn context(w: &World, tuning: ProxyTuning) -> ProxyContext {
         ProxyContext {
             shared: crate::state::new_shared("mesh-b".into(), ExportCatalog::default(), &[]),
-            identity: w.ident_b.clone(),
-            bundles: Arc::new([("mesh-a".to_owned(), w.bundle_a.clone())].into()),
+            credentials: Arc::new(
+                crate::credentials::Credentials::fixed(
+                    w.ident_b.clone(),
+                    [("mesh-a".to_owned(), w.bundle_a.clone())].into(),
+                )
+                .unwrap(),
+            ),
             tuning,
             shutdown: CancellationToken::new(),
+            abort: CancellationToken::new(),
+            drain_timeout: Duration::from_secs(5),
         }
     }
 

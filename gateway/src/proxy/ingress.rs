@@ -61,10 +61,6 @@ use crate::config::{HostPort, ProxyTuning};
 /// A peer's mTLS connection, boxed (see `handle`).
 type PeerStream = Box<TlsStream>;
 
-/// How long connections get to finish after shutdown is signalled before
-/// they are cut.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// How long we wait for a refused peer to take our close_notify.
 const REFUSAL_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -180,21 +176,9 @@ pub async fn serve(
     ctx: ProxyContext,
     stats: Arc<IngressStats>,
 ) -> Result<(), ProxyError> {
-    let bundles: Vec<_> = ctx.bundles.values().cloned().collect();
-    // One server config for the listener's life: every handshake shares it.
-    let tls = elsinore_certs::server_config(&ctx.identity, &bundles, ALPN).map_err(|e| {
-        ProxyError::internal(
-            ErrorKind::HandshakeFailed,
-            format!("building the ingress tls config: {e}"),
-        )
-    })?;
-    let mut tls = (*tls).clone();
-    if !ctx.tuning.tls_resumption {
-        tls.send_tls13_tickets = 0;
-        tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    }
+    let tls = ingress_tls(&ctx)?;
     let inner = Arc::new(Inner {
-        tls: tls::server_config(tls),
+        tls: ArcSwap::from_pointee(tls),
         routes: RouteCache::new(ctx.tuning.clone()),
         limit: Arc::new(Semaphore::new(
             ctx.tuning.max_connections.min(Semaphore::MAX_PERMITS),
@@ -258,11 +242,13 @@ pub async fn serve(
     if open > 0 {
         tracing::info!(open, "ingress draining connections");
     }
-    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
-        while conns.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
+    let ctx = &inner.ctx;
+    let drained = tokio::select! {
+        () = async { while conns.join_next().await.is_some() {} } => true,
+        () = ctx.abort.cancelled() => false,
+        () = tokio::time::sleep(ctx.drain_timeout) => false,
+    };
+    if !drained {
         tracing::warn!(
             open = conns.len(),
             "ingress drain timed out; closing remaining connections"
@@ -272,10 +258,39 @@ pub async fn serve(
     Ok(())
 }
 
+/// The ingress server config of one generation of TLS material.
+struct IngressTls {
+    generation: u64,
+    config: Arc<rustls::ServerConfig>,
+}
+
+/// The ingress server config for the credentials published now: a new
+/// config (so new session caches: no ticket issued under the old material
+/// resumes under the new) for every rotation.
+fn ingress_tls(ctx: &ProxyContext) -> Result<IngressTls, ProxyError> {
+    let material = ctx.credentials.current();
+    let bundles: Vec<_> = material.bundles.values().cloned().collect();
+    let tls = elsinore_certs::server_config(&material.identity, &bundles, ALPN).map_err(|e| {
+        ProxyError::internal(
+            ErrorKind::HandshakeFailed,
+            format!("building the ingress tls config: {e}"),
+        )
+    })?;
+    let mut tls = (*tls).clone();
+    if !ctx.tuning.tls_resumption {
+        tls.send_tls13_tickets = 0;
+        tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    }
+    Ok(IngressTls {
+        generation: material.generation,
+        config: tls::server_config(tls),
+    })
+}
+
 /// What every connection task of one listener shares.
 struct Inner {
     ctx: ProxyContext,
-    tls: Arc<rustls::ServerConfig>,
+    tls: ArcSwap<IngressTls>,
     routes: RouteCache,
     limit: Arc<Semaphore>,
     stats: Arc<IngressStats>,
@@ -284,6 +299,19 @@ struct Inner {
 impl Inner {
     fn tuning(&self) -> &ProxyTuning {
         &self.ctx.tuning
+    }
+
+    /// The server config for a new connection: the cached one unless the
+    /// credentials rotated since it was built.
+    fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, ProxyError> {
+        let cached = self.tls.load();
+        if cached.generation == self.ctx.credentials.generation() {
+            return Ok(Arc::clone(&cached.config));
+        }
+        let fresh = ingress_tls(&self.ctx)?;
+        let config = Arc::clone(&fresh.config);
+        self.tls.store(Arc::new(fresh));
+        Ok(config)
     }
 }
 
@@ -308,9 +336,16 @@ async fn refuse<S: AsyncWrite + Unpin>(
 async fn handle(tcp: TcpStream, inner: &Arc<Inner>) {
     let _ = tcp.set_nodelay(true);
     let none = None::<TcpStream>;
+    let config = match inner.server_config() {
+        Ok(config) => config,
+        Err(e) => {
+            let detail = format!("no tls config: {e}");
+            return refuse(inner, Refusal::HandshakeFailed, &detail, none).await;
+        }
+    };
     let (tls, accepted) = match tokio::time::timeout(
         inner.tuning().handshake_timeout,
-        Box::pin(tls::accept(Arc::clone(&inner.tls), tcp)),
+        Box::pin(tls::accept(config, tcp)),
     )
     .await
     {
@@ -342,8 +377,19 @@ async fn handle(tcp: TcpStream, inner: &Arc<Inner>) {
     let tls::Accepted {
         peer_certificates,
         server_name,
+        resumed,
     } = accepted;
-    let peer_id = elsinore_certs::peer_spiffe_id(peer_certificates.as_deref());
+    let peer_id = elsinore_certs::peer_spiffe_id(peer_certificates.as_deref()).and_then(|id| {
+        // A resumed session skips chain verification: the identity its
+        // ticket carries must not outlive the certificate it came from. (A
+        // full handshake's verifier checked the validity already.)
+        match peer_certificates.as_deref() {
+            Some([leaf, ..]) if resumed => {
+                elsinore_certs::check_not_expired(leaf, std::time::SystemTime::now()).map(|()| id)
+            }
+            _ => Ok(id),
+        }
+    });
     // The chain is only for this check; a held connection's task should
     // not keep it (rustls keeps its own copy for resumption).
     drop(peer_certificates);
@@ -445,8 +491,9 @@ async fn forward_opaque(tls: PeerStream, upstream: &Upstream, inner: &Inner) {
                 tracing::info!(backend = %addr, error = %e, label = e.label(), "splice ended");
             }
         },
-        _ = inner.ctx.shutdown.cancelled() => {
-            tracing::debug!(backend = %addr, "splice cut by shutdown");
+        // A stream in flight outlives the start of a drain, not its end.
+        _ = inner.ctx.abort.cancelled() => {
+            tracing::debug!(backend = %addr, "splice cut: drain timed out");
         }
     }
 }
@@ -644,7 +691,7 @@ async fn serve_http(tls: PeerStream, conn: Arc<HttpConn>, inner: &Inner) {
         };
         let settings = h2server::Settings {
             max_concurrent_streams: tuning.http2_max_concurrent_streams,
-            drain_timeout: DRAIN_TIMEOUT,
+            drain_timeout: inner.ctx.drain_timeout,
         };
         let conn = &*conn;
         let served = h2server::serve(io, settings, stop, |req| {
@@ -655,7 +702,8 @@ async fn serve_http(tls: PeerStream, conn: Arc<HttpConn>, inner: &Inner) {
             Ok(h2server::Ended::Closed) => {}
             Ok(h2server::Ended::DrainTimedOut) => {
                 tracing::debug!(
-                    "ingress http connection still busy after {DRAIN_TIMEOUT:?}; closed"
+                    drain_timeout = ?inner.ctx.drain_timeout,
+                    "ingress http connection still busy after the drain timeout; closed"
                 );
             }
             Err(e) => tracing::debug!(error = %e, "ingress http connection ended with an error"),
@@ -1088,12 +1136,15 @@ mod tests {
         ]);
         let shutdown = CancellationToken::new();
         let ctx_shared = Arc::clone(&shared);
+        let credentials =
+            crate::credentials::Credentials::fixed(identity(&a_ca, &gateway_id), bundles).unwrap();
         let ctx = ProxyContext {
             shared,
-            identity: identity(&a_ca, &gateway_id),
-            bundles: Arc::new(bundles),
+            credentials: Arc::new(credentials),
             tuning,
             shutdown: shutdown.clone(),
+            abort: CancellationToken::new(),
+            drain_timeout: Duration::from_secs(5),
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -1429,6 +1480,66 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(gw.stats.refused(Refusal::HandshakeFailed), 1);
+        gw.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_resumed_session_does_not_outlive_the_peer_certificate() {
+        let (echo, count) = echo_backend().await;
+        let gw = start(
+            vec![export("db", Protocol::Tcp, &[echo], &["mesh-b"])],
+            tuning(),
+        )
+        .await;
+        let id: SpiffeId = "spiffe://mesh-b.example/ns/elsinore/sa/gateway"
+            .parse()
+            .unwrap();
+        let issued = gw
+            .b_ca
+            .issue_valid_for(&id, Duration::from_secs(2))
+            .unwrap();
+        let short =
+            Identity::from_pem(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes()).unwrap();
+        // One client config, so one session cache across both connections.
+        let cfg = elsinore_certs::client_config(&short, &gw.a_bundle, None, &[]).unwrap();
+        let dial = || async {
+            let tcp = TcpStream::connect(gw.addr).await.unwrap();
+            tokio_rustls::TlsConnector::from(Arc::clone(&cfg))
+                .connect(ServerName::try_from("db.mesh-a.global").unwrap(), tcp)
+                .await
+                .unwrap()
+        };
+        // While valid: a full handshake, traffic (which also delivers the
+        // session ticket).
+        let mut first = dial().await;
+        first.write_all(b"1").await.unwrap();
+        let mut one = [0u8; 1];
+        first.read_exact(&mut one).await.unwrap();
+        drop(first);
+
+        // Once the certificate expired, the client resumes (it does not
+        // check), and ingress refuses the identity the ticket carries.
+        let not_after = elsinore_certs::not_after(&short.cert_chain()[0]).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::SystemTime::now() <= not_after + Duration::from_millis(1100) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "certificate never expired"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let second = dial().await;
+        assert_eq!(
+            second.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed)
+        );
+        assert_closed(second).await;
+        assert_eq!(gw.stats.refused(Refusal::NoPeerIdentity), 1);
+        assert_eq!(
+            count.load(Ordering::SeqCst),
+            1,
+            "only the first reached the backend"
+        );
         gw.stop().await;
     }
 

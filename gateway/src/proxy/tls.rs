@@ -116,6 +116,9 @@ pub struct Accepted {
     pub peer_certificates: Option<Vec<CertificateDer<'static>>>,
     /// The SNI the client sent, as rustls validated it.
     pub server_name: Option<String>,
+    /// The session was resumed: the chain was verified in an earlier
+    /// handshake, not in this one.
+    pub resumed: bool,
 }
 
 enum Kernel {
@@ -397,6 +400,17 @@ pub async fn connect(
         || {},
     )
     .await?;
+    // A resumed session skips chain verification: the server identity its
+    // ticket carries must not outlive the certificate it came from.
+    if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+        && let Some([leaf, ..]) = conn.peer_certificates()
+    {
+        elsinore_certs::check_not_expired(leaf, std::time::SystemTime::now()).map_err(|e| {
+            protocol(&format!(
+                "resumed a session whose server certificate has expired: {e}"
+            ))
+        })?;
+    }
     let tls13 = is_tls13(conn.protocol_version())?;
     let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
     let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(tls_err)?;
@@ -428,12 +442,14 @@ pub async fn accept(
     let peer_certificates = conn
         .peer_certificates()
         .map(<[CertificateDer<'static>]>::to_vec);
+    let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(tls_err)?;
     let kernel = Kernel::Server(kernel);
     let stream = TlsStream::new(io, kernel, secrets, tls13, alpn, leftover)?;
     let accepted = Accepted {
         peer_certificates,
         server_name,
+        resumed,
     };
     Ok((stream, accepted))
 }
@@ -1918,5 +1934,66 @@ mod tests {
             rest = &rest[5 + usize::from(u16::from_be_bytes([rest[3], rest[4]]))..];
         }
         assert_eq!(last, 0x17, "an encrypted alert ends the flight: {out:?}");
+    }
+
+    /// Waits (on the wall clock: that is the condition) until `cert` has expired.
+    async fn until_expired(cert: &CertificateDer<'_>) {
+        let not_after = elsinore_certs::not_after(cert).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::SystemTime::now() <= not_after + Duration::from_millis(1100) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "certificate never expired"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_refuses_to_resume_with_a_server_whose_certificate_expired() {
+        let td: TrustDomain = "a.example".parse().unwrap();
+        let ca = Ca::new(&td).unwrap();
+        let issued = ca
+            .issue_valid_for(
+                &"spiffe://a.example/gw".parse().unwrap(),
+                Duration::from_secs(2),
+            )
+            .unwrap();
+        let short =
+            Identity::from_pem(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes()).unwrap();
+        let mut pki = pki();
+        pki.server = short.clone();
+        pki.server_bundle = TrustBundle::from_pem(td, ca.cert_pem().as_bytes()).unwrap();
+        // A rustls server that resumes whatever it issued a ticket for.
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(pki.server()));
+        let client = client_config(pki.client());
+        let mut kinds = Vec::new();
+        let mut results = Vec::new();
+        for round in 0..2 {
+            if round == 1 {
+                until_expired(&short.cert_chain()[0]).await;
+            }
+            let (c, s) = pair().await;
+            let acceptor = acceptor.clone();
+            let server = tokio::spawn(async move {
+                let tls = acceptor.accept(s).await.ok()?;
+                let kind = tls.get_ref().1.handshake_kind();
+                let _ = echo(tls).await;
+                kind
+            });
+            let result = match connect(Arc::clone(&client), name(), c).await {
+                Ok(tls) => exchange(tls, b"hello").await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            results.push(result.map_err(|e| e.to_string()));
+            kinds.push(server.await.unwrap());
+        }
+        assert_eq!(results[0], Ok(()), "the full handshake, while valid");
+        assert_eq!(
+            kinds,
+            [Some(HandshakeKind::Full), Some(HandshakeKind::Resumed)]
+        );
+        let err = results[1].clone().unwrap_err();
+        assert!(err.contains("server certificate has expired"), "{err}");
     }
 }
