@@ -127,7 +127,10 @@ pub fn to_json(config: &Config) -> Value {
                 crate::config::SharedAnswer::Address(ip) => ip.to_string(),
                 crate::config::SharedAnswer::Cname(name) => name.clone(),
             };
-            ("shared", json!({ "answer": answer, "bind": bind.to_string() }))
+            (
+                "shared",
+                json!({ "answer": answer, "bind": bind.to_string() }),
+            )
         }
     };
     let off = |a: &Option<std::net::SocketAddr>| match a {
