@@ -212,16 +212,27 @@ fn a_change_outside_exports_is_warned_about_and_not_applied() {
     next.replace(&config);
     let warning = p.wait_log_after(mark, &["need a restart"], WAIT);
     assert!(warning.contains("WARN"), "{warning}");
+    assert!(warning.contains("listeners.admin"), "{warning}");
     // The export applies; the listener stays where it was bound.
     wait_exports(&a, &["ratings", "reviews"]);
     assert!(!accepts(next.admin), "{} was bound by a reload", next.admin);
 
-    // An exports-only change afterwards warns about nothing.
+    // While the file still differs from the running config outside
+    // `exports`, every reload says so again.
     let mark = p.mark();
-    let mut exports_only = with_export(&next, "details");
-    exports_only.exports.retain(|e| e.name != "ratings");
-    exports_only.replace(&config);
+    let mut still_moved = with_export(&next, "details");
+    still_moved.exports.retain(|e| e.name != "ratings");
+    still_moved.replace(&config);
     wait_exports(&a, &["details", "reviews"]);
+    let again = p.wait_log_after(mark, &["need a restart"], WAIT);
+    assert!(again.contains("listeners.admin"), "{again}");
+
+    // Back to the running listeners: an exports-only change warns about
+    // nothing.
+    let mark = p.mark();
+    let exports_only = with_export(&a, "ratings");
+    exports_only.replace(&config);
+    wait_exports(&a, &["ratings", "reviews"]);
     p.wait_log_after(mark, &["exports reloaded"], WAIT);
     assert!(
         !p.lines()[mark..]
