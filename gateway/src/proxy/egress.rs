@@ -2253,6 +2253,7 @@ mod tests {
     /// listener and are reported; the first ones by name get theirs.
     #[tokio::test]
     async fn import_listeners_stay_within_the_budget() {
+        let _limit = crate::test_support::limit();
         let w = world();
         let echo = remote(&w.ca_a, A_GATEWAY, &w.bundle_b, Serve::Echo).await;
         let ctx = context(
@@ -2321,6 +2322,7 @@ mod tests {
     /// on every catalog change, and bound once the port is free.
     #[tokio::test]
     async fn a_failing_bind_is_not_retried_on_every_change() {
+        let _limit = crate::test_support::limit();
         let w = world();
         let echo = remote(&w.ca_a, A_GATEWAY, &w.bundle_b, Serve::Echo).await;
         let ctx = context(&w, ProxyTuning::default());
@@ -2366,6 +2368,7 @@ mod tests {
     /// interface (IP_FREEBIND), which a plain bind refuses.
     #[tokio::test]
     async fn import_listeners_bind_addresses_not_on_any_interface() {
+        let _limit = crate::test_support::limit();
         // TEST-NET-3: never configured on this machine.
         let addr: SocketAddr = "203.0.113.77:0".parse().unwrap();
         let nonlocal = std::fs::read_to_string("/proc/sys/net/ipv4/ip_nonlocal_bind")
@@ -2387,6 +2390,7 @@ mod tests {
     /// on one port routed by Host, a TCP import by its port.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn shared_mode_routes_http_by_host_and_tcp_by_port() {
+        let _limit = crate::test_support::limit();
         let w = world();
         let h2 = remote(&w.ca_a, A_GATEWAY, &w.bundle_b, Serve::H2).await;
         let echo = remote(&w.ca_a, A_GATEWAY, &w.bundle_b, Serve::Echo).await;
@@ -2446,6 +2450,7 @@ mod tests {
     /// by Host among them.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn shared_mode_serves_100k_imports_with_a_few_sockets() {
+        let _limit = crate::test_support::limit();
         const N: usize = 100_000;
         let w = world();
         let h2 = remote(&w.ca_a, A_GATEWAY, &w.bundle_b, Serve::H2).await;

@@ -1485,6 +1485,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_resumed_session_does_not_outlive_the_peer_certificate() {
+        let _limit = crate::test_support::limit();
         let (echo, count) = echo_backend().await;
         let gw = start(
             vec![export("db", Protocol::Tcp, &[echo], &["mesh-b"])],

@@ -1764,6 +1764,7 @@ mod tests {
     /// returns, as `drive` promises). The counts prove the edits reach both.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn edited_client_hellos_get_a_server_hello_or_a_fatal_alert() {
+        let _limit = crate::test_support::limit();
         use proptest::prelude::*;
         use proptest::strategy::ValueTree;
         let pki = pki();
@@ -1864,6 +1865,7 @@ mod tests {
     /// index out of range) instead of an error.
     #[tokio::test]
     async fn a_client_hello_that_fails_without_an_alert_is_an_error_not_a_panic() {
+        let _limit = crate::test_support::limit();
         let pki = pki();
         let mut client =
             rustls::ClientConnection::new(client_config(pki.client()), name()).unwrap();
@@ -1897,6 +1899,7 @@ mod tests {
     /// without that flight; now the flight goes out first.
     #[tokio::test]
     async fn an_alert_after_the_server_hello_flight_follows_that_flight() {
+        let _limit = crate::test_support::limit();
         let pki = pki();
         let mut client =
             rustls::ClientConnection::new(client_config(pki.client()), name()).unwrap();
@@ -1951,6 +1954,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_refuses_to_resume_with_a_server_whose_certificate_expired() {
+        let _limit = crate::test_support::limit();
         let td: TrustDomain = "a.example".parse().unwrap();
         let ca = Ca::new(&td).unwrap();
         let issued = ca
