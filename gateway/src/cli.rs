@@ -310,6 +310,14 @@ fn check(path: &Path) -> ExitCode {
 }
 
 async fn run(path: &Path) -> anyhow::Result<ExitCode> {
+    // Signal handlers first: a SIGHUP (a reload) or a SIGTERM/SIGINT that
+    // arrives while the gateway starts must not take the default action,
+    // which ends the process. A SIGTERM received during the start begins
+    // the drain once the gateway is up; a SIGHUP then is a no-op (the
+    // config is read after this point anyway).
+    let mut stop = ShutdownSignals::register();
+    #[cfg(unix)]
+    let _hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(errors) => {
@@ -317,6 +325,7 @@ async fn run(path: &Path) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
+    tracing::info!(config = %path.display(), mesh = %config.mesh.name, "starting");
     let gateway = crate::runtime::Gateway::start(
         config,
         crate::runtime::StartOptions {
@@ -325,13 +334,63 @@ async fn run(path: &Path) -> anyhow::Result<ExitCode> {
         },
     )
     .await?;
-    shutdown_signal().await;
+    stop.recv().await;
     tracing::info!("shutting down: draining (a second signal stops at once)");
     tokio::select! {
         () = gateway.drain() => {}
-        () = shutdown_signal() => tracing::warn!("second shutdown signal: stopping without finishing the drain"),
+        () = stop.recv() => tracing::warn!("second shutdown signal: stopping without finishing the drain"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// SIGTERM and SIGINT, registered once: a signal that arrives before
+/// anyone waits is kept until [`ShutdownSignals::recv`].
+struct ShutdownSignals {
+    #[cfg(unix)]
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl ShutdownSignals {
+    fn register() -> ShutdownSignals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            ShutdownSignals {
+                term: signal(SignalKind::terminate()).ok(),
+                int: signal(SignalKind::interrupt()).ok(),
+            }
+        }
+        #[cfg(not(unix))]
+        ShutdownSignals {}
+    }
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        {
+            async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
+                match s {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            if self.term.is_none() && self.int.is_none() {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+            tokio::select! {
+                () = next(&mut self.term) => {}
+                () = next(&mut self.int) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }
 
 async fn demo(dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {

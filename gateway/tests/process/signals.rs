@@ -155,3 +155,33 @@ fn sigint_exits_zero() {
     assert_eq!(status.map(|s| s.code()), Some(Some(0)));
     assert!(!accepts(a.admin));
 }
+
+/// A SIGHUP that arrives while the gateway is still starting (a `systemctl
+/// reload` right after start, a config-map sync) must not end the process:
+/// the handlers are installed before the config is read, and the gateway
+/// comes up and serves.
+#[test]
+fn sighup_during_start_does_not_end_the_process() {
+    let net = Net::new();
+    let dir = tempfile::tempdir().unwrap();
+    let b = GatewaySpec::new(&net, 20, "mesh-b", dir.path());
+    let mut a = GatewaySpec::new(&net, 10, "mesh-a", dir.path());
+    a.peers = vec![b.as_peer(false)];
+    let config = a.config_path(dir.path());
+    a.write(&config);
+    let mut p = Proc::run("mesh-a", &config, &[]);
+    // The first line the process logs: from here on, a SIGHUP is handled.
+    p.wait_log_after(0, &["starting"], WAIT);
+    for _ in 0..3 {
+        p.signal("HUP");
+    }
+    p.wait_ready(a.admin);
+    assert_eq!(
+        p.wait_exit(Duration::from_millis(200)),
+        None,
+        "SIGHUP ended the process"
+    );
+    p.signal("TERM");
+    let status = p.wait_exit(EXIT_BOUND);
+    assert_eq!(status.map(|s| s.code()), Some(Some(0)));
+}
