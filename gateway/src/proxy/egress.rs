@@ -159,13 +159,30 @@ impl EgressStats {
 /// Runs the egress until `ctx.shutdown`: keeps one listener per entry of
 /// the VIP table (VIP mode) or per distinct port (shared mode), within the
 /// listener budget, and serves `catch_all` (HTTP routed by Host) if given.
-pub async fn run(ctx: ProxyContext, catch_all: Option<TcpListener>, stats: Arc<EgressStats>) {
+///
+/// The listener budget is computed and published in `stats` when `run` is
+/// called, before the returned future is first polled, so `/metrics` shows
+/// it from the moment the gateway has started.
+pub fn run(
+    ctx: ProxyContext,
+    catch_all: Option<TcpListener>,
+    stats: Arc<EgressStats>,
+) -> impl std::future::Future<Output = ()> {
     let budget = super::budget::listener_budget(ctx.tuning.vip_listener_budget);
     tracing::info!(budget = budget.listeners, source = %budget.source, "egress import listener budget");
     stats.listener_budget.store(
         u64::try_from(budget.listeners).unwrap_or(u64::MAX),
         Ordering::Relaxed,
     );
+    serve_imports(ctx, catch_all, stats, budget)
+}
+
+async fn serve_imports(
+    ctx: ProxyContext,
+    catch_all: Option<TcpListener>,
+    stats: Arc<EgressStats>,
+    budget: super::budget::Budget,
+) {
     let egress = Arc::new(Egress::new(ctx.clone(), stats));
     let catch_all = catch_all.map(|listener| {
         if let Ok(addr) = listener.local_addr() {
