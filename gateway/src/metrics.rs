@@ -1,7 +1,9 @@
 //! Every metric name the gateway exposes, rendered in the Prometheus text
 //! format for `/metrics`. Names are `elsinore_*`; labels are bounded (peer
-//! names from config, refusal reasons, error sides), never addresses,
-//! nonces or service names sent by peers.
+//! names from config, refusal reasons, error sides), never addresses or
+//! nonces. The one label from the catalogs is `service` of the request
+//! histograms ([`RouteLatency`]): its series live only while their route is
+//! in the catalog, so there are never more than the imports or exports.
 
 use std::collections::HashMap;
 use std::fmt::Write;
