@@ -1,10 +1,15 @@
 //! Every metric name the gateway exposes, rendered in the Prometheus text
 //! format for `/metrics`. Names are `elsinore_*`; labels are bounded (peer
-//! names from config, refusal reasons, error sides), never addresses,
-//! nonces or service names sent by peers.
+//! names from config, refusal reasons, error sides), never addresses or
+//! nonces. The one label from the catalogs is `service` of the request
+//! histograms ([`RouteLatency`]): its series live only while their route is
+//! in the catalog, so there are never more than the imports or exports.
 
+use std::collections::HashMap;
 use std::fmt::Write;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use crate::proxy::egress::EgressStats;
 use crate::proxy::ingress::IngressStats;
@@ -21,6 +26,132 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(Stri
             let _ = writeln!(out, "{name}{{{labels}}} {value}");
         }
     }
+}
+
+/// Upper bounds of the latency buckets, in seconds (`le` labels).
+const BUCKETS: [(&str, u64); 13] = [
+    ("0.001", 1_000_000),
+    ("0.0025", 2_500_000),
+    ("0.005", 5_000_000),
+    ("0.01", 10_000_000),
+    ("0.025", 25_000_000),
+    ("0.05", 50_000_000),
+    ("0.1", 100_000_000),
+    ("0.25", 250_000_000),
+    ("0.5", 500_000_000),
+    ("1", 1_000_000_000),
+    ("2.5", 2_500_000_000),
+    ("5", 5_000_000_000),
+    ("10", 10_000_000_000),
+];
+
+/// A latency histogram with fixed buckets. Observing costs two relaxed
+/// atomic additions (the bucket and the sum); the count is the sum of the
+/// buckets, added up when `/metrics` is rendered.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Per bucket (not cumulative); the last one is `+Inf`.
+    buckets: [AtomicU64; BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, elapsed: Duration) {
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        let i = BUCKETS
+            .iter()
+            .position(|(_, bound)| nanos <= *bound)
+            .unwrap_or(BUCKETS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Appends the `_bucket`, `_sum` and `_count` series of one label set
+    /// (`labels` empty or `k="v",...`).
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (i, bucket) in self.buckets.iter().enumerate() {
+            cumulative += bucket.load(Ordering::Relaxed);
+            let le = BUCKETS.get(i).map_or("+Inf", |(le, _)| le);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{braces} {sum}");
+        let _ = writeln!(out, "{name}_count{braces} {cumulative}");
+    }
+}
+
+/// Appends one histogram family: `# HELP`, `# TYPE histogram`, then the
+/// series of each label set.
+fn histograms(out: &mut String, name: &str, help: &str, series: &[(String, Arc<Histogram>)]) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for (labels, h) in series {
+        h.render(out, name, labels);
+    }
+}
+
+/// Request latency histograms by (peer, service). A connection or a route
+/// looks its handle up once ([`RouteLatency::handle`]) and observes without
+/// a lock; the series of a route that left the catalog are dropped when
+/// `/metrics` is rendered, so their number stays bounded by the catalog.
+#[derive(Debug, Default)]
+pub struct RouteLatency(Mutex<HashMap<RouteKey, Arc<Histogram>>>);
+
+/// (peer, service).
+type RouteKey = (Box<str>, Box<str>);
+
+impl RouteLatency {
+    /// The histogram of `peer` and `service`, created on first use.
+    pub fn handle(&self, peer: &str, service: &str) -> Arc<Histogram> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(map.entry((peer.into(), service.into())).or_default())
+    }
+
+    /// The series of the routes `live` still holds (dropping the others),
+    /// sorted, with their labels.
+    fn series(&self, live: impl Fn(&str, &str) -> bool) -> Vec<(String, Arc<Histogram>)> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|(peer, service), _| live(peer, service));
+        let mut out: Vec<_> = map
+            .iter()
+            .map(|((peer, service), h)| {
+                (
+                    format!("peer=\"{peer}\",service=\"{service}\""),
+                    Arc::clone(h),
+                )
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+}
+
+/// Latency histograms of the data plane, shared by ingress, egress and
+/// `/metrics`.
+#[derive(Debug, Default)]
+pub struct Latency {
+    /// Egress: (import's peer, imported FQDN).
+    pub egress: RouteLatency,
+    /// Ingress: (calling peer, export name).
+    pub ingress: RouteLatency,
+    /// Completed mTLS handshakes, by side.
+    pub handshake_ingress: Histogram,
+    pub handshake_egress: Histogram,
 }
 
 fn one(value: u64) -> Vec<(String, u64)> {
@@ -277,6 +408,7 @@ pub fn render(shared: &Shared, ingress: &IngressStats, egress: &EgressStats) -> 
         ],
     );
     tls(&mut out, shared);
+    latency(&mut out, shared);
     family(
         &mut out,
         "elsinore_draining",
@@ -285,6 +417,67 @@ pub fn render(shared: &Shared, ingress: &IngressStats, egress: &EgressStats) -> 
         &one(u64::from(shared.draining.load(Ordering::Acquire))),
     );
     out
+}
+
+/// Request and handshake latencies, and how old each peer's imports are.
+fn latency(out: &mut String, shared: &Shared) {
+    let latency = &shared.latency;
+    let imports = shared.imports.borrow().clone();
+    histograms(
+        out,
+        "elsinore_egress_request_duration_seconds",
+        "HTTP requests from local apps, from the request to the response headers, by import.",
+        &latency
+            .egress
+            .series(|peer, service| imports.by_fqdn.get(service).is_some_and(|i| i.peer == peer)),
+    );
+    let exports = shared.exports.borrow().clone();
+    histograms(
+        out,
+        "elsinore_ingress_request_duration_seconds",
+        "HTTP requests from peers, from the request to the response headers, by peer and export.",
+        &latency
+            .ingress
+            .series(|peer, service| exports.get(service).is_some_and(|e| e.is_visible_to(peer))),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP elsinore_tls_handshake_duration_seconds Completed mTLS handshakes of the data plane, by side."
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE elsinore_tls_handshake_duration_seconds histogram"
+    );
+    for (side, h) in [
+        ("ingress", &latency.handshake_ingress),
+        ("egress", &latency.handshake_egress),
+    ] {
+        h.render(
+            out,
+            "elsinore_tls_handshake_duration_seconds",
+            &format!("side=\"{side}\""),
+        );
+    }
+    let now = std::time::SystemTime::now();
+    family(
+        out,
+        "elsinore_federation_consumer_import_age_seconds",
+        "gauge",
+        "Seconds since the peer's imports were last known current: 0 while the stream is open and synced (and before the first sync), else the time since the synced stream ended.",
+        &shared
+            .peers
+            .iter()
+            .map(|p| {
+                let view = p.consumer.borrow();
+                let age = match view.synced_until {
+                    _ if view.connected && view.snapshot_complete => 0,
+                    Some(t) => now.duration_since(t).map_or(0, |d| d.as_secs()),
+                    None => 0,
+                };
+                (format!("peer=\"{}\"", p.config.name), age)
+            })
+            .collect::<Vec<_>>(),
+    );
 }
 
 /// Certificate expiry and rotations (see `credentials`).
@@ -355,5 +548,57 @@ mod build_info_tests {
         );
         assert!(text.lines().any(|l| l == line), "{text}");
         assert!(text.contains("# TYPE elsinore_build_info gauge"));
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod histogram_tests {
+    use std::time::Duration;
+
+    use super::{Histogram, RouteLatency};
+
+    #[test]
+    fn buckets_are_cumulative_and_sum_in_seconds() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(500));
+        h.observe(Duration::from_millis(1));
+        h.observe(Duration::from_millis(30));
+        h.observe(Duration::from_secs(11));
+        let mut out = String::new();
+        h.render(&mut out, "x", "side=\"a\"");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 16, "{out}");
+        assert_eq!(lines[0], "x_bucket{side=\"a\",le=\"0.001\"} 2");
+        assert_eq!(lines[4], "x_bucket{side=\"a\",le=\"0.025\"} 2");
+        assert_eq!(lines[5], "x_bucket{side=\"a\",le=\"0.05\"} 3");
+        assert_eq!(lines[12], "x_bucket{side=\"a\",le=\"10\"} 3");
+        assert_eq!(lines[13], "x_bucket{side=\"a\",le=\"+Inf\"} 4");
+        assert_eq!(lines[14], "x_sum{side=\"a\"} 11.0315");
+        assert_eq!(lines[15], "x_count{side=\"a\"} 4");
+        assert_eq!(h.count(), 4);
+    }
+
+    #[test]
+    fn routes_that_left_the_catalog_are_dropped() {
+        let routes = RouteLatency::default();
+        let kept = routes.handle("mesh-a", "reviews.mesh-a.global");
+        routes.handle("mesh-a", "gone.mesh-a.global");
+        // One handle per route: a second lookup gives the same histogram.
+        assert!(std::sync::Arc::ptr_eq(
+            &kept,
+            &routes.handle("mesh-a", "reviews.mesh-a.global")
+        ));
+        let live = |_: &str, service: &str| service != "gone.mesh-a.global";
+        let labels: Vec<String> = routes.series(live).into_iter().map(|s| s.0).collect();
+        assert_eq!(
+            labels,
+            ["peer=\"mesh-a\",service=\"reviews.mesh-a.global\""]
+        );
+        assert_eq!(
+            routes.0.lock().unwrap().len(),
+            1,
+            "the old series stays gone"
+        );
     }
 }

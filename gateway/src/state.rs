@@ -36,6 +36,8 @@ pub struct Shared {
     pub draining: std::sync::atomic::AtomicBool,
     /// Certificate expiry and rotation counters, written by `credentials`.
     pub tls_status: Arc<crate::credentials::TlsStatus>,
+    /// Request and handshake latency histograms (see `metrics`).
+    pub latency: crate::metrics::Latency,
 }
 
 impl Shared {
@@ -75,6 +77,9 @@ pub struct ConsumerView {
     pub nacks: u64,
     pub reconnects: u64,
     pub last_ack_at: Option<SystemTime>,
+    /// When the last stream whose snapshot was complete ended (`None`
+    /// while it never did): how stale the imports are.
+    pub synced_until: Option<SystemTime>,
     pub last_nack: Option<(String, String)>,
     pub services: Vec<Arc<FederatedService>>,
 }
@@ -139,6 +144,7 @@ pub fn new_shared(mesh: String, exports: ExportCatalog, peers: &[Peer]) -> Arc<S
         listeners_bound: std::sync::atomic::AtomicBool::new(false),
         draining: std::sync::atomic::AtomicBool::new(false),
         tls_status: Arc::default(),
+        latency: crate::metrics::Latency::default(),
     })
 }
 

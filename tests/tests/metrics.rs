@@ -30,6 +30,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const A: &str = "mesh-a";
+const REVIEWS: &str = "reviews.mesh-a.global";
+const EGRESS_DURATION: &str = "elsinore_egress_request_duration_seconds";
+const INGRESS_DURATION: &str = "elsinore_ingress_request_duration_seconds";
 const B: &str = "mesh-b";
 
 // ---------------------------------------------------------------------------
@@ -37,11 +40,19 @@ const B: &str = "mesh-b";
 // ---------------------------------------------------------------------------
 
 /// One family of a scrape: its `# TYPE` and its samples (labels → value).
+/// A histogram's samples are its `_count` series; its `_sum` series are
+/// kept apart, and its `_bucket` series are checked as they are parsed
+/// (cumulative, `+Inf` last and equal to the count).
 #[derive(Debug, Default, Clone)]
 struct Family {
     kind: String,
     samples: Vec<(BTreeMap<String, String>, u64)>,
+    sums: Vec<(BTreeMap<String, String>, f64)>,
 }
+
+/// The buckets of one histogram series while they are parsed: (labels
+/// without `le`, last `le`, cumulative count so far).
+type OpenBuckets = Option<(BTreeMap<String, String>, String, u64)>;
 
 /// A parsed `/metrics` answer, by family name.
 #[derive(Debug, Clone)]
@@ -50,6 +61,7 @@ struct Scrape(BTreeMap<String, Family>);
 impl Scrape {
     fn parse(text: &str) -> Scrape {
         let mut families: BTreeMap<String, Family> = BTreeMap::new();
+        let mut buckets: OpenBuckets = None;
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             if let Some(rest) = line.strip_prefix("# TYPE ") {
                 let (name, kind) = rest.split_once(' ').expect("`# TYPE name kind`");
@@ -59,16 +71,63 @@ impl Scrape {
             if line.starts_with('#') {
                 continue;
             }
-            let (series, value) = line.rsplit_once(' ').expect("`series value`");
-            let value: u64 = value
-                .parse()
-                .unwrap_or_else(|e| panic!("sample value in {line:?}: {e}"));
-            let (name, labels) = match series.split_once('{') {
+            let (series, text_value) = line.rsplit_once(' ').expect("`series value`");
+            let (name, mut labels) = match series.split_once('{') {
                 None => (series, BTreeMap::new()),
                 Some((name, rest)) => {
                     let body = rest.strip_suffix('}').expect("labels end with `}`");
                     (name, parse_labels(body))
                 }
+            };
+            // A histogram's series: `<family>_bucket`, `_sum`, `_count`.
+            let histogram = ["_bucket", "_sum", "_count"].iter().find_map(|suffix| {
+                let base = name.strip_suffix(suffix)?;
+                (families.get(base)?.kind == "histogram").then_some((base, *suffix))
+            });
+            if let Some((base, "_sum")) = histogram {
+                let sum: f64 = text_value
+                    .parse()
+                    .unwrap_or_else(|e| panic!("sum in {line:?}: {e}"));
+                assert!(sum >= 0.0 && sum.is_finite(), "{line:?}");
+                let family = families.get_mut(base).unwrap();
+                family.sums.push((labels, sum));
+                continue;
+            }
+            let value: u64 = text_value
+                .parse()
+                .unwrap_or_else(|e| panic!("sample value in {line:?}: {e}"));
+            if let Some((_, "_bucket")) = histogram {
+                let le = labels
+                    .remove("le")
+                    .unwrap_or_else(|| panic!("no le: {line:?}"));
+                if let Some((open, last, so_far)) = &buckets
+                    && *open == labels
+                    && last != "+Inf"
+                {
+                    let bound = |le: &str| le.parse::<f64>().unwrap();
+                    assert!(
+                        le == "+Inf" || bound(&le) > bound(last),
+                        "le order: {line:?}"
+                    );
+                    assert!(value >= *so_far, "buckets are cumulative: {line:?}");
+                } else if let Some((_, last, _)) = &buckets {
+                    assert_eq!(last, "+Inf", "series ended before +Inf: {line:?}");
+                }
+                buckets = Some((labels, le, value));
+                continue;
+            }
+            let name = match histogram {
+                Some((base, _)) => {
+                    // `_count`: the `+Inf` bucket just before holds as many.
+                    let open = buckets.take();
+                    assert_eq!(
+                        open,
+                        Some((labels.clone(), "+Inf".to_owned(), value)),
+                        "+Inf bucket before {line:?}"
+                    );
+                    base
+                }
+                None => name,
             };
             let family = families
                 .get_mut(name)
@@ -94,6 +153,21 @@ impl Scrape {
             .find(|(l, _)| *l == want)
             .map(|(_, v)| *v)
             .unwrap_or_else(|| panic!("{name} has no sample {want:?}: {:?}", family.samples))
+    }
+
+    /// The `_sum` of the histogram series of `name` with exactly `labels`.
+    fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let want: BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let family = &self.0[name];
+        family
+            .sums
+            .iter()
+            .find(|(l, _)| *l == want)
+            .map(|(_, v)| *v)
+            .unwrap_or_else(|| panic!("{name} has no sum {want:?}: {:?}", family.sums))
     }
 
     fn plain(&self, name: &str) -> u64 {
@@ -259,6 +333,12 @@ async fn documented_families_are_exactly_the_exposed_ones() {
         for (name, doc) in &docs {
             let family = &scrape.0[name];
             assert_eq!(family.kind, doc.kind, "type of {name}");
+            if doc.labels.contains("service") {
+                // Per-route histograms: a series per (peer, service) comes
+                // with the route's first request; this gateway saw none.
+                assert_eq!(family.samples, vec![], "{name} before any request");
+                continue;
+            }
             assert!(!family.samples.is_empty(), "{name} has no sample");
             assert_eq!(
                 name.ends_with("_total"),
@@ -451,6 +531,17 @@ async fn every_family_moves_with_federation_and_data_plane_traffic() {
                         0,
                     ),
                     ("elsinore_federation_owner_streams_open", &[("peer", A)], 0),
+                    // Synced and connected: the imports are current.
+                    (
+                        "elsinore_federation_consumer_import_age_seconds",
+                        &[("peer", A)],
+                        0,
+                    ),
+                    (
+                        "elsinore_tls_handshake_duration_seconds",
+                        &[("side", "egress")],
+                        0,
+                    ),
                 ],
             )
         })
@@ -506,6 +597,17 @@ async fn every_family_moves_with_federation_and_data_plane_traffic() {
                     ("elsinore_egress_http_requests_total", &[], 1),
                     ("elsinore_egress_upstream_connects_total", &[], 1),
                     ("elsinore_egress_upstream_handshake_failures_total", &[], 0),
+                    (EGRESS_DURATION, &[("peer", A), ("service", REVIEWS)], 1),
+                    (
+                        "elsinore_tls_handshake_duration_seconds",
+                        &[("side", "egress")],
+                        1,
+                    ),
+                    (
+                        "elsinore_tls_handshake_duration_seconds",
+                        &[("side", "ingress")],
+                        0,
+                    ),
                 ],
             )
         })
@@ -519,10 +621,32 @@ async fn every_family_moves_with_federation_and_data_plane_traffic() {
                     ("elsinore_ingress_http_requests_total", &[], 1),
                     ("elsinore_ingress_misdirected_total", &[], 0),
                     ("elsinore_ingress_upstream_errors_total", &[], 0),
+                    (INGRESS_DURATION, &[("peer", B), ("service", "reviews")], 1),
+                    (
+                        "elsinore_tls_handshake_duration_seconds",
+                        &[("side", "ingress")],
+                        1,
+                    ),
+                    (
+                        "elsinore_tls_handshake_duration_seconds",
+                        &[("side", "egress")],
+                        0,
+                    ),
                 ],
             )
         })
         .await;
+        // Only the routes that carried a request have series, and they
+        // took some time.
+        for (gw, name, peer, service) in [
+            (gb.admin_addr, EGRESS_DURATION, A, REVIEWS),
+            (ga.admin_addr, INGRESS_DURATION, B, "reviews"),
+        ] {
+            let s = scrape(gw).await;
+            assert_eq!(s.0[name].samples.len(), 1, "{name}: {:?}", s.0[name]);
+            let sum = s.sum(name, &[("peer", peer), ("service", service)]);
+            assert!(sum > 0.0 && sum < WAIT.as_secs_f64(), "{name} sum {sum}");
+        }
 
         // A Host naming another service: A answers 421.
         let wrong = http1_exchange(&mut app, get("elsewhere.example", "/x"))
@@ -546,12 +670,38 @@ async fn every_family_moves_with_federation_and_data_plane_traffic() {
                     ("elsinore_ingress_http_requests_total", &[], 3),
                     ("elsinore_ingress_misdirected_total", &[], 1),
                     ("elsinore_ingress_upstream_errors_total", &[], 1),
+                    // The 421 went over the `reviews` connection.
+                    (INGRESS_DURATION, &[("peer", B), ("service", "reviews")], 2),
+                    (INGRESS_DURATION, &[("peer", B), ("service", "broken")], 1),
+                    // `broken` has its own SNI, so its own connection.
+                    (
+                        "elsinore_tls_handshake_duration_seconds",
+                        &[("side", "ingress")],
+                        2,
+                    ),
                 ],
             )
         })
         .await;
         wait_scrape(gb.admin_addr, "B's egress request count", |s| {
-            expect(s, &[("elsinore_egress_http_requests_total", &[], 3)])
+            expect(
+                s,
+                &[
+                    ("elsinore_egress_http_requests_total", &[], 3),
+                    (EGRESS_DURATION, &[("peer", A), ("service", REVIEWS)], 2),
+                    (
+                        EGRESS_DURATION,
+                        &[("peer", A), ("service", "broken.mesh-a.global")],
+                        1,
+                    ),
+                    ("elsinore_egress_upstream_connects_total", &[], 2),
+                    (
+                        "elsinore_tls_handshake_duration_seconds",
+                        &[("side", "egress")],
+                        2,
+                    ),
+                ],
+            )
         })
         .await;
 
@@ -655,6 +805,19 @@ async fn every_family_moves_with_federation_and_data_plane_traffic() {
             )
         })
         .await;
+        // With the stream gone, the imports age: by whole seconds, from 0.
+        wait_scrape(gb.admin_addr, "B's imports from A to age", |s| {
+            let age = s.value(
+                "elsinore_federation_consumer_import_age_seconds",
+                &[("peer", A)],
+            );
+            if age == 0 {
+                return Err("import age still 0".to_owned());
+            }
+            assert!(age < WAIT.as_secs() + 5, "imports {age} s old");
+            Ok(())
+        })
+        .await;
         let gone = http1_exchange(&mut app, get("reviews.mesh-a.global", "/again"))
             .await
             .unwrap();
@@ -662,7 +825,11 @@ async fn every_family_moves_with_federation_and_data_plane_traffic() {
         wait_scrape(gb.admin_addr, "B's upstream error", |s| {
             expect(
                 s,
-                &[("elsinore_egress_errors_total", &[("side", "upstream")], 1)],
+                &[
+                    ("elsinore_egress_errors_total", &[("side", "upstream")], 1),
+                    // A 502 is a response too: timed with the others.
+                    (EGRESS_DURATION, &[("peer", A), ("service", REVIEWS)], 3),
+                ],
             )
         })
         .await;
@@ -677,7 +844,14 @@ async fn every_family_moves_with_federation_and_data_plane_traffic() {
             }
             expect(
                 s,
-                &[("elsinore_federation_consumer_connected", &[("peer", A)], 1)],
+                &[
+                    ("elsinore_federation_consumer_connected", &[("peer", A)], 1),
+                    (
+                        "elsinore_federation_consumer_import_age_seconds",
+                        &[("peer", A)],
+                        0,
+                    ),
+                ],
             )
         })
         .await;

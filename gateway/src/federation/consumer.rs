@@ -272,6 +272,9 @@ impl ConsumerTask {
             if stats.connected {
                 stats.last_stream_end = Some(ended);
             }
+            if session.stats().snapshot_complete {
+                stats.synced_until = Some(SystemTime::now());
+            }
             match session.on_stream_closed(Instant::now(), reason, rand::random::<f64>()) {
                 AfterClose::ReconnectAt(at) => {
                     stats.reconnects += 1;
@@ -534,6 +537,7 @@ impl ConsumerTask {
             reconnects: counters.reconnects,
             last_ack_at: s.last_ack_at.map(|t| SystemTime::now() - t.elapsed()),
             last_nack: s.last_nack.clone(),
+            synced_until: counters.synced_until,
             services: session
                 .imports()
                 .values()
@@ -555,6 +559,8 @@ struct Counters {
     attempted: bool,
     reconnects: u64,
     failed: Option<String>,
+    /// When the last stream with a complete snapshot ended.
+    synced_until: Option<SystemTime>,
 }
 
 fn insert_header<T>(request: &mut Request<T>, window: &str) {

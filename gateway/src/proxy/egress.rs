@@ -23,7 +23,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use elsinore_certs::SpiffeId;
@@ -326,6 +326,8 @@ struct Routes {
     http: Vec<HttpTarget>,
     /// The `:authority` for the Host apps last sent to this import.
     authority: AuthorityMemo,
+    /// This import's request latency histogram.
+    latency: Arc<crate::metrics::Histogram>,
 }
 
 /// The last Host an app sent to one import and the `:authority` it became
@@ -702,6 +704,12 @@ impl Egress {
         Routes {
             http,
             authority: AuthorityMemo::default(),
+            latency: self
+                .ctx
+                .shared
+                .latency
+                .egress
+                .handle(&entry.import.peer, &entry.fqdn),
         }
     }
 
@@ -816,9 +824,12 @@ impl Egress {
                 .with_retry_safe(false)
             })?;
         let handshake = tls::connect(config, server_name, tcp);
+        let started = Instant::now();
         match tokio::time::timeout(tuning.handshake_timeout, handshake).await {
             Ok(Ok(tls)) => {
                 EgressStats::bump(&self.stats.upstream_connects);
+                let latency = &self.ctx.shared.latency;
+                latency.handshake_egress.observe(started.elapsed());
                 tracing::debug!(endpoint = %target, %sni, "mTLS connection to remote gateway established");
                 Ok(tls)
             }
@@ -961,6 +972,7 @@ impl Egress {
         B::Error: Into<BoxError>,
     {
         EgressStats::bump(&self.stats.requests);
+        let started = Instant::now();
         let grpc = is_grpc(req.headers());
         let entry = match self.route(route, &req) {
             Ok(entry) => entry,
@@ -968,10 +980,13 @@ impl Egress {
         };
         let span =
             tracing::debug_span!("request", service = %entry.fqdn, peer = %entry.import.peer);
-        match self.forward(&entry, req).instrument(span).await {
+        let routes = self.routes(&entry);
+        let resp = match self.forward(&entry, &routes, req).instrument(span).await {
             Ok(resp) => resp,
             Err(e) => self.failed(&e, client, Some(&entry), grpc),
-        }
+        };
+        routes.latency.observe(started.elapsed());
+        resp
     }
 
     /// Counts and logs a failed request and answers it.
@@ -1064,13 +1079,13 @@ impl Egress {
     async fn forward<B>(
         &self,
         entry: &VipEntry,
+        routes: &Routes,
         req: Request<B>,
     ) -> Result<Response<RespBody>, ProxyError>
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        let routes = self.routes(entry);
         let targets = &routes.http;
         if targets.is_empty() {
             return Err(no_endpoints(entry));

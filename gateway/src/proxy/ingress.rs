@@ -343,6 +343,7 @@ async fn handle(tcp: TcpStream, inner: &Arc<Inner>) {
             return refuse(inner, Refusal::HandshakeFailed, &detail, none).await;
         }
     };
+    let started = std::time::Instant::now();
     let (tls, accepted) = match tokio::time::timeout(
         inner.tuning().handshake_timeout,
         Box::pin(tls::accept(config, tcp)),
@@ -351,7 +352,11 @@ async fn handle(tcp: TcpStream, inner: &Arc<Inner>) {
     {
         // Boxed once: the stream moves through several futures, and each
         // by-value move would otherwise reserve its own slot in the task.
-        Ok(Ok((tls, accepted))) => (Box::new(tls), accepted),
+        Ok(Ok((tls, accepted))) => {
+            let latency = &inner.ctx.shared.latency;
+            latency.handshake_ingress.observe(started.elapsed());
+            (Box::new(tls), accepted)
+        }
         Ok(Err(e)) => {
             return refuse(
                 inner,
@@ -431,6 +436,7 @@ async fn handle(tcp: TcpStream, inner: &Arc<Inner>) {
     }
     bump(&inner.stats.authorized);
     let upstream = Arc::clone(&route.upstream);
+    let export_name = route.export.service.name.clone();
     drop(routes);
 
     tracing::debug!(peer.id = %peer_id, protocol = ?upstream.protocol, "ingress connection authorized");
@@ -442,8 +448,11 @@ async fn handle(tcp: TcpStream, inner: &Arc<Inner>) {
                 tracing::error!(peer.id = %peer_id, "peer identity is not a valid header value");
                 return;
             };
+            let latency = &inner.ctx.shared.latency.ingress;
+            let latency = latency.handle(&peer_name, &export_name);
             let conn = Arc::new(HttpConn {
                 sni,
+                latency,
                 peer_header,
                 client: client.clone(),
                 request_timeout: inner.tuning().request_timeout,
@@ -672,6 +681,9 @@ struct HttpConn {
     client: HttpBackend,
     request_timeout: Duration,
     stats: Arc<IngressStats>,
+    /// The (peer, export) request latency histogram, looked up once per
+    /// connection.
+    latency: Arc<crate::metrics::Histogram>,
 }
 
 async fn serve_http(tls: PeerStream, conn: Arc<HttpConn>, inner: &Inner) {
@@ -752,11 +764,12 @@ async fn serve_http(tls: PeerStream, conn: Arc<HttpConn>, inner: &Inner) {
 
 async fn proxy_request(req: Request<PeerBody>, conn: &HttpConn) -> Response<ProxyBody> {
     bump(&conn.stats.http_requests);
+    let started = std::time::Instant::now();
     let grpc = is_grpc(req.headers());
     // Boxed: the exchange's state (2 KiB and more) stays put on the heap
     // while the stream's future is moved into its place in the connection
     // (or into hyper's task).
-    match Box::pin(forward(req, conn)).await {
+    let resp = match Box::pin(forward(req, conn)).await {
         Ok(resp) => resp,
         Err(e) => {
             match e.kind {
@@ -767,7 +780,9 @@ async fn proxy_request(req: Request<PeerBody>, conn: &HttpConn) -> Response<Prox
             tracing::warn!(error = %e, label = e.label(), status = e.status().as_u16(), "ingress request failed");
             error_response(&e, grpc)
         }
-    }
+    };
+    conn.latency.observe(started.elapsed());
+    resp
 }
 
 async fn forward(
