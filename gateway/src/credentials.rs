@@ -18,15 +18,14 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use elsinore_certs::{CertError, Identity, TrustBundle, TrustDomain};
-use notify::{RecursiveMode, Watcher};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::reload::{Trigger, is_change};
 
 /// One consistent set of TLS material, replaced whole on rotation.
 pub struct Material {
@@ -528,57 +527,16 @@ fn parent_dir(file: &Path) -> PathBuf {
 /// Watches the material's directories (and SIGHUP) until `shutdown`,
 /// reloading after each burst of changes.
 pub async fn watch(credentials: Arc<Credentials>, shutdown: CancellationToken) {
-    let (tx, mut rx) = mpsc::channel::<()>(1);
-    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let Ok(event) = event else { return };
-        use notify::EventKind;
-        // Our own reads show up as access events: never a reason to re-read.
-        if matches!(
-            event.kind,
-            EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) | EventKind::Any
-        ) {
-            let _ = tx.try_send(());
-        }
-    });
-    let mut watcher = match watcher {
-        Ok(w) => Some(w),
-        Err(error) => {
-            tracing::warn!(%error, "no file watcher; certificates reload on SIGHUP only");
-            None
-        }
-    };
-    if let Some(w) = watcher.as_mut() {
-        for dir in credentials.directories() {
-            if let Err(error) = w.watch(&dir, RecursiveMode::NonRecursive) {
-                tracing::warn!(%error, dir = %dir.display(), "cannot watch a certificate directory; its files reload on SIGHUP only");
-            }
-        }
-    }
-    #[cfg(unix)]
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut trigger = Trigger::new(credentials.directories(), "certificate", is_change);
+    // The first pass catches a rotation between the start-up read and the
+    // watch (unchanged files are not a rotation); then one per wake-up.
     loop {
-        #[cfg(unix)]
-        let sighup = async {
-            match hup.as_mut() {
-                Some(s) => {
-                    s.recv().await;
-                }
-                None => std::future::pending::<()>().await,
-            }
-        };
-        #[cfg(not(unix))]
-        let sighup = std::future::pending::<()>();
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = rx.recv() => {}
-            _ = sighup => {}
-        }
-        // A rotation writes several files; let the burst settle.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        while rx.try_recv().is_ok() {}
         let creds = Arc::clone(&credentials);
         // File reads and certificate parsing: off the async workers.
         let _ = tokio::task::spawn_blocking(move || creds.reload()).await;
+        if trigger.next(&shutdown).await.is_none() {
+            return;
+        }
     }
 }
 

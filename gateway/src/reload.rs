@@ -7,18 +7,19 @@
 //! reload until the file and the running config agree again, and listed
 //! under `pendingRestart` by the admin `/config` endpoint.
 
+mod trigger;
+
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use elsinore_certs::SpiffeId;
-use notify::{RecursiveMode, Watcher};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::ExportCatalog;
 use crate::config::Config;
 use crate::state::Shared;
+pub(crate) use trigger::{Cause, Trigger, is_change};
 
 /// What runs and what the file asks for that needs a restart: the admin
 /// `/config` document.
@@ -66,7 +67,6 @@ pub async fn run(
     status: watch::Sender<Arc<ConfigStatus>>,
     shutdown: CancellationToken,
 ) {
-    let (tx, mut rx) = mpsc::channel::<()>(1);
     let dir = path
         .parent()
         .map(|p| {
@@ -77,50 +77,23 @@ pub async fn run(
             }
         })
         .unwrap_or_else(|| PathBuf::from("."));
-    let watch_tx = tx.clone();
     let file_name = path.file_name().map(|n| n.to_os_string());
-    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let Ok(event) = event else { return };
-        if is_config_change(&event, file_name.as_deref()) {
-            let _ = watch_tx.try_send(());
-        }
+    let mut trigger = Trigger::new([dir], "config", move |event| {
+        is_config_change(event, file_name.as_deref())
     });
-    let _watcher = match watcher {
-        Ok(mut w) => match w.watch(&dir, RecursiveMode::NonRecursive) {
-            Ok(()) => Some(w),
-            Err(error) => {
-                tracing::warn!(%error, dir = %dir.display(), "cannot watch the config directory; reload on SIGHUP only");
-                None
-            }
-        },
-        Err(error) => {
-            tracing::warn!(%error, "no file watcher; reload on SIGHUP only");
-            None
-        }
-    };
-    let mut last_text = std::fs::read(&path).ok();
-    #[cfg(unix)]
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    // The first pass reads the file at once: a change written between the
+    // start-up read and the watch would otherwise wait for the next event
+    // (an unchanged file is no reload).
+    let mut last_text: Option<Vec<u8>> = None;
+    let mut first = true;
     loop {
-        #[cfg(unix)]
-        let sighup = async {
-            match hup.as_mut() {
-                Some(s) => {
-                    s.recv().await;
-                }
-                None => std::future::pending::<()>().await,
+        if !std::mem::take(&mut first) {
+            match trigger.next(&shutdown).await {
+                None => return,
+                Some(Cause::Sighup) => tracing::info!("SIGHUP: reloading the config"),
+                Some(Cause::Files) => {}
             }
-        };
-        #[cfg(not(unix))]
-        let sighup = std::future::pending::<()>();
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = rx.recv() => {}
-            _ = sighup => tracing::info!("SIGHUP: reloading the config"),
         }
-        // Editors write in several steps; let the burst settle.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        while rx.try_recv().is_ok() {}
         // Our own read of the file and unrelated writes in the directory must
         // not cost a parse: only a change of content does.
         let text = match std::fs::read(&path) {
@@ -169,11 +142,7 @@ pub async fn run(
 /// link (which swaps every file of a ConfigMap at once). Reads (our own,
 /// included) and other files in the directory are ignored.
 fn is_config_change(event: &notify::Event, file_name: Option<&std::ffi::OsStr>) -> bool {
-    use notify::EventKind;
-    if !matches!(
-        event.kind,
-        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) | EventKind::Any
-    ) {
+    if !trigger::is_change(event) {
         return false;
     }
     event.paths.iter().any(|p| {
@@ -207,5 +176,71 @@ mod tests {
             &event(EventKind::Access(AccessKind::Read), "/etc/e/mesh-a.yaml"),
             name
         ));
+    }
+
+    /// A config with `exports` (names only), exported to mesh-b.
+    fn config_text(exports: &[&str]) -> String {
+        let mut s = String::from(
+            "mesh: { name: mesh-a, trustDomain: mesh-a.example }
+identity: { certificate: gw.pem, privateKey: gw.key }
+advertise: { address: gw.mesh-a.example }
+peers:
+  - { name: mesh-b, trustDomain: mesh-b.example, trustBundle: b.pem }
+exports:
+",
+        );
+        for e in exports {
+            s.push_str(&format!(
+                "  - {{ name: {e}, protocol: HTTP, backends: [\"a:1\"], peers: [mesh-b] }}\n"
+            ));
+        }
+        s
+    }
+
+    #[tokio::test]
+    async fn a_change_written_before_the_watch_began_is_applied() {
+        let _limit = crate::test_support::limit();
+        let dir = tempfile::tempdir().unwrap();
+        for file in ["gw.pem", "gw.key", "b.pem"] {
+            std::fs::write(dir.path().join(file), "").unwrap();
+        }
+        let path = dir.path().join("mesh-a.yaml");
+        std::fs::write(&path, config_text(&["reviews"])).unwrap();
+        let started = Config::load(&path).unwrap();
+        // Written after start-up read the file and before the watch exists:
+        // no file event will ever announce it.
+        std::fs::write(&path, config_text(&["reviews", "ratings"])).unwrap();
+
+        let gateway_id: SpiffeId = "spiffe://mesh-a.example/elsinore".parse().unwrap();
+        let catalog = ExportCatalog::from_config(&started, &gateway_id);
+        assert_eq!(catalog.len(), 1);
+        let shared = crate::state::new_shared("mesh-a".into(), catalog, &started.peers);
+        let (status, _) = watch::channel(Arc::new(ConfigStatus::new(started.clone())));
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run(
+            path,
+            started,
+            gateway_id,
+            Arc::clone(&shared),
+            status,
+            shutdown.clone(),
+        ));
+        crate::test_support::wait_until(
+            "the change to be applied",
+            crate::test_support::WAIT,
+            || {
+                let held = shared.exports.borrow().len();
+                async move {
+                    if held == 2 {
+                        Ok(())
+                    } else {
+                        Err(format!("{held} exports"))
+                    }
+                }
+            },
+        )
+        .await;
+        shutdown.cancel();
+        task.await.unwrap();
     }
 }

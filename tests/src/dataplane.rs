@@ -54,6 +54,7 @@ pub struct Backend {
     pub name: String,
     pub addr: SocketAddr,
     hits: Arc<AtomicU64>,
+    received: Arc<AtomicU64>,
     seen: Arc<Mutex<Vec<SeenRequest>>>,
     task: JoinHandle<()>,
 }
@@ -69,6 +70,8 @@ impl Drop for Backend {
 struct Recorder {
     name: Arc<str>,
     hits: Arc<AtomicU64>,
+    /// Bytes read from clients (TCP echo).
+    received: Arc<AtomicU64>,
     seen: Arc<Mutex<Vec<SeenRequest>>>,
 }
 
@@ -110,6 +113,13 @@ impl Backend {
         self.hits.load(Ordering::SeqCst)
     }
 
+    /// Bytes that reached it from clients, over all connections (TCP
+    /// echo): unlike [`Backend::hits`], a probe that connects and closes
+    /// adds nothing.
+    pub fn bytes_received(&self) -> u64 {
+        self.received.load(Ordering::SeqCst)
+    }
+
     /// Every HTTP / gRPC request that reached it, in order.
     pub fn requests(&self) -> Vec<SeenRequest> {
         self.seen.lock().expect("seen lock").clone()
@@ -123,6 +133,7 @@ impl Backend {
         let recorder = Recorder {
             name: Arc::from(name),
             hits: Arc::new(AtomicU64::new(0)),
+            received: Arc::new(AtomicU64::new(0)),
             seen: Arc::new(Mutex::new(Vec::new())),
         };
         (listener, addr, recorder)
@@ -133,6 +144,7 @@ impl Backend {
             name: recorder.name.to_string(),
             addr,
             hits: recorder.hits,
+            received: recorder.received,
             seen: recorder.seen,
             task,
         }
@@ -145,15 +157,26 @@ impl Backend {
     pub async fn tcp_echo(name: &str) -> Backend {
         let (listener, addr, recorder) = Self::bind(name).await;
         let hits = recorder.hits.clone();
+        let received = recorder.received.clone();
         let task = tokio::spawn(async move {
             let mut conns = JoinSet::new();
             while let Ok((mut tcp, _)) = listener.accept().await {
                 hits.fetch_add(1, Ordering::SeqCst);
+                let received = received.clone();
                 conns.spawn(async move {
                     let mut data = Vec::new();
-                    if tcp.read_to_end(&mut data).await.is_ok()
-                        && tcp.write_all(&data).await.is_ok()
-                    {
+                    let mut chunk = [0u8; 16 * 1024];
+                    loop {
+                        match tcp.read(&mut chunk).await {
+                            Ok(0) => break,
+                            Ok(n) => {
+                                received.fetch_add(n as u64, Ordering::SeqCst);
+                                data.extend_from_slice(&chunk[..n]);
+                            }
+                            Err(_) => return,
+                        }
+                    }
+                    if tcp.write_all(&data).await.is_ok() {
                         let _ = tcp.shutdown().await;
                     }
                 });

@@ -140,9 +140,12 @@ async fn sigterm_drain_lets_a_long_request_and_a_stream_finish_and_the_peer_keep
         .await;
         // ... and a TCP stream, spliced through to the echo backend.
         let mut stream = TcpStream::connect(echo_vip).await.unwrap();
-        stream.write_all(b"before the drain; ").await.unwrap();
+        const BEFORE: &[u8] = b"before the drain; ";
+        stream.write_all(BEFORE).await.unwrap();
+        // Bytes, not connections: wait_vip's probe of the VIP may reach the
+        // echo backend too, sooner or later.
         wait_for("the stream to reach the echo backend", WAIT, || async {
-            if echo.hits() == 1 {
+            if echo.bytes_received() == BEFORE.len() as u64 {
                 Ok(())
             } else {
                 Err(format!("B's egress: {:?}", gb.egress_stats()))

@@ -877,9 +877,12 @@ mod tests {
             host: addr.ip().to_string(),
             port: addr.port(),
         }]);
+        // No test here is about the connect timeout: generous, so that a
+        // burst of hundreds of loopback connects on a loaded machine (one
+        // runtime thread, a busy core) is not mistaken for a dead backend.
         H1Client::new(
             Arc::new(backends),
-            Duration::from_secs(2),
+            Duration::from_secs(20),
             Duration::from_secs(60),
         )
     }
