@@ -65,6 +65,10 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Concurrent connections per listener.
 pub const MAX_CONNECTIONS: usize = 10_000;
+/// Open connections (idle or busy) from ingress to the backends of one
+/// HTTP export; requests beyond wait for one. Envoy's default circuit
+/// breaker allows as many per cluster.
+pub const MAX_BACKEND_CONNECTIONS: usize = 1024;
 /// HTTP/2 max concurrent streams per connection we serve.
 pub const HTTP2_MAX_CONCURRENT_STREAMS: u32 = 1000;
 
