@@ -354,7 +354,7 @@ pub struct ProxyTuning {
     pub request_timeout: Duration,
     /// Concurrent connections per listener; beyond this, new connections are closed at once. Default 10000.
     pub max_connections: usize,
-    /// HTTP/2 max concurrent streams advertised on every HTTP/2 connection we serve. Default 1000.
+    /// HTTP/2 max concurrent streams advertised on every HTTP/2 connection we serve. Default 128.
     pub http2_max_concurrent_streams: u32,
     /// TLS 1.3 session resumption between gateways (ingress issues tickets,
     /// egress reuses them). A resumed session keeps the peer identity of the

@@ -69,8 +69,10 @@ pub const MAX_CONNECTIONS: usize = 10_000;
 /// HTTP export; requests beyond wait for one. Envoy's default circuit
 /// breaker allows as many per cluster.
 pub const MAX_BACKEND_CONNECTIONS: usize = 1024;
-/// HTTP/2 max concurrent streams per connection we serve.
-pub const HTTP2_MAX_CONCURRENT_STREAMS: u32 = 1000;
+/// HTTP/2 max concurrent streams per connection we serve: what nginx
+/// advertises (HAProxy 100). Each stream may hold a backend exchange, so
+/// this bounds the backend work one peer connection can have in flight.
+pub const HTTP2_MAX_CONCURRENT_STREAMS: u32 = 128;
 
 /// Where shared-mode egress listeners bind when `proxy.shared.bind` is omitted.
 pub const SHARED_BIND: std::net::IpAddr = std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED);
