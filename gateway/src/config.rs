@@ -346,7 +346,8 @@ pub struct ProxyTuning {
     pub vip_range: VipRange,
     /// Dialing a backend or a remote gateway. Default 5s.
     pub connect_timeout: Duration,
-    /// Completing a TLS handshake, either side. Default 10s.
+    /// Completing a TLS handshake, either side, and receiving an HTTP/2
+    /// client's connection preface. Default 10s.
     pub handshake_timeout: Duration,
     /// A connection (TCP splice or idle HTTP keep-alive) with no traffic this long is closed. Default 5m.
     pub idle_timeout: Duration,

@@ -57,7 +57,7 @@ pub const VIP_RANGE: super::VipRange = super::VipRange {
 };
 /// Dialing a backend or a remote gateway.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Completing a TLS handshake.
+/// Completing a TLS handshake; also the wait for an HTTP/2 preface.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Closing connections without traffic.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
