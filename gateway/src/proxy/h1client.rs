@@ -59,9 +59,8 @@ use http_body::{Body, Frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
-use tokio::time::Instant;
-
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 use super::backend::Backends;
 use super::error::{ErrorKind, ProxyError};
@@ -215,7 +214,8 @@ struct Failed {
 enum Stale {
     /// Not a pooled connection closing under us: never retried.
     No,
-    /// Writing the request failed: the backend cannot have acted on it.
+    /// Writing the request (a head alone) failed: the backend got part of
+    /// it at most, and cannot have acted on it.
     Unsent,
     /// The request was written whole and the connection closed before a
     /// byte of response: the backend may have acted on it.
