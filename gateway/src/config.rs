@@ -346,7 +346,8 @@ pub struct ProxyTuning {
     pub vip_range: VipRange,
     /// Dialing a backend or a remote gateway. Default 5s.
     pub connect_timeout: Duration,
-    /// Completing a TLS handshake, either side. Default 10s.
+    /// Completing a TLS handshake, either side, and receiving an HTTP/2
+    /// client's connection preface. Default 10s.
     pub handshake_timeout: Duration,
     /// A connection (TCP splice or idle HTTP keep-alive) with no traffic this long is closed. Default 5m.
     pub idle_timeout: Duration,
@@ -354,7 +355,7 @@ pub struct ProxyTuning {
     pub request_timeout: Duration,
     /// Concurrent connections per listener; beyond this, new connections are closed at once. Default 10000.
     pub max_connections: usize,
-    /// HTTP/2 max concurrent streams advertised on every HTTP/2 connection we serve. Default 1000.
+    /// HTTP/2 max concurrent streams advertised on every HTTP/2 connection we serve. Default 128.
     pub http2_max_concurrent_streams: u32,
     /// TLS 1.3 session resumption between gateways (ingress issues tickets,
     /// egress reuses them). A resumed session keeps the peer identity of the

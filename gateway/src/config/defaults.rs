@@ -57,7 +57,7 @@ pub const VIP_RANGE: super::VipRange = super::VipRange {
 };
 /// Dialing a backend or a remote gateway.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Completing a TLS handshake.
+/// Completing a TLS handshake; also the wait for an HTTP/2 preface.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Closing connections without traffic.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -65,8 +65,14 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Concurrent connections per listener.
 pub const MAX_CONNECTIONS: usize = 10_000;
-/// HTTP/2 max concurrent streams per connection we serve.
-pub const HTTP2_MAX_CONCURRENT_STREAMS: u32 = 1000;
+/// Open connections (idle or busy) from ingress to the backends of one
+/// HTTP export; requests beyond wait for one. Envoy's default circuit
+/// breaker allows as many per cluster.
+pub const MAX_BACKEND_CONNECTIONS: usize = 1024;
+/// HTTP/2 max concurrent streams per connection we serve: what nginx
+/// advertises (HAProxy 100). Each stream may hold a backend exchange, so
+/// this bounds the backend work one peer connection can have in flight.
+pub const HTTP2_MAX_CONCURRENT_STREAMS: u32 = 128;
 
 /// Where shared-mode egress listeners bind when `proxy.shared.bind` is omitted.
 pub const SHARED_BIND: std::net::IpAddr = std::net::IpAddr::V4(Ipv4Addr::UNSPECIFIED);

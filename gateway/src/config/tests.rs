@@ -196,6 +196,9 @@ fn defaults_apply_to_a_minimal_config() {
     assert_eq!(c.federation.snapshot_quiet_period, Duration::from_secs(2));
     assert_eq!(c.federation.backoff_initial, Duration::from_secs(1));
     assert_eq!(c.federation.backoff_max, Duration::from_secs(30));
+    // What nginx advertises (HAProxy 100): each stream may hold a backend
+    // exchange, so a larger default lets one peer connection hold more.
+    assert_eq!(c.proxy.http2_max_concurrent_streams, 128);
 }
 
 #[test]

@@ -945,12 +945,19 @@ impl Egress {
         let settings = h2server::Settings {
             max_concurrent_streams: self.ctx.tuning.http2_max_concurrent_streams,
             drain_timeout: self.ctx.drain_timeout,
+            handshake_timeout: self.ctx.tuning.handshake_timeout,
+            // Identity headers are the ingress's to strip.
+            strip_trailers: &[],
         };
         let egress = &*self;
         let served =
             h2server::serve(io, settings, stop, |req| egress.handle(client, route, req)).await;
         match served {
             Ok(h2server::Ended::Closed) => {}
+            Ok(h2server::Ended::PrefaceTimedOut) => tracing::debug!(
+                handshake_timeout = ?self.ctx.tuning.handshake_timeout,
+                "downstream h2c connection sent no HTTP/2 preface in time; closed"
+            ),
             Ok(h2server::Ended::DrainTimedOut) => tracing::debug!(
                 drain_timeout = ?self.ctx.drain_timeout,
                 "downstream h2c connection still busy after the drain timeout; closed"

@@ -17,12 +17,24 @@
 //! [`MAX_HEADERS`] fields, 1xx interim responses skipped, bodies framed by
 //! length, chunked (trailers passed on as a trailers frame) or by the
 //! backend closing, none for `HEAD`, 204 and 304. A pooled connection the
-//! backend closed while idle (a write error, or EOF before the first
-//! response byte) is retried once on a fresh connection when the request has
-//! no body. A connection is pooled again only after a complete response
-//! with length or chunked framing, no `connection: close` on either side and
-//! the request body sent whole; pooled connections hold no buffer and are
-//! dropped once idle longer than `idleTimeout`.
+//! backend closed while idle is retried once on a fresh connection when the
+//! request has no body and either was not written whole (a write error) or
+//! is idempotent (EOF or a reset before the first response byte): RFC 9112
+//! §9.3.1 forbids retrying a POST or PATCH the backend may have acted on.
+//! A connection is pooled again only after a complete response with length
+//! or chunked framing, no `connection: close` on either side and the
+//! request body sent whole; pooled connections hold no buffer and are
+//! dropped once idle longer than `idleTimeout`. A response to `HEAD`, or a
+//! 204 or 304, that declares a body (`Content-Length` above 0 or
+//! `Transfer-Encoding`) ends its connection: its length is the GET's, and a
+//! backend that sends those bytes anyway would have them read as the next
+//! request's response.
+//!
+//! An export has at most [`defaults::MAX_BACKEND_CONNECTIONS`] backend
+//! connections open, idle or busy (as Envoy's default circuit breaker);
+//! requests beyond it wait for one to come back or close (within the
+//! caller's request timeout), so no peer can make us open connections to a
+//! backend without bound.
 //!
 //! What it refuses, as an upstream error (502): malformed or oversized
 //! response heads, `101 Switching Protocols` (upgrades are not proxied),
@@ -47,6 +59,7 @@ use http_body::{Body, Frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::backend::Backends;
@@ -54,7 +67,7 @@ use super::error::{ErrorKind, ProxyError};
 use super::h1::{
     self, BodyError, BoxError, Chunk, Framing, HEAD_CHUNK, MAX_HEAD, MAX_HEADERS, WRITE_COALESCE,
 };
-use crate::config::HostPort;
+use crate::config::{HostPort, defaults};
 
 /// Idle connections kept per export; more are closed when they come back.
 /// As many as the streams a busy peer runs at once, so that a steady load
@@ -80,6 +93,10 @@ struct Pool {
     idle: Mutex<Vec<Idle>>,
     idle_timeout: Duration,
     cap: usize,
+    /// One permit per open connection, idle or busy.
+    slots: Arc<Semaphore>,
+    /// A connection went back to `idle`: for requests waiting for a slot.
+    returned: Notify,
 }
 
 struct Idle {
@@ -87,10 +104,12 @@ struct Idle {
     since: Instant,
 }
 
-/// One backend connection and the address it was made to (for messages).
+/// One backend connection, the address it was made to (for messages) and
+/// its place under the export's connection cap.
 struct Conn {
     io: TcpStream,
     addr: HostPort,
+    _slot: OwnedSemaphorePermit,
 }
 
 impl Pool {
@@ -130,6 +149,8 @@ impl Pool {
                 conn,
                 since: Instant::now(),
             });
+            drop(idle);
+            self.returned.notify_one();
         }
     }
 
@@ -181,23 +202,63 @@ struct Head {
 }
 
 /// Why one attempt failed, and whether it looks like a pooled connection
-/// the backend had closed (nothing of a response was read).
+/// the backend had closed.
 struct Failed {
     error: ProxyError,
-    stale: bool,
+    stale: Stale,
+}
+
+/// How much of an exchange on a connection that turned out closed reached
+/// the backend: what decides whether it may go again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stale {
+    /// Not a pooled connection closing under us: never retried.
+    No,
+    /// Writing the request (a head alone) failed: the backend got part of
+    /// it at most, and cannot have acted on it.
+    Unsent,
+    /// The request was written whole and the connection closed before a
+    /// byte of response: the backend may have acted on it.
+    Unanswered,
 }
 
 impl Failed {
     fn fatal(error: ProxyError) -> Self {
         Failed {
             error,
-            stale: false,
+            stale: Stale::No,
         }
     }
 }
 
+/// Whether a request may be sent again after the backend may have received
+/// it: the idempotent methods of RFC 9110 §9.2.2.
+fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
 impl H1Client {
     pub fn new(backends: Arc<Backends>, connect_timeout: Duration, idle_timeout: Duration) -> Self {
+        Self::with_max_connections(
+            backends,
+            connect_timeout,
+            idle_timeout,
+            defaults::MAX_BACKEND_CONNECTIONS,
+        )
+    }
+
+    /// A client that keeps at most `max_connections` backend connections
+    /// open (at least one).
+    pub fn with_max_connections(
+        backends: Arc<Backends>,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        max_connections: usize,
+    ) -> Self {
+        let max_connections = max_connections.clamp(1, Semaphore::MAX_PERMITS);
         H1Client {
             inner: Arc::new(Inner {
                 backends,
@@ -205,7 +266,9 @@ impl H1Client {
                 pool: Arc::new(Pool {
                     idle: Mutex::new(Vec::new()),
                     idle_timeout,
-                    cap: MAX_IDLE,
+                    cap: MAX_IDLE.min(max_connections),
+                    slots: Arc::new(Semaphore::new(max_connections)),
+                    returned: Notify::new(),
                 }),
             }),
         }
@@ -227,10 +290,11 @@ impl H1Client {
         let head = request_head(&parts, framing);
         let req_close = h1::connection_has(&parts.headers, "close");
         let is_head = parts.method == Method::HEAD;
+        let may_resend = idempotent(&parts.method);
 
         let (mut conn, mut reused) = match self.inner.pool.checkout() {
             Some(c) => (c, true),
-            None => (Box::pin(self.connect()).await?, false),
+            None => Box::pin(self.acquire()).await?,
         };
         loop {
             let attempt = exchange(&mut conn, &head, body.as_mut(), framing, is_head).await;
@@ -239,11 +303,22 @@ impl H1Client {
                     let reusable = resp_head.keep_alive && !req_close && sent_whole;
                     return Ok(self.response(conn, resp_head, buf, reusable));
                 }
-                // Only a request with no body can go again: nothing of it
-                // was taken from the peer.
-                Err(f) if f.stale && reused && framing == Outgoing::Empty => {
+                // Only a request with no body can go again (nothing of it
+                // was taken from the peer), and once written whole only an
+                // idempotent one (RFC 9112 §9.3.1).
+                Err(f)
+                    if reused
+                        && framing == Outgoing::Empty
+                        && (f.stale == Stale::Unsent
+                            || (f.stale == Stale::Unanswered && may_resend)) =>
+                {
                     tracing::debug!(backend = %conn.addr, error = %f.error, "pooled backend connection was closed; retrying on a new one");
-                    conn = Box::pin(self.connect()).await?;
+                    // The closed connection's slot goes to its successor.
+                    let Conn {
+                        io, _slot: slot, ..
+                    } = conn;
+                    drop(io);
+                    conn = Box::pin(self.connect(slot)).await?;
                     reused = false;
                 }
                 Err(f) => return Err(f.error),
@@ -251,13 +326,44 @@ impl H1Client {
         }
     }
 
-    async fn connect(&self) -> Result<Conn, ProxyError> {
+    /// A pooled connection, or a new one once the export is below its
+    /// connection cap, whichever comes first; the bool says pooled.
+    async fn acquire(&self) -> Result<(Conn, bool), ProxyError> {
+        let pool = &self.inner.pool;
+        if let Ok(slot) = Arc::clone(&pool.slots).try_acquire_owned() {
+            return Ok((self.connect(slot).await?, false));
+        }
+        loop {
+            // Registered before looking, so a connection coming back in
+            // between is not missed.
+            let mut returned = pin!(pool.returned.notified());
+            returned.as_mut().enable();
+            if let Some(conn) = pool.checkout() {
+                return Ok((conn, true));
+            }
+            tokio::select! {
+                slot = Arc::clone(&pool.slots).acquire_owned() => {
+                    let slot = slot.map_err(|_| {
+                        ProxyError::internal(ErrorKind::Overloaded, "backend connection slots closed")
+                    })?;
+                    return Ok((self.connect(slot).await?, false));
+                }
+                () = returned => {}
+            }
+        }
+    }
+
+    async fn connect(&self, slot: OwnedSemaphorePermit) -> Result<Conn, ProxyError> {
         let (io, addr) = self
             .inner
             .backends
             .connect(self.inner.connect_timeout)
             .await?;
-        Ok(Conn { io, addr })
+        Ok(Conn {
+            io,
+            addr,
+            _slot: slot,
+        })
     }
 
     fn response(
@@ -382,7 +488,7 @@ where
                     addr,
                     format_args!("writing the request: {e}"),
                 ),
-                stale: true,
+                stale: Stale::Unsent,
             });
         }
         let parsed = read_head(&mut rd, &mut buf, addr, is_head).await?;
@@ -508,7 +614,8 @@ where
 }
 
 /// Reads up to the final response head, skipping 1xx interim responses.
-/// `stale` in the failure means not a byte arrived before EOF or a reset.
+/// `Stale::Unanswered` in the failure means not a byte arrived before EOF
+/// or a reset.
 async fn read_head(
     rd: &mut ReadHalf<'_>,
     buf: &mut BytesMut,
@@ -549,7 +656,11 @@ async fn read_head(
                 };
                 return Err(Failed {
                     error: upstream(ErrorKind::Io, addr, what),
-                    stale: !got_any,
+                    stale: if got_any {
+                        Stale::No
+                    } else {
+                        Stale::Unanswered
+                    },
                 });
             }
             Ok(_) => got_any = true,
@@ -566,7 +677,11 @@ async fn read_head(
                         addr,
                         format_args!("reading the response: {e}"),
                     ),
-                    stale: reset && !got_any,
+                    stale: if reset && !got_any {
+                        Stale::Unanswered
+                    } else {
+                        Stale::No
+                    },
                 });
             }
         }
@@ -612,9 +727,16 @@ fn parse_head(buf: &[u8], is_head: bool) -> Result<Parsed, String> {
             .map_err(|_| format!("invalid value for response header {name}"))?;
         headers.append(name, value);
     }
-    let keep_alive = h1::keeps_alive(version, &headers);
+    let mut keep_alive = h1::keeps_alive(version, &headers);
     let read = if is_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED
     {
+        // No body by definition (RFC 9112 §6.3). One that declares a
+        // length may still be followed by those bytes from a careless
+        // backend, maybe only after the connection went back to the pool:
+        // such a connection is not reused.
+        if declares_body(&headers) {
+            keep_alive = false;
+        }
         Read::Framed(Framing::Length(0))
     } else {
         response_framing(&headers)?
@@ -629,6 +751,17 @@ fn parse_head(buf: &[u8], is_head: bool) -> Result<Parsed, String> {
         },
         len,
     ))
+}
+
+/// Whether a head declares body bytes to follow: a transfer coding, or a
+/// content-length other than 0.
+fn declares_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers.get_all(header::CONTENT_LENGTH).iter().any(|v| {
+            v.as_bytes()
+                .split(|&b| b == b',')
+                .any(|n| n.trim_ascii() != b"0")
+        })
 }
 
 /// RFC 9112 §6.3 for a response that has a body.
@@ -1005,11 +1138,10 @@ mod tests {
     async fn head_and_204_have_no_body_and_keep_the_connection() {
         let _limit = crate::test_support::limit();
         let b = backend(|_, n| {
-            Act::Reply(if n == 0 {
-                // Says how long a GET's body would be; none follows.
-                "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"
-            } else {
-                "HTTP/1.1 204 No Content\r\n\r\n"
+            Act::Reply(match n {
+                0 => "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n",
+                1 => "HTTP/1.1 204 No Content\r\n\r\n",
+                _ => "HTTP/1.1 304 Not Modified\r\nContent-Length: 0\r\n\r\n",
             })
         })
         .await;
@@ -1017,17 +1149,81 @@ mod tests {
         let mut head = get("/");
         *head.method_mut() = Method::HEAD;
         let resp = send(&c, head).await.unwrap();
-        assert_eq!(resp.headers()[header::CONTENT_LENGTH], "100");
         assert!(resp.body().is_end_stream());
         // Pooled at once: nothing left to read.
         assert_eq!(c.idle(), 1);
         assert_eq!(text(resp).await, "");
 
-        let resp = send(&c, get("/")).await.unwrap();
-        assert_eq!(resp.status(), StatusCode::NO_CONTENT);
-        assert!(resp.body().is_end_stream());
-        assert_eq!(text(resp).await, "");
+        for status in [StatusCode::NO_CONTENT, StatusCode::NOT_MODIFIED] {
+            let resp = send(&c, get("/")).await.unwrap();
+            assert_eq!(resp.status(), status);
+            assert!(resp.body().is_end_stream());
+            assert_eq!(text(resp).await, "");
+        }
         assert_eq!(b.accepts.load(Ordering::SeqCst), 1);
+    }
+
+    /// A bodiless response that declares a body: a `HEAD` answered with
+    /// the GET's length (as it should be), or a 204 or 304 with one. A
+    /// backend may send those bytes, and maybe late, once the connection
+    /// is back in the pool; here they come at the worst time, after the
+    /// next request went out on the same connection, and they are a
+    /// complete response of their own. They must never be read as the
+    /// next request's response.
+    #[tokio::test]
+    async fn a_body_after_a_bodiless_response_never_reaches_the_next_request() {
+        let _limit = crate::test_support::limit();
+        const SMUGGLED: &str = "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nevil";
+        for (method, status_line) in [
+            (Method::HEAD, "HTTP/1.1 200 OK"),
+            (Method::GET, "HTTP/1.1 204 No Content"),
+            (Method::GET, "HTTP/1.1 304 Not Modified"),
+        ] {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let accepts = Arc::new(AtomicUsize::new(0));
+            let count = Arc::clone(&accepts);
+            tokio::spawn(async move {
+                loop {
+                    let (mut tcp, _) = l.accept().await.unwrap();
+                    let first = count.fetch_add(1, Ordering::SeqCst) == 0;
+                    tokio::spawn(async move {
+                        let mut buf = Vec::new();
+                        while read_request(&mut tcp, &mut buf).await.is_some() {
+                            if !first {
+                                tcp.write_all(OK_HELLO.as_bytes()).await.unwrap();
+                                continue;
+                            }
+                            let head = format!(
+                                "{status_line}\r\nContent-Length: {}\r\n\r\n",
+                                SMUGGLED.len()
+                            );
+                            tcp.write_all(head.as_bytes()).await.unwrap();
+                            // The "body", once the next request is here.
+                            if read_request(&mut tcp, &mut buf).await.is_some() {
+                                let _ = tcp.write_all(SMUGGLED.as_bytes()).await;
+                            }
+                            return;
+                        }
+                    });
+                }
+            });
+            let c = client(addr);
+            let mut first = get("/first");
+            *first.method_mut() = method.clone();
+            let resp = send(&c, first).await.unwrap();
+            assert!(resp.body().is_end_stream(), "{method} {status_line}");
+            assert_eq!(text(resp).await, "");
+            assert_eq!(c.idle(), 0, "{method} {status_line}: not pooled");
+            let resp = send(&c, get("/second")).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            assert_eq!(
+                text(resp).await,
+                "hello",
+                "after {method} {status_line}: the second request's own response"
+            );
+            assert_eq!(accepts.load(Ordering::SeqCst), 2);
+        }
     }
 
     #[tokio::test]
@@ -1078,6 +1274,79 @@ mod tests {
             assert_eq!(c.idle(), BURST, "round {round}: every connection pooled");
         }
         assert_eq!(b.accepts.load(Ordering::SeqCst), BURST);
+    }
+
+    #[tokio::test]
+    async fn backend_connections_are_capped_and_requests_beyond_wait() {
+        let _limit = crate::test_support::limit();
+        const CAP: usize = 2;
+        const REQUESTS: usize = 8;
+        // Holds every response until released; counts connections and the
+        // requests in hand.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepts = Arc::new(AtomicUsize::new(0));
+        let arrived = Arc::new(AtomicUsize::new(0));
+        let (release, released) = tokio::sync::watch::channel(false);
+        {
+            let (accepts, arrived) = (Arc::clone(&accepts), Arc::clone(&arrived));
+            tokio::spawn(async move {
+                loop {
+                    let (mut tcp, _) = l.accept().await.unwrap();
+                    accepts.fetch_add(1, Ordering::SeqCst);
+                    let arrived = Arc::clone(&arrived);
+                    let mut released = released.clone();
+                    tokio::spawn(async move {
+                        let mut buf = Vec::new();
+                        while read_request(&mut tcp, &mut buf).await.is_some() {
+                            arrived.fetch_add(1, Ordering::SeqCst);
+                            released.wait_for(|r| *r).await.unwrap();
+                            tcp.write_all(OK_HELLO.as_bytes()).await.unwrap();
+                        }
+                    });
+                }
+            });
+        }
+        let backends = Backends::new(&[HostPort {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+        }]);
+        let c = Arc::new(H1Client::with_max_connections(
+            Arc::new(backends),
+            Duration::from_secs(2),
+            Duration::from_secs(60),
+            CAP,
+        ));
+        let sends: Vec<_> = (0..REQUESTS)
+            .map(|_| {
+                let c = Arc::clone(&c);
+                tokio::spawn(async move { text(send(&c, get("/")).await.unwrap()).await })
+            })
+            .collect();
+        crate::test_support::wait_until(
+            "the capped connections to carry their requests",
+            crate::test_support::WAIT,
+            || {
+                let n = arrived.load(Ordering::SeqCst);
+                std::future::ready(if n >= CAP {
+                    Ok(())
+                } else {
+                    Err(format!("{n} requests at the backend"))
+                })
+            },
+        )
+        .await;
+        release.send(true).unwrap();
+        for s in sends {
+            assert_eq!(s.await.unwrap(), "hello");
+        }
+        assert_eq!(arrived.load(Ordering::SeqCst), REQUESTS);
+        assert_eq!(
+            accepts.load(Ordering::SeqCst),
+            CAP,
+            "{REQUESTS} requests at once over at most {CAP} connections"
+        );
+        assert_eq!(c.idle(), CAP);
     }
 
     #[tokio::test]
@@ -1185,6 +1454,55 @@ mod tests {
         assert_eq!(b.accepts.load(Ordering::SeqCst), 2);
         let seen = b.seen.lock().unwrap().clone();
         assert_eq!(seen.len(), 3, "/2 was sent twice: {seen:?}");
+    }
+
+    #[tokio::test]
+    async fn only_idempotent_requests_are_retried_after_being_written_whole() {
+        let _limit = crate::test_support::limit();
+        for (method, retried) in [
+            (Method::POST, false),
+            (Method::PATCH, false),
+            (Method::from_bytes(b"PURGE").unwrap(), false),
+            (Method::DELETE, true),
+            (Method::PUT, true),
+            (Method::OPTIONS, true),
+        ] {
+            // The pooled connection takes the second request whole, then
+            // closes without answering: the backend may have acted on it.
+            let b = backend(|conn, n| match (conn, n) {
+                (0, 0) => Act::Reply(OK_HELLO),
+                (0, _) => Act::Close,
+                _ => Act::Reply(OK_HELLO),
+            })
+            .await;
+            let c = client(b.addr);
+            assert_eq!(text(send(&c, get("/1")).await.unwrap()).await, "hello");
+            let req = Request::builder()
+                .method(method.clone())
+                .uri("/2")
+                .header(header::HOST, "svc")
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            let sent = send(&c, req).await;
+            let seen: Vec<String> = b.seen.lock().unwrap().clone();
+            let times = seen
+                .iter()
+                .filter(|r| r.starts_with(&format!("{method} /2 ")))
+                .count();
+            if retried {
+                assert_eq!(text(sent.unwrap()).await, "hello", "{method}");
+                assert_eq!(times, 2, "{method} goes again: {seen:?}");
+            } else {
+                let err = sent.unwrap_err();
+                assert_eq!(err.status(), StatusCode::BAD_GATEWAY, "{method}");
+                assert!(
+                    err.message.contains("connection closed before a response"),
+                    "{method}: {err}"
+                );
+                assert_eq!(times, 1, "{method} is sent once only: {seen:?}");
+                assert_eq!(b.accepts.load(Ordering::SeqCst), 1, "{method}");
+            }
+        }
     }
 
     #[tokio::test]

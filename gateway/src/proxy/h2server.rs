@@ -14,6 +14,19 @@
 //! dropped, with the exchange it was waiting on (the request to the
 //! backend is cancelled as with hyper). `CONNECT` is answered 405 here, as
 //! by the HTTP/1.1 server: tunnels are not proxied.
+//!
+//! What a client can make us do without sending a request to its end is
+//! bounded. The connection preface must come within the handshake timeout
+//! (and a stop ends the wait), so a connection that sends nothing holds no
+//! slot for long. A stream the client reset before it was accepted starts
+//! no exchange at all. And since streams are accepted as soon as they
+//! arrive, h2's own guard against streams reset before they are accepted
+//! (`max_pending_accept_reset_streams`) seldom sees one: the same rule is
+//! kept here over accepted streams, counting those the client resets
+//! before their response head against those answered, and the connection
+//! gets a GOAWAY with `ENHANCE_YOUR_CALM` once the resets run more than
+//! [`reset_allowance`] ahead (the "rapid reset" flood, CVE-2023-44487,
+//! where every HEADERS + RST_STREAM pair would start a backend exchange).
 
 use std::future::{Future, poll_fn};
 use std::pin::{Pin, pin};
@@ -38,6 +51,12 @@ const CONN_WINDOW: u32 = 1024 * 1024;
 const MAX_FRAME: u32 = 16 * 1024;
 const MAX_HEADER_LIST: u32 = 16 * 1024;
 const MAX_SEND_BUFFER: usize = 400 * 1024;
+/// h2's guards, set here rather than left to its defaults (which are the
+/// same) so that they stay on whatever h2 version is built: streams reset
+/// while waiting to be accepted, and streams h2 itself had to reset for a
+/// protocol error, before the connection gets a GOAWAY.
+const MAX_PENDING_ACCEPT_RESETS: usize = 20;
+const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 /// Responses finished before the connection writes them, instead of
 /// writing all that a pass finished at once: the peer starts on the first
 /// while the rest are still read from the backends.
@@ -50,6 +69,19 @@ pub struct Settings {
     /// How long the exchanges in flight get to finish once the connection
     /// is told to stop, before it is closed under them.
     pub drain_timeout: Duration,
+    /// How long the client gets to send its connection preface.
+    pub handshake_timeout: Duration,
+    /// Fields removed from request trailers, as the caller removes them
+    /// from request headers (ingress: the identity headers).
+    pub strip_trailers: &'static [&'static str],
+}
+
+/// How far the streams a client resets before their response may run
+/// ahead of the streams answered on a connection: twice the streams it may
+/// have open, so that a client cancelling all it has in flight, twice, is
+/// never taken for a flood.
+pub fn reset_allowance(settings: &Settings) -> u64 {
+    2 * u64::from(settings.max_concurrent_streams.max(1))
 }
 
 /// How a connection ended.
@@ -60,13 +92,17 @@ pub enum Ended {
     /// It was stopped and exchanges were still in flight after the drain
     /// timeout; they were cut.
     DrainTimedOut,
+    /// The client sent no connection preface within the handshake timeout.
+    PrefaceTimedOut,
 }
 
 /// Serves HTTP/2 on `io` (after TLS, or h2c with prior knowledge) until
 /// the client closes, or until `stop` resolves; then the connection is shut
 /// down gracefully (GOAWAY) and the exchanges in flight get
 /// `settings.drain_timeout` to finish. Each request goes to `handler`; its
-/// response is sent back on the stream.
+/// response is sent back on the stream. A client that resets streams
+/// faster than they are answered (see [`reset_allowance`]) gets a GOAWAY
+/// with `ENHANCE_YOUR_CALM`, returned as the error.
 pub async fn serve<T, F, Fut, B>(
     io: T,
     settings: Settings,
@@ -80,19 +116,35 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    let mut conn = h2::server::Builder::new()
+    let handshake = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONN_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_header_list_size(MAX_HEADER_LIST)
         .max_send_buffer_size(MAX_SEND_BUFFER)
         .max_concurrent_streams(settings.max_concurrent_streams)
-        .handshake::<_, Bytes>(io)
-        .await?;
+        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
+        .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
+        .handshake::<_, Bytes>(io);
     let mut stop = pin!(stop);
+    // Until the preface, nothing else watches the connection: a client
+    // that sends nothing would hold it for ever.
+    let mut conn = tokio::select! {
+        biased;
+        () = stop.as_mut() => return Ok(Ended::Closed),
+        preface = tokio::time::timeout(settings.handshake_timeout, handshake) => match preface {
+            Ok(conn) => conn?,
+            Err(_) => return Ok(Ended::PrefaceTimedOut),
+        },
+    };
     // Set once stopping: when the drain ends.
     let mut drain: Option<Pin<Box<Sleep>>> = None;
     let mut exchanges = FuturesUnordered::new();
+    // Early resets may run this far ahead of answers; below 0, the client
+    // is told to calm down.
+    let allowance = i64::try_from(reset_allowance(&settings)).unwrap_or(i64::MAX);
+    let mut balance = allowance;
+    let mut calmed = false;
     poll_fn(|cx| {
         if drain.is_none() && stop.as_mut().poll(cx).is_ready() {
             conn.graceful_shutdown();
@@ -108,27 +160,55 @@ where
             // connection poll below, in the same pass, and every
             // RESPOND_EVERY finished exchanges on the way.
             let mut finished = 0;
-            while let Poll::Ready(Some(())) = exchanges.poll_next_unpin(cx) {
+            while let Poll::Ready(Some(answered)) = exchanges.poll_next_unpin(cx) {
                 finished += 1;
+                if answered {
+                    balance = (balance + 1).min(allowance);
+                } else {
+                    balance -= 1;
+                }
                 if finished % RESPOND_EVERY == 0 {
                     // How the connection ended, if it did, is for
                     // `poll_accept` below to say.
                     let _ = conn.poll_closed(cx);
                 }
             }
+            if balance < 0 && !calmed {
+                calmed = true;
+                tracing::debug!(
+                    allowance,
+                    "client resets streams faster than they are answered; GOAWAY"
+                );
+                conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
+            }
             match conn.poll_accept(cx) {
-                Poll::Ready(Some(Ok((req, respond)))) => {
+                Poll::Ready(Some(Ok((req, mut respond)))) => {
+                    if calmed {
+                        continue;
+                    }
+                    // Reset in the frames read with its head: nothing to
+                    // start.
+                    if respond.poll_reset(cx).is_ready() {
+                        balance -= 1;
+                        continue;
+                    }
                     if req.method() == Method::CONNECT {
                         refuse_connect(respond);
                         continue;
                     }
                     let (parts, recv) = req.into_parts();
-                    let body = RecvBody::new(recv, &parts.headers, ());
+                    let mut body = RecvBody::new(recv, &parts.headers, ());
+                    if !settings.strip_trailers.is_empty() {
+                        body = body.stripping_trailers(settings.strip_trailers);
+                    }
                     let req = Request::from_parts(parts, body);
                     exchanges.push(exchange(&handler, req, respond));
                 }
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
                 // Closed: no stream can move any more.
+                Poll::Ready(None) if calmed => {
+                    return Poll::Ready(Err(h2::Error::from(Reason::ENHANCE_YOUR_CALM)));
+                }
                 Poll::Ready(None) => return Poll::Ready(Ok(Ended::Closed)),
                 Poll::Pending => return Poll::Pending,
             }
@@ -151,8 +231,13 @@ fn refuse_connect(mut respond: SendResponse<Bytes>) {
 /// first), then its body. The handler's future is made here, in place: taken
 /// as an argument, it would be kept twice in this future's state (as the
 /// argument and pinned), and that state is allocated and filled for every
-/// request.
-async fn exchange<F, Fut, B>(handler: &F, req: Request<RecvBody>, mut respond: SendResponse<Bytes>)
+/// request. Resolves to whether the stream got its response head (false:
+/// the client reset it first).
+async fn exchange<F, Fut, B>(
+    handler: &F,
+    req: Request<RecvBody>,
+    mut respond: SendResponse<Bytes>,
+) -> bool
 where
     F: Fn(Request<RecvBody>) -> Fut,
     Fut: Future<Output = Response<B>>,
@@ -172,7 +257,7 @@ where
     .await;
     let Some(response) = response else {
         tracing::debug!("stream reset by the client before its response");
-        return;
+        return false;
     };
     let (parts, body) = response.into_parts();
     let end = body.is_end_stream();
@@ -180,12 +265,13 @@ where
         Ok(tx) => tx,
         Err(error) => {
             tracing::debug!(%error, "response head not sent");
-            return;
+            return false;
         }
     };
     if !end && let Err(error) = h2body::pipe(body, &mut tx, Reason::INTERNAL_ERROR).await {
         tracing::debug!(%error, "response body not sent whole");
     }
+    true
 }
 
 #[cfg(test)]
@@ -228,6 +314,8 @@ mod tests {
     const SETTINGS: Settings = Settings {
         max_concurrent_streams: 100,
         drain_timeout: Duration::from_secs(5),
+        handshake_timeout: Duration::from_secs(10),
+        strip_trailers: &[],
     };
 
     /// Serves the first connection to a fresh loopback listener in a task
@@ -660,8 +748,8 @@ mod tests {
     async fn a_drain_that_outlasts_its_timeout_is_cut() {
         let _limit = crate::test_support::limit();
         let settings = Settings {
-            max_concurrent_streams: 100,
             drain_timeout: Duration::from_millis(200),
+            ..SETTINGS
         };
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let entered = Arc::new(Notify::new());
@@ -690,5 +778,228 @@ mod tests {
             .unwrap();
         assert_eq!(ended, Ended::DrainTimedOut);
         assert!(stuck.await.unwrap(), "the cut stream fails on the client");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_sends_no_preface_is_closed_after_the_handshake_timeout() {
+        let _limit = crate::test_support::limit();
+        let settings = Settings {
+            handshake_timeout: Duration::from_millis(200),
+            ..SETTINGS
+        };
+        let handler = |_: Request<RecvBody>| async { Response::new(Empty::<Bytes>::new()) };
+        let (addr, server) = one_connection(settings, std::future::pending(), handler).await;
+        // Connects, and says nothing.
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the silent connection is let go")
+            .unwrap()
+            .unwrap();
+        assert_eq!(ended, Ended::PrefaceTimedOut);
+        // Closed on the client's side too (after our SETTINGS).
+        let mut rest = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut silent, &mut rest)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_stop_ends_the_wait_for_the_preface() {
+        let _limit = crate::test_support::limit();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let handler = |_: Request<RecvBody>| async { Response::new(Empty::<Bytes>::new()) };
+        let settings = Settings {
+            handshake_timeout: Duration::from_secs(3600),
+            ..SETTINGS
+        };
+        let (addr, server) = one_connection(settings, until(stop_rx), handler).await;
+        let _silent = TcpStream::connect(addr).await.unwrap();
+        stop_tx.send(()).unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("a stop ends a connection still waiting for its preface")
+            .unwrap()
+            .unwrap();
+        assert_eq!(ended, Ended::Closed);
+    }
+
+    #[tokio::test]
+    async fn identity_fields_are_stripped_from_request_trailers() {
+        let _limit = crate::test_support::limit();
+        // Answers with the names of the trailers it received.
+        let handler = |req: Request<RecvBody>| async move {
+            let collected = req.into_body().collect().await.unwrap();
+            let mut names: Vec<String> = collected
+                .trailers()
+                .map(|t| t.keys().map(|k| k.to_string()).collect())
+                .unwrap_or_default();
+            names.sort();
+            Response::new(frames(vec![Frame::data(Bytes::from(names.join(",")))]))
+        };
+        let settings = Settings {
+            strip_trailers: crate::proxy::STRIPPED_IDENTITY_HEADERS,
+            ..SETTINGS
+        };
+        let (addr, _server) = one_connection(settings, std::future::pending(), handler).await;
+        let tx = client(addr).await;
+        let mut trailers = HeaderMap::new();
+        for name in crate::proxy::STRIPPED_IDENTITY_HEADERS {
+            trailers.insert(*name, "forged".parse().unwrap());
+        }
+        trailers.insert("x-kept", "yes".parse().unwrap());
+        let body = frames(vec![
+            Frame::data(Bytes::from_static(b"payload")),
+            Frame::trailers(trailers),
+        ]);
+        let resp = send(&tx, "POST", "/", body).await;
+        assert_eq!(text(resp).await, "x-kept");
+    }
+
+    /// What a "rapid reset" client does: open a stream, and reset it once
+    /// the server has started its exchange (the worst case: each one has
+    /// started its backend work), again and again. The server must stop it
+    /// with a GOAWAY (ENHANCE_YOUR_CALM) once the resets run ahead of the
+    /// answers by the allowance, having started no more exchanges than that.
+    #[tokio::test]
+    async fn a_flood_of_streams_reset_after_they_start_gets_a_goaway() {
+        let _limit = crate::test_support::limit();
+        let started = Arc::new(AtomicUsize::new(0));
+        let handler = {
+            let started = Arc::clone(&started);
+            move |req: Request<RecvBody>| {
+                started.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if req.uri().path() == "/hang" {
+                        // The backend that never answers in time.
+                        std::future::pending::<()>().await;
+                    }
+                    Response::new(Empty::<Bytes>::new())
+                }
+            }
+        };
+        let (addr, server) = one_connection(SETTINGS, std::future::pending(), handler).await;
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (mut raw, conn) = h2::client::handshake(tcp).await.unwrap();
+        let conn = tokio::spawn(conn);
+        let allowance = reset_allowance(&SETTINGS) as usize;
+
+        // Some streams answered first: they do not earn a flood more room.
+        for _ in 0..10 {
+            let req = Request::get("http://svc.test/ok").body(()).unwrap();
+            let (response, _) = raw.send_request(req, true).unwrap();
+            assert_eq!(response.await.unwrap().status(), 200);
+        }
+        let before = started.load(Ordering::SeqCst);
+        let flood = 4 * allowance;
+        let mut sent = 0;
+        for _ in 0..flood {
+            let req = Request::get("http://svc.test/hang").body(()).unwrap();
+            let Ok(r) = raw.clone().ready().await else {
+                break;
+            };
+            raw = r;
+            let Ok((_response, mut stream)) = raw.send_request(req, false) else {
+                break;
+            };
+            sent += 1;
+            let target = before + sent;
+            let in_handler = crate::test_support::wait_until(
+                "the stream to reach its handler, or the connection to close",
+                crate::test_support::WAIT,
+                || {
+                    let (n, closed) = (started.load(Ordering::SeqCst), conn.is_finished());
+                    std::future::ready(if n >= target {
+                        Ok(true)
+                    } else if closed {
+                        Ok(false)
+                    } else {
+                        Err(format!("{n} of {target} started"))
+                    })
+                },
+            )
+            .await;
+            if !in_handler {
+                break;
+            }
+            stream.send_reset(Reason::CANCEL);
+        }
+        let flooded = started.load(Ordering::SeqCst) - before;
+        // The allowance, the reset that crosses it, and the next stream,
+        // whose head may come in the same read as that reset.
+        assert!(
+            flooded <= allowance + 2,
+            "{flooded} exchanges started by {sent} reset streams (allowance {allowance})"
+        );
+        let ended = tokio::time::timeout(Duration::from_secs(10), conn)
+            .await
+            .expect("the client's connection ends")
+            .unwrap();
+        let err = ended.expect_err("the server ends the connection with an error");
+        assert!(err.is_go_away(), "{err}");
+        assert_eq!(err.reason(), Some(Reason::ENHANCE_YOUR_CALM), "{err}");
+        let served = tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the server's side ends")
+            .unwrap();
+        assert_eq!(
+            served.unwrap_err().reason(),
+            Some(Reason::ENHANCE_YOUR_CALM)
+        );
+    }
+
+    /// The same flood with each HEADERS and its RST_STREAM sent together,
+    /// in batches too small for h2's own guard (streams reset before they
+    /// are accepted): a stream found reset when it is accepted starts
+    /// nothing, and the resets still count towards the GOAWAY.
+    #[tokio::test]
+    async fn streams_reset_with_their_headers_start_no_exchange() {
+        let _limit = crate::test_support::limit();
+        const BATCH: usize = 10;
+        let started = Arc::new(AtomicUsize::new(0));
+        let handler = {
+            let started = Arc::clone(&started);
+            move |_: Request<RecvBody>| {
+                started.fetch_add(1, Ordering::SeqCst);
+                async { std::future::pending::<Response<Empty<Bytes>>>().await }
+            }
+        };
+        let (addr, server) = one_connection(SETTINGS, std::future::pending(), handler).await;
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (mut raw, mut conn) = h2::client::handshake(tcp).await.unwrap();
+        let mut pings = conn.ping_pong().unwrap();
+        let conn = tokio::spawn(conn);
+        let batches = 4 * reset_allowance(&SETTINGS) as usize / BATCH;
+        let mut sent = 0;
+        'flood: for _ in 0..batches {
+            for _ in 0..BATCH {
+                let req = Request::get("http://svc.test/").body(()).unwrap();
+                let Ok(r) = raw.clone().ready().await else {
+                    break 'flood;
+                };
+                raw = r;
+                let Ok((_response, mut stream)) = raw.send_request(req, false) else {
+                    break 'flood;
+                };
+                stream.send_reset(Reason::CANCEL);
+                sent += 1;
+            }
+            // The pong comes after the server has read the batch.
+            if pings.ping(h2::Ping::opaque()).await.is_err() {
+                break;
+            }
+        }
+        let n = started.load(Ordering::SeqCst);
+        assert!(
+            n <= BATCH,
+            "{n} exchanges started by {sent} streams reset with their headers"
+        );
+        let served = tokio::time::timeout(Duration::from_secs(30), server)
+            .await
+            .expect("the server's side ends")
+            .unwrap();
+        let err = served.expect_err("the server ends the connection with an error");
+        assert_eq!(err.reason(), Some(Reason::ENHANCE_YOUR_CALM), "{err}");
+        let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
     }
 }

@@ -704,6 +704,8 @@ async fn serve_http(tls: PeerStream, conn: Arc<HttpConn>, inner: &Inner) {
         let settings = h2server::Settings {
             max_concurrent_streams: tuning.http2_max_concurrent_streams,
             drain_timeout: inner.ctx.drain_timeout,
+            handshake_timeout: tuning.handshake_timeout,
+            strip_trailers: STRIPPED_IDENTITY_HEADERS,
         };
         let conn = &*conn;
         let served = h2server::serve(io, settings, stop, |req| {
@@ -712,6 +714,10 @@ async fn serve_http(tls: PeerStream, conn: Arc<HttpConn>, inner: &Inner) {
         .await;
         match served {
             Ok(h2server::Ended::Closed) => {}
+            Ok(h2server::Ended::PrefaceTimedOut) => tracing::debug!(
+                handshake_timeout = ?tuning.handshake_timeout,
+                "ingress http connection sent no HTTP/2 preface in time; closed"
+            ),
             Ok(h2server::Ended::DrainTimedOut) => {
                 tracing::debug!(
                     drain_timeout = ?inner.ctx.drain_timeout,
@@ -1715,6 +1721,62 @@ mod tests {
 
         // Both peers' requests went over the one backend connection.
         assert_eq!(accepts.load(Ordering::SeqCst), 1);
+        gw.stop().await;
+    }
+
+    /// An HTTP/2 peer's request trailers reach an HTTP export's backend
+    /// without the identity fields stripped from headers.
+    #[tokio::test]
+    async fn identity_fields_in_h2_request_trailers_do_not_reach_the_backend() {
+        let _limit = crate::test_support::limit();
+        // Answers with the trailer fields it received.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let backend = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        let collected = req.into_body().collect().await.unwrap();
+                        let mut seen: Vec<String> = collected
+                            .trailers()
+                            .map(|t| t.iter().map(|(k, v)| format!("{k}={v:?}")).collect())
+                            .unwrap_or_default();
+                        seen.sort();
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(seen.join(",")))))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        let gw = start(
+            vec![export("reviews", Protocol::Http, &[backend], &["mesh-b"])],
+            tuning(),
+        )
+        .await;
+        let tls = gw.connect_b("reviews.mesh-a.global", &[b"h2"]).await;
+        let (mut h2, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let mut trailers = HeaderMap::new();
+        for name in STRIPPED_IDENTITY_HEADERS {
+            trailers.insert(*name, HeaderValue::from_static(FORGED));
+        }
+        trailers.insert("x-kept", HeaderValue::from_static("yes"));
+        let frames = vec![
+            Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"body"))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let req = Request::post("https://reviews.mesh-a.global/r")
+            .body(StreamBody::new(futures_util::stream::iter(frames)))
+            .unwrap();
+        let resp = h2.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(body_text(resp).await, "x-kept=\"yes\"");
         gw.stop().await;
     }
 
