@@ -108,7 +108,8 @@ const TX_RECORDS_PER_KEY: u64 = 1 << 23;
 pub struct TlsStream {
     io: TcpStream,
     kernel: Kernel,
-    rx: Keys,
+    /// The peer's key and what its records told us.
+    inbound: Inbound,
     tx: Keys,
     tx_limit: u64,
     alpn: Option<Vec<u8>>,
@@ -117,8 +118,6 @@ pub struct TlsStream {
     inbuf: BytesMut,
     record: usize,
     plain: Range<usize>,
-    /// Handshake bytes of a message that spans records (rare).
-    handshake: Vec<u8>,
     /// Sealed records the socket has not taken yet.
     outbuf: BytesMut,
     /// The last read filled what was reserved: read more per syscall.
@@ -126,18 +125,8 @@ pub struct TlsStream {
     /// `inbuf` was cut to one record's size while waiting for the rest of
     /// a record (see [`TlsStream::shrink_waiting`]).
     in_small: bool,
-    read_closed: bool,
     write_closed: bool,
     key_updates_sent: u64,
-    /// The peer asked for a key update we have not sent yet: one answers
-    /// every request received before it goes out (RFC 8446 §4.6.3).
-    update_owed: bool,
-    /// KeyUpdates and tickets since the last application data.
-    post_handshake: u8,
-    /// Empty application data records in a row.
-    empty_records: u8,
-    /// Warning alerts received.
-    warnings: u8,
     /// Why the connection failed: later reads and writes fail the same way.
     failed: Option<String>,
 }
@@ -147,7 +136,7 @@ impl std::fmt::Debug for TlsStream {
         f.debug_struct("TlsStream")
             .field("buffered_in", &self.inbuf.len())
             .field("buffered_out", &self.outbuf.len())
-            .field("read_closed", &self.read_closed)
+            .field("read_closed", &self.inbound.closed)
             .field("write_closed", &self.write_closed)
             .finish_non_exhaustive()
     }
@@ -182,13 +171,6 @@ impl Kernel {
         match self {
             Kernel::Client(k) => k.update_tx_secret(),
             Kernel::Server(k) => k.update_tx_secret(),
-        }
-    }
-
-    fn new_session_ticket(&mut self, payload: &[u8]) -> io::Result<()> {
-        match self {
-            Kernel::Client(k) => k.handle_new_session_ticket(payload).map_err(tls_err),
-            Kernel::Server(_) => Err(protocol("the client sent a NewSessionTicket")),
         }
     }
 }
@@ -671,24 +653,18 @@ impl TlsStream {
         let mut stream = TlsStream {
             io,
             kernel,
-            rx: Keys::new(secrets.rx, tls13)?,
+            inbound: Inbound::new(Keys::new(secrets.rx, tls13)?, read_closed),
             tx: Keys::new(secrets.tx, tls13)?,
             tx_limit: TX_RECORDS_PER_KEY,
             alpn,
             inbuf,
             record: 0,
             plain: 0..0,
-            handshake: Vec::new(),
             outbuf: BytesMut::new(),
             flowing: false,
             in_small: false,
-            read_closed,
             write_closed: false,
             key_updates_sent: 0,
-            update_owed: false,
-            post_handshake: 0,
-            empty_records: 0,
-            warnings: 0,
             failed: None,
         };
         if !early.is_empty() {
@@ -777,7 +753,7 @@ impl TlsStream {
         self.seal(HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0])?;
         self.tx = Keys::new(self.kernel.update_tx().map_err(tls_err)?, true)?;
         self.key_updates_sent += 1;
-        self.update_owed = false;
+        self.inbound.update_owed = false;
         Ok(())
     }
 
@@ -816,7 +792,7 @@ impl TlsStream {
                 }
                 return Err(self.close_at_key_limit());
             }
-            if self.update_owed || self.tx.seq >= self.tx_limit {
+            if self.inbound.update_owed || self.tx.seq >= self.tx_limit {
                 self.update_tx_key()?;
             }
             let size = left.min(MAX_PLAINTEXT);
@@ -892,7 +868,7 @@ impl TlsStream {
         if !self.outbuf.is_empty() {
             ready!(self.poll_drain(cx)).map_err(RelayError::Write)?;
         }
-        if self.update_owed {
+        if self.inbound.update_owed {
             // Our answer to the peer's request goes before our next data.
             self.update_tx_key().map_err(RelayError::Write)?;
             ready!(self.poll_drain(cx)).map_err(RelayError::Write)?;
@@ -992,242 +968,22 @@ impl TlsStream {
     /// Opens the next whole record in `inbuf`, if there is one. Returns
     /// false when more bytes must be read first.
     fn open_record(&mut self) -> io::Result<bool> {
-        let Some(&[typ, major, minor, hi, lo]) = self.inbuf.get(..HEADER) else {
-            return Ok(false);
-        };
-        let header = [typ, major, minor, hi, lo];
-        let len = usize::from(u16::from_be_bytes([hi, lo]));
-        let tls13 = self.rx.framing == Framing::Tls13;
-        let allowed = if tls13 {
-            typ == APPLICATION_DATA
-        } else {
-            matches!(typ, APPLICATION_DATA | ALERT | HANDSHAKE)
-        };
-        if !allowed {
-            return Err(self.fatal(
-                UNEXPECTED_MESSAGE,
-                &format!("record of type {typ} after the handshake"),
-            ));
-        }
-        let explicit = self.rx.explicit_len();
-        let shortest = explicit + TAG + usize::from(tls13);
-        if len > MAX_CIPHERTEXT {
-            return Err(self.fatal(
-                RECORD_OVERFLOW,
-                &format!("record length {len} outside {shortest}..={MAX_CIPHERTEXT}"),
-            ));
-        }
-        if len < shortest {
-            // Too short to carry a tag: it cannot be authenticated.
-            return Err(self.fatal(
-                BAD_RECORD_MAC,
-                &format!("record length {len} outside {shortest}..={MAX_CIPHERTEXT}"),
-            ));
-        }
-        if self.inbuf.len() < HEADER + len {
-            return Ok(false);
-        }
-        let seq = self.rx.take_seq()?;
-        let mut nonce = self.rx.nonce(seq);
-        if explicit > 0 {
-            // The explicit part as the record carries it.
-            nonce[aead::NONCE_LEN - explicit..]
-                .copy_from_slice(&self.inbuf[HEADER..HEADER + explicit]);
-        }
-        let body = HEADER + explicit..HEADER + len;
-        let (aad, aad_len) = self.rx.aad(seq, &header, body.len() - TAG);
-        let opened = match self.rx.key.open_in_place(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::from(&aad[..aad_len]),
-            &mut self.inbuf[body.clone()],
-        ) {
-            Ok(opened) => opened.len(),
-            Err(_) => {
-                return Err(self.fatal(
-                    BAD_RECORD_MAC,
-                    "a record failed to decrypt (bad_record_mac)",
-                ));
+        match self.inbound.open(&mut self.inbuf, &mut self.kernel) {
+            Ok(None) => Ok(false),
+            Ok(Some((record, data))) => {
+                self.record = record;
+                self.plain = data;
+                Ok(true)
             }
-        };
-        // TLS 1.3 counts the content type in (RFC 8446 §5.4), padding too.
-        let most = MAX_PLAINTEXT + usize::from(tls13);
-        if opened > most {
-            return Err(self.fatal(
-                RECORD_OVERFLOW,
-                &format!("a record's plaintext is {opened} bytes, over {most}"),
-            ));
-        }
-        let (typ, content_len) = if tls13 {
-            // Inner plaintext: content, content type, zero padding.
-            let inner = &self.inbuf[body.start..body.start + opened];
-            match inner.iter().rposition(|&b| b != 0) {
-                Some(at) => (inner[at], at),
-                None => {
-                    return Err(self.fatal(UNEXPECTED_MESSAGE, "a record carries no content type"));
-                }
+            Err(Refused::Alert(alert, what)) => Err(self.fatal(alert, &what)),
+            Err(Refused::PeerAlert(message)) => {
+                self.failed = Some(message.clone());
+                // Nothing more is sent on a connection the peer ended.
+                self.write_closed = true;
+                Err(io::Error::new(io::ErrorKind::ConnectionAborted, message))
             }
-        } else {
-            (typ, opened)
-        };
-        self.record = HEADER + len;
-        let content = body.start..body.start + content_len;
-        // RFC 8446 §5.1: nothing between the fragments of a handshake message.
-        if typ != HANDSHAKE && !self.handshake.is_empty() {
-            return Err(self.fatal(
-                UNEXPECTED_MESSAGE,
-                &format!("a record of type {typ} between the fragments of a handshake message"),
-            ));
+            Err(Refused::Io(e)) => Err(e),
         }
-        if content_len > 0 {
-            self.empty_records = 0;
-        }
-        match typ {
-            APPLICATION_DATA if content_len == 0 => {
-                self.empty_records += 1;
-                if self.empty_records > MAX_EMPTY_RECORDS {
-                    return Err(self.fatal(
-                        UNEXPECTED_MESSAGE,
-                        &format!("more than {MAX_EMPTY_RECORDS} empty records in a row"),
-                    ));
-                }
-            }
-            APPLICATION_DATA => {
-                self.post_handshake = 0;
-                self.plain = content;
-            }
-            ALERT => self.alert(content)?,
-            HANDSHAKE if content_len == 0 => {
-                return Err(self.fatal(UNEXPECTED_MESSAGE, "an empty handshake record"));
-            }
-            HANDSHAKE if tls13 => self.handshake_messages(content)?,
-            HANDSHAKE => {
-                return Err(self.fatal(UNEXPECTED_MESSAGE, "the peer tried to renegotiate TLS 1.2"));
-            }
-            other => {
-                return Err(
-                    self.fatal(UNEXPECTED_MESSAGE, &format!("record of inner type {other}"))
-                );
-            }
-        }
-        Ok(true)
-    }
-
-    /// An alert from the peer, judged as rustls judges it: close_notify
-    /// ends the stream, a fatal alert the connection; a warning is passed
-    /// over (TLS 1.3 allows only user_canceled, which a close_notify is to
-    /// follow), up to [`MAX_WARNINGS`].
-    fn alert(&mut self, content: Range<usize>) -> io::Result<()> {
-        let [level, description] = self.inbuf[content] else {
-            return Err(self.fatal(DECODE_ERROR, "malformed alert"));
-        };
-        if !matches!(level, WARNING | FATAL) {
-            return Err(self.fatal(
-                ILLEGAL_PARAMETER,
-                &format!("alert {description} of unknown level {level}"),
-            ));
-        }
-        if description == CLOSE_NOTIFY {
-            self.read_closed = true;
-            return Ok(());
-        }
-        if level == FATAL {
-            let message = format!(
-                "tls: the peer sent fatal alert {description} ({})",
-                alert_name(description)
-            );
-            self.failed = Some(message.clone());
-            // Nothing more is sent on a connection the peer ended.
-            self.write_closed = true;
-            return Err(io::Error::new(io::ErrorKind::ConnectionAborted, message));
-        }
-        self.warnings += 1;
-        if self.warnings > MAX_WARNINGS {
-            return Err(self.fatal(
-                UNEXPECTED_MESSAGE,
-                &format!("more than {MAX_WARNINGS} warning alerts"),
-            ));
-        }
-        if self.rx.framing == Framing::Tls13 && description != USER_CANCELED {
-            return Err(self.fatal(
-                DECODE_ERROR,
-                &format!(
-                    "warning alert {description} ({}): TLS 1.3 has no warnings but user_canceled",
-                    alert_name(description)
-                ),
-            ));
-        }
-        Ok(())
-    }
-
-    /// NewSessionTicket and KeyUpdate: the handshake messages TLS 1.3 sends
-    /// after the handshake (RFC 8446 §4.6).
-    fn handshake_messages(&mut self, content: Range<usize>) -> io::Result<()> {
-        let mut messages = std::mem::take(&mut self.handshake);
-        messages.extend_from_slice(&self.inbuf[content]);
-        let mut rest = &messages[..];
-        while let [typ, a, b, c, body @ ..] = rest {
-            let len = usize::from(*a) << 16 | usize::from(*b) << 8 | usize::from(*c);
-            let Some((body, after)) = body.split_at_checked(len) else {
-                break;
-            };
-            self.post_handshake += 1;
-            if self.post_handshake > MAX_POST_HANDSHAKE {
-                return Err(self.fatal(
-                    UNEXPECTED_MESSAGE,
-                    &format!(
-                        "more than {MAX_POST_HANDSHAKE} KeyUpdate or NewSessionTicket messages without application data"
-                    ),
-                ));
-            }
-            match *typ {
-                NEW_SESSION_TICKET => {
-                    if let Err(e) = self.kernel.new_session_ticket(body) {
-                        let alert = match self.kernel {
-                            Kernel::Server(_) => UNEXPECTED_MESSAGE,
-                            Kernel::Client(_) => DECODE_ERROR,
-                        };
-                        return Err(self.fatal(alert, &e.to_string()));
-                    }
-                }
-                KEY_UPDATE => {
-                    let requested = match body {
-                        [0] => false,
-                        [1] => true,
-                        [other] => {
-                            return Err(self.fatal(
-                                ILLEGAL_PARAMETER,
-                                &format!("KeyUpdate with request_update {other}"),
-                            ));
-                        }
-                        _ => return Err(self.fatal(DECODE_ERROR, "malformed KeyUpdate")),
-                    };
-                    if !after.is_empty() {
-                        // RFC 8446 §5.1: a key change ends its record.
-                        return Err(
-                            self.fatal(UNEXPECTED_MESSAGE, "a KeyUpdate does not end its record")
-                        );
-                    }
-                    self.rx = Keys::new(self.kernel.update_rx().map_err(tls_err)?, true)?;
-                    // Answered before our next record (in `poll_read` if we
-                    // do not write), once for all the requests before it.
-                    if requested && !self.write_closed {
-                        self.update_owed = true;
-                    }
-                }
-                other => {
-                    return Err(self.fatal(
-                        UNEXPECTED_MESSAGE,
-                        &format!("handshake message of type {other} after the handshake"),
-                    ));
-                }
-            }
-            rest = after;
-        }
-        if rest.len() > MAX_PLAINTEXT {
-            return Err(self.fatal(DECODE_ERROR, "a handshake message is too long"));
-        }
-        self.handshake = rest.to_vec();
-        Ok(())
     }
 
     /// Sends what is queued: the answer to a key update the peer asked for
@@ -1237,7 +993,7 @@ impl TlsStream {
             if !self.outbuf.is_empty() {
                 ready!(self.poll_drain(cx))?;
             }
-            if !self.update_owed || self.write_closed {
+            if !self.inbound.update_owed || self.write_closed {
                 return Poll::Ready(Ok(()));
             }
             self.update_tx_key()?;
@@ -1257,6 +1013,430 @@ impl TlsStream {
         spare::give(std::mem::replace(&mut self.inbuf, small));
         self.in_small = true;
         self.flowing = false;
+    }
+}
+
+/// Why the peer's records are refused.
+enum Refused {
+    /// A fault of the peer's, to be answered with this fatal alert.
+    Alert(u8, String),
+    /// The peer ended the connection with a fatal alert.
+    PeerAlert(String),
+    /// Our side cannot go on (sequence numbers exhausted, no next key).
+    Io(io::Error),
+}
+
+fn refuse(alert: u8, what: &str) -> Refused {
+    Refused::Alert(alert, what.to_owned())
+}
+
+/// What the receiving side needs of the key schedule after the handshake.
+trait Schedule {
+    /// The peer's next key, after its KeyUpdate.
+    fn next_rx(&mut self) -> io::Result<Keys>;
+    /// A NewSessionTicket; a refusal names its alert.
+    fn ticket(&mut self, body: &[u8]) -> Result<(), (u8, String)>;
+}
+
+impl Schedule for Kernel {
+    fn next_rx(&mut self) -> io::Result<Keys> {
+        Keys::new(self.update_rx().map_err(tls_err)?, true)
+    }
+
+    fn ticket(&mut self, body: &[u8]) -> Result<(), (u8, String)> {
+        match self {
+            Kernel::Client(k) => k
+                .handle_new_session_ticket(body)
+                .map_err(|e| (DECODE_ERROR, format!("a NewSessionTicket: {e}"))),
+            Kernel::Server(_) => Err((
+                UNEXPECTED_MESSAGE,
+                "the client sent a NewSessionTicket".to_owned(),
+            )),
+        }
+    }
+}
+
+/// The receiving side of the record layer, without I/O: it opens records
+/// in the caller's buffer and applies what they carry, holding the peer to
+/// the limits in the module doc.
+struct Inbound {
+    rx: Keys,
+    /// Handshake bytes of a message that spans records (rare).
+    handshake: Vec<u8>,
+    /// KeyUpdates and tickets since the last application data.
+    post_handshake: u8,
+    /// Empty application data records in a row.
+    empty_records: u8,
+    /// Warning alerts received.
+    warnings: u8,
+    /// close_notify received.
+    closed: bool,
+    /// The peer asked for a key update we have not sent yet: one answers
+    /// every request received before it goes out (RFC 8446 §4.6.3).
+    update_owed: bool,
+}
+
+impl Inbound {
+    fn new(rx: Keys, closed: bool) -> Inbound {
+        Inbound {
+            rx,
+            handshake: Vec::new(),
+            post_handshake: 0,
+            empty_records: 0,
+            warnings: 0,
+            closed,
+            update_owed: false,
+        }
+    }
+
+    /// Opens the record at the front of `buf` in place and applies what
+    /// it carries. None: the record is not whole yet. Otherwise the
+    /// record's length and where in `buf` the application data it carries
+    /// lies (empty for alerts and handshake messages, handled here).
+    fn open(
+        &mut self,
+        buf: &mut [u8],
+        schedule: &mut impl Schedule,
+    ) -> Result<Option<(usize, Range<usize>)>, Refused> {
+        let Some(&[typ, major, minor, hi, lo]) = buf.get(..HEADER) else {
+            return Ok(None);
+        };
+        let header = [typ, major, minor, hi, lo];
+        let len = usize::from(u16::from_be_bytes([hi, lo]));
+        let tls13 = self.rx.framing == Framing::Tls13;
+        let allowed = if tls13 {
+            typ == APPLICATION_DATA
+        } else {
+            matches!(typ, APPLICATION_DATA | ALERT | HANDSHAKE)
+        };
+        if !allowed {
+            return Err(refuse(
+                UNEXPECTED_MESSAGE,
+                &format!("record of type {typ} after the handshake"),
+            ));
+        }
+        let explicit = self.rx.explicit_len();
+        let shortest = explicit + TAG + usize::from(tls13);
+        if len > MAX_CIPHERTEXT {
+            return Err(refuse(
+                RECORD_OVERFLOW,
+                &format!("record length {len} outside {shortest}..={MAX_CIPHERTEXT}"),
+            ));
+        }
+        if len < shortest {
+            // Too short to carry a tag: it cannot be authenticated.
+            return Err(refuse(
+                BAD_RECORD_MAC,
+                &format!("record length {len} outside {shortest}..={MAX_CIPHERTEXT}"),
+            ));
+        }
+        if buf.len() < HEADER + len {
+            return Ok(None);
+        }
+        let seq = self.rx.take_seq().map_err(Refused::Io)?;
+        let mut nonce = self.rx.nonce(seq);
+        if explicit > 0 {
+            // The explicit part as the record carries it.
+            nonce[aead::NONCE_LEN - explicit..].copy_from_slice(&buf[HEADER..HEADER + explicit]);
+        }
+        let body = HEADER + explicit..HEADER + len;
+        let (aad, aad_len) = self.rx.aad(seq, &header, body.len() - TAG);
+        let opened = match self.rx.key.open_in_place(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(&aad[..aad_len]),
+            &mut buf[body.clone()],
+        ) {
+            Ok(opened) => opened.len(),
+            Err(_) => {
+                return Err(refuse(
+                    BAD_RECORD_MAC,
+                    "a record failed to decrypt (bad_record_mac)",
+                ));
+            }
+        };
+        // TLS 1.3 counts the content type in (RFC 8446 §5.4), padding too.
+        let most = MAX_PLAINTEXT + usize::from(tls13);
+        if opened > most {
+            return Err(refuse(
+                RECORD_OVERFLOW,
+                &format!("a record's plaintext is {opened} bytes, over {most}"),
+            ));
+        }
+        let (typ, content_len) = if tls13 {
+            // Inner plaintext: content, content type, zero padding.
+            let inner = &buf[body.start..body.start + opened];
+            match inner.iter().rposition(|&b| b != 0) {
+                Some(at) => (inner[at], at),
+                None => {
+                    return Err(refuse(
+                        UNEXPECTED_MESSAGE,
+                        "a record carries no content type",
+                    ));
+                }
+            }
+        } else {
+            (typ, opened)
+        };
+        let record = HEADER + len;
+        let content = body.start..body.start + content_len;
+        // RFC 8446 §5.1: nothing between the fragments of a handshake message.
+        if typ != HANDSHAKE && !self.handshake.is_empty() {
+            return Err(refuse(
+                UNEXPECTED_MESSAGE,
+                &format!("a record of type {typ} between the fragments of a handshake message"),
+            ));
+        }
+        if content_len > 0 {
+            self.empty_records = 0;
+        }
+        match typ {
+            APPLICATION_DATA if content_len == 0 => {
+                self.empty_records += 1;
+                if self.empty_records > MAX_EMPTY_RECORDS {
+                    return Err(refuse(
+                        UNEXPECTED_MESSAGE,
+                        &format!("more than {MAX_EMPTY_RECORDS} empty records in a row"),
+                    ));
+                }
+            }
+            APPLICATION_DATA => {
+                self.post_handshake = 0;
+                return Ok(Some((record, content)));
+            }
+            ALERT => self.alert(&buf[content])?,
+            HANDSHAKE if content_len == 0 => {
+                return Err(refuse(UNEXPECTED_MESSAGE, "an empty handshake record"));
+            }
+            HANDSHAKE if tls13 => self.handshake_messages(&buf[content], schedule)?,
+            HANDSHAKE => {
+                return Err(refuse(
+                    UNEXPECTED_MESSAGE,
+                    "the peer tried to renegotiate TLS 1.2",
+                ));
+            }
+            other => {
+                return Err(refuse(
+                    UNEXPECTED_MESSAGE,
+                    &format!("record of inner type {other}"),
+                ));
+            }
+        }
+        Ok(Some((record, 0..0)))
+    }
+
+    /// An alert from the peer, judged as rustls judges it: close_notify
+    /// ends the stream, a fatal alert the connection; a warning is passed
+    /// over (TLS 1.3 allows only user_canceled, which a close_notify is to
+    /// follow), up to [`MAX_WARNINGS`].
+    fn alert(&mut self, content: &[u8]) -> Result<(), Refused> {
+        let &[level, description] = content else {
+            return Err(refuse(DECODE_ERROR, "malformed alert"));
+        };
+        if !matches!(level, WARNING | FATAL) {
+            return Err(refuse(
+                ILLEGAL_PARAMETER,
+                &format!("alert {description} of unknown level {level}"),
+            ));
+        }
+        if description == CLOSE_NOTIFY {
+            self.closed = true;
+            return Ok(());
+        }
+        if level == FATAL {
+            let message = format!(
+                "tls: the peer sent fatal alert {description} ({})",
+                alert_name(description)
+            );
+            return Err(Refused::PeerAlert(message));
+        }
+        self.warnings += 1;
+        if self.warnings > MAX_WARNINGS {
+            return Err(refuse(
+                UNEXPECTED_MESSAGE,
+                &format!("more than {MAX_WARNINGS} warning alerts"),
+            ));
+        }
+        if self.rx.framing == Framing::Tls13 && description != USER_CANCELED {
+            return Err(refuse(
+                DECODE_ERROR,
+                &format!(
+                    "warning alert {description} ({}): TLS 1.3 has no warnings but user_canceled",
+                    alert_name(description)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// NewSessionTicket and KeyUpdate: the handshake messages TLS 1.3 sends
+    /// after the handshake (RFC 8446 §4.6).
+    fn handshake_messages(
+        &mut self,
+        content: &[u8],
+        schedule: &mut impl Schedule,
+    ) -> Result<(), Refused> {
+        let mut messages = std::mem::take(&mut self.handshake);
+        messages.extend_from_slice(content);
+        let mut rest = &messages[..];
+        while let [typ, a, b, c, body @ ..] = rest {
+            let len = usize::from(*a) << 16 | usize::from(*b) << 8 | usize::from(*c);
+            let Some((body, after)) = body.split_at_checked(len) else {
+                break;
+            };
+            self.post_handshake += 1;
+            if self.post_handshake > MAX_POST_HANDSHAKE {
+                return Err(refuse(
+                    UNEXPECTED_MESSAGE,
+                    &format!(
+                        "more than {MAX_POST_HANDSHAKE} KeyUpdate or NewSessionTicket messages without application data"
+                    ),
+                ));
+            }
+            match *typ {
+                NEW_SESSION_TICKET => {
+                    schedule
+                        .ticket(body)
+                        .map_err(|(alert, what)| Refused::Alert(alert, what))?;
+                }
+                KEY_UPDATE => {
+                    let requested = match body {
+                        [0] => false,
+                        [1] => true,
+                        [other] => {
+                            return Err(refuse(
+                                ILLEGAL_PARAMETER,
+                                &format!("KeyUpdate with request_update {other}"),
+                            ));
+                        }
+                        _ => return Err(refuse(DECODE_ERROR, "malformed KeyUpdate")),
+                    };
+                    if !after.is_empty() {
+                        // RFC 8446 §5.1: a key change ends its record.
+                        return Err(refuse(
+                            UNEXPECTED_MESSAGE,
+                            "a KeyUpdate does not end its record",
+                        ));
+                    }
+                    self.rx = schedule.next_rx().map_err(Refused::Io)?;
+                    // Answered before our next record (in `poll_read` if we
+                    // do not write), once for all the requests before it.
+                    self.update_owed |= requested;
+                }
+                other => {
+                    return Err(refuse(
+                        UNEXPECTED_MESSAGE,
+                        &format!("handshake message of type {other} after the handshake"),
+                    ));
+                }
+            }
+            rest = after;
+        }
+        if rest.len() > MAX_PLAINTEXT {
+            return Err(refuse(DECODE_ERROR, "a handshake message is too long"));
+        }
+        self.handshake = rest.to_vec();
+        Ok(())
+    }
+}
+
+/// Entry points for fuzz targets, not an API: the receiving side of the
+/// record layer ([`Inbound`], the code connections run) without sockets or
+/// a handshake, under a fixed AES-256-GCM key.
+#[doc(hidden)]
+pub mod fuzz {
+    use rustls::ConnectionTrafficSecrets;
+    use rustls::crypto::cipher::{AeadKey, Iv};
+
+    use super::{
+        APPLICATION_DATA, Framing, HEADER, Inbound, Keys, Refused, Schedule, TAG, alert_name,
+    };
+
+    fn keys(key: [u8; 32], iv: [u8; 12], tls13: bool, seq: u64) -> Keys {
+        let secrets = ConnectionTrafficSecrets::Aes256Gcm {
+            key: AeadKey::from(key),
+            iv: Iv::new(iv),
+        };
+        match Keys::new((seq, secrets), tls13) {
+            Ok(keys) => keys,
+            // A 32-byte key and 12-byte IV always fit AES-256-GCM.
+            Err(e) => unreachable!("{e}"),
+        }
+    }
+
+    /// Keeps the same key across a KeyUpdate; takes any ticket.
+    struct Fixed([u8; 32], [u8; 12]);
+
+    impl Schedule for Fixed {
+        fn next_rx(&mut self) -> std::io::Result<Keys> {
+            Ok(keys(self.0, self.1, true, 0))
+        }
+
+        fn ticket(&mut self, _: &[u8]) -> Result<(), (u8, String)> {
+            Ok(())
+        }
+    }
+
+    /// One record as our write path seals it: inner type `typ`, `content`
+    /// and (TLS 1.3) `padding` zero bytes, under `key` and `iv` with
+    /// sequence number `seq`. Content and padding together stay under
+    /// 2^16 - 64 bytes (the length field is 16 bits).
+    pub fn seal(
+        key: [u8; 32],
+        iv: [u8; 12],
+        tls13: bool,
+        seq: u64,
+        typ: u8,
+        content: &[u8],
+        padding: usize,
+    ) -> Vec<u8> {
+        let mut keys = keys(key, iv, tls13, seq);
+        let mut rec = vec![0; HEADER + keys.explicit_len()];
+        rec.extend_from_slice(content);
+        if keys.framing == Framing::Tls13 {
+            rec.push(typ);
+            rec.resize(rec.len() + padding, 0);
+        }
+        rec.resize(rec.len() + TAG, 0);
+        let outer = if tls13 { APPLICATION_DATA } else { typ };
+        match keys.seal_record(&mut rec, outer) {
+            Ok(()) => rec,
+            Err(e) => unreachable!("{e}"),
+        }
+    }
+
+    /// Opens the records of `wire` in order, as a connection whose peer
+    /// seals under `key` and `iv` from sequence number 0 would (a KeyUpdate
+    /// keeps the key). Returns the application data handed out, and why it
+    /// stopped: `None` when `wire` ran out or a close_notify came, else
+    /// the error (naming the alert we would send, if any).
+    pub fn open(
+        key: [u8; 32],
+        iv: [u8; 12],
+        tls13: bool,
+        wire: &[u8],
+    ) -> (Vec<u8>, Option<String>) {
+        let mut inbound = Inbound::new(keys(key, iv, tls13, 0), false);
+        let mut schedule = Fixed(key, iv);
+        let mut buf = wire.to_vec();
+        let mut data = Vec::new();
+        let mut at = 0;
+        while !inbound.closed {
+            let rest = &mut buf[at..];
+            match inbound.open(rest, &mut schedule) {
+                Ok(None) => break,
+                Ok(Some((record, content))) => {
+                    data.extend_from_slice(&rest[content]);
+                    at += record;
+                }
+                Err(Refused::Alert(alert, what)) => {
+                    let why = format!("alert {alert} ({}): {what}", alert_name(alert));
+                    return (data, Some(why));
+                }
+                Err(Refused::PeerAlert(why)) => return (data, Some(why)),
+                Err(Refused::Io(e)) => return (data, Some(e.to_string())),
+            }
+        }
+        (data, None)
     }
 }
 
@@ -1300,7 +1480,7 @@ impl AsyncRead for TlsStream {
                 return Poll::Ready(Ok(()));
             }
             this.release_record();
-            if this.read_closed {
+            if this.inbound.closed {
                 return Poll::Ready(Ok(()));
             }
             match this.open_record() {
@@ -2728,5 +2908,50 @@ mod tests {
         let mut got = vec![0; tail_plain.len()];
         ours.read_exact(&mut got).await.unwrap();
         assert!(got == tail_plain);
+    }
+
+    #[test]
+    fn the_fuzz_entry_opens_what_it_seals_and_refuses_as_connections_do() {
+        let (key, iv) = ([7; 32], [9; 12]);
+        let mut wire = Vec::new();
+        wire.extend(fuzz::seal(key, iv, true, 0, APPLICATION_DATA, b"one ", 0));
+        wire.extend(fuzz::seal(
+            key,
+            iv,
+            true,
+            1,
+            HANDSHAKE,
+            &[KEY_UPDATE, 0, 0, 1, 1],
+            3,
+        ));
+        // After a KeyUpdate the fixed schedule keeps the key, from sequence 0.
+        wire.extend(fuzz::seal(key, iv, true, 0, APPLICATION_DATA, b"two", 100));
+        assert_eq!(
+            fuzz::open(key, iv, true, &wire),
+            (b"one two".to_vec(), None)
+        );
+        let cut = &wire[..wire.len() - 1];
+        assert_eq!(fuzz::open(key, iv, true, cut), (b"one ".to_vec(), None));
+
+        let big = vec![1; MAX_PLAINTEXT + 1];
+        let (data, why) = fuzz::open(key, iv, true, &fuzz::seal(key, iv, true, 0, 23, &big, 0));
+        assert!(data.is_empty());
+        assert!(why.unwrap().starts_with("alert 22 (record_overflow)"));
+
+        // TLS 1.2 framing: explicit nonce, outer type.
+        let mut wire = fuzz::seal(key, iv, false, 0, APPLICATION_DATA, b"data", 0);
+        wire.extend(fuzz::seal(
+            key,
+            iv,
+            false,
+            1,
+            ALERT,
+            &[WARNING, CLOSE_NOTIFY],
+            0,
+        ));
+        wire.extend(fuzz::seal(key, iv, false, 2, APPLICATION_DATA, b"after", 0));
+        assert_eq!(fuzz::open(key, iv, false, &wire), (b"data".to_vec(), None));
+        let (_, why) = fuzz::open([8; 32], iv, false, &wire);
+        assert!(why.unwrap().starts_with("alert 20 (bad_record_mac)"));
     }
 }
