@@ -1003,7 +1003,9 @@ impl TlsStream {
     /// Waiting for the rest of a record (at most [`READ_SMALL`] bytes): what
     /// is held moves to a buffer of one record's size, so a peer that
     /// trickles partial records cannot keep a bulk buffer reserved per
-    /// connection. The next reads start small again.
+    /// connection. Once bytes are there, the read takes a kept buffer again
+    /// (at the cost of copying less than a record, twice per wait): a bulk
+    /// transfer still reads [`READ_BIG`] per syscall.
     fn shrink_waiting(&mut self) {
         if self.inbuf.is_empty() || self.in_small {
             return;
@@ -1012,7 +1014,6 @@ impl TlsStream {
         small.extend_from_slice(&self.inbuf);
         spare::give(std::mem::replace(&mut self.inbuf, small));
         self.in_small = true;
-        self.flowing = false;
     }
 }
 
@@ -1504,7 +1505,7 @@ impl AsyncRead for TlsStream {
                 return Poll::Pending;
             }
             // What is held is the start of one record, shorter than one.
-            let want = if this.flowing {
+            let want = if this.flowing || this.in_small {
                 READ_BIG
             } else {
                 READ_SMALL - this.inbuf.len()
@@ -1515,7 +1516,7 @@ impl AsyncRead for TlsStream {
             }
             if this.inbuf.capacity() - this.inbuf.len() < want {
                 if this.in_small {
-                    // Bulk reads again: a kept buffer rather than a new one.
+                    // Reading again: a kept buffer rather than a new one.
                     let mut big = spare::take();
                     big.reserve(this.inbuf.len() + want);
                     big.extend_from_slice(&this.inbuf);
