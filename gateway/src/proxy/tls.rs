@@ -2587,6 +2587,42 @@ mod tests {
         assert_eq!(ours.key_updates_sent, 1, "one answer for all the requests");
     }
 
+    /// The answer goes out from the read path when the reader runs out of
+    /// records: a side that only reads still owes it (RFC 8446 §4.6.3).
+    #[tokio::test]
+    async fn a_key_update_request_is_answered_by_a_side_that_only_reads() {
+        let _limit = crate::test_support::limit();
+        let pki = pki();
+        let (mut ours, mut theirs) = server_with_rustls_client(&pki).await;
+        theirs.get_mut().1.refresh_traffic_keys().unwrap();
+        theirs.write_all(b"x").await.unwrap();
+        theirs.flush().await.unwrap();
+        let mut buf = [0; 1];
+        ours.read_exact(&mut buf).await.unwrap();
+        assert_eq!(
+            ours.key_updates_sent, 0,
+            "data first, the answer when the reader waits"
+        );
+        crate::test_support::wait_until("the answer", crate::test_support::WAIT, || {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            let polled = Pin::new(&mut ours).poll_read(&mut cx, &mut ReadBuf::new(&mut [0; 1]));
+            let seen = (polled.is_pending(), ours.key_updates_sent);
+            async move {
+                match seen {
+                    (true, 1) => Ok(()),
+                    other => Err(format!("(waiting, answers): {other:?}")),
+                }
+            }
+        })
+        .await;
+        // rustls follows the answer to read what comes after it.
+        ours.write_all(b"y").await.unwrap();
+        ours.flush().await.unwrap();
+        theirs.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"y");
+        assert_eq!(ours.key_updates_sent, 1);
+    }
+
     #[tokio::test]
     async fn more_key_updates_than_allowed_without_data_are_an_unexpected_message() {
         let _limit = crate::test_support::limit();
