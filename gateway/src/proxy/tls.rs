@@ -14,13 +14,24 @@
 //! sends (so resumption keeps working). Both TLS 1.3 and TLS 1.2 (which
 //! Envoy clients offer by default) are spoken, with the AEADs rustls
 //! negotiates: AES-128-GCM, AES-256-GCM and ChaCha20-Poly1305. A TLS 1.2
-//! connection cannot replace its keys, so it ends with an error before its
-//! key has sealed more records than is safe; a TLS 1.3 one updates its key.
+//! connection cannot replace its keys, so it closes (close_notify) and
+//! fails its writes before its key has sealed more records than is safe; a
+//! TLS 1.3 one updates its key.
+//!
+//! The peer is held to what rustls holds it to (RFC 8446 §5-6): records
+//! and inner plaintexts within their limits, no empty handshake records,
+//! nothing between the fragments of a handshake message, at most 32 empty
+//! records in a row, at most 4 warning alerts, and at most 32 KeyUpdates or
+//! tickets without application data between them. Requests for a key update
+//! that arrive together are answered with one. A fault of the peer's ends
+//! the connection with a fatal alert sealed under the current key, as
+//! rustls would send it.
 //!
 //! Buffers: a connection holds incoming bytes only while a record is
 //! incomplete or not yet handed out, and outgoing bytes only while the socket
 //! refuses them; both are freed when drained, so an idle connection holds
-//! neither.
+//! neither. One that waits for the rest of a record holds it in a buffer of
+//! one record's size, whatever size its reads had before.
 
 use std::cell::RefCell;
 use std::io;
@@ -67,7 +78,26 @@ const HANDSHAKE: u8 = 22;
 const NEW_SESSION_TICKET: u8 = 4;
 const KEY_UPDATE: u8 = 24;
 const CLOSE_NOTIFY: u8 = 0;
+const UNEXPECTED_MESSAGE: u8 = 10;
+const BAD_RECORD_MAC: u8 = 20;
+const RECORD_OVERFLOW: u8 = 22;
+const ILLEGAL_PARAMETER: u8 = 47;
+const DECODE_ERROR: u8 = 50;
 const USER_CANCELED: u8 = 90;
+
+/// Alert levels (RFC 5246 §7.2; TLS 1.3 keeps the field).
+const WARNING: u8 = 1;
+const FATAL: u8 = 2;
+
+/// KeyUpdates and tickets accepted without application data between them:
+/// each costs a key derivation (and a ticket, memory), so a peer may not
+/// send them for free. rustls and BoringSSL allow 32 KeyUpdates.
+const MAX_POST_HANDSHAKE: u8 = 32;
+/// Empty application data records accepted in a row (rustls and OpenSSL: 32):
+/// each costs a decryption and carries nothing.
+const MAX_EMPTY_RECORDS: u8 = 32;
+/// Warning alerts accepted over a connection's life (rustls and BoringSSL: 4).
+const MAX_WARNINGS: u8 = 4;
 
 /// Records sealed under one key before we replace it. Below the AES-GCM
 /// confidentiality limit (2^24.5 records, RFC 8446 §5.5) with room to spare;
@@ -78,7 +108,8 @@ const TX_RECORDS_PER_KEY: u64 = 1 << 23;
 pub struct TlsStream {
     io: TcpStream,
     kernel: Kernel,
-    rx: Keys,
+    /// The peer's key and what its records told us.
+    inbound: Inbound,
     tx: Keys,
     tx_limit: u64,
     alpn: Option<Vec<u8>>,
@@ -87,15 +118,17 @@ pub struct TlsStream {
     inbuf: BytesMut,
     record: usize,
     plain: Range<usize>,
-    /// Handshake bytes of a message that spans records (rare).
-    handshake: Vec<u8>,
     /// Sealed records the socket has not taken yet.
     outbuf: BytesMut,
     /// The last read filled what was reserved: read more per syscall.
     flowing: bool,
-    read_closed: bool,
+    /// `inbuf` was cut to one record's size while waiting for the rest of
+    /// a record (see [`TlsStream::shrink_waiting`]).
+    in_small: bool,
     write_closed: bool,
     key_updates_sent: u64,
+    /// Why the connection failed: later reads and writes fail the same way.
+    failed: Option<String>,
 }
 
 impl std::fmt::Debug for TlsStream {
@@ -103,7 +136,7 @@ impl std::fmt::Debug for TlsStream {
         f.debug_struct("TlsStream")
             .field("buffered_in", &self.inbuf.len())
             .field("buffered_out", &self.outbuf.len())
-            .field("read_closed", &self.read_closed)
+            .field("read_closed", &self.inbound.closed)
             .field("write_closed", &self.write_closed)
             .finish_non_exhaustive()
     }
@@ -138,13 +171,6 @@ impl Kernel {
         match self {
             Kernel::Client(k) => k.update_tx_secret(),
             Kernel::Server(k) => k.update_tx_secret(),
-        }
-    }
-
-    fn new_session_ticket(&mut self, payload: &[u8]) -> io::Result<()> {
-        match self {
-            Kernel::Client(k) => k.handle_new_session_ticket(payload).map_err(tls_err),
-            Kernel::Server(_) => Err(protocol("the client sent a NewSessionTicket")),
         }
     }
 }
@@ -627,19 +653,19 @@ impl TlsStream {
         let mut stream = TlsStream {
             io,
             kernel,
-            rx: Keys::new(secrets.rx, tls13)?,
+            inbound: Inbound::new(Keys::new(secrets.rx, tls13)?, read_closed),
             tx: Keys::new(secrets.tx, tls13)?,
             tx_limit: TX_RECORDS_PER_KEY,
             alpn,
             inbuf,
             record: 0,
             plain: 0..0,
-            handshake: Vec::new(),
             outbuf: BytesMut::new(),
             flowing: false,
-            read_closed,
+            in_small: false,
             write_closed: false,
             key_updates_sent: 0,
+            failed: None,
         };
         if !early.is_empty() {
             // Rare: plaintext rustls decrypted before handing over. Put it
@@ -668,7 +694,31 @@ impl TlsStream {
     fn seal(&mut self, typ: u8, data: &[u8]) -> io::Result<()> {
         let start = self.begin_record(data.len());
         self.outbuf.extend_from_slice(data);
-        self.finish_record(start, typ)
+        self.finish_record(start, typ).inspect_err(|_| {
+            // Never leave an unsealed record to be sent.
+            self.outbuf.truncate(start);
+        })
+    }
+
+    /// Ends the connection for a fault of the peer's: the fatal `alert`
+    /// (RFC 8446 §6.2) is sealed under the current key, nothing is sealed
+    /// after it, and every later read or write fails with this error. The
+    /// caller sends what is queued before returning the error.
+    fn fatal(&mut self, alert: u8, what: &str) -> io::Error {
+        let message = format!("tls: {what}");
+        if !self.write_closed {
+            // Sequence numbers exhausted: no alert can be sealed, the error stands.
+            let _ = self.seal(ALERT, &[FATAL, alert]);
+            self.write_closed = true;
+        }
+        self.failed = Some(message.clone());
+        io::Error::new(io::ErrorKind::InvalidData, message)
+    }
+
+    /// The error an earlier failure left, if any.
+    fn failed(&self) -> Option<io::Error> {
+        let message = self.failed.as_ref()?;
+        Some(io::Error::new(io::ErrorKind::InvalidData, message.clone()))
     }
 
     /// Starts a record of up to `len` bytes of plaintext on `outbuf`: room
@@ -703,7 +753,22 @@ impl TlsStream {
         self.seal(HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0])?;
         self.tx = Keys::new(self.kernel.update_tx().map_err(tls_err)?, true)?;
         self.key_updates_sent += 1;
+        self.inbound.update_owed = false;
         Ok(())
+    }
+
+    /// A TLS 1.2 key that has sealed all it may cannot be replaced: the
+    /// connection says close_notify (so the peer sees an orderly end, not a
+    /// truncation) and takes no more writes.
+    fn close_at_key_limit(&mut self) -> io::Error {
+        if !self.write_closed {
+            let _ = self.seal(ALERT, &[WARNING, CLOSE_NOTIFY]);
+            self.write_closed = true;
+        }
+        io::Error::new(
+            io::ErrorKind::BrokenPipe,
+            "tls: this TLS 1.2 connection has sealed all the records its key may (TLS 1.2 cannot replace keys); it was closed with close_notify",
+        )
     }
 
     /// Seals up to [`OUT_HIGH`] bytes of `bufs` as full records, copying
@@ -715,16 +780,19 @@ impl TlsStream {
                 .saturating_sub(self.outbuf.len())
                 .max(MAX_PLAINTEXT),
         );
-        let taken = left;
+        let mut taken = left;
         let mut slices = bufs.iter().map(|b| &b[..]).filter(|b| !b.is_empty());
         let mut current: &[u8] = &[];
         while left > 0 {
-            if self.tx.seq >= self.tx_limit {
-                if self.tx.framing != Framing::Tls13 {
-                    return Err(protocol(
-                        "this TLS 1.2 connection has sealed all the records its key may; TLS 1.2 cannot replace keys",
-                    ));
+            if self.tx.framing != Framing::Tls13 && self.tx.seq >= self.tx_limit {
+                if left < taken {
+                    // What was sealed goes out; the next write ends it.
+                    taken -= left;
+                    break;
                 }
+                return Err(self.close_at_key_limit());
+            }
+            if self.inbound.update_owed || self.tx.seq >= self.tx_limit {
                 self.update_tx_key()?;
             }
             let size = left.min(MAX_PLAINTEXT);
@@ -788,6 +856,9 @@ impl TlsStream {
         cx: &mut Context<'_>,
         src: &TcpStream,
     ) -> Poll<Result<Relayed, RelayError>> {
+        if let Some(e) = self.failed() {
+            return Poll::Ready(Err(RelayError::Write(e)));
+        }
         if self.write_closed {
             return Poll::Ready(Err(RelayError::Write(io::Error::new(
                 io::ErrorKind::BrokenPipe,
@@ -795,6 +866,11 @@ impl TlsStream {
             ))));
         }
         if !self.outbuf.is_empty() {
+            ready!(self.poll_drain(cx)).map_err(RelayError::Write)?;
+        }
+        if self.inbound.update_owed {
+            // Our answer to the peer's request goes before our next data.
+            self.update_tx_key().map_err(RelayError::Write)?;
             ready!(self.poll_drain(cx)).map_err(RelayError::Write)?;
         }
         if self.tx.seq.saturating_add(RELAY_RECORDS as u64) >= self.tx_limit {
@@ -892,8 +968,139 @@ impl TlsStream {
     /// Opens the next whole record in `inbuf`, if there is one. Returns
     /// false when more bytes must be read first.
     fn open_record(&mut self) -> io::Result<bool> {
-        let Some(&[typ, major, minor, hi, lo]) = self.inbuf.get(..HEADER) else {
-            return Ok(false);
+        match self.inbound.open(&mut self.inbuf, &mut self.kernel) {
+            Ok(None) => Ok(false),
+            Ok(Some((record, data))) => {
+                self.record = record;
+                self.plain = data;
+                Ok(true)
+            }
+            Err(Refused::Alert(alert, what)) => Err(self.fatal(alert, &what)),
+            Err(Refused::PeerAlert(message)) => {
+                self.failed = Some(message.clone());
+                // Nothing more is sent on a connection the peer ended.
+                self.write_closed = true;
+                Err(io::Error::new(io::ErrorKind::ConnectionAborted, message))
+            }
+            Err(Refused::Io(e)) => Err(e),
+        }
+    }
+
+    /// Sends what is queued: the answer to a key update the peer asked for
+    /// (even if we never write) and anything before it.
+    fn poll_owed(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            if !self.outbuf.is_empty() {
+                ready!(self.poll_drain(cx))?;
+            }
+            if !self.inbound.update_owed || self.write_closed {
+                return Poll::Ready(Ok(()));
+            }
+            self.update_tx_key()?;
+        }
+    }
+
+    /// Waiting for the rest of a record (at most [`READ_SMALL`] bytes): what
+    /// is held moves to a buffer of one record's size, so a peer that
+    /// trickles partial records cannot keep a bulk buffer reserved per
+    /// connection. Once bytes are there, the read takes a kept buffer again
+    /// (at the cost of copying less than a record, twice per wait): a bulk
+    /// transfer still reads [`READ_BIG`] per syscall.
+    fn shrink_waiting(&mut self) {
+        if self.inbuf.is_empty() || self.in_small {
+            return;
+        }
+        let mut small = BytesMut::with_capacity(READ_SMALL);
+        small.extend_from_slice(&self.inbuf);
+        spare::give(std::mem::replace(&mut self.inbuf, small));
+        self.in_small = true;
+    }
+}
+
+/// Why the peer's records are refused.
+enum Refused {
+    /// A fault of the peer's, to be answered with this fatal alert.
+    Alert(u8, String),
+    /// The peer ended the connection with a fatal alert.
+    PeerAlert(String),
+    /// Our side cannot go on (sequence numbers exhausted, no next key).
+    Io(io::Error),
+}
+
+fn refuse(alert: u8, what: &str) -> Refused {
+    Refused::Alert(alert, what.to_owned())
+}
+
+/// What the receiving side needs of the key schedule after the handshake.
+trait Schedule {
+    /// The peer's next key, after its KeyUpdate.
+    fn next_rx(&mut self) -> io::Result<Keys>;
+    /// A NewSessionTicket; a refusal names its alert.
+    fn ticket(&mut self, body: &[u8]) -> Result<(), (u8, String)>;
+}
+
+impl Schedule for Kernel {
+    fn next_rx(&mut self) -> io::Result<Keys> {
+        Keys::new(self.update_rx().map_err(tls_err)?, true)
+    }
+
+    fn ticket(&mut self, body: &[u8]) -> Result<(), (u8, String)> {
+        match self {
+            Kernel::Client(k) => k
+                .handle_new_session_ticket(body)
+                .map_err(|e| (DECODE_ERROR, format!("a NewSessionTicket: {e}"))),
+            Kernel::Server(_) => Err((
+                UNEXPECTED_MESSAGE,
+                "the client sent a NewSessionTicket".to_owned(),
+            )),
+        }
+    }
+}
+
+/// The receiving side of the record layer, without I/O: it opens records
+/// in the caller's buffer and applies what they carry, holding the peer to
+/// the limits in the module doc.
+struct Inbound {
+    rx: Keys,
+    /// Handshake bytes of a message that spans records (rare).
+    handshake: Vec<u8>,
+    /// KeyUpdates and tickets since the last application data.
+    post_handshake: u8,
+    /// Empty application data records in a row.
+    empty_records: u8,
+    /// Warning alerts received.
+    warnings: u8,
+    /// close_notify received.
+    closed: bool,
+    /// The peer asked for a key update we have not sent yet: one answers
+    /// every request received before it goes out (RFC 8446 §4.6.3).
+    update_owed: bool,
+}
+
+impl Inbound {
+    fn new(rx: Keys, closed: bool) -> Inbound {
+        Inbound {
+            rx,
+            handshake: Vec::new(),
+            post_handshake: 0,
+            empty_records: 0,
+            warnings: 0,
+            closed,
+            update_owed: false,
+        }
+    }
+
+    /// Opens the record at the front of `buf` in place and applies what
+    /// it carries. None: the record is not whole yet. Otherwise the
+    /// record's length and where in `buf` the application data it carries
+    /// lies (empty for alerts and handshake messages, handled here).
+    fn open(
+        &mut self,
+        buf: &mut [u8],
+        schedule: &mut impl Schedule,
+    ) -> Result<Option<(usize, Range<usize>)>, Refused> {
+        let Some(&[typ, major, minor, hi, lo]) = buf.get(..HEADER) else {
+            return Ok(None);
         };
         let header = [typ, major, minor, hi, lo];
         let len = usize::from(u16::from_be_bytes([hi, lo]));
@@ -904,114 +1111,351 @@ impl TlsStream {
             matches!(typ, APPLICATION_DATA | ALERT | HANDSHAKE)
         };
         if !allowed {
-            return Err(protocol(&format!(
-                "record of type {typ} after the handshake"
-            )));
+            return Err(refuse(
+                UNEXPECTED_MESSAGE,
+                &format!("record of type {typ} after the handshake"),
+            ));
         }
         let explicit = self.rx.explicit_len();
         let shortest = explicit + TAG + usize::from(tls13);
-        if !(shortest..=MAX_CIPHERTEXT).contains(&len) {
-            return Err(protocol(&format!(
-                "record length {len} outside {shortest}..={MAX_CIPHERTEXT}"
-            )));
+        if len > MAX_CIPHERTEXT {
+            return Err(refuse(
+                RECORD_OVERFLOW,
+                &format!("record length {len} outside {shortest}..={MAX_CIPHERTEXT}"),
+            ));
         }
-        if self.inbuf.len() < HEADER + len {
-            return Ok(false);
+        if len < shortest {
+            // Too short to carry a tag: it cannot be authenticated.
+            return Err(refuse(
+                BAD_RECORD_MAC,
+                &format!("record length {len} outside {shortest}..={MAX_CIPHERTEXT}"),
+            ));
         }
-        let seq = self.rx.take_seq()?;
+        if buf.len() < HEADER + len {
+            return Ok(None);
+        }
+        let seq = self.rx.take_seq().map_err(Refused::Io)?;
         let mut nonce = self.rx.nonce(seq);
         if explicit > 0 {
             // The explicit part as the record carries it.
-            nonce[aead::NONCE_LEN - explicit..]
-                .copy_from_slice(&self.inbuf[HEADER..HEADER + explicit]);
+            nonce[aead::NONCE_LEN - explicit..].copy_from_slice(&buf[HEADER..HEADER + explicit]);
         }
         let body = HEADER + explicit..HEADER + len;
         let (aad, aad_len) = self.rx.aad(seq, &header, body.len() - TAG);
-        let opened = self
-            .rx
-            .key
-            .open_in_place(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(&aad[..aad_len]),
-                &mut self.inbuf[body.clone()],
-            )
-            .map_err(|_| protocol("a record failed to decrypt (bad_record_mac)"))?;
-        let (typ, content_len) = if tls13 {
-            // Inner plaintext: content, content type, zero padding.
-            let Some(at) = opened.iter().rposition(|&b| b != 0) else {
-                return Err(protocol("a record carries no content type"));
-            };
-            (opened[at], at)
-        } else {
-            (typ, opened.len())
-        };
-        self.record = HEADER + len;
-        let content = body.start..body.start + content_len;
-        match typ {
-            APPLICATION_DATA => self.plain = content,
-            ALERT => self.alert(content)?,
-            HANDSHAKE if tls13 => self.handshake_messages(content)?,
-            HANDSHAKE => return Err(protocol("the peer tried to renegotiate TLS 1.2")),
-            other => return Err(protocol(&format!("record of inner type {other}"))),
-        }
-        Ok(true)
-    }
-
-    fn alert(&mut self, content: Range<usize>) -> io::Result<()> {
-        match self.inbuf[content] {
-            [_, CLOSE_NOTIFY] => self.read_closed = true,
-            [_, USER_CANCELED] => {}
-            [_, description] => {
-                return Err(io::Error::new(
-                    io::ErrorKind::ConnectionAborted,
-                    format!("tls: the peer sent alert {description}"),
+        let opened = match self.rx.key.open_in_place(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(&aad[..aad_len]),
+            &mut buf[body.clone()],
+        ) {
+            Ok(opened) => opened.len(),
+            Err(_) => {
+                return Err(refuse(
+                    BAD_RECORD_MAC,
+                    "a record failed to decrypt (bad_record_mac)",
                 ));
             }
-            _ => return Err(protocol("malformed alert")),
+        };
+        // TLS 1.3 counts the content type in (RFC 8446 §5.4), padding too.
+        let most = MAX_PLAINTEXT + usize::from(tls13);
+        if opened > most {
+            return Err(refuse(
+                RECORD_OVERFLOW,
+                &format!("a record's plaintext is {opened} bytes, over {most}"),
+            ));
+        }
+        let (typ, content_len) = if tls13 {
+            // Inner plaintext: content, content type, zero padding.
+            let inner = &buf[body.start..body.start + opened];
+            match inner.iter().rposition(|&b| b != 0) {
+                Some(at) => (inner[at], at),
+                None => {
+                    return Err(refuse(
+                        UNEXPECTED_MESSAGE,
+                        "a record carries no content type",
+                    ));
+                }
+            }
+        } else {
+            (typ, opened)
+        };
+        let record = HEADER + len;
+        let content = body.start..body.start + content_len;
+        // RFC 8446 §5.1: nothing between the fragments of a handshake message.
+        if typ != HANDSHAKE && !self.handshake.is_empty() {
+            return Err(refuse(
+                UNEXPECTED_MESSAGE,
+                &format!("a record of type {typ} between the fragments of a handshake message"),
+            ));
+        }
+        if content_len > 0 {
+            self.empty_records = 0;
+        }
+        match typ {
+            APPLICATION_DATA if content_len == 0 => {
+                self.empty_records += 1;
+                if self.empty_records > MAX_EMPTY_RECORDS {
+                    return Err(refuse(
+                        UNEXPECTED_MESSAGE,
+                        &format!("more than {MAX_EMPTY_RECORDS} empty records in a row"),
+                    ));
+                }
+            }
+            APPLICATION_DATA => {
+                self.post_handshake = 0;
+                return Ok(Some((record, content)));
+            }
+            ALERT => self.alert(&buf[content])?,
+            HANDSHAKE if content_len == 0 => {
+                return Err(refuse(UNEXPECTED_MESSAGE, "an empty handshake record"));
+            }
+            HANDSHAKE if tls13 => self.handshake_messages(&buf[content], schedule)?,
+            HANDSHAKE => {
+                return Err(refuse(
+                    UNEXPECTED_MESSAGE,
+                    "the peer tried to renegotiate TLS 1.2",
+                ));
+            }
+            other => {
+                return Err(refuse(
+                    UNEXPECTED_MESSAGE,
+                    &format!("record of inner type {other}"),
+                ));
+            }
+        }
+        Ok(Some((record, 0..0)))
+    }
+
+    /// An alert from the peer, judged as rustls judges it: close_notify
+    /// ends the stream, a fatal alert the connection; a warning is passed
+    /// over (TLS 1.3 allows only user_canceled, which a close_notify is to
+    /// follow), up to [`MAX_WARNINGS`].
+    fn alert(&mut self, content: &[u8]) -> Result<(), Refused> {
+        let &[level, description] = content else {
+            return Err(refuse(DECODE_ERROR, "malformed alert"));
+        };
+        if !matches!(level, WARNING | FATAL) {
+            return Err(refuse(
+                ILLEGAL_PARAMETER,
+                &format!("alert {description} of unknown level {level}"),
+            ));
+        }
+        if description == CLOSE_NOTIFY {
+            self.closed = true;
+            return Ok(());
+        }
+        if level == FATAL {
+            let message = format!(
+                "tls: the peer sent fatal alert {description} ({})",
+                alert_name(description)
+            );
+            return Err(Refused::PeerAlert(message));
+        }
+        self.warnings += 1;
+        if self.warnings > MAX_WARNINGS {
+            return Err(refuse(
+                UNEXPECTED_MESSAGE,
+                &format!("more than {MAX_WARNINGS} warning alerts"),
+            ));
+        }
+        if self.rx.framing == Framing::Tls13 && description != USER_CANCELED {
+            return Err(refuse(
+                DECODE_ERROR,
+                &format!(
+                    "warning alert {description} ({}): TLS 1.3 has no warnings but user_canceled",
+                    alert_name(description)
+                ),
+            ));
         }
         Ok(())
     }
 
     /// NewSessionTicket and KeyUpdate: the handshake messages TLS 1.3 sends
     /// after the handshake (RFC 8446 §4.6).
-    fn handshake_messages(&mut self, content: Range<usize>) -> io::Result<()> {
+    fn handshake_messages(
+        &mut self,
+        content: &[u8],
+        schedule: &mut impl Schedule,
+    ) -> Result<(), Refused> {
         let mut messages = std::mem::take(&mut self.handshake);
-        messages.extend_from_slice(&self.inbuf[content]);
+        messages.extend_from_slice(content);
         let mut rest = &messages[..];
         while let [typ, a, b, c, body @ ..] = rest {
             let len = usize::from(*a) << 16 | usize::from(*b) << 8 | usize::from(*c);
             let Some((body, after)) = body.split_at_checked(len) else {
                 break;
             };
+            self.post_handshake += 1;
+            if self.post_handshake > MAX_POST_HANDSHAKE {
+                return Err(refuse(
+                    UNEXPECTED_MESSAGE,
+                    &format!(
+                        "more than {MAX_POST_HANDSHAKE} KeyUpdate or NewSessionTicket messages without application data"
+                    ),
+                ));
+            }
             match *typ {
-                NEW_SESSION_TICKET => self.kernel.new_session_ticket(body)?,
+                NEW_SESSION_TICKET => {
+                    schedule
+                        .ticket(body)
+                        .map_err(|(alert, what)| Refused::Alert(alert, what))?;
+                }
                 KEY_UPDATE => {
                     let requested = match body {
                         [0] => false,
                         [1] => true,
-                        _ => return Err(protocol("malformed KeyUpdate")),
+                        [other] => {
+                            return Err(refuse(
+                                ILLEGAL_PARAMETER,
+                                &format!("KeyUpdate with request_update {other}"),
+                            ));
+                        }
+                        _ => return Err(refuse(DECODE_ERROR, "malformed KeyUpdate")),
                     };
                     if !after.is_empty() {
-                        return Err(protocol("a KeyUpdate does not end its record"));
+                        // RFC 8446 §5.1: a key change ends its record.
+                        return Err(refuse(
+                            UNEXPECTED_MESSAGE,
+                            "a KeyUpdate does not end its record",
+                        ));
                     }
-                    self.rx = Keys::new(self.kernel.update_rx().map_err(tls_err)?, true)?;
-                    if requested && !self.write_closed {
-                        self.update_tx_key()?;
-                    }
+                    self.rx = schedule.next_rx().map_err(Refused::Io)?;
+                    // Answered before our next record (in `poll_read` if we
+                    // do not write), once for all the requests before it.
+                    self.update_owed |= requested;
                 }
                 other => {
-                    return Err(protocol(&format!(
-                        "handshake message of type {other} after the handshake"
-                    )));
+                    return Err(refuse(
+                        UNEXPECTED_MESSAGE,
+                        &format!("handshake message of type {other} after the handshake"),
+                    ));
                 }
             }
             rest = after;
         }
         if rest.len() > MAX_PLAINTEXT {
-            return Err(protocol("a handshake message is too long"));
+            return Err(refuse(DECODE_ERROR, "a handshake message is too long"));
         }
         self.handshake = rest.to_vec();
         Ok(())
+    }
+}
+
+/// Entry points for fuzz targets, not an API: the receiving side of the
+/// record layer ([`Inbound`], the code connections run) without sockets or
+/// a handshake, under a fixed AES-256-GCM key.
+#[doc(hidden)]
+pub mod fuzz {
+    use rustls::ConnectionTrafficSecrets;
+    use rustls::crypto::cipher::{AeadKey, Iv};
+
+    use super::{
+        APPLICATION_DATA, Framing, HEADER, Inbound, Keys, Refused, Schedule, TAG, alert_name,
+    };
+
+    fn keys(key: [u8; 32], iv: [u8; 12], tls13: bool, seq: u64) -> Keys {
+        let secrets = ConnectionTrafficSecrets::Aes256Gcm {
+            key: AeadKey::from(key),
+            iv: Iv::new(iv),
+        };
+        match Keys::new((seq, secrets), tls13) {
+            Ok(keys) => keys,
+            // A 32-byte key and 12-byte IV always fit AES-256-GCM.
+            Err(e) => unreachable!("{e}"),
+        }
+    }
+
+    /// Keeps the same key across a KeyUpdate; takes any ticket.
+    struct Fixed([u8; 32], [u8; 12]);
+
+    impl Schedule for Fixed {
+        fn next_rx(&mut self) -> std::io::Result<Keys> {
+            Ok(keys(self.0, self.1, true, 0))
+        }
+
+        fn ticket(&mut self, _: &[u8]) -> Result<(), (u8, String)> {
+            Ok(())
+        }
+    }
+
+    /// One record as our write path seals it: inner type `typ`, `content`
+    /// and (TLS 1.3) `padding` zero bytes, under `key` and `iv` with
+    /// sequence number `seq`. Content and padding together stay under
+    /// 2^16 - 64 bytes (the length field is 16 bits).
+    pub fn seal(
+        key: [u8; 32],
+        iv: [u8; 12],
+        tls13: bool,
+        seq: u64,
+        typ: u8,
+        content: &[u8],
+        padding: usize,
+    ) -> Vec<u8> {
+        let mut keys = keys(key, iv, tls13, seq);
+        let mut rec = vec![0; HEADER + keys.explicit_len()];
+        rec.extend_from_slice(content);
+        if keys.framing == Framing::Tls13 {
+            rec.push(typ);
+            rec.resize(rec.len() + padding, 0);
+        }
+        rec.resize(rec.len() + TAG, 0);
+        let outer = if tls13 { APPLICATION_DATA } else { typ };
+        match keys.seal_record(&mut rec, outer) {
+            Ok(()) => rec,
+            Err(e) => unreachable!("{e}"),
+        }
+    }
+
+    /// Opens the records of `wire` in order, as a connection whose peer
+    /// seals under `key` and `iv` from sequence number 0 would (a KeyUpdate
+    /// keeps the key). Returns the application data handed out, and why it
+    /// stopped: `None` when `wire` ran out or a close_notify came, else
+    /// the error (naming the alert we would send, if any).
+    pub fn open(
+        key: [u8; 32],
+        iv: [u8; 12],
+        tls13: bool,
+        wire: &[u8],
+    ) -> (Vec<u8>, Option<String>) {
+        let mut inbound = Inbound::new(keys(key, iv, tls13, 0), false);
+        let mut schedule = Fixed(key, iv);
+        let mut buf = wire.to_vec();
+        let mut data = Vec::new();
+        let mut at = 0;
+        while !inbound.closed {
+            let rest = &mut buf[at..];
+            match inbound.open(rest, &mut schedule) {
+                Ok(None) => break,
+                Ok(Some((record, content))) => {
+                    data.extend_from_slice(&rest[content]);
+                    at += record;
+                }
+                Err(Refused::Alert(alert, what)) => {
+                    let why = format!("alert {alert} ({}): {what}", alert_name(alert));
+                    return (data, Some(why));
+                }
+                Err(Refused::PeerAlert(why)) => return (data, Some(why)),
+                Err(Refused::Io(e)) => return (data, Some(e.to_string())),
+            }
+        }
+        (data, None)
+    }
+}
+
+/// The name RFC 8446 §6 gives alert `description`, for error messages.
+fn alert_name(description: u8) -> &'static str {
+    match description {
+        CLOSE_NOTIFY => "close_notify",
+        UNEXPECTED_MESSAGE => "unexpected_message",
+        BAD_RECORD_MAC => "bad_record_mac",
+        RECORD_OVERFLOW => "record_overflow",
+        40 => "handshake_failure",
+        42 => "bad_certificate",
+        ILLEGAL_PARAMETER => "illegal_parameter",
+        DECODE_ERROR => "decode_error",
+        51 => "decrypt_error",
+        80 => "internal_error",
+        USER_CANCELED => "user_canceled",
+        _ => "other",
     }
 }
 
@@ -1022,6 +1466,9 @@ impl AsyncRead for TlsStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(e) = this.failed() {
+            return Poll::Ready(Err(e));
+        }
         loop {
             if !this.plain.is_empty() {
                 let n = this.plain.len().min(buf.remaining());
@@ -1034,24 +1481,48 @@ impl AsyncRead for TlsStream {
                 return Poll::Ready(Ok(()));
             }
             this.release_record();
-            if this.read_closed {
+            if this.inbound.closed {
                 return Poll::Ready(Ok(()));
             }
-            if this.open_record()? {
-                continue;
+            match this.open_record() {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => {
+                    // The fatal alert, if one was sealed; best effort.
+                    if !this.outbuf.is_empty() {
+                        let _ = this.poll_drain(cx);
+                    }
+                    return Poll::Ready(Err(e));
+                }
             }
-            // A key update we owe the peer goes out even if we never write.
-            if !this.outbuf.is_empty()
-                && let Poll::Ready(Err(e)) = this.poll_drain(cx)
-            {
+            if let Poll::Ready(Err(e)) = this.poll_owed(cx) {
                 return Poll::Ready(Err(e));
             }
             // Wait for bytes before taking a buffer for them: a connection
-            // waiting for its peer holds none.
-            ready!(this.io.poll_read_ready(cx))?;
-            let want = if this.flowing { READ_BIG } else { READ_SMALL };
+            // waiting for its peer holds none, or one record's worth.
+            if this.io.poll_read_ready(cx)?.is_pending() {
+                this.shrink_waiting();
+                return Poll::Pending;
+            }
+            // What is held is the start of one record, shorter than one.
+            let want = if this.flowing || this.in_small {
+                READ_BIG
+            } else {
+                READ_SMALL - this.inbuf.len()
+            };
             if this.inbuf.capacity() == 0 {
                 this.inbuf = spare::take();
+                this.in_small = false;
+            }
+            if this.inbuf.capacity() - this.inbuf.len() < want {
+                if this.in_small {
+                    // Reading again: a kept buffer rather than a new one.
+                    let mut big = spare::take();
+                    big.reserve(this.inbuf.len() + want);
+                    big.extend_from_slice(&this.inbuf);
+                    this.inbuf = big;
+                }
+                this.in_small = false;
             }
             this.inbuf.reserve(want);
             let room = this.inbuf.capacity() - this.inbuf.len();
@@ -1083,6 +1554,7 @@ impl TlsStream {
         if self.inbuf.is_empty() && self.inbuf.capacity() > 0 {
             spare::give(std::mem::take(&mut self.inbuf));
             self.flowing = false;
+            self.in_small = false;
         }
     }
 }
@@ -1102,6 +1574,9 @@ impl AsyncWrite for TlsStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if let Some(e) = this.failed() {
+            return Poll::Ready(Err(e));
+        }
         if this.write_closed {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
@@ -1117,7 +1592,14 @@ impl AsyncWrite for TlsStream {
                 return Poll::Pending;
             }
         }
-        let taken = this.seal_slices(bufs)?;
+        let taken = match this.seal_slices(bufs) {
+            Ok(taken) => taken,
+            Err(e) => {
+                // The close_notify, if one was sealed; best effort.
+                let _ = this.poll_drain(cx);
+                return Poll::Ready(Err(e));
+            }
+        };
         // Send now; what the socket refuses waits for the next write or flush.
         if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
             return Poll::Ready(Err(e));
@@ -1138,7 +1620,7 @@ impl AsyncWrite for TlsStream {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if !this.write_closed {
-            this.seal(ALERT, &[1, CLOSE_NOTIFY])?;
+            this.seal(ALERT, &[WARNING, CLOSE_NOTIFY])?;
             this.write_closed = true;
         }
         ready!(this.poll_drain(cx))?;
@@ -1524,6 +2006,14 @@ mod tests {
         pki: &Pki,
         suite: rustls::SupportedCipherSuite,
     ) -> (TcpStream, tokio::task::JoinHandle<io::Result<u64>>) {
+        let acceptor = acceptor_with(pki, suite);
+        let (c, s) = pair().await;
+        let server = tokio::spawn(async move { echo(acceptor.accept(s).await?).await });
+        (c, server)
+    }
+
+    /// A rustls acceptor speaking only `suite` (and so only its version).
+    fn acceptor_with(pki: &Pki, suite: rustls::SupportedCipherSuite) -> tokio_rustls::TlsAcceptor {
         let mut provider = rustls::crypto::aws_lc_rs::default_provider();
         provider.cipher_suites = vec![suite];
         let version = suite.version();
@@ -1533,10 +2023,7 @@ mod tests {
             .with_no_client_auth()
             .with_single_cert(pki.server.cert_chain().to_vec(), pki.server.private_key())
             .unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let (c, s) = pair().await;
-        let server = tokio::spawn(async move { echo(acceptor.accept(s).await?).await });
-        (c, server)
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
     }
 
     #[tokio::test]
@@ -1999,5 +2486,509 @@ mod tests {
         );
         let err = results[1].clone().unwrap_err();
         assert!(err.contains("server certificate has expired"), "{err}");
+    }
+
+    // ---- What a misbehaving peer gets (issue 16) ----
+
+    /// Our server and a rustls client that completed the handshake with it.
+    async fn server_with_rustls_client(
+        pki: &Pki,
+    ) -> (TlsStream, tokio_rustls::client::TlsStream<TcpStream>) {
+        let (c, s) = pair().await;
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(pki.client()));
+        let (ours, theirs) = tokio::join!(
+            accept(server_config(pki.server()), s),
+            connector.connect(name(), c)
+        );
+        (ours.unwrap().0, theirs.unwrap())
+    }
+
+    /// The error rustls reports on what arrives on `raw` from our side.
+    async fn rustls_error(
+        raw: &mut TcpStream,
+        conn: &mut rustls::ClientConnection,
+    ) -> rustls::Error {
+        let mut buf = vec![0; 32 * 1024];
+        loop {
+            let n = raw.read(&mut buf).await.unwrap();
+            assert!(n > 0, "our side closed without an alert");
+            let mut rest = &buf[..n];
+            while !rest.is_empty() {
+                conn.read_tls(&mut rest).unwrap();
+                if let Err(e) = conn.process_new_packets() {
+                    return e;
+                }
+            }
+        }
+    }
+
+    /// What our server's read fails with once the raw socket of a rustls
+    /// client sent `bytes`, and the alert rustls then reads from it.
+    async fn rustls_sees_after(bytes: &[u8]) -> (io::Error, rustls::Error) {
+        let pki = pki();
+        let (mut ours, theirs) = server_with_rustls_client(&pki).await;
+        let (mut raw, mut conn) = theirs.into_inner();
+        raw.write_all(bytes).await.unwrap();
+        let err = ours.read(&mut [0; 64]).await.unwrap_err();
+        // A closed connection shows an alert that was not sent.
+        drop(ours);
+        (err, rustls_error(&mut raw, &mut conn).await)
+    }
+
+    #[tokio::test]
+    async fn records_refused_before_decryption_get_the_alert_rustls_sends() {
+        let _limit = crate::test_support::limit();
+        use rustls::AlertDescription as A;
+        let mut tampered = vec![APPLICATION_DATA, 3, 3, 0, 40];
+        tampered.extend_from_slice(&[7; 40]);
+        let cases: [(&[u8], &str, A); 4] = [
+            (&tampered, "bad_record_mac", A::BadRecordMac),
+            (
+                &[APPLICATION_DATA, 3, 3, 0, 3, 1, 2, 3],
+                "record length 3",
+                A::BadRecordMac,
+            ),
+            (
+                &[APPLICATION_DATA, 3, 3, 0x48, 0],
+                "record length 18432",
+                A::RecordOverflow,
+            ),
+            (
+                &[HANDSHAKE, 3, 3, 0, 1, 0],
+                "record of type 22",
+                A::UnexpectedMessage,
+            ),
+        ];
+        for (bytes, says, alert) in cases {
+            let (err, seen) = rustls_sees_after(bytes).await;
+            assert!(err.to_string().contains(says), "{says}: {err}");
+            assert_eq!(seen, rustls::Error::AlertReceived(alert), "{says}");
+        }
+    }
+
+    #[tokio::test]
+    async fn key_update_requests_received_together_are_answered_once() {
+        let _limit = crate::test_support::limit();
+        let pki = pki();
+        let (mut ours, mut theirs) = server_with_rustls_client(&pki).await;
+        // As many requests as are allowed without data, in one write with data.
+        for _ in 0..MAX_POST_HANDSHAKE {
+            theirs.get_mut().1.refresh_traffic_keys().unwrap();
+        }
+        theirs.write_all(b"x").await.unwrap();
+        theirs.flush().await.unwrap();
+        let mut buf = [0; 1];
+        ours.read_exact(&mut buf).await.unwrap();
+        ours.write_all(b"y").await.unwrap();
+        ours.flush().await.unwrap();
+        // rustls follows our one answer to read what comes after it.
+        theirs.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"y");
+        assert_eq!(ours.key_updates_sent, 1, "one answer for all the requests");
+    }
+
+    /// The answer goes out from the read path when the reader runs out of
+    /// records: a side that only reads still owes it (RFC 8446 §4.6.3).
+    #[tokio::test]
+    async fn a_key_update_request_is_answered_by_a_side_that_only_reads() {
+        let _limit = crate::test_support::limit();
+        let pki = pki();
+        let (mut ours, mut theirs) = server_with_rustls_client(&pki).await;
+        theirs.get_mut().1.refresh_traffic_keys().unwrap();
+        theirs.write_all(b"x").await.unwrap();
+        theirs.flush().await.unwrap();
+        let mut buf = [0; 1];
+        ours.read_exact(&mut buf).await.unwrap();
+        assert_eq!(
+            ours.key_updates_sent, 0,
+            "data first, the answer when the reader waits"
+        );
+        crate::test_support::wait_until("the answer", crate::test_support::WAIT, || {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            let polled = Pin::new(&mut ours).poll_read(&mut cx, &mut ReadBuf::new(&mut [0; 1]));
+            let seen = (polled.is_pending(), ours.key_updates_sent);
+            async move {
+                match seen {
+                    (true, 1) => Ok(()),
+                    other => Err(format!("(waiting, answers): {other:?}")),
+                }
+            }
+        })
+        .await;
+        // rustls follows the answer to read what comes after it.
+        ours.write_all(b"y").await.unwrap();
+        ours.flush().await.unwrap();
+        theirs.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"y");
+        assert_eq!(ours.key_updates_sent, 1);
+    }
+
+    #[tokio::test]
+    async fn more_key_updates_than_allowed_without_data_are_an_unexpected_message() {
+        let _limit = crate::test_support::limit();
+        let pki = pki();
+        let (mut ours, mut theirs) = server_with_rustls_client(&pki).await;
+        for _ in 0..=MAX_POST_HANDSHAKE {
+            theirs.get_mut().1.refresh_traffic_keys().unwrap();
+        }
+        theirs.write_all(b"x").await.unwrap();
+        theirs.flush().await.unwrap();
+        let err = ours.read(&mut [0; 1]).await.unwrap_err();
+        assert!(err.to_string().contains("more than 32 KeyUpdate"), "{err}");
+        assert_eq!(ours.key_updates_sent, 0, "no answer to a flood");
+        drop(ours);
+        let seen = theirs.read(&mut [0; 1]).await.unwrap_err();
+        let seen = seen
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>());
+        assert_eq!(
+            seen,
+            Some(&rustls::Error::AlertReceived(
+                rustls::AlertDescription::UnexpectedMessage
+            ))
+        );
+    }
+
+    /// Our server and, as its peer, our client, whose raw `seal` sends what
+    /// no honest peer would.
+    async fn server_and_raw_peer(pki: &Pki) -> (TlsStream, TlsStream) {
+        let (c, s) = pair().await;
+        let (ours, peer) = tokio::join!(
+            accept(server_config(pki.server()), s),
+            connect(client_config(pki.client()), name(), c)
+        );
+        (ours.unwrap().0, peer.unwrap())
+    }
+
+    /// Seals `records` (inner type, content) as `peer` and sends them.
+    async fn send_sealed(peer: &mut TlsStream, records: &[(u8, &[u8])]) {
+        for (typ, content) in records {
+            peer.seal(*typ, content).unwrap();
+        }
+        peer.flush().await.unwrap();
+    }
+
+    /// What our server fails with after `records` (which end with data, so
+    /// that a server taking them reads that data instead), and the alert
+    /// the peer reads after it.
+    async fn refused(records: &[(u8, &[u8])]) -> (io::Error, io::Error) {
+        let pki = pki();
+        let (mut ours, mut peer) = server_and_raw_peer(&pki).await;
+        send_sealed(&mut peer, records).await;
+        let mut buf = [0; 64];
+        let err = match ours.read(&mut buf).await {
+            Ok(n) => panic!("read {:?}", &buf[..n]),
+            Err(e) => e,
+        };
+        // The connection stays failed, the same way.
+        let again = ours.read(&mut buf).await.unwrap_err();
+        assert_eq!(again.to_string(), err.to_string());
+        let write = ours.write(b"y").await.unwrap_err();
+        assert_eq!(write.to_string(), err.to_string());
+        drop(ours);
+        let alert = peer.read(&mut buf).await.unwrap_err();
+        (err, alert)
+    }
+
+    fn assert_alert(e: &io::Error, description: u8) {
+        assert!(
+            e.to_string()
+                .contains(&format!("fatal alert {description} (")),
+            "expected alert {description}: {e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_inner_plaintext_over_2_14_bytes_is_a_record_overflow() {
+        let _limit = crate::test_support::limit();
+        let big = vec![b'a'; MAX_PLAINTEXT + 1];
+        let (err, alert) = refused(&[(APPLICATION_DATA, &big)]).await;
+        assert!(err.to_string().contains("16386 bytes, over 16385"), "{err}");
+        assert_alert(&alert, RECORD_OVERFLOW);
+    }
+
+    #[tokio::test]
+    async fn an_empty_handshake_record_is_an_unexpected_message() {
+        let _limit = crate::test_support::limit();
+        let (err, alert) = refused(&[(HANDSHAKE, &[]), (APPLICATION_DATA, b"x")]).await;
+        assert!(err.to_string().contains("empty handshake record"), "{err}");
+        assert_alert(&alert, UNEXPECTED_MESSAGE);
+    }
+
+    #[tokio::test]
+    async fn data_between_the_fragments_of_a_handshake_message_is_an_unexpected_message() {
+        let _limit = crate::test_support::limit();
+        let (err, alert) = refused(&[
+            (HANDSHAKE, &[NEW_SESSION_TICKET, 0, 0]),
+            (APPLICATION_DATA, b"x"),
+        ])
+        .await;
+        assert!(err.to_string().contains("between the fragments"), "{err}");
+        assert_alert(&alert, UNEXPECTED_MESSAGE);
+    }
+
+    #[tokio::test]
+    async fn a_key_update_with_an_unknown_request_is_an_illegal_parameter() {
+        let _limit = crate::test_support::limit();
+        let (err, alert) = refused(&[
+            (HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 2]),
+            (APPLICATION_DATA, b"x"),
+        ])
+        .await;
+        assert!(err.to_string().contains("request_update 2"), "{err}");
+        assert_alert(&alert, ILLEGAL_PARAMETER);
+    }
+
+    #[tokio::test]
+    async fn at_most_32_empty_records_in_a_row_are_taken() {
+        let _limit = crate::test_support::limit();
+        let pki = pki();
+        let (mut ours, mut peer) = server_and_raw_peer(&pki).await;
+        let mut records = vec![(APPLICATION_DATA, &b""[..]); MAX_EMPTY_RECORDS.into()];
+        records.push((APPLICATION_DATA, b"x"));
+        send_sealed(&mut peer, &records).await;
+        let mut buf = [0; 1];
+        ours.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"x", "32 are allowed");
+        // Data resets the count; one more than allowed is refused.
+        records.insert(0, (APPLICATION_DATA, b""));
+        let (err, alert) = refused(&records).await;
+        assert!(
+            err.to_string().contains("more than 32 empty records"),
+            "{err}"
+        );
+        assert_alert(&alert, UNEXPECTED_MESSAGE);
+    }
+
+    #[tokio::test]
+    async fn user_canceled_is_a_warning_and_the_close_notify_after_it_ends_the_stream() {
+        let _limit = crate::test_support::limit();
+        let pki = pki();
+        let (mut ours, mut peer) = server_and_raw_peer(&pki).await;
+        send_sealed(
+            &mut peer,
+            &[
+                (ALERT, &[WARNING, USER_CANCELED]),
+                (APPLICATION_DATA, b"x"),
+                (ALERT, &[WARNING, CLOSE_NOTIFY]),
+            ],
+        )
+        .await;
+        let mut got = Vec::new();
+        ours.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"x");
+    }
+
+    #[tokio::test]
+    async fn alerts_are_judged_by_level_and_warnings_are_few() {
+        let _limit = crate::test_support::limit();
+        // A fatal user_canceled ends the connection; we answer no alert.
+        let pki = pki();
+        let (mut ours, mut peer) = server_and_raw_peer(&pki).await;
+        send_sealed(
+            &mut peer,
+            &[(ALERT, &[FATAL, USER_CANCELED]), (APPLICATION_DATA, b"x")],
+        )
+        .await;
+        let err = ours.read(&mut [0; 8]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted, "{err}");
+        assert_alert(&err, USER_CANCELED);
+
+        // Five warnings: more than rustls (and BoringSSL) take.
+        let warning = (ALERT, &[WARNING, USER_CANCELED][..]);
+        let mut records = vec![warning; usize::from(MAX_WARNINGS) + 1];
+        records.push((APPLICATION_DATA, b"x"));
+        let (err, alert) = refused(&records).await;
+        assert!(
+            err.to_string().contains("more than 4 warning alerts"),
+            "{err}"
+        );
+        assert_alert(&alert, UNEXPECTED_MESSAGE);
+
+        // TLS 1.3 has no warning but user_canceled (rustls: decode_error).
+        let (err, alert) = refused(&[(ALERT, &[WARNING, 42]), (APPLICATION_DATA, b"x")]).await;
+        assert!(err.to_string().contains("TLS 1.3 has no warnings"), "{err}");
+        assert_alert(&alert, DECODE_ERROR);
+
+        // An alert of no known level, even a close_notify.
+        let (err, alert) = refused(&[(ALERT, &[3, CLOSE_NOTIFY]), (APPLICATION_DATA, b"x")]).await;
+        assert!(err.to_string().contains("unknown level 3"), "{err}");
+        assert_alert(&alert, ILLEGAL_PARAMETER);
+
+        let (err, alert) = refused(&[(ALERT, &[FATAL]), (APPLICATION_DATA, b"x")]).await;
+        assert!(err.to_string().contains("malformed alert"), "{err}");
+        assert_alert(&alert, DECODE_ERROR);
+    }
+
+    #[tokio::test]
+    async fn a_key_update_not_requesting_one_is_followed_and_not_answered() {
+        let _limit = crate::test_support::limit();
+        let pki = pki();
+        let (mut ours, mut peer) = server_and_raw_peer(&pki).await;
+        peer.seal(HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0]).unwrap();
+        peer.tx = Keys::new(peer.kernel.update_tx().unwrap(), true).unwrap();
+        send_sealed(&mut peer, &[(APPLICATION_DATA, b"x")]).await;
+        let mut buf = [0; 1];
+        ours.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"x", "read under the peer's new key");
+        ours.write_all(b"y").await.unwrap();
+        ours.flush().await.unwrap();
+        peer.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"y", "written under our old key");
+        assert_eq!(ours.key_updates_sent, 0);
+    }
+
+    #[tokio::test]
+    async fn a_tls12_connection_at_its_key_limit_ends_with_close_notify() {
+        let _limit = crate::test_support::limit();
+        use rustls::crypto::aws_lc_rs::cipher_suite as cs;
+        let pki = pki();
+        let acceptor = acceptor_with(&pki, cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256);
+        let (c, s) = pair().await;
+        let server = tokio::spawn(async move {
+            let mut tls = acceptor.accept(s).await.unwrap();
+            let mut got = Vec::new();
+            tls.read_to_end(&mut got).await.map(|_| got)
+        });
+        let mut tls = connect(client_config(pki.client()), name(), c)
+            .await
+            .unwrap();
+        tls.set_tx_limit(2);
+        // The Finished took sequence number 0.
+        let sealable = (2 - tls.tx.seq) as usize * MAX_PLAINTEXT;
+        let data = payload(10 * MAX_PLAINTEXT);
+        let err = tls.write_all(&data).await.unwrap_err();
+        assert!(
+            err.to_string().contains("closed with close_notify"),
+            "{err}"
+        );
+        drop(tls);
+        // An orderly end for rustls, after the records the key could seal.
+        let got = server
+            .await
+            .unwrap()
+            .expect("close_notify, not a truncation");
+        assert!(got == data[..sealable], "{} bytes", got.len());
+    }
+
+    /// An upper bound (within what it holds) of `buf`'s allocation: what it
+    /// holds can sit at the end of it, out of `capacity`'s sight.
+    fn allocation(buf: &mut BytesMut) -> usize {
+        // Moves what is held to the front when the room before it allows.
+        let _ = buf.try_reclaim(buf.capacity() - buf.len() + 1);
+        buf.capacity() + buf.len()
+    }
+
+    #[tokio::test]
+    async fn a_peer_trickling_a_record_holds_one_record_of_buffer() {
+        let _limit = crate::test_support::limit();
+        use std::io::Write as _;
+        let pki = pki();
+        let (mut ours, theirs) = server_with_rustls_client(&pki).await;
+        let (mut raw, mut conn) = theirs.into_inner();
+        let mut seal = |data: &[u8]| {
+            let mut out = Vec::new();
+            for chunk in data.chunks(MAX_PLAINTEXT) {
+                conn.writer().write_all(chunk).unwrap();
+                while conn.wants_write() {
+                    conn.write_tls(&mut out).unwrap();
+                }
+            }
+            out
+        };
+        // Bulk data, which our reads grow to READ_BIG for, then the start
+        // of one more record: the server waits for its rest.
+        let bulk = payload(2 << 20);
+        let mut bytes = seal(&bulk);
+        let tail_plain = payload(MAX_PLAINTEXT + 7)[7..].to_vec();
+        let tail = seal(&tail_plain);
+        bytes.extend_from_slice(&tail[..100]);
+        let mut got = vec![0; bulk.len()];
+        let (written, read) = tokio::join!(raw.write_all(&bytes), ours.read_exact(&mut got));
+        written.unwrap();
+        read.unwrap();
+        assert!(got == bulk);
+        // The rest, a byte at a time: each is read, and waits in little memory.
+        let mut largest = 0;
+        for (at, byte) in tail.iter().enumerate().take(140).skip(100) {
+            raw.write_all(&[*byte]).await.unwrap();
+            let held = crate::test_support::wait_until(
+                "the server to read the byte",
+                crate::test_support::WAIT,
+                || {
+                    let mut cx = Context::from_waker(std::task::Waker::noop());
+                    let mut one = [0; 1];
+                    let polled =
+                        Pin::new(&mut ours).poll_read(&mut cx, &mut ReadBuf::new(&mut one));
+                    let seen = (
+                        polled.is_pending(),
+                        ours.inbuf.len(),
+                        allocation(&mut ours.inbuf),
+                    );
+                    async move {
+                        match seen {
+                            (true, len, held) if len == at + 1 => Ok(held),
+                            other => Err(format!("(waiting, held, allocated): {other:?}")),
+                        }
+                    }
+                },
+            )
+            .await;
+            largest = largest.max(held);
+        }
+        assert!(
+            largest <= 2 * READ_SMALL,
+            "{largest} bytes held for a partial record"
+        );
+        // And what was held is intact.
+        raw.write_all(&tail[140..]).await.unwrap();
+        let mut got = vec![0; tail_plain.len()];
+        ours.read_exact(&mut got).await.unwrap();
+        assert!(got == tail_plain);
+    }
+
+    #[test]
+    fn the_fuzz_entry_opens_what_it_seals_and_refuses_as_connections_do() {
+        let (key, iv) = ([7; 32], [9; 12]);
+        let mut wire = Vec::new();
+        wire.extend(fuzz::seal(key, iv, true, 0, APPLICATION_DATA, b"one ", 0));
+        wire.extend(fuzz::seal(
+            key,
+            iv,
+            true,
+            1,
+            HANDSHAKE,
+            &[KEY_UPDATE, 0, 0, 1, 1],
+            3,
+        ));
+        // After a KeyUpdate the fixed schedule keeps the key, from sequence 0.
+        wire.extend(fuzz::seal(key, iv, true, 0, APPLICATION_DATA, b"two", 100));
+        assert_eq!(
+            fuzz::open(key, iv, true, &wire),
+            (b"one two".to_vec(), None)
+        );
+        let cut = &wire[..wire.len() - 1];
+        assert_eq!(fuzz::open(key, iv, true, cut), (b"one ".to_vec(), None));
+
+        let big = vec![1; MAX_PLAINTEXT + 1];
+        let (data, why) = fuzz::open(key, iv, true, &fuzz::seal(key, iv, true, 0, 23, &big, 0));
+        assert!(data.is_empty());
+        assert!(why.unwrap().starts_with("alert 22 (record_overflow)"));
+
+        // TLS 1.2 framing: explicit nonce, outer type.
+        let mut wire = fuzz::seal(key, iv, false, 0, APPLICATION_DATA, b"data", 0);
+        wire.extend(fuzz::seal(
+            key,
+            iv,
+            false,
+            1,
+            ALERT,
+            &[WARNING, CLOSE_NOTIFY],
+            0,
+        ));
+        wire.extend(fuzz::seal(key, iv, false, 2, APPLICATION_DATA, b"after", 0));
+        assert_eq!(fuzz::open(key, iv, false, &wire), (b"data".to_vec(), None));
+        let (_, why) = fuzz::open([8; 32], iv, false, &wire);
+        assert!(why.unwrap().starts_with("alert 20 (bad_record_mac)"));
     }
 }
