@@ -974,6 +974,12 @@ impl Egress {
         EgressStats::bump(&self.stats.requests);
         let started = Instant::now();
         let grpc = is_grpc(req.headers());
+        // Before routing: a Host or :authority with userinfo would be
+        // routed (or passed to the owner) under a name the owner's ingress
+        // reads differently.
+        if let Err(e) = super::refuse_userinfo(req.uri(), req.headers()) {
+            return self.failed(&e, client, None, grpc);
+        }
         let entry = match self.route(route, &req) {
             Ok(entry) => entry,
             Err(e) => return self.failed(&e, client, None, grpc),
@@ -1998,6 +2004,67 @@ mod tests {
         assert_eq!(status, 400, "{body}");
         assert!(body.contains("raw.mesh-a.global is a TCP import"), "{body}");
         assert_eq!(snapshot(&stats).errors_downstream, 2);
+        ctx.shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    /// A Host or :authority with userinfo gets 400 before routing, over
+    /// HTTP/1.1 and h2c, at a VIP and at the catch-all; nothing reaches
+    /// the owner.
+    #[tokio::test]
+    async fn userinfo_in_host_or_authority_is_refused() {
+        let _limit = crate::test_support::limit();
+        let w = world();
+        let h2 = remote(&w.ca_a, A_GATEWAY, &w.bundle_b, Serve::H2).await;
+        let ctx = context(&w, ProxyTuning::default());
+        publish(
+            &ctx,
+            &test_range(),
+            vec![service(
+                "web",
+                Protocol::Http2,
+                8080,
+                &[h2.addr],
+                &[A_GATEWAY],
+            )],
+        );
+        let catch_all = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = catch_all.local_addr().unwrap();
+        let stats = Arc::new(EgressStats::default());
+        let task = tokio::spawn(run(ctx.clone(), Some(catch_all), stats.clone()));
+        let vip = vip_of(&ctx, "web.mesh-a.global");
+        wait_bound(vip).await;
+
+        for (at, host) in [
+            (vip, "user@web.mesh-a.global:8080"),
+            (vip, "user:pw@other.example"),
+            (addr, "user@web.mesh-a.global:8080"),
+        ] {
+            let (status, body) = h1_get(at, host, "/x").await;
+            assert_eq!(status, 400, "{host}: {body}");
+            assert!(body.contains("userinfo"), "{body}");
+        }
+        // Absolute-form target, and h2c's :authority.
+        let (status, body) = h1_get(vip, "web.mesh-a.global", "http://u@web.mesh-a.global/x").await;
+        assert_eq!(status, 400, "{body}");
+        let tcp = TcpStream::connect(vip).await.unwrap();
+        let (mut tx, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .uri("http://user@web.mesh-a.global:8080/x")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let resp = tx.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 400);
+
+        // The same requests without userinfo go through.
+        let (status, body) = h1_get(vip, "web.mesh-a.global:8080", "/x").await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body, "web.mesh-a.global:8080 /x");
+        assert_eq!(snapshot(&stats).errors_downstream, 5);
         ctx.shutdown.cancel();
         task.await.unwrap();
     }
