@@ -374,12 +374,16 @@ pub(super) fn connection_has(headers: &HeaderMap, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
-/// Whether a message lets its connection carry another one: HTTP/1.0 only
-/// when it asks for keep-alive, HTTP/1.1 unless it says close.
+/// Whether a message lets its connection carry another one (RFC 9112
+/// §9.3): never when it says close, whatever else it says; otherwise
+/// HTTP/1.0 only when it asks for keep-alive, HTTP/1.1 always.
 pub(super) fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
+    if connection_has(headers, "close") {
+        return false;
+    }
     match version {
         Version::HTTP_10 => connection_has(headers, "keep-alive"),
-        _ => !connection_has(headers, "close"),
+        _ => true,
     }
 }
 
@@ -473,11 +477,16 @@ fn request_framing(headers: &mut HeaderMap, version: Version) -> Result<Framing,
             .iter()
             .flat_map(|v| v.as_bytes().split(|&b| b == b','))
             .map(<[u8]>::trim_ascii)
-            .filter(|c| !c.is_empty())
             .collect();
+        // Empty elements (an empty field, `chunked,`) are refused, not
+        // skipped as RFC 9110 §5.6.1 lets a recipient do: hyper reads
+        // `chunked` followed by an empty field as not chunked, and two
+        // readings of one request's framing is what smuggling needs.
+        if all.iter().any(|c| c.is_empty()) {
+            return Err(bad("empty element in Transfer-Encoding"));
+        }
         return match all.as_slice() {
             [only] if only.eq_ignore_ascii_case(b"chunked") => Ok(Framing::Chunked(Chunk::Size)),
-            [] => Err(bad("empty Transfer-Encoding")),
             _ => Err(refused(
                 StatusCode::NOT_IMPLEMENTED,
                 "transfer codings other than chunked are not supported",
@@ -851,10 +860,27 @@ fn quoted_string(s: &[u8]) -> Option<usize> {
 
 /// The trailer section after the last chunk, up to and including its empty
 /// line: the fields and the section's length, or `None` if incomplete.
+/// Every line ends in CRLF: httparse would also end lines (and the
+/// section) at a bare LF, where hyper reads on to the next CRLF CRLF, so
+/// the two would disagree on where the next request starts.
 fn parse_trailers(buf: &[u8]) -> Result<Option<(HeaderMap, usize)>, &'static str> {
+    let mut line = 0;
+    let len = loop {
+        let Some(lf) = buf[line..].iter().position(|&b| b == b'\n') else {
+            return Ok(None);
+        };
+        let at = line + lf;
+        if at == 0 || buf[at - 1] != b'\r' {
+            return Err("trailer line not ended by CRLF");
+        }
+        if at == line + 1 {
+            break at + 1;
+        }
+        line = at + 1;
+    };
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    match httparse::parse_headers(buf, &mut fields) {
-        Ok(httparse::Status::Complete((len, fields))) => {
+    match httparse::parse_headers(&buf[..len], &mut fields) {
+        Ok(httparse::Status::Complete((parsed, fields))) if parsed == len => {
             let mut map = HeaderMap::with_capacity(fields.len());
             for f in fields {
                 let name = HeaderName::from_bytes(f.name.as_bytes())
@@ -865,8 +891,7 @@ fn parse_trailers(buf: &[u8]) -> Result<Option<(HeaderMap, usize)>, &'static str
             }
             Ok(Some((map, len)))
         }
-        Ok(httparse::Status::Partial) => Ok(None),
-        Err(_) => Err("malformed trailer section"),
+        _ => Err("malformed trailer section"),
     }
 }
 
@@ -1619,7 +1644,7 @@ mod tests {
 
     /// One edit of a byte string; indexes are taken modulo its length.
     #[derive(Debug, Clone)]
-    enum Edit {
+    pub(super) enum Edit {
         Flip(proptest::sample::Index, u8),
         Insert(proptest::sample::Index, u8),
         Delete(proptest::sample::Index),
@@ -1630,7 +1655,7 @@ mod tests {
 
     /// Chunk extensions (RFC 9112 7.1.1), with and without values, quoted
     /// strings and whitespace before the semicolon.
-    const CHUNK_EXTENSIONS: &[&str] = &[
+    pub(super) const CHUNK_EXTENSIONS: &[&str] = &[
         "",
         ";a",
         ";name=value",
@@ -1668,7 +1693,7 @@ mod tests {
         ]
     }
 
-    fn edit() -> impl proptest::strategy::Strategy<Value = Edit> {
+    pub(super) fn edit() -> impl proptest::strategy::Strategy<Value = Edit> {
         use proptest::prelude::*;
         prop_oneof![
             (any::<proptest::sample::Index>(), 0u8..8).prop_map(|(i, bit)| Edit::Flip(i, 1 << bit)),
@@ -1684,7 +1709,7 @@ mod tests {
     }
 
     /// Applies `edits` to `bytes` (an edit of an empty string inserts or does nothing).
-    fn apply(bytes: &[u8], edits: &[Edit]) -> Vec<u8> {
+    pub(super) fn apply(bytes: &[u8], edits: &[Edit]) -> Vec<u8> {
         let mut out = bytes.to_vec();
         for e in edits {
             let len = out.len();
@@ -2035,6 +2060,50 @@ mod tests {
         }
     }
 
+    /// RFC 9112 §9.3: `close` ends the connection whatever else the
+    /// Connection fields say, in HTTP/1.0 too (as hyper reads them).
+    #[test]
+    fn close_wins_over_keep_alive() {
+        let fields = |lines: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for l in lines {
+                h.append(header::CONNECTION, HeaderValue::from_static(l));
+            }
+            h
+        };
+        for v in [Version::HTTP_10, Version::HTTP_11] {
+            assert!(!keeps_alive(v, &fields(&["close", "keep-alive"])));
+            assert!(!keeps_alive(v, &fields(&["keep-alive, close"])));
+            assert!(keeps_alive(v, &fields(&["keep-alive"])));
+        }
+        assert!(!keeps_alive(Version::HTTP_10, &fields(&[])));
+        assert!(keeps_alive(Version::HTTP_11, &fields(&[])));
+    }
+
+    #[test]
+    fn trailer_sections_end_in_crlf_only() {
+        let (map, len) = parse_trailers(b"X-A: 1\r\nX-B: 2\r\n\r\nGET")
+            .unwrap()
+            .unwrap();
+        assert_eq!((map.len(), len), (2, 18));
+        assert_eq!(parse_trailers(b"\r\nGET").unwrap().unwrap().1, 2);
+        assert!(parse_trailers(b"X-A: 1\r\n").unwrap().is_none());
+        assert!(parse_trailers(b"X-A: 1\r\n\r").unwrap().is_none());
+        for bad in [
+            &b"X-A: 1\r\n\nGET / HTTP/1.1\r\n\r\n"[..],
+            b"X-A: 1\nX-B: 2\r\n\r\n",
+            b"\n",
+            b"X-A: 1\r\n \r\n\r\n",
+            b"X-A 1\r\n\r\n",
+        ] {
+            assert!(
+                parse_trailers(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
     /// The framing rules on heads alone (the server tests above show them on
     /// the wire).
     #[test]
@@ -2072,6 +2141,18 @@ mod tests {
             ),
             ("POST / HTTP/1.1\r\nTransfer-Encoding:\r\n\r\n", 400),
             ("POST / HTTP/1.1\r\nTransfer-Encoding: ,\r\n\r\n", 400),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked,\r\n\r\n",
+                400,
+            ),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: , chunked\r\n\r\n",
+                400,
+            ),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding:\r\n\r\n",
+                400,
+            ),
             (
                 "POST / HTTP/1.1\r\nTransfer-Encoding: identity\r\n\r\n",
                 501,

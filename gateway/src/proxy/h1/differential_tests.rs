@@ -6,7 +6,11 @@
 //! request-smuggling bug would hide, so every case where this loop is
 //! deliberately stricter than hyper is listed in [`STRICTER`] with its
 //! reason, and the test checks that it is indeed only stricter there
-//! (hyper accepts, we refuse), never looser.
+//! (hyper accepts, we refuse), never looser. A property test then edits
+//! valid requests at random (bytes flipped, inserted, deleted, cut, field
+//! lines that matter to framing inserted) and checks the rule that keeps
+//! smuggling out: whatever we hand on, hyper hands on identically; where
+//! we stop, hyper may go further, never the other way.
 
 use std::convert::Infallible;
 
@@ -277,6 +281,18 @@ const SAME: &[(&str, &str)] = &[
         "POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\n0\r\n\r\n",
     ),
     (
+        "trailer line ended by a bare LF",
+        "POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-A: 1\nX-B: 2\r\n\r\n",
+    ),
+    (
+        "trailers",
+        "POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-A: 1\r\nX-B: 2\r\n\r\nGET /n HTTP/1.1\r\n\r\n",
+    ),
+    (
+        "obs-fold in trailers",
+        "POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-A: 1\r\n 2\r\n\r\n",
+    ),
+    (
         "chunked body cut short",
         "POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel",
     ),
@@ -287,6 +303,14 @@ const SAME: &[(&str, &str)] = &[
     (
         "empty transfer-encoding",
         "POST /c HTTP/1.1\r\nTransfer-Encoding:\r\n\r\n",
+    ),
+    (
+        "chunked, then an empty transfer-encoding",
+        "POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding:\r\n\r\n0\r\n\r\n",
+    ),
+    (
+        "chunked followed by an empty list element",
+        "POST /c HTTP/1.1\r\nTransfer-Encoding: chunked,\r\n\r\n0\r\n\r\n",
     ),
     (
         "transfer-encoding identity",
@@ -362,6 +386,14 @@ const SAME: &[(&str, &str)] = &[
         "GET /1 HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /2 HTTP/1.0\r\n\r\nGET /3 HTTP/1.0\r\n\r\n",
     ),
     (
+        "HTTP/1.0 asking for close and keep-alive",
+        "GET /1 HTTP/1.0\r\nConnection: close\r\nConnection: keep-alive\r\n\r\nGET /2 HTTP/1.0\r\n\r\n",
+    ),
+    (
+        "HTTP/1.0 keep-alive and close in one field",
+        "GET /1 HTTP/1.0\r\nConnection: keep-alive, close\r\n\r\nGET /2 HTTP/1.0\r\n\r\n",
+    ),
+    (
         "connection close ends the pipeline",
         "GET /1 HTTP/1.1\r\nConnection: close\r\n\r\nGET /2 HTTP/1.1\r\n\r\n",
     ),
@@ -429,6 +461,21 @@ const STRICTER: &[(&str, &str, &str)] = &[
         "chunk extension with an unterminated quoted string",
         "POST /s HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;a=\"b\r\nhello\r\n0\r\n\r\n",
         "as above",
+    ),
+    (
+        "trailer section ended by a bare LF",
+        "POST /s HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-Sum: 1\r\n\n\
+         GET /next HTTP/1.1\r\n\r\n",
+        "lines end in CRLF (RFC 9112 §2.2): httparse alone ends the section at the \
+         bare LF and sees GET /next as a request, hyper reads on to the next CRLF \
+         CRLF and takes it as trailer lines; refusing leaves no such request",
+    ),
+    (
+        "an empty list element before chunked",
+        "POST /s HTTP/1.1\r\nTransfer-Encoding: , chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n",
+        "RFC 9110 §5.6.1 lets a recipient skip empty list elements, as hyper does \
+         here; we refuse them in Transfer-Encoding, where hyper itself reads \
+         `chunked,` or an empty last field as not chunked",
     ),
     (
         "CONNECT",
@@ -504,4 +551,144 @@ async fn where_the_loop_differs_from_hyper_it_is_stricter() {
             ours.first_status
         );
     }
+}
+
+/// A valid request (HTTP/1.1 or 1.0; no body, a body of known length or
+/// a chunked one with extensions and trailers), maybe followed by a
+/// pipelined second request.
+fn valid_request() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+    use proptest::prelude::*;
+    (
+        proptest::sample::select(vec!["GET", "POST", "PUT"]),
+        "/[a-z0-9]{0,8}",
+        any::<bool>(),
+        0u8..3,
+        "[a-z]{0,24}",
+        proptest::collection::vec(
+            (
+                "[a-z]{1,12}",
+                proptest::sample::select(super::tests::CHUNK_EXTENSIONS),
+            ),
+            0..3,
+        ),
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(method, target, http10, framing, body, chunks, trailer, pipelined)| {
+                let version = if http10 && framing != 2 { "1.0" } else { "1.1" };
+                let mut wire = format!("{method} {target} HTTP/{version}\r\nHost: a\r\n");
+                if http10 && pipelined {
+                    wire.push_str("Connection: keep-alive\r\n");
+                }
+                match framing {
+                    1 => wire.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len())),
+                    2 => {
+                        wire.push_str("Transfer-Encoding: chunked\r\n\r\n");
+                        for (data, ext) in &chunks {
+                            wire.push_str(&format!("{:x}{ext}\r\n{data}\r\n", data.len()));
+                        }
+                        wire.push_str("0\r\n");
+                        if trailer {
+                            wire.push_str("X-Sum: 1\r\n");
+                        }
+                        wire.push_str("\r\n");
+                    }
+                    _ => wire.push_str("\r\n"),
+                }
+                if pipelined {
+                    wire.push_str(&format!("GET /next HTTP/{version}\r\nHost: a\r\n\r\n"));
+                }
+                wire.into_bytes()
+            },
+        )
+}
+
+/// Whether our reading `ours` of some bytes is hyper's reading `theirs`,
+/// or a prefix of it that may end in a body we refused and hyper read.
+fn never_looser(ours: &[Seen], theirs: &[Seen]) -> Result<(), String> {
+    if ours.len() > theirs.len() {
+        return Err("we handed on more requests than hyper".to_owned());
+    }
+    for (i, (a, b)) in ours.iter().zip(theirs).enumerate() {
+        let stricter_body = match (a, b) {
+            (
+                Seen::BodyFailed { method, target },
+                Seen::Whole {
+                    method: m,
+                    target: t,
+                    ..
+                },
+            ) => method == m && target == t && i + 1 == ours.len(),
+            _ => false,
+        };
+        if a != b && !stricter_body {
+            return Err(format!("request {i} differs"));
+        }
+    }
+    Ok(())
+}
+
+const CASES: usize = 1000;
+
+/// Edited requests: we never read one differently from hyper, only stop
+/// earlier. The counts prove the edits reach both verdicts.
+#[test]
+fn edited_requests_are_never_read_more_loosely_than_hyper_reads_them() {
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+    let _limit = crate::test_support::limit();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (handed_on, refused, stricter) = (
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+    );
+    let strategy = (
+        valid_request(),
+        proptest::collection::vec(super::tests::edit(), 0..4),
+    );
+    let mut runner = proptest::test_runner::TestRunner::new(
+        proptest::test_runner::Config::with_cases(CASES as u32),
+    );
+    runner
+        .run(&strategy, |(valid, edits)| {
+            let wire = super::tests::apply(&valid, &edits);
+            let (ours, theirs) = rt.block_on(async {
+                let ours = run_ours(&wire).await;
+                (ours, run_hyper(&wire).await)
+            });
+            if let Err(why) = never_looser(&ours.seen, &theirs.seen) {
+                return Err(proptest::test_runner::TestCaseError::fail(format!(
+                    "{why} for {:?}: ours {:?} ({}), hyper {:?} ({})",
+                    String::from_utf8_lossy(&wire),
+                    ours.seen,
+                    ours.first_status,
+                    theirs.seen,
+                    theirs.first_status
+                )));
+            }
+            let counter = if ours.seen != theirs.seen {
+                &stricter
+            } else if ours.seen.iter().any(|s| matches!(s, Seen::Whole { .. })) {
+                &handed_on
+            } else {
+                &refused
+            };
+            counter.fetch_add(1, Relaxed);
+            Ok(())
+        })
+        .unwrap();
+    let counts = [
+        ("handed on alike", handed_on.into_inner()),
+        ("refused alike", refused.into_inner()),
+        ("stopped earlier than hyper", stricter.into_inner()),
+    ];
+    eprintln!("{counts:?} of {CASES} edited requests");
+    assert!(
+        counts[0].1 >= CASES / 5 && counts[1].1 >= CASES / 10,
+        "the edits do not reach both verdicts: {counts:?}"
+    );
 }
