@@ -20,10 +20,11 @@
 //! lengths in one field, or `Transfer-Encoding` in HTTP/1.0 (400, the
 //! request-smuggling shapes), transfer codings other than chunked (501),
 //! and `CONNECT` (405; tunnels are not proxied). Chunk-size lines are read
-//! to the letter of RFC 9112 §7.1. Repeated identical `Content-Length`
-//! fields are folded into one, as hyper does. A client that opens a
-//! connection and sends no complete head within the header timeout is
-//! closed.
+//! to the letter of RFC 9112 §7.1 and trailer lines must end in CRLF.
+//! Repeated identical `Content-Length` fields are folded into one, as
+//! hyper does. A client that opens a connection and sends no complete head
+//! within the header timeout is closed. `differential_tests` holds this
+//! loop to hyper's reading of the same bytes.
 
 use std::fmt::Write as _;
 use std::future::{Future, poll_fn};

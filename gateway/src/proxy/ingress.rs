@@ -2199,6 +2199,80 @@ mod tests {
         gw.stop().await;
     }
 
+    /// Kills the child process when dropped (the test's backend).
+    struct Child(std::process::Child);
+
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// What a new user tries first: Python's `http.server` (HTTP/1.0,
+    /// `Content-Length` bodies) behind an HTTP export. The peer gets HTTP/1.1
+    /// answers on one kept connection.
+    #[tokio::test]
+    async fn python_http_server_behind_an_export_answers_in_http11() {
+        use std::io::BufRead;
+        let _limit = crate::test_support::limit();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("hello.txt"), "hello from python\n").unwrap();
+        let mut child = std::process::Command::new("python3")
+            .args([
+                "-u",
+                "-m",
+                "http.server",
+                "0",
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+            ])
+            .arg(dir.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 runs (CI installs it)");
+        let stdout = child.stdout.take().unwrap();
+        let child = Child(child);
+        // "Serving HTTP on 127.0.0.1 port 41234 (http://127.0.0.1:41234/) ..."
+        let line = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            std::io::BufReader::new(stdout)
+                .read_line(&mut line)
+                .unwrap();
+            line
+        })
+        .await
+        .unwrap();
+        let port: u16 = line
+            .split(" port ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {line:?}"));
+        let backend: SocketAddr = ([127, 0, 0, 1], port).into();
+        let gw = start(
+            vec![export("reviews", Protocol::Http, &[backend], &["mesh-b"])],
+            tuning(),
+        )
+        .await;
+        let mut tls = gw.connect_b("reviews.mesh-a.global", &[b"http/1.1"]).await;
+        for _ in 0..2 {
+            tls.write_all(b"GET /hello.txt HTTP/1.1\r\nHost: reviews.mesh-a.global\r\n\r\n")
+                .await
+                .unwrap();
+            let mut got = Vec::new();
+            read_until(&mut tls, &mut got, |s| s.ends_with("hello from python\n")).await;
+            let text = String::from_utf8_lossy(&got);
+            assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+            assert!(text.contains("content-length: 18\r\n"), "{text}");
+            assert!(!text.contains("connection: close"), "{text}");
+        }
+        gw.stop().await;
+        drop(child);
+    }
+
     #[tokio::test]
     async fn the_request_timeout_does_not_copy_the_exchange() {
         let _limit = crate::test_support::limit();
