@@ -2238,6 +2238,41 @@ mod tests {
         task.await.unwrap();
     }
 
+    /// An app connection that sends no request is closed after
+    /// `requestTimeout`, not kept for `idleTimeout`.
+    #[tokio::test]
+    async fn an_app_connection_without_a_request_is_closed_after_the_request_timeout() {
+        let _limit = crate::test_support::limit();
+        let w = world();
+        let tuning = ProxyTuning {
+            request_timeout: Duration::from_millis(300),
+            idle_timeout: Duration::from_secs(3600),
+            ..ProxyTuning::default()
+        };
+        let ctx = context(&w, tuning);
+        let catch_all = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = catch_all.local_addr().unwrap();
+        let task = tokio::spawn(run(
+            ctx.clone(),
+            Some(catch_all),
+            Arc::new(EgressStats::default()),
+        ));
+        // (A connection that opens with the h2 preface is the HTTP/2
+        // server's: its preface timeout is not this loop's.)
+        for sent in [&b""[..], b"GET / HTTP/1.1\r\n", b"PR"] {
+            let mut app = TcpStream::connect(addr).await.unwrap();
+            app.write_all(sent).await.unwrap();
+            let mut got = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), app.read_to_end(&mut got))
+                .await
+                .unwrap_or_else(|_| panic!("still open after sending {sent:?}"))
+                .unwrap();
+            assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+        }
+        ctx.shutdown.cancel();
+        task.await.unwrap();
+    }
+
     #[test]
     fn hop_by_hop_headers_and_host_are_not_forwarded() {
         let mut h = HeaderMap::new();
