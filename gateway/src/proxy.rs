@@ -58,6 +58,82 @@ pub(crate) fn has_any(headers: &http::HeaderMap, names: &[&str]) -> bool {
     headers.keys().any(|n| names.contains(&n.as_str()))
 }
 
+/// Removes every field named in [`STRIPPED_IDENTITY_HEADERS`] from a
+/// header section or a trailer section.
+pub(crate) fn strip_identity_headers(headers: &mut http::HeaderMap) {
+    if has_any(headers, STRIPPED_IDENTITY_HEADERS) {
+        for name in STRIPPED_IDENTITY_HEADERS {
+            headers.remove(*name);
+        }
+    }
+}
+
+/// A request body whose trailer section loses the identity headers
+/// ([`strip_identity_headers`]): a backend that merges trailers into the
+/// request's fields (as many frameworks do) must not find a peer's copy
+/// there. Ingress wraps every peer's body in it, HTTP/1.1 chunked and
+/// HTTP/2 alike.
+pub(crate) struct IdentityTrailersStripped<B>(pub(crate) B);
+
+impl<B> http_body::Body for IdentityTrailersStripped<B>
+where
+    B: http_body::Body + Unpin,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        std::pin::Pin::new(&mut self.0).poll_frame(cx).map(|frame| {
+            frame.map(|frame| {
+                frame.map(|frame| match frame.into_trailers() {
+                    Ok(mut trailers) => {
+                        strip_identity_headers(&mut trailers);
+                        http_body::Frame::trailers(trailers)
+                    }
+                    Err(frame) => frame,
+                })
+            })
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.0.size_hint()
+    }
+}
+
+/// Refuses (400) a request whose target authority (absolute-form target,
+/// HTTP/2 `:authority`) or `Host` carries userinfo (`user@host`). RFC 9110
+/// §4.2.4 forbids it in http(s) URIs and §7.2 leaves no room for it in
+/// Host. Authority parsing takes the host after the `@` while the field is
+/// forwarded whole, so such a request could pass a Host or SNI check under
+/// one name and reach the backend with another.
+pub(crate) fn refuse_userinfo(
+    uri: &http::Uri,
+    headers: &http::HeaderMap,
+) -> Result<(), error::ProxyError> {
+    let in_target = uri.authority().filter(|a| a.as_str().contains('@'));
+    let in_host = headers
+        .get_all(http::header::HOST)
+        .iter()
+        .find(|v| v.as_bytes().contains(&b'@'));
+    let bad = match (in_target, in_host) {
+        (Some(a), _) => format!("request target authority {:?}", a.as_str()),
+        (None, Some(h)) => format!("host {:?}", String::from_utf8_lossy(h.as_bytes())),
+        (None, None) => return Ok(()),
+    };
+    Err(error::ProxyError::downstream(
+        error::ErrorKind::Protocol,
+        format!("{bad} carries userinfo, which is not allowed"),
+    ))
+}
+
 /// What both proxies need from the running gateway.
 #[derive(Clone)]
 pub struct ProxyContext {

@@ -981,6 +981,12 @@ impl Egress {
         EgressStats::bump(&self.stats.requests);
         let started = Instant::now();
         let grpc = is_grpc(req.headers());
+        // Before routing: a Host or :authority with userinfo would be
+        // routed (or passed to the owner) under a name the owner's ingress
+        // reads differently.
+        if let Err(e) = super::refuse_userinfo(req.uri(), req.headers()) {
+            return self.failed(&e, client, None, grpc);
+        }
         let entry = match self.route(route, &req) {
             Ok(entry) => entry,
             Err(e) => return self.failed(&e, client, None, grpc),
@@ -2009,6 +2015,67 @@ mod tests {
         task.await.unwrap();
     }
 
+    /// A Host or :authority with userinfo gets 400 before routing, over
+    /// HTTP/1.1 and h2c, at a VIP and at the catch-all; nothing reaches
+    /// the owner.
+    #[tokio::test]
+    async fn userinfo_in_host_or_authority_is_refused() {
+        let _limit = crate::test_support::limit();
+        let w = world();
+        let h2 = remote(&w.ca_a, A_GATEWAY, &w.bundle_b, Serve::H2).await;
+        let ctx = context(&w, ProxyTuning::default());
+        publish(
+            &ctx,
+            &test_range(),
+            vec![service(
+                "web",
+                Protocol::Http2,
+                8080,
+                &[h2.addr],
+                &[A_GATEWAY],
+            )],
+        );
+        let catch_all = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = catch_all.local_addr().unwrap();
+        let stats = Arc::new(EgressStats::default());
+        let task = tokio::spawn(run(ctx.clone(), Some(catch_all), stats.clone()));
+        let vip = vip_of(&ctx, "web.mesh-a.global");
+        wait_bound(vip).await;
+
+        for (at, host) in [
+            (vip, "user@web.mesh-a.global:8080"),
+            (vip, "user:pw@other.example"),
+            (addr, "user@web.mesh-a.global:8080"),
+        ] {
+            let (status, body) = h1_get(at, host, "/x").await;
+            assert_eq!(status, 400, "{host}: {body}");
+            assert!(body.contains("userinfo"), "{body}");
+        }
+        // Absolute-form target, and h2c's :authority.
+        let (status, body) = h1_get(vip, "web.mesh-a.global", "http://u@web.mesh-a.global/x").await;
+        assert_eq!(status, 400, "{body}");
+        let tcp = TcpStream::connect(vip).await.unwrap();
+        let (mut tx, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .uri("http://user@web.mesh-a.global:8080/x")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let resp = tx.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 400);
+
+        // The same requests without userinfo go through.
+        let (status, body) = h1_get(vip, "web.mesh-a.global:8080", "/x").await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body, "web.mesh-a.global:8080 /x");
+        assert_eq!(snapshot(&stats).errors_downstream, 5);
+        ctx.shutdown.cancel();
+        task.await.unwrap();
+    }
+
     #[tokio::test]
     async fn slow_remote_gets_504_and_unreachable_502() {
         let _limit = crate::test_support::limit();
@@ -2174,6 +2241,41 @@ mod tests {
             "{}",
             String::from_utf8_lossy(&got)
         );
+        ctx.shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    /// An app connection that sends no request is closed after
+    /// `requestTimeout`, not kept for `idleTimeout`.
+    #[tokio::test]
+    async fn an_app_connection_without_a_request_is_closed_after_the_request_timeout() {
+        let _limit = crate::test_support::limit();
+        let w = world();
+        let tuning = ProxyTuning {
+            request_timeout: Duration::from_millis(300),
+            idle_timeout: Duration::from_secs(3600),
+            ..ProxyTuning::default()
+        };
+        let ctx = context(&w, tuning);
+        let catch_all = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = catch_all.local_addr().unwrap();
+        let task = tokio::spawn(run(
+            ctx.clone(),
+            Some(catch_all),
+            Arc::new(EgressStats::default()),
+        ));
+        // (A connection that opens with the h2 preface is the HTTP/2
+        // server's: its preface timeout is not this loop's.)
+        for sent in [&b""[..], b"GET / HTTP/1.1\r\n", b"PR"] {
+            let mut app = TcpStream::connect(addr).await.unwrap();
+            app.write_all(sent).await.unwrap();
+            let mut got = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), app.read_to_end(&mut got))
+                .await
+                .unwrap_or_else(|_| panic!("still open after sending {sent:?}"))
+                .unwrap();
+            assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+        }
         ctx.shutdown.cancel();
         task.await.unwrap();
     }

@@ -16,9 +16,15 @@
 //! pipelining, and responses framed by length, chunked, or by closing for an
 //! HTTP/1.0 client. What it refuses, with a status and `connection: close`:
 //! malformed heads (400), heads too large (431), a body with both
-//! `Content-Length` and `Transfer-Encoding` or conflicting lengths (400,
-//! the request-smuggling shapes), transfer codings other than chunked (501),
-//! and `CONNECT` (405; tunnels are not proxied).
+//! `Content-Length` and `Transfer-Encoding`, conflicting lengths, a list of
+//! lengths in one field, or `Transfer-Encoding` in HTTP/1.0 (400, the
+//! request-smuggling shapes), transfer codings other than chunked (501),
+//! and `CONNECT` (405; tunnels are not proxied). Chunk-size lines are read
+//! to the letter of RFC 9112 §7.1 and trailer lines must end in CRLF.
+//! Repeated identical `Content-Length` fields are folded into one, as
+//! hyper does. A client that opens a connection and sends no complete head
+//! within the header timeout is closed. `differential_tests` holds this
+//! loop to hyper's reading of the same bytes.
 
 use std::fmt::Write as _;
 use std::future::{Future, poll_fn};
@@ -35,6 +41,7 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::error::ErrorKind;
@@ -60,7 +67,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Timeouts of one connection.
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
-    /// From the first byte of a request head to its end.
+    /// For the first request, from the connection's start to the end of
+    /// its head; for later ones, from the first byte of a head to its end.
     pub header_timeout: Duration,
     /// Between requests on a kept-alive connection.
     pub idle_timeout: Duration,
@@ -141,7 +149,12 @@ where
     B::Error: Into<BoxError>,
 {
     let (rd, mut wr) = tcp.into_split();
-    let mut first = true;
+    // The first request head is due `header_timeout` after the connection
+    // opened, not after its first byte: a client that connects and sends
+    // nothing, or a trickle, holds a connection slot no longer than that
+    // (as hyper's header read timeout does). Later heads get the idle
+    // timeout to begin and `header_timeout` from their first byte.
+    let mut first_head_due = Some(Instant::now() + settings.header_timeout);
     let mut rd = Some(rd);
     // Bytes read past the previous request (pipelining); empty otherwise.
     let mut buf = BytesMut::new();
@@ -152,23 +165,45 @@ where
         if buf.is_empty() {
             // Idle: hold no buffer while waiting for the next request.
             buf = BytesMut::new();
-            if !next_request(reader, settings.idle_timeout, shutdown)
+            let wait = match first_head_due {
+                Some(due) => due.saturating_duration_since(Instant::now()),
+                None => settings.idle_timeout,
+            };
+            if !next_request(reader, wait, shutdown)
                 .await
                 .map_err(ConnError::Read)?
             {
+                if first_head_due.is_some() && !shutdown.is_cancelled() {
+                    return Err(ConnError::HeadTimeout(settings.header_timeout));
+                }
                 return Ok(Served::Closed);
             }
         }
-        if std::mem::take(&mut first) && opens_with_h2_preface(reader).await {
-            let Some(reader) = rd.take() else {
-                return Ok(Served::Closed);
-            };
-            return Ok(reader.reunite(wr).map_or(Served::Closed, Served::H2Preface));
+        let first = first_head_due.take();
+        let head_due = first.unwrap_or_else(|| Instant::now() + settings.header_timeout);
+        if first.is_some() {
+            match tokio::time::timeout_at(head_due, opens_with_h2_preface(reader)).await {
+                Err(_) => return Err(ConnError::HeadTimeout(settings.header_timeout)),
+                Ok(false) => {}
+                Ok(true) => {
+                    let Some(reader) = rd.take() else {
+                        return Ok(Served::Closed);
+                    };
+                    return Ok(reader.reunite(wr).map_or(Served::Closed, Served::H2Preface));
+                }
+            }
         }
         // One request and its response, boxed: an idle connection's task
         // then holds only the wait above, not the state of an exchange.
-        let keep_alive =
-            Box::pin(exchange(&mut rd, &mut wr, &mut buf, settings, &mut handler)).await?;
+        let keep_alive = Box::pin(exchange(
+            &mut rd,
+            &mut wr,
+            &mut buf,
+            head_due,
+            settings,
+            &mut handler,
+        ))
+        .await?;
         if !keep_alive || shutdown.is_cancelled() {
             let _ = wr.shutdown().await;
             return Ok(Served::Closed);
@@ -182,6 +217,7 @@ async fn exchange<F, Fut, B>(
     rd: &mut Option<OwnedReadHalf>,
     wr: &mut OwnedWriteHalf,
     buf: &mut BytesMut,
+    head_due: Instant,
     settings: Settings,
     handler: &mut F,
 ) -> Result<bool, ConnError>
@@ -194,7 +230,7 @@ where
     let Some(reader) = rd.as_mut() else {
         return Ok(false);
     };
-    let head = tokio::time::timeout(settings.header_timeout, read_head(reader, buf)).await;
+    let head = tokio::time::timeout_at(head_due, read_head(reader, buf)).await;
     let head = match head {
         Err(_) => return Err(ConnError::HeadTimeout(settings.header_timeout)),
         Ok(Err(HeadError::Io(e))) => return Err(ConnError::Read(e)),
@@ -339,12 +375,16 @@ pub(super) fn connection_has(headers: &HeaderMap, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
-/// Whether a message lets its connection carry another one: HTTP/1.0 only
-/// when it asks for keep-alive, HTTP/1.1 unless it says close.
+/// Whether a message lets its connection carry another one (RFC 9112
+/// §9.3): never when it says close, whatever else it says; otherwise
+/// HTTP/1.0 only when it asks for keep-alive, HTTP/1.1 always.
 pub(super) fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
+    if connection_has(headers, "close") {
+        return false;
+    }
     match version {
         Version::HTTP_10 => connection_has(headers, "keep-alive"),
-        _ => !connection_has(headers, "close"),
+        _ => true,
     }
 }
 
@@ -393,7 +433,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HeadError> {
         headers.append(name, value);
     }
 
-    let framing = request_framing(&headers)?;
+    let framing = request_framing(&mut headers, version)?;
     let keep_alive = keeps_alive(version, &headers);
     let expect_continue = version == Version::HTTP_11
         && headers
@@ -416,20 +456,36 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HeadError> {
     )))
 }
 
-fn request_framing(headers: &HeaderMap) -> Result<Framing, HeadError> {
+/// The framing of a request body (RFC 9112 §6.3), as hyper's server reads
+/// it where both are safe: repeated identical `Content-Length` fields are
+/// folded into one (the forwarded request carries a single field), while a
+/// list in one field (`5, 5`), differing values, both `Content-Length` and
+/// `Transfer-Encoding`, and `Transfer-Encoding` in an HTTP/1.0 request
+/// (§6.1: faulty framing) are refused.
+fn request_framing(headers: &mut HeaderMap, version: Version) -> Result<Framing, HeadError> {
     let bad = |why: &str| refused(StatusCode::BAD_REQUEST, why);
-    let mut codings = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|c| !c.is_empty())
-        .peekable();
-    if codings.peek().is_some() {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        if version == Version::HTTP_10 {
+            return Err(bad(
+                "an HTTP/1.0 request cannot carry Transfer-Encoding (faulty framing)",
+            ));
+        }
         if headers.contains_key(header::CONTENT_LENGTH) {
             return Err(bad("request has both Content-Length and Transfer-Encoding"));
         }
-        let all: Vec<&[u8]> = codings.collect();
+        let all: Vec<&[u8]> = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .collect();
+        // Empty elements (an empty field, `chunked,`) are refused, not
+        // skipped as RFC 9110 §5.6.1 lets a recipient do: hyper reads
+        // `chunked` followed by an empty field as not chunked, and two
+        // readings of one request's framing is what smuggling needs.
+        if all.iter().any(|c| c.is_empty()) {
+            return Err(bad("empty element in Transfer-Encoding"));
+        }
         return match all.as_slice() {
             [only] if only.eq_ignore_ascii_case(b"chunked") => Ok(Framing::Chunked(Chunk::Size)),
             _ => Err(refused(
@@ -439,19 +495,33 @@ fn request_framing(headers: &HeaderMap) -> Result<Framing, HeadError> {
         };
     }
     let mut length = None;
+    let mut fields = 0;
     for value in headers.get_all(header::CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|&b| b == b',') {
-            let part = part.trim_ascii();
-            let n = std::str::from_utf8(part)
-                .ok()
-                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|s| s.parse::<u64>().ok())
-                .ok_or_else(|| bad("invalid Content-Length"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(bad("conflicting Content-Length values"));
-            }
-            length = Some(n);
+        fields += 1;
+        let text = value.as_bytes().trim_ascii();
+        let n = std::str::from_utf8(text)
+            .ok()
+            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or_else(|| {
+                refused(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "invalid Content-Length {:?}",
+                        String::from_utf8_lossy(value.as_bytes())
+                    ),
+                )
+            })?;
+        if length.is_some_and(|l| l != n) {
+            return Err(bad("conflicting Content-Length values"));
         }
+        length = Some(n);
+    }
+    // One field goes on, the first as sent (hyper's choice too).
+    if fields > 1
+        && let Some(first) = headers.get(header::CONTENT_LENGTH).cloned()
+    {
+        headers.insert(header::CONTENT_LENGTH, first);
     }
     Ok(Framing::Length(length.unwrap_or(0)))
 }
@@ -693,40 +763,125 @@ where
     }
 }
 
-/// A chunk-size line (`hex[;extensions]CRLF`): the size and the line's
-/// length, or `None` if the line is not complete yet.
+/// A chunk-size line (RFC 9112 §7.1): the size and the line's length, or
+/// `None` if the line is not complete yet. Strict where parsers have
+/// disagreed (the smuggling shapes): the size starts the line, whitespace
+/// is allowed only before a `;` or around an `=` of an extension (BWS),
+/// extensions are `;name[=token or quoted-string]`, and the line ends in
+/// CRLF, never a bare LF or CR.
 fn parse_chunk_size(buf: &[u8]) -> Result<Option<(u64, usize)>, &'static str> {
     const MAX_LINE: usize = 4 * 1024;
-    let Some(end) = buf.windows(2).take(MAX_LINE).position(|w| w == b"\r\n") else {
-        return if buf.len() > MAX_LINE {
+    let Some(lf) = buf.iter().take(MAX_LINE).position(|&b| b == b'\n') else {
+        return if buf.len() >= MAX_LINE {
             Err("chunk-size line too long")
         } else {
             Ok(None)
         };
     };
-    let line = &buf[..end];
+    let line = buf[..lf]
+        .strip_suffix(b"\r")
+        .ok_or("chunk-size line not ended by CRLF")?;
     let digits = line
-        .split(|&b| b == b';')
-        .next()
-        .unwrap_or_default()
-        .trim_ascii();
-    if digits.is_empty() || digits.len() > 16 {
+        .iter()
+        .position(|b| !b.is_ascii_hexdigit())
+        .unwrap_or(line.len());
+    if digits == 0 {
         return Err("invalid chunk size");
     }
     let mut size: u64 = 0;
-    for &d in digits {
-        let v = (d as char).to_digit(16).ok_or("invalid chunk size")?;
-        size = size << 4 | u64::from(v);
+    for &d in &line[..digits] {
+        let v = u64::from((d as char).to_digit(16).ok_or("invalid chunk size")?);
+        size = size
+            .checked_mul(16)
+            .and_then(|s| s.checked_add(v))
+            .ok_or("chunk size over 64 bits")?;
     }
-    Ok(Some((size, end + 2)))
+    chunk_extensions(&line[digits..])?;
+    Ok(Some((size, lf + 1)))
+}
+
+/// Checks `*( BWS ";" BWS name [ BWS "=" BWS ( token / quoted-string ) ] )`.
+fn chunk_extensions(mut rest: &[u8]) -> Result<(), &'static str> {
+    const BAD: &str = "malformed chunk extension";
+    fn bws(s: &[u8]) -> &[u8] {
+        let n = s.iter().take_while(|&&b| b == b' ' || b == b'\t').count();
+        &s[n..]
+    }
+    fn token(s: &[u8]) -> usize {
+        s.iter().take_while(|&&b| is_tchar(b)).count()
+    }
+    while !rest.is_empty() {
+        rest = bws(rest).strip_prefix(b";").ok_or(BAD)?;
+        rest = bws(rest);
+        let name = token(rest);
+        if name == 0 {
+            return Err(BAD);
+        }
+        rest = &rest[name..];
+        if let Some(value) = bws(rest).strip_prefix(b"=") {
+            let value = bws(value);
+            let len = if value.first() == Some(&b'"') {
+                quoted_string(value).ok_or(BAD)?
+            } else {
+                token(value)
+            };
+            if len == 0 {
+                return Err(BAD);
+            }
+            rest = &value[len..];
+        }
+    }
+    Ok(())
+}
+
+/// RFC 9110 §5.6.2 `tchar`.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// The length of the quoted-string (RFC 9110 §5.6.4) that `s` starts
+/// with, or `None` if it is not one.
+fn quoted_string(s: &[u8]) -> Option<usize> {
+    let mut i = 1;
+    loop {
+        match *s.get(i)? {
+            b'"' => return Some(i + 1),
+            b'\\' => {
+                let escaped = *s.get(i + 1)?;
+                if !(escaped == b'\t' || escaped == b' ' || escaped >= 0x21 && escaped != 0x7f) {
+                    return None;
+                }
+                i += 2;
+            }
+            b'\t' | b' ' | 0x21 | 0x23..=0x5b | 0x5d..=0x7e | 0x80.. => i += 1,
+            _ => return None,
+        }
+    }
 }
 
 /// The trailer section after the last chunk, up to and including its empty
 /// line: the fields and the section's length, or `None` if incomplete.
+/// Every line ends in CRLF: httparse would also end lines (and the
+/// section) at a bare LF, where hyper reads on to the next CRLF CRLF, so
+/// the two would disagree on where the next request starts.
 fn parse_trailers(buf: &[u8]) -> Result<Option<(HeaderMap, usize)>, &'static str> {
+    let mut line = 0;
+    let len = loop {
+        let Some(lf) = buf[line..].iter().position(|&b| b == b'\n') else {
+            return Ok(None);
+        };
+        let at = line + lf;
+        if at == 0 || buf[at - 1] != b'\r' {
+            return Err("trailer line not ended by CRLF");
+        }
+        if at == line + 1 {
+            break at + 1;
+        }
+        line = at + 1;
+    };
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    match httparse::parse_headers(buf, &mut fields) {
-        Ok(httparse::Status::Complete((len, fields))) => {
+    match httparse::parse_headers(&buf[..len], &mut fields) {
+        Ok(httparse::Status::Complete((parsed, fields))) if parsed == len => {
             let mut map = HeaderMap::with_capacity(fields.len());
             for f in fields {
                 let name = HeaderName::from_bytes(f.name.as_bytes())
@@ -737,8 +892,7 @@ fn parse_trailers(buf: &[u8]) -> Result<Option<(HeaderMap, usize)>, &'static str
             }
             Ok(Some((map, len)))
         }
-        Ok(httparse::Status::Partial) => Ok(None),
-        Err(_) => Err("malformed trailer section"),
+        _ => Err("malformed trailer section"),
     }
 }
 
@@ -984,6 +1138,10 @@ async fn write_refusal(
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
+mod differential_tests;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use http_body_util::{BodyExt, Full};
@@ -1058,6 +1216,18 @@ mod tests {
         if let Some(t) = trailer {
             resp.headers_mut()
                 .insert("x-got-trailer", HeaderValue::from_str(&t).unwrap());
+        }
+        let lengths: Vec<&str> = parts
+            .headers
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        if !lengths.is_empty() {
+            resp.headers_mut().insert(
+                "x-got-content-length",
+                HeaderValue::from_str(&lengths.join("|")).unwrap(),
+            );
         }
         if parts.uri.path() == "/close-in-a-list" {
             resp.headers_mut().insert(
@@ -1292,6 +1462,166 @@ mod tests {
         assert!(out.is_empty());
     }
 
+    /// A server connection and its client, for tests that run [`serve`]
+    /// themselves.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        (server, client)
+    }
+
+    const SLOW_HEAD: Settings = Settings {
+        header_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(3600),
+    };
+
+    /// Before its first request a connection gets the header timeout, not
+    /// the (much longer) idle timeout: a client that connects and sends
+    /// nothing holds its slot for `header_timeout`.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_sends_nothing_is_closed_after_the_header_timeout() {
+        let _limit = crate::test_support::limit();
+        let (server, mut client) = pair().await;
+        let started = tokio::time::Instant::now();
+        let token = CancellationToken::new();
+        let served = serve(server, SLOW_HEAD, &token, echo).await;
+        assert!(
+            matches!(served, Err(ConnError::HeadTimeout(t)) if t == SLOW_HEAD.header_timeout),
+            "{served:?}"
+        );
+        assert_eq!(started.elapsed(), SLOW_HEAD.header_timeout);
+        let mut out = Vec::new();
+        client.read_to_end(&mut out).await.unwrap();
+        assert!(out.is_empty(), "{out:?}");
+    }
+
+    /// The first head is due `header_timeout` after the connection opened,
+    /// however late its first byte came: a client that waits, then
+    /// trickles, cannot stretch it.
+    #[tokio::test(start_paused = true)]
+    async fn the_first_head_is_due_from_the_connection_start_not_its_first_byte() {
+        let _limit = crate::test_support::limit();
+        let (server, mut client) = pair().await;
+        let started = tokio::time::Instant::now();
+        let trickle = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(8)).await;
+            client.write_all(b"GET / HT").await.unwrap();
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            // Past the deadline: the server may be gone.
+            let _ = client.write_all(b"TP/1.1\r\nHost: x\r\n\r\n").await;
+            let mut out = Vec::new();
+            let _ = client.read_to_end(&mut out).await;
+            out
+        });
+        let token = CancellationToken::new();
+        let served = serve(server, SLOW_HEAD, &token, echo).await;
+        assert!(
+            matches!(served, Err(ConnError::HeadTimeout(_))),
+            "{served:?}"
+        );
+        assert_eq!(started.elapsed(), SLOW_HEAD.header_timeout);
+        let out = trickle.await.unwrap();
+        assert!(!String::from_utf8_lossy(&out).contains("200"), "{out:?}");
+    }
+
+    /// After the first request, an idle keep-alive connection gets the idle
+    /// timeout, not the header timeout.
+    #[tokio::test(start_paused = true)]
+    async fn after_the_first_request_the_idle_timeout_applies() {
+        let _limit = crate::test_support::limit();
+        let (server, mut client) = pair().await;
+        client
+            .write_all(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let token = CancellationToken::new();
+        let started = tokio::time::Instant::now();
+        let served = serve(server, SLOW_HEAD, &token, echo).await;
+        assert!(matches!(served, Ok(Served::Closed)), "{served:?}");
+        assert_eq!(started.elapsed(), SLOW_HEAD.idle_timeout);
+        let mut out = Vec::new();
+        client.read_to_end(&mut out).await.unwrap();
+        assert!(
+            String::from_utf8_lossy(&out).ends_with("GET /1 "),
+            "{out:?}"
+        );
+    }
+
+    /// RFC 9112 §6.3 / RFC 9110 §8.6, as hyper's server: repeated
+    /// identical `Content-Length` fields reach the handler (what egress
+    /// forwards) as one field; a list in one field and differing values
+    /// are refused.
+    #[tokio::test]
+    async fn repeated_content_lengths_are_folded_and_lists_refused() {
+        let _limit = crate::test_support::limit();
+        let addr = server(settings()).await;
+        let got = exchange(
+            addr,
+            b"POST /cl HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello\
+              GET /next HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+        assert!(got.contains("x-got-content-length: 5\r\n"), "{got}");
+        assert!(got.contains("POST /cl hello"), "{got}");
+        assert!(got.ends_with("GET /next "), "{got}");
+        for raw in [
+            &b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 5\r\n\r\nhello"[..],
+            &b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5,5\r\n\r\nhello"[..],
+            &b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5, 5\r\n\r\nhello"[..],
+            &b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello"[..],
+        ] {
+            let got = exchange(addr, raw).await;
+            assert!(
+                got.starts_with("HTTP/1.1 400 "),
+                "{:?}: {got}",
+                String::from_utf8_lossy(raw)
+            );
+            assert!(got.contains("connection: close\r\n"), "{got}");
+            assert!(!got.contains("hello"), "{got}");
+        }
+    }
+
+    /// RFC 9112 §6.1: `Transfer-Encoding` in HTTP/1.0 is faulty framing;
+    /// refused (as hyper does) and the connection is not reused.
+    #[tokio::test]
+    async fn http10_with_transfer_encoding_is_refused_and_closed() {
+        let _limit = crate::test_support::limit();
+        let addr = server(settings()).await;
+        let got = exchange(
+            addr,
+            b"POST /a HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n\
+              5\r\nhello\r\n0\r\n\r\n\
+              GET /never HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        )
+        .await;
+        assert!(got.starts_with("HTTP/1.1 400 "), "{got}");
+        assert!(got.contains("HTTP/1.0"), "the reason names it: {got}");
+        assert!(got.contains("connection: close\r\n"), "{got}");
+        assert!(!got.contains("/never"), "{got}");
+        assert_eq!(got.matches("HTTP/1.1 ").count(), 1, "{got}");
+    }
+
+    /// Chunk-size lines with whitespace around the size, or ending in a
+    /// bare LF, fail the request; the connection is not read further.
+    #[tokio::test]
+    async fn loose_chunk_size_lines_fail_the_request() {
+        let _limit = crate::test_support::limit();
+        let addr = server(settings()).await;
+        for line in ["5 \r\n", " 5\r\n", "5;ext\n", "5\n", "5\t\r\n"] {
+            let raw = format!(
+                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n{line}hello\r\n0\r\n\r\n\
+                 GET /never HTTP/1.1\r\n\r\n"
+            );
+            let got = exchange(addr, raw.as_bytes()).await;
+            assert!(got.starts_with("HTTP/1.1 400 "), "{line:?}: {got}");
+            assert!(got.contains("malformed chunked request body"), "{got}");
+            assert!(!got.contains("hello"), "{line:?}: {got}");
+            assert!(!got.contains("/never"), "{line:?}: {got}");
+        }
+    }
+
     #[tokio::test]
     async fn an_h2c_preface_is_handed_back_unread() {
         let _limit = crate::test_support::limit();
@@ -1315,7 +1645,7 @@ mod tests {
 
     /// One edit of a byte string; indexes are taken modulo its length.
     #[derive(Debug, Clone)]
-    enum Edit {
+    pub(super) enum Edit {
         Flip(proptest::sample::Index, u8),
         Insert(proptest::sample::Index, u8),
         Delete(proptest::sample::Index),
@@ -1326,7 +1656,7 @@ mod tests {
 
     /// Chunk extensions (RFC 9112 7.1.1), with and without values, quoted
     /// strings and whitespace before the semicolon.
-    const CHUNK_EXTENSIONS: &[&str] = &[
+    pub(super) const CHUNK_EXTENSIONS: &[&str] = &[
         "",
         ";a",
         ";name=value",
@@ -1364,7 +1694,7 @@ mod tests {
         ]
     }
 
-    fn edit() -> impl proptest::strategy::Strategy<Value = Edit> {
+    pub(super) fn edit() -> impl proptest::strategy::Strategy<Value = Edit> {
         use proptest::prelude::*;
         prop_oneof![
             (any::<proptest::sample::Index>(), 0u8..8).prop_map(|(i, bit)| Edit::Flip(i, 1 << bit)),
@@ -1380,7 +1710,7 @@ mod tests {
     }
 
     /// Applies `edits` to `bytes` (an edit of an empty string inserts or does nothing).
-    fn apply(bytes: &[u8], edits: &[Edit]) -> Vec<u8> {
+    pub(super) fn apply(bytes: &[u8], edits: &[Edit]) -> Vec<u8> {
         let mut out = bytes.to_vec();
         for e in edits {
             let len = out.len();
@@ -1657,10 +1987,183 @@ mod tests {
         assert_eq!(parse_chunk_size(b"1a\r\n").unwrap(), Some((26, 4)));
         assert_eq!(parse_chunk_size(b"0;x=y\r\n").unwrap(), Some((0, 7)));
         assert_eq!(parse_chunk_size(b"1a").unwrap(), None);
+        assert_eq!(parse_chunk_size(b"1a\r").unwrap(), None);
+        assert_eq!(parse_chunk_size(b"1a;x=\"y").unwrap(), None);
         assert!(parse_chunk_size(b"g\r\n").is_err());
         assert!(
             parse_chunk_size(b"11111111111111111\r\n").is_err(),
             "over 64 bits"
         );
+        // Leading zeros do not count against the 64 bits (as in hyper).
+        assert_eq!(
+            parse_chunk_size(b"000000000000000000000005\r\n").unwrap(),
+            Some((5, 26))
+        );
+        assert!(parse_chunk_size(&[b'0'; 5000]).is_err(), "line too long");
+    }
+
+    /// RFC 9112 §7.1: `chunk-size [ chunk-ext ] CRLF`, `chunk-ext =
+    /// *( BWS ";" BWS name [ BWS "=" BWS value ] )`.
+    #[test]
+    fn chunk_size_lines_are_read_to_the_letter() {
+        for ok in [
+            "5\r\n",
+            "5;a\r\n",
+            "5 ;a\r\n",
+            "5\t; a\r\n",
+            "5;a=b\r\n",
+            "5;a = b\r\n",
+            "5;a=b;c;d=e\r\n",
+            "5;a=\"x y;z\"\r\n",
+            "5;a=\"q\\\"\\\\\"\r\n",
+            "5;a=\"\"\r\n",
+            "5;!#$%&'*+-.^_`|~09aZ=!#$%&'*+-.^_`|~\r\n",
+        ] {
+            assert_eq!(
+                parse_chunk_size(ok.as_bytes()),
+                Ok(Some((5, ok.len()))),
+                "{ok:?}"
+            );
+        }
+        for bad in [
+            "5 \r\n",
+            " 5\r\n",
+            "\t5\r\n",
+            "5\t\r\n",
+            "5;ext\n",
+            "5\n",
+            "5\r\r\n",
+            "5\rx\r\n",
+            "5;a\rb\r\n",
+            "5;\r\n",
+            "5;a=\r\n",
+            "5;=b\r\n",
+            "5;a \r\n",
+            "5;a=b \r\n",
+            "5;a b\r\n",
+            "5;a=b c\r\n",
+            "5 5\r\n",
+            "5a;\"q\"\r\n",
+            "5;a=\"x\r\n",
+            "5;a=\"x\"y\r\n",
+            "5;a=\"\x7f\"\r\n",
+            "5;a=\"\\\x01\"\r\n",
+            "5;a\x00\r\n",
+            "+5\r\n",
+            "0x5\r\n",
+            "\r\n",
+        ] {
+            assert!(
+                parse_chunk_size(bad.as_bytes()).is_err(),
+                "{bad:?} accepted: {:?}",
+                parse_chunk_size(bad.as_bytes())
+            );
+        }
+    }
+
+    /// RFC 9112 §9.3: `close` ends the connection whatever else the
+    /// Connection fields say, in HTTP/1.0 too (as hyper reads them).
+    #[test]
+    fn close_wins_over_keep_alive() {
+        let fields = |lines: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for l in lines {
+                h.append(header::CONNECTION, HeaderValue::from_static(l));
+            }
+            h
+        };
+        for v in [Version::HTTP_10, Version::HTTP_11] {
+            assert!(!keeps_alive(v, &fields(&["close", "keep-alive"])));
+            assert!(!keeps_alive(v, &fields(&["keep-alive, close"])));
+            assert!(keeps_alive(v, &fields(&["keep-alive"])));
+        }
+        assert!(!keeps_alive(Version::HTTP_10, &fields(&[])));
+        assert!(keeps_alive(Version::HTTP_11, &fields(&[])));
+    }
+
+    #[test]
+    fn trailer_sections_end_in_crlf_only() {
+        let (map, len) = parse_trailers(b"X-A: 1\r\nX-B: 2\r\n\r\nGET")
+            .unwrap()
+            .unwrap();
+        assert_eq!((map.len(), len), (2, 18));
+        assert_eq!(parse_trailers(b"\r\nGET").unwrap().unwrap().1, 2);
+        assert!(parse_trailers(b"X-A: 1\r\n").unwrap().is_none());
+        assert!(parse_trailers(b"X-A: 1\r\n\r").unwrap().is_none());
+        for bad in [
+            &b"X-A: 1\r\n\nGET / HTTP/1.1\r\n\r\n"[..],
+            b"X-A: 1\nX-B: 2\r\n\r\n",
+            b"\n",
+            b"X-A: 1\r\n \r\n\r\n",
+            b"X-A 1\r\n\r\n",
+        ] {
+            assert!(
+                parse_trailers(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    /// The framing rules on heads alone (the server tests above show them on
+    /// the wire).
+    #[test]
+    fn framing_of_request_heads() {
+        let framing = |raw: &str| parse_head(raw.as_bytes()).map(|h| h.map(|(h, _)| h));
+        let head = framing("POST / HTTP/1.1\r\nContent-Length: 07\r\ncontent-length: 7\r\n\r\n")
+            .ok()
+            .flatten()
+            .unwrap();
+        assert_eq!(head.framing, Framing::Length(7));
+        let lengths: Vec<_> = head
+            .headers
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .collect();
+        assert_eq!(lengths, ["07"]);
+        // A single field is passed on as it came.
+        let head = framing("POST / HTTP/1.1\r\nContent-Length: 007\r\n\r\n")
+            .ok()
+            .flatten()
+            .unwrap();
+        assert_eq!(head.headers[header::CONTENT_LENGTH], "007");
+        for (raw, status) in [
+            ("POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n", 400),
+            (
+                "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+                400,
+            ),
+            ("POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n", 400),
+            ("POST / HTTP/1.1\r\nContent-Length:\r\n\r\n", 400),
+            ("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+            (
+                "POST / HTTP/1.0\r\nTransfer-Encoding: identity\r\n\r\n",
+                400,
+            ),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding:\r\n\r\n", 400),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding: ,\r\n\r\n", 400),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked,\r\n\r\n",
+                400,
+            ),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: , chunked\r\n\r\n",
+                400,
+            ),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding:\r\n\r\n",
+                400,
+            ),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: identity\r\n\r\n",
+                501,
+            ),
+        ] {
+            match framing(raw) {
+                Err(HeadError::Refused(s, why)) => assert_eq!(s.as_u16(), status, "{raw:?}: {why}"),
+                Ok(h) => panic!("{raw:?} accepted: {:?}", h.map(|h| h.framing)),
+                Err(_) => panic!("{raw:?}: not refused"),
+            }
+        }
     }
 }

@@ -16,8 +16,11 @@
 //! knowledge (h2c) to HTTP2 and gRPC backends by hyper's client. Requests
 //! whose Host / `:authority` names another service than the SNI get 421,
 //! so a peer can never use an export it may reach to address one it may
-//! not. Identity headers a peer sends are stripped and
-//! replaced by [`PEER_IDENTITY_HEADER`] carrying the verified SPIFFE ID.
+//! not; a Host / `:authority` with userinfo (`user@host`) gets 400.
+//! Identity headers a peer sends, in the header section or in trailers,
+//! are stripped and replaced by [`PEER_IDENTITY_HEADER`] carrying the
+//! verified SPIFFE ID. Responses go out in HTTP/1.1 (or HTTP/2), whatever
+//! version the backend answered in.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -53,7 +56,10 @@ use super::h2body::RecvBody;
 use super::h2server;
 use super::splice::splice;
 use super::tls::{self, TlsStream};
-use super::{PEER_IDENTITY_HEADER, ProxyContext, STRIPPED_IDENTITY_HEADERS, has_any};
+use super::{
+    IdentityTrailersStripped, PEER_IDENTITY_HEADER, ProxyContext, has_any, refuse_userinfo,
+    strip_identity_headers,
+};
 use crate::catalog::ExportCatalog;
 use crate::catalog::exports::ExportedService;
 use crate::config::{HostPort, ProxyTuning};
@@ -584,7 +590,7 @@ type ProxyBody = Either<Either<ResponseBody, Incoming>, Full<Bytes>>;
 /// A request body from a peer: hyper's (HTTP/1.1 peers) or an HTTP/2
 /// stream's.
 type PeerBody = Either<Incoming, RecvBody>;
-type HttpClient = Client<BackendConnector, PeerBody>;
+type HttpClient = Client<BackendConnector, IdentityTrailersStripped<PeerBody>>;
 
 /// The client of an HTTP export: our own HTTP/1.1 client (the request's
 /// task does the exchange), or hyper's for h2c backends.
@@ -731,7 +737,10 @@ async fn serve_http(tls: PeerStream, conn: Arc<HttpConn>, inner: &Inner) {
     // Without ALPN h2: HTTP/1.1, or HTTP/2 with prior knowledge.
     let io = TokioIo::new(io);
     let h2 = Arc::clone(&conn);
+    let requested = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let requested_in = Arc::clone(&requested);
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        requested_in.store(true, Ordering::Relaxed);
         let conn = Arc::clone(&h2);
         async move { Ok::<_, Infallible>(proxy_request(req.map(Either::Left), &conn).await) }
     });
@@ -746,6 +755,13 @@ async fn serve_http(tls: PeerStream, conn: Arc<HttpConn>, inner: &Inner) {
         .max_concurrent_streams(tuning.http2_max_concurrent_streams);
     let mut connection = pin!(builder.serve_connection(io, service));
     let mut idle_check = pin!(activity.idle(idle));
+    // hyper's header read timeout starts only once the protocol is known
+    // (the first bytes read), so the first request is also due here:
+    // `requestTimeout` from the connection's start, as on egress. Otherwise
+    // a peer that sends nothing, or a prefix of the h2 preface byte by
+    // byte, holds a connection for the idle timeout and more.
+    let mut first_request = pin!(tokio::time::sleep(tuning.request_timeout));
+    let mut awaiting_first = true;
     let mut draining = false;
     loop {
         tokio::select! {
@@ -754,6 +770,17 @@ async fn serve_http(tls: PeerStream, conn: Arc<HttpConn>, inner: &Inner) {
                     tracing::debug!(error = %e, "ingress http connection ended with an error");
                 }
                 return;
+            }
+            _ = first_request.as_mut(), if awaiting_first && !draining => {
+                awaiting_first = false;
+                if !requested.load(Ordering::Relaxed) {
+                    tracing::debug!(
+                        "no request within {:?} of the ingress http connection's start; closing",
+                        tuning.request_timeout
+                    );
+                    draining = true;
+                    connection.as_mut().graceful_shutdown();
+                }
             }
             _ = inner.ctx.shutdown.cancelled(), if !draining => {
                 draining = true;
@@ -796,10 +823,15 @@ async fn forward(
     conn: &HttpConn,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let (mut parts, body) = req.into_parts();
+    // Trailers are fields too: a peer's identity headers go from them as
+    // from the header section.
+    let body = IdentityTrailersStripped(body);
 
     // The request must address the service the SNI routed (and authorized)
     // the connection to. Both the URI authority (HTTP/2 :authority, HTTP/1
-    // absolute-form) and the Host header count when present.
+    // absolute-form) and the Host header count when present; neither may
+    // carry userinfo, which the host comparison would look past.
+    refuse_userinfo(&parts.uri, &parts.headers)?;
     let uri_authority = parts.uri.authority().cloned();
     if let Some(a) = &uri_authority {
         check_authority(a.host(), &conn.sni)?;
@@ -827,11 +859,7 @@ async fn forward(
     }
 
     strip_hop_by_hop(&mut parts.headers);
-    if has_any(&parts.headers, STRIPPED_IDENTITY_HEADERS) {
-        for name in STRIPPED_IDENTITY_HEADERS {
-            parts.headers.remove(*name);
-        }
-    }
+    strip_identity_headers(&mut parts.headers);
     parts
         .headers
         .insert(PEER_IDENTITY_HEADER, conn.peer_header.clone());
@@ -850,6 +878,12 @@ async fn forward(
             let response = within(conn.request_timeout, client.send(request)).await?;
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
+            // An intermediary answers in its own version (RFC 9110 §6.2),
+            // whatever the backend's: hyper then frames the body for the
+            // peer's version (chunked when an HTTP/1.0 backend's body is
+            // delimited by its close) and keeps the peer's connection
+            // open. It still answers an HTTP/1.0 peer in HTTP/1.0.
+            parts.version = Version::HTTP_11;
             return Ok(Response::from_parts(
                 parts,
                 Either::Left(Either::Left(body)),
@@ -1957,6 +1991,348 @@ mod tests {
         tls.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"now");
         gw.stop().await;
+    }
+
+    /// Reads from `tls` into `buf` until `done(buf)` holds, the peer
+    /// closes, or 10 s pass (a failure naming what was read).
+    async fn read_until<S: tokio::io::AsyncRead + Unpin>(
+        tls: &mut S,
+        buf: &mut Vec<u8>,
+        done: impl Fn(&str) -> bool,
+    ) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !done(&String::from_utf8_lossy(buf)) {
+            let mut chunk = [0u8; 4096];
+            match tokio::time::timeout_at(deadline, tls.read(&mut chunk)).await {
+                Err(_) => panic!("timed out; got {:?}", String::from_utf8_lossy(buf)),
+                Ok(Ok(0) | Err(_)) => return,
+                Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// Before hyper knows the protocol it has no header timer: the first
+    /// request is due `requestTimeout` after the connection opened, far
+    /// sooner than the idle timeout, whether the peer sends nothing or
+    /// the start of an h2 preface.
+    #[tokio::test]
+    async fn a_peer_that_sends_no_request_is_closed_after_the_request_timeout() {
+        let _limit = crate::test_support::limit();
+        let (backend, _) = http1_backend().await;
+        let gw = start(
+            vec![export("reviews", Protocol::Http, &[backend], &["mesh-b"])],
+            ProxyTuning {
+                request_timeout: Duration::from_secs(1),
+                idle_timeout: Duration::from_secs(3600),
+                ..tuning()
+            },
+        )
+        .await;
+        for (alpn, sent) in [
+            (&[&b"http/1.1"[..]][..], &b""[..]),
+            (&[][..], &b""[..]),
+            (&[&b"http/1.1"[..]][..], &b"PRI * HTTP/2.0\r\n"[..]),
+        ] {
+            let mut tls = gw.connect_b("reviews.mesh-a.global", alpn).await;
+            tls.write_all(sent).await.unwrap();
+            tls.flush().await.unwrap();
+            let mut buf = [0u8; 64];
+            let read = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("still open after sending {sent:?}"));
+            assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        }
+        // A request in time is served.
+        let mut sender = h1_client(&gw, "reviews.mesh-a.global").await;
+        let req = Request::get("/").header(HOST, "reviews.mesh-a.global");
+        let resp = sender.send_request(req.body(Empty::new()).unwrap()).await;
+        assert_eq!(resp.unwrap().status(), StatusCode::OK);
+        gw.stop().await;
+    }
+
+    /// Userinfo in Host, in an absolute-form target or in `:authority`:
+    /// 400, nothing forwarded (the SNI check alone would look past it).
+    #[tokio::test]
+    async fn userinfo_in_host_or_authority_is_refused() {
+        let _limit = crate::test_support::limit();
+        let (backend, count) = http1_backend().await;
+        let gw = start(
+            vec![export("reviews", Protocol::Http, &[backend], &["mesh-b"])],
+            tuning(),
+        )
+        .await;
+        let mut sender = h1_client(&gw, "reviews.mesh-a.global").await;
+        for (uri, host) in [
+            ("/", "user@reviews.mesh-a.global"),
+            ("/", "user:pw@reviews.mesh-a.global:15443"),
+            (
+                "http://user@reviews.mesh-a.global/",
+                "reviews.mesh-a.global",
+            ),
+        ] {
+            let req = Request::get(uri).header(HOST, host).body(Empty::new());
+            let resp = sender.send_request(req.unwrap()).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{uri} {host}");
+            assert!(body_text(resp).await.contains("userinfo"));
+        }
+        let tls = gw.connect_b("reviews.mesh-a.global", &[b"h2"]).await;
+        let (mut h2, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = Request::get("https://user@reviews.mesh-a.global/r").body(Empty::<Bytes>::new());
+        let resp = h2.send_request(req.unwrap()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(count.load(Ordering::SeqCst), 0);
+        // Without userinfo, the same requests go through.
+        let req = Request::get("https://reviews.mesh-a.global/r").body(Empty::<Bytes>::new());
+        let resp = h2.send_request(req.unwrap()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let req = Request::get("/").header(HOST, "reviews.mesh-a.global");
+        let resp = sender.send_request(req.body(Empty::new()).unwrap()).await;
+        assert_eq!(resp.unwrap().status(), StatusCode::OK);
+        assert_eq!(count.load(Ordering::SeqCst), 2);
+        gw.stop().await;
+    }
+
+    /// An HTTP/1.1 backend answering with the request body and the trailers
+    /// it received, one `name=value` line each.
+    async fn trailer_backend() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        let collected = req.into_body().collect().await.unwrap();
+                        let mut text = String::new();
+                        for (name, value) in collected.trailers().into_iter().flatten() {
+                            text.push_str(&format!("{name}={}\n", value.to_str().unwrap()));
+                        }
+                        let body = collected.to_bytes();
+                        text.push_str(&format!("body={}", String::from_utf8_lossy(&body)));
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text))))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// Identity headers are stripped from trailers as from the header
+    /// section, for HTTP/1.1 (chunked) and HTTP/2 peers; other trailers
+    /// pass.
+    #[tokio::test]
+    async fn identity_headers_in_trailers_do_not_reach_the_backend() {
+        let _limit = crate::test_support::limit();
+        let backend = trailer_backend().await;
+        let gw = start(
+            vec![export("reviews", Protocol::Http, &[backend], &["mesh-b"])],
+            tuning(),
+        )
+        .await;
+        let mut tls = gw.connect_b("reviews.mesh-a.global", &[b"http/1.1"]).await;
+        tls.write_all(
+            format!(
+                "POST /t HTTP/1.1\r\nHost: reviews.mesh-a.global\r\n\
+                 Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+                 5\r\nhello\r\n0\r\n{PEER_IDENTITY_HEADER}: {FORGED}\r\n\
+                 X-Forwarded-Client-Cert: By=forged\r\nx-kept: yes\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut got = Vec::new();
+        read_until(&mut tls, &mut got, |_| false).await;
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+        assert!(got.contains("x-kept=yes\n"), "{got}");
+        assert!(got.contains("body=hello"), "{got}");
+        assert!(!got.contains("forged"), "{got}");
+        assert!(!got.contains(PEER_IDENTITY_HEADER), "{got}");
+
+        let tls = gw.connect_b("reviews.mesh-a.global", &[b"h2"]).await;
+        let (mut h2, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let mut trailers = HeaderMap::new();
+        trailers.insert(PEER_IDENTITY_HEADER, HeaderValue::from_static(FORGED));
+        trailers.insert("l5d-client-id", HeaderValue::from_static("forged"));
+        trailers.insert("x-kept", HeaderValue::from_static("yes"));
+        let frames = vec![
+            Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"hello"))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let req = Request::post("https://reviews.mesh-a.global/t")
+            .body(StreamBody::new(futures_util::stream::iter(frames)))
+            .unwrap();
+        let resp = h2.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let text = body_text(resp).await;
+        assert_eq!(text, "x-kept=yes\nbody=hello");
+        gw.stop().await;
+    }
+
+    /// An HTTP/1.0 backend (answers in HTTP/1.0 and closes; `/len` with a
+    /// Content-Length, anything else delimited by the close), as Python's
+    /// `http.server` does.
+    async fn http10_backend() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    read_until(&mut s, &mut head, |h| h.contains("\r\n\r\n")).await;
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    let path = head.split(' ').nth(1).unwrap_or("").to_owned();
+                    let body = format!("from 1.0 {path}");
+                    let length = if path == "/len" {
+                        format!("Content-Length: {}\r\n", body.len())
+                    } else {
+                        String::new()
+                    };
+                    let resp =
+                        format!("HTTP/1.0 200 OK\r\nServer: SimpleHTTP/0.6\r\n{length}\r\n{body}");
+                    let _ = s.write_all(resp.as_bytes()).await;
+                    let _ = s.shutdown().await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// RFC 9110 §6.2: the ingress answers an HTTP/1.1 peer in HTTP/1.1
+    /// whatever the backend's version, and the peer's connection stays
+    /// open: a body the backend delimited by closing goes out chunked.
+    #[tokio::test]
+    async fn an_http10_backend_is_answered_in_http11_on_a_kept_connection() {
+        let _limit = crate::test_support::limit();
+        let backend = http10_backend().await;
+        let gw = start(
+            vec![export("reviews", Protocol::Http, &[backend], &["mesh-b"])],
+            tuning(),
+        )
+        .await;
+        let mut tls = gw.connect_b("reviews.mesh-a.global", &[b"http/1.1"]).await;
+        // Close-delimited from the backend, then with a length, on one
+        // connection.
+        tls.write_all(b"GET /close HTTP/1.1\r\nHost: reviews.mesh-a.global\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        read_until(&mut tls, &mut got, |s| s.ends_with("\r\n0\r\n\r\n")).await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.contains("transfer-encoding: chunked\r\n"), "{text}");
+        assert!(text.contains("from 1.0 /close"), "{text}");
+        assert!(!text.contains("connection: close"), "{text}");
+
+        tls.write_all(b"GET /len HTTP/1.1\r\nHost: reviews.mesh-a.global\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        read_until(&mut tls, &mut got, |s| s.ends_with("from 1.0 /len")).await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.contains("content-length: 13\r\n"), "{text}");
+        assert!(text.ends_with("\r\n\r\nfrom 1.0 /len"), "{text}");
+        assert!(!text.contains("connection: close"), "{text}");
+
+        // An HTTP/1.0 peer gets HTTP/1.0 (hyper's choice), body to the close.
+        let mut tls = gw.connect_b("reviews.mesh-a.global", &[b"http/1.1"]).await;
+        tls.write_all(b"GET /close HTTP/1.0\r\nHost: reviews.mesh-a.global\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        read_until(&mut tls, &mut got, |_| false).await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.0 200 OK\r\n"), "{text}");
+        assert!(text.ends_with("\r\n\r\nfrom 1.0 /close"), "{text}");
+        gw.stop().await;
+    }
+
+    /// Kills the child process when dropped (the test's backend).
+    struct Child(std::process::Child);
+
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// What a new user tries first: Python's `http.server` (HTTP/1.0,
+    /// `Content-Length` bodies) behind an HTTP export. The peer gets HTTP/1.1
+    /// answers on one kept connection.
+    #[tokio::test]
+    async fn python_http_server_behind_an_export_answers_in_http11() {
+        use std::io::BufRead;
+        let _limit = crate::test_support::limit();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("hello.txt"), "hello from python\n").unwrap();
+        let mut child = std::process::Command::new("python3")
+            .args([
+                "-u",
+                "-m",
+                "http.server",
+                "0",
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+            ])
+            .arg(dir.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 runs (CI installs it)");
+        let stdout = child.stdout.take().unwrap();
+        let child = Child(child);
+        // "Serving HTTP on 127.0.0.1 port 41234 (http://127.0.0.1:41234/) ..."
+        let line = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            std::io::BufReader::new(stdout)
+                .read_line(&mut line)
+                .unwrap();
+            line
+        })
+        .await
+        .unwrap();
+        let port: u16 = line
+            .split(" port ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {line:?}"));
+        let backend: SocketAddr = ([127, 0, 0, 1], port).into();
+        let gw = start(
+            vec![export("reviews", Protocol::Http, &[backend], &["mesh-b"])],
+            tuning(),
+        )
+        .await;
+        let mut tls = gw.connect_b("reviews.mesh-a.global", &[b"http/1.1"]).await;
+        for _ in 0..2 {
+            tls.write_all(b"GET /hello.txt HTTP/1.1\r\nHost: reviews.mesh-a.global\r\n\r\n")
+                .await
+                .unwrap();
+            let mut got = Vec::new();
+            read_until(&mut tls, &mut got, |s| s.ends_with("hello from python\n")).await;
+            let text = String::from_utf8_lossy(&got);
+            assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+            assert!(text.contains("content-length: 18\r\n"), "{text}");
+            assert!(!text.contains("connection: close"), "{text}");
+        }
+        gw.stop().await;
+        drop(child);
     }
 
     #[tokio::test]
