@@ -1005,34 +1005,34 @@ async fn tokio_rustls_and_our_layer_both_ways_in_every_suite() {
     }
 }
 
-/// Differential test against rustls's record protection: our record layer
-/// as a server, and as its client a rustls unbuffered handshake whose
-/// secrets are then taken out (`dangerous_into_kernel_connection`), with
-/// rustls's own record protection (`Tls13AeadAlgorithm::encrypter` and
+/// Differential test against rustls's record protection. One side is our
+/// record layer (server or client, at random); the other a rustls
+/// unbuffered handshake whose secrets are then taken out
+/// (`dangerous_into_kernel_connection`), sealing with rustls's own record
+/// protection (`Tls13AeadAlgorithm::encrypter` and
 /// `Tls12AeadAlgorithm::encrypter`, what rustls's connections seal with)
-/// and rustls's key schedule for updates
+/// and following key updates with rustls's key schedule
 /// (`KernelConnection::update_{tx,rx}_secret`). All six suites.
 ///
 /// A random schedule of writes both ways (sizes up to 100 KiB), key
-/// updates the client asks for and key updates our server makes every few
+/// updates rustls's side asks for and key updates our side makes every few
 /// records (`set_tx_limit`; both TLS 1.3 only) and a close from either side
-/// runs in lock step. Every record the client sends is sealed by rustls and
-/// must be opened by our layer to exactly the bytes written. Every byte our
-/// server puts on the wire must equal what rustls's sealer produces for the
-/// same plaintext under the same keys and sequence numbers, with the same
-/// record boundaries (writes split at 16 KiB, as rustls does): header,
-/// inner content type and no padding (TLS 1.3), explicit nonce (TLS 1.2
-/// AES-GCM), additional data, tag, and the KeyUpdate and close_notify
-/// records. That is stronger than rustls being able to open them: a TLS 1.2
-/// explicit nonce counted differently from rustls's interoperates, and
-/// fails here. Not covered: our layer's client side (the same sealing and
-/// opening code as the server's), and hostile input (tlsfuzzer and the
-/// fuzz targets).
+/// runs in lock step. Every record rustls seals must be opened by our layer
+/// to exactly the bytes written. Every byte our layer puts on the wire must
+/// equal what rustls's sealer produces for the same plaintext under the
+/// same keys and sequence numbers, with the same record boundaries (writes
+/// split at 16 KiB, as rustls does): header, inner content type and no
+/// padding (TLS 1.3), explicit nonce (TLS 1.2 AES-GCM), additional data,
+/// tag, and the KeyUpdate and close_notify records. That is stronger than
+/// rustls being able to open them: a TLS 1.2 explicit nonce counted
+/// differently from rustls's interoperates, and fails here. Not covered:
+/// hostile input (tlsfuzzer and the fuzz targets).
 mod differential {
     use proptest::prelude::*;
     use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
     use rustls::crypto::cipher::{MessageEncrypter, OutboundChunks, OutboundPlainMessage};
     use rustls::kernel::KernelConnection;
+    use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
     use rustls::unbuffered::{ConnectionState, UnbufferedStatus};
     use rustls::{ConnectionTrafficSecrets, ContentType, ProtocolVersion};
     use tokio::sync::{mpsc, oneshot};
@@ -1041,14 +1041,14 @@ mod differential {
 
     #[derive(Debug, Clone)]
     enum Op {
-        /// The client writes this many bytes (one write, split into
-        /// records of at most 16 KiB) and our server reads them.
-        ClientWrite(usize),
-        /// Our server writes this many bytes and the client reads them.
-        ServerWrite(usize),
-        /// The client asks for new keys both ways, then writes a little so
-        /// our server reads the request (and answers it).
-        ClientKeyUpdate(usize),
+        /// rustls's side writes this many bytes (one write, split into
+        /// records of at most 16 KiB) and our side reads them.
+        PeerWrite(usize),
+        /// Our side writes this many bytes and rustls's side reads them.
+        OurWrite(usize),
+        /// rustls's side asks for new keys both ways, then writes a little
+        /// so our side reads the request (and answers it).
+        PeerKeyUpdate(usize),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -1059,18 +1059,18 @@ mod differential {
             Just(16 * 1024 + 1)
         ];
         prop_oneof![
-            3 => size.clone().prop_map(Op::ClientWrite),
-            3 => size.prop_map(Op::ServerWrite),
-            1 => (1..64usize).prop_map(Op::ClientKeyUpdate),
+            3 => size.clone().prop_map(Op::PeerWrite),
+            3 => size.prop_map(Op::OurWrite),
+            1 => (1..64usize).prop_map(Op::PeerKeyUpdate),
         ]
     }
 
-    /// What our server is told to do, one step at a time.
+    /// What our side is told to do, one step at a time.
     enum Step {
         Read(usize, oneshot::Sender<Vec<u8>>),
         Write(Vec<u8>, oneshot::Sender<()>),
         Close(oneshot::Sender<()>),
-        /// Read to the end (the client's close_notify), then close.
+        /// Read to the end (the peer's close_notify), then close.
         ReadToEnd(oneshot::Sender<Vec<u8>>),
     }
 
@@ -1157,14 +1157,9 @@ mod differential {
         }
 
         /// `data` as rustls frames one write: records of at most 16 KiB.
-        fn seal_write(
-            &mut self,
-            data: &[u8],
-            mut before_each: impl FnMut(&mut Self, &mut Vec<u8>),
-        ) -> Vec<u8> {
+        fn seal_write(&mut self, data: &[u8]) -> Vec<u8> {
             let mut out = Vec::new();
             for chunk in data.chunks(16 * 1024) {
-                before_each(self, &mut out);
                 out.extend(self.seal(ContentType::ApplicationData, chunk));
             }
             out
@@ -1175,65 +1170,115 @@ mod differential {
     const KEY_UPDATE_NOT_REQUESTED: [u8; 5] = [24, 0, 0, 1, 0];
     const CLOSE_NOTIFY: [u8; 2] = [1, 0];
 
-    /// The rustls client's half: its handshake, then its keys.
-    struct Client {
+    /// rustls's half: its handshake, then its keys.
+    struct Peer {
         io: TcpStream,
-        kernel: KernelConnection<ClientConnectionData>,
-        /// rustls sealing what the client sends.
+        kernel: Kernel,
+        /// rustls sealing what it sends.
         tx: Sealer,
-        /// rustls sealing what our server should send: the prediction.
+        /// rustls sealing what our side should send: the prediction.
         rx: Sealer,
-        /// Bytes from our server not yet compared.
+        /// Bytes from our side not yet compared.
         wire: Vec<u8>,
     }
 
-    async fn handshake(
-        config: Arc<rustls::ClientConfig>,
-        mut io: TcpStream,
-        suite: SupportedCipherSuite,
-    ) -> Client {
-        let mut conn = UnbufferedClientConnection::new(config, localhost()).unwrap();
-        let mut inbuf: Vec<u8> = Vec::new();
-        loop {
-            let UnbufferedStatus { discard, state } = conn.process_tls_records(&mut inbuf);
-            let (mut read, mut done) = (false, false);
-            match state.unwrap() {
-                ConnectionState::EncodeTlsData(mut enc) => {
-                    let mut out = vec![0; 64 * 1024];
-                    let n = enc.encode(&mut out).unwrap();
-                    io.write_all(&out[..n]).await.unwrap();
-                }
-                ConnectionState::TransmitTlsData(transmit) => transmit.done(),
-                ConnectionState::BlockedHandshake => read = true,
-                ConnectionState::WriteTraffic(_) => done = true,
-                other => panic!("unexpected state in the handshake: {other:?}"),
-            }
-            inbuf.drain(..discard);
-            if done {
-                break;
-            }
-            if read {
-                let mut buf = vec![0; 32 * 1024];
-                let n = io.read(&mut buf).await.unwrap();
-                assert!(n > 0, "the server closed during the handshake");
-                inbuf.extend_from_slice(&buf[..n]);
+    enum Kernel {
+        Client(KernelConnection<ClientConnectionData>),
+        Server(KernelConnection<ServerConnectionData>),
+    }
+
+    impl Kernel {
+        fn update_tx(&mut self) -> (u64, ConnectionTrafficSecrets) {
+            match self {
+                Kernel::Client(k) => k.update_tx_secret().unwrap(),
+                Kernel::Server(k) => k.update_tx_secret().unwrap(),
             }
         }
-        // The server sends no tickets: nothing of its follows the handshake
-        // until our layer writes.
-        assert!(inbuf.is_empty(), "bytes after the server's Finished");
-        let (secrets, kernel) = conn.dangerous_into_kernel_connection().unwrap();
-        Client {
-            io,
-            kernel,
-            tx: Sealer::new(suite, secrets.tx),
-            rx: Sealer::new(suite, secrets.rx),
-            wire: Vec::new(),
+
+        fn update_rx(&mut self) -> (u64, ConnectionTrafficSecrets) {
+            match self {
+                Kernel::Client(k) => k.update_rx_secret().unwrap(),
+                Kernel::Server(k) => k.update_rx_secret().unwrap(),
+            }
         }
     }
 
-    impl Client {
-        /// Reads from our server until `expected.len()` bytes, and checks
+    /// Runs a rustls unbuffered handshake over `io` until it may send
+    /// application data; returns what it read past the handshake.
+    macro_rules! drive {
+        ($conn:expr, $io:expr) => {{
+            let mut inbuf: Vec<u8> = Vec::new();
+            loop {
+                let UnbufferedStatus { discard, state } = $conn.process_tls_records(&mut inbuf);
+                let (mut read, mut done) = (false, false);
+                match state.unwrap() {
+                    ConnectionState::EncodeTlsData(mut enc) => {
+                        let mut out = vec![0; 64 * 1024];
+                        let n = enc.encode(&mut out).unwrap();
+                        $io.write_all(&out[..n]).await.unwrap();
+                    }
+                    ConnectionState::TransmitTlsData(transmit) => transmit.done(),
+                    ConnectionState::BlockedHandshake => read = true,
+                    ConnectionState::WriteTraffic(_) => done = true,
+                    other => panic!("unexpected state in the handshake: {other:?}"),
+                }
+                inbuf.drain(..discard);
+                if done {
+                    break;
+                }
+                if read {
+                    let mut buf = vec![0; 32 * 1024];
+                    let n = $io.read(&mut buf).await.unwrap();
+                    assert!(n > 0, "our side closed during the handshake");
+                    inbuf.extend_from_slice(&buf[..n]);
+                }
+            }
+            inbuf
+        }};
+    }
+
+    async fn rustls_client(
+        config: rustls::ClientConfig,
+        mut io: TcpStream,
+        suite: SupportedCipherSuite,
+    ) -> Peer {
+        let mut conn = UnbufferedClientConnection::new(Arc::new(config), localhost()).unwrap();
+        let rest = drive!(conn, io);
+        // Our server sends no tickets: nothing follows the handshake until
+        // it writes.
+        assert!(rest.is_empty(), "bytes after the server's Finished");
+        let (secrets, kernel) = conn.dangerous_into_kernel_connection().unwrap();
+        Peer::new(io, Kernel::Client(kernel), secrets, suite)
+    }
+
+    async fn rustls_server(
+        config: rustls::ServerConfig,
+        mut io: TcpStream,
+        suite: SupportedCipherSuite,
+    ) -> Peer {
+        let mut conn = UnbufferedServerConnection::new(Arc::new(config)).unwrap();
+        let rest = drive!(conn, io);
+        assert!(rest.is_empty(), "bytes after the client's Finished");
+        let (secrets, kernel) = conn.dangerous_into_kernel_connection().unwrap();
+        Peer::new(io, Kernel::Server(kernel), secrets, suite)
+    }
+
+    impl Peer {
+        fn new(
+            io: TcpStream,
+            kernel: Kernel,
+            secrets: rustls::ExtractedSecrets,
+            suite: SupportedCipherSuite,
+        ) -> Peer {
+            Peer {
+                io,
+                kernel,
+                tx: Sealer::new(suite, secrets.tx),
+                rx: Sealer::new(suite, secrets.rx),
+                wire: Vec::new(),
+            }
+        }
+        /// Reads from our side until `expected.len()` bytes, and checks
         /// they are exactly `expected`.
         async fn expect(&mut self, expected: &[u8], what: &str) {
             while self.wire.len() < expected.len() {
@@ -1241,13 +1286,13 @@ mod differential {
                 let read = tokio::time::timeout(Duration::from_secs(5), self.io.read(&mut buf));
                 let Ok(n) = read.await else {
                     panic!(
-                        "{what}: our server sent {} of the {} bytes rustls would have",
+                        "{what}: our side sent {} of the {} bytes rustls would have",
                         self.wire.len(),
                         expected.len()
                     );
                 };
                 let n = n.unwrap();
-                assert!(n > 0, "{what}: our server closed the socket early");
+                assert!(n > 0, "{what}: our side closed the socket early");
                 self.wire.extend_from_slice(&buf[..n]);
             }
             let got: Vec<u8> = self.wire.drain(..expected.len()).collect();
@@ -1268,15 +1313,15 @@ mod differential {
 
         fn update_tx(&mut self) {
             let suite = self.tx.suite;
-            self.tx = Sealer::new(suite, self.kernel.update_tx_secret().unwrap());
+            self.tx = Sealer::new(suite, self.kernel.update_tx());
         }
 
         fn update_rx(&mut self) {
             let suite = self.rx.suite;
-            self.rx = Sealer::new(suite, self.kernel.update_rx_secret().unwrap());
+            self.rx = Sealer::new(suite, self.kernel.update_rx());
         }
 
-        /// Our server's records for `data` written at once, with the key
+        /// Our side's records for `data` written at once, with the key
         /// update it makes when its key has sealed `limit` records.
         fn predict_write(&mut self, data: &[u8], limit: u64) -> Vec<u8> {
             let mut out = Vec::new();
@@ -1300,60 +1345,74 @@ mod differential {
             .collect()
     }
 
+    /// Runs `ops` between our record layer (the server if `ours_serves`)
+    /// and rustls's, then a close (ours first if `we_close_first`).
     async fn run(
         suite: SupportedCipherSuite,
+        ours_serves: bool,
         mut ops: Vec<Op>,
         mut limit: u64,
-        server_closes_first: bool,
+        we_close_first: bool,
     ) {
         if let SupportedCipherSuite::Tls12(_) = suite {
             // TLS 1.2 has no key updates; a connection ends at its limit.
             limit = 1 << 23;
             for op in &mut ops {
-                if let Op::ClientKeyUpdate(n) = *op {
-                    *op = Op::ClientWrite(n);
+                if let Op::PeerKeyUpdate(n) = *op {
+                    *op = Op::PeerWrite(n);
                 }
             }
         }
         let pki = pki();
-        let mut server_config = pki.server_with(Some(suite), None);
-        server_config.send_tls13_tickets = 0;
-        let config = server_config_of(server_config);
-        let mut client_config = pki.client_with(Some(suite), None);
-        client_config.enable_secret_extraction = true;
+        // No tickets: the prediction starts right after the handshake.
+        let mut server = pki.server_with(Some(suite), None);
+        server.send_tls13_tickets = 0;
+        let mut client = pki.client_with(Some(suite), None);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (steps, rx) = mpsc::channel(1);
-        let server = tokio::spawn(async move {
+        let (ours, mut peer) = if ours_serves {
+            let ours = tokio::spawn(async move {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let (mut tls, _) = accept(server_config(server), tcp).await.unwrap();
+                tls.set_tx_limit(limit);
+                serve(tls, rx).await;
+            });
+            client.enable_secret_extraction = true;
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            (ours, rustls_client(client, tcp, suite).await)
+        } else {
+            let ours = tokio::spawn(async move {
+                let tcp = TcpStream::connect(addr).await.unwrap();
+                let mut tls = connect(client_config(client), localhost(), tcp)
+                    .await
+                    .unwrap();
+                tls.set_tx_limit(limit);
+                serve(tls, rx).await;
+            });
+            server.enable_secret_extraction = true;
             let (tcp, _) = listener.accept().await.unwrap();
-            let (mut tls, _) = accept(config, tcp).await.unwrap();
-            tls.set_tx_limit(limit);
-            serve(tls, rx).await;
-        });
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let mut client = handshake(Arc::new(client_config), tcp, suite).await;
+            (ours, rustls_server(server, tcp, suite).await)
+        };
         let call = async |step: Step| {
             steps
                 .send(step)
                 .await
-                .unwrap_or_else(|_| panic!("the server task ended"))
+                .unwrap_or_else(|_| panic!("our side's task ended"))
         };
         for (i, op) in ops.iter().enumerate() {
             let what = format!("op {i} {op:?}");
             match *op {
-                Op::ClientWrite(n) | Op::ClientKeyUpdate(n) => {
+                Op::PeerWrite(n) | Op::PeerKeyUpdate(n) => {
                     let mut sent = Vec::new();
-                    if matches!(op, Op::ClientKeyUpdate(_)) {
-                        sent.extend(
-                            client
-                                .tx
-                                .seal(ContentType::Handshake, &KEY_UPDATE_REQUESTED),
-                        );
-                        client.update_tx();
+                    let update = matches!(op, Op::PeerKeyUpdate(_));
+                    if update {
+                        sent.extend(peer.tx.seal(ContentType::Handshake, &KEY_UPDATE_REQUESTED));
+                        peer.update_tx();
                     }
                     let data = bytes(n, i);
-                    sent.extend(client.tx.seal_write(&data, |_, _| {}));
-                    client.io.write_all(&sent).await.unwrap();
+                    sent.extend(peer.tx.seal_write(&data));
+                    peer.io.write_all(&sent).await.unwrap();
                     let (done, got) = oneshot::channel();
                     call(Step::Read(n, done)).await;
                     let got = got.await.unwrap();
@@ -1361,57 +1420,53 @@ mod differential {
                         got == data,
                         "{what}: our layer opened rustls's records to other bytes"
                     );
-                    if matches!(op, Op::ClientKeyUpdate(_)) {
-                        // The answer, under the server's old key.
-                        let answer = client
+                    if update {
+                        // The answer, under our side's old key.
+                        let answer = peer
                             .rx
                             .seal(ContentType::Handshake, &KEY_UPDATE_NOT_REQUESTED);
-                        client.update_rx();
-                        client.expect(&answer, &what).await;
+                        peer.update_rx();
+                        peer.expect(&answer, &what).await;
                     }
                 }
-                Op::ServerWrite(n) => {
+                Op::OurWrite(n) => {
                     let data = bytes(n, i);
-                    let expected = client.predict_write(&data, limit);
+                    let expected = peer.predict_write(&data, limit);
                     let (done, written) = oneshot::channel();
                     call(Step::Write(data, done)).await;
-                    client.expect(&expected, &what).await;
+                    peer.expect(&expected, &what).await;
                     written.await.unwrap();
                 }
             }
         }
-        let close = client.rx.seal(ContentType::Alert, &CLOSE_NOTIFY);
-        let client_close = client.tx.seal(ContentType::Alert, &CLOSE_NOTIFY);
-        if server_closes_first {
+        let our_close = peer.rx.seal(ContentType::Alert, &CLOSE_NOTIFY);
+        let peer_close = peer.tx.seal(ContentType::Alert, &CLOSE_NOTIFY);
+        if we_close_first {
             let (done, closed) = oneshot::channel();
             call(Step::Close(done)).await;
-            client.expect(&close, "our server's close_notify").await;
+            peer.expect(&our_close, "our close_notify").await;
             closed.await.unwrap();
-            client.io.write_all(&client_close).await.unwrap();
+            peer.io.write_all(&peer_close).await.unwrap();
         } else {
-            client.io.write_all(&client_close).await.unwrap();
+            peer.io.write_all(&peer_close).await.unwrap();
             let (done, rest) = oneshot::channel();
             call(Step::ReadToEnd(done)).await;
             assert!(rest.await.unwrap().is_empty());
-            client.expect(&close, "our server's close_notify").await;
+            peer.expect(&our_close, "our close_notify").await;
         }
         drop(steps);
-        server.await.unwrap();
+        ours.await.unwrap();
         // Nothing more on the wire.
         let mut tail = Vec::new();
-        client.io.read_to_end(&mut tail).await.unwrap();
+        peer.io.read_to_end(&mut tail).await.unwrap();
         assert!(
-            client.wire.is_empty() && tail.is_empty(),
-            "our server sent more than rustls would"
+            peer.wire.is_empty() && tail.is_empty(),
+            "our side sent more than rustls would"
         );
     }
 
-    fn server_config_of(config: rustls::ServerConfig) -> Arc<rustls::ServerConfig> {
-        server_config(config)
-    }
-
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 32, max_shrink_iters: 64, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: 48, max_shrink_iters: 64, ..ProptestConfig::default() })]
 
         #[test]
         fn our_records_are_rustls_records_byte_for_byte(
@@ -1424,8 +1479,9 @@ mod differential {
                 Just(cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256),
             ],
             ops in proptest::collection::vec(op(), 1..24),
+            ours_serves in any::<bool>(),
             limit in prop_oneof![1..8u64, Just(1u64 << 23)],
-            server_closes_first in any::<bool>(),
+            we_close_first in any::<bool>(),
         ) {
             let _limit = limit_guard();
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -1433,7 +1489,7 @@ mod differential {
                 .enable_all()
                 .build()
                 .unwrap();
-            runtime.block_on(run(suite, ops, limit, server_closes_first));
+            runtime.block_on(run(suite, ours_serves, ops, limit, we_close_first));
         }
     }
 
