@@ -435,39 +435,45 @@ fn s_client(pki: &Pki, addr: SocketAddr, extra: &[&str]) -> Peer {
 /// `openssl s_server` with our certificate and `extra` flags, listening.
 async fn s_server(pki: &Pki, extra: &[&str]) -> (Peer, SocketAddr) {
     // In -brief mode s_server does not print where it listens: learn a
-    // free port by binding it, and hand it over.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let accept = format!("127.0.0.1:{port}");
-    let mut args = vec![
-        "s_server",
-        "-accept",
-        &accept,
-        "-cert",
-        pki.cert.to_str().unwrap(),
-        "-key",
-        pki.key.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let mut peer = Peer::spawn("openssl", &args);
-    // Not by connecting: that would use up one of its -naccept.
-    wait_until(&format!("`{}` to listen", peer.what), WAIT, || {
-        let listening = listening(port);
-        let exited = peer.child.try_wait().unwrap();
-        let stderr = peer.err();
-        async move {
-            match (listening, exited) {
-                (true, _) => Ok(()),
-                (false, Some(status)) => Err(format!("it exited ({status}): {stderr}")),
-                (false, None) => Err("not listening yet".to_owned()),
+    // free port by binding it, and hand it over. Another test may take the
+    // port in between: then s_server exits, and we try another.
+    for _ in 0..3 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let accept = format!("127.0.0.1:{port}");
+        let mut args = vec![
+            "s_server",
+            "-accept",
+            &accept,
+            "-cert",
+            pki.cert.to_str().unwrap(),
+            "-key",
+            pki.key.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let mut peer = Peer::spawn("openssl", &args);
+        // Not by connecting: that would use up one of its -naccept.
+        let started = wait_until(&format!("`{}` to listen", peer.what), WAIT, || {
+            let exited = peer.child.try_wait().unwrap();
+            let listening = listening(port);
+            async move {
+                match (exited, listening) {
+                    (Some(_), _) => Ok(false),
+                    (None, true) => Ok(true),
+                    (None, false) => Err("not listening yet".to_owned()),
+                }
             }
+        })
+        .await;
+        if started {
+            return (peer, SocketAddr::from(([127, 0, 0, 1], port)));
         }
-    })
-    .await;
-    (peer, SocketAddr::from(([127, 0, 0, 1], port)))
+        eprintln!("`{}` exited at start: {}", peer.what, peer.err());
+    }
+    panic!("openssl s_server did not start three times; see above");
 }
 
 /// Whether a socket listens on 127.0.0.1:`port` (Linux's /proc/net/tcp:
