@@ -1629,6 +1629,9 @@ impl AsyncWrite for TlsStream {
 }
 
 #[cfg(test)]
+mod interop_tests;
+
+#[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
