@@ -528,15 +528,14 @@ fn parent_dir(file: &Path) -> PathBuf {
 /// reloading after each burst of changes.
 pub async fn watch(credentials: Arc<Credentials>, shutdown: CancellationToken) {
     let mut trigger = Trigger::new(credentials.directories(), "certificate", is_change);
-    // The first pass catches a rotation between the start-up read and the
-    // watch (unchanged files are not a rotation); then one per wake-up.
-    loop {
+    // A first pass catches a rotation between the start-up read and the
+    // watch (unchanged files are not a rotation). Inline: a few small files
+    // once at start-up, and no blocking thread for a gateway that has none.
+    credentials.reload();
+    while trigger.next(&shutdown).await.is_some() {
         let creds = Arc::clone(&credentials);
         // File reads and certificate parsing: off the async workers.
         let _ = tokio::task::spawn_blocking(move || creds.reload()).await;
-        if trigger.next(&shutdown).await.is_none() {
-            return;
-        }
     }
 }
 
