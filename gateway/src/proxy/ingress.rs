@@ -57,8 +57,8 @@ use super::h2server;
 use super::splice::splice;
 use super::tls::{self, TlsStream};
 use super::{
-    IdentityTrailersStripped, PEER_IDENTITY_HEADER, ProxyContext, has_any, refuse_userinfo,
-    strip_identity_headers,
+    IdentityTrailersStripped, PEER_IDENTITY_HEADER, ProxyContext, STRIPPED_IDENTITY_HEADERS,
+    has_any, refuse_userinfo, strip_identity_headers,
 };
 use crate::catalog::ExportCatalog;
 use crate::catalog::exports::ExportedService;
