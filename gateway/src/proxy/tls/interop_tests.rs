@@ -1472,7 +1472,7 @@ mod differential {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 48, max_shrink_iters: 64, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: 48, max_shrink_iters: 8, max_shrink_time: 30_000, ..ProptestConfig::default() })]
 
         #[test]
         fn our_records_are_rustls_records_byte_for_byte(
