@@ -523,6 +523,8 @@ async fn drive<C, D>(
     let mut peer_closed = false;
     // The front of `inbuf` offered to rustls: whole records only.
     let mut fed = 0;
+    // Nothing sent yet: the peer reads plaintext records.
+    let mut sent = false;
     loop {
         if !handshaking(conn) {
             fed = 0;
@@ -548,6 +550,18 @@ async fn drive<C, D>(
                         out.truncate(flight);
                     }
                 }
+                // rustls's deframer refuses a record between the fragments
+                // of a handshake message without queueing an alert. Before
+                // anything was sent (a split ClientHello) the peer expects
+                // a plaintext alert, which needs no key: send it ourselves.
+                if out.is_empty()
+                    && !sent
+                    && e == rustls::Error::PeerMisbehaved(
+                        rustls::PeerMisbehaved::MessageInterleavedWithHandshakeMessage,
+                    )
+                {
+                    out.extend_from_slice(&[ALERT, 3, 3, 0, 2, FATAL, UNEXPECTED_MESSAGE]);
+                }
                 if !out.is_empty() {
                     let _ = io.write_all(&out).await;
                 }
@@ -556,6 +570,7 @@ async fn drive<C, D>(
             Ok(ConnectionState::EncodeTlsData(mut enc)) => encode(&mut out, |b| enc.encode(b))?,
             Ok(ConnectionState::TransmitTlsData(transmit)) => {
                 io.write_all(&out).await?;
+                sent |= !out.is_empty();
                 out.clear();
                 transmit.done();
             }
@@ -2437,6 +2452,49 @@ mod tests {
             rest = &rest[5 + usize::from(u16::from_be_bytes([rest[3], rest[4]]))..];
         }
         assert_eq!(last, 0x17, "an encrypted alert ends the flight: {out:?}");
+    }
+
+    /// tlsfuzzer's "zero-length app data interleaved in handshake": a
+    /// ClientHello split over two records with an empty application data
+    /// record between them. rustls refuses it without queueing an alert;
+    /// the client must still get a plaintext fatal unexpected_message
+    /// (RFC 8446 §5.1), not a bare close.
+    #[tokio::test]
+    async fn a_record_inside_a_split_client_hello_gets_an_unexpected_message_alert() {
+        let _limit = crate::test_support::limit();
+        let pki = pki();
+        let mut client =
+            rustls::ClientConnection::new(client_config(pki.client()), name()).unwrap();
+        let mut hello = Vec::new();
+        while client.wants_write() {
+            client.write_tls(&mut hello).unwrap();
+        }
+        let message = &hello[5..];
+        let mut bytes = vec![0x16, 3, 1, 0, 10];
+        bytes.extend_from_slice(&message[..10]);
+        bytes.extend_from_slice(&[0x17, 3, 3, 0, 0]);
+        let (mut c, s) = pair().await;
+        c.write_all(&bytes).await.unwrap();
+        let accepted = tokio::time::timeout(
+            Duration::from_secs(10),
+            accept(server_config(pki.server()), s),
+        )
+        .await
+        .expect("accept ends within 10s");
+        let Err(err) = accepted else {
+            panic!("a handshake completed on half a ClientHello");
+        };
+        assert!(
+            err.to_string()
+                .contains("MessageInterleavedWithHandshakeMessage"),
+            "{err}"
+        );
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut out))
+            .await
+            .expect("the server closes")
+            .unwrap();
+        assert_eq!(out, [0x15, 3, 3, 0, 2, 2, 10], "a fatal unexpected_message");
     }
 
     /// Waits (on the wall clock: that is the condition) until `cert` has expired.
