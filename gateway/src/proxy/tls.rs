@@ -604,6 +604,21 @@ async fn drive<C, D>(
         // next record, reading until it is whole.
         if read {
             fed = loop {
+                // RFC 8446 §5.1: a plaintext record carries at most 2^14
+                // bytes (rustls takes up to the TLS 1.2 ciphertext limit).
+                // Before anything was sent the peer's records are plaintext
+                // but for early data, and so is the alert.
+                if let Some(&[typ, _, _, hi, lo]) = inbuf.get(fed..fed + HEADER) {
+                    let len = usize::from(u16::from_be_bytes([hi, lo]));
+                    if !sent && typ != APPLICATION_DATA && len > MAX_PLAINTEXT {
+                        let _ = io
+                            .write_all(&[ALERT, 3, 3, 0, 2, FATAL, RECORD_OVERFLOW])
+                            .await;
+                        return Err(protocol(&format!(
+                            "a plaintext record of {len} bytes, over {MAX_PLAINTEXT}"
+                        )));
+                    }
+                }
                 if let Some(end) = record_end(&inbuf, fed) {
                     break end;
                 }
@@ -2495,6 +2510,60 @@ mod tests {
             .expect("the server closes")
             .unwrap();
         assert_eq!(out, [0x15, 3, 3, 0, 2, 2, 10], "a fatal unexpected_message");
+    }
+
+    /// tlsfuzzer's "too big ClientHello msg": a ClientHello padded to 2^14
+    /// + 1 bytes in one record. rustls takes plaintext records up to the
+    /// TLS 1.2 ciphertext limit and answered it with a ServerHello; RFC 8446
+    /// §5.1 asks for record_overflow.
+    #[tokio::test]
+    async fn a_client_hello_record_over_2_14_bytes_gets_record_overflow() {
+        let _limit = crate::test_support::limit();
+        let pki = pki();
+        let mut client =
+            rustls::ClientConnection::new(client_config(pki.client()), name()).unwrap();
+        let mut hello = Vec::new();
+        while client.wants_write() {
+            client.write_tls(&mut hello).unwrap();
+        }
+        // The body: version, random, session id, suites, compression, then
+        // the extensions' length; a padding extension (21) goes first.
+        let mut body = hello[9..].to_vec();
+        let mut at = 2 + 32;
+        at += 1 + usize::from(body[at]);
+        at += 2 + usize::from(u16::from_be_bytes([body[at], body[at + 1]]));
+        at += 1 + usize::from(body[at]);
+        let pad = MAX_PLAINTEXT + 1 - 4 - body.len() - 4;
+        let extensions = usize::from(u16::from_be_bytes([body[at], body[at + 1]])) + 4 + pad;
+        body[at..at + 2].copy_from_slice(&(extensions as u16).to_be_bytes());
+        let mut padding = vec![0, 21];
+        padding.extend_from_slice(&(pad as u16).to_be_bytes());
+        padding.resize(4 + pad, 0);
+        body.splice(at + 2..at + 2, padding);
+        let mut bytes = vec![0x16, 3, 1];
+        bytes.extend_from_slice(&(4 + body.len() as u16).to_be_bytes());
+        bytes.extend_from_slice(&[1, 0]);
+        bytes.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        bytes.extend_from_slice(&body);
+        assert_eq!(bytes.len(), HEADER + MAX_PLAINTEXT + 1);
+        let (mut c, s) = pair().await;
+        c.write_all(&bytes).await.unwrap();
+        let accepted = tokio::time::timeout(
+            Duration::from_secs(10),
+            accept(server_config(pki.server()), s),
+        )
+        .await
+        .expect("accept ends within 10s");
+        let Err(err) = accepted else {
+            panic!("a handshake completed without a client Finished");
+        };
+        assert!(err.to_string().contains("16385 bytes"), "{err}");
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut out))
+            .await
+            .expect("the server closes")
+            .unwrap();
+        assert_eq!(out, [0x15, 3, 3, 0, 2, 2, 22], "a fatal record_overflow");
     }
 
     /// Waits (on the wall clock: that is the condition) until `cert` has expired.
