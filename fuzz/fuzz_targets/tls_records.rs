@@ -345,19 +345,24 @@ fuzz_target!(|input: &[u8]| {
                     let content = input.take(len);
                     let corrupt = op == 2;
                     sealer.seal(ty, content, pad, corrupt, &mut wire);
+                    // What the receiver sees: the last non-zero byte of the
+                    // inner plaintext is the type (a zero `ty` is padding).
+                    let mut inner = content.to_vec();
+                    inner.push(ty);
+                    let opened = inner
+                        .iter()
+                        .rposition(|&b| b != 0)
+                        .map(|at| (inner[at], &inner[..at]));
                     let valid = !corrupt
-                        && ty == APPLICATION_DATA
-                        && !content.is_empty()
-                        && content.len() + pad <= 16 * 1024;
+                        && content.len() + pad <= 16 * 1024
+                        && matches!(opened, Some((APPLICATION_DATA, c)) if !c.is_empty());
                     all_valid_data &= valid;
-                    if ty == APPLICATION_DATA && !corrupt {
-                        expected.extend_from_slice(content);
-                    }
-                    if !corrupt
-                        && ty == HANDSHAKE
-                        && matches!(content, [KEY_UPDATE, 0, 0, 1, 0 | 1])
-                    {
-                        sealer.key_update();
+                    match opened {
+                        Some((APPLICATION_DATA, c)) if !corrupt => expected.extend_from_slice(c),
+                        Some((HANDSHAKE, [KEY_UPDATE, 0, 0, 1, 0 | 1])) if !corrupt => {
+                            sealer.key_update();
+                        }
+                        _ => {}
                     }
                 }
                 1 => {
