@@ -27,6 +27,10 @@ if [ $# -gt 0 ]; then
 else
   mapfile -t targets < <(cargo fuzz list)
 fi
+if [ ${#targets[@]} -eq 0 ]; then
+  echo "ERROR: no fuzz targets (cargo fuzz list gave none)" >&2
+  exit 1
+fi
 
 start=$(date +%s)
 cargo fuzz build -O
