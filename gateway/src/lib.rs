@@ -19,3 +19,13 @@ pub mod state;
 pub(crate) mod test_support;
 
 pub use runtime::{Gateway, Listeners, StartError, StartOptions};
+
+/// Parser entry points for the cargo-fuzz targets in `fuzz/`: the same
+/// functions the data plane calls, fed from memory. Not an API; hidden
+/// from the docs and free to change with the code it wraps.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::dns::responder::fuzzing as dns;
+    pub use crate::proxy::h1::fuzzing as h1;
+    pub use crate::proxy::h1client::fuzzing as h1client;
+}

@@ -405,6 +405,9 @@ fn encode(response: &Message, transport: Transport, udp_limit: usize) -> Option<
     Some(bytes)
 }
 
+#[doc(hidden)]
+pub mod fuzzing;
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {

@@ -1136,6 +1136,9 @@ async fn write_refusal(
     wr.shutdown().await.map_err(ConnError::Write)
 }
 
+#[doc(hidden)]
+pub mod fuzzing;
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod differential_tests;
