@@ -16,7 +16,7 @@ pub mod reload;
 pub mod runtime;
 pub mod state;
 #[cfg(test)]
-pub(crate) mod test_support;
+pub(crate) use elsinore_transport::test_support;
 
 pub use runtime::{Gateway, Listeners, StartError, StartOptions};
 

@@ -31,7 +31,7 @@ pub mod pool;
 #[cfg(test)]
 mod recording;
 pub mod splice;
-pub mod tls;
+pub use elsinore_transport::tls;
 
 /// The header in which ingress hands the verified peer identity (SPIFFE ID)
 /// to the backend. Any copy a peer sends is stripped first.

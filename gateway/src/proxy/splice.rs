@@ -592,4 +592,78 @@ mod tests {
         assert_eq!(err.side, Side::Upstream, "{err}");
         assert_eq!(err.kind, ErrorKind::Io, "{err}");
     }
+
+    /// Over the record layer's direct path: a client spliced into one of
+    /// our TLS connections reaches a rustls echo server whole while our
+    /// side replaces its key several times (the direct path steps aside
+    /// while a key must be replaced).
+    #[tokio::test]
+    async fn a_spliced_client_reaches_the_peer_across_key_updates() {
+        use elsinore_certs::{Ca, Identity, SpiffeId, TrustBundle, TrustDomain};
+        let _limit = crate::test_support::limit();
+        let issue = |domain: &str| {
+            let td: TrustDomain = domain.parse().unwrap();
+            let ca = Ca::new(&td).unwrap();
+            let id: SpiffeId = format!("spiffe://{domain}/gw").parse().unwrap();
+            let issued = ca.issue(&id, &[], &[]).unwrap();
+            let identity =
+                Identity::from_pem(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes()).unwrap();
+            (
+                identity,
+                TrustBundle::from_pem(td, ca.cert_pem().as_bytes()).unwrap(),
+            )
+        };
+        let (server_id, server_bundle) = issue("a.example");
+        let (client_id, client_bundle) = issue("b.example");
+        let server_config =
+            elsinore_certs::server_config(&server_id, std::slice::from_ref(&client_bundle), &[])
+                .unwrap();
+        let client_config =
+            elsinore_certs::client_config(&client_id, &server_bundle, None, &[]).unwrap();
+        let pair = || async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let client = TcpStream::connect(listener.local_addr().unwrap());
+            let (client, accepted) = tokio::join!(client, listener.accept());
+            (client.unwrap(), accepted.unwrap().0)
+        };
+
+        // The peer: rustls, echoing until our close.
+        let (c, s) = pair().await;
+        let acceptor = tokio_rustls::TlsAcceptor::from(server_config);
+        let server = tokio::spawn(async move {
+            let tls = acceptor.accept(s).await.unwrap();
+            let (mut r, mut w) = tokio::io::split(tls);
+            let n = tokio::io::copy(&mut r, &mut w).await.unwrap();
+            w.shutdown().await.unwrap();
+            n
+        });
+        let name = rustls::pki_types::ServerName::try_from("svc.a.example").unwrap();
+        let mut tls = crate::proxy::tls::connect(
+            crate::proxy::tls::client_config((*client_config).clone()),
+            name,
+            c,
+        )
+        .await
+        .unwrap();
+        tls.set_tx_limit(2 * crate::proxy::tls::RELAY_RECORDS as u64);
+
+        let (app, src) = pair().await;
+        let splice = tokio::spawn(splice_to_tls(src, Box::new(tls), Duration::from_secs(10)));
+        // No two offsets alike, so a lost, repeated or reordered chunk shows.
+        let data: Vec<u8> = (0..5usize << 20)
+            .map(|i| (i % 251) as u8 ^ (i / 251) as u8)
+            .collect();
+        let (mut r, mut w) = tokio::io::split(app);
+        let write = async {
+            w.write_all(&data).await.unwrap();
+            w.shutdown().await.unwrap();
+        };
+        let mut got = Vec::new();
+        let (_, read) = tokio::join!(write, r.read_to_end(&mut got));
+        read.unwrap();
+        assert!(got == data, "the echo differs");
+        let (sent, received) = splice.await.unwrap().unwrap();
+        assert_eq!((sent, received), (data.len() as u64, data.len() as u64));
+        assert_eq!(server.await.unwrap(), data.len() as u64);
+    }
 }

@@ -1,11 +1,11 @@
-//! A TLS server around the gateway's own record layer (`proxy::tls`), for
+//! A TLS server around Elsinore's own record layer (`elsinore_transport::tls`), for
 //! test suites that need a server process: tlsfuzzer's scripts (see
 //! docs/transport.md) and manual checks with `openssl s_client`. Client
 //! authentication is off, since those suites present no certificate; the
 //! gateway itself always requires one.
 //!
 //! ```text
-//! cargo run -p elsinore-gateway --example tls_echo -- CERT.pem KEY.pem [ADDR] [http|echo]
+//! cargo run -p elsinore-transport --example tls_echo -- CERT.pem KEY.pem [ADDR] [http|echo]
 //! ```
 //!
 //! `http` (the default) answers the first request head (up to an empty
@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use elsinore_gateway::proxy::tls;
+use elsinore_transport::tls;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

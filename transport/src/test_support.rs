@@ -8,10 +8,10 @@ use std::time::Duration;
 
 /// The limit on one socket-level unit test. Generous: these tests take
 /// milliseconds alone, but run beside hundreds of others on two cores.
-pub(crate) const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+pub const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long [`wait_until`] waits by default.
-pub(crate) const WAIT: Duration = Duration::from_secs(15);
+pub const WAIT: Duration = Duration::from_secs(15);
 
 /// How often [`wait_until`] re-checks its condition.
 const POLL: Duration = Duration::from_millis(10);
@@ -25,7 +25,7 @@ const POLL: Duration = Duration::from_millis(10);
 /// (where a far timer is what auto-advance would jump to) and does not
 /// need the test body wrapped.
 #[must_use = "the limit ends when the guard is dropped"]
-pub(crate) fn limit() -> Limit {
+pub fn limit() -> Limit {
     // libtest names each test's thread after the test.
     let name = std::thread::current()
         .name()
@@ -44,14 +44,14 @@ pub(crate) fn limit() -> Limit {
 
 /// Ends the limit of [`limit`] when dropped (the watchdog sees its channel
 /// close).
-pub(crate) struct Limit {
+pub struct Limit {
     _done: std::sync::mpsc::Sender<()>,
 }
 
 /// Polls `check` until it returns `Ok`, for at most `timeout` (real time
 /// unless the runtime's clock is paused), then panics naming `what` and the
 /// last `Err` it returned (which should say what was seen). Returns what `check` found.
-pub(crate) async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, String>>,
