@@ -20,6 +20,7 @@ use elsinore_federation_api::proto::federation::resourcediscovery::{
 };
 use elsinore_federation_api::proto::federation::types::{v1alpha1 as t1, v1alpha2 as t2};
 use elsinore_federation_api::{ApiVersion, FederatedService, decode_any, encode_any, type_url};
+use elsinore_gateway::federation::consumer::InResponse;
 use elsinore_gateway::federation::consumer_session::{
     Change, ConsumerSession, ConsumerSettings, Operation, Reply,
 };
@@ -45,57 +46,13 @@ fuzz_target!(|input: &[u8]| {
                 return;
             };
             let Some(r) = m.response else { return };
-            let version = ApiVersion::V1alpha2;
-            let (op, decoded) = match rd2::stream_response::Operation::try_from(r.operation) {
-                Ok(rd2::stream_response::Operation::Upsert) => (
-                    Operation::Upsert,
-                    match &r.resource {
-                        Some(any) => checked_decode(any, version),
-                        None => Err("UPSERT without a resource".to_owned()),
-                    },
-                ),
-                Ok(rd2::stream_response::Operation::Delete) => {
-                    (Operation::Delete, Err("delete".to_owned()))
-                }
-                _ => (Operation::Unknown(r.operation), Err("unknown".to_owned())),
-            };
-            session(&r.nonce, &r.resource_id, op, decoded);
+            session(InResponse::from_v1alpha2(r), ApiVersion::V1alpha2);
         }
         _ => {
             let Some(r) = prost_round_trip::<rd1::StreamResponse>(bytes) else {
                 return;
             };
-            let version = ApiVersion::V1alpha1;
-            use rd1::stream_response::Operation as Op1;
-            let (op, decoded, id) = match Op1::try_from(r.operation) {
-                Ok(Op1::Create | Op1::Update) => match &r.resource {
-                    Some(any) => {
-                        let decoded = checked_decode(any, version);
-                        let id = decoded.as_ref().map(|s| s.name.clone()).unwrap_or_default();
-                        (Operation::Upsert, decoded, id)
-                    }
-                    None => (
-                        Operation::Upsert,
-                        Err("no resource".to_owned()),
-                        String::new(),
-                    ),
-                },
-                Ok(Op1::Delete) => {
-                    let name = r
-                        .resource
-                        .as_ref()
-                        .and_then(|any| t1::FederatedService::decode(any.value.as_slice()).ok())
-                        .map(|s| s.name)
-                        .unwrap_or_default();
-                    (Operation::Delete, Err("delete".to_owned()), name)
-                }
-                _ => (
-                    Operation::Unknown(r.operation),
-                    Err("unknown".to_owned()),
-                    String::new(),
-                ),
-            };
-            session(&r.nonce, &id, op, decoded);
+            session(InResponse::from_v1alpha1(r), ApiVersion::V1alpha1);
         }
     }
 });
@@ -119,21 +76,33 @@ fn service(bytes: &[u8], version: ApiVersion) {
 /// `decode_any` with the invariants of a decoded service checked.
 fn checked_decode(any: &prost_types::Any, version: ApiVersion) -> Result<FederatedService, String> {
     let svc = decode_any(any, version).map_err(|e| e.to_string())?;
-    if let Err(e) = svc.validate(version) {
-        panic!("decode_any accepted a service that fails validation: {e}");
-    }
-    let again = decode_any(&encode_any(&svc, version), version)
-        .unwrap_or_else(|e| panic!("a decoded service, encoded again, fails to decode: {e}"));
-    assert_eq!(again, svc, "decode → encode → decode ({version:?})");
+    check_decoded(&svc, version);
     Ok(svc)
 }
 
-fn session(
-    nonce: &str,
-    resource_id: &str,
-    op: Operation,
-    decoded: Result<FederatedService, String>,
-) {
+/// A decoded service validates, and encodes to what decodes equal.
+fn check_decoded(svc: &FederatedService, version: ApiVersion) {
+    if let Err(e) = svc.validate(version) {
+        panic!("decode_any accepted a service that fails validation: {e}");
+    }
+    let again = decode_any(&encode_any(svc, version), version)
+        .unwrap_or_else(|e| panic!("a decoded service, encoded again, fails to decode: {e}"));
+    assert_eq!(&again, svc, "decode → encode → decode ({version:?})");
+}
+
+/// One response, translated as the consumer's stream does, handed to a
+/// fresh session: an ACK or a NACK, and the imports moved accordingly.
+fn session(r: InResponse, version: ApiVersion) {
+    let InResponse {
+        nonce,
+        resource_id,
+        operation: op,
+        decoded,
+    } = r;
+    if let Ok(svc) = &decoded {
+        check_decoded(svc, version);
+    }
+    let nonce = nonce.as_str();
     let now = tokio::time::Instant::now();
     let mut s = ConsumerSession::new(ConsumerSettings {
         stale_after: Duration::from_secs(60),
@@ -143,7 +112,7 @@ fn session(
     });
     s.on_stream_open(now, None);
     let before = s.imports().clone();
-    let handled = s.on_response(now, nonce, resource_id, op, decoded.clone());
+    let handled = s.on_response(now, nonce, &resource_id, op, decoded.clone());
     match (&handled.reply, &handled.change) {
         (Reply::Ack { nonce: n }, Change::Upserted(name)) => {
             assert_eq!(n, nonce);

@@ -55,12 +55,86 @@ pub struct ConsumerTask {
     pub shutdown: CancellationToken,
 }
 
-/// A version-neutral owner response.
-struct InResponse {
-    nonce: String,
-    resource_id: String,
-    operation: Operation,
-    decoded: Result<elsinore_federation_api::FederatedService, String>,
+/// A version-neutral owner response: what the session is told. Public for
+/// the fuzz targets, which feed the same translation.
+#[doc(hidden)]
+pub struct InResponse {
+    pub nonce: String,
+    pub resource_id: String,
+    pub operation: Operation,
+    pub decoded: Result<elsinore_federation_api::FederatedService, String>,
+}
+
+impl InResponse {
+    /// A v1alpha2 response.
+    pub fn from_v1alpha2(r: rd2::StreamResponse) -> InResponse {
+        use rd2::stream_response::Operation as Op2;
+        let version = ApiVersion::V1alpha2;
+        let (operation, decoded) = match Op2::try_from(r.operation) {
+            Ok(Op2::Upsert) => (
+                Operation::Upsert,
+                match &r.resource {
+                    Some(any) => decode_any(any, version).map_err(|e| e.to_string()),
+                    None => Err("UPSERT without a resource".to_owned()),
+                },
+            ),
+            Ok(Op2::Delete) => (Operation::Delete, Err("delete".to_owned())),
+            _ => (
+                Operation::Unknown(r.operation),
+                Err(format!("operation {} is not UPSERT or DELETE", r.operation)),
+            ),
+        };
+        InResponse {
+            nonce: r.nonce,
+            resource_id: r.resource_id,
+            operation,
+            decoded,
+        }
+    }
+
+    /// A v1alpha1 response: it has no resource_id, the name travels in
+    /// the resource.
+    pub fn from_v1alpha1(r: rd1::StreamResponse) -> InResponse {
+        use rd1::stream_response::Operation as Op1;
+        let version = ApiVersion::V1alpha1;
+        let (operation, decoded, resource_id) = match Op1::try_from(r.operation) {
+            Ok(Op1::Create | Op1::Update) => match &r.resource {
+                Some(any) => {
+                    let decoded = decode_any(any, version).map_err(|e| e.to_string());
+                    let id = decoded.as_ref().map(|s| s.name.clone()).unwrap_or_default();
+                    (Operation::Upsert, decoded, id)
+                }
+                None => (
+                    Operation::Upsert,
+                    Err("CREATE/UPDATE without a resource".to_owned()),
+                    String::new(),
+                ),
+            },
+            Ok(Op1::Delete) => {
+                let name = r
+                    .resource
+                    .as_ref()
+                    .and_then(|any| t1::FederatedService::decode(any.value.as_slice()).ok())
+                    .map(|s| s.name)
+                    .unwrap_or_default();
+                (Operation::Delete, Err("delete".to_owned()), name)
+            }
+            _ => (
+                Operation::Unknown(r.operation),
+                Err(format!(
+                    "operation {} is not CREATE, UPDATE or DELETE",
+                    r.operation
+                )),
+                String::new(),
+            ),
+        };
+        InResponse {
+            nonce: r.nonce,
+            resource_id,
+            operation,
+            decoded,
+        }
+    }
 }
 
 /// The open stream in one of the two versions.
@@ -85,76 +159,9 @@ impl Wire {
                 };
                 // A bidirectional wrapper without a response carries nothing for us.
                 let Some(r) = m.response else { continue };
-                let version = ApiVersion::V1alpha2;
-                let (operation, decoded) =
-                    match rd2::stream_response::Operation::try_from(r.operation) {
-                        Ok(rd2::stream_response::Operation::Upsert) => (
-                            Operation::Upsert,
-                            match &r.resource {
-                                Some(any) => decode_any(any, version).map_err(|e| e.to_string()),
-                                None => Err("UPSERT without a resource".to_owned()),
-                            },
-                        ),
-                        Ok(rd2::stream_response::Operation::Delete) => {
-                            (Operation::Delete, Err("delete".to_owned()))
-                        }
-                        _ => (
-                            Operation::Unknown(r.operation),
-                            Err(format!("operation {} is not UPSERT or DELETE", r.operation)),
-                        ),
-                    };
-                return Ok(Some(InResponse {
-                    nonce: r.nonce,
-                    resource_id: r.resource_id,
-                    operation,
-                    decoded,
-                }));
+                return Ok(Some(InResponse::from_v1alpha2(r)));
             },
-            Wire::V1 { rx, .. } => {
-                let Some(r) = rx.message().await? else {
-                    return Ok(None);
-                };
-                let version = ApiVersion::V1alpha1;
-                use rd1::stream_response::Operation as Op1;
-                let (operation, decoded, resource_id) = match Op1::try_from(r.operation) {
-                    Ok(Op1::Create | Op1::Update) => match &r.resource {
-                        Some(any) => {
-                            let decoded = decode_any(any, version).map_err(|e| e.to_string());
-                            let id = decoded.as_ref().map(|s| s.name.clone()).unwrap_or_default();
-                            (Operation::Upsert, decoded, id)
-                        }
-                        None => (
-                            Operation::Upsert,
-                            Err("CREATE/UPDATE without a resource".to_owned()),
-                            String::new(),
-                        ),
-                    },
-                    Ok(Op1::Delete) => {
-                        // v1alpha1 has no resource_id: the name travels in the resource.
-                        let name = r
-                            .resource
-                            .as_ref()
-                            .and_then(|any| t1::FederatedService::decode(any.value.as_slice()).ok())
-                            .map(|s| s.name)
-                            .unwrap_or_default();
-                        (Operation::Delete, Err("delete".to_owned()), name)
-                    }
-                    _ => (
-                        Operation::Unknown(r.operation),
-                        Err(format!(
-                            "operation {} is not CREATE, UPDATE or DELETE",
-                            r.operation
-                        )),
-                        String::new(),
-                    ),
-                };
-                Ok(Some(InResponse {
-                    nonce: r.nonce,
-                    resource_id,
-                    operation,
-                    decoded,
-                }))
-            }
+            Wire::V1 { rx, .. } => Ok(rx.message().await?.map(InResponse::from_v1alpha1)),
         }
     }
 

@@ -947,7 +947,6 @@ impl Egress {
             drain_timeout: self.ctx.drain_timeout,
             handshake_timeout: self.ctx.tuning.handshake_timeout,
             // Identity headers are the ingress's to strip.
-            strip_trailers: &[],
         };
         let egress = &*self;
         let served =

@@ -24,8 +24,6 @@ pub struct RecvBody<G = ()> {
     data_done: bool,
     /// What is left of the message's `content-length`, for the size hint.
     length: Option<u64>,
-    /// Fields dropped from the trailers (lower-case).
-    strip: &'static [&'static str],
     _guard: G,
 }
 
@@ -40,17 +38,8 @@ impl<G> RecvBody<G> {
             recv,
             data_done: false,
             length,
-            strip: &[],
             _guard: guard,
         }
-    }
-
-    /// The same body with the fields named in `names` (lower-case) removed
-    /// from its trailers: a field a proxy strips from the header section
-    /// must not get through in the trailer section either.
-    pub fn stripping_trailers(mut self, names: &'static [&'static str]) -> Self {
-        self.strip = names;
-        self
     }
 }
 
@@ -77,14 +66,7 @@ impl<G: Unpin> Body for RecvBody<G> {
             }
         }
         match ready!(this.recv.poll_trailers(cx)) {
-            Ok(Some(mut trailers)) => {
-                if super::has_any(&trailers, this.strip) {
-                    for name in this.strip {
-                        trailers.remove(*name);
-                    }
-                }
-                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
-            }
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
             Ok(None) => Poll::Ready(None),
             Err(e) => Poll::Ready(Some(Err(e.into()))),
         }

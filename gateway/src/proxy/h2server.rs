@@ -71,9 +71,6 @@ pub struct Settings {
     pub drain_timeout: Duration,
     /// How long the client gets to send its connection preface.
     pub handshake_timeout: Duration,
-    /// Fields removed from request trailers, as the caller removes them
-    /// from request headers (ingress: the identity headers).
-    pub strip_trailers: &'static [&'static str],
 }
 
 /// How far the streams a client resets before their response may run
@@ -197,10 +194,7 @@ where
                         continue;
                     }
                     let (parts, recv) = req.into_parts();
-                    let mut body = RecvBody::new(recv, &parts.headers, ());
-                    if !settings.strip_trailers.is_empty() {
-                        body = body.stripping_trailers(settings.strip_trailers);
-                    }
+                    let body = RecvBody::new(recv, &parts.headers, ());
                     let req = Request::from_parts(parts, body);
                     exchanges.push(exchange(&handler, req, respond));
                 }
@@ -315,7 +309,6 @@ mod tests {
         max_concurrent_streams: 100,
         drain_timeout: Duration::from_secs(5),
         handshake_timeout: Duration::from_secs(10),
-        strip_trailers: &[],
     };
 
     /// Serves the first connection to a fresh loopback listener in a task
@@ -822,38 +815,6 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(ended, Ended::Closed);
-    }
-
-    #[tokio::test]
-    async fn identity_fields_are_stripped_from_request_trailers() {
-        let _limit = crate::test_support::limit();
-        // Answers with the names of the trailers it received.
-        let handler = |req: Request<RecvBody>| async move {
-            let collected = req.into_body().collect().await.unwrap();
-            let mut names: Vec<String> = collected
-                .trailers()
-                .map(|t| t.keys().map(|k| k.to_string()).collect())
-                .unwrap_or_default();
-            names.sort();
-            Response::new(frames(vec![Frame::data(Bytes::from(names.join(",")))]))
-        };
-        let settings = Settings {
-            strip_trailers: crate::proxy::STRIPPED_IDENTITY_HEADERS,
-            ..SETTINGS
-        };
-        let (addr, _server) = one_connection(settings, std::future::pending(), handler).await;
-        let tx = client(addr).await;
-        let mut trailers = HeaderMap::new();
-        for name in crate::proxy::STRIPPED_IDENTITY_HEADERS {
-            trailers.insert(*name, "forged".parse().unwrap());
-        }
-        trailers.insert("x-kept", "yes".parse().unwrap());
-        let body = frames(vec![
-            Frame::data(Bytes::from_static(b"payload")),
-            Frame::trailers(trailers),
-        ]);
-        let resp = send(&tx, "POST", "/", body).await;
-        assert_eq!(text(resp).await, "x-kept");
     }
 
     /// What a "rapid reset" client does: open a stream, and reset it once

@@ -57,8 +57,8 @@ use super::h2server;
 use super::splice::splice;
 use super::tls::{self, TlsStream};
 use super::{
-    IdentityTrailersStripped, PEER_IDENTITY_HEADER, ProxyContext, STRIPPED_IDENTITY_HEADERS,
-    has_any, refuse_userinfo, strip_identity_headers,
+    IdentityTrailersStripped, PEER_IDENTITY_HEADER, ProxyContext, has_any, refuse_userinfo,
+    strip_identity_headers,
 };
 use crate::catalog::ExportCatalog;
 use crate::catalog::exports::ExportedService;
@@ -711,7 +711,6 @@ async fn serve_http(tls: PeerStream, conn: Arc<HttpConn>, inner: &Inner) {
             max_concurrent_streams: tuning.http2_max_concurrent_streams,
             drain_timeout: inner.ctx.drain_timeout,
             handshake_timeout: tuning.handshake_timeout,
-            strip_trailers: STRIPPED_IDENTITY_HEADERS,
         };
         let conn = &*conn;
         let served = h2server::serve(io, settings, stop, |req| {
@@ -1797,7 +1796,7 @@ mod tests {
                 .unwrap();
         tokio::spawn(conn);
         let mut trailers = HeaderMap::new();
-        for name in STRIPPED_IDENTITY_HEADERS {
+        for name in crate::proxy::STRIPPED_IDENTITY_HEADERS {
             trailers.insert(*name, HeaderValue::from_static(FORGED));
         }
         trailers.insert("x-kept", HeaderValue::from_static("yes"));
