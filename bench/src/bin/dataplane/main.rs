@@ -4,8 +4,13 @@
 //! ingress gateway → backend — one worker thread per gateway process, the
 //! client and egress pinned to core 0, ingress and backends to core 1.
 //!
-//! Rounds interleave the contenders (direct, Elsinore, nginx, HAProxy, Envoy,
-//! repeat) for every workload, each run on freshly started gateways (so a
+//! Elsinore runs with every setting at its product default (the headline
+//! column); `elsinore-yield` is Elsinore with `proxy.yieldToClients: true`,
+//! a setting tuned for this placement, in a column of its own and only in
+//! the HTTP workloads, where it acts.
+//!
+//! Rounds interleave the contenders (direct, Elsinore, Elsinore with
+//! yieldToClients, nginx, HAProxy, Envoy, repeat) for every workload, each run on freshly started gateways (so a
 //! peak RSS belongs to one workload). Ratios are computed within a round and
 //! their medians reported. `bench/run.sh` is the entry point: it installs
 //! the tools, builds, raises the file limit and runs this.
@@ -13,11 +18,11 @@
 //! ```text
 //! dataplane [--rounds 3] [--duration 10] [--warmup 2]
 //!           [--workloads http1,http2,connect,connect-resume,bulk,idle-tcp,idle-http,catalog]
-//!           [--contenders direct,elsinore,nginx,haproxy,envoy]
+//!           [--contenders direct,elsinore,elsinore-yield,nginx,haproxy,envoy]
 //!           [--connections 64] [--streams 10] [--parallel 32] [--idle 5000]
 //!           [--catalog-services 10000,100000] [--catalog-rounds N]
 //!           [--elsinore PATH] [--envoy PATH] [--nginx PATH] [--haproxy PATH]
-//!           [--elsinore-log warn] [--elsinore-yield on|off] [--timeout 60] [--markdown FILE] [--keep]
+//!           [--elsinore-log warn] [--timeout 60] [--markdown FILE] [--keep]
 //! ```
 
 mod contenders;
@@ -54,7 +59,6 @@ pub struct Args {
     nginx: String,
     haproxy: String,
     elsinore_log: String,
-    elsinore_yield: bool,
     timeout: Duration,
     markdown: Option<PathBuf>,
     keep: bool,
@@ -62,10 +66,10 @@ pub struct Args {
 
 const USAGE: &str = "usage: dataplane [--rounds N] [--duration SECS] [--warmup SECS] \
 [--workloads http1,http2,connect,connect-resume,bulk,idle-tcp,idle-http,catalog] \
-[--contenders direct,elsinore,nginx,haproxy,envoy] [--connections N] [--streams N] \
+[--contenders direct,elsinore,elsinore-yield,nginx,haproxy,envoy] [--connections N] [--streams N] \
 [--parallel N] [--idle N] [--catalog-services 10000,100000] [--catalog-rounds N] \
 [--elsinore PATH] [--envoy PATH] [--nginx PATH] [--haproxy PATH] [--elsinore-log FILTER] \
-[--elsinore-yield on|off] [--timeout SECS] [--markdown FILE] [--keep]";
+[--timeout SECS] [--markdown FILE] [--keep]";
 
 fn list<T>(v: &str, parse: impl Fn(&str) -> Result<T>) -> Result<Vec<T>> {
     v.split(',')
@@ -95,9 +99,6 @@ impl Args {
             nginx: "nginx".to_owned(),
             haproxy: "haproxy".to_owned(),
             elsinore_log: "warn".to_owned(),
-            // The benchmark pins the egress to the load generator's core:
-            // the case `proxy.yieldToClients` is for.
-            elsinore_yield: true,
             timeout: Duration::from_secs(60),
             markdown: None,
             keep: false,
@@ -139,13 +140,10 @@ impl Args {
                 "--nginx" => a.nginx = value()?,
                 "--haproxy" => a.haproxy = value()?,
                 "--elsinore-log" => a.elsinore_log = value()?,
-                "--elsinore-yield" => {
-                    a.elsinore_yield = match value()?.as_str() {
-                        "on" => true,
-                        "off" => false,
-                        v => bail!("--elsinore-yield {v:?}: expected on or off"),
-                    }
-                }
+                "--elsinore-yield" => bail!(
+                    "--elsinore-yield is gone: Elsinore runs at its defaults, and \
+                     `--contenders` takes `elsinore-yield` for proxy.yieldToClients"
+                ),
                 "--markdown" => a.markdown = Some(PathBuf::from(value()?)),
                 "--keep" => a.keep = true,
                 "-h" | "--help" => {
@@ -300,7 +298,6 @@ fn main() -> Result<()> {
         },
         timeout: args.timeout,
         elsinore_log: args.elsinore_log.clone(),
-        elsinore_yield: args.elsinore_yield,
     };
     eprintln!("working directory {}", env.dir.display());
 
@@ -317,6 +314,9 @@ fn main() -> Result<()> {
         for &workload in &dataplane_work {
             for &contender in &args.contenders {
                 if workload.needs_gateways() && contender == Contender::Direct {
+                    continue;
+                }
+                if contender == Contender::ElsinoreYield && !workload.yield_acts() {
                     continue;
                 }
                 eprintln!(
@@ -428,8 +428,9 @@ fn render_markdown(
     );
     let _ = writeln!(
         out,
-        "- Elsinore: {revision} (`elsinore --worker-threads 1 --log {} run`, `proxy.yieldToClients: {}`)",
-        args.elsinore_log, args.elsinore_yield
+        "- Elsinore: {revision} (`elsinore --worker-threads 1 --log {} run`), every setting at its default (in `connect`, `proxy.tlsResumption: false`, as for every contender); column \"{}\": `proxy.yieldToClients: true` in both gateways, HTTP workloads only",
+        args.elsinore_log,
+        Contender::ElsinoreYield.title()
     );
     let _ = writeln!(
         out,

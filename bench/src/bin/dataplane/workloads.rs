@@ -65,6 +65,13 @@ impl Workload {
     }
 
     /// Idle-memory workloads measure gateways only; direct has none.
+    /// Whether `proxy.yieldToClients` acts in this workload (it counts
+    /// responses written to HTTP/1.1 clients; the HTTP/2 row shows that it
+    /// costs nothing there).
+    pub fn yield_acts(self) -> bool {
+        matches!(self, Workload::Http1 | Workload::Http2)
+    }
+
     pub fn needs_gateways(self) -> bool {
         matches!(self, Workload::IdleTcp | Workload::IdleHttp)
     }
