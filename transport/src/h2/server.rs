@@ -38,13 +38,14 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use h2::Reason;
 use h2::server::SendResponse;
-use http::{Method, Request, Response, StatusCode};
+use http::header::CONTENT_TYPE;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Sleep;
 
-use super::h1::{self, BoxError};
-use super::h2body::{self, RecvBody};
+use super::BoxError;
+use super::body::{self as h2body, RecvBody};
 
 const STREAM_WINDOW: u32 = 1024 * 1024;
 const CONN_WINDOW: u32 = 1024 * 1024;
@@ -211,13 +212,23 @@ where
     .await
 }
 
-/// Answers a CONNECT request 405 (tunnels are not proxied), as the
-/// HTTP/1.1 server does.
+/// Answers a CONNECT request 405 (tunnels are not proxied) with the
+/// HTTP/1.1 server's refusal: the reason as text and
+/// `x-elsinore-error: protocol`.
 fn refuse_connect(mut respond: SendResponse<Bytes>) {
-    let (parts, body) =
-        h1::refusal(StatusCode::METHOD_NOT_ALLOWED, h1::CONNECT_REFUSED).into_parts();
-    if let Ok(mut tx) = respond.send_response(Response::from_parts(parts, ()), false) {
-        let _ = tx.send_data(body, true);
+    let mut head = Response::new(());
+    *head.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+    let headers = head.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert("x-elsinore-error", HeaderValue::from_static("protocol"));
+    if let Ok(mut tx) = respond.send_response(head, false) {
+        let _ = tx.send_data(
+            Bytes::from_static(b"CONNECT tunnels are not proxied\n"),
+            true,
+        );
     }
 }
 
@@ -272,8 +283,8 @@ where
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
-    use crate::proxy::h2client::{self, SendError, Sender};
-    use crate::proxy::recording::Recording;
+    use crate::h2::client::{self as h2client, SendError, Sender};
+    use crate::test_support::Recording;
     use http::HeaderMap;
     use http_body::Frame;
     use http_body_util::{BodyExt, Empty, StreamBody};
