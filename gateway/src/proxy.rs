@@ -22,15 +22,9 @@ pub mod egress;
 pub mod error;
 pub mod h1;
 pub mod h1client;
-pub mod h2body;
-pub mod h2client;
-pub mod h2server;
 pub mod handoff;
 pub mod ingress;
 pub mod pool;
-#[cfg(test)]
-mod recording;
-pub mod splice;
 pub use elsinore_transport::tls;
 
 /// The header in which ingress hands the verified peer identity (SPIFFE ID)

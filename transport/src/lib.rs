@@ -5,12 +5,18 @@
 //! OpenSSL, Python and tokio-rustls, fuzz targets in `fuzz/`, tlsfuzzer
 //! results in `docs/transport.md`).
 //!
-//! Today it holds the TLS record layer ([`tls`]): rustls runs the
-//! handshake, this crate seals and opens the records after it. It knows
-//! nothing of catalogs, peers or config files: callers pass rustls configs
-//! and sockets. The HTTP/1.1 and HTTP/2 loops and splice are still in the
-//! gateway's `proxy` module and are to follow (issue 16, item 1).
+//! It holds the TLS record layer ([`tls`]): rustls runs the handshake,
+//! this crate seals and opens the records after it; the HTTP/2 server and
+//! client loops on the `h2` crate ([`h2`]); and the TCP splice
+//! ([`splice`]) that carries opaque traffic, straight into TLS records on
+//! the way out. It knows nothing of catalogs, peers or config files:
+//! callers pass rustls configs, sockets, settings structs and request
+//! handlers, and turn its plain errors into their own. The HTTP/1.1 loops
+//! are still in the gateway's `proxy` module and are to follow (issue 16,
+//! item 1).
 
+pub mod h2;
+pub mod splice;
 pub mod tls;
 
 #[cfg(any(test, feature = "test-support"))]

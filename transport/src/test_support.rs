@@ -1,7 +1,12 @@
 //! Test-only helpers shared by the unit tests of every module: a time limit
-//! inside each socket-level test ([`limit`]), and a bounded wait on a
+//! inside each socket-level test ([`limit`]), a bounded wait on a
 //! condition ([`wait_until`]: tests wait on what they need, never on a
-//! fixed sleep). Compiled only for tests.
+//! fixed sleep), and a stream that records how much work was done before
+//! each write ([`Recording`]). Compiled only for tests.
+
+mod recording;
+
+pub use recording::Recording;
 
 use std::future::Future;
 use std::time::Duration;

@@ -8,6 +8,7 @@
 use std::fmt;
 use std::io;
 
+use elsinore_transport::splice::{self, SpliceError};
 use http::StatusCode;
 
 /// Which side of the proxy a failure came from.
@@ -234,9 +235,70 @@ impl ProxyError {
     }
 }
 
+/// A splice's failure, told as a proxy failure: an idle splice is our
+/// timer (internal), a failed read or write is the side's, and a TLS record
+/// that does not open is that side breaking the protocol.
+impl From<SpliceError> for ProxyError {
+    fn from(e: SpliceError) -> Self {
+        match e {
+            SpliceError::IdleTimeout { .. } => {
+                ProxyError::internal(ErrorKind::IdleTimeout, e.to_string())
+            }
+            SpliceError::Io {
+                side, ref error, ..
+            } => {
+                let side = match side {
+                    splice::Side::Downstream => Side::Downstream,
+                    splice::Side::Upstream => Side::Upstream,
+                };
+                let kind = match error.kind() {
+                    io::ErrorKind::InvalidData => ErrorKind::Protocol,
+                    _ => ErrorKind::Io,
+                };
+                ProxyError::new(side, kind, e.to_string())
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn splice_failures_keep_their_side_and_kind() {
+        let idle = ProxyError::from(SpliceError::IdleTimeout {
+            idle_timeout: std::time::Duration::from_secs(30),
+            sent_upstream: 1,
+            sent_downstream: 2,
+        });
+        assert_eq!(
+            (idle.side, idle.kind),
+            (Side::Internal, ErrorKind::IdleTimeout)
+        );
+        assert_eq!(
+            idle.message,
+            "no bytes moved for 30s (1 bytes sent upstream, 2 bytes sent downstream)"
+        );
+        let reset = ProxyError::from(SpliceError::Io {
+            side: splice::Side::Upstream,
+            op: "read",
+            error: io::Error::from(io::ErrorKind::ConnectionReset),
+        });
+        assert_eq!((reset.side, reset.kind), (Side::Upstream, ErrorKind::Io));
+        assert!(reset.message.starts_with("read: "), "{reset}");
+        assert!(!reset.retry_safe);
+        let bad_record = ProxyError::from(SpliceError::Io {
+            side: splice::Side::Downstream,
+            op: "read",
+            error: io::Error::new(io::ErrorKind::InvalidData, "bad record mac"),
+        });
+        assert_eq!(
+            (bad_record.side, bad_record.kind),
+            (Side::Downstream, ErrorKind::Protocol)
+        );
+        assert_eq!(bad_record.message, "read: bad record mac");
+    }
 
     #[test]
     fn statuses() {

@@ -34,6 +34,9 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use elsinore_federation_api::Protocol;
+use elsinore_transport::h2::body::RecvBody;
+use elsinore_transport::h2::server as h2server;
+use elsinore_transport::splice::splice;
 use futures_util::FutureExt;
 use http::header::{CONNECTION, CONTENT_TYPE, HOST, TE, TRANSFER_ENCODING, UPGRADE};
 use http::uri::{Authority, Scheme};
@@ -52,9 +55,6 @@ use super::activity::{Activity, ActivityIo};
 use super::backend::Backends;
 use super::error::{ErrorKind, ProxyError};
 use super::h1client::{H1Client, ResponseBody};
-use super::h2body::RecvBody;
-use super::h2server;
-use super::splice::splice;
 use super::tls::{self, TlsStream};
 use super::{
     IdentityTrailersStripped, PEER_IDENTITY_HEADER, ProxyContext, has_any, refuse_userinfo,
@@ -493,7 +493,7 @@ async fn forward_opaque(tls: PeerStream, upstream: &Upstream, inner: &Inner) {
     bump(&inner.stats.spliced);
     tracing::debug!(backend = %addr, "splicing");
     tokio::select! {
-        res = splice(tls, backend, tuning.idle_timeout) => match res {
+        res = splice(tls, backend, tuning.idle_timeout) => match res.map_err(ProxyError::from) {
             Ok((up, down)) => {
                 inner.stats.bytes_to_backend.fetch_add(up, Ordering::Relaxed);
                 inner.stats.bytes_from_backend.fetch_add(down, Ordering::Relaxed);

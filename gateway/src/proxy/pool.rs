@@ -14,10 +14,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use elsinore_transport::h2::client::Sender;
 use tokio::time::Instant;
 
 use super::error::ProxyError;
-use super::h2client::Sender;
 
 /// What a pooled connection is for. Two services behind the same remote
 /// endpoint and SNI share connections; different expected SANs never do,
@@ -285,7 +285,7 @@ mod tests {
         let tcp = TcpStream::connect(addr)
             .await
             .map_err(|e| ProxyError::upstream(ErrorKind::ConnectFailed, e.to_string()))?;
-        crate::proxy::h2client::handshake(tcp, tracing::Span::none())
+        elsinore_transport::h2::client::handshake(tcp, tracing::Span::none())
             .await
             .map_err(|e| ProxyError::upstream(ErrorKind::Protocol, e.to_string()))
     }

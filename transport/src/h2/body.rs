@@ -1,5 +1,5 @@
-//! Bodies on HTTP/2 streams, shared by the client ([`super::h2client`])
-//! and the server ([`super::h2server`]) built on the `h2` crate:
+//! Bodies on HTTP/2 streams, shared by the client ([`super::client`])
+//! and the server ([`super::server`]) built on the `h2` crate:
 //! [`RecvBody`] reads a stream as an [`http_body::Body`], giving the window
 //! back as data is taken, and [`pipe`] writes a body into a stream as the
 //! peer's window allows.
@@ -15,7 +15,7 @@ use http::HeaderMap;
 use http::header::CONTENT_LENGTH;
 use http_body::{Body, Frame, SizeHint};
 
-use super::h1::BoxError;
+use super::BoxError;
 
 /// A body read straight from its HTTP/2 stream. `G` is held for as long as
 /// the body lives (the client counts open streams with it).

@@ -33,8 +33,8 @@ use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::Instrument;
 
-use super::h1::BoxError;
-use super::h2body::{self, RecvBody};
+use super::BoxError;
+use super::body::{self as h2body, RecvBody};
 
 /// How often a connection with open streams is pinged.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
@@ -317,7 +317,7 @@ pub type ResponseBody = RecvBody<OpenStream>;
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
-    use crate::proxy::recording::Recording;
+    use crate::test_support::Recording;
     use http::HeaderMap;
     use http_body::Frame;
     use http_body_util::{BodyExt, Empty, Full, StreamBody};

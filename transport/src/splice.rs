@@ -22,22 +22,62 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-use super::error::{ErrorKind, ProxyError, Side};
-use super::tls::{RelayError, Relayed, TlsStream};
+use crate::tls::{RelayError, Relayed, TlsStream};
+
+/// Which stream of a splice failed: the first one given (the downstream
+/// client that connected to us) or the second (upstream).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Downstream,
+    Upstream,
+}
+
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Side::Downstream => "downstream",
+            Side::Upstream => "upstream",
+        })
+    }
+}
+
+/// Why a splice ended before both directions were finished.
+#[derive(Debug, thiserror::Error)]
+pub enum SpliceError {
+    /// No byte moved in either direction for the idle timeout: our timer,
+    /// nobody's fault.
+    #[error(
+        "no bytes moved for {idle_timeout:?} ({sent_upstream} bytes sent upstream, {sent_downstream} bytes sent downstream)"
+    )]
+    IdleTimeout {
+        idle_timeout: Duration,
+        sent_upstream: u64,
+        sent_downstream: u64,
+    },
+    /// A read, write or flush on `side` failed (`op` says which). An
+    /// [`io::ErrorKind::InvalidData`] error is the peer breaking the
+    /// protocol (a TLS record that does not open), any other an I/O
+    /// failure.
+    #[error("{op}: {error}")]
+    Io {
+        side: Side,
+        op: &'static str,
+        error: io::Error,
+    },
+}
 
 /// Copies `a` → `b` and `b` → `a` until both directions have reached EOF.
 ///
 /// `a` is the downstream side (the client that connected to us) and `b` the
 /// upstream side: errors name the side whose read or write failed. Returns
 /// the bytes copied `(a → b, b → a)`. When no byte moves in either direction
-/// for `idle_timeout`, returns an [`ErrorKind::IdleTimeout`] error (side
-/// internal: our timer, nobody's fault); the streams are closed by dropping
-/// them in every case.
+/// for `idle_timeout`, returns [`SpliceError::IdleTimeout`]; the streams
+/// are closed by dropping them in every case.
 pub async fn splice<A, B>(
     mut a: A,
     mut b: B,
     idle_timeout: Duration,
-) -> Result<(u64, u64), ProxyError>
+) -> Result<(u64, u64), SpliceError>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -59,7 +99,7 @@ pub async fn splice_to_tls(
     mut a: TcpStream,
     mut b: Box<TlsStream>,
     idle_timeout: Duration,
-) -> Result<(u64, u64), ProxyError> {
+) -> Result<(u64, u64), SpliceError> {
     run(idle_timeout, |cx, a_to_b, b_to_a, progressed| {
         (
             a_to_b.poll_relay(cx, &mut a, &mut b, progressed),
@@ -69,7 +109,7 @@ pub async fn splice_to_tls(
     .await
 }
 
-type Step = Poll<Result<(), ProxyError>>;
+type Step = Poll<Result<(), SpliceError>>;
 
 /// Polls both directions until both are done, one fails, or nothing moved
 /// for `idle_timeout`.
@@ -81,7 +121,7 @@ async fn run(
         &mut Direction,
         &mut bool,
     ) -> (Step, Step),
-) -> Result<(u64, u64), ProxyError> {
+) -> Result<(u64, u64), SpliceError> {
     let mut a_to_b = Direction::new(Side::Downstream, Side::Upstream);
     let mut b_to_a = Direction::new(Side::Upstream, Side::Downstream);
     let mut last_activity = Instant::now();
@@ -123,18 +163,16 @@ fn poll_idle(
     idle_timeout: Duration,
     a_to_b: &Direction,
     b_to_a: &Direction,
-) -> Poll<Result<(u64, u64), ProxyError>> {
+) -> Poll<Result<(u64, u64), SpliceError>> {
     loop {
         ready!(idle.as_mut().poll(cx));
         let deadline = last_activity + idle_timeout;
         if deadline <= Instant::now() {
-            return Poll::Ready(Err(ProxyError::internal(
-                ErrorKind::IdleTimeout,
-                format!(
-                    "no bytes moved for {idle_timeout:?} ({} bytes sent upstream, {} bytes sent downstream)",
-                    a_to_b.copied, b_to_a.copied
-                ),
-            )));
+            return Poll::Ready(Err(SpliceError::IdleTimeout {
+                idle_timeout,
+                sent_upstream: a_to_b.copied,
+                sent_downstream: b_to_a.copied,
+            }));
         }
         idle.as_mut().reset(deadline);
     }
@@ -196,7 +234,7 @@ impl Direction {
         mut r: Pin<&mut R>,
         mut w: Pin<&mut W>,
         progressed: &mut bool,
-    ) -> Poll<Result<(), ProxyError>>
+    ) -> Poll<Result<(), SpliceError>>
     where
         R: AsyncRead + ?Sized,
         W: AsyncWrite + ?Sized,
@@ -210,11 +248,11 @@ impl Direction {
                 let n = match w.as_mut().poll_write(cx, &self.pending[self.pos..]) {
                     Poll::Ready(Ok(0)) => {
                         let e = io::Error::new(io::ErrorKind::WriteZero, "wrote zero bytes");
-                        return Poll::Ready(Err(self.err(self.writer, "write", &e)));
+                        return Poll::Ready(Err(failed(self.writer, "write", e)));
                     }
                     Poll::Ready(Ok(n)) => n,
                     Poll::Ready(Err(e)) => {
-                        return Poll::Ready(Err(self.err(self.writer, "write", &e)));
+                        return Poll::Ready(Err(failed(self.writer, "write", e)));
                     }
                     Poll::Pending => return Poll::Pending,
                 };
@@ -262,7 +300,7 @@ impl Direction {
                 match w.as_mut().poll_flush(cx) {
                     Poll::Ready(Ok(())) => self.need_flush = false,
                     Poll::Ready(Err(e)) => {
-                        return Poll::Ready(Err(self.err(self.writer, "flush", &e)));
+                        return Poll::Ready(Err(failed(self.writer, "flush", e)));
                     }
                     Poll::Pending => {}
                 }
@@ -281,7 +319,7 @@ impl Direction {
         r: &mut TcpStream,
         w: &mut TlsStream,
         progressed: &mut bool,
-    ) -> Poll<Result<(), ProxyError>> {
+    ) -> Poll<Result<(), SpliceError>> {
         while !self.done && !self.read_done && self.pos >= self.pending.len() {
             match w.poll_relay_from(cx, r) {
                 Poll::Ready(Ok(Relayed::Moved(n))) => {
@@ -291,10 +329,10 @@ impl Direction {
                 Poll::Ready(Ok(Relayed::Eof)) => self.read_done = true,
                 Poll::Ready(Ok(Relayed::Unavailable)) => break,
                 Poll::Ready(Err(RelayError::Read(e))) => {
-                    return Poll::Ready(Err(self.err(self.reader, "read", &e)));
+                    return Poll::Ready(Err(failed(self.reader, "read", e)));
                 }
                 Poll::Ready(Err(RelayError::Write(e))) => {
-                    return Poll::Ready(Err(self.err(self.writer, "write", &e)));
+                    return Poll::Ready(Err(failed(self.writer, "write", e)));
                 }
                 Poll::Pending => return Poll::Pending,
             }
@@ -312,14 +350,14 @@ impl Direction {
         mut w: Pin<&mut W>,
         scratch: &mut [u8],
         progressed: &mut bool,
-    ) -> Poll<Result<bool, ProxyError>>
+    ) -> Poll<Result<bool, SpliceError>>
     where
         R: AsyncRead + ?Sized,
         W: AsyncWrite + ?Sized,
     {
         let (filled, reader_pending) = match self.read_some(cx, r, scratch) {
             Read::Data(n, p) => (n, p),
-            Read::Err(e) => return Poll::Ready(Err(self.err(self.reader, "read", &e))),
+            Read::Err(e) => return Poll::Ready(Err(failed(self.reader, "read", e))),
         };
         if filled == 0 {
             return Poll::Ready(Ok(!reader_pending));
@@ -330,7 +368,7 @@ impl Direction {
             match w.as_mut().poll_write(cx, &scratch[pos..filled]) {
                 Poll::Ready(Ok(0)) => {
                     let e = io::Error::new(io::ErrorKind::WriteZero, "wrote zero bytes");
-                    return Poll::Ready(Err(self.err(self.writer, "write", &e)));
+                    return Poll::Ready(Err(failed(self.writer, "write", e)));
                 }
                 Poll::Ready(Ok(n)) => {
                     pos += n;
@@ -338,7 +376,7 @@ impl Direction {
                     self.need_flush = true;
                 }
                 Poll::Ready(Err(e)) => {
-                    return Poll::Ready(Err(self.err(self.writer, "write", &e)));
+                    return Poll::Ready(Err(failed(self.writer, "write", e)));
                 }
                 Poll::Pending => {
                     self.pending = scratch[pos..filled].to_vec();
@@ -376,18 +414,14 @@ impl Direction {
             }
         }
     }
+}
 
-    fn err(&self, side: Side, op: &str, e: &io::Error) -> ProxyError {
-        let kind = match e.kind() {
-            io::ErrorKind::InvalidData => ErrorKind::Protocol,
-            _ => ErrorKind::Io,
-        };
-        ProxyError::new(side, kind, format!("{op}: {e}"))
-    }
+fn failed(side: Side, op: &'static str, error: io::Error) -> SpliceError {
+    SpliceError::Io { side, op, error }
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -559,7 +593,7 @@ mod tests {
         server.read_exact(&mut one).await.unwrap();
 
         let err = task.await.unwrap().unwrap_err();
-        assert_eq!(err.kind, ErrorKind::IdleTimeout);
+        assert!(matches!(err, SpliceError::IdleTimeout { .. }), "{err}");
         let elapsed = started.elapsed();
         assert!(elapsed >= Duration::from_secs(50), "{elapsed:?}");
         assert!(elapsed < Duration::from_secs(51), "{elapsed:?}");
@@ -589,8 +623,11 @@ mod tests {
         let task = tokio::spawn(splice(down, up, Duration::from_secs(5)));
         client.write_all(b"hello").await.unwrap();
         let err = task.await.unwrap().unwrap_err();
-        assert_eq!(err.side, Side::Upstream, "{err}");
-        assert_eq!(err.kind, ErrorKind::Io, "{err}");
+        let SpliceError::Io { side, error, .. } = &err else {
+            panic!("not an i/o error: {err}");
+        };
+        assert_eq!(*side, Side::Upstream, "{err}");
+        assert_ne!(error.kind(), io::ErrorKind::InvalidData, "{err}");
     }
 
     /// Over the record layer's direct path: a client spliced into one of
@@ -638,14 +675,11 @@ mod tests {
             n
         });
         let name = rustls::pki_types::ServerName::try_from("svc.a.example").unwrap();
-        let mut tls = crate::proxy::tls::connect(
-            crate::proxy::tls::client_config((*client_config).clone()),
-            name,
-            c,
-        )
-        .await
-        .unwrap();
-        tls.set_tx_limit(2 * crate::proxy::tls::RELAY_RECORDS as u64);
+        let mut tls =
+            crate::tls::connect(crate::tls::client_config((*client_config).clone()), name, c)
+                .await
+                .unwrap();
+        tls.set_tx_limit(2 * crate::tls::RELAY_RECORDS as u64);
 
         let (app, src) = pair().await;
         let splice = tokio::spawn(splice_to_tls(src, Box::new(tls), Duration::from_secs(10)));
