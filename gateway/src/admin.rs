@@ -31,33 +31,37 @@ pub struct AdminState {
 
 /// Serves the admin API until `shutdown`.
 pub async fn serve(listener: TcpListener, state: AdminState, shutdown: CancellationToken) {
-    loop {
-        let (tcp, _) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(error) => {
-                    tracing::warn!(%error, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
+    use elsinore_transport::accept;
+    // Never capped so far (an operator's and a prober's listener, on an
+    // address of its own); the cap is only the loop's upper bound.
+    let connections = accept::Connections::new(usize::MAX);
+    let settings = accept::Settings::new("admin");
+    let stop = shutdown.clone();
+    accept::serve(
+        listener,
+        settings,
+        connections,
+        stop,
+        accept::Hooks::default(),
+        |tcp, _, slot| {
+            let state = state.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let _slot = slot;
+                let service = hyper::service::service_fn(move |req| {
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(route(&state, &req)) }
+                });
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let conn = builder.serve_connection(TokioIo::new(tcp), service);
+                tokio::select! {
+                    _ = conn => {}
+                    _ = shutdown.cancelled() => {}
                 }
-            },
-        };
-        let state = state.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, &req)) }
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection(TokioIo::new(tcp), service);
-            tokio::select! {
-                _ = conn => {}
-                _ = shutdown.cancelled() => {}
-            }
-        });
-    }
+        },
+    )
+    .await;
 }
 
 fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {

@@ -194,6 +194,9 @@ impl Gateway {
         let (incoming, accept_task) = crate::federation::transport::accept_mtls(
             federation,
             Arc::clone(&credentials),
+            // `maxConnections` is per listener; the federation listener's
+            // connections are peers' gRPC streams and handshakes in flight.
+            config.proxy.max_connections,
             shutdown.clone(),
         );
         tasks.spawn(async move {

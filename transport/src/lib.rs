@@ -7,14 +7,16 @@
 //!
 //! It holds the TLS record layer ([`tls`]): rustls runs the handshake,
 //! this crate seals and opens the records after it; the HTTP/2 server and
-//! client loops on the `h2` crate ([`h2`]); and the TCP splice
-//! ([`splice`]) that carries opaque traffic, straight into TLS records on
-//! the way out. It knows nothing of catalogs, peers or config files:
-//! callers pass rustls configs, sockets, settings structs and request
-//! handlers, and turn its plain errors into their own. The HTTP/1.1 loops
-//! are still in the gateway's `proxy` module and are to follow (issue 16,
-//! item 1).
+//! client loops on the `h2` crate ([`h2`]); the TCP splice ([`splice`])
+//! that carries opaque traffic, straight into TLS records on the way out;
+//! and the one accept loop every listener runs ([`accept`]: connection
+//! cap, back-off on a failed accept, drain). It knows nothing of catalogs,
+//! peers or config files: callers pass rustls configs, sockets, settings
+//! structs and request handlers, and turn its plain errors into their own.
+//! The HTTP/1.1 loops are still in the gateway's `proxy` module and are to
+//! follow (issue 16, item 1).
 
+pub mod accept;
 pub mod h2;
 pub mod splice;
 pub mod tls;

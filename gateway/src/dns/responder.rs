@@ -20,7 +20,7 @@ use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::BinDecodable;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -117,33 +117,29 @@ async fn serve_udp(udp: UdpSocket, shared: Arc<Shared>, shutdown: CancellationTo
 }
 
 async fn serve_tcp(tcp: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
-    let slots = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
+    use elsinore_transport::accept;
+    let hooks = accept::Hooks::default().on_refused(|peer| {
+        tracing::debug!(client.addr = %peer, "dns tcp connection limit reached; closing");
+    });
     let mut connections = JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            accepted = tcp.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let Ok(slot) = slots.clone().try_acquire_owned() else {
-                        tracing::debug!(client.addr = %peer, "dns tcp connection limit reached; closing");
-                        continue;
-                    };
-                    let shared = shared.clone();
-                    let shutdown = shutdown.clone();
-                    connections.spawn(async move {
-                        serve_tcp_connection(stream, &shared, &shutdown).await;
-                        drop(slot);
-                    });
-                }
-                Err(error) => {
-                    // e.g. EMFILE: back off instead of spinning on accept.
-                    tracing::warn!(%error, "dns tcp accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-        }
-    }
+    accept::serve(
+        tcp,
+        accept::Settings::new("dns tcp"),
+        accept::Connections::new(MAX_TCP_CONNECTIONS),
+        shutdown.clone(),
+        hooks,
+        |stream, _, slot| {
+            // Reap finished connection tasks so the set stays small.
+            while connections.try_join_next().is_some() {}
+            let shared = shared.clone();
+            let shutdown = shutdown.clone();
+            connections.spawn(async move {
+                serve_tcp_connection(stream, &shared, &shutdown).await;
+                drop(slot);
+            });
+        },
+    )
+    .await;
     // Connections watch the same token; wait for them to close.
     while connections.join_next().await.is_some() {}
 }

@@ -35,6 +35,9 @@ pub struct PeerConn {
 pub struct MtlsConn {
     inner: TlsStream<TcpStream>,
     info: PeerConn,
+    /// The connection's slot under the listener's cap, held until tonic
+    /// drops the connection.
+    _slot: elsinore_transport::accept::Permit,
 }
 
 impl Connected for MtlsConn {
@@ -83,30 +86,37 @@ impl AsyncWrite for MtlsConn {
 /// Accepts TCP connections and completes TLS handshakes, yielding
 /// authenticated connections on the returned channel until `shutdown`.
 /// Handshake failures (no certificate, wrong CA, wrong trust domain) are
-/// logged with the client address and never reach the gRPC layer.
+/// logged with the client address and never reach the gRPC layer. At most
+/// `max_connections` connections (in their handshake or open) are held at
+/// once; more are closed on accept, so a flood of connections that never
+/// finish a handshake cannot start unbounded tasks and exhaust descriptors.
 pub fn accept_mtls(
     listener: TcpListener,
     credentials: Arc<crate::credentials::Credentials>,
+    max_connections: usize,
     shutdown: CancellationToken,
 ) -> (
     mpsc::Receiver<Result<MtlsConn, io::Error>>,
     tokio::task::JoinHandle<()>,
 ) {
+    use elsinore_transport::accept;
     let (tx, rx) = mpsc::channel(64);
-    let task = tokio::spawn(async move {
-        loop {
-            let (tcp, remote) = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(pair) => pair,
-                    Err(error) => {
-                        // EMFILE and friends: back off briefly instead of spinning.
-                        tracing::warn!(%error, "federation listener accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
+    let connections = accept::Connections::new(max_connections);
+    let hooks = accept::Hooks::default().on_refused(move |remote| {
+        tracing::warn!(
+            client.addr = %remote,
+            max_connections,
+            "federation connection refused: connection limit reached"
+        );
+    });
+    let settings = accept::Settings::new("federation listener");
+    let task = tokio::spawn(accept::serve(
+        listener,
+        settings,
+        connections,
+        shutdown,
+        hooks,
+        move |tcp, remote, slot| {
             let _ = tcp.set_nodelay(true);
             // The material published now: a rotation reaches the next handshake.
             let acceptor = TlsAcceptor::from(Arc::clone(&credentials.current().federation_server));
@@ -120,6 +130,7 @@ pub fn accept_mtls(
                         let conn = MtlsConn {
                             inner: tls,
                             info: PeerConn { remote, spiffe_id },
+                            _slot: slot,
                         };
                         let _ = tx.send(Ok(conn)).await;
                     }
@@ -131,8 +142,8 @@ pub fn accept_mtls(
                     }
                 }
             });
-        }
-    });
+        },
+    ));
     (rx, task)
 }
 
@@ -157,4 +168,54 @@ pub async fn dial_mtls(
     .await
     .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
     Ok(TokioIo::new(tls))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::collections::HashMap;
+
+    use elsinore_certs::{Ca, Identity, SpiffeId, TrustBundle, TrustDomain};
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+
+    fn credentials() -> Arc<crate::credentials::Credentials> {
+        let ours: TrustDomain = "mesh-a.example".parse().unwrap();
+        let theirs: TrustDomain = "mesh-b.example".parse().unwrap();
+        let ca = Ca::new(&ours).unwrap();
+        let peer_ca = Ca::new(&theirs).unwrap();
+        let issued = ca.issue(&SpiffeId::gateway(ours), &[], &[]).unwrap();
+        let identity =
+            Identity::from_pem(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes()).unwrap();
+        let bundle = TrustBundle::from_pem(theirs, peer_ca.cert_pem().as_bytes()).unwrap();
+        let bundles = HashMap::from([("mesh-b".to_owned(), bundle)]);
+        Arc::new(crate::credentials::Credentials::fixed(identity, bundles).unwrap())
+    }
+
+    /// Connections that never start their handshake used to get a task each,
+    /// without bound; over the cap one is now closed at once instead of
+    /// being held for the handshake timeout.
+    #[tokio::test]
+    async fn connections_over_the_cap_are_closed_on_accept() {
+        let _limit = crate::test_support::limit();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let (_incoming, task) = accept_mtls(listener, credentials(), 2, shutdown.clone());
+
+        // Two silent clients take both slots for their handshakes.
+        let _a = TcpStream::connect(addr).await.unwrap();
+        let _b = TcpStream::connect(addr).await.unwrap();
+        let mut over = TcpStream::connect(addr).await.unwrap();
+        // Well under HANDSHAKE_TIMEOUT: without the cap the server would
+        // wait that long for this client's ClientHello.
+        let read = tokio::time::timeout(HANDSHAKE_TIMEOUT / 2, over.read(&mut [0u8; 1])).await;
+        assert!(
+            matches!(read, Ok(Ok(0) | Err(_))),
+            "the third connection must be closed at once, got {read:?}"
+        );
+        shutdown.cancel();
+        task.await.unwrap();
+    }
 }

@@ -37,7 +37,6 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Bytes};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -568,35 +567,30 @@ impl Egress {
         route: Route,
         cancel: CancellationToken,
     ) {
-        let cap = self
-            .ctx
-            .tuning
-            .max_connections
-            .clamp(1, Semaphore::MAX_PERMITS);
-        let limit = Arc::new(Semaphore::new(cap));
-        loop {
-            let (tcp, client) = tokio::select! {
-                _ = cancel.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(pair) => pair,
-                    Err(error) => {
-                        // EMFILE and friends: back off briefly instead of spinning.
-                        tracing::warn!(%error, "egress accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let Ok(permit) = limit.clone().try_acquire_owned() else {
-                EgressStats::bump(&self.stats.refused_over_cap);
-                tracing::debug!(client.addr = %client, max_connections = cap, "egress listener at its connection cap; closing");
-                drop(tcp);
-                continue;
-            };
-            EgressStats::bump(&self.stats.connections);
-            let _ = tcp.set_nodelay(true);
-            self.clone().connection(tcp, client, route, permit);
-        }
+        use elsinore_transport::accept;
+        // The cap is per listener, as `proxy.maxConnections` says; the drain
+        // waits on `self.open`, which spans every egress listener.
+        let connections = accept::Connections::new(self.ctx.tuning.max_connections);
+        let cap = connections.cap();
+        let stats = Arc::clone(&self.stats);
+        let hooks = accept::Hooks::default().on_refused(move |client| {
+            EgressStats::bump(&stats.refused_over_cap);
+            tracing::debug!(client.addr = %client, max_connections = cap, "egress listener at its connection cap; closing");
+        });
+        let settings = accept::Settings::new("egress");
+        accept::serve(
+            listener,
+            settings,
+            connections,
+            cancel,
+            hooks,
+            |tcp, client, permit| {
+                EgressStats::bump(&self.stats.connections);
+                let _ = tcp.set_nodelay(true);
+                self.clone().connection(tcp, client, route, permit);
+            },
+        )
+        .await;
     }
 
     /// Starts the task of one accepted connection. An HTTP connection's
@@ -608,7 +602,7 @@ impl Egress {
         tcp: TcpStream,
         client: SocketAddr,
         route: Route,
-        permit: OwnedSemaphorePermit,
+        permit: elsinore_transport::accept::Permit,
     ) {
         let entry = match route {
             Route::CatchAll => None,
@@ -904,7 +898,7 @@ impl Egress {
         tcp: TcpStream,
         client: SocketAddr,
         route: Route,
-        permit: OwnedSemaphorePermit,
+        permit: elsinore_transport::accept::Permit,
     ) {
         let tuning = &self.ctx.tuning;
         // An app gets `requestTimeout` to send request headers, as on ingress.
@@ -2203,7 +2197,9 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let _client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (tcp, peer) = l.accept().await.unwrap();
-        let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+        let permit = elsinore_transport::accept::Connections::new(1)
+            .try_admit()
+            .unwrap();
         let task = egress.serve_http(tcp, peer, Route::CatchAll, permit);
         let size = std::mem::size_of_val(&task);
         assert!(size <= 768, "HTTP connection task is {size} bytes");

@@ -47,7 +47,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{Instrument, field};
 
@@ -186,9 +185,6 @@ pub async fn serve(
     let inner = Arc::new(Inner {
         tls: ArcSwap::from_pointee(tls),
         routes: RouteCache::new(ctx.tuning.clone()),
-        limit: Arc::new(Semaphore::new(
-            ctx.tuning.max_connections.min(Semaphore::MAX_PERMITS),
-        )),
         stats,
         ctx,
     });
@@ -197,66 +193,71 @@ pub async fn serve(
         tracing::info!(%addr, "ingress listening");
     }
 
-    let mut conns = JoinSet::new();
-    loop {
-        let (tcp, remote) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            // Reap finished connection tasks so the set stays small.
-            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(error) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(%error, "ingress accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        bump(&inner.stats.accepted);
-        let Ok(permit) = Arc::clone(&inner.limit).try_acquire_owned() else {
-            inner.stats.refuse(Refusal::Overloaded);
-            tracing::warn!(
-                client.addr = %remote,
-                limit = inner.ctx.tuning.max_connections,
-                reason = Refusal::Overloaded.label(),
-                "ingress connection refused: connection limit reached"
-            );
-            drop(tcp);
-            continue;
-        };
-        let span = tracing::info_span!(
-            "ingress",
-            client.addr = %remote,
-            peer = field::Empty,
-            sni = field::Empty
-        );
-        let inner = Arc::clone(&inner);
-        conns.spawn(
-            async move {
-                bump(&inner.stats.active);
-                handle(tcp, &inner).await;
-                inner.stats.active.fetch_sub(1, Ordering::Relaxed);
-                drop(permit);
+    use elsinore_transport::accept;
+    let connections = accept::Connections::new(inner.ctx.tuning.max_connections);
+    let hooks = accept::Hooks::default()
+        .on_accepted({
+            let inner = Arc::clone(&inner);
+            move |_| bump(&inner.stats.accepted)
+        })
+        .on_refused({
+            let inner = Arc::clone(&inner);
+            move |remote| {
+                inner.stats.refuse(Refusal::Overloaded);
+                tracing::warn!(
+                    client.addr = %remote,
+                    limit = inner.ctx.tuning.max_connections,
+                    reason = Refusal::Overloaded.label(),
+                    "ingress connection refused: connection limit reached"
+                );
             }
-            .instrument(span),
-        );
-    }
+        });
+    // The tasks are kept so that what is still open at the drain deadline
+    // can be cut.
+    let mut conns = JoinSet::new();
+    let settings = accept::Settings::new("ingress");
+    accept::serve(
+        listener,
+        settings,
+        connections.clone(),
+        shutdown,
+        hooks,
+        |tcp, remote, permit| {
+            // Reap finished connection tasks so the set stays small.
+            while conns.try_join_next().is_some() {}
+            let span = tracing::info_span!(
+                "ingress",
+                client.addr = %remote,
+                peer = field::Empty,
+                sni = field::Empty
+            );
+            let inner = Arc::clone(&inner);
+            conns.spawn(
+                async move {
+                    bump(&inner.stats.active);
+                    handle(tcp, &inner).await;
+                    inner.stats.active.fetch_sub(1, Ordering::Relaxed);
+                    drop(permit);
+                }
+                .instrument(span),
+            );
+        },
+    )
+    .await;
 
-    drop(listener);
-    let open = conns.len();
+    let open = connections.open();
     if open > 0 {
         tracing::info!(open, "ingress draining connections");
     }
     let ctx = &inner.ctx;
+    let deadline = tokio::time::Instant::now() + ctx.drain_timeout;
     let drained = tokio::select! {
-        () = async { while conns.join_next().await.is_some() {} } => true,
+        drained = connections.drained(deadline) => drained,
         () = ctx.abort.cancelled() => false,
-        () = tokio::time::sleep(ctx.drain_timeout) => false,
     };
     if !drained {
         tracing::warn!(
-            open = conns.len(),
+            open = connections.open(),
             "ingress drain timed out; closing remaining connections"
         );
         conns.shutdown().await;
@@ -298,7 +299,6 @@ struct Inner {
     ctx: ProxyContext,
     tls: ArcSwap<IngressTls>,
     routes: RouteCache,
-    limit: Arc<Semaphore>,
     stats: Arc<IngressStats>,
 }
 
