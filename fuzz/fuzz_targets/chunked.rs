@@ -10,7 +10,7 @@
 #![no_main]
 
 use elsinore_fuzz::{Pieces, Rng, decode_body, decode_both_ways, encode_chunked};
-use elsinore_gateway::fuzzing::h1::BodyFraming;
+use elsinore_transport::fuzzing::h1::BodyFraming;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: &[u8]| {

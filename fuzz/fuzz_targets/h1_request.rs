@@ -13,7 +13,7 @@
 #![no_main]
 
 use elsinore_fuzz::{decode_both_ways, list_values, parse_u64};
-use elsinore_gateway::fuzzing::h1::{BodyFraming, HeadVerdict, parse_request_head};
+use elsinore_transport::fuzzing::h1::{BodyFraming, HeadVerdict, parse_request_head};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: &[u8]| {

@@ -5,13 +5,29 @@
 //! OpenSSL, Python and tokio-rustls, fuzz targets in `fuzz/`, tlsfuzzer
 //! results in `docs/transport.md`).
 //!
-//! Today it holds the TLS record layer ([`tls`]): rustls runs the
-//! handshake, this crate seals and opens the records after it. It knows
-//! nothing of catalogs, peers or config files: callers pass rustls configs
-//! and sockets. The HTTP/1.1 and HTTP/2 loops and splice are still in the
-//! gateway's `proxy` module and are to follow (issue 16, item 1).
+//! It holds the TLS record layer ([`tls`]): rustls runs the handshake, this
+//! crate seals and opens the records after it; HTTP/1.1 ([`h1`]): the
+//! server loop egress serves local apps with and the client ingress sends
+//! to backends with; the yield to clients after a response ([`handoff`]);
+//! and the data plane's error type ([`error`]). It knows nothing of
+//! catalogs, peers or config files: callers pass rustls configs, sockets,
+//! settings structs and a backend connector ([`h1::client::Connect`]).
+//! The HTTP/2 loops and splice are still in the gateway's `proxy` module
+//! and are to follow (issue 16, item 1).
 
+pub mod error;
+pub mod h1;
+pub mod handoff;
 pub mod tls;
+
+/// Parser entry points for the cargo-fuzz targets in `fuzz/`: the same
+/// functions the HTTP/1.1 server and client call, fed from memory. Not an
+/// API; hidden from the docs and free to change with the code it wraps.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::h1::client::fuzzing as h1client;
+    pub use crate::h1::fuzzing as h1;
+}
 
 #[cfg(any(test, feature = "test-support"))]
 #[doc(hidden)]

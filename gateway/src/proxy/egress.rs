@@ -42,7 +42,6 @@ use tracing::Instrument;
 use super::ProxyContext;
 use super::activity::{Activity, ActivityIo};
 use super::error::{ErrorKind, ProxyError, Side};
-use super::h1::{self, BoxError};
 use super::h2client::{self, SendError};
 use super::h2server;
 use super::pool::{H2Pool, PoolHandle, PoolKey, PoolLimits};
@@ -51,6 +50,7 @@ use super::tls::{self, TlsStream};
 use crate::config::EgressMode;
 use crate::dns::resolver::{self, ConnectError};
 use crate::dns::vip::{PortRoute, VipEntry, VipTable};
+use elsinore_transport::h1::server::{self as h1, BoxError};
 
 /// The body of every response egress gives to a local app.
 type RespBody = BoxBody<Bytes, BoxError>;
@@ -911,9 +911,10 @@ impl Egress {
         let settings = h1::Settings {
             header_timeout: tuning.request_timeout,
             idle_timeout: tuning.idle_timeout,
+            yield_every: elsinore_transport::handoff::every(tuning.yield_to_clients),
         };
         let egress = &self;
-        let served = h1::serve(tcp, settings, &self.ctx.shutdown, |req| {
+        let served = h1::serve(tcp, &settings, &self.ctx.shutdown, |req| {
             egress.handle(client, route, req)
         })
         .await;

@@ -15,7 +15,7 @@ use http::HeaderMap;
 use http::header::CONTENT_LENGTH;
 use http_body::{Body, Frame, SizeHint};
 
-use super::h1::BoxError;
+use elsinore_transport::h1::server::BoxError;
 
 /// A body read straight from its HTTP/2 stream. `G` is held for as long as
 /// the body lives (the client counts open streams with it).

@@ -33,8 +33,8 @@ use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::Instrument;
 
-use super::h1::BoxError;
 use super::h2body::{self, RecvBody};
+use elsinore_transport::h1::server::BoxError;
 
 /// How often a connection with open streams is pinged.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);

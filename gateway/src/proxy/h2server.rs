@@ -43,8 +43,8 @@ use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Sleep;
 
-use super::h1::{self, BoxError};
 use super::h2body::{self, RecvBody};
+use elsinore_transport::h1::server::{self as h1, BoxError};
 
 const STREAM_WINDOW: u32 = 1024 * 1024;
 const CONN_WINDOW: u32 = 1024 * 1024;

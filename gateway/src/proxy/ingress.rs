@@ -51,7 +51,6 @@ use tracing::{Instrument, field};
 use super::activity::{Activity, ActivityIo};
 use super::backend::Backends;
 use super::error::{ErrorKind, ProxyError};
-use super::h1client::{H1Client, ResponseBody};
 use super::h2body::RecvBody;
 use super::h2server;
 use super::splice::splice;
@@ -63,6 +62,7 @@ use super::{
 use crate::catalog::ExportCatalog;
 use crate::catalog::exports::ExportedService;
 use crate::config::{HostPort, ProxyTuning};
+use elsinore_transport::h1::client::{self as h1client, H1Client, ResponseBody};
 
 /// A peer's mTLS connection, boxed (see `handle`).
 type PeerStream = Box<TlsStream>;
@@ -614,9 +614,12 @@ impl Upstream {
         let backends = Arc::new(Backends::new(&export.backends));
         let http = match export.protocol {
             Protocol::Http => Some(HttpBackend::H1(H1Client::new(
-                Arc::clone(&backends),
-                tuning.connect_timeout,
-                tuning.idle_timeout,
+                Arc::clone(&backends) as Arc<dyn h1client::Connect>,
+                h1client::Settings {
+                    connect_timeout: tuning.connect_timeout,
+                    idle_timeout: tuning.idle_timeout,
+                    max_connections: crate::config::defaults::MAX_BACKEND_CONNECTIONS,
+                },
             ))),
             // gRPC and HTTP/2 backends speak h2c: prior knowledge, no upgrade.
             Protocol::Http2 | Protocol::Grpc => {
