@@ -6,6 +6,7 @@
 //! the fuzz targets in `fuzz/` the parsers and the body decoder.
 
 pub mod client;
+pub(crate) mod framing;
 pub mod server;
 
 #[doc(hidden)]

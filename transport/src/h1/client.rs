@@ -58,7 +58,7 @@ use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -67,10 +67,11 @@ use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use super::server::{
-    self as h1, BodyError, BoxError, Chunk, Framing, HEAD_CHUNK, MAX_HEAD, MAX_HEADERS,
+use super::framing::{
+    self, BadField, BadLength, BodyError, Chunk, Framing, HEAD_CHUNK, MAX_HEAD, MAX_HEADERS,
     WRITE_COALESCE,
 };
+use super::server::BoxError;
 use crate::error::{ErrorKind, ProxyError};
 
 /// Idle connections kept per export; more are closed when they come back.
@@ -305,7 +306,7 @@ impl H1Client {
         let mut body = pin!(body);
         let framing = request_framing(&parts.headers, &*body);
         let head = request_head(&parts, framing);
-        let req_close = h1::connection_has(&parts.headers, "close");
+        let req_close = framing::connection_has(&parts.headers, "close");
         let is_head = parts.method == Method::HEAD;
         let may_resend = idempotent(&parts.method);
 
@@ -403,7 +404,7 @@ impl H1Client {
         };
         if head.read == Read::Framed(Framing::Length(0)) {
             // No body: the connection is free now, before hyper writes.
-            h1::BodySource::finish(state);
+            framing::BodySource::finish(state);
         } else {
             *resp.body_mut() = ResponseBody::new(state);
         }
@@ -425,11 +426,7 @@ fn request_framing<B: Body>(headers: &HeaderMap, body: &B) -> Outgoing {
     if let Some(n) = body.size_hint().exact() {
         return Outgoing::Length(n);
     }
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    match declared {
+    match framing::declared_length(headers) {
         Some(n) => Outgoing::Length(n),
         None => Outgoing::Chunked,
     }
@@ -446,18 +443,13 @@ fn request_head(parts: &http::request::Parts, framing: Outgoing) -> BytesMut {
     if !parts.headers.contains_key(header::HOST)
         && let Some(authority) = parts.uri.authority()
     {
-        out.put_slice(b"host: ");
-        out.put_slice(authority.as_str().as_bytes());
-        out.put_slice(b"\r\n");
+        framing::put_field(&mut out, b"host", authority.as_str().as_bytes());
     }
     for (name, value) in &parts.headers {
         if *name == header::CONTENT_LENGTH || *name == header::TRANSFER_ENCODING {
             continue;
         }
-        out.put_slice(name.as_str().as_bytes());
-        out.put_slice(b": ");
-        out.put_slice(value.as_bytes());
-        out.put_slice(b"\r\n");
+        framing::put_field(&mut out, name.as_str().as_bytes(), value.as_bytes());
     }
     match framing {
         Outgoing::Empty => {
@@ -610,12 +602,12 @@ where
                 format!("request body longer than its content-length {n}"),
             )));
         }
-        h1::put_data(wr, &mut out, &data, framing == Outgoing::Chunked)
+        framing::put_data(wr, &mut out, &data, framing == Outgoing::Chunked)
             .await
             .map_err(io_err)?;
     }
     match framing {
-        Outgoing::Chunked => h1::put_last_chunk(&mut out, trailers.as_ref()),
+        Outgoing::Chunked => framing::put_last_chunk(&mut out, trailers.as_ref()),
         Outgoing::Length(n) if sent != n => {
             return Err(WriteError::Downstream(ProxyError::downstream(
                 ErrorKind::Protocol,
@@ -732,19 +724,12 @@ fn parse_head(buf: &[u8], is_head: bool) -> Result<Parsed, String> {
     if status.is_informational() {
         return Ok(Parsed::Interim(len));
     }
-    let version = match resp.version {
-        Some(0) => Version::HTTP_10,
-        _ => Version::HTTP_11,
-    };
-    let mut headers = HeaderMap::with_capacity(resp.headers.len());
-    for field in resp.headers.iter() {
-        let name = HeaderName::from_bytes(field.name.as_bytes())
-            .map_err(|_| format!("invalid response header name {:?}", field.name))?;
-        let value = HeaderValue::from_bytes(field.value)
-            .map_err(|_| format!("invalid value for response header {name}"))?;
-        headers.append(name, value);
-    }
-    let mut keep_alive = h1::keeps_alive(version, &headers);
+    let version = framing::version(resp.version);
+    let headers = framing::header_map(resp.headers).map_err(|e| match e {
+        BadField::Name(name) => format!("invalid response header name {name:?}"),
+        BadField::Value(name) => format!("invalid value for response header {name}"),
+    })?;
+    let mut keep_alive = framing::keeps_alive(version, &headers);
     let read = if is_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED
     {
         // No body by definition (RFC 9112 §6.3). One that declares a
@@ -783,11 +768,9 @@ fn declares_body(headers: &HeaderMap) -> bool {
 
 /// RFC 9112 §6.3 for a response that has a body.
 fn response_framing(headers: &HeaderMap) -> Result<Read, String> {
-    let mut codings = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
+    // Empty elements are skipped, as RFC 9110 §5.6.1 lets a recipient do
+    // (the server refuses them in a request).
+    let mut codings = framing::transfer_codings(headers)
         .filter(|c| !c.is_empty())
         .peekable();
     if codings.peek().is_some() {
@@ -795,33 +778,20 @@ fn response_framing(headers: &HeaderMap) -> Result<Read, String> {
             return Err("response has both content-length and transfer-encoding".to_owned());
         }
         let all: Vec<&[u8]> = codings.collect();
-        return match all.as_slice() {
-            [only] if only.eq_ignore_ascii_case(b"chunked") => {
-                Ok(Read::Framed(Framing::Chunked(Chunk::Size)))
-            }
-            _ => Err("response transfer codings other than chunked are not supported".to_owned()),
+        return if framing::only_chunked(&all) {
+            Ok(Read::Framed(Framing::Chunked(Chunk::Size)))
+        } else {
+            Err("response transfer codings other than chunked are not supported".to_owned())
         };
     }
-    let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|&b| b == b',') {
-            let part = part.trim_ascii();
-            let n = std::str::from_utf8(part)
-                .ok()
-                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|s| s.parse::<u64>().ok())
-                .ok_or_else(|| {
-                    format!(
-                        "invalid response content-length {:?}",
-                        String::from_utf8_lossy(part)
-                    )
-                })?;
-            if length.is_some_and(|l| l != n) {
-                return Err("conflicting response content-length values".to_owned());
-            }
-            length = Some(n);
-        }
-    }
+    // A list of equal lengths in one field (`5, 5`) is read as one.
+    let length = framing::content_length(headers, true).map_err(|e| match e {
+        BadLength::Invalid(part) => format!(
+            "invalid response content-length {:?}",
+            String::from_utf8_lossy(part)
+        ),
+        BadLength::Conflicting => "conflicting response content-length values".to_owned(),
+    })?;
     Ok(match length {
         Some(n) => Read::Framed(Framing::Length(n)),
         None => Read::Close,
@@ -831,7 +801,7 @@ fn response_framing(headers: &HeaderMap) -> Result<Read, String> {
 /// A response body read from the backend connection it owns while it
 /// streams. At a clean end the connection goes back to the export's pool
 /// (when reusable); dropped earlier, the connection is closed.
-pub type ResponseBody = h1::ConnBody<BodyState>;
+pub type ResponseBody = framing::ConnBody<BodyState>;
 
 pub struct BodyState {
     conn: Conn,
@@ -854,7 +824,7 @@ impl std::fmt::Debug for ResponseBody {
     }
 }
 
-impl h1::BodySource for BodyState {
+impl framing::BodySource for BodyState {
     type Error = ProxyError;
 
     fn length(&self) -> Option<u64> {
@@ -879,9 +849,12 @@ impl h1::BodySource for BodyState {
         let addr = &self.conn.addr;
         match &mut self.read {
             Read::Framed(framing) => {
-                let res = ready!(h1::poll_decode(framing, &mut self.buf, cx, |buf, cx| {
-                    h1::poll_fill(Pin::new(&mut *io), buf, cx)
-                }));
+                let res = ready!(framing::poll_decode(
+                    framing,
+                    &mut self.buf,
+                    cx,
+                    |buf, cx| { framing::poll_fill(Pin::new(&mut *io), buf, cx) }
+                ));
                 Poll::Ready(res.map_err(|e| match e {
                     BodyError::Io(e) => upstream(
                         ErrorKind::Io,
@@ -902,7 +875,7 @@ impl h1::BodySource for BodyState {
             }
             Read::Close => {
                 if self.buf.is_empty() {
-                    let more = ready!(h1::poll_fill(Pin::new(&mut *io), &mut self.buf, cx))
+                    let more = ready!(framing::poll_fill(Pin::new(&mut *io), &mut self.buf, cx))
                         .map_err(|e| {
                             upstream(
                                 ErrorKind::Io,

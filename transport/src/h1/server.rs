@@ -30,34 +30,28 @@ use std::fmt::Write as _;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::{Pin, pin};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use http_body::{Body, Frame};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::framing::{
+    self, BadField, BadLength, BodyError, BodySource, Chunk, ConnBody, Framing, HEAD_CHUNK,
+    MAX_HEAD, MAX_HEADERS, connection_has, keeps_alive, poll_decode, poll_fill, put_data,
+    put_last_chunk,
+};
 use crate::error::ErrorKind;
 use crate::handoff;
 
-/// The largest request head (request line and fields) accepted.
-pub const MAX_HEAD: usize = 64 * 1024;
-/// The most header fields in one request head (or trailer section).
-pub const MAX_HEADERS: usize = 128;
-/// First allocation for a request head; grows while the head is incomplete.
-pub(crate) const HEAD_CHUNK: usize = 4 * 1024;
-/// Read size while a request body streams.
-pub(crate) const BODY_CHUNK: usize = 16 * 1024;
-/// Response bytes gathered before a write (head and small bodies go out in
-/// one syscall).
-pub(crate) const WRITE_COALESCE: usize = 16 * 1024;
 /// How long a finished response waits for the request body to be handed
 /// back before the connection is closed instead of reused.
 const BODY_RETURN: Duration = Duration::from_secs(1);
@@ -307,26 +301,6 @@ where
     Ok(keep_alive)
 }
 
-/// How a message body is delimited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Framing {
-    Length(u64),
-    Chunked(Chunk),
-}
-
-/// Where the chunked decoder is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Chunk {
-    /// Expecting a chunk-size line.
-    Size,
-    /// Inside chunk data, this many bytes left.
-    Data(u64),
-    /// Expecting the CRLF after chunk data.
-    DataEnd,
-    /// After the last chunk: trailer fields up to an empty line.
-    Trailers,
-}
-
 pub(super) struct Head {
     pub(super) method: Method,
     pub(super) uri: Uri,
@@ -377,29 +351,6 @@ async fn read_head(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> Result<Head, H
     }
 }
 
-/// Whether a `Connection` field of `headers` holds `token`.
-pub(crate) fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
-}
-
-/// Whether a message lets its connection carry another one (RFC 9112
-/// §9.3): never when it says close, whatever else it says; otherwise
-/// HTTP/1.0 only when it asks for keep-alive, HTTP/1.1 always.
-pub(crate) fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
-    if connection_has(headers, "close") {
-        return false;
-    }
-    match version {
-        Version::HTTP_10 => connection_has(headers, "keep-alive"),
-        _ => true,
-    }
-}
-
 /// Parses a complete request head at the start of `buf`: `None` if more
 /// bytes are needed.
 pub(super) fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HeadError> {
@@ -432,18 +383,11 @@ pub(super) fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HeadError>
     let uri: Uri = target
         .parse()
         .map_err(|_| bad(format!("invalid request target {target:?}")))?;
-    let version = match req.version {
-        Some(0) => Version::HTTP_10,
-        _ => Version::HTTP_11,
-    };
-    let mut headers = HeaderMap::with_capacity(req.headers.len());
-    for field in req.headers.iter() {
-        let name = HeaderName::from_bytes(field.name.as_bytes())
-            .map_err(|_| bad(format!("invalid header name {:?}", field.name)))?;
-        let value = HeaderValue::from_bytes(field.value)
-            .map_err(|_| bad(format!("invalid value for header {name}")))?;
-        headers.append(name, value);
-    }
+    let version = framing::version(req.version);
+    let mut headers = framing::header_map(req.headers).map_err(|e| match e {
+        BadField::Name(name) => bad(format!("invalid header name {name:?}")),
+        BadField::Value(name) => bad(format!("invalid value for header {name}")),
+    })?;
 
     let framing = request_framing(&mut headers, version)?;
     let keep_alive = keeps_alive(version, &headers);
@@ -485,12 +429,7 @@ fn request_framing(headers: &mut HeaderMap, version: Version) -> Result<Framing,
         if headers.contains_key(header::CONTENT_LENGTH) {
             return Err(bad("request has both Content-Length and Transfer-Encoding"));
         }
-        let all: Vec<&[u8]> = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .map(<[u8]>::trim_ascii)
-            .collect();
+        let all: Vec<&[u8]> = framing::transfer_codings(headers).collect();
         // Empty elements (an empty field, `chunked,`) are refused, not
         // skipped as RFC 9110 §5.6.1 lets a recipient do: hyper reads
         // `chunked` followed by an empty field as not chunked, and two
@@ -498,129 +437,38 @@ fn request_framing(headers: &mut HeaderMap, version: Version) -> Result<Framing,
         if all.iter().any(|c| c.is_empty()) {
             return Err(bad("empty element in Transfer-Encoding"));
         }
-        return match all.as_slice() {
-            [only] if only.eq_ignore_ascii_case(b"chunked") => Ok(Framing::Chunked(Chunk::Size)),
-            _ => Err(refused(
+        return if framing::only_chunked(&all) {
+            Ok(Framing::Chunked(Chunk::Size))
+        } else {
+            Err(refused(
                 StatusCode::NOT_IMPLEMENTED,
                 "transfer codings other than chunked are not supported",
-            )),
+            ))
         };
     }
-    let mut length = None;
-    let mut fields = 0;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        fields += 1;
-        let text = value.as_bytes().trim_ascii();
-        let n = std::str::from_utf8(text)
-            .ok()
-            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|s| s.parse::<u64>().ok())
-            .ok_or_else(|| {
-                refused(
-                    StatusCode::BAD_REQUEST,
-                    format!(
-                        "invalid Content-Length {:?}",
-                        String::from_utf8_lossy(value.as_bytes())
-                    ),
-                )
-            })?;
-        if length.is_some_and(|l| l != n) {
-            return Err(bad("conflicting Content-Length values"));
-        }
-        length = Some(n);
-    }
+    // No lists in one field: hyper's server refuses `5, 5`, and a request
+    // read two ways is the smuggling shape.
+    let length = framing::content_length(headers, false).map_err(|e| match e {
+        BadLength::Invalid(field) => refused(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "invalid Content-Length {:?}",
+                String::from_utf8_lossy(field)
+            ),
+        ),
+        BadLength::Conflicting => bad("conflicting Content-Length values"),
+    })?;
     // One field goes on, the first as sent (hyper's choice too).
-    if fields > 1
+    if headers
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .nth(1)
+        .is_some()
         && let Some(first) = headers.get(header::CONTENT_LENGTH).cloned()
     {
         headers.insert(header::CONTENT_LENGTH, first);
     }
     Ok(Framing::Length(length.unwrap_or(0)))
-}
-
-/// A body streamed from a connection by the task that polls it: frames
-/// until the end, then the connection goes back where it came from
-/// ([`BodySource::finish`]); after an error the state is dropped, and the
-/// connection closes with it.
-pub struct ConnBody<S> {
-    state: Option<S>,
-}
-
-/// What a [`ConnBody`] reads from.
-pub trait BodySource {
-    type Error;
-    /// The next frame, or `None` when the body is complete.
-    fn poll_next(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<Option<Frame<Bytes>>, Self::Error>>;
-    /// What is left of a body framed by length; `None` for other framings.
-    fn length(&self) -> Option<u64>;
-    /// The body ended cleanly: hand the connection back.
-    fn finish(self);
-}
-
-impl<S: BodySource> ConnBody<S> {
-    pub(crate) fn new(state: S) -> Self {
-        ConnBody { state: Some(state) }
-    }
-
-    pub fn empty() -> Self {
-        ConnBody { state: None }
-    }
-
-    pub(crate) fn source(&self) -> Option<&S> {
-        self.state.as_ref()
-    }
-
-    fn finish(&mut self) {
-        if let Some(state) = self.state.take() {
-            state.finish();
-        }
-    }
-}
-
-impl<S: BodySource + Unpin> Body for ConnBody<S> {
-    type Data = Bytes;
-    type Error = S::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, S::Error>>> {
-        let Some(state) = self.state.as_mut() else {
-            return Poll::Ready(None);
-        };
-        match ready!(state.poll_next(cx)) {
-            Ok(Some(frame)) => {
-                if state.length() == Some(0) {
-                    self.finish();
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Ok(None) => {
-                self.finish();
-                Poll::Ready(None)
-            }
-            Err(e) => {
-                self.state = None;
-                Poll::Ready(Some(Err(e)))
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.state.is_none()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.state {
-            None => SizeHint::with_exact(0),
-            Some(state) => state
-                .length()
-                .map_or_else(SizeHint::default, SizeHint::with_exact),
-        }
-    }
 }
 
 /// The body of a request read from the client connection. It owns the
@@ -633,19 +481,6 @@ pub struct BodyState {
     buf: BytesMut,
     framing: Framing,
     give_back: oneshot::Sender<(OwnedReadHalf, BytesMut)>,
-}
-
-/// Why a framed body could not be read ([`poll_decode`]). The messages are
-/// worded for request bodies, the ones this server loop reads; the backend
-/// client words its own for response bodies.
-#[derive(Debug, thiserror::Error)]
-pub enum BodyError {
-    #[error("reading the request body: {0}")]
-    Io(io::Error),
-    #[error("client closed the connection before the request body ended")]
-    Incomplete,
-    #[error("malformed chunked request body: {0}")]
-    Chunked(&'static str),
 }
 
 impl BodySource for BodyState {
@@ -669,284 +504,6 @@ impl BodySource for BodyState {
             poll_fill(Pin::new(&mut *rd), buf, cx)
         })
     }
-}
-
-/// Reads more bytes into `buf` (reserving [`BODY_CHUNK`]); `Ready(Ok(false))`
-/// at EOF.
-pub(crate) fn poll_fill<R: tokio::io::AsyncRead>(
-    rd: Pin<&mut R>,
-    buf: &mut BytesMut,
-    cx: &mut Context<'_>,
-) -> Poll<io::Result<bool>> {
-    buf.reserve(BODY_CHUNK);
-    let n = ready!(tokio_util::io::poll_read_buf(rd, cx, buf))?;
-    Poll::Ready(Ok(n > 0))
-}
-
-/// Decodes the next frame of a body framed by `framing` from `buf`,
-/// calling `fill` (which reads more into `buf`, `false` at EOF) when it
-/// needs bytes. `None` when the body is complete (`framing` is then
-/// `Length(0)`); bytes past the body stay in `buf`. Shared by the request
-/// bodies read here and the response bodies read by the ingress client.
-pub(crate) fn poll_decode<F>(
-    framing: &mut Framing,
-    buf: &mut BytesMut,
-    cx: &mut Context<'_>,
-    mut fill: F,
-) -> Poll<Result<Option<Frame<Bytes>>, BodyError>>
-where
-    F: FnMut(&mut BytesMut, &mut Context<'_>) -> Poll<io::Result<bool>>,
-{
-    let mut fill = |buf: &mut BytesMut, cx: &mut Context<'_>| -> Poll<Result<(), BodyError>> {
-        match ready!(fill(buf, cx)) {
-            Ok(true) => Poll::Ready(Ok(())),
-            Ok(false) => Poll::Ready(Err(BodyError::Incomplete)),
-            Err(e) => Poll::Ready(Err(BodyError::Io(e))),
-        }
-    };
-    loop {
-        match *framing {
-            Framing::Length(0) => return Poll::Ready(Ok(None)),
-            Framing::Length(left) => {
-                if buf.is_empty() {
-                    ready!(fill(buf, cx))?;
-                }
-                let take = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
-                *framing = Framing::Length(left - take as u64);
-                return Poll::Ready(Ok(Some(Frame::data(buf.split_to(take).freeze()))));
-            }
-            Framing::Chunked(Chunk::Data(left)) => {
-                if buf.is_empty() {
-                    ready!(fill(buf, cx))?;
-                }
-                let take = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
-                let rest = left - take as u64;
-                *framing = Framing::Chunked(if rest == 0 {
-                    Chunk::DataEnd
-                } else {
-                    Chunk::Data(rest)
-                });
-                return Poll::Ready(Ok(Some(Frame::data(buf.split_to(take).freeze()))));
-            }
-            Framing::Chunked(Chunk::DataEnd) => {
-                if buf.len() < 2 {
-                    ready!(fill(buf, cx))?;
-                    continue;
-                }
-                if &buf[..2] != b"\r\n" {
-                    return Poll::Ready(Err(BodyError::Chunked("chunk data not followed by CRLF")));
-                }
-                buf.advance(2);
-                *framing = Framing::Chunked(Chunk::Size);
-            }
-            Framing::Chunked(Chunk::Size) => {
-                match parse_chunk_size(buf).map_err(BodyError::Chunked)? {
-                    Some((size, len)) => {
-                        buf.advance(len);
-                        *framing = Framing::Chunked(if size == 0 {
-                            Chunk::Trailers
-                        } else {
-                            Chunk::Data(size)
-                        });
-                    }
-                    None => ready!(fill(buf, cx))?,
-                }
-            }
-            Framing::Chunked(Chunk::Trailers) => {
-                match parse_trailers(buf).map_err(BodyError::Chunked)? {
-                    Some((trailers, len)) => {
-                        buf.advance(len);
-                        *framing = Framing::Length(0);
-                        if !trailers.is_empty() {
-                            return Poll::Ready(Ok(Some(Frame::trailers(trailers))));
-                        }
-                    }
-                    None => {
-                        if buf.len() > MAX_HEAD {
-                            return Poll::Ready(Err(BodyError::Chunked(
-                                "trailer section too large",
-                            )));
-                        }
-                        ready!(fill(buf, cx))?;
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// A chunk-size line (RFC 9112 §7.1): the size and the line's length, or
-/// `None` if the line is not complete yet. Strict where parsers have
-/// disagreed (the smuggling shapes): the size starts the line, whitespace
-/// is allowed only before a `;` or around an `=` of an extension (BWS),
-/// extensions are `;name[=token or quoted-string]`, and the line ends in
-/// CRLF, never a bare LF or CR.
-fn parse_chunk_size(buf: &[u8]) -> Result<Option<(u64, usize)>, &'static str> {
-    const MAX_LINE: usize = 4 * 1024;
-    let Some(lf) = buf.iter().take(MAX_LINE).position(|&b| b == b'\n') else {
-        return if buf.len() >= MAX_LINE {
-            Err("chunk-size line too long")
-        } else {
-            Ok(None)
-        };
-    };
-    let line = buf[..lf]
-        .strip_suffix(b"\r")
-        .ok_or("chunk-size line not ended by CRLF")?;
-    let digits = line
-        .iter()
-        .position(|b| !b.is_ascii_hexdigit())
-        .unwrap_or(line.len());
-    if digits == 0 {
-        return Err("invalid chunk size");
-    }
-    let mut size: u64 = 0;
-    for &d in &line[..digits] {
-        let v = u64::from((d as char).to_digit(16).ok_or("invalid chunk size")?);
-        size = size
-            .checked_mul(16)
-            .and_then(|s| s.checked_add(v))
-            .ok_or("chunk size over 64 bits")?;
-    }
-    chunk_extensions(&line[digits..])?;
-    Ok(Some((size, lf + 1)))
-}
-
-/// Checks `*( BWS ";" BWS name [ BWS "=" BWS ( token / quoted-string ) ] )`.
-fn chunk_extensions(mut rest: &[u8]) -> Result<(), &'static str> {
-    const BAD: &str = "malformed chunk extension";
-    fn bws(s: &[u8]) -> &[u8] {
-        let n = s.iter().take_while(|&&b| b == b' ' || b == b'\t').count();
-        &s[n..]
-    }
-    fn token(s: &[u8]) -> usize {
-        s.iter().take_while(|&&b| is_tchar(b)).count()
-    }
-    while !rest.is_empty() {
-        rest = bws(rest).strip_prefix(b";").ok_or(BAD)?;
-        rest = bws(rest);
-        let name = token(rest);
-        if name == 0 {
-            return Err(BAD);
-        }
-        rest = &rest[name..];
-        if let Some(value) = bws(rest).strip_prefix(b"=") {
-            let value = bws(value);
-            let len = if value.first() == Some(&b'"') {
-                quoted_string(value).ok_or(BAD)?
-            } else {
-                token(value)
-            };
-            if len == 0 {
-                return Err(BAD);
-            }
-            rest = &value[len..];
-        }
-    }
-    Ok(())
-}
-
-/// RFC 9110 §5.6.2 `tchar`.
-fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-}
-
-/// The length of the quoted-string (RFC 9110 §5.6.4) that `s` starts
-/// with, or `None` if it is not one.
-fn quoted_string(s: &[u8]) -> Option<usize> {
-    let mut i = 1;
-    loop {
-        match *s.get(i)? {
-            b'"' => return Some(i + 1),
-            b'\\' => {
-                let escaped = *s.get(i + 1)?;
-                if !(escaped == b'\t' || escaped == b' ' || escaped >= 0x21 && escaped != 0x7f) {
-                    return None;
-                }
-                i += 2;
-            }
-            b'\t' | b' ' | 0x21 | 0x23..=0x5b | 0x5d..=0x7e | 0x80.. => i += 1,
-            _ => return None,
-        }
-    }
-}
-
-/// The trailer section after the last chunk, up to and including its empty
-/// line: the fields and the section's length, or `None` if incomplete.
-/// Every line ends in CRLF: httparse would also end lines (and the
-/// section) at a bare LF, where hyper reads on to the next CRLF CRLF, so
-/// the two would disagree on where the next request starts.
-fn parse_trailers(buf: &[u8]) -> Result<Option<(HeaderMap, usize)>, &'static str> {
-    let mut line = 0;
-    let len = loop {
-        let Some(lf) = buf[line..].iter().position(|&b| b == b'\n') else {
-            return Ok(None);
-        };
-        let at = line + lf;
-        if at == 0 || buf[at - 1] != b'\r' {
-            return Err("trailer line not ended by CRLF");
-        }
-        if at == line + 1 {
-            break at + 1;
-        }
-        line = at + 1;
-    };
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    match httparse::parse_headers(&buf[..len], &mut fields) {
-        Ok(httparse::Status::Complete((parsed, fields))) if parsed == len => {
-            let mut map = HeaderMap::with_capacity(fields.len());
-            for f in fields {
-                let name = HeaderName::from_bytes(f.name.as_bytes())
-                    .map_err(|_| "invalid trailer name")?;
-                let value =
-                    HeaderValue::from_bytes(f.value).map_err(|_| "invalid trailer value")?;
-                map.append(name, value);
-            }
-            Ok(Some((map, len)))
-        }
-        _ => Err("malformed trailer section"),
-    }
-}
-
-/// Adds one piece of body data to `out`, as a chunk when `chunked`, and
-/// writes once `out` is full; a large piece goes out in a write of its own
-/// right after what was gathered, not copied.
-pub(crate) async fn put_data<W: AsyncWrite + Unpin>(
-    wr: &mut W,
-    out: &mut BytesMut,
-    data: &[u8],
-    chunked: bool,
-) -> io::Result<()> {
-    if chunked {
-        let _ = write!(out, "{:x}\r\n", data.len());
-    }
-    if data.len() >= WRITE_COALESCE {
-        wr.write_all(out).await?;
-        out.clear();
-        wr.write_all(data).await?;
-    } else {
-        out.put_slice(data);
-    }
-    if chunked {
-        out.put_slice(b"\r\n");
-    }
-    if out.len() >= WRITE_COALESCE {
-        wr.write_all(out).await?;
-        out.clear();
-    }
-    Ok(())
-}
-
-/// The end of a chunked body: the last chunk and the trailer section.
-pub(crate) fn put_last_chunk(out: &mut BytesMut, trailers: Option<&HeaderMap>) {
-    out.put_slice(b"0\r\n");
-    for (name, value) in trailers.into_iter().flatten() {
-        out.put_slice(name.as_str().as_bytes());
-        out.put_slice(b": ");
-        out.put_slice(value.as_bytes());
-        out.put_slice(b"\r\n");
-    }
-    out.put_slice(b"\r\n");
 }
 
 /// How the response body is delimited on the wire.
@@ -979,11 +536,7 @@ where
     out.put_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.put_slice(b"\r\n");
 
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
+    let declared = framing::declared_length(&parts.headers);
     let bodiless = method == Method::HEAD
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -1009,10 +562,7 @@ where
         if is_hop_by_hop(name) || name == header::CONTENT_LENGTH {
             continue;
         }
-        out.put_slice(name.as_str().as_bytes());
-        out.put_slice(b": ");
-        out.put_slice(value.as_bytes());
-        out.put_slice(b"\r\n");
+        framing::put_field(&mut out, name.as_str().as_bytes(), value.as_bytes());
     }
     match framing {
         Out::Length(n) => {

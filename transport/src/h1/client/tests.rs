@@ -6,6 +6,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use http::HeaderValue;
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use tokio::net::TcpListener;
 
