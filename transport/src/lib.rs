@@ -18,6 +18,7 @@
 pub mod error;
 pub mod h1;
 pub mod handoff;
+pub mod http;
 pub mod tls;
 
 /// Parser entry points for the cargo-fuzz targets in `fuzz/`: the same

@@ -29,7 +29,7 @@ use arc_swap::ArcSwap;
 use elsinore_certs::SpiffeId;
 use elsinore_federation_api::{Endpoint, Instance, Protocol};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri, Version, header};
+use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version, header};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Bytes};
@@ -1323,48 +1323,21 @@ fn upstream_authority(sent: Option<&str>, entry: &VipEntry) -> String {
     sent.to_owned()
 }
 
-/// Headers that describe one hop's connection and are not forwarded (`te`
-/// only when it asks for more than trailers); a `Connection` field names
-/// more. `Host` goes too (HTTP/2 carries `:authority`), but as every
-/// HTTP/1.1 request has one it is removed on its own, and one scan of the
-/// fields for these names finds that most requests carry none.
-static HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-];
-
+/// Removes what describes the app's hop, not the request: the hop-by-hop
+/// fields and the ones `Connection` names, the proxy authentication meant
+/// for us, and `te` unless it is exactly `trailers` (HTTP/2 allows only
+/// that; gRPC needs it). `Host` goes too (HTTP/2 carries `:authority`),
+/// on its own as every HTTP/1.1 request has one.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::HOST);
-    if !headers.keys().any(|n| HOP_BY_HOP.contains(n)) {
-        return;
-    }
-    // Headers the client named in `Connection` are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in &named {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP.iter().filter(|n| **n != header::TE) {
-        headers.remove(name);
-    }
-    // HTTP/2 allows only `te: trailers` (gRPC needs it).
-    if headers
-        .get(header::TE)
-        .is_some_and(|v| v.as_bytes() != b"trailers")
-    {
-        headers.remove(header::TE);
-    }
+    elsinore_transport::http::strip_hop_by_hop(
+        headers,
+        &elsinore_transport::http::Strip {
+            proxy_auth: true,
+            te: elsinore_transport::http::Te::Exact,
+            keep: &[],
+        },
+    );
 }
 
 /// The request as it goes to the owner's ingress over HTTP/2: the path and
@@ -2292,7 +2265,8 @@ mod tests {
             HeaderValue::from_static("keep-alive, x-custom"),
         );
         h.insert("x-custom", HeaderValue::from_static("1"));
-        for name in &HOP_BY_HOP {
+        let listed = elsinore_transport::http::HOP_BY_HOP.iter();
+        for name in listed.chain(&elsinore_transport::http::PROXY_AUTH) {
             if *name != header::CONNECTION && *name != header::TE {
                 h.insert(name, HeaderValue::from_static("x"));
             }

@@ -35,9 +35,9 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use elsinore_federation_api::Protocol;
 use futures_util::FutureExt;
-use http::header::{CONNECTION, CONTENT_TYPE, HOST, TE, TRANSFER_ENCODING, UPGRADE};
+use http::header::{CONTENT_TYPE, HOST};
 use http::uri::{Authority, Scheme};
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri, Version};
+use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper_util::client::legacy::Client;
@@ -56,7 +56,7 @@ use super::h2server;
 use super::splice::splice;
 use super::tls::{self, TlsStream};
 use super::{
-    IdentityTrailersStripped, PEER_IDENTITY_HEADER, ProxyContext, has_any, refuse_userinfo,
+    IdentityTrailersStripped, PEER_IDENTITY_HEADER, ProxyContext, refuse_userinfo,
     strip_identity_headers,
 };
 use crate::catalog::ExportCatalog;
@@ -968,60 +968,19 @@ fn check_authority(host: &str, sni: &str) -> Result<(), ProxyError> {
     }
 }
 
-const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-
-/// Every name [`strip_hop_by_hop`] acts on (a `Connection` field names
-/// more); most requests carry none, and one scan of their fields finds that
-/// cheaper than a lookup per name.
-const HOP_BY_HOP_NAMES: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
-    "te",
-];
-
 /// Removes the headers that describe one hop, not the message: those named
-/// in `Connection`, the fixed hop-by-hop set, and `TE` except `trailers`
-/// (which gRPC needs end to end).
+/// in `Connection`, the hop-by-hop set, and `TE` except `trailers` (which
+/// gRPC needs end to end). A `Connection` token never drops the identity
+/// header we add ourselves.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if !has_any(headers, HOP_BY_HOP_NAMES) {
-        return;
-    }
-    if headers.contains_key(CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            // Never let a Connection token drop a header we add ourselves.
-            if name != PEER_IDENTITY_HEADER {
-                headers.remove(name);
-            }
-        }
-        headers.remove(CONNECTION);
-    }
-    headers.remove(KEEP_ALIVE);
-    headers.remove(PROXY_CONNECTION);
-    headers.remove(TRANSFER_ENCODING);
-    headers.remove(UPGRADE);
-    if headers.contains_key(TE) {
-        let trailers = headers
-            .get_all(TE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
-        headers.remove(TE);
-        if trailers {
-            headers.insert(TE, HeaderValue::from_static("trailers"));
-        }
-    }
+    elsinore_transport::http::strip_hop_by_hop(
+        headers,
+        &elsinore_transport::http::Strip {
+            proxy_auth: false,
+            te: elsinore_transport::http::Te::Trailers,
+            keep: &[PEER_IDENTITY_HEADER],
+        },
+    );
 }
 
 fn is_grpc(headers: &HeaderMap) -> bool {
@@ -1120,6 +1079,7 @@ mod tests {
     use crate::catalog::exports::tests::config;
     use crate::config::Export;
     use crate::state::new_shared;
+    use http::header::{CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
 
     const FORGED: &str = "spiffe://mesh-b.example/ns/prod/sa/admin";
 

@@ -657,14 +657,10 @@ where
     Ok(())
 }
 
+/// The fields a response head does not carry from the handler: the
+/// hop-by-hop ones, and `Trailer`, as this loop frames the body itself.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    *name == header::CONNECTION
-        || *name == header::TRANSFER_ENCODING
-        || *name == header::TE
-        || *name == header::TRAILER
-        || *name == header::UPGRADE
-        || name.as_str() == "keep-alive"
-        || name.as_str() == "proxy-connection"
+    crate::http::is_hop_by_hop(name) || *name == header::TRAILER
 }
 
 /// Why `CONNECT` is refused, by this server and by the HTTP/2 one.
