@@ -1,4 +1,4 @@
-//! The chunked body decoder alone (`h1.rs` `poll_decode`, shared by request
+//! The chunked body decoder alone (`transport/src/h1/framing.rs` `poll_decode`, shared by request
 //! and response bodies): the input is a body after a `Transfer-Encoding:
 //! chunked` head.
 //!

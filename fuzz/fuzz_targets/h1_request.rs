@@ -1,4 +1,4 @@
-//! The HTTP/1.1 server's request decoder (`gateway/src/proxy/h1.rs`): the
+//! The HTTP/1.1 server's request decoder (`transport/src/h1/server.rs`): the
 //! head parser, then the body decoder with the framing the head declared.
 //!
 //! Beyond "does not crash": a complete head parses the same from exactly

@@ -1,4 +1,4 @@
-//! The backend client's response decoder (`gateway/src/proxy/h1client.rs`):
+//! The backend client's response decoder (`transport/src/h1/client.rs`):
 //! 1xx interim heads skipped, the final head parsed, then its body read
 //! with the framing the head declared (length, chunked, or to the close).
 //! The first input byte chooses whether the request was a HEAD.

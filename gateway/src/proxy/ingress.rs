@@ -11,7 +11,7 @@
 //! protocols (TCP, TLS, mTLS, HTTPS, Mongo) are spliced to a backend. HTTP,
 //! HTTP/2 and gRPC are served as HTTP (HTTP/1.1 or HTTP/2, whatever the peer
 //! speaks) and each request is forwarded through a pooled client per export:
-//! HTTP/1.1 to HTTP backends by our own [`super::h1client`] (the request's
+//! HTTP/1.1 to HTTP backends by our own [`elsinore_transport::h1::client`] (the request's
 //! task writes it and reads the response, no hand-off), HTTP/2 with prior
 //! knowledge (h2c) to HTTP2 and gRPC backends by hyper's client. Requests
 //! whose Host / `:authority` names another service than the SNI get 421,
