@@ -1,4 +1,4 @@
-//! The chunked body decoder alone (`h1.rs` `poll_decode`, shared by request
+//! The chunked body decoder alone (`transport/src/h1/framing.rs` `poll_decode`, shared by request
 //! and response bodies): the input is a body after a `Transfer-Encoding:
 //! chunked` head.
 //!
@@ -10,7 +10,7 @@
 #![no_main]
 
 use elsinore_fuzz::{Pieces, Rng, decode_body, decode_both_ways, encode_chunked};
-use elsinore_gateway::fuzzing::h1::BodyFraming;
+use elsinore_transport::fuzzing::h1::BodyFraming;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: &[u8]| {

@@ -1,4 +1,4 @@
-//! The HTTP/1.1 server's request decoder (`gateway/src/proxy/h1.rs`): the
+//! The HTTP/1.1 server's request decoder (`transport/src/h1/server.rs`): the
 //! head parser, then the body decoder with the framing the head declared.
 //!
 //! Beyond "does not crash": a complete head parses the same from exactly
@@ -13,7 +13,7 @@
 #![no_main]
 
 use elsinore_fuzz::{decode_both_ways, list_values, parse_u64};
-use elsinore_gateway::fuzzing::h1::{BodyFraming, HeadVerdict, parse_request_head};
+use elsinore_transport::fuzzing::h1::{BodyFraming, HeadVerdict, parse_request_head};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: &[u8]| {

@@ -1,4 +1,4 @@
-//! The backend client's response decoder (`gateway/src/proxy/h1client.rs`):
+//! The backend client's response decoder (`transport/src/h1/client.rs`):
 //! 1xx interim heads skipped, the final head parsed, then its body read
 //! with the framing the head declared (length, chunked, or to the close).
 //! The first input byte chooses whether the request was a HEAD.
@@ -12,8 +12,8 @@
 #![no_main]
 
 use elsinore_fuzz::{decode_both_ways, list_values, parse_u64};
-use elsinore_gateway::fuzzing::h1::BodyFraming;
-use elsinore_gateway::fuzzing::h1client::{ResponseFraming, ResponseVerdict, parse_response_head};
+use elsinore_transport::fuzzing::h1::BodyFraming;
+use elsinore_transport::fuzzing::h1client::{ResponseFraming, ResponseVerdict, parse_response_head};
 use http::StatusCode;
 use libfuzzer_sys::fuzz_target;
 

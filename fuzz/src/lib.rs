@@ -4,7 +4,7 @@
 //! anywhere), and a few small helpers.
 
 use bytes::BytesMut;
-use elsinore_gateway::fuzzing::h1::{BodyDecoder, BodyFraming};
+use elsinore_transport::fuzzing::h1::{BodyDecoder, BodyFraming};
 use http::HeaderMap;
 
 /// A tiny deterministic generator (splitmix64) for piece sizes, seeded

@@ -364,7 +364,7 @@ pub struct ProxyTuning {
     pub tls_resumption: bool,
     /// Yield the core after every 16 responses written to HTTP/1.1
     /// clients, so that a client sharing this gateway's core starts on them
-    /// at once (see `proxy::handoff`). Default false: it pays off only where
+    /// at once (see `elsinore_transport::handoff`). Default false: it pays off only where
     /// the gateway is pinned to a core with the apps it serves, and costs
     /// next to a busy neighbour.
     pub yield_to_clients: bool,

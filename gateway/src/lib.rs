@@ -26,6 +26,4 @@ pub use runtime::{Gateway, Listeners, StartError, StartOptions};
 #[doc(hidden)]
 pub mod fuzzing {
     pub use crate::dns::responder::fuzzing as dns;
-    pub use crate::proxy::h1::fuzzing as h1;
-    pub use crate::proxy::h1client::fuzzing as h1client;
 }

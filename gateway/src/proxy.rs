@@ -19,12 +19,12 @@ pub(crate) mod activity;
 pub mod backend;
 pub mod budget;
 pub mod egress;
-pub mod error;
-pub mod h1;
-pub mod h1client;
-pub mod handoff;
 pub mod ingress;
 pub mod pool;
+// The data plane's error type lives with the transport that raises most
+// of them; the rest of the gateway (catalog, DNS, federation) names it
+// here.
+pub use elsinore_transport::error;
 pub use elsinore_transport::tls;
 
 /// The header in which ingress hands the verified peer identity (SPIFFE ID)

@@ -257,7 +257,6 @@ impl Gateway {
         ));
 
         // Data plane.
-        crate::proxy::handoff::set_enabled(config.proxy.yield_to_clients);
         let proxy = ProxyContext {
             shared: shared.clone(),
             credentials: Arc::clone(&credentials),

@@ -8,5 +8,4 @@ pub mod body;
 pub mod client;
 pub mod server;
 
-/// What a body crossing these loops may fail with (hyper's body error).
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use crate::http::BoxError;

@@ -148,6 +148,17 @@ impl Backends {
     }
 }
 
+/// The connections the HTTP/1.1 client of an export opens go through the
+/// same round robin and dead marks as its spliced TCP connections.
+impl elsinore_transport::h1::client::Connect for Backends {
+    fn connect(&self, timeout: Duration) -> elsinore_transport::h1::client::Connecting<'_> {
+        Box::pin(async move {
+            let (io, addr) = Backends::connect(self, timeout).await?;
+            Ok((io, addr.to_string()))
+        })
+    }
+}
+
 impl Target {
     fn is_dead(&self, now_ms: u64) -> bool {
         let until = self.dead_until.load(Ordering::Relaxed);

@@ -32,7 +32,7 @@ use elsinore_transport::h2::client::{self as h2client, SendError};
 use elsinore_transport::h2::server as h2server;
 use elsinore_transport::splice::splice_to_tls;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri, Version, header};
+use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version, header};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Bytes};
@@ -44,12 +44,12 @@ use tracing::Instrument;
 use super::ProxyContext;
 use super::activity::{Activity, ActivityIo};
 use super::error::{ErrorKind, ProxyError, Side};
-use super::h1::{self, BoxError};
 use super::pool::{H2Pool, PoolHandle, PoolKey, PoolLimits};
 use super::tls::{self, TlsStream};
 use crate::config::EgressMode;
 use crate::dns::resolver::{self, ConnectError};
 use crate::dns::vip::{PortRoute, VipEntry, VipTable};
+use elsinore_transport::h1::server::{self as h1, BoxError};
 
 /// The body of every response egress gives to a local app.
 type RespBody = BoxBody<Bytes, BoxError>;
@@ -905,9 +905,10 @@ impl Egress {
         let settings = h1::Settings {
             header_timeout: tuning.request_timeout,
             idle_timeout: tuning.idle_timeout,
+            yield_every: elsinore_transport::handoff::every(tuning.yield_to_clients),
         };
         let egress = &self;
-        let served = h1::serve(tcp, settings, &self.ctx.shutdown, |req| {
+        let served = h1::serve(tcp, &settings, &self.ctx.shutdown, |req| {
             egress.handle(client, route, req)
         })
         .await;
@@ -1316,48 +1317,21 @@ fn upstream_authority(sent: Option<&str>, entry: &VipEntry) -> String {
     sent.to_owned()
 }
 
-/// Headers that describe one hop's connection and are not forwarded (`te`
-/// only when it asks for more than trailers); a `Connection` field names
-/// more. `Host` goes too (HTTP/2 carries `:authority`), but as every
-/// HTTP/1.1 request has one it is removed on its own, and one scan of the
-/// fields for these names finds that most requests carry none.
-static HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-];
-
+/// Removes what describes the app's hop, not the request: the hop-by-hop
+/// fields and the ones `Connection` names, the proxy authentication meant
+/// for us, and `te` unless it is exactly `trailers` (HTTP/2 allows only
+/// that; gRPC needs it). `Host` goes too (HTTP/2 carries `:authority`),
+/// on its own as every HTTP/1.1 request has one.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::HOST);
-    if !headers.keys().any(|n| HOP_BY_HOP.contains(n)) {
-        return;
-    }
-    // Headers the client named in `Connection` are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in &named {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP.iter().filter(|n| **n != header::TE) {
-        headers.remove(name);
-    }
-    // HTTP/2 allows only `te: trailers` (gRPC needs it).
-    if headers
-        .get(header::TE)
-        .is_some_and(|v| v.as_bytes() != b"trailers")
-    {
-        headers.remove(header::TE);
-    }
+    elsinore_transport::http::strip_hop_by_hop(
+        headers,
+        &elsinore_transport::http::Strip {
+            proxy_auth: true,
+            te: elsinore_transport::http::Te::Exact,
+            keep: &[],
+        },
+    );
 }
 
 /// The request as it goes to the owner's ingress over HTTP/2: the path and
@@ -2287,7 +2261,8 @@ mod tests {
             HeaderValue::from_static("keep-alive, x-custom"),
         );
         h.insert("x-custom", HeaderValue::from_static("1"));
-        for name in &HOP_BY_HOP {
+        let listed = elsinore_transport::http::HOP_BY_HOP.iter();
+        for name in listed.chain(&elsinore_transport::http::PROXY_AUTH) {
             if *name != header::CONNECTION && *name != header::TE {
                 h.insert(name, HeaderValue::from_static("x"));
             }

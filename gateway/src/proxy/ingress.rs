@@ -11,7 +11,7 @@
 //! protocols (TCP, TLS, mTLS, HTTPS, Mongo) are spliced to a backend. HTTP,
 //! HTTP/2 and gRPC are served as HTTP (HTTP/1.1 or HTTP/2, whatever the peer
 //! speaks) and each request is forwarded through a pooled client per export:
-//! HTTP/1.1 to HTTP backends by our own [`super::h1client`] (the request's
+//! HTTP/1.1 to HTTP backends by our own [`elsinore_transport::h1::client`] (the request's
 //! task writes it and reads the response, no hand-off), HTTP/2 with prior
 //! knowledge (h2c) to HTTP2 and gRPC backends by hyper's client. Requests
 //! whose Host / `:authority` names another service than the SNI get 421,
@@ -38,9 +38,9 @@ use elsinore_transport::h2::body::RecvBody;
 use elsinore_transport::h2::server as h2server;
 use elsinore_transport::splice::splice;
 use futures_util::FutureExt;
-use http::header::{CONNECTION, CONTENT_TYPE, HOST, TE, TRANSFER_ENCODING, UPGRADE};
+use http::header::{CONTENT_TYPE, HOST};
 use http::uri::{Authority, Scheme};
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri, Version};
+use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper_util::client::legacy::Client;
@@ -53,15 +53,15 @@ use tracing::{Instrument, field};
 use super::activity::{Activity, ActivityIo};
 use super::backend::Backends;
 use super::error::{ErrorKind, ProxyError};
-use super::h1client::{H1Client, ResponseBody};
 use super::tls::{self, TlsStream};
 use super::{
-    IdentityTrailersStripped, PEER_IDENTITY_HEADER, ProxyContext, has_any, refuse_userinfo,
+    IdentityTrailersStripped, PEER_IDENTITY_HEADER, ProxyContext, refuse_userinfo,
     strip_identity_headers,
 };
 use crate::catalog::ExportCatalog;
 use crate::catalog::exports::ExportedService;
 use crate::config::{HostPort, ProxyTuning};
+use elsinore_transport::h1::client::{self as h1client, H1Client, ResponseBody};
 
 /// A peer's mTLS connection, boxed (see `handle`).
 type PeerStream = Box<TlsStream>;
@@ -614,9 +614,12 @@ impl Upstream {
         let backends = Arc::new(Backends::new(&export.backends));
         let http = match export.protocol {
             Protocol::Http => Some(HttpBackend::H1(H1Client::new(
-                Arc::clone(&backends),
-                tuning.connect_timeout,
-                tuning.idle_timeout,
+                Arc::clone(&backends) as Arc<dyn h1client::Connect>,
+                h1client::Settings {
+                    connect_timeout: tuning.connect_timeout,
+                    idle_timeout: tuning.idle_timeout,
+                    max_connections: crate::config::defaults::MAX_BACKEND_CONNECTIONS,
+                },
             ))),
             // gRPC and HTTP/2 backends speak h2c: prior knowledge, no upgrade.
             Protocol::Http2 | Protocol::Grpc => {
@@ -965,60 +968,19 @@ fn check_authority(host: &str, sni: &str) -> Result<(), ProxyError> {
     }
 }
 
-const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-
-/// Every name [`strip_hop_by_hop`] acts on (a `Connection` field names
-/// more); most requests carry none, and one scan of their fields finds that
-/// cheaper than a lookup per name.
-const HOP_BY_HOP_NAMES: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
-    "te",
-];
-
 /// Removes the headers that describe one hop, not the message: those named
-/// in `Connection`, the fixed hop-by-hop set, and `TE` except `trailers`
-/// (which gRPC needs end to end).
+/// in `Connection`, the hop-by-hop set, and `TE` except `trailers` (which
+/// gRPC needs end to end). A `Connection` token never drops the identity
+/// header we add ourselves.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if !has_any(headers, HOP_BY_HOP_NAMES) {
-        return;
-    }
-    if headers.contains_key(CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            // Never let a Connection token drop a header we add ourselves.
-            if name != PEER_IDENTITY_HEADER {
-                headers.remove(name);
-            }
-        }
-        headers.remove(CONNECTION);
-    }
-    headers.remove(KEEP_ALIVE);
-    headers.remove(PROXY_CONNECTION);
-    headers.remove(TRANSFER_ENCODING);
-    headers.remove(UPGRADE);
-    if headers.contains_key(TE) {
-        let trailers = headers
-            .get_all(TE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
-        headers.remove(TE);
-        if trailers {
-            headers.insert(TE, HeaderValue::from_static("trailers"));
-        }
-    }
+    elsinore_transport::http::strip_hop_by_hop(
+        headers,
+        &elsinore_transport::http::Strip {
+            proxy_auth: false,
+            te: elsinore_transport::http::Te::Trailers,
+            keep: &[PEER_IDENTITY_HEADER],
+        },
+    );
 }
 
 fn is_grpc(headers: &HeaderMap) -> bool {
@@ -1117,6 +1079,7 @@ mod tests {
     use crate::catalog::exports::tests::config;
     use crate::config::Export;
     use crate::state::new_shared;
+    use http::header::{CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
 
     const FORGED: &str = "spiffe://mesh-b.example/ns/prod/sa/admin";
 

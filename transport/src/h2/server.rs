@@ -38,8 +38,7 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use h2::Reason;
 use h2::server::SendResponse;
-use http::header::CONTENT_TYPE;
-use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Sleep;
@@ -216,19 +215,13 @@ where
 /// HTTP/1.1 server's refusal: the reason as text and
 /// `x-elsinore-error: protocol`.
 fn refuse_connect(mut respond: SendResponse<Bytes>) {
-    let mut head = Response::new(());
-    *head.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
-    let headers = head.headers_mut();
-    headers.insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    headers.insert("x-elsinore-error", HeaderValue::from_static("protocol"));
-    if let Ok(mut tx) = respond.send_response(head, false) {
-        let _ = tx.send_data(
-            Bytes::from_static(b"CONNECT tunnels are not proxied\n"),
-            true,
-        );
+    let (head, body) = crate::h1::server::refusal(
+        StatusCode::METHOD_NOT_ALLOWED,
+        crate::h1::server::CONNECT_REFUSED,
+    )
+    .into_parts();
+    if let Ok(mut tx) = respond.send_response(Response::from_parts(head, ()), false) {
+        let _ = tx.send_data(body, true);
     }
 }
 

@@ -8,7 +8,7 @@
 use std::fmt;
 use std::io;
 
-use elsinore_transport::splice::{self, SpliceError};
+use crate::splice::{self, SpliceError};
 use http::StatusCode;
 
 /// Which side of the proxy a failure came from.

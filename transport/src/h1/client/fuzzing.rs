@@ -1,13 +1,13 @@
 //! A sans-I/O handle on the backend client's response-head parser, for the
 //! fuzz targets in `fuzz/` (reached through [`crate::fuzzing`]). It calls the
 //! function the client calls, on bytes instead of a socket; response bodies
-//! go through [`super::h1::fuzzing::BodyDecoder`], the decoder the client
+//! go through [`crate::h1::fuzzing::BodyDecoder`], the decoder the client
 //! shares with the server. Not an API.
 
 use http::{HeaderMap, StatusCode, Version};
 
-use super::super::h1::fuzzing::BodyFraming;
 use super::{Framing, Parsed, Read};
+use crate::h1::fuzzing::BodyFraming;
 
 /// How a final response delimits its body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

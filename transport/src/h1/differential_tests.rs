@@ -13,13 +13,18 @@
 //! we stop, hyper may go further, never the other way.
 
 use std::convert::Infallible;
+use std::time::Duration;
 
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body::Body;
 use http_body_util::{BodyExt, Full};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
-use super::*;
+use super::server::*;
 
 /// What a handler saw of one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,9 +120,10 @@ async fn run_ours(wire: &[u8]) -> Run {
         let settings = Settings {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(10),
+            yield_every: 0,
         };
         let token = CancellationToken::new();
-        let _ = serve(s, settings, &token, |req| {
+        let _ = serve(s, &settings, &token, |req| {
             let tx = tx.clone();
             async move {
                 let seen = record(req).await;
@@ -567,7 +573,7 @@ fn valid_request() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
         proptest::collection::vec(
             (
                 "[a-z]{1,12}",
-                proptest::sample::select(super::tests::CHUNK_EXTENSIONS),
+                proptest::sample::select(super::server::tests::CHUNK_EXTENSIONS),
             ),
             0..3,
         ),
@@ -648,14 +654,14 @@ fn edited_requests_are_never_read_more_loosely_than_hyper_reads_them() {
     );
     let strategy = (
         valid_request(),
-        proptest::collection::vec(super::tests::edit(), 0..4),
+        proptest::collection::vec(super::server::tests::edit(), 0..4),
     );
     let mut runner = proptest::test_runner::TestRunner::new(
         proptest::test_runner::Config::with_cases(CASES as u32),
     );
     runner
         .run(&strategy, |(valid, edits)| {
-            let wire = super::tests::apply(&valid, &edits);
+            let wire = super::server::tests::apply(&valid, &edits);
             let (ours, theirs) = rt.block_on(async {
                 let ours = run_ours(&wire).await;
                 (ours, run_hyper(&wire).await)

@@ -21,25 +21,16 @@
 //! neighbour gets at most that many extra slices per pause.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
-
-/// Hand-offs between yields; 0 (the default) turns yielding off. Set at
-/// startup from `proxy.yieldToClients`.
-static EVERY: AtomicU32 = AtomicU32::new(0);
 
 /// Hand-offs between yields when yielding is on.
 pub const EVERY_WHEN_ON: u32 = 16;
 
-/// Turns yielding on or off for the whole process.
-pub fn set_enabled(on: bool) {
-    set_every(if on { EVERY_WHEN_ON } else { 0 });
-}
-
-/// Sets how many hand-offs go between yields for the whole process (0: never
-/// yield).
-pub(crate) fn set_every(every: u32) {
-    EVERY.store(every, Ordering::Relaxed);
+/// Hand-offs between yields for a listener whose config says `on`
+/// (`proxy.yieldToClients`): [`EVERY_WHEN_ON`], or 0 (never yield). The
+/// HTTP/1.1 server loop takes it as a setting.
+pub fn every(on: bool) -> u32 {
+    if on { EVERY_WHEN_ON } else { 0 }
 }
 
 /// How many times this thread has yielded.
@@ -111,10 +102,10 @@ thread_local! {
     static HANDOFFS: RefCell<Handoffs> = RefCell::default();
 }
 
-/// Called after a response was written whole to an HTTP/1.1 client.
-pub fn handed_off() {
+/// Called after a response was written whole to an HTTP/1.1 client;
+/// `every` is the connection's setting (0: off).
+pub(crate) fn handed_off(every: u32) {
     // Off (the default): no thread-local touched.
-    let every = EVERY.load(Ordering::Relaxed);
     if every == 0 {
         return;
     }

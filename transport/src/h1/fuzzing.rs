@@ -10,7 +10,8 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Method, StatusCode, Uri, Version};
 use http_body::Frame;
 
-use super::{BodyError, Chunk, Framing, HeadError};
+use super::framing::{self, BodyError, Chunk, Framing};
+use super::server::{self, HeadError};
 
 /// How a parsed head delimits its body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +49,7 @@ pub enum HeadVerdict {
 /// Parses the request head at the start of `buf`, as the server does each
 /// time more bytes arrive.
 pub fn parse_request_head(buf: &[u8]) -> HeadVerdict {
-    match super::parse_head(buf) {
+    match server::parse_head(buf) {
         Ok(None) => HeadVerdict::Partial,
         Ok(Some((head, len))) => HeadVerdict::Complete(
             RequestHead {
@@ -104,7 +105,7 @@ impl BodyDecoder {
         more: &mut dyn FnMut(&mut BytesMut) -> bool,
     ) -> Result<Option<Frame<Bytes>>, BodyError> {
         let mut cx = Context::from_waker(Waker::noop());
-        match super::poll_decode(&mut self.framing, buf, &mut cx, |buf, _| {
+        match framing::poll_decode(&mut self.framing, buf, &mut cx, |buf, _| {
             Poll::Ready(Ok(more(buf)))
         }) {
             Poll::Ready(result) => result,

@@ -1,0 +1,113 @@
+//! HTTP rules every proxy loop shares, whatever the version: THE list of
+//! hop-by-hop fields and the one function that strips them. Egress
+//! (local app → peer, over HTTP/2) and ingress (peer → backend) strip a
+//! message's hop with it; the HTTP/1.1 server writes none of them in a
+//! response head. Also the one error type a body crossing the HTTP/1.1
+//! and HTTP/2 loops may fail with.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// What a body crossing these loops may fail with (hyper's body error).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The fields that describe one hop's connection, not the message (RFC
+/// 9110 §7.6.1, with the legacy `keep-alive` and `proxy-connection`): no
+/// proxy forwards them, and a `Connection` field names more. `te` is one,
+/// but may go on as `te: trailers` ([`Te`]).
+pub static HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::TE,
+];
+
+/// The proxy authentication fields (RFC 9110 §11.7): for the proxy the
+/// sender talks to, which egress is to a local app; stripped there
+/// ([`Strip::proxy_auth`]).
+pub static PROXY_AUTH: [HeaderName; 2] = [header::PROXY_AUTHENTICATE, header::PROXY_AUTHORIZATION];
+
+/// Which `te` survives the strip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Te {
+    /// The `te` fields stay if the first is exactly `trailers` and go
+    /// otherwise: what HTTP/2 allows (RFC 9113 §8.2.2), as egress sends.
+    Exact,
+    /// `te: trailers` when any element of the `te` fields is `trailers`
+    /// (any case), none otherwise: what ingress passes on to a backend.
+    Trailers,
+}
+
+/// Where the two directions strip differently.
+#[derive(Debug, Clone, Copy)]
+pub struct Strip<'a> {
+    /// Strip [`PROXY_AUTH`] too.
+    pub proxy_auth: bool,
+    pub te: Te,
+    /// Fields a `Connection` token must not remove: ones the caller adds
+    /// itself.
+    pub keep: &'a [&'a str],
+}
+
+/// Whether `name` is one of [`HOP_BY_HOP`].
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name)
+}
+
+/// Removes the fields that describe one hop, not the message: those named
+/// in `Connection` (but `how.keep`), [`HOP_BY_HOP`] (with [`PROXY_AUTH`]
+/// when `how.proxy_auth`), and `te` as `how.te` says. Most messages carry
+/// none of them, and one scan of their fields finds that first.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, how: &Strip<'_>) {
+    let listed = |n: &HeaderName| is_hop_by_hop(n) || (how.proxy_auth && PROXY_AUTH.contains(n));
+    if !headers.keys().any(listed) {
+        return;
+    }
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            if !how.keep.contains(&name.as_str()) {
+                headers.remove(name);
+            }
+        }
+    }
+    for name in HOP_BY_HOP.iter().filter(|n| **n != header::TE) {
+        headers.remove(name);
+    }
+    if how.proxy_auth {
+        for name in &PROXY_AUTH {
+            headers.remove(name);
+        }
+    }
+    match how.te {
+        Te::Exact => {
+            if headers
+                .get(header::TE)
+                .is_some_and(|v| v.as_bytes() != b"trailers")
+            {
+                headers.remove(header::TE);
+            }
+        }
+        Te::Trailers => {
+            if headers.contains_key(header::TE) {
+                let trailers = headers
+                    .get_all(header::TE)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .flat_map(|v| v.split(','))
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+                headers.remove(header::TE);
+                if trailers {
+                    headers.insert(header::TE, HeaderValue::from_static("trailers"));
+                }
+            }
+        }
+    }
+}
