@@ -50,7 +50,7 @@
 //! backends, with its name resolution and dead marks).
 
 use std::fmt::Write as _;
-use std::future::{Future, poll_fn};
+use std::future::Future;
 use std::io;
 use std::pin::{Pin, pin};
 use std::sync::{Arc, Mutex};
@@ -68,8 +68,8 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::framing::{
-    self, BadField, BadLength, BodyError, Chunk, Framing, HEAD_CHUNK, MAX_HEAD, MAX_HEADERS,
-    WRITE_COALESCE,
+    self, BadField, BadLength, BodyError, Chunk, Delimit, Framing, HEAD_CHUNK, MAX_HEAD,
+    MAX_HEADERS, WRITE_COALESCE, WriteBodyError,
 };
 use super::server::BoxError;
 use crate::error::{ErrorKind, ProxyError};
@@ -543,7 +543,7 @@ enum WriteError {
 async fn write_body<B>(
     wr: &mut WriteHalf<'_>,
     head: &[u8],
-    mut body: Pin<&mut B>,
+    body: Pin<&mut B>,
     framing: Outgoing,
     addr: &str,
 ) -> Result<(), WriteError>
@@ -560,61 +560,33 @@ where
     };
     let mut out = BytesMut::with_capacity(head.len().max(WRITE_COALESCE / 4));
     out.put_slice(head);
-    let mut sent: u64 = 0;
-    let mut trailers = None;
-    loop {
-        let frame = match poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx))).await {
-            Poll::Ready(frame) => frame,
-            Poll::Pending => {
-                if !out.is_empty() {
-                    wr.write_all(&out).await.map_err(io_err)?;
-                    out.clear();
-                }
-                poll_fn(|cx| body.as_mut().poll_frame(cx)).await
-            }
-        };
-        let Some(frame) = frame else { break };
-        let frame = frame.map_err(|e| {
-            let e: BoxError = e.into();
-            WriteError::Downstream(ProxyError::downstream(
+    let delimit = match framing {
+        Outgoing::Chunked => Delimit::Chunked,
+        Outgoing::Length(n) => Delimit::Length(n),
+        // Not called for a bodiless request; were it, no byte may follow.
+        Outgoing::Empty => Delimit::Length(0),
+    };
+    match framing::write_body(wr, &mut out, body, delimit).await {
+        Ok(()) => {}
+        Err(WriteBodyError::Write(e)) => return Err(io_err(e)),
+        Err(WriteBodyError::Source(e)) => {
+            return Err(WriteError::Downstream(ProxyError::downstream(
                 ErrorKind::Io,
                 format!("reading the request body: {e}"),
-            ))
-        })?;
-        let data = match frame.into_data() {
-            Ok(data) => data,
-            Err(frame) => {
-                if let Ok(t) = frame.into_trailers() {
-                    trailers = Some(t);
-                }
-                continue;
-            }
-        };
-        if data.is_empty() {
-            continue;
-        }
-        sent += data.len() as u64;
-        if let Outgoing::Length(n) = framing
-            && sent > n
-        {
-            return Err(WriteError::Downstream(ProxyError::downstream(
-                ErrorKind::Protocol,
-                format!("request body longer than its content-length {n}"),
             )));
         }
-        framing::put_data(wr, &mut out, &data, framing == Outgoing::Chunked)
-            .await
-            .map_err(io_err)?;
-    }
-    match framing {
-        Outgoing::Chunked => framing::put_last_chunk(&mut out, trailers.as_ref()),
-        Outgoing::Length(n) if sent != n => {
+        Err(WriteBodyError::Longer { declared, .. }) => {
             return Err(WriteError::Downstream(ProxyError::downstream(
                 ErrorKind::Protocol,
-                format!("request body ended after {sent} of its {n} bytes"),
+                format!("request body longer than its content-length {declared}"),
             )));
         }
-        _ => {}
+        Err(WriteBodyError::Shorter { declared, got }) => {
+            return Err(WriteError::Downstream(ProxyError::downstream(
+                ErrorKind::Protocol,
+                format!("request body ended after {got} of its {declared} bytes"),
+            )));
+        }
     }
     if !out.is_empty() {
         wr.write_all(&out).await.map_err(io_err)?;

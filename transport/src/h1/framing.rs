@@ -9,6 +9,7 @@
 //! and the caller says why.
 
 use std::fmt::Write as _;
+use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -18,6 +19,8 @@ use http::Version;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+use crate::http::BoxError;
 
 /// The largest message head (request or status line and fields) accepted.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -537,6 +540,106 @@ pub(crate) async fn put_data<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// How an outgoing body is delimited, once its head is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Delimit {
+    /// By `content-length`: more data is refused, less is reported.
+    Length(u64),
+    /// In chunks, ending with the last chunk and the trailer section.
+    Chunked,
+    /// By closing the connection (an HTTP/1.0 client's response).
+    Close,
+}
+
+/// Why writing a body stopped short. The server and the client each turn
+/// it into their own error, naming the side at fault.
+#[derive(Debug)]
+pub(crate) enum WriteBodyError {
+    /// The connection failed.
+    Write(io::Error),
+    /// The body's source failed.
+    Source(BoxError),
+    /// The body carried more than its `content-length`; nothing past it
+    /// was written.
+    Longer { declared: u64, got: u64 },
+    /// The body ended before its `content-length`; what came is gathered
+    /// in `out`, unwritten.
+    Shorter { declared: u64, got: u64 },
+}
+
+/// Writes `body` after the head already gathered in `out`, delimited as
+/// `delimit` says, gathering small pieces into writes of up to
+/// [`WRITE_COALESCE`] bytes and writing what is gathered whenever the body
+/// has nothing ready. The rules both the server (responses) and the client
+/// (requests) follow. On success the tail (last chunk, trailers) is left
+/// in `out` for the caller to write with whatever it adds; trailers reach
+/// the peer only in a chunked body.
+pub(crate) async fn write_body<W, B>(
+    wr: &mut W,
+    out: &mut BytesMut,
+    mut body: Pin<&mut B>,
+    delimit: Delimit,
+) -> Result<(), WriteBodyError>
+where
+    W: AsyncWrite + Unpin,
+    B: Body<Data = Bytes> + ?Sized,
+    B::Error: Into<BoxError>,
+{
+    let mut sent: u64 = 0;
+    let mut trailers = None;
+    loop {
+        // Take what the body has ready; write what is gathered before
+        // waiting for more.
+        let frame = match poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx))).await {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                if !out.is_empty() {
+                    wr.write_all(out).await.map_err(WriteBodyError::Write)?;
+                    out.clear();
+                }
+                poll_fn(|cx| body.as_mut().poll_frame(cx)).await
+            }
+        };
+        let Some(frame) = frame else { break };
+        let frame = frame.map_err(|e| WriteBodyError::Source(e.into()))?;
+        let data = match frame.into_data() {
+            Ok(data) => data,
+            Err(frame) => {
+                if let Ok(t) = frame.into_trailers() {
+                    trailers = Some(t);
+                }
+                continue;
+            }
+        };
+        if data.is_empty() {
+            continue;
+        }
+        sent += data.len() as u64;
+        if let Delimit::Length(n) = delimit
+            && sent > n
+        {
+            return Err(WriteBodyError::Longer {
+                declared: n,
+                got: sent,
+            });
+        }
+        put_data(wr, out, &data, delimit == Delimit::Chunked)
+            .await
+            .map_err(WriteBodyError::Write)?;
+    }
+    match delimit {
+        Delimit::Chunked => put_last_chunk(out, trailers.as_ref()),
+        Delimit::Length(n) if sent != n => {
+            return Err(WriteBodyError::Shorter {
+                declared: n,
+                got: sent,
+            });
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 /// The end of a chunked body: the last chunk and the trailer section.
 pub(crate) fn put_last_chunk(out: &mut BytesMut, trailers: Option<&HeaderMap>) {
     out.put_slice(b"0\r\n");
@@ -672,5 +775,105 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    /// Runs [`write_body`] over `frames` after the head `HEAD`, into a
+    /// vector standing for the connection; returns what reached it, what
+    /// was left gathered, and the outcome.
+    fn write_frames(
+        frames: Vec<Frame<Bytes>>,
+        delimit: Delimit,
+    ) -> (Vec<u8>, Vec<u8>, Result<(), WriteBodyError>) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let stream = futures_util::stream::iter(
+                frames.into_iter().map(Ok::<_, std::convert::Infallible>),
+            );
+            let mut body = http_body_util::StreamBody::new(stream);
+            let mut wire = Vec::new();
+            let mut out = BytesMut::from(&b"HEAD\r\n"[..]);
+            let res = write_body(&mut wire, &mut out, Pin::new(&mut body), delimit).await;
+            (wire, out.to_vec(), res)
+        })
+    }
+
+    fn data(s: &str) -> Frame<Bytes> {
+        Frame::data(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    #[test]
+    fn a_body_is_written_as_delimited() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-sum", HeaderValue::from_static("7"));
+        let frames = || {
+            vec![
+                data("hel"),
+                data(""),
+                data("lo"),
+                Frame::trailers(trailers.clone()),
+            ]
+        };
+        let all = |(wire, out, res): (Vec<u8>, Vec<u8>, Result<(), WriteBodyError>)| {
+            assert!(res.is_ok(), "{res:?}");
+            String::from_utf8([wire, out].concat()).unwrap()
+        };
+        assert_eq!(
+            all(write_frames(frames(), Delimit::Chunked)),
+            "HEAD\r\n3\r\nhel\r\n2\r\nlo\r\n0\r\nx-sum: 7\r\n\r\n"
+        );
+        // Trailers reach the peer only in a chunked body.
+        assert_eq!(
+            all(write_frames(frames(), Delimit::Length(5))),
+            "HEAD\r\nhello"
+        );
+        assert_eq!(all(write_frames(frames(), Delimit::Close)), "HEAD\r\nhello");
+    }
+
+    #[test]
+    fn a_body_longer_than_its_length_stops_before_the_excess() {
+        let (wire, out, res) = write_frames(vec![data("he"), data("llo")], Delimit::Length(3));
+        assert!(
+            matches!(
+                res,
+                Err(WriteBodyError::Longer {
+                    declared: 3,
+                    got: 5
+                })
+            ),
+            "{res:?}"
+        );
+        // Nothing of the piece that went past the length was written or
+        // gathered.
+        assert_eq!([wire, out].concat(), b"HEAD\r\nhe");
+    }
+
+    #[test]
+    fn a_body_shorter_than_its_length_is_reported_with_what_came() {
+        let (wire, out, res) = write_frames(vec![data("hello")], Delimit::Length(9));
+        assert!(
+            matches!(
+                res,
+                Err(WriteBodyError::Shorter {
+                    declared: 9,
+                    got: 5
+                })
+            ),
+            "{res:?}"
+        );
+        assert_eq!([wire, out].concat(), b"HEAD\r\nhello");
+    }
+
+    #[test]
+    fn a_large_piece_is_written_whole_after_what_was_gathered() {
+        let big = "x".repeat(WRITE_COALESCE);
+        let (wire, out, res) = write_frames(vec![data("ab"), data(&big)], Delimit::Chunked);
+        assert!(res.is_ok(), "{res:?}");
+        let head = format!("HEAD\r\n2\r\nab\r\n{:x}\r\n", big.len());
+        // The gathered part and the large piece reached the connection
+        // before the end; the tail waits in `out` for the caller.
+        assert_eq!(wire, [head.as_bytes(), big.as_bytes()].concat());
+        assert_eq!(out, b"\r\n0\r\n\r\n");
     }
 }

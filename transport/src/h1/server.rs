@@ -45,9 +45,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::framing::{
-    self, BadField, BadLength, BodyError, BodySource, Chunk, ConnBody, Framing, HEAD_CHUNK,
-    MAX_HEAD, MAX_HEADERS, connection_has, keeps_alive, poll_decode, poll_fill, put_data,
-    put_last_chunk,
+    self, BadField, BadLength, BodyError, BodySource, Chunk, ConnBody, Delimit, Framing,
+    HEAD_CHUNK, MAX_HEAD, MAX_HEADERS, WriteBodyError, connection_has, keeps_alive, poll_decode,
+    poll_fill,
 };
 use crate::error::ErrorKind;
 use crate::handoff;
@@ -595,59 +595,23 @@ where
         handoff::handed_off(yield_every);
         return Ok(());
     }
-    let mut sent: u64 = 0;
-    let mut trailers = None;
-    loop {
-        // Take what the body has ready; write what is gathered before
-        // waiting for more.
-        let frame = match poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
-            Poll::Ready(frame) => frame,
-            Poll::Pending => {
-                if !out.is_empty() {
-                    wr.write_all(&out).await.map_err(ConnError::Write)?;
-                    out.clear();
-                }
-                poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
-            }
-        };
-        let Some(frame) = frame else { break };
-        let frame = frame.map_err(|e| ConnError::ResponseBody(e.into()))?;
-        let frame = match frame.into_data() {
-            Ok(data) => {
-                if data.is_empty() {
-                    continue;
-                }
-                sent += data.len() as u64;
-                if let Out::Length(n) = framing
-                    && sent > n
-                {
-                    return Err(ConnError::ResponseLength {
-                        declared: n,
-                        got: sent,
-                    });
-                }
-                put_data(wr, &mut out, &data, framing == Out::Chunked)
-                    .await
-                    .map_err(ConnError::Write)?;
-                continue;
-            }
-            Err(frame) => frame,
-        };
-        if let Ok(t) = frame.into_trailers() {
-            trailers = Some(t);
+    let delimit = match framing {
+        Out::Length(n) => Delimit::Length(n),
+        Out::Chunked => Delimit::Chunked,
+        Out::Close | Out::None => Delimit::Close,
+    };
+    match framing::write_body(wr, &mut out, Pin::new(&mut body), delimit).await {
+        Ok(()) => {}
+        Err(WriteBodyError::Write(e)) => return Err(ConnError::Write(e)),
+        Err(WriteBodyError::Source(e)) => return Err(ConnError::ResponseBody(e)),
+        Err(WriteBodyError::Longer { declared, got }) => {
+            return Err(ConnError::ResponseLength { declared, got });
         }
-    }
-    match framing {
-        // Trailers reach a client only in a chunked body.
-        Out::Chunked => put_last_chunk(&mut out, trailers.as_ref()),
-        Out::Length(n) if sent != n => {
+        Err(WriteBodyError::Shorter { declared, got }) => {
+            // What came goes out before the connection closes.
             let _ = wr.write_all(&out).await;
-            return Err(ConnError::ResponseLength {
-                declared: n,
-                got: sent,
-            });
+            return Err(ConnError::ResponseLength { declared, got });
         }
-        _ => {}
     }
     wr.write_all(&out).await.map_err(ConnError::Write)?;
     handoff::handed_off(yield_every);
