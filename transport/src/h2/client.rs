@@ -131,8 +131,9 @@ impl Drop for OpenStream {
 
 /// Why a request got no response.
 pub enum SendError<B> {
-    /// The connection was gone before the stream opened: the request was not
-    /// sent and comes back whole, to go on another connection.
+    /// The connection was gone before the stream opened, or the peer
+    /// refused the stream of a bodiless request unprocessed
+    /// (REFUSED_STREAM): the request comes back whole, to go again.
     Unsent(Box<Request<B>>, h2::Error),
     /// The stream opened and then failed.
     Failed(h2::Error),
@@ -280,6 +281,18 @@ impl Sender {
         }
         let (parts, body) = req.into_parts();
         let end = body.is_end_stream();
+        // A peer may refuse a stream unprocessed (REFUSED_STREAM, RFC 9113
+        // §8.7): one that counts a stream we just reset as still open
+        // while the next takes its slot does. Such a request may go again
+        // whatever its method; without a body it can be rebuilt whole.
+        let again = end.then(|| {
+            (
+                parts.method.clone(),
+                parts.uri.clone(),
+                parts.version,
+                parts.headers.clone(),
+            )
+        });
         let head = Request::from_parts(parts, ());
         let (response, mut stream) = match tx.send_request(head, end) {
             Ok(sent) => sent,
@@ -292,7 +305,10 @@ impl Sender {
             self.conn.flush();
         }
         let open = OpenStream::new(&self.state);
-        if !end {
+        let mut kept = None;
+        if end {
+            kept = Some(body);
+        } else {
             tokio::spawn(
                 async move {
                     if let Err(error) = h2body::pipe(body, &mut stream, Reason::CANCEL).await {
@@ -302,7 +318,23 @@ impl Sender {
                 .in_current_span(),
             );
         }
-        let resp = response.await.map_err(SendError::Failed)?;
+        let resp = match response.await {
+            Ok(resp) => resp,
+            Err(e) if e.reason() == Some(Reason::REFUSED_STREAM) && e.is_remote() => {
+                match (again, kept) {
+                    (Some((method, uri, version, headers)), Some(body)) => {
+                        let mut req = Request::new(body);
+                        *req.method_mut() = method;
+                        *req.uri_mut() = uri;
+                        *req.version_mut() = version;
+                        *req.headers_mut() = headers;
+                        return Err(SendError::Unsent(Box::new(req), e));
+                    }
+                    _ => return Err(SendError::Failed(e)),
+                }
+            }
+            Err(e) => return Err(SendError::Failed(e)),
+        };
         let (parts, recv) = resp.into_parts();
         let body = RecvBody::new(recv, &parts.headers, open);
         Ok(Response::from_parts(parts, body))
@@ -483,6 +515,43 @@ mod tests {
             }
             Ok(_) => panic!("a closed connection answered"),
             Err(SendError::Failed(e)) => panic!("request lost instead of handed back: {e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_stream_hands_a_bodiless_request_back_unsent() {
+        let _limit = crate::test_support::limit();
+        // A server that refuses every stream unprocessed, as one does that
+        // still counts a just-reset stream against its limit.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let mut conn = h2::server::handshake(s).await.unwrap();
+            while let Some(Ok((_, mut respond))) = conn.accept().await {
+                respond.send_reset(Reason::REFUSED_STREAM);
+            }
+        });
+        let tx = connect(addr).await;
+        let mut get = request(addr, "POST", Empty::<Bytes>::new());
+        get.headers_mut()
+            .insert("x-kept", http::HeaderValue::from_static("1"));
+        match tx.send(get).await {
+            Err(SendError::Unsent(req, e)) => {
+                assert_eq!(e.reason(), Some(Reason::REFUSED_STREAM));
+                assert_eq!(req.method(), "POST");
+                assert_eq!(req.uri().to_string(), format!("http://{addr}/echo"));
+                assert_eq!(req.headers()["x-kept"], "1");
+            }
+            Ok(_) => panic!("a refused stream answered"),
+            Err(SendError::Failed(e)) => panic!("a refused request was lost: {e}"),
+        }
+        // A body may be gone with the stream: that request fails.
+        let put = request(addr, "PUT", Full::new(Bytes::from_static(b"body")));
+        match tx.send(put).await {
+            Err(SendError::Failed(e)) => assert_eq!(e.reason(), Some(Reason::REFUSED_STREAM)),
+            Ok(_) => panic!("a refused stream answered"),
+            Err(SendError::Unsent(..)) => panic!("a request whose body was sent came back"),
         }
     }
 
