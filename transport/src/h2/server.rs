@@ -21,8 +21,9 @@
 //! slot for long. A stream the client reset before it was accepted starts
 //! no exchange at all. And since streams are accepted as soon as they
 //! arrive, h2's own guard against streams reset before they are accepted
-//! (`max_pending_accept_reset_streams`) seldom sees one: the same rule is
-//! kept here over accepted streams, counting those the client resets
+//! (`max_pending_accept_reset_streams`, here as wide as the allowance
+//! below) seldom sees one: the same rule is kept here over accepted
+//! streams, counting those the client resets
 //! before their response head against those answered, and the connection
 //! gets a GOAWAY with `ENHANCE_YOUR_CALM` once the resets run more than
 //! [`reset_allowance`] ahead (the "rapid reset" flood, CVE-2023-44487,
@@ -51,11 +52,15 @@ const CONN_WINDOW: u32 = 1024 * 1024;
 const MAX_FRAME: u32 = 16 * 1024;
 const MAX_HEADER_LIST: u32 = 16 * 1024;
 const MAX_SEND_BUFFER: usize = 400 * 1024;
-/// h2's guards, set here rather than left to its defaults (which are the
-/// same) so that they stay on whatever h2 version is built: streams reset
-/// while waiting to be accepted, and streams h2 itself had to reset for a
-/// protocol error, before the connection gets a GOAWAY.
-const MAX_PENDING_ACCEPT_RESETS: usize = 20;
+/// h2's guard on streams it had to reset itself for a protocol error
+/// before the connection gets a GOAWAY, set here rather than left to its
+/// default (the same) so that it stays on whatever h2 version is built.
+/// Its other guard, on streams reset while waiting to be accepted, is set
+/// to [`reset_allowance`] in [`serve`]: h2's default of 20 ended the
+/// connection between two gateways whenever the egress cancelled more
+/// than 20 streams at once (its clients going away together; measured in
+/// the data-plane benchmark), and this loop's own count of early resets
+/// against answers bounds a flood anyway.
 const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 /// Responses finished before the connection writes them, instead of
 /// writing all that a pass finished at once: the peer starts on the first
@@ -120,7 +125,9 @@ where
         .max_header_list_size(MAX_HEADER_LIST)
         .max_send_buffer_size(MAX_SEND_BUFFER)
         .max_concurrent_streams(settings.max_concurrent_streams)
-        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
+        .max_pending_accept_reset_streams(
+            usize::try_from(reset_allowance(&settings)).unwrap_or(usize::MAX),
+        )
         .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
         .handshake::<_, Bytes>(io);
     let mut stop = pin!(stop);

@@ -5,7 +5,7 @@ use crate::h2::client::{self as h2client, SendError, Sender};
 use crate::test_support::Recording;
 use http::HeaderMap;
 use http_body::Frame;
-use http_body_util::{BodyExt, Empty, StreamBody};
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -686,4 +686,40 @@ async fn streams_reset_with_their_headers_start_no_exchange() {
     let err = served.expect_err("the server ends the connection with an error");
     assert_eq!(err.reason(), Some(Reason::ENHANCE_YOUR_CALM), "{err}");
     let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
+}
+
+/// A client that cancels many streams at once (an egress whose own
+/// clients went away together) is not a flood: a burst of streams reset
+/// with their headers, more than h2's default guard of 20 but within
+/// [`reset_allowance`], leaves the connection serving.
+#[tokio::test]
+async fn a_burst_of_cancels_within_the_allowance_keeps_the_connection() {
+    let _limit = crate::test_support::limit();
+    let burst = reset_allowance(&SETTINGS) as usize / 2;
+    assert!(burst > 20, "the burst must exceed h2's default guard");
+    let handler =
+        |_: Request<RecvBody>| async { Response::new(Full::new(Bytes::from_static(b"ok"))) };
+    let (addr, _server) = one_connection(SETTINGS, std::future::pending(), handler).await;
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut raw, mut conn) = h2::client::handshake(tcp).await.unwrap();
+    let mut pings = conn.ping_pong().unwrap();
+    let _conn = tokio::spawn(conn);
+    for _ in 0..burst {
+        let req = Request::get("http://svc.test/").body(()).unwrap();
+        raw = raw.ready().await.unwrap();
+        let (_response, mut stream) = raw.send_request(req, false).unwrap();
+        stream.send_reset(Reason::CANCEL);
+    }
+    // The pong comes after the server has read the burst.
+    pings.ping(h2::Ping::opaque()).await.unwrap();
+    let req = Request::get("http://svc.test/after").body(()).unwrap();
+    raw = raw
+        .ready()
+        .await
+        .expect("the connection still takes streams");
+    let (response, _) = raw.send_request(req, true).unwrap();
+    let resp = response
+        .await
+        .expect("the stream after the burst is answered");
+    assert_eq!(resp.status(), StatusCode::OK);
 }
