@@ -17,9 +17,10 @@
 //!   into TLS records on the way out;
 //! - the one accept loop every listener runs ([`accept`]: connection cap,
 //!   back-off on a failed accept, drain);
-//! - what HTTP/1.1 and HTTP/2 share ([`http`]: the hop-by-hop fields) and
-//!   the data plane's error type ([`error`]), which turns every failure
-//!   into the response a client sees.
+//! - what HTTP/1.1 and HTTP/2 share ([`http`]: the hop-by-hop fields and
+//!   the body error type) and the data plane's error type ([`error`]:
+//!   which side failed, and the HTTP status, gRPC code and
+//!   `x-elsinore-error` kind it maps to).
 //!
 //! It knows nothing of catalogs, peers or config files: callers pass
 //! rustls configs, sockets, settings structs, request handlers and a
