@@ -193,23 +193,26 @@ struct Settings {
     rounds: usize,
     duration: u64,
     held: usize,
+    /// Bulk: how many 64 KiB blocks the client hands over per write.
+    write_blocks: usize,
     workloads: Vec<Workload>,
     markdown: Option<PathBuf>,
 }
 
 fn settings(args: &[String]) -> Result<Settings> {
-    const KNOWN: [&str; 5] = [
+    const KNOWN: [&str; 6] = [
         "--rounds",
         "--duration",
         "--workloads",
         "--held",
+        "--write-kib",
         "--markdown",
     ];
     for (i, a) in args.iter().enumerate() {
         if i % 2 == 0 && !KNOWN.contains(&a.as_str()) {
             bail!(
                 "unknown argument {a:?}; usage: records [--rounds 3] [--duration 5] \
-                 [--workloads bulk,held,http] [--held 5000] [--markdown FILE]"
+                 [--workloads bulk,held,http] [--held 5000] [--write-kib 64] [--markdown FILE]"
             );
         }
     }
@@ -218,10 +221,17 @@ fn settings(args: &[String]) -> Result<Settings> {
         .split(',')
         .map(Workload::parse)
         .collect::<Result<Vec<_>>>()?;
+    let write_kib: usize = flag_parse(args, "--write-kib", BLOCK / 1024)?;
+    ensure!(
+        write_kib >= BLOCK / 1024 && write_kib.is_multiple_of(BLOCK / 1024),
+        "--write-kib must be a multiple of {}",
+        BLOCK / 1024
+    );
     let s = Settings {
         rounds: flag_parse(args, "--rounds", 3)?,
         duration: flag_parse(args, "--duration", 5)?,
         held: flag_parse(args, "--held", 5000)?,
+        write_blocks: write_kib * 1024 / BLOCK,
         workloads,
         markdown: flag(args, "--markdown").map(PathBuf::from),
     };
@@ -377,6 +387,8 @@ fn run_one(
         server.pid().to_string(),
         "--duration".to_owned(),
         s.duration.to_string(),
+        "--write-blocks".to_owned(),
+        s.write_blocks.to_string(),
         "--held".to_owned(),
         s.held.to_string(),
     ]);
@@ -473,7 +485,7 @@ fn report(
         .to_owned();
     writeln!(
         md,
-        "`records --rounds {} --duration {} --workloads {} --held {}`, {started}, git {}, \
+        "`records --rounds {} --duration {} --workloads {} --held {} --write-kib {}`, {started}, git {}, \
          rustls {rustls}, suite {}, {} ({} cores), load average {load_before} before, {} after. \
          Medians of {} rounds, per round in brackets; ratio = ours ÷ rustls.\n",
         s.rounds,
@@ -484,6 +496,7 @@ fn report(
             .collect::<Vec<_>>()
             .join(","),
         s.held,
+        s.write_blocks * BLOCK / 1024,
         command_line("git", &["rev-parse", "--short", "HEAD"]),
         suites.join(", "),
         cpu_model(),
@@ -578,6 +591,7 @@ struct ChildArgs {
     server_pid: u32,
     duration: Duration,
     held: usize,
+    write_blocks: usize,
 }
 
 fn child(args: &[String], role: Role) -> Result<()> {
@@ -591,6 +605,7 @@ fn child(args: &[String], role: Role) -> Result<()> {
         server_pid: flag_parse(args, "--server-pid", 0)?,
         duration: Duration::from_secs(flag_parse(args, "--duration", 5)?),
         held: flag_parse(args, "--held", 5000)?,
+        write_blocks: flag_parse(args, "--write-blocks", 1)?.max(1),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -879,16 +894,18 @@ async fn bulk<V: Variant>(c: &ChildArgs, config: Arc<rustls::ClientConfig>) -> R
     let mut s = V::connect(config, tcp(c.addr).await?).await?;
     let suite = V::suite(&s);
     let ticks = clock_ticks();
-    let mut block = pattern();
+    let mut blocks = pattern().repeat(c.write_blocks);
     let (server0, client0) = cpu_both(c.server_pid, ticks)?;
     let t0 = Instant::now();
     let mut sent = 0u64;
     let mut index = 0u64;
     while t0.elapsed() < c.duration {
-        block[..8].copy_from_slice(&index.to_le_bytes());
-        s.write_all(&block).await?;
-        sent += BLOCK as u64;
-        index += 1;
+        for block in blocks.chunks_mut(BLOCK) {
+            block[..8].copy_from_slice(&index.to_le_bytes());
+            index += 1;
+        }
+        s.write_all(&blocks).await?;
+        sent += blocks.len() as u64;
     }
     s.shutdown().await?;
     let mut reply = [0u8; 16];
