@@ -1,4 +1,4 @@
-//! The ingress's TLS accept path (`gateway/src/proxy/tls.rs` `accept`: the
+//! The ingress's TLS accept path (`transport/src/tls.rs` `accept`: the
 //! handshake driver around rustls's unbuffered server, where the
 //! ClientHello and its SNI are parsed; the gateway has no ClientHello
 //! parser of its own). The input is everything a client sends before it

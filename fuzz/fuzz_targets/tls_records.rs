@@ -1,4 +1,4 @@
-//! The record layer's read path (`gateway/src/proxy/tls.rs`, `TlsStream` as
+//! The record layer's read path (`transport/src/tls.rs`, `TlsStream` as
 //! `accept` returns it) fed valid AEAD records with hostile inner
 //! plaintext. Each input runs a real TLS 1.3 handshake over loopback
 //! (rustls client, our `accept`), then takes the client's traffic secret
