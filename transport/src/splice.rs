@@ -636,33 +636,17 @@ mod tests {
     /// while a key must be replaced).
     #[tokio::test]
     async fn a_spliced_client_reaches_the_peer_across_key_updates() {
-        use elsinore_certs::{Ca, Identity, SpiffeId, TrustBundle, TrustDomain};
+        use crate::tls::tests::{pair, pki};
         let _limit = crate::test_support::limit();
-        let issue = |domain: &str| {
-            let td: TrustDomain = domain.parse().unwrap();
-            let ca = Ca::new(&td).unwrap();
-            let id: SpiffeId = format!("spiffe://{domain}/gw").parse().unwrap();
-            let issued = ca.issue(&id, &[], &[]).unwrap();
-            let identity =
-                Identity::from_pem(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes()).unwrap();
-            (
-                identity,
-                TrustBundle::from_pem(td, ca.cert_pem().as_bytes()).unwrap(),
-            )
-        };
-        let (server_id, server_bundle) = issue("a.example");
-        let (client_id, client_bundle) = issue("b.example");
-        let server_config =
-            elsinore_certs::server_config(&server_id, std::slice::from_ref(&client_bundle), &[])
-                .unwrap();
+        let pki = pki();
+        let server_config = elsinore_certs::server_config(
+            &pki.server,
+            std::slice::from_ref(&pki.client_bundle),
+            &[],
+        )
+        .unwrap();
         let client_config =
-            elsinore_certs::client_config(&client_id, &server_bundle, None, &[]).unwrap();
-        let pair = || async {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let client = TcpStream::connect(listener.local_addr().unwrap());
-            let (client, accepted) = tokio::join!(client, listener.accept());
-            (client.unwrap(), accepted.unwrap().0)
-        };
+            elsinore_certs::client_config(&pki.client, &pki.server_bundle, None, &[]).unwrap();
 
         // The peer: rustls, echoing until our close.
         let (c, s) = pair().await;

@@ -1675,7 +1675,7 @@ impl AsyncWrite for TlsStream {
 mod interop_tests;
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use elsinore_certs::{Ca, Identity, SpiffeId, TrustBundle, TrustDomain};
@@ -1688,14 +1688,16 @@ mod tests {
 
     use super::*;
 
-    struct Pki {
-        server: Identity,
-        client: Identity,
-        server_bundle: TrustBundle,
-        client_bundle: TrustBundle,
+    /// Two gateways' identities, each trusting the other's CA; also the
+    /// splice tests' PKI.
+    pub(crate) struct Pki {
+        pub(crate) server: Identity,
+        pub(crate) client: Identity,
+        pub(crate) server_bundle: TrustBundle,
+        pub(crate) client_bundle: TrustBundle,
     }
 
-    fn pki() -> Pki {
+    pub(crate) fn pki() -> Pki {
         let issue = |domain: &str| {
             let td: TrustDomain = domain.parse().unwrap();
             let ca = Ca::new(&td).unwrap();
@@ -1735,11 +1737,29 @@ mod tests {
         ServerName::try_from("svc.a.example").unwrap()
     }
 
-    async fn pair() -> (TcpStream, TcpStream) {
+    pub(crate) async fn pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap());
         let (client, accepted) = tokio::join!(client, listener.accept());
         (client.unwrap(), accepted.unwrap().0)
+    }
+
+    /// Sends `bytes` to a fresh server and returns the client's end and
+    /// the error the server's handshake ended with (within 10 s); panics
+    /// with `completed` if the handshake succeeded.
+    async fn refused_handshake(pki: &Pki, bytes: &[u8], completed: &str) -> (TcpStream, io::Error) {
+        let (mut c, s) = pair().await;
+        c.write_all(bytes).await.unwrap();
+        let accepted = tokio::time::timeout(
+            Duration::from_secs(10),
+            accept(server_config(pki.server()), s),
+        )
+        .await
+        .expect("accept ends within 10s");
+        let Err(err) = accepted else {
+            panic!("{completed}");
+        };
+        (c, err)
     }
 
     /// A payload no two offsets of which look alike, so a lost, repeated or
@@ -2472,17 +2492,8 @@ mod tests {
         let mut bytes = vec![0x16, 3, 1, 0, 10];
         bytes.extend_from_slice(&message[..10]);
         bytes.extend_from_slice(&[0x17, 3, 3, 0, 0]);
-        let (mut c, s) = pair().await;
-        c.write_all(&bytes).await.unwrap();
-        let accepted = tokio::time::timeout(
-            Duration::from_secs(10),
-            accept(server_config(pki.server()), s),
-        )
-        .await
-        .expect("accept ends within 10s");
-        let Err(err) = accepted else {
-            panic!("a handshake completed on half a ClientHello");
-        };
+        let (mut c, err) =
+            refused_handshake(&pki, &bytes, "a handshake completed on half a ClientHello").await;
         assert!(
             err.to_string()
                 .contains("MessageInterleavedWithHandshakeMessage"),
@@ -2530,17 +2541,12 @@ mod tests {
         bytes.extend_from_slice(&(body.len() as u16).to_be_bytes());
         bytes.extend_from_slice(&body);
         assert_eq!(bytes.len(), HEADER + MAX_PLAINTEXT + 1);
-        let (mut c, s) = pair().await;
-        c.write_all(&bytes).await.unwrap();
-        let accepted = tokio::time::timeout(
-            Duration::from_secs(10),
-            accept(server_config(pki.server()), s),
+        let (mut c, err) = refused_handshake(
+            &pki,
+            &bytes,
+            "a handshake completed without a client Finished",
         )
-        .await
-        .expect("accept ends within 10s");
-        let Err(err) = accepted else {
-            panic!("a handshake completed without a client Finished");
-        };
+        .await;
         assert!(err.to_string().contains("16385 bytes"), "{err}");
         let mut out = Vec::new();
         tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut out))
