@@ -8,8 +8,12 @@
 use std::fmt;
 use std::io;
 
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderValue};
+use http::{Response, StatusCode};
+use http_body_util::Full;
+
 use crate::splice::{self, SpliceError};
-use http::StatusCode;
 
 /// Which side of the proxy a failure came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -233,6 +237,59 @@ impl ProxyError {
     pub fn body(&self) -> String {
         format!("{self}\n")
     }
+
+    /// The one response for a failed request, at the egress and the
+    /// ingress alike: the status from [`ProxyError::status`] with the
+    /// [`ProxyError::body`] text, or for gRPC a trailers-only response
+    /// carrying the matching `grpc-status` and the percent-encoded
+    /// `grpc-message`; both name the failure in `x-elsinore-error`.
+    pub fn response(&self, grpc: bool) -> Response<Full<Bytes>> {
+        let mut resp = if grpc {
+            let mut resp = Response::new(Full::new(Bytes::new()));
+            let headers = resp.headers_mut();
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            headers.insert("grpc-status", HeaderValue::from(self.grpc_code()));
+            if let Ok(message) = HeaderValue::from_str(&grpc_message(&self.to_string())) {
+                headers.insert("grpc-message", message);
+            }
+            resp
+        } else {
+            let mut resp = Response::new(Full::new(Bytes::from(self.body())));
+            *resp.status_mut() = self.status();
+            resp.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            resp
+        };
+        if let Ok(label) = HeaderValue::from_str(self.label()) {
+            resp.headers_mut().insert("x-elsinore-error", label);
+        }
+        resp
+    }
+}
+
+/// Whether a request is gRPC (its content type), so that its failure is
+/// told in gRPC's terms.
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// Percent-encodes a `grpc-message` as the gRPC spec asks: everything
+/// outside printable ASCII, and `%` itself.
+pub fn grpc_message(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// A splice's failure, told as a proxy failure: an idle splice is our
@@ -264,6 +321,12 @@ impl From<SpliceError> for ProxyError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_message_is_percent_encoded() {
+        assert_eq!(grpc_message("a b%ü"), "a b%25%C3%BC");
+        assert_eq!(grpc_message("a b%\n"), "a b%25%0A");
+    }
 
     #[test]
     fn splice_failures_keep_their_side_and_kind() {

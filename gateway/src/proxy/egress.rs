@@ -32,9 +32,9 @@ use elsinore_transport::h2::client::{self as h2client, SendError};
 use elsinore_transport::h2::server as h2server;
 use elsinore_transport::splice::splice_to_tls;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version, header};
+use http::{HeaderMap, Request, Response, Uri, Version, header};
+use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Bytes};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -43,7 +43,7 @@ use tracing::Instrument;
 
 use super::ProxyContext;
 use super::activity::{Activity, ActivityIo};
-use super::error::{ErrorKind, ProxyError, Side};
+use super::error::{ErrorKind, ProxyError, Side, is_grpc};
 use super::pool::{H2Pool, PoolHandle, PoolKey, PoolLimits};
 use super::tls::{self, TlsStream};
 use crate::config::EgressMode;
@@ -1257,13 +1257,6 @@ fn tls_reason(e: &io::Error) -> String {
     e.to_string()
 }
 
-fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
-}
-
 /// The authority the app addressed: the request target's (HTTP/2, or an
 /// absolute-form HTTP/1.1 target) or the Host header.
 fn request_host<B>(req: &Request<B>) -> Option<&str> {
@@ -1360,57 +1353,10 @@ fn upstream_request<B>(
     Ok(Request::from_parts(parts, body))
 }
 
-/// The response for a failed request: a text body naming the side, or for
-/// gRPC a trailers-only response whose status the client library reads.
+/// [`ProxyError::response`] with the egress's body type.
 fn error_response(e: &ProxyError, grpc: bool) -> Response<RespBody> {
-    let mut resp = if grpc {
-        let mut resp = Response::new(empty());
-        let headers = resp.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc"),
-        );
-        headers.insert("grpc-status", HeaderValue::from(e.grpc_code()));
-        if let Ok(message) = HeaderValue::from_str(&grpc_message(&e.to_string())) {
-            headers.insert("grpc-message", message);
-        }
-        resp
-    } else {
-        let mut resp = Response::new(
-            Full::new(Bytes::from(e.body()))
-                .map_err(|never| match never {})
-                .boxed(),
-        );
-        *resp.status_mut() = e.status();
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        resp
-    };
-    if let Ok(label) = HeaderValue::from_str(e.label()) {
-        resp.headers_mut().insert("x-elsinore-error", label);
-    }
-    resp
-}
-
-fn empty() -> RespBody {
-    Full::new(Bytes::new())
-        .map_err(|never| match never {})
-        .boxed()
-}
-
-/// Percent-encodes a `grpc-message` as the gRPC spec asks.
-fn grpc_message(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for b in text.bytes() {
-        if (0x20..=0x7e).contains(&b) && b != b'%' {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    e.response(grpc)
+        .map(|body| body.map_err(|never| match never {}).boxed())
 }
 
 #[cfg(test)]
@@ -1424,6 +1370,7 @@ mod tests {
     use crate::test_support::{WAIT, wait_until};
     use elsinore_certs::{Ca, Identity, TrustBundle, TrustDomain};
     use elsinore_federation_api::FederatedService;
+    use http::HeaderValue;
     use http_body_util::StreamBody;
     use hyper::body::Frame;
     use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -2341,7 +2288,6 @@ mod tests {
         assert!(err.to_string().contains("bad host"), "{err}");
         assert_eq!(split_host("h:80"), ("h", ":80"));
         assert_eq!(split_host("h"), ("h", ""));
-        assert_eq!(grpc_message("a b%\n"), "a b%25%0A");
     }
 
     fn publish_plan(ctx: &ProxyContext, plan: TablePlan, services: Vec<Arc<FederatedService>>) {

@@ -38,7 +38,7 @@ use elsinore_transport::h2::body::RecvBody;
 use elsinore_transport::h2::server as h2server;
 use elsinore_transport::splice::splice;
 use futures_util::FutureExt;
-use http::header::{CONTENT_TYPE, HOST};
+use http::header::HOST;
 use http::uri::{Authority, Scheme};
 use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version};
 use http_body_util::{Either, Full};
@@ -52,7 +52,7 @@ use tracing::{Instrument, field};
 
 use super::activity::{Activity, ActivityIo};
 use super::backend::Backends;
-use super::error::{ErrorKind, ProxyError};
+use super::error::{ErrorKind, ProxyError, is_grpc};
 use super::tls::{self, TlsStream};
 use super::{
     IdentityTrailersStripped, PEER_IDENTITY_HEADER, ProxyContext, refuse_userinfo,
@@ -983,13 +983,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     );
 }
 
-fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("application/grpc"))
-}
-
 /// Finds our own error in the client error's causes (connect failures carry
 /// the [`ProxyError`] from [`Backends::connect`]); anything else is an
 /// upstream failure of the exchange.
@@ -1019,51 +1012,15 @@ fn client_error(e: &hyper_util::client::legacy::Error) -> ProxyError {
     }
 }
 
-/// The response for a failed request: the status from [`ProxyError::status`]
-/// with a short text body naming the side, or for gRPC a trailers-only
-/// response carrying the matching `grpc-status`.
+/// [`ProxyError::response`] with the ingress's body type.
 fn error_response(e: &ProxyError, grpc: bool) -> Response<ProxyBody> {
-    let mut resp = if grpc {
-        let mut r = Response::new(Either::Right(Full::new(Bytes::new())));
-        let headers = r.headers_mut();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        headers.insert("grpc-status", HeaderValue::from(e.grpc_code()));
-        if let Ok(msg) = HeaderValue::from_str(&grpc_message(&e.to_string())) {
-            headers.insert("grpc-message", msg);
-        }
-        r
-    } else {
-        let mut r = Response::new(Either::Right(Full::new(Bytes::from(e.body()))));
-        *r.status_mut() = e.status();
-        r.headers_mut().insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        r
-    };
-    if let Ok(v) = HeaderValue::from_str(e.label()) {
-        resp.headers_mut().insert("x-elsinore-error", v);
-    }
-    resp
-}
-
-/// Percent-encodes a `grpc-message` value as the gRPC spec asks (everything
-/// outside printable ASCII, and `%` itself).
-fn grpc_message(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if (0x20..0x7f).contains(&b) && b != b'%' {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    e.response(grpc).map(Either::Right)
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
+    use http::header::CONTENT_TYPE;
     use std::net::SocketAddr;
     use std::sync::atomic::AtomicUsize;
 
@@ -2336,10 +2293,5 @@ mod tests {
         h.insert(TE, HeaderValue::from_static("gzip"));
         strip_hop_by_hop(&mut h);
         assert!(h.is_empty());
-    }
-
-    #[test]
-    fn grpc_message_is_percent_encoded() {
-        assert_eq!(grpc_message("a b%ü"), "a b%25%C3%BC");
     }
 }
