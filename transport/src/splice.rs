@@ -109,6 +109,24 @@ pub async fn splice_to_tls(
     .await
 }
 
+/// [`splice`] from a TLS peer to a plain TCP backend (ingress): the
+/// backend's bytes are read straight into TLS records and sealed where they
+/// land ([`TlsStream::poll_relay_from`]), as [`splice_to_tls`] does for the
+/// egress's client; the peer's bytes go to the backend as in [`splice`].
+pub async fn splice_from_tls(
+    mut a: Box<TlsStream>,
+    mut b: TcpStream,
+    idle_timeout: Duration,
+) -> Result<(u64, u64), SpliceError> {
+    run(idle_timeout, |cx, a_to_b, b_to_a, progressed| {
+        (
+            a_to_b.poll_copy(cx, Pin::new(&mut *a), Pin::new(&mut b), progressed),
+            b_to_a.poll_relay(cx, &mut b, &mut a, progressed),
+        )
+    })
+    .await
+}
+
 type Step = Poll<Result<(), SpliceError>>;
 
 /// Polls both directions until both are done, one fails, or nothing moved
@@ -683,5 +701,53 @@ mod tests {
         let (sent, received) = splice.await.unwrap().unwrap();
         assert_eq!((sent, received), (data.len() as u64, data.len() as u64));
         assert_eq!(server.await.unwrap(), data.len() as u64);
+    }
+
+    /// The ingress's direction: a peer's bytes reach a TCP backend, and the
+    /// backend's answer is read straight into our records, across several
+    /// key replacements, whole and in order.
+    #[tokio::test]
+    async fn a_peer_spliced_to_a_backend_gets_its_answer_across_key_updates() {
+        use crate::tls::tests::{pair, pki};
+        let _limit = crate::test_support::limit();
+        let pki = pki();
+        let server_config = elsinore_certs::server_config(
+            &pki.server,
+            std::slice::from_ref(&pki.client_bundle),
+            &[],
+        )
+        .unwrap();
+        let client_config =
+            elsinore_certs::client_config(&pki.client, &pki.server_bundle, None, &[]).unwrap();
+
+        let backend = echo_server().await;
+        let (c, s) = pair().await;
+        let ingress = tokio::spawn(async move {
+            let (mut tls, _) =
+                crate::tls::accept(crate::tls::server_config((*server_config).clone()), s)
+                    .await
+                    .unwrap();
+            tls.set_tx_limit(2 * crate::tls::RELAY_RECORDS as u64);
+            let backend = TcpStream::connect(backend).await.unwrap();
+            splice_from_tls(Box::new(tls), backend, Duration::from_secs(10)).await
+        });
+        // The peer: rustls.
+        let connector = tokio_rustls::TlsConnector::from(client_config);
+        let name = rustls::pki_types::ServerName::try_from("svc.a.example").unwrap();
+        let peer = connector.connect(name, c).await.unwrap();
+        let data: Vec<u8> = (0..5usize << 20)
+            .map(|i| (i % 251) as u8 ^ (i / 251) as u8)
+            .collect();
+        let (mut r, mut w) = tokio::io::split(peer);
+        let write = async {
+            w.write_all(&data).await.unwrap();
+            w.shutdown().await.unwrap();
+        };
+        let mut got = Vec::new();
+        let (_, read) = tokio::join!(write, r.read_to_end(&mut got));
+        read.unwrap();
+        assert!(got == data, "the echo differs");
+        let (up, down) = ingress.await.unwrap().unwrap();
+        assert_eq!((up, down), (data.len() as u64, data.len() as u64));
     }
 }

@@ -17,7 +17,7 @@
 //!
 //! ```text
 //! dataplane [--rounds 3] [--duration 10] [--warmup 2]
-//!           [--workloads http1,http2,connect,connect-resume,bulk,idle-tcp,idle-http,catalog]
+//!           [--workloads http1,http2,connect,connect-resume,bulk,bulk-down,idle-tcp,idle-http,catalog]
 //!           [--contenders direct,elsinore,elsinore-yield,nginx,haproxy,envoy]
 //!           [--connections 64] [--streams 10] [--parallel 32] [--idle 5000]
 //!           [--catalog-services 10000,100000] [--catalog-rounds N]
@@ -65,7 +65,7 @@ pub struct Args {
 }
 
 const USAGE: &str = "usage: dataplane [--rounds N] [--duration SECS] [--warmup SECS] \
-[--workloads http1,http2,connect,connect-resume,bulk,idle-tcp,idle-http,catalog] \
+[--workloads http1,http2,connect,connect-resume,bulk,bulk-down,idle-tcp,idle-http,catalog] \
 [--contenders direct,elsinore,elsinore-yield,nginx,haproxy,envoy] [--connections N] [--streams N] \
 [--parallel N] [--idle N] [--catalog-services 10000,100000] [--catalog-rounds N] \
 [--elsinore PATH] [--envoy PATH] [--nginx PATH] [--haproxy PATH] [--elsinore-log FILTER] \
@@ -220,7 +220,8 @@ fn run_one(
         Workload::ConnectResume => {
             workloads::connect(&mut dep, args, env, &log_dir, "connect_resume")
         }
-        Workload::Bulk => workloads::bulk(&mut dep, args, &log_dir),
+        Workload::Bulk => workloads::bulk(&mut dep, args, &log_dir, false),
+        Workload::BulkDown => workloads::bulk(&mut dep, args, &log_dir, true),
         Workload::IdleTcp => workloads::idle(&mut dep, args, false),
         Workload::IdleHttp => workloads::idle(&mut dep, args, true),
         Workload::Catalog => bail!("catalog is not a per-contender workload"),

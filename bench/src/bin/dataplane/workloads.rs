@@ -23,18 +23,20 @@ pub enum Workload {
     Connect,
     ConnectResume,
     Bulk,
+    BulkDown,
     IdleTcp,
     IdleHttp,
     Catalog,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 8] = [
+    pub const ALL: [Workload; 9] = [
         Workload::Http1,
         Workload::Http2,
         Workload::Connect,
         Workload::ConnectResume,
         Workload::Bulk,
+        Workload::BulkDown,
         Workload::IdleTcp,
         Workload::IdleHttp,
         Workload::Catalog,
@@ -47,6 +49,7 @@ impl Workload {
             Workload::Connect => "connect",
             Workload::ConnectResume => "connect-resume",
             Workload::Bulk => "bulk",
+            Workload::BulkDown => "bulk-down",
             Workload::IdleTcp => "idle-tcp",
             Workload::IdleHttp => "idle-http",
             Workload::Catalog => "catalog",
@@ -59,7 +62,7 @@ impl Workload {
             .find(|w| w.name() == s)
             .ok_or_else(|| {
                 anyhow!(
-                    "unknown workload {s:?} (http1, http2, connect, connect-resume, bulk, idle-tcp, idle-http, catalog)"
+                    "unknown workload {s:?} (http1, http2, connect, connect-resume, bulk, bulk-down, idle-tcp, idle-http, catalog)"
                 )
             })
     }
@@ -462,25 +465,33 @@ pub fn connect(
     Ok(out)
 }
 
-/// Bulk TCP: one iperf3 stream through the mTLS path.
-pub fn bulk(dep: &mut Deployment, args: &Args, log_dir: &Path) -> Result<Figures> {
+/// Bulk TCP: one iperf3 stream through the mTLS path, from the client to
+/// the backend (`bulk`), or with `down` from the backend to the client
+/// (`bulk-down`, iperf3 `-R`): the egress then opens records and the
+/// ingress seals them.
+pub fn bulk(dep: &mut Deployment, args: &Args, log_dir: &Path, down: bool) -> Result<Figures> {
     let target = dep.targets.bulk;
+    let prefix = if down { "bulk_down" } else { "bulk" };
+    let mut flags = vec![
+        "-c".to_owned(),
+        target.ip().to_string(),
+        "-p".to_owned(),
+        target.port().to_string(),
+        "-t".to_owned(),
+        args.duration.to_string(),
+        "-P1".to_owned(),
+        "--json".to_owned(),
+    ];
+    if down {
+        flags.push("-R".to_owned());
+    }
     let mark = CpuMark::take(dep)?;
     let text = run_tool(
         "iperf3",
         Some(CLIENT_CPU),
         "iperf3",
-        &[
-            "-c".to_owned(),
-            target.ip().to_string(),
-            "-p".to_owned(),
-            target.port().to_string(),
-            "-t".to_owned(),
-            args.duration.to_string(),
-            "-P1".to_owned(),
-            "--json".to_owned(),
-        ],
-        log_dir.join("iperf3.json"),
+        &flags,
+        log_dir.join(format!("iperf3-{prefix}.json")),
         Duration::from_secs(args.duration + 60),
     )?;
     let cpu = mark.since()?;
@@ -502,9 +513,9 @@ pub fn bulk(dep: &mut Deployment, args: &Args, log_dir: &Path) -> Result<Figures
         .and_then(Value::as_f64)
         .unwrap_or(f64::NAN);
     ensure!(bytes > 0.0, "iperf3 moved no bytes via {target}");
-    let mut out = vec![("bulk.gbps".to_owned(), bps / 1e9)];
+    let mut out = vec![(format!("{prefix}.gbps"), bps / 1e9)];
     // ms of CPU per GB (10^9 bytes) delivered.
-    cost_figures(&mut out, "bulk", dep, &cpu, bytes / 1e9, 1.0)?;
+    cost_figures(&mut out, prefix, dep, &cpu, bytes / 1e9, 1.0)?;
     Ok(out)
 }
 
