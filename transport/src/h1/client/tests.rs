@@ -7,6 +7,10 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use http::HeaderValue;
+use http_body::Frame;
+use tokio::io::AsyncReadExt;
+
+use super::pool::still_open;
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use tokio::net::TcpListener;
 
