@@ -31,7 +31,7 @@ pub static PROXY_AUTH: [HeaderName; 2] = [header::PROXY_AUTHENTICATE, header::PR
 /// Which `te` survives the strip.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Te {
-    /// The `te` fields stay if the first is exactly `trailers` and go
+    /// The `te` fields stay if each is exactly `trailers` and all go
     /// otherwise: what HTTP/2 allows (RFC 9113 §8.2.2), as egress sends.
     Exact,
     /// `te: trailers` when any element of the `te` fields is `trailers`
@@ -88,9 +88,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, how: &Strip<'_>) {
     }
     match how.te {
         Te::Exact => {
+            // Every field, not the first: `te: trailers` followed by
+            // `te: gzip` is not what HTTP/2 allows either.
             if headers
-                .get(header::TE)
-                .is_some_and(|v| v.as_bytes() != b"trailers")
+                .get_all(header::TE)
+                .iter()
+                .any(|v| v.as_bytes() != b"trailers")
             {
                 headers.remove(header::TE);
             }
@@ -109,5 +112,51 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, how: &Strip<'_>) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strip(te: Te, values: &[&'static str]) -> Vec<String> {
+        let mut headers = HeaderMap::new();
+        for v in values {
+            headers.append(header::TE, HeaderValue::from_static(v));
+        }
+        let how = Strip {
+            proxy_auth: false,
+            te,
+            keep: &[],
+        };
+        strip_hop_by_hop(&mut headers, &how);
+        headers
+            .get_all(header::TE)
+            .iter()
+            .map(|v| v.to_str().unwrap_or("?").to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn exact_te_keeps_only_fields_that_are_all_trailers() {
+        assert_eq!(strip(Te::Exact, &["trailers"]), ["trailers"]);
+        assert_eq!(
+            strip(Te::Exact, &["trailers", "trailers"]),
+            ["trailers", "trailers"]
+        );
+        assert!(strip(Te::Exact, &["gzip"]).is_empty());
+        assert!(
+            strip(Te::Exact, &["trailers", "gzip"]).is_empty(),
+            "a second field counts"
+        );
+        assert!(strip(Te::Exact, &["gzip", "trailers"]).is_empty());
+        assert!(strip(Te::Exact, &["trailers, gzip"]).is_empty());
+    }
+
+    #[test]
+    fn trailers_te_becomes_one_trailers_field_if_any_element_asks() {
+        assert_eq!(strip(Te::Trailers, &["gzip", "Trailers"]), ["trailers"]);
+        assert_eq!(strip(Te::Trailers, &["gzip, trailers"]), ["trailers"]);
+        assert!(strip(Te::Trailers, &["gzip"]).is_empty());
     }
 }
