@@ -3,9 +3,10 @@
 //! local export names, the peers in config order and each peer's services,
 //! so the same inputs always give the same names whatever order messages
 //! arrived in, and a restart never renames anything. It owns no state: the
-//! federation room calls it again after every change and publishes the
-//! result whole ([`resolve_reusing`] shares the unchanged entries of the
-//! previous view, so a rebuild allocates only for what changed).
+//! runtime's merger task calls [`merge`] again after every change and
+//! publishes the result whole ([`resolve_reusing`] shares the unchanged
+//! entries of the previous view, so a rebuild allocates only for what
+//! changed).
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
@@ -13,6 +14,8 @@ use std::fmt;
 use std::sync::Arc;
 
 use elsinore_federation_api::FederatedService;
+
+use super::ExportCatalog;
 
 /// One service as imported from a peer, before name resolution.
 #[derive(Debug, Clone, PartialEq)]
@@ -250,6 +253,20 @@ pub fn resolve_reusing(
         collisions,
         local,
     }
+}
+
+/// The merge of imports: the view to publish next, from our exports (whose
+/// names win over imported ones), each peer's services (peers in config
+/// order) and the view published last. Entries that did not change are
+/// shared with `previous` rather than rebuilt: during a snapshot of 100,000
+/// entries the old and new views are alive together, and copies of both
+/// would be the gateway's peak memory.
+pub fn merge(
+    exports: &ExportCatalog,
+    peers: &[(String, Vec<Arc<FederatedService>>)],
+    previous: &ImportsView,
+) -> ImportsView {
+    resolve_reusing(&exports.fqdns(), peers, previous)
 }
 
 /// The entry registering `service` under `key`: the previous view's one if
