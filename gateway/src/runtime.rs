@@ -341,16 +341,6 @@ impl Gateway {
         })
     }
 
-    /// Replaces the exported catalog (what a config reload does).
-    pub fn set_exports(&self, exports: ExportCatalog) {
-        self.shared.exports.send_replace(Arc::new(exports));
-    }
-
-    /// A token that stops this gateway when cancelled.
-    pub fn shutdown_token(&self) -> CancellationToken {
-        self.shutdown.clone()
-    }
-
     /// Stops at once: listeners close and connections still open are cut
     /// (tests, the demo). SIGTERM does [`Gateway::drain`] instead.
     pub async fn shutdown(mut self) {

@@ -41,10 +41,6 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn peer(&self, name: &str) -> Option<&Arc<PeerState>> {
-        self.peers.iter().find(|p| p.config.name == name)
-    }
-
     pub fn peer_for(&self, td: &TrustDomain) -> Option<&Arc<PeerState>> {
         self.peer_by_trust_domain
             .get(td)

@@ -1029,7 +1029,12 @@ impl GatewayHandle {
     /// The full service imported from `peer` under `name`, read from the
     /// gateway's shared state (ports and endpoints are not on /catalog).
     pub fn imported_service(&self, peer: &str, name: &str) -> Option<Arc<FederatedService>> {
-        let state = self.gateway.shared.peer(peer)?;
+        let state = self
+            .gateway
+            .shared
+            .peers
+            .iter()
+            .find(|p| p.config.name == peer)?;
         let view = state.consumer.borrow().clone();
         view.services.iter().find(|s| s.name == name).cloned()
     }

@@ -17,15 +17,6 @@ use elsinore_federation_api::FederatedService;
 
 use super::ExportCatalog;
 
-/// One service as imported from a peer, before name resolution.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ImportedEntry {
-    pub peer: String,
-    /// The service name the owner gave it (unique within that peer).
-    pub name: String,
-    pub service: Arc<FederatedService>,
-}
-
 /// An imported service as registered under a name in this mesh.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resolved {
@@ -107,13 +98,16 @@ pub struct ImportsView {
     pub collisions: Vec<Collision>,
     /// Local export names (normalized), kept so that lookups never let an
     /// instance name of an import shadow a local name.
+    #[cfg(test)]
     local: BTreeSet<String>,
 }
 
 impl ImportsView {
     /// The import registered under `fqdn` (case-insensitive, trailing dot
     /// ignored), or whose instance name `<instance id>.<registered fqdn>`
-    /// it is. An exact registered name wins over an instance name.
+    /// it is. An exact registered name wins over an instance name. Only the
+    /// tests ask: the data plane looks names up in the VIP table.
+    #[cfg(test)]
     pub fn lookup(&self, fqdn: &str) -> Option<&Resolved> {
         let key = normalize(fqdn);
         if let Some(r) = self.by_fqdn.get(key.as_ref()) {
@@ -251,6 +245,7 @@ pub fn resolve_reusing(
     ImportsView {
         by_fqdn,
         collisions,
+        #[cfg(test)]
         local,
     }
 }

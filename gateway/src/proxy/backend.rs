@@ -57,22 +57,10 @@ impl Backends {
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.targets.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.targets.is_empty()
-    }
-
-    /// The configured backends, in config order.
-    pub fn addrs(&self) -> impl Iterator<Item = &HostPort> {
-        self.targets.iter().map(|t| &t.addr)
-    }
-
     /// The backends currently marked dead (their last connect failed less
     /// than [`BACKEND_DEAD_FOR`] ago).
-    pub fn dead(&self) -> Vec<&HostPort> {
+    #[cfg(test)]
+    fn dead(&self) -> Vec<&HostPort> {
         let now = self.now_ms();
         self.targets
             .iter()
