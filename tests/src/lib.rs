@@ -45,6 +45,12 @@
 /// Backends, app-side clients and DNS queries for data-plane tests.
 pub mod dataplane;
 pub use dataplane::*;
+/// A real Envoy process for the interoperability tests.
+pub mod envoy;
+/// A scripted foreign Hamlet peer built only from the generated stubs.
+pub mod foreign;
+/// A scripted foreign owner advertising endpoints the test runs.
+pub mod scripted;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::{Display, Write as _};
