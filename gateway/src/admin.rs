@@ -2,6 +2,7 @@
 //! `/config`, `/metrics`. Read only; it reads the shared snapshots and
 //! never blocks the other rooms.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -15,9 +16,10 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::federation::status::{ConsumerView, OwnerCounters};
 use crate::proxy::egress::EgressStats;
 use crate::proxy::ingress::IngressStats;
-use crate::state::{OwnerCounters, Shared, consumer_views};
+use crate::state::Shared;
 
 /// What the admin API reads.
 #[derive(Clone)]
@@ -286,6 +288,15 @@ pub fn peers_json(shared: &Shared) -> Value {
     json!({ "mesh": shared.mesh, "peers": peers })
 }
 
+/// The consumer views by peer name.
+fn consumer_views(shared: &Shared) -> BTreeMap<String, Arc<ConsumerView>> {
+    shared
+        .peers
+        .iter()
+        .map(|p| (p.config.name.clone(), p.consumer.borrow().clone()))
+        .collect()
+}
+
 fn unix(t: SystemTime) -> f64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
@@ -318,7 +329,8 @@ mod tests {
     use super::*;
     use crate::catalog::exports::ExportCatalog;
     use crate::config::{ApiVersion, HostPort, Peer};
-    use crate::state::{ConsumerView, new_shared};
+    use crate::federation::status::ConsumerState;
+    use crate::state::new_shared;
 
     fn peer(name: &str, dialed: bool) -> Peer {
         Peer {
@@ -355,7 +367,7 @@ mod tests {
             )
         );
         shared.listeners_bound.store(true, Ordering::Release);
-        let attempted = |i: usize, state: &'static str| {
+        let attempted = |i: usize, state: ConsumerState| {
             shared.peers[i]
                 .consumer
                 .send_replace(Arc::new(ConsumerView {
@@ -364,9 +376,9 @@ mod tests {
                     ..ConsumerView::default()
                 }));
         };
-        attempted(0, "synced");
+        attempted(0, ConsumerState::Synced);
         assert_eq!(readiness(&shared), (false, vec!["peer mesh-d".to_owned()]));
-        attempted(2, "failed");
+        attempted(2, ConsumerState::Failed);
         assert_eq!(readiness(&shared), (true, vec![]));
     }
 }

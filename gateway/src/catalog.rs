@@ -10,4 +10,4 @@ pub mod imports;
 
 pub use cache::CacheError;
 pub use exports::{ExportCatalog, ExportedService};
-pub use imports::{Collision, ImportedEntry, ImportsView, Owner, Resolution, Resolved};
+pub use imports::{Collision, ImportsView, Owner, Resolution, Resolved};

@@ -8,6 +8,7 @@ pub mod consumer;
 pub mod consumer_session;
 pub mod owner;
 pub mod owner_session;
+pub mod status;
 pub mod transport;
 
 /// Response metadata (owner → consumer): how many messages form the initial

@@ -1,6 +1,10 @@
 //! The Elsinore gateway: config, catalog, federation (owner and consumer
-//! sides of the Hamlet stream), admin, and the CLI behind the `elsinore`
-//! binary. Data flows one way: config → catalog → federation → catalog.
+//! sides of the Hamlet stream), the data plane (`dns`: the responder for
+//! imported names and the resolver; `proxy`: egress and ingress),
+//! credentials, admin and metrics, and the CLI behind the `elsinore`
+//! binary. Data flows one way: config → catalog → federation → catalog →
+//! dns/proxy. `state` holds the handles the rooms share; `runtime` starts
+//! and owns every task.
 
 pub mod admin;
 pub mod catalog;

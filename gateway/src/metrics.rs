@@ -11,9 +11,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::federation::status::OwnerCounters;
 use crate::proxy::egress::EgressStats;
 use crate::proxy::ingress::IngressStats;
-use crate::state::{OwnerCounters, Shared};
+use crate::state::Shared;
 
 /// Appends one metric family: `# HELP`, `# TYPE`, then its samples.
 fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, u64)]) {

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use elsinore_certs::{Identity, TrustBundle};
+use elsinore_federation_api::FederatedService;
 use elsinore_federation_api::proto::federation::resourcediscovery::{
     v1alpha1 as rd1, v1alpha2 as rd2,
 };
@@ -28,7 +29,7 @@ use crate::federation::owner::{OwnerOptions, OwnerService, OwnerServiceV1alpha1}
 use crate::proxy::ProxyContext;
 use crate::proxy::egress::EgressStats;
 use crate::proxy::ingress::IngressStats;
-use crate::state::{Shared, new_shared, run_merger};
+use crate::state::{Shared, new_shared};
 
 /// Why a gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +109,11 @@ impl Drop for AdminTask {
 
 impl Gateway {
     /// Starts every room. Returns once the listeners are bound.
+    ///
+    /// Long on purpose: this is the one place where the rooms are wired to
+    /// each other, in start-up order (identity and bundles, listeners,
+    /// shared state, owner, consumers, merger, data plane, admin, reload),
+    /// and reading it top to bottom is reading how a gateway comes up.
     pub async fn start(config: Config, mut options: StartOptions) -> Result<Gateway, StartError> {
         let identity = Identity::load(&config.identity.certificate, &config.identity.private_key)
             .map_err(StartError::Identity)?;
@@ -335,16 +341,6 @@ impl Gateway {
         })
     }
 
-    /// Replaces the exported catalog (what a config reload does).
-    pub fn set_exports(&self, exports: ExportCatalog) {
-        self.shared.exports.send_replace(Arc::new(exports));
-    }
-
-    /// A token that stops this gateway when cancelled.
-    pub fn shutdown_token(&self) -> CancellationToken {
-        self.shutdown.clone()
-    }
-
     /// Stops at once: listeners close and connections still open are cut
     /// (tests, the demo). SIGTERM does [`Gateway::drain`] instead.
     pub async fn shutdown(mut self) {
@@ -409,6 +405,46 @@ impl Gateway {
         self.admin_task.join().await;
         tracing::info!("drained");
     }
+}
+
+/// The imports merger: rebuilds the merged imports view and the VIP table
+/// made from it whenever a consumer reports a change or the local exports
+/// change, and publishes both whole (`imports` first).
+async fn run_merger(
+    shared: Arc<Shared>,
+    plan: crate::dns::vip::TablePlan,
+    shutdown: CancellationToken,
+) {
+    let mut exports = shared.exports.subscribe();
+    let mut vips = crate::dns::vip::VipAllocator::with_plan(plan);
+    loop {
+        let view = merge(&shared);
+        let table = vips.update(&view);
+        shared.imports.send_replace(Arc::new(view));
+        shared.vips.send_replace(Arc::new(table));
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = shared.imports_changed.notified() => {}
+            changed = exports.changed() => if changed.is_err() { return },
+        }
+        // Coalesce bursts: a snapshot of thousands of entries rebuilds a few times, not thousands.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// One merge of what the shared handles hold now (see [`catalog::imports::merge`]).
+///
+/// [`catalog::imports::merge`]: crate::catalog::imports::merge
+fn merge(shared: &Shared) -> crate::catalog::ImportsView {
+    let peers: Vec<(String, Vec<Arc<FederatedService>>)> = shared
+        .peers
+        .iter()
+        .map(|p| (p.config.name.clone(), p.consumer.borrow().services.clone()))
+        .collect();
+    // Arcs cloned out, so no `watch` borrow is held while the merge runs.
+    let exports = shared.exports.borrow().clone();
+    let previous = shared.imports.borrow().clone();
+    crate::catalog::imports::merge(&exports, &peers, &previous)
 }
 
 /// Binds the DNS responder's UDP socket and a TCP listener on the same

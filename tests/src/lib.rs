@@ -45,6 +45,12 @@
 /// Backends, app-side clients and DNS queries for data-plane tests.
 pub mod dataplane;
 pub use dataplane::*;
+/// A real Envoy process for the interoperability tests.
+pub mod envoy;
+/// A scripted foreign Hamlet peer built only from the generated stubs.
+pub mod foreign;
+/// A scripted foreign owner advertising endpoints the test runs.
+pub mod scripted;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::{Display, Write as _};
@@ -1029,7 +1035,12 @@ impl GatewayHandle {
     /// The full service imported from `peer` under `name`, read from the
     /// gateway's shared state (ports and endpoints are not on /catalog).
     pub fn imported_service(&self, peer: &str, name: &str) -> Option<Arc<FederatedService>> {
-        let state = self.gateway.shared.peer(peer)?;
+        let state = self
+            .gateway
+            .shared
+            .peers
+            .iter()
+            .find(|p| p.config.name == peer)?;
         let view = state.consumer.borrow().clone();
         view.services.iter().find(|s| s.name == name).cloned()
     }

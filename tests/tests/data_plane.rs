@@ -9,17 +9,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[allow(dead_code)]
-#[path = "foreign/peer.rs"]
-mod peer;
-
-#[path = "dataplane/scripted.rs"]
-mod scripted;
-
 use std::net::{IpAddr, SocketAddr};
 
 use elsinore_gateway::proxy::PEER_IDENTITY_HEADER;
 use elsinore_gateway::proxy::ingress::Refusal;
+use elsinore_tests::scripted::{Advertised, ScriptedOwner};
 use elsinore_tests::{
     Backend, ConfigSpec, ExportSpec, GatewayHandle, MeshFixture, PeerSpec, WAIT, dns_resolve, get,
     h2_send_over, h2c_connect, h2c_exchange, http_request, http1_connect, http1_exchange,
@@ -27,7 +21,6 @@ use elsinore_tests::{
 };
 use hickory_proto::op::ResponseCode;
 use http::{Method, StatusCode};
-use scripted::{Advertised, ScriptedOwner};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;

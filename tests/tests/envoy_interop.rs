@@ -11,28 +11,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[allow(dead_code)]
-#[path = "foreign/peer.rs"]
-mod peer;
-
-#[allow(dead_code)]
-#[path = "dataplane/envoy.rs"]
-mod envoy;
-
-#[path = "dataplane/scripted.rs"]
-mod scripted;
-
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
 use elsinore_gateway::proxy::ingress::Refusal;
+use elsinore_tests::envoy::{Envoy, envoy_binary};
+use elsinore_tests::scripted::{Advertised, ScriptedOwner};
 use elsinore_tests::{
     Backend, ConfigSpec, ExportSpec, MeshFixture, PeerSpec, WAIT, get, http1_send, names, run_test,
     wait_for,
 };
-use envoy::{Envoy, envoy_binary};
 use http::StatusCode;
-use scripted::{Advertised, ScriptedOwner};
 
 const A: &str = "mesh-a";
 const B: &str = "mesh-b";

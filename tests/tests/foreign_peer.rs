@@ -1,5 +1,5 @@
 //! Wire compatibility with a foreign Hamlet implementation: a scripted peer
-//! built only from the generated stubs (see `foreign/peer.rs`) exchanges
+//! built only from the generated stubs (see `elsinore_tests::foreign`) exchanges
 //! catalogs with real Elsinore gateways over real mTLS on loopback, in both
 //! API versions and both roles. The foreign peer sends none of Elsinore's
 //! metadata extensions, so these tests pin down how Elsinore behaves with a
@@ -8,9 +8,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "foreign/peer.rs"]
-mod peer;
-
 use std::collections::BTreeSet;
 
 use elsinore_certs::{Identity, TrustBundle};
@@ -18,12 +15,12 @@ use elsinore_federation_api::proto::federation::resourcediscovery::{
     v1alpha1 as rd1, v1alpha2 as rd2,
 };
 use elsinore_federation_api::proto::federation::types::{v1alpha1 as t1, v1alpha2 as t2};
+use elsinore_tests::foreign::{
+    self, CODE_OK, ConsumerV1, ConsumerV2, STEP, TYPE_URL_V1, TYPE_URL_V2, delete_v1, delete_v2,
+    dial, response_v1, serve_v1, serve_v2, service_v1, service_v2, upsert_v2,
+};
 use elsinore_tests::{
     ConfigSpec, ExportSpec, GatewayHandle, MeshFixture, WAIT, names, run_test, wait_for,
-};
-use peer::{
-    CODE_OK, ConsumerV1, ConsumerV2, STEP, TYPE_URL_V1, TYPE_URL_V2, delete_v1, delete_v2, dial,
-    response_v1, serve_v1, serve_v2, service_v1, service_v2, upsert_v2,
 };
 use prost::Message;
 use serde_json::Value;
@@ -418,7 +415,7 @@ async fn foreign_owner_v1alpha2_acks_valid_nacks_invalid_and_deletes() {
             .imported_service(FOREIGN, "ratings")
             .expect("ratings in B's shared state");
         assert_eq!(svc.endpoints[0].port, 9082);
-        assert_eq!(svc.sans, vec![peer::FOREIGN_INGRESS_SAN.to_owned()]);
+        assert_eq!(svc.sans, vec![foreign::FOREIGN_INGRESS_SAN.to_owned()]);
         let consumer = gateway.consumer(FOREIGN).await;
         assert_eq!(consumer["lastNack"]["service"], "broken", "{consumer:#}");
         assert_eq!(consumer["nacks"], 1, "{consumer:#}");

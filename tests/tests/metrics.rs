@@ -6,26 +6,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[allow(dead_code)]
-#[path = "foreign/peer.rs"]
-mod peer;
-
-#[allow(dead_code)]
-#[path = "dataplane/scripted.rs"]
-mod scripted;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use elsinore_certs::Identity;
+use elsinore_tests::foreign::{self, ConsumerV2, dial, upsert_v2};
+use elsinore_tests::scripted::Advertised;
 use elsinore_tests::{
     Backend, ConfigSpec, ExportSpec, MeshFixture, PeerSpec, WAIT, get, h2_send_over, http1_connect,
     http1_exchange, http1_send, peer_client_config, run_test, tls_connect_sni, wait_for,
 };
 use http::StatusCode;
-use peer::{ConsumerV2, dial, upsert_v2};
-use scripted::Advertised;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -947,7 +939,9 @@ async fn nacks_and_refused_upstream_certificates_are_counted() {
         let issued = a.issue(&owner_id);
         let owner_identity =
             Identity::from_pem(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes()).unwrap();
-        let (_server, mut streams) = peer::serve_v2(&owner_identity, &b.bundle()).await.unwrap();
+        let (_server, mut streams) = foreign::serve_v2(&owner_identity, &b.bundle())
+            .await
+            .unwrap();
         let gb = b
             .start(
                 &ConfigSpec::new()
@@ -961,7 +955,7 @@ async fn nacks_and_refused_upstream_certificates_are_counted() {
             .unwrap();
         let first = stream.recv().await.unwrap();
         let context = first.context;
-        let mut invalid = peer::service_v2("invalid", "not a dns name", 9080);
+        let mut invalid = foreign::service_v2("invalid", "not a dns name", 9080);
         invalid.sans = vec![a.gateway_id().to_string()];
         stream
             .send(upsert_v2("n1", &context, &invalid))

@@ -9,20 +9,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[allow(dead_code)]
-#[path = "foreign/peer.rs"]
-mod peer;
-
-#[allow(dead_code)]
-#[path = "dataplane/scripted.rs"]
-mod scripted;
-
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use elsinore_certs::Identity;
 use elsinore_gateway::proxy::ingress::Refusal;
+use elsinore_tests::foreign::{ConsumerV2, dial};
+use elsinore_tests::scripted::{Advertised, ScriptedOwner};
 use elsinore_tests::{
     Backend, ConfigSpec, ExportSpec, GatewayHandle, MeshFixture, PeerSpec, WAIT,
     anonymous_client_config, dns_query, get, h2_send_over, http1_send, names, peer_client_config,
@@ -31,10 +25,8 @@ use elsinore_tests::{
 use hickory_proto::op::{Message, Query, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
 use http::StatusCode;
-use peer::{ConsumerV2, dial};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use scripted::{Advertised, ScriptedOwner};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::time::Instant;

@@ -19,7 +19,7 @@ use elsinore_federation_api::{Endpoint, FederatedService, Instance, StringMap, U
 use serde::{Deserialize, Serialize};
 
 /// The file format version this build writes and reads.
-pub const VERSION: u32 = 1;
+const VERSION: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -69,7 +69,7 @@ pub enum CacheError {
 /// The cache file of `peer` in `dir`. Peer names are DNS labels (config
 /// validates that), but this is a file name, so anything that could leave
 /// the directory is refused here as well.
-pub fn path_for(dir: &Path, peer: &str) -> Result<PathBuf, CacheError> {
+fn path_for(dir: &Path, peer: &str) -> Result<PathBuf, CacheError> {
     if peer.is_empty() || peer.contains(['/', '\\', '\0']) || peer.contains("..") {
         return Err(CacheError::InvalidPeerName(peer.to_owned()));
     }
@@ -239,7 +239,7 @@ struct CachedEntry {
 /// serde so the file format can only change here, on purpose.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct CachedService {
+struct CachedService {
     pub name: String,
     pub description: String,
     pub tags: Vec<String>,
@@ -252,7 +252,7 @@ pub struct CachedService {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct CachedEndpoint {
+struct CachedEndpoint {
     pub address: String,
     pub port: u16,
     pub labels: Vec<String>,
@@ -261,7 +261,7 @@ pub struct CachedEndpoint {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct CachedInstance {
+struct CachedInstance {
     pub id: String,
     /// The wire spelling, e.g. `HTTP`.
     pub protocol: String,

@@ -16,7 +16,7 @@ use elsinore_federation_api::{Endpoint, FederatedService, Instance, Protocol, St
 use crate::config::{Config, HostPort};
 
 /// The label key carrying the owning mesh's name on every exported service.
-pub const MESH_LABEL: &str = "elsinore.io/mesh";
+const MESH_LABEL: &str = "elsinore.io/mesh";
 
 /// One exported service: what peers are sent, and what only we need to know
 /// (who may see it, where its backends are).
@@ -117,6 +117,7 @@ impl ExportCatalog {
 
     /// An export by its FQDN (= the SNI our ingress receives), compared
     /// case-insensitively with any trailing dot ignored.
+    #[cfg(test)]
     pub fn get_by_fqdn(&self, fqdn: &str) -> Option<&ExportedService> {
         let wanted = fqdn.strip_suffix('.').unwrap_or(fqdn);
         self.services

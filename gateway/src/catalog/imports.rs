@@ -3,9 +3,10 @@
 //! local export names, the peers in config order and each peer's services,
 //! so the same inputs always give the same names whatever order messages
 //! arrived in, and a restart never renames anything. It owns no state: the
-//! federation room calls it again after every change and publishes the
-//! result whole ([`resolve_reusing`] shares the unchanged entries of the
-//! previous view, so a rebuild allocates only for what changed).
+//! runtime's merger task calls [`merge`] again after every change and
+//! publishes the result whole ([`resolve_reusing`] shares the unchanged
+//! entries of the previous view, so a rebuild allocates only for what
+//! changed).
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
@@ -14,14 +15,7 @@ use std::sync::Arc;
 
 use elsinore_federation_api::FederatedService;
 
-/// One service as imported from a peer, before name resolution.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ImportedEntry {
-    pub peer: String,
-    /// The service name the owner gave it (unique within that peer).
-    pub name: String,
-    pub service: Arc<FederatedService>,
-}
+use super::ExportCatalog;
 
 /// An imported service as registered under a name in this mesh.
 #[derive(Debug, Clone, PartialEq)]
@@ -104,13 +98,16 @@ pub struct ImportsView {
     pub collisions: Vec<Collision>,
     /// Local export names (normalized), kept so that lookups never let an
     /// instance name of an import shadow a local name.
+    #[cfg(test)]
     local: BTreeSet<String>,
 }
 
 impl ImportsView {
     /// The import registered under `fqdn` (case-insensitive, trailing dot
     /// ignored), or whose instance name `<instance id>.<registered fqdn>`
-    /// it is. An exact registered name wins over an instance name.
+    /// it is. An exact registered name wins over an instance name. Only the
+    /// tests ask: the data plane looks names up in the VIP table.
+    #[cfg(test)]
     pub fn lookup(&self, fqdn: &str) -> Option<&Resolved> {
         let key = normalize(fqdn);
         if let Some(r) = self.by_fqdn.get(key.as_ref()) {
@@ -248,8 +245,23 @@ pub fn resolve_reusing(
     ImportsView {
         by_fqdn,
         collisions,
+        #[cfg(test)]
         local,
     }
+}
+
+/// The merge of imports: the view to publish next, from our exports (whose
+/// names win over imported ones), each peer's services (peers in config
+/// order) and the view published last. Entries that did not change are
+/// shared with `previous` rather than rebuilt: during a snapshot of 100,000
+/// entries the old and new views are alive together, and copies of both
+/// would be the gateway's peak memory.
+pub fn merge(
+    exports: &ExportCatalog,
+    peers: &[(String, Vec<Arc<FederatedService>>)],
+    previous: &ImportsView,
+) -> ImportsView {
+    resolve_reusing(&exports.fqdns(), peers, previous)
 }
 
 /// The entry registering `service` under `key`: the previous view's one if

@@ -1,5 +1,8 @@
 //! Every default the config applies, in one place, so the docs, the
-//! validation and the rest of the gateway agree on them.
+//! validation and the rest of the gateway agree on them; and, at the end,
+//! the fixed settings no config key changes (timeouts and sizes of the
+//! federation transport and the proxy), so every tunable number of the
+//! gateway is found here. Constants only: no statics, no logic.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
@@ -82,3 +85,27 @@ pub const DRAIN_DELAY: Duration = Duration::from_secs(5);
 /// Then, how long in-flight requests and streams get to finish once the
 /// listeners stopped accepting; what is left is cut.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+// Fixed settings: not configurable, but kept here with the defaults so a
+// tuning change has one place to go.
+
+/// How long a peer may take to complete the TLS handshake on the federation
+/// listener (the proxy's is `proxy.handshakeTimeout`).
+pub const FEDERATION_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long an ingress backend whose connect failed is skipped.
+pub const BACKEND_DEAD_FOR: Duration = Duration::from_secs(5);
+
+/// Egress: HTTP/2 connections to one remote endpoint (per SNI, peer and SANs).
+pub const EGRESS_MAX_CONNS_PER_KEY: usize = 4;
+/// Egress: streams on one pooled connection before a second one is worth opening.
+pub const EGRESS_STREAMS_PER_CONN: usize = 100;
+/// Egress: client configs cached at most; a catalog with more distinct
+/// (peer, SANs) pairs just rebuilds some (cheap next to the handshake that
+/// follows).
+pub const EGRESS_TLS_CACHE_MAX: usize = 256;
+/// Egress: first retry of a failed listener bind; doubles per failure of
+/// that address up to [`EGRESS_BIND_RETRY_MAX`].
+pub const EGRESS_BIND_RETRY: Duration = Duration::from_secs(1);
+/// Egress: the longest wait between two binds of one address.
+pub const EGRESS_BIND_RETRY_MAX: Duration = Duration::from_secs(60);

@@ -20,8 +20,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, OnceLock};
 
-use elsinore_federation_api::Protocol;
-
 use crate::catalog::{ImportsView, Resolved};
 use crate::config::{Config, EgressMode, SharedAnswer, VipRange};
 
@@ -64,7 +62,7 @@ impl VipEntry {
             .service
             .instances
             .first()
-            .is_some_and(|i| is_http(i.protocol))
+            .is_some_and(|i| i.protocol.is_http())
     }
 
     /// The protocol named in reports: the first instance's.
@@ -75,11 +73,6 @@ impl VipEntry {
             .first()
             .map_or("TCP", |i| i.protocol.as_str())
     }
-}
-
-/// Whether `protocol` is carried as HTTP by egress.
-pub fn is_http(protocol: Protocol) -> bool {
-    matches!(protocol, Protocol::Http | Protocol::Http2 | Protocol::Grpc)
 }
 
 /// What the table is built from besides the imports: the mode and its

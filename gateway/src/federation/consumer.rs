@@ -25,10 +25,11 @@ use super::consumer_session::{
     AfterClose, CloseReason, ConsumerSession, ConsumerSettings, Operation, Reply, SyncState,
 };
 use super::owner::sleep_until_opt;
+use super::status::{ConsumerState, ConsumerView};
 use super::{SNAPSHOT_SIZE_HEADER, WINDOW_HEADER};
 use crate::catalog::cache;
 use crate::config::HostPort;
-use crate::state::{ConsumerView, PeerState, Shared};
+use crate::state::{PeerState, Shared};
 
 /// How often a changed import set is published at most (readers see a batch).
 const PUBLISH_EVERY: Duration = Duration::from_millis(50);
@@ -525,12 +526,15 @@ impl ConsumerTask {
     fn publish(&self, session: &ConsumerSession, counters: &Counters) {
         let s = session.stats();
         let (state, detail) = match session.state() {
-            SyncState::Connecting => ("connecting", None),
-            SyncState::Syncing => ("syncing", None),
-            SyncState::Synced => ("synced", None),
-            SyncState::Disconnected { .. } => ("disconnected", counters.last_stream_end.clone()),
-            SyncState::Failed { reason } => ("failed", Some(reason.clone())),
-            SyncState::Stopped => ("stopped", None),
+            SyncState::Connecting => (ConsumerState::Connecting, None),
+            SyncState::Syncing => (ConsumerState::Syncing, None),
+            SyncState::Synced => (ConsumerState::Synced, None),
+            SyncState::Disconnected { .. } => (
+                ConsumerState::Disconnected,
+                counters.last_stream_end.clone(),
+            ),
+            SyncState::Failed { reason } => (ConsumerState::Failed, Some(reason.clone())),
+            SyncState::Stopped => (ConsumerState::Stopped, None),
         };
         let view = ConsumerView {
             state,

@@ -22,9 +22,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::owner_session::{AckOutcome, Op, Outgoing, OwnerSession, OwnerSettings};
+use super::status::OwnerCounters;
 use super::transport::PeerConn;
 use super::{SNAPSHOT_SIZE_HEADER, WINDOW_HEADER};
-use crate::state::{OwnerCounters, PeerState, Shared};
+use crate::state::{PeerState, Shared};
 
 /// How long a consumer may take to send its first request.
 const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);

@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use elsinore_certs::SpiffeId;
 use hyper_util::rt::TokioIo;
@@ -20,8 +19,9 @@ use tokio_rustls::{TlsAcceptor, TlsConnector, server::TlsStream};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 
-/// How long a peer may take to complete the TLS handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+// How long a peer may take to complete the TLS handshake: with the other
+// defaults and fixed settings.
+use crate::config::defaults::FEDERATION_HANDSHAKE_TIMEOUT as HANDSHAKE_TIMEOUT;
 
 /// What the federation handlers know about the caller: its address and the
 /// SPIFFE ID from its verified certificate.

@@ -1,10 +1,10 @@
 //! The backends of one exported service and how ingress picks one: round
 //! robin over the configured `host:port` list (a lock-free counter), skipping
 //! backends whose connect just failed. A failed backend is marked dead for
-//! [`DEAD_FOR`] (an atomic timestamp, no lock) so the connections that follow
-//! don't each pay its connect timeout; when every backend is marked dead they
-//! are tried anyway, because a dead mark is a guess and refusing outright
-//! would turn one blip into an outage. Names are resolved on every attempt
+//! [`BACKEND_DEAD_FOR`] (an atomic timestamp, no lock) so the connections
+//! that follow don't each pay its connect timeout; when every backend is
+//! marked dead they are tried anyway, because a dead mark is a guess and
+//! refusing outright would turn one blip into an outage. Names are resolved on every attempt
 //! through [`crate::dns::resolver::resolve`] (which caches by TTL), so a
 //! backend that moves is followed.
 
@@ -17,10 +17,8 @@ use tokio::time::Instant;
 
 use super::error::{ErrorKind, ProxyError};
 use crate::config::HostPort;
+use crate::config::defaults::BACKEND_DEAD_FOR;
 use crate::dns::resolver::{self, ConnectError};
-
-/// How long a backend whose connect failed is skipped.
-pub const DEAD_FOR: Duration = Duration::from_secs(5);
 
 /// The backends of one service with their round-robin cursor and dead marks.
 #[derive(Debug)]
@@ -59,22 +57,10 @@ impl Backends {
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.targets.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.targets.is_empty()
-    }
-
-    /// The configured backends, in config order.
-    pub fn addrs(&self) -> impl Iterator<Item = &HostPort> {
-        self.targets.iter().map(|t| &t.addr)
-    }
-
     /// The backends currently marked dead (their last connect failed less
-    /// than [`DEAD_FOR`] ago).
-    pub fn dead(&self) -> Vec<&HostPort> {
+    /// than [`BACKEND_DEAD_FOR`] ago).
+    #[cfg(test)]
+    fn dead(&self) -> Vec<&HostPort> {
         let now = self.now_ms();
         self.targets
             .iter()
@@ -118,9 +104,12 @@ impl Backends {
                 Ok(Err(reason)) => failures.push((i, Failure::Failed(reason))),
                 Err(_) => failures.push((i, Failure::Timeout)),
             }
-            let until = self.now_ms().saturating_add(millis(DEAD_FOR)).max(1);
+            let until = self
+                .now_ms()
+                .saturating_add(millis(BACKEND_DEAD_FOR))
+                .max(1);
             target.dead_until.store(until, Ordering::Relaxed);
-            tracing::debug!(backend = %target.addr, "backend connect failed; skipping it for {DEAD_FOR:?}");
+            tracing::debug!(backend = %target.addr, "backend connect failed; skipping it for {BACKEND_DEAD_FOR:?}");
         }
 
         let all_timeouts = failures.iter().all(|(_, f)| matches!(f, Failure::Timeout));

@@ -1,5 +1,5 @@
-//! A scripted foreign Hamlet owner (built on `foreign/peer.rs`, which the
-//! including test crate declares as `mod peer`) that advertises services
+//! A scripted foreign Hamlet owner (built on [`crate::foreign`]) that
+//! advertises services
 //! whose data-plane endpoint is something real the test runs: an Elsinore
 //! ingress, or an Envoy. It lets a test choose exactly what the catalog
 //! says (endpoint, SNI, `sans`) independently of who answers there, and
@@ -9,10 +9,10 @@ use std::net::SocketAddr;
 
 use elsinore_certs::{Identity, TrustBundle};
 use elsinore_federation_api::proto::federation::types::v1alpha2 as t2;
-use elsinore_tests::MeshFixture;
 use tokio::sync::mpsc;
 
-use crate::peer::{ForeignServer, OwnerStreamV2, STEP, serve_v2, upsert_v2};
+use crate::MeshFixture;
+use crate::foreign::{ForeignServer, OwnerStreamV2, STEP, serve_v2, upsert_v2};
 
 /// What the scripted owner says about one service.
 pub struct Advertised<'a> {

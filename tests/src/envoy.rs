@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use elsinore_tests::{get, http1_send, wait_for};
 use http::StatusCode;
+
+use crate::{get, http1_send, wait_for};
 
 /// How long Envoy may take to start and report ready.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
