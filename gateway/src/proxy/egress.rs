@@ -53,10 +53,9 @@ pub use stats::{EgressStats, EgressStatsSnapshot, Unbound};
 /// The body of every response egress gives to a local app.
 type RespBody = BoxBody<Bytes, BoxError>;
 
-/// HTTP/2 connections to one remote endpoint (per SNI, peer and SANs).
-const MAX_CONNS_PER_KEY: usize = 4;
-/// Streams on one pooled connection before a second one is worth opening.
-const STREAMS_PER_CONN: usize = 100;
+use crate::config::defaults::{
+    EGRESS_MAX_CONNS_PER_KEY as MAX_CONNS_PER_KEY, EGRESS_STREAMS_PER_CONN as STREAMS_PER_CONN,
+};
 
 /// Runs the egress until `ctx.shutdown`: keeps one listener per entry of
 /// the VIP table (VIP mode) or per distinct port (shared mode), within the

@@ -21,9 +21,7 @@ use crate::dns::vip::VipEntry;
 use crate::proxy::error::{ErrorKind, ProxyError};
 use crate::proxy::tls::{self, TlsStream};
 
-/// Client configs cached at most; a catalog with more distinct (peer, SANs)
-/// pairs just rebuilds some (cheap next to the handshake that follows).
-const TLS_CACHE_MAX: usize = 256;
+use crate::config::defaults::EGRESS_TLS_CACHE_MAX as TLS_CACHE_MAX;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(super) struct TlsKey {

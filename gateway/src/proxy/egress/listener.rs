@@ -27,10 +27,9 @@ use crate::proxy::ProxyContext;
 use crate::proxy::budget::Budget;
 use crate::proxy::error::ErrorKind;
 
-/// First retry of a failed listener bind; doubles per failure of that
-/// address up to [`BIND_RETRY_MAX`].
-const BIND_RETRY: Duration = Duration::from_secs(1);
-pub(super) const BIND_RETRY_MAX: Duration = Duration::from_secs(60);
+use crate::config::defaults::{
+    EGRESS_BIND_RETRY as BIND_RETRY, EGRESS_BIND_RETRY_MAX as BIND_RETRY_MAX,
+};
 
 pub(super) async fn serve_imports(
     ctx: ProxyContext,

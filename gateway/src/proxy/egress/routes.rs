@@ -39,11 +39,10 @@ pub(super) enum Mode {
 }
 
 fn mode_of(protocol: Protocol) -> Mode {
-    match protocol {
-        Protocol::Http | Protocol::Http2 | Protocol::Grpc => Mode::Http,
-        Protocol::Https | Protocol::Mongo | Protocol::Tcp | Protocol::Tls | Protocol::Mtls => {
-            Mode::Stream
-        }
+    if protocol.is_http() {
+        Mode::Http
+    } else {
+        Mode::Stream
     }
 }
 

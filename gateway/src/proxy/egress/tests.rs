@@ -15,13 +15,14 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::http::strip_hop_by_hop;
-use super::listener::{BIND_RETRY_MAX, bind_backoff, bind_import_listener};
+use super::listener::{bind_backoff, bind_import_listener};
 use super::routes::{AuthorityMemo, Route, Routes, split_host, upstream_authority};
 use super::*;
 use crate::catalog::ExportCatalog;
 use crate::catalog::imports::resolve;
 use crate::config::EgressMode;
 use crate::config::ProxyTuning;
+use crate::config::defaults::EGRESS_BIND_RETRY_MAX as BIND_RETRY_MAX;
 use crate::dns::vip::{TablePlan, VipAllocator};
 use crate::test_support::{WAIT, wait_until};
 use ::http::HeaderValue;
