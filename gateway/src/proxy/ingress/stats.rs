@@ -3,7 +3,6 @@
 //! and /metrics read them; the listener's stages only bump them. Relaxed
 //! atomics and nothing else: no locks, no logging, no decisions here.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Why a connection was closed before any application data moved.
@@ -57,8 +56,9 @@ impl Refusal {
     }
 }
 
-/// Counters of one ingress listener. Created by the caller of [`serve`](super::serve) so
-/// the admin server can read them; all relaxed atomics.
+/// Counters of one ingress listener. Created by the caller of
+/// [`serve`](super::serve) so the admin server can read them; all relaxed
+/// atomics.
 #[derive(Debug, Default)]
 pub struct IngressStats {
     /// TCP connections accepted (before the connection cap and TLS).
@@ -77,13 +77,14 @@ pub struct IngressStats {
     /// Connections or requests that failed upstream (no backend, timeout, reset).
     pub upstream_errors: AtomicU64,
     /// Bytes spliced peer → backend and backend → peer (opaque exports only).
-    pub bytes_to_backend: AtomicU64,
-    pub bytes_from_backend: AtomicU64,
+    pub(super) bytes_to_backend: AtomicU64,
+    pub(super) bytes_from_backend: AtomicU64,
 }
 
 impl IngressStats {
-    pub fn new() -> Arc<IngressStats> {
-        Arc::new(IngressStats::default())
+    #[cfg(test)]
+    pub(super) fn new() -> std::sync::Arc<IngressStats> {
+        std::sync::Arc::new(IngressStats::default())
     }
 
     /// Connections refused for `reason` so far.
