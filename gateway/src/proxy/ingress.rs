@@ -24,7 +24,7 @@
 //! version the backend answered in.
 //!
 //! The stages each have a room: `handshake` (TLS, identity, refusals,
-//! dispatch), `routes` (the SNI table and upstreams), `http_proxy` and
+//! dispatch), `routes` (the SNI table and upstreams), `http` and
 //! `stream` (forwarding), `stats` (counters). This file holds only the
 //! listener (it accepts, spawns a task per connection and drains) and the
 //! types every stage shares; it must not route, check or forward itself.
@@ -48,7 +48,7 @@ use routes::RouteCache;
 use stats::bump;
 
 mod handshake;
-mod http_proxy;
+mod http;
 mod routes;
 mod stats;
 mod stream;

@@ -15,7 +15,7 @@ use http::HeaderValue;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::http_proxy::{HttpConn, serve_http};
+use super::http::{HttpConn, serve_http};
 use super::routes::{RouteCache, normalize_host};
 use super::stats::{IngressStats, Refusal, bump};
 use super::stream::forward_opaque;

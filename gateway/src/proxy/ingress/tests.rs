@@ -22,7 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::http_proxy::{strip_hop_by_hop, within};
+use super::http::{strip_hop_by_hop, within};
 use super::{IngressStats, Refusal, serve};
 use crate::catalog::ExportCatalog;
 use crate::catalog::exports::tests::config;
