@@ -2,10 +2,12 @@
 //! (TCP, TLS, mTLS, HTTPS, Mongo) is spliced, bytes as they come, to one of
 //! the export's backends, and the bytes moved are counted. It must not look
 //! into the bytes: what the peer may reach was settled by the handshake.
+//! The backend's bytes are read straight into TLS records
+//! ([`splice_from_tls`]), as the egress does with a client's.
 
 use std::sync::atomic::Ordering;
 
-use elsinore_transport::splice::splice;
+use elsinore_transport::splice::splice_from_tls;
 use tokio::io::AsyncWriteExt;
 
 use super::PeerStream;
@@ -34,7 +36,7 @@ pub(super) async fn forward_opaque(tls: PeerStream, upstream: &Upstream, inner: 
     bump(&inner.stats.spliced);
     tracing::debug!(backend = %addr, "splicing");
     tokio::select! {
-        res = splice(tls, backend, tuning.idle_timeout) => match res.map_err(ProxyError::from) {
+        res = splice_from_tls(tls, backend, tuning.idle_timeout) => match res.map_err(ProxyError::from) {
             Ok((up, down)) => {
                 inner.stats.bytes_to_backend.fetch_add(up, Ordering::Relaxed);
                 inner.stats.bytes_from_backend.fetch_add(down, Ordering::Relaxed);
