@@ -4,8 +4,8 @@
 //! and file I/O only: it knows nothing of streams, sockets or routing, and
 //! the federation and proxy rooms read it, never the other way round.
 
-pub mod cache;
-pub mod exports;
+pub(crate) mod cache;
+pub(crate) mod exports;
 pub mod imports;
 
 pub use cache::CacheError;

@@ -25,7 +25,6 @@ use crate::runtime::{Gateway, StartOptions};
 pub struct Demo {
     pub a: Gateway,
     pub b: Gateway,
-    pub dir: PathBuf,
 }
 
 struct MeshFiles {
@@ -259,11 +258,7 @@ impl Demo {
         let b = start(b_cfg, b_fed, b_admin, b_ingress)
             .await
             .context("start mesh-b")?;
-        Ok(Demo {
-            a,
-            b,
-            dir: dir.to_owned(),
-        })
+        Ok(Demo { a, b })
     }
 
     /// Waits until each gateway has imported the other's whole catalog.

@@ -6,19 +6,19 @@
 //! dns/proxy. `state` holds the handles the rooms share; `runtime` starts
 //! and owns every task.
 
-pub mod admin;
+mod admin;
 pub mod catalog;
 pub mod cli;
 pub mod config;
-pub mod credentials;
-pub mod demo;
+mod credentials;
+mod demo;
 pub mod dns;
 pub mod federation;
-pub mod metrics;
+mod metrics;
 pub mod proxy;
-pub mod reload;
+mod reload;
 pub mod runtime;
-pub mod state;
+mod state;
 #[cfg(test)]
 pub(crate) use elsinore_transport::test_support;
 

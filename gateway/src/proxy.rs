@@ -16,11 +16,11 @@ use crate::config::ProxyTuning;
 use crate::state::Shared;
 
 pub(crate) mod activity;
-pub mod backend;
-pub mod budget;
+pub(crate) mod backend;
+pub(crate) mod budget;
 pub mod egress;
 pub mod ingress;
-pub mod pool;
+pub(crate) mod pool;
 // The data plane's error type lives with the transport that raises most
 // of them; the rest of the gateway (catalog, DNS, federation) names it
 // here.

@@ -124,6 +124,7 @@ impl H2Pool {
     }
 
     /// Live connections across all keys (closed ones not yet pruned excluded).
+    #[cfg(test)]
     pub fn connections(&self) -> usize {
         let keys: Vec<Arc<KeyPool>> = lock(&self.keys).values().cloned().collect();
         keys.iter()
