@@ -21,7 +21,7 @@ use elsinore_federation_api::proto::federation::resourcediscovery::{
 use elsinore_federation_api::proto::federation::types::{v1alpha1 as t1, v1alpha2 as t2};
 use elsinore_federation_api::{ApiVersion, FederatedService, decode_any, encode_any, type_url};
 use elsinore_gateway::federation::consumer::InResponse;
-use elsinore_gateway::federation::consumer_session::{
+use elsinore_gateway::federation::consumer::session::{
     Change, ConsumerSession, ConsumerSettings, Operation, Reply,
 };
 use libfuzzer_sys::fuzz_target;

@@ -1,13 +1,11 @@
 //! Federation: the owner side (our `DiscoveryService`, one session per
 //! consumer stream) and the consumer side (one dialer per peer). The protocol
-//! logic lives in sans-I/O state machines ([`owner_session`],
-//! [`consumer_session`]); the tonic code around them ([`owner`],
+//! logic lives in sans-I/O state machines (`owner/session.rs`,
+//! `consumer/session.rs`); the tonic code around them ([`owner`],
 //! [`consumer`], [`transport`]) only moves messages.
 
 pub mod consumer;
-pub mod consumer_session;
 pub mod owner;
-pub mod owner_session;
 pub mod transport;
 
 /// Response metadata (owner → consumer): how many messages form the initial

@@ -4,6 +4,8 @@
 //! ACK/NACK, publishes the imports, persists them to the cache, and
 //! reconnects with backoff when the session says so.
 
+pub mod session;
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -21,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 use tonic::{Code, Request, Streaming};
 
-use super::consumer_session::{
+use self::session::{
     AfterClose, CloseReason, ConsumerSession, ConsumerSettings, Operation, Reply, SyncState,
 };
 use super::owner::sleep_until_opt;

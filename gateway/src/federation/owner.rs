@@ -3,6 +3,8 @@
 //! authenticates the caller, negotiates the window, and moves messages
 //! between tonic and the session.
 
+pub mod session;
+
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -21,7 +23,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::owner_session::{AckOutcome, Op, Outgoing, OwnerSession, OwnerSettings};
+use self::session::{AckOutcome, Op, Outgoing, OwnerSession, OwnerSettings};
 use super::transport::PeerConn;
 use super::{SNAPSHOT_SIZE_HEADER, WINDOW_HEADER};
 use crate::state::{OwnerCounters, PeerState, Shared};
@@ -224,7 +226,7 @@ async fn run_stream<M: Send + 'static>(
                     return Ok(());
                 }
                 Some(Ok(request)) => {
-                    let status = request.status.map(|s| super::owner_session::Status { code: s.code, message: s.message });
+                    let status = request.status.map(|s| session::Status { code: s.code, message: s.message });
                     let outcome = session
                         .on_request(&request.nonce, status, tokio::time::Instant::now())
                         .map_err(|e| Status::invalid_argument(e.to_string()))?;
