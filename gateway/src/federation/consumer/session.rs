@@ -6,14 +6,16 @@
 //! reconnect backoff. It must not do I/O, spawn tasks, read the clock or draw
 //! random numbers: time and jitter are passed in so every edge case is a
 //! deterministic unit test. Decoding and validation of the wire message
-//! happen in the caller; the caller also applies the returned changes to the
-//! catalog and the on-disk cache.
+//! happen in the federation-api codec (`on_message` takes its result); the
+//! caller also applies the returned changes to the catalog and the on-disk
+//! cache.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use elsinore_federation_api::FederatedService;
+use elsinore_federation_api::message::{self as wire, Rejected, Response, ResponseError};
 use tokio::time::Instant;
 
 /// The spec asks for a reconnect backoff of at least one second.
@@ -352,6 +354,48 @@ impl ConsumerSession {
             change,
             reconciled,
         }
+    }
+
+    /// A response as the codec read it (`elsinore_federation_api::message`),
+    /// handed to [`ConsumerSession::on_response`]: a message the codec
+    /// rejected is NACKed with the codec's reason, an unknown operation by
+    /// its code.
+    pub fn on_message(&mut self, now: Instant, received: Result<Response, Rejected>) -> Handled {
+        let (nonce, resource_id, op, service) = match received {
+            Ok(Response {
+                nonce,
+                resource_id,
+                operation,
+                context: _,
+            }) => match operation {
+                wire::Operation::Upsert { service, .. } => (
+                    nonce,
+                    resource_id,
+                    Operation::Upsert,
+                    Ok(Arc::unwrap_or_clone(service)),
+                ),
+                // Only read when `resource_id` is empty: the NACK then says
+                // "delete names no service: delete", as it always has.
+                wire::Operation::Delete => (
+                    nonce,
+                    resource_id,
+                    Operation::Delete,
+                    Err("delete".to_owned()),
+                ),
+            },
+            Err(Rejected {
+                nonce,
+                resource_id,
+                error,
+            }) => {
+                let op = match error {
+                    ResponseError::UnknownOperation { code, .. } => Operation::Unknown(code),
+                    _ => Operation::Upsert,
+                };
+                (nonce, resource_id, op, Err(error.to_string()))
+            }
+        };
+        self.on_response(now, &nonce, &resource_id, op, service)
     }
 
     /// Time passes. Completes a quiet-period snapshot (returning the names

@@ -5,8 +5,9 @@
 //! generation and ACK/NACK accounting. It does no I/O and spawns nothing: the
 //! tonic code around it feeds events in (`start`, `on_request`, `on_catalog`,
 //! `on_tick`) with the current time, and drains `poll_send` into the stream.
-//! It knows nothing of protos; the caller turns an [`Outgoing`] into a
-//! `StreamResponse` of the negotiated [`ApiVersion`].
+//! It knows nothing of protos; the caller turns an [`Outgoing`] into the
+//! version-neutral `message::Response`, which the federation-api codec
+//! encodes in the negotiated [`ApiVersion`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -56,13 +57,7 @@ pub struct Outgoing {
 }
 
 /// The `status` of a consumer request (a `google.rpc.Status`, details dropped).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Status {
-    /// 0 is an ACK, anything else a NACK.
-    pub code: i32,
-    /// The consumer's reason for a NACK.
-    pub message: String,
-}
+pub use elsinore_federation_api::message::Status;
 
 /// What a consumer request meant.
 #[derive(Debug, Clone, PartialEq, Eq)]
