@@ -246,6 +246,68 @@ fn unknown_operation_and_response_without_stream_are_nacked() {
     assert_eq!(s.stats().nacks, 2);
 }
 
+/// The codec's result reaches `on_response` as the consumer task's own
+/// translation did: the same operation, name and NACK text on the wire.
+#[test]
+fn on_message_maps_the_codec_result_onto_on_response() {
+    let t = t0();
+    let mut s = ConsumerSession::new(settings());
+    s.on_stream_open(t, None);
+    let rejected = |nonce: &str, error| {
+        Err(Rejected {
+            nonce: nonce.into(),
+            resource_id: "a".into(),
+            error,
+        })
+    };
+    let unknown = ResponseError::UnknownOperation {
+        code: 7,
+        expected: "UPSERT or DELETE",
+    };
+    let h = s.on_message(t, rejected("n1", unknown));
+    let nack = |nonce: &str, message: &str| Reply::Nack {
+        nonce: nonce.into(),
+        message: message.into(),
+    };
+    assert_eq!(
+        h.reply,
+        nack("n1", "rejected service \"a\": unknown operation 7")
+    );
+    let missing = ResponseError::MissingResource {
+        operation: "UPSERT",
+    };
+    let h = s.on_message(t, rejected("n2", missing));
+    assert_eq!(
+        h.reply,
+        nack("n2", "rejected service \"a\": UPSERT without a resource")
+    );
+    let response = |nonce: &str, resource_id: &str, operation| {
+        Ok(Response {
+            nonce: nonce.into(),
+            resource_id: resource_id.into(),
+            operation,
+            context: String::new(),
+        })
+    };
+    let h = s.on_message(t, response("n3", "", wire::Operation::Delete));
+    assert_eq!(
+        h.reply,
+        nack("n3", "rejected resource: delete names no service: delete")
+    );
+    let upsert = wire::Operation::Upsert {
+        service: Arc::new(svc("a", "x")),
+        created: false,
+    };
+    let h = s.on_message(t, response("n4", "a", upsert));
+    assert_eq!(h.reply, Reply::Ack { nonce: "n4".into() });
+    assert_eq!(h.change, Change::Upserted("a".into()));
+    assert_eq!(*s.imports()["a"].service, svc("a", "x"));
+    let h = s.on_message(t, response("n5", "a", wire::Operation::Delete));
+    assert_eq!(h.reply, Reply::Ack { nonce: "n5".into() });
+    assert_eq!(h.change, Change::Deleted("a".into()));
+    assert!(s.imports().is_empty());
+}
+
 #[test]
 fn lost_stream_keeps_imports_until_stale() {
     let t = t0();
