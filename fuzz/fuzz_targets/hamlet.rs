@@ -4,8 +4,9 @@
 //! * 0, 1: a `FederatedService` (v1alpha2, v1alpha1) packed in an `Any`,
 //!   decoded, normalized and validated by `decode_any` (federation-api).
 //! * 2, 3: a whole stream message (v1alpha2 `BidirectionalStream`, v1alpha1
-//!   `StreamResponse`), unpacked as the consumer task does and handed to
-//!   the consumer session state machine (`gateway/src/federation/`).
+//!   `StreamResponse`), read by the codec the consumer task uses
+//!   (`elsinore_federation_api::message`) and handed to the consumer session
+//!   state machine (`gateway/src/federation/consumer/session.rs`).
 //!
 //! Beyond "does not crash": a decoded service passes `validate` for its
 //! version; encoding it again and decoding that gives the same service
@@ -19,10 +20,10 @@ use elsinore_federation_api::proto::federation::resourcediscovery::{
     v1alpha1 as rd1, v1alpha2 as rd2,
 };
 use elsinore_federation_api::proto::federation::types::{v1alpha1 as t1, v1alpha2 as t2};
+use elsinore_federation_api::message::{Operation, Rejected, Response};
 use elsinore_federation_api::{ApiVersion, FederatedService, decode_any, encode_any, type_url};
-use elsinore_gateway::federation::consumer::InResponse;
-use elsinore_gateway::federation::consumer_session::{
-    Change, ConsumerSession, ConsumerSettings, Operation, Reply,
+use elsinore_gateway::federation::consumer::session::{
+    Change, ConsumerSession, ConsumerSettings, Reply,
 };
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
@@ -45,14 +46,16 @@ fuzz_target!(|input: &[u8]| {
             let Some(m) = prost_round_trip::<rd2::BidirectionalStream>(bytes) else {
                 return;
             };
-            let Some(r) = m.response else { return };
-            session(InResponse::from_v1alpha2(r), ApiVersion::V1alpha2);
+            if m.response.is_none() {
+                return;
+            }
+            session(Response::from_v1alpha2(m), ApiVersion::V1alpha2);
         }
         _ => {
             let Some(r) = prost_round_trip::<rd1::StreamResponse>(bytes) else {
                 return;
             };
-            session(InResponse::from_v1alpha1(r), ApiVersion::V1alpha1);
+            session(Response::from_v1alpha1(r), ApiVersion::V1alpha1);
         }
     }
 });
@@ -90,18 +93,19 @@ fn check_decoded(svc: &FederatedService, version: ApiVersion) {
     assert_eq!(&again, svc, "decode → encode → decode ({version:?})");
 }
 
-/// One response, translated as the consumer's stream does, handed to a
-/// fresh session: an ACK or a NACK, and the imports moved accordingly.
-fn session(r: InResponse, version: ApiVersion) {
-    let InResponse {
-        nonce,
-        resource_id,
-        operation: op,
-        decoded,
-    } = r;
-    if let Ok(svc) = &decoded {
-        check_decoded(svc, version);
-    }
+/// One response, read as the consumer's stream does, handed to a fresh
+/// session: an ACK or a NACK, and the imports moved accordingly.
+fn session(received: Result<Response, Rejected>, version: ApiVersion) {
+    let (nonce, upserted) = match &received {
+        Ok(r) => match &r.operation {
+            Operation::Upsert { service, .. } => {
+                check_decoded(service, version);
+                (r.nonce.clone(), Some(service.clone()))
+            }
+            Operation::Delete => (r.nonce.clone(), None),
+        },
+        Err(rejected) => (rejected.nonce.clone(), None),
+    };
     let nonce = nonce.as_str();
     let now = tokio::time::Instant::now();
     let mut s = ConsumerSession::new(ConsumerSettings {
@@ -112,19 +116,16 @@ fn session(r: InResponse, version: ApiVersion) {
     });
     s.on_stream_open(now, None);
     let before = s.imports().clone();
-    let handled = s.on_response(now, nonce, &resource_id, op, decoded.clone());
+    let handled = s.on_message(now, received);
     match (&handled.reply, &handled.change) {
         (Reply::Ack { nonce: n }, Change::Upserted(name)) => {
             assert_eq!(n, nonce);
-            let svc = decoded.as_ref().expect("an upsert that was ACKed decoded");
+            let svc = upserted.expect("an upsert that was ACKed decoded");
             assert_eq!(&svc.name, name);
             assert_eq!(*s.imports()[name].service, *svc);
         }
         (Reply::Ack { .. }, _) => {
-            assert!(
-                !matches!(op, Operation::Upsert),
-                "an upsert ACKed without a change"
-            );
+            assert!(upserted.is_none(), "an upsert ACKed without a change");
         }
         (Reply::Nack { nonce: n, message }, change) => {
             assert_eq!(n, nonce);

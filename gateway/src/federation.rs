@@ -1,20 +1,13 @@
 //! Federation: the owner side (our `DiscoveryService`, one session per
-//! consumer stream) and the consumer side (one dialer per peer). The protocol
-//! logic lives in sans-I/O state machines ([`owner_session`],
-//! [`consumer_session`]); the tonic code around them ([`owner`],
-//! [`consumer`], [`transport`]) only moves messages.
+//! consumer stream) and the consumer side (one dialer per peer), each a
+//! task beside its sans-I/O state machine ([`owner`] + `owner/session.rs`,
+//! [`consumer`] + `consumer/session.rs`), the mTLS [`transport`] they
+//! share, and what `/peers` shows of both roles ([`status`]). The tasks only move messages; the protocol decisions are the
+//! sessions', and the wire encoding (both versions, the Elsinore metadata
+//! headers) is `elsinore_federation_api::message`'s. Nothing here may build
+//! or read a Hamlet proto field by hand.
 
 pub mod consumer;
-pub mod consumer_session;
 pub mod owner;
-pub mod owner_session;
 pub mod status;
 pub mod transport;
-
-/// Response metadata (owner → consumer): how many messages form the initial
-/// snapshot, so a consumer knows when it is complete. Foreign peers ignore it.
-pub const SNAPSHOT_SIZE_HEADER: &str = "elsinore-snapshot-size";
-/// Request metadata (consumer → owner) asking for a window of in-flight
-/// messages; the owner answers with the window it grants. Only sent and
-/// honoured between Elsinore gateways.
-pub const WINDOW_HEADER: &str = "elsinore-window";

@@ -24,7 +24,7 @@ use crate::catalog::ExportCatalog;
 use crate::config::{Config, Drain};
 use crate::credentials::Credentials;
 use crate::federation::consumer::ConsumerTask;
-use crate::federation::consumer_session::ConsumerSettings;
+use crate::federation::consumer::session::ConsumerSettings;
 use crate::federation::owner::{OwnerOptions, OwnerService, OwnerServiceV1alpha1};
 use crate::proxy::ProxyContext;
 use crate::proxy::egress::EgressStats;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use elsinore_gateway::federation::{SNAPSHOT_SIZE_HEADER, WINDOW_HEADER};
+use elsinore_federation_api::message::{SNAPSHOT_SIZE_HEADER, WINDOW_HEADER};
 use elsinore_tests::{
     ConfigSpec, ExportSpec, MeshFixture, WAIT, establish_v1alpha2, grpc_channel,
     mtls_client_config, names, run_test, wait_for,

@@ -2,18 +2,23 @@
 //! address. It dials the peer over mTLS, opens the stream in the peer's API
 //! version, feeds every response to the [`ConsumerSession`], sends back its
 //! ACK/NACK, publishes the imports, persists them to the cache, and
-//! reconnects with backoff when the session says so.
+//! reconnects with backoff when the session says so. The protocol decisions
+//! are [`session`]'s (the sans-I/O state machine beside this file) and the
+//! wire encoding is `elsinore_federation_api::message`'s; this file must not
+//! decide what a response means nor build a proto by hand.
+
+pub mod session;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use elsinore_federation_api::ApiVersion;
+use elsinore_federation_api::message::{
+    self, Rejected, ResponseError, SNAPSHOT_SIZE_HEADER, WINDOW_HEADER,
+};
 use elsinore_federation_api::proto::federation::resourcediscovery::{
     v1alpha1 as rd1, v1alpha2 as rd2,
 };
-use elsinore_federation_api::proto::federation::types::v1alpha1 as t1;
-use elsinore_federation_api::proto::google::rpc;
-use elsinore_federation_api::{ApiVersion, decode_any, type_url};
-use prost::Message;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
@@ -21,12 +26,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 use tonic::{Code, Request, Streaming};
 
-use super::consumer_session::{
-    AfterClose, CloseReason, ConsumerSession, ConsumerSettings, Operation, Reply, SyncState,
-};
+use self::session::{AfterClose, CloseReason, ConsumerSession, ConsumerSettings, Reply, SyncState};
 use super::owner::sleep_until_opt;
 use super::status::{ConsumerState, ConsumerView};
-use super::{SNAPSHOT_SIZE_HEADER, WINDOW_HEADER};
 use crate::catalog::cache;
 use crate::config::HostPort;
 use crate::state::{PeerState, Shared};
@@ -56,87 +58,8 @@ pub struct ConsumerTask {
     pub shutdown: CancellationToken,
 }
 
-/// A version-neutral owner response: what the session is told. Public for
-/// the fuzz targets, which feed the same translation.
-#[doc(hidden)]
-pub struct InResponse {
-    pub nonce: String,
-    pub resource_id: String,
-    pub operation: Operation,
-    pub decoded: Result<elsinore_federation_api::FederatedService, String>,
-}
-
-impl InResponse {
-    /// A v1alpha2 response.
-    pub fn from_v1alpha2(r: rd2::StreamResponse) -> InResponse {
-        use rd2::stream_response::Operation as Op2;
-        let version = ApiVersion::V1alpha2;
-        let (operation, decoded) = match Op2::try_from(r.operation) {
-            Ok(Op2::Upsert) => (
-                Operation::Upsert,
-                match &r.resource {
-                    Some(any) => decode_any(any, version).map_err(|e| e.to_string()),
-                    None => Err("UPSERT without a resource".to_owned()),
-                },
-            ),
-            Ok(Op2::Delete) => (Operation::Delete, Err("delete".to_owned())),
-            _ => (
-                Operation::Unknown(r.operation),
-                Err(format!("operation {} is not UPSERT or DELETE", r.operation)),
-            ),
-        };
-        InResponse {
-            nonce: r.nonce,
-            resource_id: r.resource_id,
-            operation,
-            decoded,
-        }
-    }
-
-    /// A v1alpha1 response: it has no resource_id, the name travels in
-    /// the resource.
-    pub fn from_v1alpha1(r: rd1::StreamResponse) -> InResponse {
-        use rd1::stream_response::Operation as Op1;
-        let version = ApiVersion::V1alpha1;
-        let (operation, decoded, resource_id) = match Op1::try_from(r.operation) {
-            Ok(Op1::Create | Op1::Update) => match &r.resource {
-                Some(any) => {
-                    let decoded = decode_any(any, version).map_err(|e| e.to_string());
-                    let id = decoded.as_ref().map(|s| s.name.clone()).unwrap_or_default();
-                    (Operation::Upsert, decoded, id)
-                }
-                None => (
-                    Operation::Upsert,
-                    Err("CREATE/UPDATE without a resource".to_owned()),
-                    String::new(),
-                ),
-            },
-            Ok(Op1::Delete) => {
-                let name = r
-                    .resource
-                    .as_ref()
-                    .and_then(|any| t1::FederatedService::decode(any.value.as_slice()).ok())
-                    .map(|s| s.name)
-                    .unwrap_or_default();
-                (Operation::Delete, Err("delete".to_owned()), name)
-            }
-            _ => (
-                Operation::Unknown(r.operation),
-                Err(format!(
-                    "operation {} is not CREATE, UPDATE or DELETE",
-                    r.operation
-                )),
-                String::new(),
-            ),
-        };
-        InResponse {
-            nonce: r.nonce,
-            resource_id,
-            operation,
-            decoded,
-        }
-    }
-}
+/// One owner response as the codec read it.
+type Received = Result<message::Response, Rejected>;
 
 /// The open stream in one of the two versions.
 enum Wire {
@@ -152,60 +75,39 @@ enum Wire {
 }
 
 impl Wire {
-    async fn next(&mut self) -> Result<Option<InResponse>, tonic::Status> {
+    async fn next(&mut self) -> Result<Option<Received>, tonic::Status> {
         match self {
             Wire::V2 { rx, .. } => loop {
                 let Some(m) = rx.message().await? else {
                     return Ok(None);
                 };
-                // A bidirectional wrapper without a response carries nothing for us.
-                let Some(r) = m.response else { continue };
-                return Ok(Some(InResponse::from_v1alpha2(r)));
+                match message::Response::from_v1alpha2(m) {
+                    // A bidirectional wrapper without a response carries nothing for us.
+                    Err(Rejected {
+                        error: ResponseError::NotAResponse,
+                        ..
+                    }) => continue,
+                    received => return Ok(Some(received)),
+                }
             },
-            Wire::V1 { rx, .. } => Ok(rx.message().await?.map(InResponse::from_v1alpha1)),
+            Wire::V1 { rx, .. } => Ok(rx.message().await?.map(message::Response::from_v1alpha1)),
         }
     }
 
     async fn reply(&mut self, reply: Reply) -> bool {
-        let (nonce, status) = match reply {
-            Reply::Ack { nonce } => (
-                nonce,
-                rpc::Status {
-                    code: Code::Ok as i32,
-                    message: String::new(),
-                    details: vec![],
-                },
-            ),
-            Reply::Nack { nonce, message } => (
-                nonce,
-                rpc::Status {
-                    code: Code::InvalidArgument as i32,
-                    message,
-                    details: vec![],
-                },
-            ),
+        let (version, context) = match self {
+            Wire::V2 { context, .. } => (ApiVersion::V1alpha2, context.clone()),
+            Wire::V1 { .. } => (ApiVersion::V1alpha1, String::new()),
+        };
+        let request = match reply {
+            Reply::Ack { nonce } => message::Request::ack(version, nonce, context),
+            Reply::Nack { nonce, message } => {
+                message::Request::nack(version, nonce, message, context)
+            }
         };
         match self {
-            Wire::V2 { tx, context, .. } => tx
-                .send(rd2::BidirectionalStream {
-                    request: Some(rd2::StreamRequest {
-                        resource_url: type_url(ApiVersion::V1alpha2).to_owned(),
-                        response_nonce: nonce,
-                        status: Some(status),
-                        context: context.clone(),
-                    }),
-                    response: None,
-                })
-                .await
-                .is_ok(),
-            Wire::V1 { tx, .. } => tx
-                .send(rd1::StreamRequest {
-                    resource_url: type_url(ApiVersion::V1alpha1).to_owned(),
-                    response_nonce: nonce,
-                    status: Some(status),
-                })
-                .await
-                .is_ok(),
+            Wire::V2 { tx, .. } => tx.send(request.to_v1alpha2()).await.is_ok(),
+            Wire::V1 { tx, .. } => tx.send(request.to_v1alpha1()).await.is_ok(),
         }
     }
 }
@@ -337,13 +239,17 @@ impl ConsumerTask {
                     Ok(None) => return Some(CloseReason::Other(CLEAN_END.to_owned())),
                     Ok(Some(r)) => {
                         let was_complete = session.stats().snapshot_complete;
-                        let handled = session.on_response(Instant::now(), &r.nonce, &r.resource_id, r.operation, r.decoded);
+                        let service = match &r {
+                            Ok(r) => r.resource_id.clone(),
+                            Err(r) => r.resource_id.clone(),
+                        };
+                        let handled = session.on_message(Instant::now(), r);
                         let reply = handled.reply;
                         if !handled.reconciled.is_empty() {
                             tracing::info!(removed = ?handled.reconciled, "snapshot complete: removed entries the owner no longer has");
                         }
                         if let Reply::Nack { message, .. } = &reply {
-                            tracing::warn!(service = %r.resource_id, %message, "NACKed an entry");
+                            tracing::warn!(%service, %message, "NACKed an entry");
                         }
                         if !wire.reply(reply).await {
                             return Some(CloseReason::Other("request stream closed".to_owned()));
@@ -413,17 +319,8 @@ impl ConsumerTask {
             ApiVersion::V1alpha2 => {
                 let context = format!("elsinore/{}", self.shared.mesh);
                 let (tx, rx) = mpsc::channel(self.window as usize + 8);
-                let _ = tx
-                    .send(rd2::BidirectionalStream {
-                        request: Some(rd2::StreamRequest {
-                            resource_url: type_url(ApiVersion::V1alpha2).to_owned(),
-                            response_nonce: String::new(),
-                            status: None,
-                            context: context.clone(),
-                        }),
-                        response: None,
-                    })
-                    .await;
+                let first = message::Request::initial(ApiVersion::V1alpha2, context.clone());
+                let _ = tx.send(first.to_v1alpha2()).await;
                 let mut request = Request::new(ReceiverStream::new(rx));
                 insert_header(&mut request, &window);
                 let mut client =
@@ -442,13 +339,8 @@ impl ConsumerTask {
             }
             ApiVersion::V1alpha1 => {
                 let (tx, rx) = mpsc::channel(self.window as usize + 8);
-                let _ = tx
-                    .send(rd1::StreamRequest {
-                        resource_url: type_url(ApiVersion::V1alpha1).to_owned(),
-                        response_nonce: String::new(),
-                        status: None,
-                    })
-                    .await;
+                let first = message::Request::initial(ApiVersion::V1alpha1, String::new());
+                let _ = tx.send(first.to_v1alpha1()).await;
                 let mut request = Request::new(ReceiverStream::new(rx));
                 insert_header(&mut request, &window);
                 let mut client =

@@ -1,30 +1,32 @@
 //! The owner side on the wire: our `DiscoveryService` for both API versions.
-//! Each stream gets one task that owns an [`OwnerSession`]; this file only
-//! authenticates the caller, negotiates the window, and moves messages
-//! between tonic and the session.
+//! Each stream gets one task that owns an [`OwnerSession`] ([`session`], the
+//! sans-I/O state machine beside this file); this file only authenticates
+//! the caller, negotiates the window, and moves messages between tonic and
+//! the session. It must not encode or decode protos itself: the
+//! version-neutral messages and their v1alpha1/v1alpha2 codec are
+//! `elsinore_federation_api::message`'s.
+
+pub mod session;
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use elsinore_federation_api::message::{self, Operation, SNAPSHOT_SIZE_HEADER, WINDOW_HEADER};
 use elsinore_federation_api::proto::federation::resourcediscovery::{
     v1alpha1 as rd1, v1alpha2 as rd2,
 };
-use elsinore_federation_api::proto::federation::types::v1alpha1 as t1;
-use elsinore_federation_api::proto::google::rpc;
-use elsinore_federation_api::{ApiVersion, FederatedService, encode_any, type_url};
+use elsinore_federation_api::{ApiVersion, FederatedService};
 use futures_util::{Stream, StreamExt};
-use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::owner_session::{AckOutcome, Op, Outgoing, OwnerSession, OwnerSettings};
+use self::session::{AckOutcome, Op, Outgoing, OwnerSession, OwnerSettings};
 use super::status::OwnerCounters;
 use super::transport::PeerConn;
-use super::{SNAPSHOT_SIZE_HEADER, WINDOW_HEADER};
 use crate::state::{PeerState, Shared};
 
 /// How long a consumer may take to send its first request.
@@ -46,15 +48,8 @@ pub struct OwnerService {
     shutdown: CancellationToken,
 }
 
-/// A version-neutral consumer request.
-struct Inbound {
-    resource_url: String,
-    nonce: String,
-    status: Option<rpc::Status>,
-    context: String,
-}
-
-type InboundStream = Pin<Box<dyn Stream<Item = Result<Inbound, Status>> + Send>>;
+/// The consumer's requests, whatever version they came in.
+type InboundStream = Pin<Box<dyn Stream<Item = Result<message::Request, Status>> + Send>>;
 
 impl OwnerService {
     pub fn new(shared: Arc<Shared>, options: OwnerOptions, shutdown: CancellationToken) -> Self {
@@ -102,7 +97,7 @@ impl OwnerService {
         version: ApiVersion,
         window: Option<u32>,
         inbound: InboundStream,
-        encode: fn(&Outgoing, ApiVersion) -> M,
+        encode: fn(&message::Response) -> M,
     ) -> Result<Response<ReceiverStream<Result<M, Status>>>, Status> {
         let snapshot = self.shared.exports.borrow().visible_to(&peer.config.name);
         let size = snapshot.len();
@@ -141,7 +136,7 @@ async fn drive<M: Send + 'static>(
     mut inbound: InboundStream,
     mut exports: tokio::sync::watch::Receiver<Arc<crate::catalog::ExportCatalog>>,
     tx: mpsc::Sender<Result<M, Status>>,
-    encode: fn(&Outgoing, ApiVersion) -> M,
+    encode: fn(&message::Response) -> M,
     shutdown: CancellationToken,
 ) {
     let counters = &peer.owner;
@@ -180,10 +175,9 @@ async fn run_stream<M: Send + 'static>(
     inbound: &mut InboundStream,
     exports: &mut tokio::sync::watch::Receiver<Arc<crate::catalog::ExportCatalog>>,
     tx: &mpsc::Sender<Result<M, Status>>,
-    encode: fn(&Outgoing, ApiVersion) -> M,
+    encode: fn(&message::Response) -> M,
     shutdown: &CancellationToken,
 ) -> Result<(), Status> {
-    let version = session.settings().version;
     let first = tokio::select! {
         // Draining: end the stream cleanly (status OK), so the consumer
             // keeps our imports as stale and dials again, not an error.
@@ -195,7 +189,7 @@ async fn run_stream<M: Send + 'static>(
         Ok(None) => return Ok(()),
         Ok(Some(first)) => first?,
     };
-    if first.status.is_some() || !first.nonce.is_empty() {
+    if !first.is_initial() {
         return Err(Status::invalid_argument(
             "the first request must not carry a response_nonce or status",
         ));
@@ -209,7 +203,7 @@ async fn run_stream<M: Send + 'static>(
         let now = tokio::time::Instant::now();
         while let Some(out) = session.poll_send(now) {
             OwnerCounters::bump(&peer.owner.sent);
-            if tx.send(Ok(encode(&out, version))).await.is_err() {
+            if tx.send(Ok(encode(&response(out)))).await.is_err() {
                 return Ok(());
             }
         }
@@ -225,9 +219,8 @@ async fn run_stream<M: Send + 'static>(
                     return Ok(());
                 }
                 Some(Ok(request)) => {
-                    let status = request.status.map(|s| super::owner_session::Status { code: s.code, message: s.message });
                     let outcome = session
-                        .on_request(&request.nonce, status, tokio::time::Instant::now())
+                        .on_request(&request.response_nonce, request.status, tokio::time::Instant::now())
                         .map_err(|e| Status::invalid_argument(e.to_string()))?;
                     match outcome {
                         AckOutcome::Acked { .. } => OwnerCounters::bump(&peer.owner.acks),
@@ -268,55 +261,24 @@ pub(crate) async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-fn encode_v1alpha2(out: &Outgoing, version: ApiVersion) -> rd2::BidirectionalStream {
-    let (operation, resource) = match (&out.op, &out.service) {
-        (Op::Upsert { .. }, Some(svc)) => (
-            rd2::stream_response::Operation::Upsert,
-            Some(encode_any(svc, version)),
-        ),
-        _ => (rd2::stream_response::Operation::Delete, None),
+/// The session's message as the version-neutral response the codec encodes.
+fn response(out: Outgoing) -> message::Response {
+    let Outgoing {
+        nonce,
+        name,
+        op,
+        service,
+        context,
+    } = out;
+    let operation = match (op, service) {
+        (Op::Upsert { created }, Some(service)) => Operation::Upsert { service, created },
+        _ => Operation::Delete,
     };
-    rd2::BidirectionalStream {
-        request: None,
-        response: Some(rd2::StreamResponse {
-            nonce: out.nonce.clone(),
-            resource_url: type_url(version).to_owned(),
-            resource_id: out.name.clone(),
-            resource,
-            operation: operation as i32,
-            context: out.context.clone(),
-        }),
-    }
-}
-
-fn encode_v1alpha1(out: &Outgoing, version: ApiVersion) -> rd1::StreamResponse {
-    let (operation, resource) = match (&out.op, &out.service) {
-        (Op::Upsert { created }, Some(svc)) => (
-            if *created {
-                rd1::stream_response::Operation::Create
-            } else {
-                rd1::stream_response::Operation::Update
-            },
-            encode_any(svc, version),
-        ),
-        // v1alpha1 has no resource_id: a DELETE names the service inside the resource.
-        _ => (
-            rd1::stream_response::Operation::Delete,
-            prost_types::Any {
-                type_url: type_url(version).to_owned(),
-                value: t1::FederatedService {
-                    name: out.name.clone(),
-                    ..Default::default()
-                }
-                .encode_to_vec(),
-            },
-        ),
-    };
-    rd1::StreamResponse {
-        nonce: out.nonce.clone(),
-        resource_url: type_url(version).to_owned(),
-        resource: Some(resource),
-        operation: operation as i32,
+    message::Response {
+        nonce,
+        resource_id: name,
+        operation,
+        context,
     }
 }
 
@@ -331,25 +293,14 @@ impl rd2::discovery_service_server::DiscoveryService for OwnerService {
         let peer = self.authenticate(&request)?;
         let window = self.negotiate_window(&request);
         let inbound = request.into_inner().map(|m| {
-            let m = m?;
-            let r = m.request.ok_or_else(|| {
-                Status::invalid_argument(
-                    "expected a request; an owner pushing to us (response messages) is not supported",
-                )
-            })?;
-            Ok(Inbound {
-                resource_url: r.resource_url,
-                nonce: r.response_nonce,
-                status: r.status,
-                context: r.context,
-            })
+            message::Request::from_v1alpha2(m?).map_err(|e| Status::invalid_argument(e.to_string()))
         });
         self.open(
             peer,
             ApiVersion::V1alpha2,
             window,
             Box::pin(inbound),
-            encode_v1alpha2,
+            message::Response::to_v1alpha2,
         )
     }
 }
@@ -368,21 +319,15 @@ impl rd1::discovery_service_server::DiscoveryService for OwnerServiceV1alpha1 {
     ) -> Result<Response<Self::EstablishStreamStream>, Status> {
         let peer = self.0.authenticate(&request)?;
         let window = self.0.negotiate_window(&request);
-        let inbound = request.into_inner().map(|r| {
-            let r = r?;
-            Ok(Inbound {
-                resource_url: r.resource_url,
-                nonce: r.response_nonce,
-                status: r.status,
-                context: String::new(),
-            })
-        });
+        let inbound = request
+            .into_inner()
+            .map(|r| Ok(message::Request::from_v1alpha1(r?)));
         self.0.open(
             peer,
             ApiVersion::V1alpha1,
             window,
             Box::pin(inbound),
-            encode_v1alpha1,
+            message::Response::to_v1alpha1,
         )
     }
 }

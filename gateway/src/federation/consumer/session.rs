@@ -1,0 +1,638 @@
+//! The consumer side of the Hamlet federation stream, one session per peer, as
+//! a sans-I/O state machine: events in (stream opened, a response, stream
+//! closed, a tick), decisions out (ACK or NACK, what changed in the imports,
+//! names to remove, when to reconnect). It owns the services imported from
+//! that one peer, the snapshot in progress, the staleness clock and the
+//! reconnect backoff. It must not do I/O, spawn tasks, read the clock or draw
+//! random numbers: time and jitter are passed in so every edge case is a
+//! deterministic unit test. Decoding and validation of the wire message
+//! happen in the federation-api codec (`on_message` takes its result); the
+//! caller also applies the returned changes to the catalog and the on-disk
+//! cache.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use elsinore_federation_api::FederatedService;
+use elsinore_federation_api::message::{self as wire, Rejected, Response, ResponseError};
+use tokio::time::Instant;
+
+/// The spec asks for a reconnect backoff of at least one second.
+const MIN_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Timing knobs of one consumer session (already validated config).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerSettings {
+    /// How long imports keep being served after the stream is lost (or since
+    /// the on-disk cache was written) without a completed resync.
+    pub stale_after: Duration,
+    /// Without a snapshot-size announcement (a foreign owner), the snapshot
+    /// counts as complete after this long without a response.
+    pub snapshot_quiet_period: Duration,
+    /// First reconnect delay; raised to 1 s if lower.
+    pub backoff_initial: Duration,
+    /// Upper bound of the reconnect delay; raised to 1 s if lower.
+    pub backoff_max: Duration,
+}
+
+/// One imported service and when the owner last sent it to us.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Imported {
+    /// The full object as the owner last sent it (never a diff).
+    pub service: Arc<FederatedService>,
+    /// When the owner last sent this object (for a cache entry: when the
+    /// cache says it was received).
+    pub confirmed_at: Instant,
+}
+
+/// What a response asks us to do. v1alpha1 `CREATE` and `UPDATE` both map to
+/// [`Operation::Upsert`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    /// Create or replace the named service.
+    Upsert,
+    /// Remove the named service.
+    Delete,
+    /// `UNKNOWN` (0) or a value this build does not know; always NACKed.
+    Unknown(i32),
+}
+
+/// What to send back to the owner for one response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// Status OK with the response's nonce.
+    Ack { nonce: String },
+    /// A non-OK status (the caller picks `InvalidArgument`) with a message
+    /// naming the resource and the problem.
+    Nack { nonce: String, message: String },
+}
+
+/// How one response changed the imports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// This service name was added or replaced.
+    Upserted(String),
+    /// This service name was removed.
+    Deleted(String),
+    /// Nothing changed (a NACK, or a delete of a name we did not have).
+    Unchanged,
+}
+
+/// The result of [`ConsumerSession::on_response`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handled {
+    /// Send this back on the stream.
+    pub reply: Reply,
+    /// What this response itself changed.
+    pub change: Change,
+    /// Names removed because this response completed the snapshot and they
+    /// were not in it (reconciliation); usually empty.
+    pub reconciled: Vec<String>,
+}
+
+/// Why a stream (or a dial attempt) ended, as far as retrying is concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// gRPC `Unauthenticated`: we are not federated with this owner.
+    Unauthenticated(String),
+    /// gRPC `InvalidArgument`: the owner found our request malformed.
+    InvalidArgument(String),
+    /// Anything else (`Unavailable`, a reset, a dial failure, end of stream).
+    Other(String),
+}
+
+/// What the caller should do after a stream ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AfterClose {
+    /// Dial again at this time.
+    ReconnectAt(Instant),
+    /// Do not dial again; the reason is also in [`SyncState::Failed`].
+    GiveUp { reason: String },
+}
+
+/// Where the session stands, for `/peers` and readiness.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncState {
+    /// No stream has been opened yet and nothing was restored.
+    Connecting,
+    /// A stream is open; its snapshot is not complete yet.
+    Syncing,
+    /// The stream's snapshot is complete; imports mirror the owner.
+    Synced,
+    /// No stream; imports are served until `since + stale_after`.
+    Disconnected { since: Instant },
+    /// The owner refused us in a way that forbids retrying.
+    Failed { reason: String },
+    /// We left on purpose ([`ConsumerSession::shutdown_on_purpose`]).
+    Stopped,
+}
+
+/// Counters and flags of one session, for metrics and `/peers`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConsumerStats {
+    /// Responses received, on all streams.
+    pub messages: u64,
+    /// Responses ACKed.
+    pub acks: u64,
+    /// Responses NACKed.
+    pub nacks: u64,
+    /// When the last ACK was decided.
+    pub last_ack_at: Option<Instant>,
+    /// The last NACK: resource name (empty if unknown) and message.
+    pub last_nack: Option<(String, String)>,
+    /// Reconnects scheduled.
+    pub reconnects: u64,
+    /// Whether the open stream's snapshot is complete.
+    pub snapshot_complete: bool,
+    /// Whether a stream is open.
+    pub connected: bool,
+}
+
+/// The stream currently open, and its snapshot in progress.
+#[derive(Debug)]
+struct Stream {
+    /// Snapshot size from the owner's metadata (our extension), if any.
+    announced: Option<usize>,
+    /// Responses received on this stream.
+    responses: usize,
+    /// Stream open, or the last response; the quiet period counts from here.
+    last_activity: Instant,
+    /// Names the owner showed us in this snapshot (upserted or NACKed):
+    /// reconciliation keeps these.
+    seen: BTreeSet<String>,
+    /// Names upserted successfully on this stream: fresh data that survives
+    /// the staleness cut-off of older entries.
+    fresh: BTreeSet<String>,
+    complete: bool,
+}
+
+/// What applying one response did, before the snapshot bookkeeping.
+enum Outcome {
+    Upserted(String),
+    Deleted {
+        name: String,
+        existed: bool,
+    },
+    Rejected {
+        name: Option<String>,
+        message: String,
+    },
+}
+
+/// The consumer state machine for one peer. See the module docs.
+#[derive(Debug)]
+pub struct ConsumerSession {
+    settings: ConsumerSettings,
+    imports: BTreeMap<String, Imported>,
+    state: SyncState,
+    stream: Option<Stream>,
+    /// Start of the staleness clock: the first disconnect (or the cache's
+    /// time) since the last completed snapshot. `None` while synced and once
+    /// the stale cut-off has fired.
+    stale_since: Option<Instant>,
+    /// Consecutive failed streams or dials since the last completed snapshot.
+    failures: u32,
+    stats: ConsumerStats,
+}
+
+impl ConsumerSession {
+    /// A session with no imports, in [`SyncState::Connecting`]. Backoff
+    /// figures below one second are raised to one second.
+    pub fn new(mut settings: ConsumerSettings) -> Self {
+        settings.backoff_initial = settings.backoff_initial.max(MIN_BACKOFF);
+        settings.backoff_max = settings.backoff_max.max(MIN_BACKOFF);
+        Self {
+            settings,
+            imports: BTreeMap::new(),
+            state: SyncState::Connecting,
+            stream: None,
+            stale_since: None,
+            failures: 0,
+            stats: ConsumerStats::default(),
+        }
+    }
+
+    /// Restores entries from the on-disk cache at start-up, before the first
+    /// stream opens; `age` is how old each entry is. Entries at least
+    /// `stale_after` old are dropped; a name already imported is not
+    /// overwritten. The restored entries then behave like imports from a
+    /// lost stream: the state becomes `Disconnected { since: now - youngest
+    /// age }`, so staleness keeps counting from the cache's time, and the
+    /// next completed snapshot reconciles them.
+    pub fn restore(&mut self, entries: Vec<(FederatedService, Duration)>, now: Instant) {
+        let mut youngest: Option<Duration> = None;
+        for (service, age) in entries {
+            if age >= self.settings.stale_after || self.imports.contains_key(&service.name) {
+                continue;
+            }
+            youngest = Some(youngest.map_or(age, |y| y.min(age)));
+            let confirmed_at = now.checked_sub(age).unwrap_or(now);
+            self.imports.insert(
+                service.name.clone(),
+                Imported {
+                    service: Arc::new(service),
+                    confirmed_at,
+                },
+            );
+        }
+        let Some(age) = youngest else { return };
+        let since = now.checked_sub(age).unwrap_or(now);
+        let since = self.stale_since.map_or(since, |s| s.min(since));
+        self.stale_since = Some(since);
+        if self.stream.is_none() {
+            self.state = SyncState::Disconnected { since };
+        }
+    }
+
+    /// A new stream is open (the first request was sent). Resets the
+    /// snapshot in progress. `announced_snapshot_size` is the owner's
+    /// snapshot-size metadata, `None` for a foreign owner. With an announced
+    /// size of 0 the snapshot is complete at once, and the names it
+    /// reconciled away are returned. Opening while a stream is still open
+    /// counts as losing the old one (without a backoff).
+    pub fn on_stream_open(
+        &mut self,
+        now: Instant,
+        announced_snapshot_size: Option<usize>,
+    ) -> Vec<String> {
+        if self.stream.is_some() {
+            self.stale_since.get_or_insert(now);
+        }
+        self.stream = Some(Stream {
+            announced: announced_snapshot_size,
+            responses: 0,
+            last_activity: now,
+            seen: BTreeSet::new(),
+            fresh: BTreeSet::new(),
+            complete: false,
+        });
+        self.state = SyncState::Syncing;
+        if announced_snapshot_size == Some(0) {
+            self.complete_snapshot()
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// One response from the owner. `resource_id` is the name the owner put
+    /// in `resource_id` (empty on v1alpha1, which has no such field);
+    /// `service` is the decoded and validated resource, or the decoding or
+    /// validation message.
+    ///
+    /// Upsert: a decoding error, or a service whose name differs from a
+    /// non-empty `resource_id`, is NACKed and the old entry of that name is
+    /// left in place; otherwise the service is stored and ACKed. Delete:
+    /// removes `resource_id` (or, when empty, the decoded service's name);
+    /// an unknown name is ACKed without change. Every response counts
+    /// towards the snapshot in progress; a NACKed name counts as seen (the
+    /// owner still has it). A response with no stream open is NACKed.
+    pub fn on_response(
+        &mut self,
+        now: Instant,
+        nonce: &str,
+        resource_id: &str,
+        op: Operation,
+        service: Result<FederatedService, String>,
+    ) -> Handled {
+        self.stats.messages += 1;
+        let outcome = if self.stream.is_some() {
+            self.apply(now, resource_id, op, service)
+        } else {
+            // Only a caller bug gets here; applying it would import data no
+            // stream vouches for.
+            Outcome::Rejected {
+                name: non_empty(resource_id),
+                message: "response received with no stream open".to_owned(),
+            }
+        };
+
+        let (reply, change) = match outcome {
+            Outcome::Upserted(name) => {
+                if let Some(stream) = self.stream.as_mut() {
+                    stream.seen.insert(name.clone());
+                    stream.fresh.insert(name.clone());
+                }
+                (self.ack(now, nonce), Change::Upserted(name))
+            }
+            Outcome::Deleted { name, existed } => {
+                if let Some(stream) = self.stream.as_mut() {
+                    stream.fresh.remove(&name);
+                }
+                let change = if existed {
+                    Change::Deleted(name)
+                } else {
+                    Change::Unchanged
+                };
+                (self.ack(now, nonce), change)
+            }
+            Outcome::Rejected { name, message } => {
+                if let (Some(stream), Some(name)) = (self.stream.as_mut(), &name) {
+                    stream.seen.insert(name.clone());
+                }
+                self.stats.nacks += 1;
+                self.stats.last_nack = Some((name.unwrap_or_default(), message.clone()));
+                let reply = Reply::Nack {
+                    nonce: nonce.to_owned(),
+                    message,
+                };
+                (reply, Change::Unchanged)
+            }
+        };
+
+        let mut reconciled = Vec::new();
+        if let Some(stream) = self.stream.as_mut() {
+            stream.responses += 1;
+            stream.last_activity = now;
+            let reached = stream.announced.is_some_and(|n| stream.responses >= n);
+            if reached && !stream.complete {
+                reconciled = self.complete_snapshot();
+            }
+        }
+        Handled {
+            reply,
+            change,
+            reconciled,
+        }
+    }
+
+    /// A response as the codec read it (`elsinore_federation_api::message`),
+    /// handed to [`ConsumerSession::on_response`]: a message the codec
+    /// rejected is NACKed with the codec's reason, an unknown operation by
+    /// its code.
+    pub fn on_message(&mut self, now: Instant, received: Result<Response, Rejected>) -> Handled {
+        let (nonce, resource_id, op, service) = match received {
+            Ok(Response {
+                nonce,
+                resource_id,
+                operation,
+                context: _,
+            }) => match operation {
+                wire::Operation::Upsert { service, .. } => (
+                    nonce,
+                    resource_id,
+                    Operation::Upsert,
+                    Ok(Arc::unwrap_or_clone(service)),
+                ),
+                // Only read when `resource_id` is empty: the NACK then says
+                // "delete names no service: delete", as it always has.
+                wire::Operation::Delete => (
+                    nonce,
+                    resource_id,
+                    Operation::Delete,
+                    Err("delete".to_owned()),
+                ),
+            },
+            Err(Rejected {
+                nonce,
+                resource_id,
+                error,
+            }) => {
+                let op = match error {
+                    ResponseError::UnknownOperation { code, .. } => Operation::Unknown(code),
+                    _ => Operation::Upsert,
+                };
+                (nonce, resource_id, op, Err(error.to_string()))
+            }
+        };
+        self.on_response(now, &nonce, &resource_id, op, service)
+    }
+
+    /// Time passes. Completes a quiet-period snapshot (returning the names
+    /// reconciled away), or, once `stale_after` has passed since the
+    /// disconnect without a completed resync, drops every import not freshly
+    /// upserted on the open stream (returning those names).
+    pub fn on_tick(&mut self, now: Instant) -> Vec<String> {
+        if self.quiet_deadline().is_some_and(|d| now >= d) {
+            return self.complete_snapshot();
+        }
+        if self.stale_deadline().is_some_and(|d| now >= d) {
+            self.stale_since = None;
+            let empty = BTreeSet::new();
+            let fresh = self.stream.as_ref().map_or(&empty, |s| &s.fresh);
+            let dropped: Vec<String> = self
+                .imports
+                .keys()
+                .filter(|name| !fresh.contains(*name))
+                .cloned()
+                .collect();
+            for name in &dropped {
+                self.imports.remove(name);
+            }
+            return dropped;
+        }
+        Vec::new()
+    }
+
+    /// The stream ended, or a dial attempt failed. Imports are kept and the
+    /// staleness clock starts (unless it already runs from an earlier
+    /// disconnect not followed by a completed snapshot). `Unauthenticated`
+    /// and `InvalidArgument` give up for good; anything else schedules a
+    /// reconnect with exponential backoff: `backoff_initial` doubled per
+    /// consecutive failure, capped at `backoff_max`, scaled by
+    /// `0.5 + jitter / 2` (`jitter` in `[0, 1)`), never below one second.
+    pub fn on_stream_closed(
+        &mut self,
+        now: Instant,
+        reason: CloseReason,
+        jitter: f64,
+    ) -> AfterClose {
+        self.stream = None;
+        let since = *self.stale_since.get_or_insert(now);
+        let give_up = match reason {
+            CloseReason::Unauthenticated(message) => format!("unauthenticated: {message}"),
+            CloseReason::InvalidArgument(message) => format!("invalid argument: {message}"),
+            CloseReason::Other(_) => {
+                self.state = SyncState::Disconnected { since };
+                self.failures = self.failures.saturating_add(1);
+                self.stats.reconnects += 1;
+                let delay = self.backoff_delay(jitter);
+                let at = now
+                    .checked_add(delay)
+                    .or_else(|| now.checked_add(MIN_BACKOFF))
+                    .unwrap_or(now);
+                return AfterClose::ReconnectAt(at);
+            }
+        };
+        self.state = SyncState::Failed {
+            reason: give_up.clone(),
+        };
+        AfterClose::GiveUp { reason: give_up }
+    }
+
+    /// The earliest time at which [`Self::on_tick`] has something to do.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        match (self.quiet_deadline(), self.stale_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The services imported from this peer, by name.
+    pub fn imports(&self) -> &BTreeMap<String, Imported> {
+        &self.imports
+    }
+
+    /// Where the session stands.
+    pub fn state(&self) -> &SyncState {
+        &self.state
+    }
+
+    /// Counters and flags for metrics and `/peers`.
+    pub fn stats(&self) -> ConsumerStats {
+        let mut stats = self.stats.clone();
+        stats.connected = self.stream.is_some();
+        stats.snapshot_complete = self.stream.as_ref().is_some_and(|s| s.complete);
+        stats
+    }
+
+    /// We leave on purpose (the peer was removed from config): everything
+    /// imported from this owner is deleted and its names returned. The
+    /// session is finished afterwards.
+    pub fn shutdown_on_purpose(&mut self) -> Vec<String> {
+        self.stream = None;
+        self.stale_since = None;
+        self.state = SyncState::Stopped;
+        std::mem::take(&mut self.imports).into_keys().collect()
+    }
+
+    fn apply(
+        &mut self,
+        now: Instant,
+        resource_id: &str,
+        op: Operation,
+        service: Result<FederatedService, String>,
+    ) -> Outcome {
+        match op {
+            Operation::Upsert => match service {
+                Err(problem) => Outcome::Rejected {
+                    name: non_empty(resource_id),
+                    message: rejection(resource_id, &problem),
+                },
+                Ok(service) if !resource_id.is_empty() && service.name != resource_id => {
+                    Outcome::Rejected {
+                        name: non_empty(resource_id),
+                        message: rejection(
+                            resource_id,
+                            &format!("resource_id does not match service name {:?}", service.name),
+                        ),
+                    }
+                }
+                Ok(service) => {
+                    let name = service.name.clone();
+                    self.imports.insert(
+                        name.clone(),
+                        Imported {
+                            service: Arc::new(service),
+                            confirmed_at: now,
+                        },
+                    );
+                    Outcome::Upserted(name)
+                }
+            },
+            Operation::Delete => {
+                // v1alpha1 has no resource_id: the delete carries the object.
+                let name = match (non_empty(resource_id), service) {
+                    (Some(name), _) => name,
+                    (None, Ok(service)) => service.name,
+                    (None, Err(problem)) => {
+                        return Outcome::Rejected {
+                            name: None,
+                            message: rejection("", &format!("delete names no service: {problem}")),
+                        };
+                    }
+                };
+                let existed = self.imports.remove(&name).is_some();
+                Outcome::Deleted { name, existed }
+            }
+            Operation::Unknown(code) => Outcome::Rejected {
+                name: non_empty(resource_id),
+                message: rejection(resource_id, &format!("unknown operation {code}")),
+            },
+        }
+    }
+
+    fn ack(&mut self, now: Instant, nonce: &str) -> Reply {
+        self.stats.acks += 1;
+        self.stats.last_ack_at = Some(now);
+        Reply::Ack {
+            nonce: nonce.to_owned(),
+        }
+    }
+
+    /// Removes every import the open stream's snapshot did not show us.
+    fn complete_snapshot(&mut self) -> Vec<String> {
+        let Some(stream) = self.stream.as_mut() else {
+            return Vec::new();
+        };
+        if stream.complete {
+            return Vec::new();
+        }
+        stream.complete = true;
+        stream.fresh.clear();
+        let seen = std::mem::take(&mut stream.seen);
+        let removed: Vec<String> = self
+            .imports
+            .keys()
+            .filter(|name| !seen.contains(*name))
+            .cloned()
+            .collect();
+        for name in &removed {
+            self.imports.remove(name);
+        }
+        self.stale_since = None;
+        self.failures = 0;
+        self.state = SyncState::Synced;
+        removed
+    }
+
+    /// When a snapshot without a size announcement counts as complete.
+    fn quiet_deadline(&self) -> Option<Instant> {
+        let stream = self.stream.as_ref()?;
+        if stream.complete || stream.announced.is_some() {
+            return None;
+        }
+        stream
+            .last_activity
+            .checked_add(self.settings.snapshot_quiet_period)
+    }
+
+    /// When imports not confirmed by the open stream become stale.
+    fn stale_deadline(&self) -> Option<Instant> {
+        self.stale_since?.checked_add(self.settings.stale_after)
+    }
+
+    /// The reconnect delay for the current count of consecutive failures.
+    fn backoff_delay(&self, jitter: f64) -> Duration {
+        let exponent = self.failures.saturating_sub(1).min(31);
+        let base = self
+            .settings
+            .backoff_initial
+            .saturating_mul(1u32 << exponent)
+            .min(self.settings.backoff_max);
+        let jitter = if jitter.is_finite() {
+            jitter.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        base.mul_f64(0.5 + jitter / 2.0)
+            .clamp(MIN_BACKOFF, self.settings.backoff_max)
+    }
+}
+
+fn non_empty(name: &str) -> Option<String> {
+    (!name.is_empty()).then(|| name.to_owned())
+}
+
+/// A NACK message naming the resource and the problem.
+fn rejection(resource_id: &str, problem: &str) -> String {
+    if resource_id.is_empty() {
+        format!("rejected resource: {problem}")
+    } else {
+        format!("rejected service {resource_id:?}: {problem}")
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests;
