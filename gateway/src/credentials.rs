@@ -301,6 +301,9 @@ impl Credentials {
     /// Reads every file again and publishes new material if one changed
     /// and all changed files are acceptable. Returns what was refused
     /// (each also logged and counted); unchanged files cost one read each.
+    /// Long because identity and every peer bundle go through the same
+    /// read, compare, validate and refuse steps in one pass, and the new
+    /// material is published whole or not at all.
     pub fn reload(&self) -> Vec<Refused> {
         if !self.sources.files {
             return Vec::new();

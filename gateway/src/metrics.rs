@@ -160,6 +160,8 @@ fn one(value: u64) -> Vec<(String, u64)> {
 }
 
 /// Renders all metrics of one gateway.
+/// Long because it is the one list of every metric family in exposition
+/// order (see docs/metrics.md); each family is a few independent lines.
 pub fn render(shared: &Shared, ingress: &IngressStats, egress: &EgressStats) -> String {
     let mut out = String::with_capacity(4096);
     let peers = &shared.peers;

@@ -65,6 +65,9 @@ fn peer(p: &Peer) -> Value {
 }
 
 /// The whole config as JSON: what `/config` serves.
+/// Long because it names every key of the config exhaustively (each
+/// struct destructured), so a new key fails to compile until `/config`
+/// shows it.
 pub fn to_json(config: &Config) -> Value {
     let Config {
         mesh,

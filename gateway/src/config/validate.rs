@@ -256,6 +256,8 @@ impl Validator<'_> {
         }
     }
 
+    /// Long because it checks each field of each export in file order, so
+    /// every error names its YAML path; the checks are independent.
     fn exports(&mut self, raw: &[RawExport], mesh_name: &str, peer_names: &[&str]) -> Vec<Export> {
         let mut names: HashMap<&str, usize> = HashMap::new();
         let mut fqdns: HashMap<String, usize> = HashMap::new();

@@ -312,6 +312,9 @@ type Named = (Arc<str>, Arc<VipEntry>);
 
 /// The pure table function (see the module docs). `previous` only lends
 /// entries that come out identical.
+/// Long because it is one pure pass over the imports that has to decide
+/// addresses, shared-mode port collisions and reuse of the previous
+/// table's entries together, so the result is the same on every replica.
 fn build(
     plan: &TablePlan,
     view: &ImportsView,

@@ -515,6 +515,9 @@ enum Out {
     Close,
 }
 
+/// Writes one response: head, then the body by its framing. Long because
+/// the head and small bodies are coalesced into one write and each framing
+/// (length, chunked with trailers, close) ends differently.
 async fn write_response<B>(
     wr: &mut OwnedWriteHalf,
     resp: Response<B>,

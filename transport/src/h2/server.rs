@@ -105,6 +105,9 @@ pub enum Ended {
 /// response is sent back on the stream. A client that resets streams
 /// faster than they are answered (see [`reset_allowance`]) gets a GOAWAY
 /// with `ENHANCE_YOUR_CALM`, returned as the error.
+///
+/// Long because the accept, the exchanges in flight, the reset guard and
+/// the graceful stop are polled together in this one task.
 pub async fn serve<T, F, Fut, B>(
     io: T,
     settings: Settings,

@@ -142,6 +142,9 @@ pub(super) struct Leftover {
 /// read (data, a KeyUpdate sent with the client's Finished) are left to the
 /// record layer. A KeyUpdate rustls read here would switch its sending key
 /// and queue its answer where the handover to [`TlsStream`] drops it.
+///
+/// Long because it is the one loop over rustls's unbuffered states, each
+/// of which (read more, encode, transmit, done) must be handled in place.
 pub(super) async fn drive<C, D>(
     io: &mut TcpStream,
     conn: &mut C,

@@ -60,6 +60,9 @@ impl Inbound {
     /// it carries. None: the record is not whole yet. Otherwise the
     /// record's length and where in `buf` the application data it carries
     /// lies (empty for alerts and handshake messages, handled here).
+    ///
+    /// Long because it applies every record-layer rule of RFC 8446 §5-6
+    /// in order on one record; each is a short independent check.
     pub(super) fn open(
         &mut self,
         buf: &mut [u8],
