@@ -594,7 +594,7 @@ pub fn per_round(samples: &[Sample], rounds: usize, contenders: &[Contender]) ->
     let _ = writeln!(t);
     for metric in METRICS
         .iter()
-        .filter(|m| m.target.is_some() || m.key.ends_with(".cpu"))
+        .filter(|m| m.target.is_some() || m.key.ends_with(".cpu") || m.key.ends_with(".gbps"))
     {
         for r in 1..=rounds {
             if !samples.iter().any(|s| s.key == metric.key && s.round == r) {

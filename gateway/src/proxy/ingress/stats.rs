@@ -76,9 +76,6 @@ pub struct IngressStats {
     pub misdirected: AtomicU64,
     /// Connections or requests that failed upstream (no backend, timeout, reset).
     pub upstream_errors: AtomicU64,
-    /// Bytes spliced peer → backend and backend → peer (opaque exports only).
-    pub(super) bytes_to_backend: AtomicU64,
-    pub(super) bytes_from_backend: AtomicU64,
 }
 
 impl IngressStats {

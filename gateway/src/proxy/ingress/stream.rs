@@ -1,11 +1,9 @@
 //! The ingress's stream stage: an authorized connection of an opaque export
 //! (TCP, TLS, mTLS, HTTPS, Mongo) is spliced, bytes as they come, to one of
-//! the export's backends, and the bytes moved are counted. It must not look
+//! the export's backends, and the bytes moved are logged. It must not look
 //! into the bytes: what the peer may reach was settled by the handshake.
 //! The backend's bytes are read straight into TLS records
 //! ([`splice_from_tls`]), as the egress does with a client's.
-
-use std::sync::atomic::Ordering;
 
 use elsinore_transport::splice::splice_from_tls;
 use tokio::io::AsyncWriteExt;
@@ -38,8 +36,6 @@ pub(super) async fn forward_opaque(tls: PeerStream, upstream: &Upstream, inner: 
     tokio::select! {
         res = splice_from_tls(tls, backend, tuning.idle_timeout) => match res.map_err(ProxyError::from) {
             Ok((up, down)) => {
-                inner.stats.bytes_to_backend.fetch_add(up, Ordering::Relaxed);
-                inner.stats.bytes_from_backend.fetch_add(down, Ordering::Relaxed);
                 tracing::debug!(backend = %addr, bytes.up = up, bytes.down = down, "splice finished");
             }
             Err(e) => {
