@@ -109,3 +109,9 @@ pub const EGRESS_TLS_CACHE_MAX: usize = 256;
 pub const EGRESS_BIND_RETRY: Duration = Duration::from_secs(1);
 /// Egress: the longest wait between two binds of one address.
 pub const EGRESS_BIND_RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// DNS over TCP: a connection with no complete query for this long is closed.
+pub const DNS_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// DNS over TCP: connections served at once; more are closed on accept, so
+/// a flood of idle connections cannot exhaust file descriptors.
+pub const DNS_MAX_TCP_CONNECTIONS: usize = 256;

@@ -38,11 +38,9 @@ const CLASSIC_UDP_LIMIT: usize = 512;
 /// The UDP payload size we advertise and honour at most (the DNS flag day
 /// 2020 value, safe against fragmentation).
 const EDNS_PAYLOAD: u16 = 1232;
-/// A TCP connection with no complete query for this long is closed.
-const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-/// TCP connections served at once; more are closed on accept, so a flood of
-/// idle connections cannot exhaust file descriptors.
-const MAX_TCP_CONNECTIONS: usize = 256;
+use crate::config::defaults::{
+    DNS_MAX_TCP_CONNECTIONS as MAX_TCP_CONNECTIONS, DNS_TCP_IDLE_TIMEOUT as TCP_IDLE_TIMEOUT,
+};
 
 /// Serves DNS on `udp` and `tcp` until `shutdown` is cancelled, answering
 /// from the latest table in `vips`. Returns once both loops and every TCP
