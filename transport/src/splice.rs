@@ -442,6 +442,7 @@ fn failed(side: Side, op: &'static str, error: io::Error) -> SpliceError {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
@@ -654,17 +655,9 @@ mod tests {
     /// while a key must be replaced).
     #[tokio::test]
     async fn a_spliced_client_reaches_the_peer_across_key_updates() {
-        use crate::tls::tests::{pair, pki};
+        use crate::tls::tests::pair;
         let _limit = crate::test_support::limit();
-        let pki = pki();
-        let server_config = elsinore_certs::server_config(
-            &pki.server,
-            std::slice::from_ref(&pki.client_bundle),
-            &[],
-        )
-        .unwrap();
-        let client_config =
-            elsinore_certs::client_config(&pki.client, &pki.server_bundle, None, &[]).unwrap();
+        let (server_config, client_config) = mtls_configs();
 
         // The peer: rustls, echoing until our close.
         let (c, s) = pair().await;
@@ -696,17 +689,9 @@ mod tests {
     /// key replacements, whole and in order.
     #[tokio::test]
     async fn a_peer_spliced_to_a_backend_gets_its_answer_across_key_updates() {
-        use crate::tls::tests::{pair, pki};
+        use crate::tls::tests::pair;
         let _limit = crate::test_support::limit();
-        let pki = pki();
-        let server_config = elsinore_certs::server_config(
-            &pki.server,
-            std::slice::from_ref(&pki.client_bundle),
-            &[],
-        )
-        .unwrap();
-        let client_config =
-            elsinore_certs::client_config(&pki.client, &pki.server_bundle, None, &[]).unwrap();
+        let (server_config, client_config) = mtls_configs();
 
         let backend = echo_server().await;
         let (c, s) = pair().await;
@@ -726,6 +711,20 @@ mod tests {
         let len = echoed_whole(peer).await;
         let (up, down) = ingress.await.unwrap().unwrap();
         assert_eq!((up, down), (len, len));
+    }
+
+    /// The mTLS configs of the record layer's test PKI, without ALPN.
+    fn mtls_configs() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+        let pki = crate::tls::tests::pki();
+        let server = elsinore_certs::server_config(
+            &pki.server,
+            std::slice::from_ref(&pki.client_bundle),
+            &[],
+        )
+        .unwrap();
+        let client =
+            elsinore_certs::client_config(&pki.client, &pki.server_bundle, None, &[]).unwrap();
+        (server, client)
     }
 
     /// Writes 5 MiB with no two offsets alike (so a lost, repeated or

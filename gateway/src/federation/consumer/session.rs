@@ -410,16 +410,7 @@ impl ConsumerSession {
             self.stale_since = None;
             let empty = BTreeSet::new();
             let fresh = self.stream.as_ref().map_or(&empty, |s| &s.fresh);
-            let dropped: Vec<String> = self
-                .imports
-                .keys()
-                .filter(|name| !fresh.contains(*name))
-                .cloned()
-                .collect();
-            for name in &dropped {
-                self.imports.remove(name);
-            }
-            return dropped;
+            return drop_all_but(&mut self.imports, fresh);
         }
         Vec::new()
     }
@@ -571,15 +562,7 @@ impl ConsumerSession {
         stream.complete = true;
         stream.fresh.clear();
         let seen = std::mem::take(&mut stream.seen);
-        let removed: Vec<String> = self
-            .imports
-            .keys()
-            .filter(|name| !seen.contains(*name))
-            .cloned()
-            .collect();
-        for name in &removed {
-            self.imports.remove(name);
-        }
+        let removed = drop_all_but(&mut self.imports, &seen);
         self.stale_since = None;
         self.failures = 0;
         self.state = SyncState::Synced;
@@ -618,6 +601,20 @@ impl ConsumerSession {
         base.mul_f64(0.5 + jitter / 2.0)
             .clamp(MIN_BACKOFF, self.settings.backoff_max)
     }
+}
+
+/// Removes every import whose name is not in `keep`; returns the names
+/// removed, in name order.
+fn drop_all_but(imports: &mut BTreeMap<String, Imported>, keep: &BTreeSet<String>) -> Vec<String> {
+    let mut removed = Vec::new();
+    imports.retain(|name, _| {
+        let kept = keep.contains(name);
+        if !kept {
+            removed.push(name.clone());
+        }
+        kept
+    });
+    removed
 }
 
 fn non_empty(name: &str) -> Option<String> {
