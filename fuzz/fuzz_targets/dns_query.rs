@@ -14,7 +14,7 @@ use std::sync::{Arc, OnceLock};
 
 use elsinore_federation_api::{Endpoint, FederatedService, Instance, Protocol};
 use elsinore_gateway::catalog::imports::resolve;
-use elsinore_gateway::dns::vip::{VipAllocator, VipTable};
+use elsinore_gateway::catalog::routes::{VipAllocator, VipTable};
 use elsinore_gateway::fuzzing::dns::Responder;
 use hickory_proto::op::{Message, MessageType};
 use hickory_proto::rr::RData;

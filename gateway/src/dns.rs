@@ -1,7 +1,6 @@
-//! DNS: the VIP table for imported services ([`vip`]), the responder that
-//! answers imported names with those VIPs, and the resolver for backend and
-//! peer addresses given as names.
+//! DNS: the responder that answers imported names from the catalog's route
+//! table ([`crate::catalog::routes`]), and the resolver for backend and peer
+//! addresses given as names. Nothing here decides an address or a route.
 
 pub mod resolver;
 pub mod responder;
-pub mod vip;

@@ -258,7 +258,7 @@ impl Gateway {
 
         tasks.spawn(run_merger(
             shared.clone(),
-            crate::dns::vip::TablePlan::from_config(&config),
+            crate::catalog::routes::TablePlan::from_config(&config),
             shutdown.clone(),
         ));
 
@@ -412,11 +412,11 @@ impl Gateway {
 /// change, and publishes both whole (`imports` first).
 async fn run_merger(
     shared: Arc<Shared>,
-    plan: crate::dns::vip::TablePlan,
+    plan: crate::catalog::routes::TablePlan,
     shutdown: CancellationToken,
 ) {
     let mut exports = shared.exports.subscribe();
-    let mut vips = crate::dns::vip::VipAllocator::with_plan(plan);
+    let mut vips = crate::catalog::routes::VipAllocator::with_plan(plan);
     loop {
         let view = merge(&shared);
         let table = vips.update(&view);

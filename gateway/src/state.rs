@@ -15,8 +15,8 @@ use tokio::sync::{Notify, watch};
 
 use crate::catalog::ExportCatalog;
 use crate::catalog::imports::ImportsView;
+use crate::catalog::routes::VipTable;
 use crate::config::Peer;
-use crate::dns::vip::VipTable;
 use crate::federation::status::{ConsumerState, ConsumerView, OwnerCounters};
 
 /// Everything the tasks of one gateway share.

@@ -230,7 +230,7 @@ fn not_found(host: &str) -> io::Error {
 mod tests {
     use super::*;
     use crate::catalog::imports::resolve as resolve_imports;
-    use crate::dns::vip::{VipAllocator, VipTable};
+    use crate::catalog::routes::{VipAllocator, VipTable};
     use elsinore_federation_api::{Endpoint, FederatedService, Instance, Protocol};
     use std::collections::BTreeSet;
     use std::net::{Ipv4Addr, Ipv6Addr};

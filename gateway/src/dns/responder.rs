@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::vip::VipTable;
+use crate::catalog::routes::VipTable;
 use crate::config::SharedAnswer;
 
 /// TTL of answers and of negative answers (SOA minimum). Short, because a
@@ -407,8 +407,8 @@ pub mod fuzzing;
 mod tests {
     use super::*;
     use crate::catalog::imports::resolve;
+    use crate::catalog::routes::VipAllocator;
     use crate::config::VipRange;
-    use crate::dns::vip::VipAllocator;
     use elsinore_federation_api::{Endpoint, FederatedService, Instance, Protocol};
     use std::collections::BTreeSet;
     use std::net::{Ipv4Addr, SocketAddr};
@@ -845,7 +845,7 @@ mod tests {
     }
 
     fn shared_table(answer: SharedAnswer) -> Arc<VipTable> {
-        let plan = crate::dns::vip::TablePlan {
+        let plan = crate::catalog::routes::TablePlan {
             range: range(),
             shared: Some(answer),
             port_overrides: Default::default(),

@@ -35,7 +35,6 @@ use tokio::net::TcpListener;
 
 use super::ProxyContext;
 use super::pool::{H2Pool, PoolLimits};
-use crate::dns::vip::VipTable;
 use dial::TlsKey;
 
 mod dial;
@@ -83,8 +82,9 @@ pub fn run(
 struct Egress {
     ctx: ProxyContext,
     stats: Arc<EgressStats>,
-    /// The latest VIP table, read lock-free per connection and per request.
-    table: ArcSwap<VipTable>,
+    /// The latest route table with egress's per-entry state, read
+    /// lock-free per connection and per request.
+    view: ArcSwap<routes::View>,
     /// Client configs built from one generation of TLS material: emptied
     /// when the credentials rotate, so the next dial presents (and
     /// verifies with) the new material, with a new session cache.
@@ -103,9 +103,9 @@ impl Egress {
             streams_per_conn: STREAMS_PER_CONN,
             idle_timeout: ctx.tuning.idle_timeout,
         });
-        let table = ArcSwap::new(ctx.shared.vips.borrow().clone());
+        let view = ArcSwap::from_pointee(routes::View::new(ctx.shared.vips.borrow().clone()));
         Egress {
-            table,
+            view,
             ctx,
             stats,
             tls: Mutex::new((0, HashMap::new())),

@@ -19,17 +19,10 @@ use tokio::time::Instant;
 
 use super::error::ProxyError;
 
-/// What a pooled connection is for. Two services behind the same remote
-/// endpoint and SNI share connections; different expected SANs never do,
-/// because a connection is only as trusted as the check made when it opened.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct PoolKey {
-    /// The remote gateway endpoint, `address:port` as imported.
-    pub endpoint: String,
-    pub sni: String,
-    pub peer: String,
-    pub sans: Vec<String>,
-}
+/// What a pooled connection is for: computed with the route table
+/// ([`UpstreamKey`]), so equal keys mean equal endpoint, SNI and expected
+/// identity.
+pub use crate::catalog::routes::UpstreamKey as PoolKey;
 
 /// Limits of the pool.
 #[derive(Debug, Clone, Copy)]
@@ -295,8 +288,7 @@ mod tests {
         PoolKey {
             endpoint: addr.to_string(),
             sni: "s".into(),
-            peer: "p".into(),
-            sans: vec![],
+            remote: Arc::new(crate::catalog::routes::RemoteIdentity::new("p", &[], "s")),
         }
     }
 

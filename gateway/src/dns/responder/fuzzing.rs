@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::{Authority, Transport};
-use crate::dns::vip::VipTable;
+use crate::catalog::routes::VipTable;
 
 /// The authority for one VIP table.
 pub struct Responder(Authority);

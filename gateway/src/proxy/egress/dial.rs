@@ -1,7 +1,7 @@
 //! The connection to the owner's ingress: TCP to one of its endpoints,
 //! the mTLS handshake presenting our identity and verifying the owner's
 //! against that peer's bundle and the service's SANs (client configs cached
-//! per peer, SANs and ALPN, per generation of credentials), and for HTTP the
+//! per expected identity and ALPN, per generation of credentials), and for HTTP the
 //! HTTP/2 handshake of a pooled connection. It does not pick the endpoint or
 //! carry traffic: the stream and HTTP stages do.
 
@@ -10,23 +10,23 @@ use std::io;
 use std::sync::Arc;
 use std::time::Instant;
 
-use elsinore_certs::SpiffeId;
 use elsinore_federation_api::Endpoint;
 use elsinore_transport::h2::client as h2client;
 
 use super::stats::EgressStats;
 use super::{Egress, lock};
+use crate::catalog::routes::{RemoteIdentity, VipEntry};
 use crate::dns::resolver::{self, ConnectError};
-use crate::dns::vip::VipEntry;
 use crate::proxy::error::{ErrorKind, ProxyError};
 use crate::proxy::tls::{self, TlsStream};
 
 use crate::config::defaults::EGRESS_TLS_CACHE_MAX as TLS_CACHE_MAX;
 
+/// A client config per expected identity (equal by peer and SANs: the
+/// entries of one service share it) and ALPN.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(super) struct TlsKey {
-    peer: String,
-    sans: Vec<String>,
+    remote: Arc<RemoteIdentity>,
     h2: bool,
 }
 
@@ -37,10 +37,9 @@ impl Egress {
         entry: &VipEntry,
         h2: bool,
     ) -> Result<Arc<rustls::ClientConfig>, ProxyError> {
-        let import = &entry.import;
+        let remote = &entry.remote;
         let key = TlsKey {
-            peer: import.peer.clone(),
-            sans: import.service.sans.clone(),
+            remote: Arc::clone(remote),
             h2,
         };
         let generation = self.ctx.credentials.generation();
@@ -53,45 +52,33 @@ impl Egress {
             }
         }
         let material = self.ctx.credentials.current();
-        let bundle = material.bundles.get(&import.peer).ok_or_else(|| {
+        let bundle = material.bundles.get(&remote.peer).ok_or_else(|| {
             ProxyError::internal(
                 ErrorKind::HandshakeFailed,
-                format!("no trust bundle configured for peer {}", import.peer),
+                format!("no trust bundle configured for peer {}", remote.peer),
             )
         })?;
-        let allowed: Vec<SpiffeId> = import
-            .service
-            .sans
-            .iter()
-            .filter_map(|san| match san.parse::<SpiffeId>() {
-                Ok(id) => Some(id),
-                Err(error) => {
-                    tracing::debug!(%san, %error, service = %entry.fqdn, "ignoring a SAN that is not a SPIFFE ID");
-                    None
-                }
-            })
-            .collect();
-        if allowed.is_empty() {
+        if remote.ids.is_empty() {
             // Without an identity to expect, any certificate of the peer's
             // trust domain would do: that is not what `sans` promises.
             return Err(ProxyError::upstream(
                 ErrorKind::HandshakeFailed,
                 format!(
                     "service {} of peer {} lists no SPIFFE ID in its sans ({:?}); refusing to connect",
-                    entry.fqdn, import.peer, import.service.sans
+                    entry.fqdn, remote.peer, remote.sans
                 ),
             )
             .with_retry_safe(false));
         }
         let alpn: &[&[u8]] = if h2 { &[b"h2"] } else { &[] };
         let config =
-            elsinore_certs::client_config(&material.identity, bundle, Some(&allowed), alpn)
+            elsinore_certs::client_config(&material.identity, bundle, Some(&remote.ids), alpn)
                 .map_err(|e| {
                     ProxyError::internal(
                         ErrorKind::HandshakeFailed,
                         format!(
                             "cannot build the TLS client config for peer {}: {e}",
-                            import.peer
+                            remote.peer
                         ),
                     )
                 })?;

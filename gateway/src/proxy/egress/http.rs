@@ -20,12 +20,10 @@ use hyper::body::{Body, Bytes};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
-use super::routes::{
-    AuthorityMemo, Mode, Route, Routes, no_endpoints, request_host, service_mode, split_host,
-};
+use super::routes::{AuthorityMemo, Route, Routes, View, no_endpoints, request_host, split_host};
 use super::stats::EgressStats;
 use super::{Egress, RespBody};
-use crate::dns::vip::VipEntry;
+use crate::catalog::routes::{Mode, VipEntry};
 use crate::proxy::activity::{Activity, ActivityIo};
 use crate::proxy::error::{ErrorKind, ProxyError, Side, is_grpc};
 
@@ -119,13 +117,19 @@ impl Egress {
         if let Err(e) = crate::proxy::refuse_userinfo(req.uri(), req.headers()) {
             return self.failed(&e, client, None, grpc);
         }
-        let entry = match self.route(route, &req) {
-            Ok(entry) => entry,
-            Err(e) => return self.failed(&e, client, None, grpc),
+        // The entry and its routes from one view of the table.
+        let (entry, routes) = {
+            let view = self.view.load();
+            match self.route(&view, route, &req) {
+                Ok(entry) => {
+                    let routes = self.routes(&view, &entry);
+                    (entry, routes)
+                }
+                Err(e) => return self.failed(&e, client, None, grpc),
+            }
         };
         let span =
             tracing::debug_span!("request", service = %entry.fqdn, peer = %entry.import.peer);
-        let routes = self.routes(&entry);
         let resp = match self.forward(&entry, &routes, req).instrument(span).await {
             Ok(resp) => resp,
             Err(e) => self.failed(&e, client, Some(&entry), grpc),
@@ -153,9 +157,14 @@ impl Egress {
         error_response(e, grpc)
     }
 
-    fn route<B>(&self, route: Route, req: &Request<B>) -> Result<Arc<VipEntry>, ProxyError> {
+    fn route<B>(
+        &self,
+        view: &View,
+        route: Route,
+        req: &Request<B>,
+    ) -> Result<Arc<VipEntry>, ProxyError> {
         match route {
-            Route::Vip(addr) => self.lookup_vip(addr).ok_or_else(|| {
+            Route::Vip(addr) => view.lookup_vip(addr).ok_or_else(|| {
                 ProxyError::upstream(
                     ErrorKind::NoRoute,
                     format!("{addr} is no longer an imported service"),
@@ -169,16 +178,12 @@ impl Egress {
                     )
                 })?;
                 let (name, _) = split_host(host);
-                self.table
-                    .load()
-                    .lookup_http(port, name)
-                    .cloned()
-                    .ok_or_else(|| {
-                        ProxyError::downstream(
-                            ErrorKind::NoRoute,
-                            format!("no HTTP import named {name:?} on port {port}"),
-                        )
-                    })
+                view.table.lookup_http(port, name).cloned().ok_or_else(|| {
+                    ProxyError::downstream(
+                        ErrorKind::NoRoute,
+                        format!("no HTTP import named {name:?} on port {port}"),
+                    )
+                })
             }
             Route::CatchAll => {
                 let host = request_host(req).ok_or_else(|| {
@@ -188,18 +193,13 @@ impl Egress {
                     )
                 })?;
                 let (name, _) = split_host(host);
-                let entry = self
-                    .table
-                    .load()
-                    .lookup_name(name)
-                    .cloned()
-                    .ok_or_else(|| {
-                        ProxyError::downstream(
-                            ErrorKind::NoRoute,
-                            format!("no imported service is named {name:?}"),
-                        )
-                    })?;
-                if service_mode(&entry) != Mode::Http {
+                let entry = view.table.lookup_name(name).cloned().ok_or_else(|| {
+                    ProxyError::downstream(
+                        ErrorKind::NoRoute,
+                        format!("no imported service is named {name:?}"),
+                    )
+                })?;
+                if entry.mode != Mode::Http {
                     let protocol = entry
                         .import
                         .service

@@ -18,11 +18,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::routes::{Mode, Route, service_mode};
+use super::routes::{self, Route};
 use super::stats::{EgressStats, Unbound};
 use super::{Egress, lock};
+use crate::catalog::routes::{Mode, PortRoute, VipTable};
 use crate::config::EgressMode;
-use crate::dns::vip::{PortRoute, VipTable};
 use crate::proxy::ProxyContext;
 use crate::proxy::budget::Budget;
 use crate::proxy::error::ErrorKind;
@@ -53,7 +53,8 @@ pub(super) async fn serve_imports(
     };
     loop {
         let table = vips.borrow_and_update().clone();
-        egress.table.store(table.clone());
+        let view = routes::View::next(table.clone(), Some(&egress.view.load()));
+        egress.view.store(Arc::new(view));
         let next_retry = egress.reconcile(&table, &mut binder).await;
         let retry = async {
             match next_retry {
@@ -321,7 +322,7 @@ impl Egress {
     ) {
         let entry = match route {
             Route::CatchAll => None,
-            Route::Port(port) => match self.table.load().port_route(port) {
+            Route::Port(port) => match self.view.load().table.port_route(port) {
                 Some(PortRoute::Stream(entry)) => Some(entry.clone()),
                 Some(PortRoute::Http(_)) => None,
                 None => {
@@ -330,7 +331,7 @@ impl Egress {
                 }
             },
             Route::Vip(addr) => {
-                let Some(entry) = self.lookup_vip(addr) else {
+                let Some(entry) = self.view.load().lookup_vip(addr) else {
                     tracing::debug!(client.addr = %client, %addr, "connection to a VIP no longer imported; closing");
                     return;
                 };
@@ -338,7 +339,7 @@ impl Egress {
             }
         };
         match entry {
-            Some(entry) if service_mode(&entry) == Mode::Stream => {
+            Some(entry) if entry.mode == Mode::Stream => {
                 let span = tracing::info_span!("egress", client.addr = %client, service = %entry.fqdn, peer = %entry.import.peer);
                 let open = self.open.enter();
                 tokio::spawn(

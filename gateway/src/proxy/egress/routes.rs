@@ -1,22 +1,23 @@
 //! Where a connection or request goes: which listener it came in on
-//! ([`Route`]), how an import's traffic is carried ([`Mode`]), the owner's
-//! endpoints and the SNI to reach them, the routes derived once per VIP
-//! entry (pool handles, the `:authority` memo, the latency histogram), and
-//! the Host and `:authority` rules. Pure lookups over the published VIP
-//! table: nothing here dials, binds or counts.
+//! ([`Route`]), the catalog's route table as egress holds it ([`View`])
+//! with what egress keeps per entry (pool handles, the `:authority` memo,
+//! the latency histogram), and the Host and `:authority` rules. The mode,
+//! endpoints, SNI and pool keys come computed with the table
+//! ([`crate::catalog::routes`]). Lookups only: nothing here dials, binds or
+//! counts.
 
-use std::any::Any;
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddrV4};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use elsinore_federation_api::{Endpoint, Instance, Protocol};
+use elsinore_federation_api::Endpoint;
 use http::uri::Authority;
 use http::{Request, header};
 
 use super::{Egress, lock};
-use crate::dns::vip::VipEntry;
+use crate::catalog::routes::{Mode, VipEntry, VipTable};
 use crate::proxy::error::{ErrorKind, ProxyError};
-use crate::proxy::pool::{PoolHandle, PoolKey};
+use crate::proxy::pool::PoolHandle;
 
 /// Which listener a connection came in on.
 #[derive(Debug, Clone, Copy)]
@@ -29,54 +30,60 @@ pub(super) enum Route {
     CatchAll,
 }
 
-/// How a service's traffic is carried.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Mode {
-    /// Terminated as HTTP and multiplexed over pooled HTTP/2.
-    Http,
-    /// Spliced over one mTLS connection per client connection.
-    Stream,
+/// The route table egress serves from, with what egress keeps per entry
+/// ([`Routes`]): made on an entry's first request, and carried over to the
+/// next table as long as the catalog shares the entry (it does while the
+/// import, address and port are unchanged). Read lock-free per connection
+/// and per request; replaced whole by the listener task.
+pub(super) struct View {
+    pub(super) table: Arc<VipTable>,
+    /// By the entry's address (`Arc::as_ptr`): the table holds every entry
+    /// named here, so an address cannot be reused while this view lives.
+    /// Routes made on the old view after this one was built are not
+    /// carried: they are made again here on first use (the pool shares
+    /// connections by key, so only the memo starts over).
+    state: HashMap<usize, OnceLock<Arc<Routes>>>,
 }
 
-fn mode_of(protocol: Protocol) -> Mode {
-    if protocol.is_http() {
-        Mode::Http
-    } else {
-        Mode::Stream
+fn slot_of(entry: &Arc<VipEntry>) -> usize {
+    Arc::as_ptr(entry) as usize
+}
+
+impl View {
+    pub(super) fn new(table: Arc<VipTable>) -> View {
+        View::next(table, None)
+    }
+
+    /// The view of `table`, keeping `previous`'s state of shared entries.
+    pub(super) fn next(table: Arc<VipTable>, previous: Option<&View>) -> View {
+        let state = table
+            .iter()
+            .map(|entry| {
+                let slot = slot_of(entry);
+                let cell = previous
+                    .and_then(|p| p.state.get(&slot))
+                    .and_then(|c| c.get())
+                    .map_or_else(OnceLock::new, |routes| OnceLock::from(Arc::clone(routes)));
+                (slot, cell)
+            })
+            .collect();
+        View { table, state }
+    }
+
+    pub(super) fn lookup_vip(&self, addr: SocketAddrV4) -> Option<Arc<VipEntry>> {
+        self.table
+            .lookup_vip(*addr.ip())
+            .filter(|e| e.port == addr.port())
+            .cloned()
+    }
+
+    /// The per-entry state cell, if `entry` is one of this view's.
+    fn cell(&self, entry: &Arc<VipEntry>) -> Option<&OnceLock<Arc<Routes>>> {
+        self.state.get(&slot_of(entry))
     }
 }
 
-/// The service's mode is its first instance's (the VIP port is taken from
-/// the instances in the same order).
-pub(super) fn service_mode(entry: &VipEntry) -> Mode {
-    entry
-        .import
-        .service
-        .instances
-        .first()
-        .map_or(Mode::Stream, |i| mode_of(i.protocol))
-}
-
-/// Every (instance, endpoint) pair of the service's instances in `mode`.
-pub(super) fn targets(entry: &VipEntry, mode: Mode) -> Vec<(&Instance, &Endpoint)> {
-    let svc = &entry.import.service;
-    svc.instances
-        .iter()
-        .filter(|i| mode_of(i.protocol) == mode)
-        .flat_map(|i| svc.endpoints_for(i).into_iter().map(move |e| (i, e)))
-        .collect()
-}
-
-/// The SNI the owner's ingress routes on: the instance's `SNI` metadata,
-/// else the FQDN the owner gave the service.
-pub(super) fn sni_for<'a>(instance: &'a Instance, entry: &'a VipEntry) -> &'a str {
-    instance
-        .sni()
-        .filter(|s| !s.is_empty())
-        .unwrap_or(&entry.import.original_fqdn)
-}
-
-/// What egress derives once per VIP entry (see [`Egress::routes`]).
+/// What egress keeps per route-table entry (see [`Egress::routes`]).
 pub(super) struct Routes {
     /// The HTTP targets in round-robin order.
     pub(super) http: Vec<HttpTarget>,
@@ -125,45 +132,29 @@ pub(super) struct HttpTarget {
 }
 
 impl Egress {
-    pub(super) fn lookup_vip(&self, addr: SocketAddrV4) -> Option<Arc<VipEntry>> {
-        self.table
-            .load()
-            .lookup_vip(*addr.ip())
-            .filter(|e| e.port == addr.port())
-            .cloned()
-    }
-
-    /// The routes of `entry`, derived on its first request and kept with
-    /// it: a request then allocates no pool key and takes no map lock.
-    pub(super) fn routes(&self, entry: &VipEntry) -> Arc<Routes> {
-        let derived = entry.derived.get_or_init(|| {
-            let routes: Arc<dyn Any + Send + Sync> = Arc::new(self.derive_routes(entry));
-            routes
-        });
-        match Arc::clone(derived).downcast::<Routes>() {
-            Ok(routes) => routes,
-            // Only egress writes `derived`; were it ever something else,
-            // deriving again is correct, just slower.
-            Err(_) => Arc::new(self.derive_routes(entry)),
+    /// The routes of `entry` in `view`, made on its first request and kept
+    /// with the view: a request then allocates no pool key and takes no map
+    /// lock. An entry the view does not hold (the table changed between
+    /// the lookup and here) gets routes of its own, correct but not kept.
+    pub(super) fn routes(&self, view: &View, entry: &Arc<VipEntry>) -> Arc<Routes> {
+        match view.cell(entry) {
+            Some(cell) => Arc::clone(cell.get_or_init(|| Arc::new(self.make_routes(entry)))),
+            None => Arc::new(self.make_routes(entry)),
         }
     }
 
-    fn derive_routes(&self, entry: &VipEntry) -> Routes {
-        let http = targets(entry, Mode::Http)
-            .into_iter()
-            .map(|(instance, endpoint)| {
-                let key = PoolKey {
-                    endpoint: format!("{}:{}", endpoint.address, endpoint.port),
-                    sni: sni_for(instance, entry).to_owned(),
-                    peer: entry.import.peer.clone(),
-                    sans: entry.import.service.sans.clone(),
-                };
-                HttpTarget {
-                    endpoint: endpoint.clone(),
-                    pool: self.pool.handle(key),
-                }
-            })
-            .collect();
+    fn make_routes(&self, entry: &VipEntry) -> Routes {
+        let http = match entry.mode {
+            Mode::Http => entry
+                .upstreams
+                .iter()
+                .map(|upstream| HttpTarget {
+                    endpoint: upstream.endpoint.clone(),
+                    pool: self.pool.handle(upstream.key.clone()),
+                })
+                .collect(),
+            Mode::Stream => Vec::new(),
+        };
         Routes {
             http,
             authority: AuthorityMemo::default(),

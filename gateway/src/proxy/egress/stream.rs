@@ -8,8 +8,8 @@ use elsinore_transport::splice::splice_to_tls;
 use tokio::net::TcpStream;
 
 use super::Egress;
-use super::routes::{Mode, no_endpoints, sni_for, targets};
-use crate::dns::vip::VipEntry;
+use super::routes::no_endpoints;
+use crate::catalog::routes::VipEntry;
 use crate::proxy::error::ProxyError;
 
 impl Egress {
@@ -20,7 +20,7 @@ impl Egress {
         entry: &VipEntry,
         client: TcpStream,
     ) -> Result<(), ProxyError> {
-        let targets = targets(entry, Mode::Stream);
+        let targets = &entry.upstreams;
         if targets.is_empty() {
             return Err(no_endpoints(entry));
         }
@@ -29,11 +29,11 @@ impl Egress {
         let mut last = None;
         let mut upstream = None;
         for k in 0..targets.len() {
-            let (instance, endpoint) = targets[(start + k) % targets.len()];
+            let target = &targets[(start + k) % targets.len()];
             // Boxed: a held connection's task keeps the splice's state, not
             // the dial's.
             let dial =
-                Box::pin(self.dial_tls(entry, endpoint, sni_for(instance, entry), config.clone()));
+                Box::pin(self.dial_tls(entry, &target.endpoint, &target.key.sni, config.clone()));
             match dial.await {
                 Ok(tls) => {
                     // Boxed: the splice below moves it into its own state.

@@ -16,14 +16,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::http::strip_hop_by_hop;
 use super::listener::{bind_backoff, bind_import_listener};
-use super::routes::{AuthorityMemo, Route, Routes, split_host, upstream_authority};
+use super::routes::{self, AuthorityMemo, Route, split_host, upstream_authority};
 use super::*;
 use crate::catalog::ExportCatalog;
-use crate::catalog::imports::resolve;
+use crate::catalog::imports::{resolve, resolve_reusing};
+use crate::catalog::routes::{TablePlan, VipAllocator};
 use crate::config::EgressMode;
 use crate::config::ProxyTuning;
 use crate::config::defaults::EGRESS_BIND_RETRY_MAX as BIND_RETRY_MAX;
-use crate::dns::vip::{TablePlan, VipAllocator};
 use crate::test_support::{WAIT, wait_until};
 use ::http::HeaderValue;
 use elsinore_certs::{Ca, Identity, TrustBundle, TrustDomain};
@@ -339,12 +339,16 @@ async fn many_http_requests_share_a_few_pooled_tls_connections() {
     for sni in remote.snis.lock().unwrap().iter() {
         assert_eq!(sni.as_deref(), Some("ratings.sni.mesh-a"));
     }
-    // The pool key and TLS config were derived once, on the first
-    // request, and stay with the VIP entry for the next ones.
+    // The pool key came computed with the route table, with the SNI the
+    // instance names.
     let table = ctx.shared.vips.borrow().clone();
     let entry = table.lookup_name("ratings.mesh-a.global").unwrap();
-    let derived = entry.derived.get().expect("routes derived on first use");
-    assert!(Arc::clone(derived).downcast::<Routes>().is_ok());
+    assert!(
+        entry
+            .upstreams
+            .iter()
+            .all(|u| u.key.sni == "ratings.sni.mesh-a")
+    );
     ctx.shutdown.cancel();
     task.await.unwrap();
 }
@@ -1226,4 +1230,55 @@ async fn shared_mode_serves_100k_imports_with_a_few_sockets() {
     assert!(stats.unbound().is_empty());
     ctx.shutdown.cancel();
     task.await.unwrap();
+}
+
+/// What egress keeps per entry is made once, kept while the catalog shares
+/// the entry (an unrelated import changing republishes the table), and
+/// made anew when the entry's own import changes.
+#[tokio::test]
+async fn per_entry_routes_follow_the_entries_of_the_table() {
+    let w = world();
+    let ctx = context(&w, ProxyTuning::default());
+    let egress = Egress::new(ctx, Arc::new(EgressStats::default()));
+    let mut alloc = VipAllocator::new(test_range().parse().unwrap());
+    let ratings_80 = service("ratings", Protocol::Http, 80, &[], &[A_GATEWAY]);
+    let reviews = |port| service("reviews", Protocol::Http, port, &[], &[A_GATEWAY]);
+    let v1 = resolve(
+        &BTreeSet::new(),
+        &[("mesh-a".to_owned(), vec![ratings_80.clone(), reviews(80)])],
+    );
+    let first = routes::View::new(Arc::new(alloc.update(&v1)));
+    let entry = |v: &routes::View, name: &str| Arc::clone(v.table.lookup_name(name).unwrap());
+    let ratings = egress.routes(&first, &entry(&first, "ratings.mesh-a.global"));
+    assert!(Arc::ptr_eq(
+        &ratings,
+        &egress.routes(&first, &entry(&first, "ratings.mesh-a.global"))
+    ));
+
+    // reviews changes; ratings's entry is shared, and so are its routes.
+    let v2 = resolve_reusing(
+        &BTreeSet::new(),
+        &[("mesh-a".to_owned(), vec![ratings_80, reviews(81)])],
+        &v1,
+    );
+    let second = routes::View::next(Arc::new(alloc.update(&v2)), Some(&first));
+    let kept = egress.routes(&second, &entry(&second, "ratings.mesh-a.global"));
+    assert!(Arc::ptr_eq(&ratings, &kept));
+
+    // ratings changes: new entry, new routes.
+    let ratings_82 = service("ratings", Protocol::Http, 82, &[], &[A_GATEWAY]);
+    let v3 = resolve_reusing(
+        &BTreeSet::new(),
+        &[("mesh-a".to_owned(), vec![ratings_82, reviews(81)])],
+        &v2,
+    );
+    let third = routes::View::next(Arc::new(alloc.update(&v3)), Some(&second));
+    let remade = egress.routes(&third, &entry(&third, "ratings.mesh-a.global"));
+    assert!(!Arc::ptr_eq(&ratings, &remade));
+
+    // An entry the view does not hold (a request that looked it up in an
+    // older table) still gets routes, not kept.
+    let stale = entry(&first, "ratings.mesh-a.global");
+    let once = egress.routes(&third, &stale);
+    assert!(!Arc::ptr_eq(&once, &egress.routes(&third, &stale)));
 }

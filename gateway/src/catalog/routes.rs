@@ -1,4 +1,8 @@
-//! The address table of imported services, published to DNS and egress.
+//! The route table of imported services: one immutable snapshot, computed
+//! from the imports view whenever it changes, of which address and name
+//! reach which import, and (in [`upstream`]) which owner endpoints, SNI,
+//! pool keys and expected identity egress uses for it. DNS answers from it;
+//! egress listens and routes from it.
 //!
 //! In VIP mode (the default) every imported service gets one IPv4 address
 //! from the configured range and egress listens on each (VIP, port), so two
@@ -15,10 +19,13 @@
 //! total order (first choice, FQDN), so an address only moves when a name
 //! that sorts before it in the same probe run appears or goes.
 
-use std::any::Any;
+mod upstream;
+
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
+
+pub use upstream::{Mode, RemoteIdentity, Upstream, UpstreamKey};
 
 use crate::catalog::{ImportsView, Resolved};
 use crate::config::{Config, EgressMode, SharedAnswer, VipRange};
@@ -36,15 +43,18 @@ pub struct VipEntry {
     pub port: u16,
     /// Shared with the imports view it was built from.
     pub import: Arc<Resolved>,
-    /// What the egress proxy derives from this entry on first use (TLS
-    /// config, pool keys) and keeps for the entry's life; opaque here, as
-    /// this room knows nothing of the proxy. An entry is replaced when its
-    /// import changes, and the derived state with it.
-    pub derived: OnceLock<Arc<dyn Any + Send + Sync>>,
+    /// How egress carries it: the first instance's protocol decides.
+    pub mode: Mode,
+    /// Who the owner's ingress must prove to be.
+    pub remote: Arc<RemoteIdentity>,
+    /// The owner's endpoints for the instances in `mode`, each with its SNI
+    /// and pool key, in the order egress tries them.
+    pub upstreams: Vec<Upstream>,
 }
 
 impl PartialEq for VipEntry {
-    /// Equal when they describe the same route (derived state aside).
+    /// Equal when they describe the same route (what is derived from the
+    /// import aside: it follows from it).
     fn eq(&self, other: &Self) -> bool {
         self.vip == other.vip
             && self.fqdn == other.fqdn
@@ -54,17 +64,6 @@ impl PartialEq for VipEntry {
 }
 
 impl VipEntry {
-    /// Whether egress serves it as HTTP (HTTP, HTTP2, gRPC: routable by
-    /// Host on a shared port) rather than splicing bytes (TCP and the
-    /// TLS-like protocols we do not terminate). The first instance decides.
-    pub fn is_http(&self) -> bool {
-        self.import
-            .service
-            .instances
-            .first()
-            .is_some_and(|i| i.protocol.is_http())
-    }
-
     /// The protocol named in reports: the first instance's.
     pub fn protocol(&self) -> &'static str {
         self.import
@@ -248,8 +247,8 @@ fn has_instance(e: &VipEntry, id: &str) -> bool {
 }
 
 /// Builds tables; owned by the one task that publishes them. It keeps the
-/// last table's entries only to share unchanged ones (and their derived
-/// state) and to log what changed: the result never depends on history.
+/// last table's entries only to share unchanged ones (so what egress keeps
+/// per entry survives a republish) and to log what changed: the result never depends on history.
 #[derive(Debug)]
 pub struct VipAllocator {
     plan: TablePlan,
@@ -330,13 +329,18 @@ fn build(
             Some(e) if Arc::ptr_eq(&e.import, import) && e.vip == vip && e.port == port => {
                 Arc::clone(e)
             }
-            _ => Arc::new(VipEntry {
-                vip,
-                fqdn: fqdn.to_string(),
-                port,
-                import: Arc::clone(import),
-                derived: OnceLock::new(),
-            }),
+            _ => {
+                let (mode, remote, upstreams) = upstream::upstreams(import, fqdn);
+                Arc::new(VipEntry {
+                    vip,
+                    fqdn: fqdn.to_string(),
+                    port,
+                    import: Arc::clone(import),
+                    mode,
+                    remote,
+                    upstreams,
+                })
+            }
         }
     };
     let mut table = VipTable {
@@ -378,8 +382,9 @@ fn build(
                     table.by_fqdn.extend(claimants);
                     continue;
                 }
-                let (http, stream): (Vec<_>, Vec<_>) =
-                    claimants.into_iter().partition(|(_, e)| e.is_http());
+                let (http, stream): (Vec<_>, Vec<_>) = claimants
+                    .into_iter()
+                    .partition(|(_, e)| e.mode == Mode::Http);
                 // HTTP imports share a port, so they hold it against TCP;
                 // among TCP imports the smallest FQDN holds it.
                 let (route, holder, losers) = if http.is_empty() {
