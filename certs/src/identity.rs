@@ -47,7 +47,10 @@ fn read(path: &Path) -> Result<Vec<u8>, CertError> {
     })
 }
 
-fn parse_certs(pem: &[u8], origin: &str) -> Result<Vec<CertificateDer<'static>>, CertError> {
+pub(crate) fn parse_certs(
+    pem: &[u8],
+    origin: &str,
+) -> Result<Vec<CertificateDer<'static>>, CertError> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|source| CertError::Pem {

@@ -12,8 +12,6 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType,
 };
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
 use time::{Duration, OffsetDateTime};
 
 use crate::error::CertError;
@@ -56,14 +54,10 @@ impl Ca {
     /// A new self-signed CA for `td`, valid for one year.
     pub fn new(td: &TrustDomain) -> Result<Ca, CertError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::default();
-        let now = OffsetDateTime::now_utc();
-        params.not_before = now - BACKDATE;
-        params.not_after = now + CA_VALIDITY;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, "Elsinore");
-        dn.push(DnType::CommonName, format!("Elsinore dev CA {td}"));
-        params.distinguished_name = dn;
+        let mut params = base_params(CA_VALIDITY);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("Elsinore dev CA {td}"));
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
@@ -81,15 +75,12 @@ impl Ca {
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Ca, CertError> {
         const CERT: &str = "CA certificate PEM";
         const KEY: &str = "CA private key PEM";
-        let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| match e {
-            rustls_pki_types::pem::Error::NoItemsFound => CertError::NoCertificates {
+        let der = crate::identity::parse_certs(cert_pem.as_bytes(), CERT)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| CertError::NoCertificates {
                 path: CERT.to_owned(),
-            },
-            source => CertError::Pem {
-                path: CERT.to_owned(),
-                source,
-            },
-        })?;
+            })?;
         let key = KeyPair::from_pem(key_pem)?;
         let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref())
             .map_err(|e| CertError::BadCertificate(e.to_string()))?;
@@ -159,19 +150,13 @@ impl Ca {
         validity: Duration,
     ) -> Result<Issued, CertError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::default();
-        let now = OffsetDateTime::now_utc();
-        params.not_before = now - BACKDATE;
-        params.not_after = now + validity;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, "Elsinore");
+        let mut params = base_params(validity);
         // CN is limited to 64 bytes; the URI SAN is what identifies anyway.
         if let [uri] = uris
             && uri.len() <= 64
         {
-            dn.push(DnType::CommonName, *uri);
+            params.distinguished_name.push(DnType::CommonName, *uri);
         }
-        params.distinguished_name = dn;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
@@ -194,6 +179,20 @@ impl Ca {
             key_pem: key.serialize_pem(),
         })
     }
+}
+
+/// What every certificate we mint starts from: valid from a little before
+/// now (clocks of two hosts differ) for `validity`, organization Elsinore.
+/// A new DN, not rcgen's default (which carries a CN of its own).
+fn base_params(validity: Duration) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - BACKDATE;
+    params.not_after = now + validity;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Elsinore");
+    params.distinguished_name = dn;
+    params
 }
 
 /// The files written by [`init`].

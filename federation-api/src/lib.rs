@@ -25,57 +25,11 @@ pub use validate::{Problem, ValidationError, is_dns_label, is_dns_name};
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/hamlet_descriptor.bin"));
 
-/// Code generated from `proto/` by prost and tonic (messages, clients, servers).
-/// The module tree mirrors the proto packages so generated cross-references resolve.
-pub mod proto {
-    pub mod federation {
-        pub mod types {
-            pub mod v1alpha2 {
-                #![allow(
-                    clippy::all,
-                    clippy::pedantic,
-                    clippy::unwrap_used,
-                    clippy::expect_used,
-                    missing_docs
-                )]
-                tonic::include_proto!("federation.types.v1alpha2");
-            }
-            pub mod v1alpha1 {
-                #![allow(
-                    clippy::all,
-                    clippy::pedantic,
-                    clippy::unwrap_used,
-                    clippy::expect_used,
-                    missing_docs
-                )]
-                tonic::include_proto!("federation.types.v1alpha1");
-            }
-        }
-        pub mod resourcediscovery {
-            pub mod v1alpha2 {
-                #![allow(
-                    clippy::all,
-                    clippy::pedantic,
-                    clippy::unwrap_used,
-                    clippy::expect_used,
-                    missing_docs
-                )]
-                tonic::include_proto!("federation.resourcediscovery.v1alpha2");
-            }
-            pub mod v1alpha1 {
-                #![allow(
-                    clippy::all,
-                    clippy::pedantic,
-                    clippy::unwrap_used,
-                    clippy::expect_used,
-                    missing_docs
-                )]
-                tonic::include_proto!("federation.resourcediscovery.v1alpha1");
-            }
-        }
-    }
-    pub mod google {
-        pub mod rpc {
+/// One package of generated code, with the lints generated code is not
+/// written to meet switched off for it alone.
+macro_rules! generated {
+    ($module:ident, $package:literal) => {
+        pub mod $module {
             #![allow(
                 clippy::all,
                 clippy::pedantic,
@@ -83,7 +37,25 @@ pub mod proto {
                 clippy::expect_used,
                 missing_docs
             )]
-            tonic::include_proto!("google.rpc");
+            tonic::include_proto!($package);
         }
+    };
+}
+
+/// Code generated from `proto/` by prost and tonic (messages, clients, servers).
+/// The module tree mirrors the proto packages so generated cross-references resolve.
+pub mod proto {
+    pub mod federation {
+        pub mod types {
+            generated!(v1alpha2, "federation.types.v1alpha2");
+            generated!(v1alpha1, "federation.types.v1alpha1");
+        }
+        pub mod resourcediscovery {
+            generated!(v1alpha2, "federation.resourcediscovery.v1alpha2");
+            generated!(v1alpha1, "federation.resourcediscovery.v1alpha1");
+        }
+    }
+    pub mod google {
+        generated!(rpc, "google.rpc");
     }
 }
