@@ -9,6 +9,8 @@
 
 pub(crate) mod cache;
 pub(crate) mod exports;
+#[cfg(test)]
+pub(crate) mod fixtures;
 pub mod imports;
 pub mod routes;
 

@@ -493,33 +493,11 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 mod tests {
     use super::*;
     use crate::catalog::imports::{resolve, resolve_reusing};
-    use elsinore_federation_api::{Endpoint, FederatedService, Instance, Protocol};
+    use elsinore_federation_api::{FederatedService, Protocol};
     use std::collections::{BTreeSet, HashSet};
 
     fn svc(name: &str, fqdn: &str, port: u16) -> Arc<FederatedService> {
-        Arc::new(FederatedService {
-            name: name.into(),
-            description: String::new(),
-            tags: vec![],
-            labels: Default::default(),
-            fqdn: fqdn.into(),
-            endpoints: vec![Endpoint {
-                address: "127.0.0.1".into(),
-                port: 15443,
-                labels: vec![],
-                description: String::new(),
-            }],
-            sans: vec!["spiffe://a/x".into()],
-            instances: vec![Instance {
-                id: "gw".into(),
-                protocol: Protocol::Http,
-                metadata: [("PORT".to_owned(), port.to_string())]
-                    .into_iter()
-                    .collect(),
-                endpoint_selector: vec![],
-                description: String::new(),
-            }],
-        })
+        crate::catalog::fixtures::service_on(name, fqdn, "gw", port)
     }
 
     fn view(services: Vec<Arc<FederatedService>>) -> ImportsView {

@@ -231,7 +231,6 @@ mod tests {
     use super::*;
     use crate::catalog::imports::resolve as resolve_imports;
     use crate::catalog::routes::{VipAllocator, VipTable};
-    use elsinore_federation_api::{Endpoint, FederatedService, Instance, Protocol};
     use std::collections::BTreeSet;
     use std::net::{Ipv4Addr, Ipv6Addr};
     use std::sync::Arc;
@@ -305,27 +304,10 @@ mod tests {
     async fn resolves_names_through_dns() {
         let _limit = crate::test_support::limit();
         tokio::time::timeout(Duration::from_secs(30), async {
-            let service = Arc::new(FederatedService {
-                name: "reviews".into(),
-                description: String::new(),
-                tags: vec![],
-                labels: Default::default(),
-                fqdn: "reviews.default.global".into(),
-                endpoints: vec![Endpoint {
-                    address: "127.0.0.1".into(),
-                    port: 15443,
-                    labels: vec![],
-                    description: String::new(),
-                }],
-                sans: vec!["spiffe://a/x".into()],
-                instances: vec![Instance {
-                    id: "gw".into(),
-                    protocol: Protocol::Http,
-                    metadata: Default::default(),
-                    endpoint_selector: vec![],
-                    description: String::new(),
-                }],
-            });
+            let service = Arc::new(crate::catalog::fixtures::service(
+                "reviews",
+                "reviews.default.global",
+            ));
             let view = resolve_imports(&BTreeSet::new(), &[("mesh-a".to_owned(), vec![service])]);
             let table: Arc<VipTable> =
                 Arc::new(VipAllocator::new("127.77.0.0/16".parse().unwrap()).update(&view));

@@ -409,34 +409,12 @@ mod tests {
     use crate::catalog::imports::resolve;
     use crate::catalog::routes::VipAllocator;
     use crate::config::VipRange;
-    use elsinore_federation_api::{Endpoint, FederatedService, Instance, Protocol};
+    use elsinore_federation_api::FederatedService;
     use std::collections::BTreeSet;
     use std::net::{Ipv4Addr, SocketAddr};
 
     fn svc(name: &str, fqdn: &str, instance: &str) -> Arc<FederatedService> {
-        Arc::new(FederatedService {
-            name: name.into(),
-            description: String::new(),
-            tags: vec![],
-            labels: Default::default(),
-            fqdn: fqdn.into(),
-            endpoints: vec![Endpoint {
-                address: "127.0.0.1".into(),
-                port: 15443,
-                labels: vec![],
-                description: String::new(),
-            }],
-            sans: vec!["spiffe://a/x".into()],
-            instances: vec![Instance {
-                id: instance.into(),
-                protocol: Protocol::Http,
-                metadata: [("PORT".to_owned(), "8080".to_owned())]
-                    .into_iter()
-                    .collect(),
-                endpoint_selector: vec![],
-                description: String::new(),
-            }],
-        })
+        crate::catalog::fixtures::service_on(name, fqdn, instance, 8080)
     }
 
     fn range() -> VipRange {
