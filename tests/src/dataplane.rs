@@ -588,3 +588,32 @@ where
         .await
         .map_err(|_| "HTTP/1.1 exchange timed out".to_owned())?
 }
+
+/// GET `path` on an admin listener over a fresh connection that asks to be
+/// closed: (status, body). Panics, naming the path, if there is no answer
+/// within [`crate::WAIT`].
+pub async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let exchange = async {
+        let mut s = TcpStream::connect(addr).await?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+        s.write_all(request.as_bytes()).await?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).await?;
+        Ok::<_, std::io::Error>(text)
+    };
+    let text = match tokio::time::timeout(crate::WAIT, exchange).await {
+        Ok(Ok(text)) => text,
+        Ok(Err(e)) => panic!("GET {path} on the admin listener {addr}: {e}"),
+        Err(_) => panic!("GET {path} on the admin listener {addr}: no answer"),
+    };
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}

@@ -5,30 +5,9 @@
 
 use std::net::SocketAddr;
 
-use elsinore_tests::{ConfigSpec, ExportSpec, MeshFixture, PeerSpec, WAIT, run_test, wait_for};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// A plain HTTP/1.1 GET; returns the status code and the body.
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).await.unwrap();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
+use elsinore_tests::{
+    ConfigSpec, ExportSpec, MeshFixture, PeerSpec, WAIT, admin_get, run_test, wait_for,
+};
 
 /// A TCP relay to `target` that holds every connection, unanswered, until
 /// `gate` is opened, then carries it both ways.
@@ -75,13 +54,13 @@ async fn ready_waits_for_a_peer_that_has_neither_synced_nor_failed() {
                     .peer(PeerSpec::new("mesh-a", "mesh-a.test", &a.ca_pem).federation(relay)),
             )
             .await;
-        assert_eq!(get(gb.admin_addr, "/live").await.0, 200);
+        assert_eq!(admin_get(gb.admin_addr, "/live").await.0, 200);
         // Not ready, again and again, while the handshake is held (well
         // within handshakeTimeout, 10s: the attempt neither syncs nor fails).
         let held_since = std::time::Instant::now();
         let mut probes = 0;
         while held_since.elapsed() < std::time::Duration::from_secs(2) {
-            let (status, body) = get(gb.admin_addr, "/ready").await;
+            let (status, body) = admin_get(gb.admin_addr, "/ready").await;
             assert_eq!(
                 (status, body.as_str()),
                 (503, "not ready: waiting for peer mesh-a\n"),
@@ -95,7 +74,7 @@ async fn ready_waits_for_a_peer_that_has_neither_synced_nor_failed() {
 
         open.send_replace(true);
         wait_for("mesh-b ready once mesh-a synced", WAIT, || async {
-            let (status, body) = get(gb.admin_addr, "/ready").await;
+            let (status, body) = admin_get(gb.admin_addr, "/ready").await;
             if status == 200 {
                 Ok(body)
             } else {
@@ -130,7 +109,7 @@ async fn ready_once_every_peer_has_synced_or_failed() {
             .start(&ConfigSpec::new().peer(a.dial()).peer(c.dial()))
             .await;
         wait_for("mesh-b ready", WAIT, || async {
-            let (status, body) = get(gb.admin_addr, "/ready").await;
+            let (status, body) = admin_get(gb.admin_addr, "/ready").await;
             if status == 200 {
                 Ok(())
             } else {
@@ -142,7 +121,7 @@ async fn ready_once_every_peer_has_synced_or_failed() {
         assert_eq!(state, "synced");
 
         // /metrics: Prometheus text with bounded labels.
-        let (status, metrics) = get(gb.admin_addr, "/metrics").await;
+        let (status, metrics) = admin_get(gb.admin_addr, "/metrics").await;
         assert_eq!(status, 200);
         for line in [
             "elsinore_federation_consumer_imported{peer=\"mesh-a\"} 1",
@@ -156,7 +135,7 @@ async fn ready_once_every_peer_has_synced_or_failed() {
                 "missing {line:?} in:\n{metrics}"
             );
         }
-        let (_, owner_metrics) = get(ga.admin_addr, "/metrics").await;
+        let (_, owner_metrics) = admin_get(ga.admin_addr, "/metrics").await;
         assert!(
             owner_metrics
                 .lines()

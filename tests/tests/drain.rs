@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use elsinore_tests::{
-    Backend, ConfigSpec, ExportSpec, GatewayHandle, MeshFixture, WAIT, get, http1_send, names,
-    peer_client_config, run_test, tls_connect_sni, wait_for,
+    Backend, ConfigSpec, ExportSpec, GatewayHandle, MeshFixture, WAIT, admin_get, get, http1_send,
+    names, peer_client_config, run_test, tls_connect_sni, wait_for,
 };
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Bytes;
@@ -68,29 +68,6 @@ impl Gate {
             open,
         }
     }
-}
-
-/// GET `path` on an admin listener: (status, body).
-async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let exchange = async {
-        let mut s = TcpStream::connect(addr).await?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
-        s.write_all(request.as_bytes()).await?;
-        let mut text = String::new();
-        s.read_to_string(&mut text).await?;
-        Ok::<_, std::io::Error>(text)
-    };
-    let text = tokio::time::timeout(WAIT, exchange).await.unwrap().unwrap();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
