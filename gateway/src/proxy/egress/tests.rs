@@ -138,6 +138,18 @@ fn vip_of(ctx: &ProxyContext, fqdn: &str) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(e.vip), e.port)
 }
 
+/// Runs an egress with a catch-all listener on loopback: its address, its
+/// stats and the task.
+async fn run_with_catch_all(
+    ctx: &ProxyContext,
+) -> (SocketAddr, Arc<EgressStats>, tokio::task::JoinHandle<()>) {
+    let catch_all = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = catch_all.local_addr().unwrap();
+    let stats = Arc::new(EgressStats::default());
+    let task = tokio::spawn(run(ctx.clone(), Some(catch_all), stats.clone()));
+    (addr, stats, task)
+}
+
 /// Waits until the egress listens on `addr`.
 /// Exactly one probe connection succeeds (the one that returns).
 async fn wait_bound(addr: SocketAddr) {
@@ -572,10 +584,7 @@ async fn catch_all_routes_by_host() {
             service("raw", Protocol::Tcp, 9000, &[h2.addr], &[A_GATEWAY]),
         ],
     );
-    let catch_all = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = catch_all.local_addr().unwrap();
-    let stats = Arc::new(EgressStats::default());
-    let task = tokio::spawn(run(ctx.clone(), Some(catch_all), stats.clone()));
+    let (addr, stats, task) = run_with_catch_all(&ctx).await;
 
     let (status, body) = h1_get(addr, "WEB.mesh-a.global:8080", "/x").await;
     assert_eq!(status, 200, "{body}");
@@ -611,10 +620,7 @@ async fn userinfo_in_host_or_authority_is_refused() {
             &[A_GATEWAY],
         )],
     );
-    let catch_all = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = catch_all.local_addr().unwrap();
-    let stats = Arc::new(EgressStats::default());
-    let task = tokio::spawn(run(ctx.clone(), Some(catch_all), stats.clone()));
+    let (addr, stats, task) = run_with_catch_all(&ctx).await;
     let vip = vip_of(&ctx, "web.mesh-a.global");
     wait_bound(vip).await;
 
@@ -797,13 +803,7 @@ async fn idle_http_connections_are_closed() {
         ..ProxyTuning::default()
     };
     let ctx = context(&w, tuning);
-    let catch_all = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = catch_all.local_addr().unwrap();
-    let task = tokio::spawn(run(
-        ctx.clone(),
-        Some(catch_all),
-        Arc::new(EgressStats::default()),
-    ));
+    let (addr, _, task) = run_with_catch_all(&ctx).await;
     let mut app = TcpStream::connect(addr).await.unwrap();
     app.write_all(b"GET / HTTP/1.1\r\nhost: nope.mesh-a.global\r\n\r\n")
         .await
@@ -835,13 +835,7 @@ async fn an_app_connection_without_a_request_is_closed_after_the_request_timeout
         ..ProxyTuning::default()
     };
     let ctx = context(&w, tuning);
-    let catch_all = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = catch_all.local_addr().unwrap();
-    let task = tokio::spawn(run(
-        ctx.clone(),
-        Some(catch_all),
-        Arc::new(EgressStats::default()),
-    ));
+    let (addr, _, task) = run_with_catch_all(&ctx).await;
     // (A connection that opens with the h2 preface is the HTTP/2
     // server's: its preface timeout is not this loop's.)
     for sent in [&b""[..], b"GET / HTTP/1.1\r\n", b"PR"] {
