@@ -94,7 +94,7 @@ pub fn certs_init(dir: &Path, trust_domain: &str) {
     let out = Command::new(BIN)
         .args(["certs", "init", "--trust-domain", trust_domain, "--out"])
         .arg(dir)
-        .args(["--ip", "127.0.0.1"])
+        .args(["--ip", "127.0.0.1", "--dns", "localhost"])
         .output()
         .unwrap();
     assert!(
@@ -102,6 +102,20 @@ pub fn certs_init(dir: &Path, trust_domain: &str) {
         "certs init failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    for f in ["ca.pem", "ca.key", "gateway.pem", "gateway.key"] {
+        assert!(dir.join(f).is_file(), "{f} not written");
+    }
+}
+
+/// Kills a child started without [`Proc`] by its own pid when the test
+/// ends, however it ends.
+pub struct Guard(pub Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// One export of a [`GatewaySpec`].

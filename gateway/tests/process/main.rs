@@ -7,8 +7,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod catalog_cli;
+mod cli;
 mod env;
 mod federation;
 mod harness;
+mod operability;
 mod reload;
 mod signals;
+mod sigterm_drain;

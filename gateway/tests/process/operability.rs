@@ -4,26 +4,13 @@
 //! material), and a reload that changes a key needing a restart is logged
 //! naming that key, never ignored silently.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_elsinore");
-
-/// Kills the child by its own pid when the test ends, however it ends.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use crate::harness::{BIN, Guard, certs_init, http_get};
 
 fn git_commit() -> Option<String> {
     let out = Command::new("git")
@@ -121,20 +108,6 @@ fn zsh_and_fish_scripts_name_the_subcommands() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("tcsh"));
 }
 
-fn certs_init(dir: &Path, td: &str) {
-    let out = Command::new(BIN)
-        .args(["certs", "init", "--trust-domain", td, "--out"])
-        .arg(dir)
-        .args(["--ip", "127.0.0.1"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn config_text(idle_timeout: &str, export_port: u16) -> String {
     format!(
         r#"
@@ -155,28 +128,6 @@ peers:
 proxy: {{ idleTimeout: {idle_timeout} }}
 "#
     )
-}
-
-fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        tcp,
-        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    tcp.read_to_string(&mut text).unwrap();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
 }
 
 /// Waits for a stderr line containing `needle`, up to `timeout`.
@@ -232,7 +183,7 @@ fn reload_applies_exports_and_names_each_key_that_needs_a_restart() {
 
     // Before the reload: the effective config, with defaults filled in,
     // key named by path and no key material.
-    let (status, body) = http_get(admin, "/config");
+    let (status, body) = http_get(admin, "/config").unwrap();
     assert_eq!(status, 200, "{body}");
     let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(doc["config"]["proxy"]["idleTimeout"], "5m");
@@ -259,7 +210,7 @@ fn reload_applies_exports_and_names_each_key_that_needs_a_restart() {
     assert!(!warning.contains("exports"), "{warning}");
     let deadline = Instant::now() + Duration::from_secs(30);
     let doc = loop {
-        let (_, body) = http_get(admin, "/config");
+        let (_, body) = http_get(admin, "/config").unwrap();
         let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
         if doc["config"]["exports"][0]["port"] == 9090 {
             break doc;
@@ -273,7 +224,7 @@ fn reload_applies_exports_and_names_each_key_that_needs_a_restart() {
         doc["pendingRestart"],
         serde_json::json!(["proxy.idleTimeout"])
     );
-    let (_, catalog) = http_get(admin, "/catalog");
+    let (_, catalog) = http_get(admin, "/catalog").unwrap();
     assert!(catalog.contains("9090"), "{catalog}");
 }
 

@@ -1,42 +1,13 @@
 //! The `elsinore` binary as a user runs it: `certs init`, `check` (errors
 //! named by YAML path, exit status) and `demo` (the README's first command).
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_elsinore");
-
-/// Kills the child by its own pid when the test ends, however it ends.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn certs_init(dir: &Path, td: &str) {
-    let out = Command::new(BIN)
-        .args(["certs", "init", "--trust-domain", td, "--out"])
-        .arg(dir)
-        .args(["--ip", "127.0.0.1", "--dns", "localhost"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "certs init failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for f in ["ca.pem", "ca.key", "gateway.pem", "gateway.key"] {
-        assert!(dir.join(f).is_file(), "{f} not written");
-    }
-}
+use crate::harness::{BIN, Guard, certs_init};
 
 fn write_config(dir: &Path, export_peer: &str) -> std::path::PathBuf {
     let path = dir.join("mesh-a.yaml");

@@ -2,12 +2,10 @@
 //! in flight through its ingress, `/ready` fails first, the request still
 //! completes, and the process exits 0 once it has.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -20,18 +18,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-const BIN: &str = env!("CARGO_BIN_EXE_elsinore");
+use crate::harness::{BIN, Guard};
+
 const WAIT: Duration = Duration::from_secs(20);
-
-/// Kills the child by its own pid when the test ends, however it ends.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Re-checks `check` every 50 ms for at most `WAIT`.
 async fn wait_until<F, Fut>(what: &str, mut check: F)
