@@ -333,9 +333,11 @@ mod tests {
     use crate::state::new_shared;
 
     fn peer(name: &str, dialed: bool) -> Peer {
+        let trust_domain = format!("{name}.example").parse().unwrap();
         Peer {
+            identities: crate::config::PeerIdentities::gateway_of(&trust_domain),
             name: name.to_owned(),
-            trust_domain: format!("{name}.example").parse().unwrap(),
+            trust_domain,
             trust_bundle: format!("certs/{name}/ca.pem").into(),
             federation: dialed.then(|| HostPort {
                 host: "127.0.0.1".into(),

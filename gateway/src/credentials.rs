@@ -21,7 +21,7 @@ use std::sync::Mutex;
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
-use elsinore_certs::{CertError, Identity, TrustBundle, TrustDomain};
+use elsinore_certs::{CertError, Identity, SpiffeId, TrustBundle, TrustDomain};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -43,10 +43,14 @@ pub struct Material {
 }
 
 impl Material {
+    /// `pins`: per peer name, the only SPIFFE IDs its federation server may
+    /// present when we dial it (`peers[].identities`); a peer without an
+    /// entry may present any ID of its trust domain.
     fn build(
         generation: u64,
         identity: Identity,
         bundles: HashMap<String, TrustBundle>,
+        pins: &HashMap<String, Vec<SpiffeId>>,
     ) -> Result<Material, CertError> {
         let list: Vec<TrustBundle> = bundles.values().cloned().collect();
         let server = elsinore_certs::server_config(&identity, &list, &[b"h2"])?;
@@ -55,7 +59,8 @@ impl Material {
         server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         let mut federation_clients = HashMap::with_capacity(bundles.len());
         for (peer, bundle) in &bundles {
-            let client = elsinore_certs::client_config(&identity, bundle, None, &[b"h2"])?;
+            let pinned = pins.get(peer).map(Vec::as_slice);
+            let client = elsinore_certs::client_config(&identity, bundle, pinned, &[b"h2"])?;
             let mut client = (*client).clone();
             client.resumption = rustls::client::Resumption::disabled();
             federation_clients.insert(peer.clone(), Arc::new(client));
@@ -198,6 +203,9 @@ struct Sources {
     private_key: PathBuf,
     trust_domain: TrustDomain,
     peers: Vec<PeerSource>,
+    /// Which IDs each peer's federation server may present (see
+    /// [`Material::build`]).
+    pins: HashMap<String, Vec<SpiffeId>>,
 }
 
 #[derive(Default)]
@@ -237,6 +245,11 @@ impl Credentials {
                     file: p.trust_bundle.clone(),
                 })
                 .collect(),
+            pins: config
+                .peers
+                .iter()
+                .filter_map(|p| Some((p.name.clone(), p.identities.pinned()?.to_vec())))
+                .collect(),
         };
         Self::from_sources(sources, identity, bundles, status)
     }
@@ -247,7 +260,7 @@ impl Credentials {
         bundles: HashMap<String, TrustBundle>,
         status: Arc<TlsStatus>,
     ) -> Result<Credentials, CertError> {
-        let material = Material::build(1, identity, bundles)?;
+        let material = Material::build(1, identity, bundles, &sources.pins)?;
         status.set_expiry(&material, &sources.peers);
         // What the files hold now; a later read that differs is a rotation.
         let seen = Seen {
@@ -279,9 +292,10 @@ impl Credentials {
             private_key: PathBuf::new(),
             trust_domain: identity.spiffe_id().trust_domain().clone(),
             peers: Vec::new(),
+            pins: HashMap::new(),
         };
         Ok(Credentials {
-            current: ArcSwap::from_pointee(Material::build(1, identity, bundles)?),
+            current: ArcSwap::from_pointee(Material::build(1, identity, bundles, &sources.pins)?),
             sources,
             seen: Mutex::new(Seen::default()),
             status: Arc::default(),
@@ -377,7 +391,12 @@ impl Credentials {
         if rotated.is_empty() {
             return refused;
         }
-        match Material::build(current.generation + 1, identity, bundles) {
+        match Material::build(
+            current.generation + 1,
+            identity,
+            bundles,
+            &self.sources.pins,
+        ) {
             Ok(material) => {
                 self.status.set_expiry(&material, &self.sources.peers);
                 let mut status = self.status.lock();
@@ -590,6 +609,7 @@ mod tests {
                 trust_domain: b.clone(),
                 file: bundle.clone(),
             }],
+            pins: HashMap::new(),
         };
         let identity = Identity::load(&cert, &key).unwrap();
         let bundles = HashMap::from([(

@@ -545,6 +545,9 @@ pub struct PeerSpec {
     pub federation: Option<String>,
     /// `None` = the gateway's default (v1alpha2).
     pub api_version: Option<String>,
+    /// `identities`: who may speak for the peer; empty = the key left out
+    /// (the peer's Elsinore gateway ID).
+    pub identities: Vec<String>,
 }
 
 impl PeerSpec {
@@ -557,6 +560,7 @@ impl PeerSpec {
             trust_bundle: trust_bundle.to_path_buf(),
             federation: None,
             api_version: None,
+            identities: Vec::new(),
         }
     }
 
@@ -570,6 +574,21 @@ impl PeerSpec {
     pub fn api_version(mut self, version: &str) -> Self {
         self.api_version = Some(version.to_owned());
         self
+    }
+
+    /// Allow `id` to speak for this peer (`identities`; the first call
+    /// replaces the default, the peer's gateway ID). `spiffe://<td>/*`
+    /// allows any identity of its trust domain.
+    pub fn identity(mut self, id: impl Display) -> Self {
+        self.identities.push(id.to_string());
+        self
+    }
+
+    /// Allow any identity of the peer's trust domain (`spiffe://<td>/*`):
+    /// for peers whose gateway is not an Elsinore (Envoy, scripted peers).
+    pub fn any_identity(self) -> Self {
+        let any = format!("spiffe://{}/*", self.trust_domain);
+        self.identity(any)
     }
 }
 
@@ -796,6 +815,10 @@ impl RenderCtx {
             }
             if let Some(v) = &p.api_version {
                 let _ = writeln!(y, "    apiVersion: {}", q(v));
+            }
+            if !p.identities.is_empty() {
+                let ids: Vec<String> = p.identities.iter().map(q).collect();
+                let _ = writeln!(y, "    identities: [{}]", ids.join(", "));
             }
         }
         if spec.stale_after.is_some() || spec.cache_dir.is_some() {

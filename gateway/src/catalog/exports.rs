@@ -155,9 +155,11 @@ pub(crate) mod tests {
     };
 
     fn peer(name: &str) -> Peer {
+        let trust_domain = format!("{name}.example").parse().unwrap();
         Peer {
+            identities: crate::config::PeerIdentities::gateway_of(&trust_domain),
             name: name.to_owned(),
-            trust_domain: format!("{name}.example").parse().unwrap(),
+            trust_domain,
             trust_bundle: format!("certs/{name}/ca.pem").into(),
             federation: None,
             api_version: ApiVersion::V1alpha2,

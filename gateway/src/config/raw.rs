@@ -82,6 +82,8 @@ pub(super) struct RawPeer {
     pub trust_bundle: String,
     pub federation: Option<String>,
     pub api_version: Option<String>,
+    // Issue 13, item 3 (who may call).
+    pub identities: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

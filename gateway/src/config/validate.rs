@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use elsinore_certs::TrustDomain;
+use elsinore_certs::{SpiffeId, TrustDomain};
 use elsinore_federation_api::Protocol;
 
 use super::names::{is_dns_label, is_dns_name, is_host, parse_host_port};
@@ -19,8 +19,8 @@ use super::raw::{
 };
 use super::{
     Advertise, ApiVersion, Config, ConfigError, ConfigErrors, Drain, EgressMode, Export,
-    FederationTuning, IdentityFiles, Imports, Listeners, Mesh, Peer, ProxyTuning, SharedAnswer,
-    defaults,
+    FederationTuning, IdentityFiles, Imports, Listeners, Mesh, Peer, PeerIdentities, ProxyTuning,
+    SharedAnswer, defaults,
 };
 
 const LABEL_RULE: &str =
@@ -439,17 +439,81 @@ impl Validator<'_> {
                     defaults::API_VERSION
                 }
             };
-            if let (Some(trust_domain), true) = (trust_domain, self.errors.len() == errors_before) {
+            let identities = trust_domain
+                .as_ref()
+                .map(|td| self.peer_identities(&at, td, p.identities.as_deref()));
+            if let (Some(trust_domain), Some(identities), true) =
+                (trust_domain, identities, self.errors.len() == errors_before)
+            {
                 out.push(Peer {
                     name: p.name.clone(),
                     trust_domain,
                     trust_bundle,
                     federation,
                     api_version,
+                    identities,
                 });
             }
         }
         out
+    }
+
+    /// `peers[i].identities`: absent means the peer's Elsinore gateway ID;
+    /// each entry is a SPIFFE ID of the peer's trust domain, or
+    /// `spiffe://<trustDomain>/*` alone for any of its identities.
+    fn peer_identities(
+        &mut self,
+        at: &str,
+        td: &TrustDomain,
+        raw: Option<&[String]>,
+    ) -> PeerIdentities {
+        let Some(raw) = raw else {
+            return PeerIdentities::gateway_of(td);
+        };
+        if raw.is_empty() {
+            self.error(
+                format!("{at}.identities"),
+                "must not be empty: leave the key out for the default (the peer's gateway, spiffe://<trustDomain>/ns/elsinore/sa/gateway), or list spiffe://<trustDomain>/* to allow any identity of the peer",
+            );
+            return PeerIdentities::Only(Vec::new());
+        }
+        let wildcard = format!("spiffe://{td}/*");
+        let mut any = false;
+        let mut ids: Vec<SpiffeId> = Vec::new();
+        for (j, entry) in raw.iter().enumerate() {
+            let path = format!("{at}.identities[{j}]");
+            if *entry == wildcard {
+                any = true;
+                continue;
+            }
+            if entry.ends_with("/*") {
+                self.error(
+                    path,
+                    format!("{entry:?}: the only wildcard is {wildcard:?} (any identity of the peer's trust domain); a path prefix cannot be matched"),
+                );
+                continue;
+            }
+            match SpiffeId::from_str(entry) {
+                Err(e) => self.error(path, e.to_string()),
+                Ok(id) if id.trust_domain() != td => self.error(
+                    path,
+                    format!(
+                        "{entry:?} is in trust domain {:?}, not the peer's ({:?}, peers[].trustDomain)",
+                        id.trust_domain().as_str(),
+                        td.as_str()
+                    ),
+                ),
+                Ok(id) if ids.contains(&id) => {
+                    self.error(path, format!("{entry:?} is listed twice"));
+                }
+                Ok(id) => ids.push(id),
+            }
+        }
+        if any {
+            PeerIdentities::AnyInTrustDomain
+        } else {
+            PeerIdentities::Only(ids)
+        }
     }
 
     fn duration(&mut self, path: &str, s: Option<&str>, default: Duration) -> Duration {

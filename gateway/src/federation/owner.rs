@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use self::session::{AckOutcome, Op, Outgoing, OwnerSession, OwnerSettings};
-use super::status::OwnerCounters;
+use super::status::{OwnerCounters, StreamRefusal};
 use super::transport::PeerConn;
 use crate::state::{PeerState, Shared};
 
@@ -60,27 +60,40 @@ impl OwnerService {
         }
     }
 
-    /// Identifies the caller by the trust domain of its verified SPIFFE ID.
+    /// Identifies the caller: the trust domain of its verified SPIFFE ID
+    /// names the peer, and the ID must be one of that peer's `identities`
+    /// (any workload of the peer's mesh holds a certificate of its trust
+    /// domain; only the listed ones speak for the peer). A refusal is a gRPC
+    /// status, not a TLS alert, so the caller's operator reads why.
     fn authenticate<T>(&self, request: &Request<T>) -> Result<Arc<PeerState>, Status> {
+        let refusals = &self.shared.stream_refusals;
         let conn = request
             .extensions()
             .get::<PeerConn>()
             .ok_or_else(|| Status::unauthenticated("no verified client certificate"))?;
-        let id = conn
-            .spiffe_id
-            .as_ref()
-            .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))?;
-        match self.shared.peer_for(id.trust_domain()) {
-            Some(peer) => Ok(peer.clone()),
-            None => {
-                tracing::warn!(client.addr = %conn.remote, spiffe_id = %id, "refused federation stream from a trust domain that is not a configured peer");
-                Err(Status::unauthenticated(format!(
-                    "trust domain {} is not a federated peer of mesh {}",
-                    id.trust_domain(),
-                    self.shared.mesh
-                )))
-            }
+        let id = conn.spiffe_id.as_ref().map_err(|e| {
+            refusals.bump(StreamRefusal::NoPeerIdentity);
+            tracing::warn!(client.addr = %conn.remote, reason = StreamRefusal::NoPeerIdentity.label(), "refused federation stream: client certificate: {e}");
+            Status::unauthenticated(format!("client certificate: {e}"))
+        })?;
+        let Some(peer) = self.shared.peer_for(id.trust_domain()) else {
+            refusals.bump(StreamRefusal::UnknownPeer);
+            tracing::warn!(client.addr = %conn.remote, spiffe_id = %id, reason = StreamRefusal::UnknownPeer.label(), "refused federation stream from a trust domain that is not a configured peer");
+            return Err(Status::unauthenticated(format!(
+                "trust domain {} is not a federated peer of mesh {}",
+                id.trust_domain(),
+                self.shared.mesh
+            )));
+        };
+        if !peer.config.allows(id) {
+            refusals.bump(StreamRefusal::IdentityNotAllowed);
+            tracing::warn!(client.addr = %conn.remote, spiffe_id = %id, peer = %peer.config.name, reason = StreamRefusal::IdentityNotAllowed.label(), "refused federation stream: the identity is not one of the peer's allowed identities (peers[].identities)");
+            return Err(Status::permission_denied(format!(
+                "{id} may not speak for peer {} of mesh {} (not in its allowed identities)",
+                peer.config.name, self.shared.mesh
+            )));
         }
+        Ok(peer.clone())
     }
 
     /// Negotiates the window: only a caller that asked (another Elsinore)
