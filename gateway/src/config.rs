@@ -70,6 +70,9 @@ pub struct Mesh {
 pub struct IdentityFiles {
     pub certificate: PathBuf,
     pub private_key: PathBuf,
+    /// Our own CA bundle (the CAs our certificate chains to), published to
+    /// Elsinore consumers that follow it; `None` = nothing published.
+    pub trust_bundle: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -139,6 +142,10 @@ pub struct Peer {
     /// reach the ingress, and answer our dials. Default: the peer's
     /// Elsinore gateway ID only.
     pub identities: PeerIdentities,
+    // Trust bundles that follow the peer (issue 13, item 4).
+    /// Accept the CA bundle this peer publishes on our stream to it (see
+    /// docs/federation.md). Default false.
+    pub follow_trust_bundle: bool,
 }
 
 /// Which SPIFFE IDs of a peer's trust domain may act for that peer

@@ -548,6 +548,8 @@ pub struct PeerSpec {
     /// `identities`: who may speak for the peer; empty = the key left out
     /// (the peer's Elsinore gateway ID).
     pub identities: Vec<String>,
+    /// `followTrustBundle`.
+    pub follow_trust_bundle: bool,
 }
 
 impl PeerSpec {
@@ -561,6 +563,7 @@ impl PeerSpec {
             federation: None,
             api_version: None,
             identities: Vec::new(),
+            follow_trust_bundle: false,
         }
     }
 
@@ -589,6 +592,12 @@ impl PeerSpec {
     pub fn any_identity(self) -> Self {
         let any = format!("spiffe://{}/*", self.trust_domain);
         self.identity(any)
+    }
+
+    /// `followTrustBundle: true` (needs `imports.cacheDir`).
+    pub fn follow_trust_bundle(mut self) -> Self {
+        self.follow_trust_bundle = true;
+        self
     }
 }
 
@@ -626,6 +635,8 @@ pub struct ConfigSpec {
     pub proxy: Vec<(String, String)>,
     /// `drain.{delay,timeout}`, humantime durations.
     pub drain: Option<(String, String)>,
+    /// `identity.trustBundle`: our own CAs, published to followers.
+    pub own_bundle: Option<PathBuf>,
 }
 
 impl ConfigSpec {
@@ -704,6 +715,12 @@ impl ConfigSpec {
         self.drain = Some((delay.to_owned(), timeout.to_owned()));
         self
     }
+
+    /// Sets `identity.trustBundle` (the CAs this gateway publishes).
+    pub fn own_bundle(mut self, path: &Path) -> Self {
+        self.own_bundle = Some(path.to_path_buf());
+        self
+    }
 }
 
 /// The fixed parts of one mesh's config.
@@ -749,6 +766,9 @@ impl RenderCtx {
             qp(&cert),
             qp(&key)
         );
+        if let Some(own) = &spec.own_bundle {
+            let _ = writeln!(y, "  trustBundle: {}", qp(own));
+        }
         let _ = writeln!(
             y,
             "listeners:\n  federation: {}\n  admin: {}\n  ingress: {}\n  egress: \"127.0.0.1:0\"\n  dns: \"127.0.0.1:0\"",
@@ -819,6 +839,9 @@ impl RenderCtx {
             if !p.identities.is_empty() {
                 let ids: Vec<String> = p.identities.iter().map(q).collect();
                 let _ = writeln!(y, "    identities: [{}]", ids.join(", "));
+            }
+            if p.follow_trust_bundle {
+                y.push_str("    followTrustBundle: true\n");
             }
         }
         if spec.stale_after.is_some() || spec.cache_dir.is_some() {

@@ -117,6 +117,7 @@ fn full_example_parses_to_typed_values() {
         identity: IdentityFiles {
             certificate: PathBuf::from("/etc/elsinore/certs/a/gateway.pem"),
             private_key: PathBuf::from("/etc/elsinore/certs/a/gateway.key"),
+            trust_bundle: None,
         },
         listeners: Listeners {
             federation: "0.0.0.0:8008".parse().unwrap(),
@@ -148,6 +149,7 @@ fn full_example_parses_to_typed_values() {
             federation: Some(hp("gw.mesh-b.example", 8008)),
             api_version: ApiVersion::V1alpha2,
             identities: PeerIdentities::gateway_of(&"mesh-b.example".parse().unwrap()),
+            follow_trust_bundle: false,
         }],
         imports: Imports {
             stale_after: Duration::from_secs(300),
@@ -1143,5 +1145,43 @@ fn peer_identities_default_to_the_peers_gateway_and_are_checked() {
         "[\"spiffe://mesh-b.example/x\", \"spiffe://mesh-b.example/x\"]",
         "peers[0].identities[1]",
         "is listed twice",
+    );
+}
+
+#[test]
+fn follow_trust_bundle_needs_a_cache_and_our_bundle_is_a_path() {
+    let c = ok(&with_peers(&[
+        "{ name: mesh-b, trustDomain: mesh-b.example, trustBundle: b.pem }",
+    ]));
+    assert!(!c.peers[0].follow_trust_bundle, "off by default");
+    assert_eq!(c.identity.trust_bundle, None);
+    assert_err(
+        &with_peers(&[
+            "{ name: mesh-b, trustDomain: mesh-b.example, trustBundle: b.pem, followTrustBundle: true }",
+        ]),
+        "peers[0].followTrustBundle",
+        &["requires imports.cacheDir"],
+    );
+    let text = with_peers(&[
+        "{ name: mesh-b, trustDomain: mesh-b.example, trustBundle: b.pem, followTrustBundle: true }",
+    ])
+    .replace(
+        "identity: {",
+        "imports: { cacheDir: /var/lib/elsinore }\nidentity: { trustBundle: certs/own.pem, ",
+    );
+    let c = ok(&text);
+    assert!(c.peers[0].follow_trust_bundle);
+    let own = c.identity.trust_bundle.clone().unwrap();
+    assert!(
+        own.is_absolute() && own.ends_with("certs/own.pem"),
+        "{own:?}"
+    );
+    let v = effective::to_json(&c);
+    assert_eq!(v["peers"][0]["followTrustBundle"], true);
+    assert!(
+        v["identity"]["trustBundle"]
+            .as_str()
+            .unwrap()
+            .ends_with("certs/own.pem")
     );
 }

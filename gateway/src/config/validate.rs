@@ -36,6 +36,11 @@ pub(super) fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Config
     let identity = IdentityFiles {
         certificate: v.path("identity.certificate", &raw.identity.certificate),
         private_key: v.path("identity.privateKey", &raw.identity.private_key),
+        trust_bundle: raw
+            .identity
+            .trust_bundle
+            .as_deref()
+            .map(|p| v.path("identity.trustBundle", p)),
     };
     let listeners = v.listeners(&raw.listeners);
     let advertise = v.advertise(raw.advertise.as_ref(), &raw.exports, &listeners);
@@ -43,6 +48,7 @@ pub(super) fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Config
     let exports = v.exports(&raw.exports, &raw.mesh.name, &peer_names);
     let peers = v.peers(&raw.peers, mesh.as_ref().map(|m| &m.trust_domain));
     let imports = v.imports(&raw.imports);
+    v.followed_bundles_need_a_cache(&raw.peers, &imports);
     let federation = v.federation(&raw.federation);
     let proxy = v.proxy(&raw.proxy);
     let drain = v.drain(&raw.drain);
@@ -452,10 +458,28 @@ impl Validator<'_> {
                     federation,
                     api_version,
                     identities,
+                    follow_trust_bundle: p.follow_trust_bundle.unwrap_or(false),
                 });
             }
         }
         out
+    }
+
+    /// A learned bundle must survive a restart: after the peer's rollover
+    /// the file bundle no longer admits it, so `followTrustBundle` needs
+    /// `imports.cacheDir`, where the learned bundle is kept.
+    fn followed_bundles_need_a_cache(&mut self, peers: &[RawPeer], imports: &Imports) {
+        if imports.cache_dir.is_some() {
+            return;
+        }
+        for (i, p) in peers.iter().enumerate() {
+            if p.follow_trust_bundle == Some(true) {
+                self.error(
+                    format!("peers[{i}].followTrustBundle"),
+                    "requires imports.cacheDir: the bundle learned from the peer is kept there, so a restart after the peer's CA rollover still trusts it",
+                );
+            }
+        }
     }
 
     /// `peers[i].identities`: absent means the peer's Elsinore gateway ID;

@@ -13,7 +13,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use elsinore_federation_api::message::{self, Operation, SNAPSHOT_SIZE_HEADER, WINDOW_HEADER};
+use elsinore_federation_api::message::{
+    self, Operation, SNAPSHOT_SIZE_HEADER, TRUST_BUNDLE_HEADER, WINDOW_HEADER,
+};
 use elsinore_federation_api::proto::federation::resourcediscovery::{
     v1alpha1 as rd1, v1alpha2 as rd2,
 };
@@ -46,6 +48,8 @@ pub struct OwnerService {
     shared: Arc<Shared>,
     options: OwnerOptions,
     shutdown: CancellationToken,
+    /// Where our published trust bundle comes from; `None` = none.
+    credentials: Option<Arc<crate::credentials::Credentials>>,
 }
 
 /// The consumer's requests, whatever version they came in.
@@ -57,7 +61,15 @@ impl OwnerService {
             shared,
             options,
             shutdown,
+            credentials: None,
         }
+    }
+
+    /// Publishes our trust bundle (`identity.trustBundle`) on every stream,
+    /// and ends open streams when it changes so consumers read the new one.
+    pub fn publishing(mut self, credentials: Arc<crate::credentials::Credentials>) -> Self {
+        self.credentials = Some(credentials);
+        self
     }
 
     /// Identifies the caller: the trust domain of its verified SPIFFE ID
@@ -123,10 +135,19 @@ impl OwnerService {
         });
         let exports = self.shared.exports.subscribe();
         let shutdown = self.shutdown.clone();
+        let published = self.credentials.as_ref().map(|c| {
+            // Subscribed before reading: a change after this read ends the stream.
+            let changes = c.published_changes();
+            (changes, c.current().published_bundle.clone())
+        });
+        let (changes, bundle) = match published {
+            Some((changes, bundle)) => (Some(changes), bundle),
+            None => (None, None),
+        };
         let span = tracing::info_span!("owner_stream", peer = %peer.config.name, version = %version, window = negotiated);
         tokio::spawn(tracing::Instrument::instrument(
             drive(
-                session, peer, snapshot, inbound, exports, tx, encode, shutdown,
+                session, peer, snapshot, inbound, exports, tx, encode, shutdown, changes,
             ),
             span,
         ));
@@ -136,6 +157,12 @@ impl OwnerService {
             .insert(SNAPSHOT_SIZE_HEADER, size.into());
         if let Some(w) = window {
             response.metadata_mut().insert(WINDOW_HEADER, w.into());
+        }
+        if let Some(pem) = bundle {
+            response.metadata_mut().insert_bin(
+                TRUST_BUNDLE_HEADER,
+                tonic::metadata::MetadataValue::from_bytes(&pem),
+            );
         }
         Ok(response)
     }
@@ -151,11 +178,12 @@ async fn drive<M: Send + 'static>(
     tx: mpsc::Sender<Result<M, Status>>,
     encode: fn(&message::Response) -> M,
     shutdown: CancellationToken,
+    bundle_changes: Option<tokio::sync::watch::Receiver<u64>>,
 ) {
     let counters = &peer.owner;
     OwnerCounters::bump(&counters.streams_total);
     OwnerCounters::bump(&counters.streams_open);
-    let end = run_stream(
+    let stream = run_stream(
         &mut session,
         &peer,
         snapshot,
@@ -164,8 +192,15 @@ async fn drive<M: Send + 'static>(
         &tx,
         encode,
         &shutdown,
-    )
-    .await;
+    );
+    // The bundle travels in the response headers, sent once: a consumer
+    // reads a new one on its next stream, so a change ends this one.
+    let end = tokio::select! {
+        end = stream => end,
+        () = bundle_changed(bundle_changes) => Err(Status::unavailable(
+            "the owner's trust bundle changed: reconnect to read the new one",
+        )),
+    };
     counters
         .streams_open
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -264,6 +299,17 @@ async fn run_stream<M: Send + 'static>(
                     .map_err(|e| Status::deadline_exceeded(e.to_string()))?;
             }
         }
+    }
+}
+
+async fn bundle_changed(changes: Option<tokio::sync::watch::Receiver<u64>>) {
+    match changes {
+        Some(mut changes) => {
+            if changes.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
     }
 }
 
