@@ -13,6 +13,13 @@
 //! naming the file, and the material in use stays. This module must not
 //! reach into the data plane: proxies derive their own configs from
 //! [`Material`].
+//!
+//! A peer followed with `peers[].followTrustBundle` may also replace its
+//! bundle by publishing one on our authenticated stream to it
+//! ([`Credentials::learn`], rule and file in [`learned`]); its file then
+//! only bootstraps it, and a change of that file resets what was learned.
+//! Our own `identity.trustBundle` is read and watched here too, for the
+//! owner to publish.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

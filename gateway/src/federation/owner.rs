@@ -1,8 +1,10 @@
 //! The owner side on the wire: our `DiscoveryService` for both API versions.
 //! Each stream gets one task that owns an [`OwnerSession`] ([`session`], the
 //! sans-I/O state machine beside this file); this file only authenticates
-//! the caller, negotiates the window, and moves messages between tonic and
-//! the session. It must not encode or decode protos itself: the
+//! the caller (its trust domain names the peer, its SPIFFE ID must be one
+//! of the peer's `identities`), negotiates the window, publishes our trust
+//! bundle in the response metadata (ending streams when it changes), and
+//! moves messages between tonic and the session. It must not encode or decode protos itself: the
 //! version-neutral messages and their v1alpha1/v1alpha2 codec are
 //! `elsinore_federation_api::message`'s.
 
