@@ -188,12 +188,35 @@ impl TrustBundle {
         Self::from_pem_named(td, pem, &path.display().to_string())
     }
 
+    /// From CA certificates already decoded (e.g. the union of two
+    /// bundles); `origin` names them in errors.
+    pub fn from_der(
+        trust_domain: TrustDomain,
+        roots: Vec<CertificateDer<'static>>,
+        origin: &str,
+    ) -> Result<TrustBundle, CertError> {
+        if roots.is_empty() {
+            return Err(CertError::NoCertificates {
+                path: origin.to_owned(),
+            });
+        }
+        Self::from_roots(trust_domain, roots, origin)
+    }
+
     fn from_pem_named(
         trust_domain: TrustDomain,
         pem: &[u8],
         origin: &str,
     ) -> Result<TrustBundle, CertError> {
         let roots = parse_certs(pem, origin)?;
+        Self::from_roots(trust_domain, roots, origin)
+    }
+
+    fn from_roots(
+        trust_domain: TrustDomain,
+        roots: Vec<CertificateDer<'static>>,
+        origin: &str,
+    ) -> Result<TrustBundle, CertError> {
         let anchors = roots
             .iter()
             .enumerate()

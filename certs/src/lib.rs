@@ -19,5 +19,6 @@ pub use mint::{Ca, InitFiles, Issued, init};
 pub use spiffe::{SpiffeError, SpiffeId, TrustDomain};
 pub use svid::{check_not_expired, claimed_trust_domain, not_after, peer_spiffe_id, spiffe_id_of};
 pub use tls::{
-    client_config, client_config_with_versions, server_config, server_config_with_versions,
+    chain_verifies, client_config, client_config_with_versions, server_config,
+    server_config_with_versions,
 };

@@ -150,6 +150,25 @@ fn earliest_not_after(
         .try_fold(u64::MAX, |earliest, n| Some(earliest.min(n?)))
 }
 
+/// Whether `chain` (leaf first, then intermediates) verifies, for server
+/// authentication and at the current time, to one of `bundle`'s CAs alone.
+/// For callers deciding which of a peer's CAs its certificates use now.
+pub fn chain_verifies(bundle: &TrustBundle, chain: &[CertificateDer<'_>]) -> bool {
+    let Some((leaf, intermediates)) = chain.split_first() else {
+        return false;
+    };
+    let provider = provider();
+    verify_chain(
+        leaf,
+        intermediates,
+        bundle.anchors(),
+        UnixTime::now(),
+        webpki::KeyUsage::server_auth(),
+        &provider.signature_verification_algorithms,
+    )
+    .is_ok()
+}
+
 /// Builds the server side of mTLS.
 ///
 /// A client certificate is required; a client without one fails the

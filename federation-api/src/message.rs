@@ -24,6 +24,11 @@ pub const SNAPSHOT_SIZE_HEADER: &str = "elsinore-snapshot-size";
 /// messages; the owner answers with the window it grants. Only sent and
 /// honoured between Elsinore gateways.
 pub const WINDOW_HEADER: &str = "elsinore-window";
+/// Response metadata (owner → consumer), binary (gRPC `-bin`: base64 on the
+/// wire): the PEM CA certificates the owner's own certificates chain to, so
+/// an Elsinore consumer that follows this peer's bundle can take a CA
+/// rollover without a config edit. Foreign peers ignore it.
+pub const TRUST_BUNDLE_HEADER: &str = "elsinore-trust-bundle-bin";
 
 /// gRPC `OK`: a request with this status code is an ACK.
 const CODE_OK: i32 = 0;

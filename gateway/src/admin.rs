@@ -248,6 +248,7 @@ pub fn config_json(status: &crate::reload::ConfigStatus) -> Value {
 
 /// The `/peers` document: both roles of every peer.
 pub fn peers_json(shared: &Shared) -> Value {
+    let tls = shared.tls_status.snapshot();
     let peers: Vec<Value> = shared
         .peers
         .iter()
@@ -260,6 +261,7 @@ pub fn peers_json(shared: &Shared) -> Value {
                 "trustDomain": p.config.trust_domain.as_str(),
                 "apiVersion": p.config.api_version.as_str(),
                 "federation": p.config.federation.as_ref().map(|h| h.to_string()),
+                "trust": tls.trust.get(&p.config.name),
                 "consumer": {
                     "state": c.state,
                     "detail": c.detail,
@@ -333,9 +335,12 @@ mod tests {
     use crate::state::new_shared;
 
     fn peer(name: &str, dialed: bool) -> Peer {
+        let trust_domain = format!("{name}.example").parse().unwrap();
         Peer {
+            identities: crate::config::PeerIdentities::gateway_of(&trust_domain),
+            follow_trust_bundle: false,
             name: name.to_owned(),
-            trust_domain: format!("{name}.example").parse().unwrap(),
+            trust_domain,
             trust_bundle: format!("certs/{name}/ca.pem").into(),
             federation: dialed.then(|| HostPort {
                 host: "127.0.0.1".into(),

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use elsinore_certs::TrustDomain;
+use elsinore_certs::{SpiffeId, TrustDomain};
 pub use elsinore_federation_api::ApiVersion;
 use elsinore_federation_api::Protocol;
 
@@ -70,6 +70,9 @@ pub struct Mesh {
 pub struct IdentityFiles {
     pub certificate: PathBuf,
     pub private_key: PathBuf,
+    /// Our own CA bundle (the CAs our certificate chains to), published to
+    /// Elsinore consumers that follow it; `None` = nothing published.
+    pub trust_bundle: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -134,6 +137,72 @@ pub struct Peer {
     /// Address of the peer's federation API to dial; `None` = only serve this peer.
     pub federation: Option<HostPort>,
     pub api_version: ApiVersion,
+    // Who may speak for this peer (issue 13, item 3).
+    /// The SPIFFE IDs of this peer allowed to open the federation stream,
+    /// reach the ingress, and answer our dials. Default: the peer's
+    /// Elsinore gateway ID only.
+    pub identities: PeerIdentities,
+    // Trust bundles that follow the peer (issue 13, item 4).
+    /// Accept the CA bundle this peer publishes on our stream to it (see
+    /// docs/federation.md). Default false.
+    pub follow_trust_bundle: bool,
+}
+
+/// Which SPIFFE IDs of a peer's trust domain may act for that peer
+/// (`peers[].identities`). A verified certificate of the right trust domain
+/// is not enough: any workload of that mesh holds one, and only the
+/// identities listed here (by default the peer's gateway) speak for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerIdentities {
+    /// `spiffe://<trustDomain>/*`: any identity of the peer's trust domain
+    /// (for foreign peers whose gateway ID is unknown or varies).
+    AnyInTrustDomain,
+    /// Exactly these IDs (all in the peer's trust domain, never empty).
+    Only(Vec<SpiffeId>),
+}
+
+impl PeerIdentities {
+    /// The default: the peer's Elsinore gateway ID,
+    /// `spiffe://<trustDomain>/ns/elsinore/sa/gateway`, the one every
+    /// Elsinore gateway presents (`elsinore certs init`, the demo).
+    pub fn gateway_of(trust_domain: &TrustDomain) -> PeerIdentities {
+        PeerIdentities::Only(vec![SpiffeId::gateway(trust_domain.clone())])
+    }
+
+    /// Whether `id` may act for a peer whose trust domain is `trust_domain`.
+    /// Compared as types: the trust domain must match exactly too.
+    pub fn allows(&self, trust_domain: &TrustDomain, id: &SpiffeId) -> bool {
+        if id.trust_domain() != trust_domain {
+            return false;
+        }
+        match self {
+            PeerIdentities::AnyInTrustDomain => true,
+            PeerIdentities::Only(ids) => ids.contains(id),
+        }
+    }
+
+    /// The IDs to pin when we dial the peer; `None` = any of its trust domain.
+    pub fn pinned(&self) -> Option<&[SpiffeId]> {
+        match self {
+            PeerIdentities::AnyInTrustDomain => None,
+            PeerIdentities::Only(ids) => Some(ids),
+        }
+    }
+
+    /// As written in the config (and shown by `/config`).
+    pub fn to_strings(&self, trust_domain: &TrustDomain) -> Vec<String> {
+        match self {
+            PeerIdentities::AnyInTrustDomain => vec![format!("spiffe://{trust_domain}/*")],
+            PeerIdentities::Only(ids) => ids.iter().map(ToString::to_string).collect(),
+        }
+    }
+}
+
+impl Peer {
+    /// Whether `id` may act for this peer (see [`PeerIdentities::allows`]).
+    pub fn allows(&self, id: &SpiffeId) -> bool {
+        self.identities.allows(&self.trust_domain, id)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -13,6 +13,13 @@
 //! naming the file, and the material in use stays. This module must not
 //! reach into the data plane: proxies derive their own configs from
 //! [`Material`].
+//!
+//! A peer followed with `peers[].followTrustBundle` may also replace its
+//! bundle by publishing one on our authenticated stream to it
+//! ([`Credentials::learn`], rule and file in [`learned`]); its file then
+//! only bootstraps it, and a change of that file resets what was learned.
+//! Our own `identity.trustBundle` is read and watched here too, for the
+//! owner to publish.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -21,11 +28,17 @@ use std::sync::Mutex;
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
-use elsinore_certs::{CertError, Identity, TrustBundle, TrustDomain};
+use elsinore_certs::{CertError, Identity, SpiffeId, TrustBundle, TrustDomain};
+use rustls::pki_types::CertificateDer;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+
+use self::learned::{Decision, Learned};
 
 use crate::config::Config;
 use crate::reload::{Trigger, is_change};
+
+pub mod learned;
 
 /// One consistent set of TLS material, replaced whole on rotation.
 pub struct Material {
@@ -40,13 +53,21 @@ pub struct Material {
     pub federation_server: Arc<rustls::ServerConfig>,
     /// Client configs for dialing each peer's federation API, by peer name.
     pub federation_clients: HashMap<String, Arc<rustls::ClientConfig>>,
+    /// Our own CA bundle (`identity.trustBundle`) as PEM, which the owner
+    /// publishes to Elsinore consumers; `None` = nothing published.
+    pub published_bundle: Option<Arc<[u8]>>,
 }
 
 impl Material {
+    /// `pins`: per peer name, the only SPIFFE IDs its federation server may
+    /// present when we dial it (`peers[].identities`); a peer without an
+    /// entry may present any ID of its trust domain.
     fn build(
         generation: u64,
         identity: Identity,
         bundles: HashMap<String, TrustBundle>,
+        pins: &HashMap<String, Vec<SpiffeId>>,
+        published_bundle: Option<Arc<[u8]>>,
     ) -> Result<Material, CertError> {
         let list: Vec<TrustBundle> = bundles.values().cloned().collect();
         let server = elsinore_certs::server_config(&identity, &list, &[b"h2"])?;
@@ -55,7 +76,8 @@ impl Material {
         server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         let mut federation_clients = HashMap::with_capacity(bundles.len());
         for (peer, bundle) in &bundles {
-            let client = elsinore_certs::client_config(&identity, bundle, None, &[b"h2"])?;
+            let pinned = pins.get(peer).map(Vec::as_slice);
+            let client = elsinore_certs::client_config(&identity, bundle, pinned, &[b"h2"])?;
             let mut client = (*client).clone();
             client.resumption = rustls::client::Resumption::disabled();
             federation_clients.insert(peer.clone(), Arc::new(client));
@@ -66,6 +88,7 @@ impl Material {
             bundles,
             federation_server: Arc::new(server),
             federation_clients,
+            published_bundle,
         })
     }
 }
@@ -140,6 +163,24 @@ pub struct StatusInner {
     pub refused: HashMap<(Kind, &'static str), u64>,
     /// The last refusal, as logged (it names the file).
     pub last_refusal: Option<String>,
+    /// Which CAs each peer is trusted by, and where they came from (`/peers`).
+    pub trust: HashMap<String, TrustView>,
+}
+
+/// The CAs one peer is trusted by, for `/peers`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TrustView {
+    /// `file` (`peers[].trustBundle`) or `learned` (published by the peer).
+    pub source: &'static str,
+    /// `peers[].followTrustBundle`.
+    pub follow: bool,
+    /// Since when the learned bundle is in use (Unix seconds).
+    pub since: Option<u64>,
+    /// SHA-256 of each trusted CA (DER), lower-case hex.
+    pub fingerprints: Vec<String>,
+    /// Those of them kept from before the peer's last published bundle.
+    pub kept: Vec<String>,
 }
 
 impl TlsStatus {
@@ -176,6 +217,35 @@ impl TlsStatus {
     }
 }
 
+impl TlsStatus {
+    fn set_trust(&self, sources: &Sources, seen: &Seen, material: &Material) {
+        let mut trust = HashMap::new();
+        for peer in &sources.peers {
+            let Some(bundle) = material.bundles.get(&peer.name) else {
+                continue;
+            };
+            let learned = seen.learned.get(&peer.name);
+            trust.insert(
+                peer.name.clone(),
+                TrustView {
+                    source: if learned.is_some() { "learned" } else { "file" },
+                    follow: peer.follow,
+                    since: learned.map(|l| epoch_secs(l.since)),
+                    fingerprints: bundle
+                        .roots()
+                        .iter()
+                        .map(|c| learned::sha256_hex(c))
+                        .collect(),
+                    kept: learned
+                        .map(|l| l.kept.iter().map(|c| learned::sha256_hex(c)).collect())
+                        .unwrap_or_default(),
+                },
+            );
+        }
+        self.lock().trust = trust;
+    }
+}
+
 fn epoch_secs(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -186,6 +256,8 @@ struct PeerSource {
     name: String,
     trust_domain: TrustDomain,
     file: PathBuf,
+    /// `peers[].followTrustBundle`.
+    follow: bool,
 }
 
 /// Where the material comes from, and the bytes last seen in each file
@@ -198,12 +270,24 @@ struct Sources {
     private_key: PathBuf,
     trust_domain: TrustDomain,
     peers: Vec<PeerSource>,
+    /// Which IDs each peer's federation server may present (see
+    /// [`Material::build`]).
+    pins: HashMap<String, Vec<SpiffeId>>,
+    /// `identity.trustBundle`: our own CAs, published to consumers.
+    own_bundle: Option<PathBuf>,
+    /// `imports.cacheDir`: where learned bundles are kept.
+    cache_dir: Option<PathBuf>,
 }
 
 #[derive(Default)]
 struct Seen {
     identity: Option<(Vec<u8>, Vec<u8>)>,
     bundles: HashMap<String, Vec<u8>>,
+    own_bundle: Option<Vec<u8>>,
+    /// Each peer's bundle from its file (what `learned` is layered on).
+    file_bundles: HashMap<String, TrustBundle>,
+    /// Bundles learned from peers that publish theirs, by peer name.
+    learned: HashMap<String, Learned>,
 }
 
 /// The published material and how to reload it.
@@ -212,6 +296,21 @@ pub struct Credentials {
     sources: Sources,
     seen: Mutex<Seen>,
     status: Arc<TlsStatus>,
+    /// Bumped whenever the published bundle changes: owner streams end so
+    /// consumers reconnect and read the new one.
+    published_changes: watch::Sender<u64>,
+}
+
+/// What [`Credentials::learn`] did with a published bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LearnOutcome {
+    /// The peer is not followed (`followTrustBundle` off): ignored.
+    NotFollowed,
+    Unchanged,
+    /// New material was published with the peer's new CAs.
+    Updated {
+        fingerprints: Vec<String>,
+    },
 }
 
 impl Credentials {
@@ -235,8 +334,16 @@ impl Credentials {
                     name: p.name.clone(),
                     trust_domain: p.trust_domain.clone(),
                     file: p.trust_bundle.clone(),
+                    follow: p.follow_trust_bundle,
                 })
                 .collect(),
+            pins: config
+                .peers
+                .iter()
+                .filter_map(|p| Some((p.name.clone(), p.identities.pinned()?.to_vec())))
+                .collect(),
+            own_bundle: config.identity.trust_bundle.clone(),
+            cache_dir: config.imports.cache_dir.clone(),
         };
         Self::from_sources(sources, identity, bundles, status)
     }
@@ -247,10 +354,8 @@ impl Credentials {
         bundles: HashMap<String, TrustBundle>,
         status: Arc<TlsStatus>,
     ) -> Result<Credentials, CertError> {
-        let material = Material::build(1, identity, bundles)?;
-        status.set_expiry(&material, &sources.peers);
         // What the files hold now; a later read that differs is a rotation.
-        let seen = Seen {
+        let mut seen = Seen {
             identity: std::fs::read(&sources.certificate)
                 .ok()
                 .zip(std::fs::read(&sources.private_key).ok()),
@@ -259,12 +364,43 @@ impl Credentials {
                 .iter()
                 .filter_map(|p| Some((p.name.clone(), std::fs::read(&p.file).ok()?)))
                 .collect(),
+            own_bundle: None,
+            file_bundles: bundles,
+            learned: HashMap::new(),
         };
+        let published = match &sources.own_bundle {
+            None => None,
+            Some(path) => {
+                let bytes = std::fs::read(path).map_err(|source| CertError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                let published =
+                    check_own_bundle(&sources, &identity, path, &bytes).map_err(|r| {
+                        CertError::Io {
+                            path: r.file.clone(),
+                            source: std::io::Error::other(r.message),
+                        }
+                    })?;
+                seen.own_bundle = Some(bytes);
+                Some(published)
+            }
+        };
+        for peer in sources.peers.iter().filter(|p| p.follow) {
+            if let Some(learned) = restore_learned(&sources, peer, seen.bundles.get(&peer.name)) {
+                seen.learned.insert(peer.name.clone(), learned);
+            }
+        }
+        let effective = effective_bundles(&sources, &seen);
+        let material = Material::build(1, identity, effective, &sources.pins, published)?;
+        status.set_expiry(&material, &sources.peers);
+        status.set_trust(&sources, &seen, &material);
         Ok(Credentials {
             current: ArcSwap::from_pointee(material),
             sources,
             seen: Mutex::new(seen),
             status,
+            published_changes: watch::Sender::new(0),
         })
     }
 
@@ -279,12 +415,17 @@ impl Credentials {
             private_key: PathBuf::new(),
             trust_domain: identity.spiffe_id().trust_domain().clone(),
             peers: Vec::new(),
+            pins: HashMap::new(),
+            own_bundle: None,
+            cache_dir: None,
         };
+        let material = Material::build(1, identity, bundles, &sources.pins, None)?;
         Ok(Credentials {
-            current: ArcSwap::from_pointee(Material::build(1, identity, bundles)?),
+            current: ArcSwap::from_pointee(material),
             sources,
             seen: Mutex::new(Seen::default()),
             status: Arc::default(),
+            published_changes: watch::Sender::new(0),
         })
     }
 
@@ -332,7 +473,6 @@ impl Credentials {
             }
         }
 
-        let mut bundles = current.bundles.clone();
         for peer in &self.sources.peers {
             let bytes = match std::fs::read(&peer.file) {
                 Ok(b) => b,
@@ -357,12 +497,45 @@ impl Credentials {
             seen.bundles.insert(peer.name.clone(), bytes);
             match checked {
                 Ok(bundle) => {
-                    bundles.insert(peer.name.clone(), bundle);
+                    seen.file_bundles.insert(peer.name.clone(), bundle);
+                    // The operator's word wins: a new file discards what
+                    // was learned from the peer (how a follow is reset).
+                    if seen.learned.remove(&peer.name).is_some() {
+                        self.forget_learned(&peer.name);
+                    }
                     if !rotated.contains(&Kind::Bundle) {
                         rotated.push(Kind::Bundle);
                     }
                 }
                 Err(r) => refused.push(r),
+            }
+        }
+        let mut published = current.published_bundle.clone();
+        let mut published_changed = false;
+        if let Some(path) = &self.sources.own_bundle {
+            match std::fs::read(path) {
+                Err(source) => refused.push(refusal(
+                    Kind::Bundle,
+                    path,
+                    &CertError::Io {
+                        path: path.clone(),
+                        source,
+                    },
+                )),
+                Ok(bytes) if seen.own_bundle.as_ref() == Some(&bytes) => {}
+                Ok(bytes) => {
+                    match check_own_bundle(&self.sources, &identity, path, &bytes) {
+                        Ok(pem) => {
+                            published = Some(pem);
+                            published_changed = true;
+                            if !rotated.contains(&Kind::Bundle) {
+                                rotated.push(Kind::Bundle);
+                            }
+                        }
+                        Err(r) => refused.push(r),
+                    }
+                    seen.own_bundle = Some(bytes);
+                }
             }
         }
         // A refused file's content is remembered, so it is reported once,
@@ -377,9 +550,17 @@ impl Credentials {
         if rotated.is_empty() {
             return refused;
         }
-        match Material::build(current.generation + 1, identity, bundles) {
+        let bundles = effective_bundles(&self.sources, &seen);
+        match Material::build(
+            current.generation + 1,
+            identity,
+            bundles,
+            &self.sources.pins,
+            published,
+        ) {
             Ok(material) => {
                 self.status.set_expiry(&material, &self.sources.peers);
+                self.status.set_trust(&self.sources, &seen, &material);
                 let mut status = self.status.lock();
                 for kind in &rotated {
                     *status.rotations.entry(*kind).or_default() += 1;
@@ -392,6 +573,9 @@ impl Credentials {
                     "TLS material rotated; new handshakes use it"
                 );
                 self.current.store(Arc::new(material));
+                if published_changed {
+                    self.published_changes.send_modify(|n| *n += 1);
+                }
             }
             Err(e) => {
                 // Cannot happen for material that passed the checks above;
@@ -477,12 +661,253 @@ impl Credentials {
         let mut dirs: Vec<PathBuf> = std::iter::once(&s.certificate)
             .chain(std::iter::once(&s.private_key))
             .chain(s.peers.iter().map(|p| &p.file))
+            .chain(s.own_bundle.iter())
             .map(|f| parent_dir(f))
             .collect();
         dirs.sort();
         dirs.dedup();
         dirs
     }
+
+    /// Changes every time the published bundle does (owner streams watch it).
+    pub fn published_changes(&self) -> watch::Receiver<u64> {
+        self.published_changes.subscribe()
+    }
+
+    /// A bundle `pem` that `peer` published on our stream to it, whose TLS
+    /// handshake verified the owner against the material in use then (the
+    /// consumer dials with [`Credentials::current`]): the only way a
+    /// bundle reaches this function, so it is always vouched for by the
+    /// peer's current CAs and names no other peer. `server_chain` is the
+    /// certificate chain the owner presented on that stream. Applies the
+    /// rule of [`learned`], persists the result beside the import cache and
+    /// publishes new material. Blocks on file I/O: call it off the async
+    /// workers.
+    pub fn learn(
+        &self,
+        peer: &str,
+        pem: &[u8],
+        server_chain: Option<&[CertificateDer<'_>]>,
+    ) -> Result<LearnOutcome, String> {
+        let Some(source) = self.sources.peers.iter().find(|p| p.name == peer) else {
+            return Ok(LearnOutcome::NotFollowed);
+        };
+        if !source.follow {
+            return Ok(LearnOutcome::NotFollowed);
+        }
+        if pem.len() > learned::MAX_PUBLISHED_BYTES {
+            return Err(format!(
+                "the bundle peer {peer} published is {} bytes, more than {}",
+                pem.len(),
+                learned::MAX_PUBLISHED_BYTES
+            ));
+        }
+        let origin = PeerSource {
+            file: PathBuf::from(format!("<the bundle published by peer {peer}>")),
+            ..source.clone()
+        };
+        let bundle = load_bundle(&origin, pem).map_err(|r| r.to_string())?;
+        if bundle.roots().len() > learned::MAX_PUBLISHED_CAS {
+            return Err(format!(
+                "the bundle peer {peer} published holds {} CAs, more than {}",
+                bundle.roots().len(),
+                learned::MAX_PUBLISHED_CAS
+            ));
+        }
+        let chains = server_chain.is_some_and(|c| elsinore_certs::chain_verifies(&bundle, c));
+        let mut seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let current = self.current.load_full();
+        // A CA we trust for another peer would let that peer's CA mint
+        // this peer's identities: a peer publishes its own CAs only.
+        for (other, theirs) in current.bundles.iter().filter(|(name, _)| *name != peer) {
+            if let Some(shared) = bundle.roots().iter().find(|c| theirs.roots().contains(c)) {
+                return Err(format!(
+                    "the bundle peer {peer} published holds CA {} of peer {other}; a peer may publish only its own CAs",
+                    learned::sha256_hex(shared)
+                ));
+            }
+        }
+        let trusted: Vec<CertificateDer<'static>> = current
+            .bundles
+            .get(peer)
+            .map(|b| b.roots().to_vec())
+            .unwrap_or_default();
+        let file_sha = seen
+            .bundles
+            .get(peer)
+            .map(|b| learned::sha256_hex(b))
+            .unwrap_or_default();
+        let decision = learned::decide(
+            &trusted,
+            seen.learned.get(peer),
+            bundle.roots().to_vec(),
+            chains,
+            &file_sha,
+            SystemTime::now(),
+        );
+        let Decision::Update(new) = decision else {
+            return Ok(LearnOutcome::Unchanged);
+        };
+        let previous = seen.learned.insert(peer.to_owned(), new.clone());
+        let bundles = effective_bundles(&self.sources, &seen);
+        let material = match Material::build(
+            current.generation + 1,
+            current.identity.clone(),
+            bundles,
+            &self.sources.pins,
+            current.published_bundle.clone(),
+        ) {
+            Ok(m) => m,
+            Err(e) => {
+                match previous {
+                    Some(p) => seen.learned.insert(peer.to_owned(), p),
+                    None => seen.learned.remove(peer),
+                };
+                return Err(format!("the bundle peer {peer} published: {e}"));
+            }
+        };
+        if let Some(dir) = &self.sources.cache_dir
+            && let Err(e) = learned::save(dir, peer, &new)
+        {
+            // Trusted for now; a restart would fall back to the file.
+            tracing::error!(peer, error = %e, "cannot persist the trust bundle learned from the peer");
+        }
+        let fingerprints: Vec<String> =
+            new.roots().iter().map(|c| learned::sha256_hex(c)).collect();
+        self.status.set_expiry(&material, &self.sources.peers);
+        self.status.set_trust(&self.sources, &seen, &material);
+        *self
+            .status
+            .lock()
+            .rotations
+            .entry(Kind::Bundle)
+            .or_default() += 1;
+        tracing::info!(
+            peer,
+            generation = material.generation,
+            trusted = ?fingerprints,
+            kept = new.kept.len(),
+            "trust bundle learned from the peer; new handshakes use it"
+        );
+        self.current.store(Arc::new(material));
+        Ok(LearnOutcome::Updated { fingerprints })
+    }
+
+    fn forget_learned(&self, peer: &str) {
+        tracing::warn!(
+            peer,
+            "peers[].trustBundle changed: the bundle learned from the peer is discarded"
+        );
+        if let Some(dir) = &self.sources.cache_dir
+            && let Err(e) = learned::remove(dir, peer)
+        {
+            tracing::error!(peer, error = %e, "cannot remove the learned trust bundle file");
+        }
+    }
+}
+
+/// Each peer's bundle in use: what it published (followed peers that did),
+/// else its file.
+fn effective_bundles(sources: &Sources, seen: &Seen) -> HashMap<String, TrustBundle> {
+    let mut out = seen.file_bundles.clone();
+    for peer in &sources.peers {
+        let Some(learned) = seen.learned.get(&peer.name) else {
+            continue;
+        };
+        let origin = format!("the bundle learned from peer {}", peer.name);
+        match TrustBundle::from_der(peer.trust_domain.clone(), learned.roots(), &origin) {
+            Ok(bundle) => {
+                out.insert(peer.name.clone(), bundle);
+            }
+            Err(e) => {
+                tracing::error!(peer = %peer.name, error = %e, "learned trust bundle unusable; using the file's")
+            }
+        }
+    }
+    out
+}
+
+/// What was learned from `peer` before a restart, if it still applies:
+/// learned on top of the same `trustBundle` file (`file_bytes`).
+fn restore_learned(
+    sources: &Sources,
+    peer: &PeerSource,
+    file_bytes: Option<&Vec<u8>>,
+) -> Option<Learned> {
+    let dir = sources.cache_dir.as_ref()?;
+    match learned::load(dir, &peer.name) {
+        Ok(None) => None,
+        Ok(Some(l)) => {
+            let file_sha = file_bytes
+                .map(|b| learned::sha256_hex(b))
+                .unwrap_or_default();
+            if l.file_sha256 != file_sha {
+                tracing::warn!(peer = %peer.name, "peers[].trustBundle changed since the peer's bundle was learned: discarding it");
+                let _ = learned::remove(dir, &peer.name);
+                return None;
+            }
+            let origin = format!("the bundle learned from peer {}", peer.name);
+            match TrustBundle::from_der(peer.trust_domain.clone(), l.roots(), &origin) {
+                Ok(_) => {
+                    tracing::info!(peer = %peer.name, cas = l.roots().len(), "restored the trust bundle learned from the peer");
+                    Some(l)
+                }
+                Err(e) => {
+                    tracing::error!(peer = %peer.name, error = %e, "learned trust bundle unusable; using the file's");
+                    None
+                }
+            }
+        }
+        Err(e) => {
+            tracing::error!(peer = %peer.name, error = %e, "learned trust bundle unreadable; using the file's");
+            None
+        }
+    }
+}
+
+/// Our own bundle (`identity.trustBundle`) from `bytes`: CAs of our trust
+/// domain that our certificate chains to (publishing CAs that do not vouch
+/// for us would lock following consumers out).
+fn check_own_bundle(
+    sources: &Sources,
+    identity: &Identity,
+    path: &Path,
+    bytes: &[u8],
+) -> Result<Arc<[u8]>, Refused> {
+    let own = PeerSource {
+        name: "this mesh".to_owned(),
+        trust_domain: sources.trust_domain.clone(),
+        file: path.to_owned(),
+        follow: false,
+    };
+    if bytes.len() > learned::MAX_PUBLISHED_BYTES {
+        return Err(Refused {
+            kind: Kind::Bundle,
+            file: path.to_owned(),
+            reason: "unusable",
+            message: format!(
+                "{} bytes, more than the {} a published bundle may hold",
+                bytes.len(),
+                learned::MAX_PUBLISHED_BYTES
+            ),
+        });
+    }
+    let bundle = load_bundle(&own, bytes)?;
+    if !elsinore_certs::chain_verifies(&bundle, identity.cert_chain()) {
+        return Err(Refused {
+            kind: Kind::Bundle,
+            file: path.to_owned(),
+            reason: "unusable",
+            message: format!(
+                "our certificate ({}) does not chain to any CA of this bundle; consumers that follow it would refuse us",
+                identity.spiffe_id()
+            ),
+        });
+    }
+    Ok(Arc::from(bytes))
 }
 
 fn refusal(kind: Kind, file: &Path, e: &CertError) -> Refused {
@@ -546,6 +971,7 @@ pub async fn watch(credentials: Arc<Credentials>, shutdown: CancellationToken) {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use elsinore_certs::{Ca, SpiffeId};
+    use rustls::pki_types::pem::PemObject;
 
     use super::*;
 
@@ -589,7 +1015,11 @@ mod tests {
                 name: "b".into(),
                 trust_domain: b.clone(),
                 file: bundle.clone(),
+                follow: false,
             }],
+            pins: HashMap::new(),
+            own_bundle: None,
+            cache_dir: None,
         };
         let identity = Identity::load(&cert, &key).unwrap();
         let bundles = HashMap::from([(
@@ -739,5 +1169,244 @@ mod tests {
         let bundle = status.expiry.iter().find(|e| e.0 == Kind::Bundle).unwrap();
         assert_eq!(bundle.1, "b");
         assert!((now + 364 * 86_400..now + 366 * 86_400).contains(&bundle.2));
+    }
+
+    /// Mesh a.test with peers b and c, both followed, a cache dir, and
+    /// a published bundle of our own.
+    struct Follow {
+        _dir: tempfile::TempDir,
+        cache: PathBuf,
+        b_file: PathBuf,
+        own: PathBuf,
+        sources: Sources,
+        ca_a: Ca,
+        ca_b: Ca,
+        ca_c: Ca,
+    }
+
+    fn follow_sources() -> Follow {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c) = (td("a.test"), td("b.test"), td("c.test"));
+        let (ca_a, ca_b, ca_c) = (
+            Ca::new(&a).unwrap(),
+            Ca::new(&b).unwrap(),
+            Ca::new(&c).unwrap(),
+        );
+        let cert = dir.path().join("tls.crt");
+        let key = dir.path().join("tls.key");
+        let issued = ca_a.issue(&SpiffeId::gateway(a.clone()), &[], &[]).unwrap();
+        std::fs::write(&cert, &issued.cert_pem).unwrap();
+        std::fs::write(&key, &issued.key_pem).unwrap();
+        let own = dir.path().join("own.pem");
+        std::fs::write(&own, ca_a.cert_pem()).unwrap();
+        let b_file = dir.path().join("b.pem");
+        let c_file = dir.path().join("c.pem");
+        std::fs::write(&b_file, ca_b.cert_pem()).unwrap();
+        std::fs::write(&c_file, ca_c.cert_pem()).unwrap();
+        let cache = dir.path().join("cache");
+        let peer = |name: &str, trust_domain: &TrustDomain, file: &PathBuf| PeerSource {
+            name: name.to_owned(),
+            trust_domain: trust_domain.clone(),
+            file: file.clone(),
+            follow: true,
+        };
+        let sources = Sources {
+            files: true,
+            certificate: cert,
+            private_key: key,
+            trust_domain: a,
+            peers: vec![peer("b", &b, &b_file), peer("c", &c, &c_file)],
+            pins: HashMap::new(),
+            own_bundle: Some(own.clone()),
+            cache_dir: Some(cache.clone()),
+        };
+        Follow {
+            _dir: dir,
+            cache,
+            b_file,
+            own,
+            sources,
+            ca_a,
+            ca_b,
+            ca_c,
+        }
+    }
+
+    impl Follow {
+        fn start(&self) -> Credentials {
+            let s = &self.sources;
+            let sources = Sources {
+                files: true,
+                certificate: s.certificate.clone(),
+                private_key: s.private_key.clone(),
+                trust_domain: s.trust_domain.clone(),
+                peers: s.peers.clone(),
+                pins: HashMap::new(),
+                own_bundle: s.own_bundle.clone(),
+                cache_dir: s.cache_dir.clone(),
+            };
+            let identity = Identity::load(&s.certificate, &s.private_key).unwrap();
+            let bundles = s
+                .peers
+                .iter()
+                .map(|p| {
+                    let bundle = TrustBundle::load(p.trust_domain.clone(), &p.file).unwrap();
+                    (p.name.clone(), bundle)
+                })
+                .collect();
+            Credentials::from_sources(sources, identity, bundles, Arc::default()).unwrap()
+        }
+    }
+
+    fn roots(creds: &Credentials, peer: &str) -> Vec<String> {
+        creds.current().bundles[peer]
+            .roots()
+            .iter()
+            .map(|c| learned::sha256_hex(c))
+            .collect()
+    }
+
+    fn fp(ca: &Ca) -> String {
+        let der =
+            rustls::pki_types::CertificateDer::from_pem_slice(ca.cert_pem().as_bytes()).unwrap();
+        learned::sha256_hex(&der)
+    }
+
+    #[test]
+    fn a_bundle_published_by_one_peer_cannot_change_another_peers_trust() {
+        let f = follow_sources();
+        let creds = f.start();
+        assert_eq!(
+            creds.current().published_bundle.as_deref(),
+            Some(f.ca_a.cert_pem().as_bytes())
+        );
+        // b publishes c's CA (trusted for c): refused, and
+        // neither peer's trust moves.
+        let err = creds
+            .learn("b", f.ca_c.cert_pem().as_bytes(), None)
+            .unwrap_err();
+        assert!(
+            err.contains(&format!("holds CA {} of peer c", fp(&f.ca_c))),
+            "{err}"
+        );
+        assert_eq!(roots(&creds, "b"), [fp(&f.ca_b)]);
+        assert_eq!(roots(&creds, "c"), [fp(&f.ca_c)]);
+        assert_eq!(creds.generation(), 1);
+        // b's own new CA, published on a stream still using its old one:
+        // b trusts both, c is untouched.
+        let b2 = Ca::new(&td("b.test")).unwrap();
+        let outcome = creds.learn("b", b2.cert_pem().as_bytes(), None).unwrap();
+        assert_eq!(
+            outcome,
+            LearnOutcome::Updated {
+                fingerprints: vec![fp(&b2), fp(&f.ca_b)]
+            }
+        );
+        assert_eq!(roots(&creds, "b"), [fp(&b2), fp(&f.ca_b)]);
+        assert_eq!(roots(&creds, "c"), [fp(&f.ca_c)]);
+        let view = creds.status.snapshot().trust["b"].clone();
+        assert_eq!(
+            (view.source, view.kept.clone()),
+            ("learned", vec![fp(&f.ca_b)])
+        );
+        assert_eq!(creds.status.snapshot().trust["c"].source, "file");
+        // The client config for dialing b verifies against the new CA.
+        let b2_gateway = b2
+            .issue(&SpiffeId::gateway(td("b.test")), &[], &[])
+            .unwrap();
+        let chain = Identity::from_pem(
+            b2_gateway.cert_pem.as_bytes(),
+            b2_gateway.key_pem.as_bytes(),
+        )
+        .unwrap();
+        assert!(elsinore_certs::chain_verifies(
+            &creds.current().bundles["b"],
+            chain.cert_chain()
+        ));
+        // A stream whose certificate chains to b2 alone drops the old CA.
+        let outcome = creds
+            .learn("b", b2.cert_pem().as_bytes(), Some(chain.cert_chain()))
+            .unwrap();
+        assert!(
+            matches!(outcome, LearnOutcome::Updated { .. }),
+            "{outcome:?}"
+        );
+        assert_eq!(roots(&creds, "b"), [fp(&b2)]);
+        assert_eq!(
+            creds
+                .learn("b", b2.cert_pem().as_bytes(), Some(chain.cert_chain()))
+                .unwrap(),
+            LearnOutcome::Unchanged
+        );
+    }
+
+    #[test]
+    fn an_unfollowed_peer_ignores_what_it_publishes() {
+        let mut f = follow_sources();
+        f.sources.peers[0].follow = false;
+        let creds = f.start();
+        let b2 = Ca::new(&td("b.test")).unwrap();
+        assert_eq!(
+            creds.learn("b", b2.cert_pem().as_bytes(), None).unwrap(),
+            LearnOutcome::NotFollowed
+        );
+        assert_eq!(
+            creds.learn("z", b2.cert_pem().as_bytes(), None).unwrap(),
+            LearnOutcome::NotFollowed
+        );
+        assert_eq!(roots(&creds, "b"), [fp(&f.ca_b)]);
+        assert_eq!(creds.generation(), 1);
+    }
+
+    #[test]
+    fn a_learned_bundle_survives_a_restart_until_the_file_changes() {
+        let f = follow_sources();
+        let creds = f.start();
+        let b2 = Ca::new(&td("b.test")).unwrap();
+        creds.learn("b", b2.cert_pem().as_bytes(), None).unwrap();
+        assert!(learned::path(&f.cache, "b").exists());
+        drop(creds);
+        let creds = f.start();
+        assert_eq!(
+            roots(&creds, "b"),
+            [fp(&b2), fp(&f.ca_b)],
+            "restored at start"
+        );
+        // The operator writes a new file: it wins, and the learned file goes.
+        let b3 = Ca::new(&td("b.test")).unwrap();
+        std::fs::write(&f.b_file, b3.cert_pem()).unwrap();
+        assert_eq!(creds.reload(), vec![]);
+        assert_eq!(roots(&creds, "b"), [fp(&b3)]);
+        assert_eq!(creds.status.snapshot().trust["b"].source, "file");
+        assert!(!learned::path(&f.cache, "b").exists());
+        drop(creds);
+        assert_eq!(roots(&f.start(), "b"), [fp(&b3)]);
+    }
+
+    #[test]
+    fn our_published_bundle_must_vouch_for_us_and_a_change_is_announced() {
+        let f = follow_sources();
+        let creds = f.start();
+        let changes = creds.published_changes();
+        // A CA of ours that did not sign our certificate: refused.
+        let other = Ca::new(&td("a.test")).unwrap();
+        std::fs::write(&f.own, other.cert_pem()).unwrap();
+        let refused = creds.reload();
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert!(
+            refused[0].message.contains("does not chain"),
+            "{}",
+            refused[0]
+        );
+        assert!(!changes.has_changed().unwrap());
+        // Old and new together (a rollover's first step): published.
+        std::fs::write(&f.own, f.ca_a.cert_pem() + &other.cert_pem()).unwrap();
+        assert_eq!(creds.reload(), vec![]);
+        assert!(changes.has_changed().unwrap());
+        let published = creds.current().published_bundle.clone().unwrap();
+        assert_eq!(
+            &published[..],
+            (f.ca_a.cert_pem() + &other.cert_pem()).as_bytes()
+        );
     }
 }

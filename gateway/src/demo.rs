@@ -152,6 +152,7 @@ fn config(
         identity: IdentityFiles {
             certificate: me.cert.clone(),
             private_key: me.key.clone(),
+            trust_bundle: None,
         },
         listeners: Listeners {
             federation: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
@@ -174,6 +175,8 @@ fn config(
                 port: other_federation.port(),
             }),
             api_version: ApiVersion::V1alpha2,
+            identities: crate::config::PeerIdentities::gateway_of(&other.td),
+            follow_trust_bundle: false,
         }],
         imports: Imports {
             stale_after: defaults::STALE_AFTER,

@@ -269,6 +269,17 @@ pub fn render(shared: &Shared, ingress: &IngressStats, egress: &EgressStats) -> 
         };
         family(&mut out, name, kind, help, &per_peer(&f));
     }
+    family(
+        &mut out,
+        "elsinore_federation_refused_total",
+        "counter",
+        "Federation streams refused before any catalog moved, by reason.",
+        &shared
+            .stream_refusals
+            .all()
+            .map(|(reason, n)| (format!("reason=\"{reason}\""), n))
+            .collect::<Vec<_>>(),
+    );
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     family(
         &mut out,

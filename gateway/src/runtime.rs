@@ -196,7 +196,8 @@ impl Gateway {
                 ack_timeout: config.federation.ack_timeout,
             },
             shutdown.clone(),
-        );
+        )
+        .publishing(Arc::clone(&credentials));
         let (incoming, accept_task) = crate::federation::transport::accept_mtls(
             federation,
             Arc::clone(&credentials),

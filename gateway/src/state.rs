@@ -38,6 +38,8 @@ pub struct Shared {
     pub tls_status: Arc<crate::credentials::TlsStatus>,
     /// Request and handshake latency histograms (see `metrics`).
     pub latency: crate::metrics::Latency,
+    /// Federation streams refused by the owner side, by reason.
+    pub stream_refusals: crate::federation::status::StreamRefusals,
 }
 
 impl Shared {
@@ -95,5 +97,6 @@ pub fn new_shared(mesh: String, exports: ExportCatalog, peers: &[Peer]) -> Arc<S
         draining: std::sync::atomic::AtomicBool::new(false),
         tls_status: Arc::default(),
         latency: crate::metrics::Latency::default(),
+        stream_refusals: Default::default(),
     })
 }

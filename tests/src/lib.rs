@@ -545,6 +545,11 @@ pub struct PeerSpec {
     pub federation: Option<String>,
     /// `None` = the gateway's default (v1alpha2).
     pub api_version: Option<String>,
+    /// `identities`: who may speak for the peer; empty = the key left out
+    /// (the peer's Elsinore gateway ID).
+    pub identities: Vec<String>,
+    /// `followTrustBundle`.
+    pub follow_trust_bundle: bool,
 }
 
 impl PeerSpec {
@@ -557,6 +562,8 @@ impl PeerSpec {
             trust_bundle: trust_bundle.to_path_buf(),
             federation: None,
             api_version: None,
+            identities: Vec::new(),
+            follow_trust_bundle: false,
         }
     }
 
@@ -569,6 +576,27 @@ impl PeerSpec {
     /// `v1alpha1` or `v1alpha2` (anything else tests validation).
     pub fn api_version(mut self, version: &str) -> Self {
         self.api_version = Some(version.to_owned());
+        self
+    }
+
+    /// Allow `id` to speak for this peer (`identities`; the first call
+    /// replaces the default, the peer's gateway ID). `spiffe://<td>/*`
+    /// allows any identity of its trust domain.
+    pub fn identity(mut self, id: impl Display) -> Self {
+        self.identities.push(id.to_string());
+        self
+    }
+
+    /// Allow any identity of the peer's trust domain (`spiffe://<td>/*`):
+    /// for peers whose gateway is not an Elsinore (Envoy, scripted peers).
+    pub fn any_identity(self) -> Self {
+        let any = format!("spiffe://{}/*", self.trust_domain);
+        self.identity(any)
+    }
+
+    /// `followTrustBundle: true` (needs `imports.cacheDir`).
+    pub fn follow_trust_bundle(mut self) -> Self {
+        self.follow_trust_bundle = true;
         self
     }
 }
@@ -607,6 +635,8 @@ pub struct ConfigSpec {
     pub proxy: Vec<(String, String)>,
     /// `drain.{delay,timeout}`, humantime durations.
     pub drain: Option<(String, String)>,
+    /// `identity.trustBundle`: our own CAs, published to followers.
+    pub own_bundle: Option<PathBuf>,
 }
 
 impl ConfigSpec {
@@ -685,6 +715,12 @@ impl ConfigSpec {
         self.drain = Some((delay.to_owned(), timeout.to_owned()));
         self
     }
+
+    /// Sets `identity.trustBundle` (the CAs this gateway publishes).
+    pub fn own_bundle(mut self, path: &Path) -> Self {
+        self.own_bundle = Some(path.to_path_buf());
+        self
+    }
 }
 
 /// The fixed parts of one mesh's config.
@@ -730,6 +766,9 @@ impl RenderCtx {
             qp(&cert),
             qp(&key)
         );
+        if let Some(own) = &spec.own_bundle {
+            let _ = writeln!(y, "  trustBundle: {}", qp(own));
+        }
         let _ = writeln!(
             y,
             "listeners:\n  federation: {}\n  admin: {}\n  ingress: {}\n  egress: \"127.0.0.1:0\"\n  dns: \"127.0.0.1:0\"",
@@ -796,6 +835,13 @@ impl RenderCtx {
             }
             if let Some(v) = &p.api_version {
                 let _ = writeln!(y, "    apiVersion: {}", q(v));
+            }
+            if !p.identities.is_empty() {
+                let ids: Vec<String> = p.identities.iter().map(q).collect();
+                let _ = writeln!(y, "    identities: [{}]", ids.join(", "));
+            }
+            if p.follow_trust_bundle {
+                y.push_str("    followTrustBundle: true\n");
             }
         }
         if spec.stale_after.is_some() || spec.cache_dir.is_some() {

@@ -614,7 +614,9 @@ async fn scripted_setup(
     let gb = b
         .start(
             &ConfigSpec::new().snapshot_quiet_period("300ms").peer(
-                PeerSpec::new(A, a.trust_domain.as_str(), &a.ca_pem).federation(owner.addr()),
+                PeerSpec::new(A, a.trust_domain.as_str(), &a.ca_pem)
+                    .federation(owner.addr())
+                    .any_identity(),
             ),
         )
         .await;

@@ -125,7 +125,9 @@ async fn envoy_egress_with_spiffe_client_cert_reaches_elsinore_ingress() {
                             .backend(&secret.host_port()),
                     )
                     .peer(b.peer())
-                    .peer(c.peer()),
+                    // Envoy is mesh-c's gateway here: its ID is allowed to
+                    // speak for mesh-c (peers[].identities).
+                    .peer(c.peer().identity("spiffe://mesh-c.test/ns/envoy/sa/egress")),
             )
             .await;
 
@@ -308,7 +310,11 @@ static_resources:
             .start(
                 &ConfigSpec::new()
                     .snapshot_quiet_period("300ms")
-                    .peer(PeerSpec::new(E, e.trust_domain.as_str(), &e.ca_pem).federation(owner.addr())),
+                    .peer(
+                        PeerSpec::new(E, e.trust_domain.as_str(), &e.ca_pem)
+                            .federation(owner.addr())
+                            .any_identity(),
+                    ),
             )
             .await;
         owner.accept().await;

@@ -99,7 +99,7 @@ impl OwnerSetup {
         let other = MeshFixture::new("other").await;
         let (foreign, foreign_identity) = foreign_mesh().await;
         let mut spec = ConfigSpec::new()
-            .peer(foreign.peer().api_version(api_version))
+            .peer(foreign.peer().api_version(api_version).any_identity())
             .peer(other.peer());
         spec.exports = exports(None);
         let gateway = a.start(&spec).await;
@@ -327,7 +327,13 @@ async fn start_consumer(
     api_version: &str,
 ) -> GatewayHandle {
     let spec = ConfigSpec::new()
-        .peer(foreign.peer().federation(owner).api_version(api_version))
+        .peer(
+            foreign
+                .peer()
+                .federation(owner)
+                .api_version(api_version)
+                .any_identity(),
+        )
         .snapshot_quiet_period("500ms");
     b.start(&spec).await
 }

@@ -892,7 +892,7 @@ async fn nacks_and_refused_upstream_certificates_are_counted() {
                             .backend(&reviews.host_port()),
                     )
                     .peer(b.peer())
-                    .peer(foreign.peer()),
+                    .peer(foreign.peer().any_identity()),
             )
             .await;
 
@@ -944,9 +944,11 @@ async fn nacks_and_refused_upstream_certificates_are_counted() {
             .unwrap();
         let gb = b
             .start(
-                &ConfigSpec::new()
-                    .snapshot_quiet_period("300ms")
-                    .peer(PeerSpec::new(A, "mesh-a.test", &a.ca_pem).federation(_server.addr)),
+                &ConfigSpec::new().snapshot_quiet_period("300ms").peer(
+                    PeerSpec::new(A, "mesh-a.test", &a.ca_pem)
+                        .federation(_server.addr)
+                        .any_identity(),
+                ),
             )
             .await;
         let mut stream = tokio::time::timeout(WAIT, streams.recv())

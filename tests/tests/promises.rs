@@ -83,9 +83,11 @@ async fn scripted_consumer(
     proxy: &[(&str, &str)],
 ) -> (ScriptedOwner, GatewayHandle) {
     let mut owner = ScriptedOwner::start(a, &b.bundle()).await;
-    let mut spec = ConfigSpec::new()
-        .snapshot_quiet_period("300ms")
-        .peer(PeerSpec::new(A, a.trust_domain.as_str(), &a.ca_pem).federation(owner.addr()));
+    let mut spec = ConfigSpec::new().snapshot_quiet_period("300ms").peer(
+        PeerSpec::new(A, a.trust_domain.as_str(), &a.ca_pem)
+            .federation(owner.addr())
+            .any_identity(),
+    );
     for (k, v) in proxy {
         spec = spec.proxy(k, v);
     }
@@ -309,7 +311,7 @@ async fn an_unacknowledged_message_ends_the_stream_and_a_new_stream_works() {
             .start(
                 &ConfigSpec::new()
                     .export(ExportSpec::new("reviews", &["foreign"]))
-                    .peer(foreign.peer())
+                    .peer(foreign.peer().any_identity())
                     .ack_timeout("500ms"),
             )
             .await;

@@ -155,9 +155,12 @@ pub(crate) mod tests {
     };
 
     fn peer(name: &str) -> Peer {
+        let trust_domain = format!("{name}.example").parse().unwrap();
         Peer {
+            identities: crate::config::PeerIdentities::gateway_of(&trust_domain),
+            follow_trust_bundle: false,
             name: name.to_owned(),
-            trust_domain: format!("{name}.example").parse().unwrap(),
+            trust_domain,
             trust_bundle: format!("certs/{name}/ca.pem").into(),
             federation: None,
             api_version: ApiVersion::V1alpha2,
@@ -187,6 +190,7 @@ pub(crate) mod tests {
             identity: IdentityFiles {
                 certificate: "gw.pem".into(),
                 private_key: "gw.key".into(),
+                trust_bundle: None,
             },
             listeners: Listeners {
                 federation: "127.0.0.1:8008".parse().unwrap(),

@@ -54,6 +54,8 @@ fn peer(p: &Peer) -> Value {
         trust_bundle,
         federation,
         api_version,
+        identities,
+        follow_trust_bundle,
     } = p;
     json!({
         "name": name,
@@ -61,6 +63,8 @@ fn peer(p: &Peer) -> Value {
         "trustBundle": path(trust_bundle),
         "federation": federation.as_ref().map(host_port),
         "apiVersion": api_version.as_str(),
+        "identities": identities.to_strings(trust_domain),
+        "followTrustBundle": follow_trust_bundle,
     })
 }
 
@@ -89,6 +93,7 @@ pub fn to_json(config: &Config) -> Value {
     let IdentityFiles {
         certificate,
         private_key,
+        trust_bundle: own_bundle,
     } = identity;
     let Listeners {
         federation: federation_listener,
@@ -145,6 +150,7 @@ pub fn to_json(config: &Config) -> Value {
         "identity": {
             "certificate": path(certificate),
             "privateKey": path(private_key),
+            "trustBundle": own_bundle.as_deref().map(path),
         },
         "listeners": {
             "federation": federation_listener.to_string(),

@@ -40,6 +40,7 @@ pub(super) struct RawMesh {
 pub(super) struct RawIdentity {
     pub certificate: String,
     pub private_key: String,
+    pub trust_bundle: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -82,6 +83,10 @@ pub(super) struct RawPeer {
     pub trust_bundle: String,
     pub federation: Option<String>,
     pub api_version: Option<String>,
+    // Issue 13, item 3 (who may call).
+    pub identities: Option<Vec<String>>,
+    // Issue 13, item 4 (trust bundles that follow the peer).
+    pub follow_trust_bundle: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -117,6 +117,7 @@ fn full_example_parses_to_typed_values() {
         identity: IdentityFiles {
             certificate: PathBuf::from("/etc/elsinore/certs/a/gateway.pem"),
             private_key: PathBuf::from("/etc/elsinore/certs/a/gateway.key"),
+            trust_bundle: None,
         },
         listeners: Listeners {
             federation: "0.0.0.0:8008".parse().unwrap(),
@@ -147,6 +148,8 @@ fn full_example_parses_to_typed_values() {
             trust_bundle: PathBuf::from("/etc/elsinore/certs/b/ca.pem"),
             federation: Some(hp("gw.mesh-b.example", 8008)),
             api_version: ApiVersion::V1alpha2,
+            identities: PeerIdentities::gateway_of(&"mesh-b.example".parse().unwrap()),
+            follow_trust_bundle: false,
         }],
         imports: Imports {
             stale_after: Duration::from_secs(300),
@@ -1067,4 +1070,118 @@ fn egress_mode_and_port_overrides() {
             "{text}: expected an error at {path}, got {errors}"
         );
     }
+}
+
+#[test]
+fn peer_identities_default_to_the_peers_gateway_and_are_checked() {
+    let c = ok(&with_peers(&[
+        "{ name: mesh-b, trustDomain: mesh-b.example, trustBundle: b.pem }",
+    ]));
+    let gateway: SpiffeId = "spiffe://mesh-b.example/ns/elsinore/sa/gateway"
+        .parse()
+        .unwrap();
+    let workload: SpiffeId = "spiffe://mesh-b.example/ns/prod/sa/web".parse().unwrap();
+    assert_eq!(
+        c.peers[0].identities,
+        PeerIdentities::Only(vec![gateway.clone()])
+    );
+    assert!(c.peers[0].allows(&gateway));
+    assert!(!c.peers[0].allows(&workload), "safe by default");
+
+    let c = ok(&with_peers(&[
+        "{ name: mesh-b, trustDomain: mesh-b.example, trustBundle: b.pem, identities: [\"spiffe://mesh-b.example/ns/prod/sa/web\"] }",
+    ]));
+    assert!(c.peers[0].allows(&workload));
+    assert!(!c.peers[0].allows(&gateway), "a list replaces the default");
+
+    let c = ok(&with_peers(&[
+        "{ name: mesh-b, trustDomain: mesh-b.example, trustBundle: b.pem, identities: [\"spiffe://mesh-b.example/*\"] }",
+    ]));
+    assert_eq!(c.peers[0].identities, PeerIdentities::AnyInTrustDomain);
+    assert!(c.peers[0].allows(&workload) && c.peers[0].allows(&gateway));
+    let other: SpiffeId = "spiffe://mesh-c.example/ns/elsinore/sa/gateway"
+        .parse()
+        .unwrap();
+    assert!(
+        !c.peers[0].allows(&other),
+        "the wildcard stays in the peer's trust domain"
+    );
+    assert_eq!(
+        effective::to_json(&c)["peers"][0]["identities"],
+        serde_json::json!(["spiffe://mesh-b.example/*"])
+    );
+
+    let bad = |list: &str, path: &str, msg: &str| {
+        assert_err(
+            &with_peers(&[&format!(
+                "{{ name: mesh-b, trustDomain: mesh-b.example, trustBundle: b.pem, identities: {list} }}"
+            )]),
+            path,
+            &[msg],
+        );
+    };
+    bad("[]", "peers[0].identities", "must not be empty");
+    bad(
+        "[\"spiffe://mesh-c.example/ns/elsinore/sa/gateway\"]",
+        "peers[0].identities[0]",
+        "is in trust domain \"mesh-c.example\", not the peer's (\"mesh-b.example\"",
+    );
+    bad(
+        "[\"spiffe://mesh-b.example/ns/elsinore/sa/gateway\", \"http://mesh-b.example/x\"]",
+        "peers[0].identities[1]",
+        "does not start with spiffe://",
+    );
+    bad(
+        "[\"spiffe://mesh-b.example/ns/*\"]",
+        "peers[0].identities[0]",
+        "the only wildcard is \"spiffe://mesh-b.example/*\"",
+    );
+    bad(
+        "[\"spiffe://mesh-c.example/*\"]",
+        "peers[0].identities[0]",
+        "the only wildcard is \"spiffe://mesh-b.example/*\"",
+    );
+    bad(
+        "[\"spiffe://mesh-b.example/x\", \"spiffe://mesh-b.example/x\"]",
+        "peers[0].identities[1]",
+        "is listed twice",
+    );
+}
+
+#[test]
+fn follow_trust_bundle_needs_a_cache_and_our_bundle_is_a_path() {
+    let c = ok(&with_peers(&[
+        "{ name: mesh-b, trustDomain: mesh-b.example, trustBundle: b.pem }",
+    ]));
+    assert!(!c.peers[0].follow_trust_bundle, "off by default");
+    assert_eq!(c.identity.trust_bundle, None);
+    assert_err(
+        &with_peers(&[
+            "{ name: mesh-b, trustDomain: mesh-b.example, trustBundle: b.pem, followTrustBundle: true }",
+        ]),
+        "peers[0].followTrustBundle",
+        &["requires imports.cacheDir"],
+    );
+    let text = with_peers(&[
+        "{ name: mesh-b, trustDomain: mesh-b.example, trustBundle: b.pem, followTrustBundle: true }",
+    ])
+    .replace(
+        "identity: {",
+        "imports: { cacheDir: /var/lib/elsinore }\nidentity: { trustBundle: certs/own.pem, ",
+    );
+    let c = ok(&text);
+    assert!(c.peers[0].follow_trust_bundle);
+    let own = c.identity.trust_bundle.clone().unwrap();
+    assert!(
+        own.is_absolute() && own.ends_with("certs/own.pem"),
+        "{own:?}"
+    );
+    let v = effective::to_json(&c);
+    assert_eq!(v["peers"][0]["followTrustBundle"], true);
+    assert!(
+        v["identity"]["trustBundle"]
+            .as_str()
+            .unwrap()
+            .ends_with("certs/own.pem")
+    );
 }

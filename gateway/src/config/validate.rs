@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use elsinore_certs::TrustDomain;
+use elsinore_certs::{SpiffeId, TrustDomain};
 use elsinore_federation_api::Protocol;
 
 use super::names::{is_dns_label, is_dns_name, is_host, parse_host_port};
@@ -19,8 +19,8 @@ use super::raw::{
 };
 use super::{
     Advertise, ApiVersion, Config, ConfigError, ConfigErrors, Drain, EgressMode, Export,
-    FederationTuning, IdentityFiles, Imports, Listeners, Mesh, Peer, ProxyTuning, SharedAnswer,
-    defaults,
+    FederationTuning, IdentityFiles, Imports, Listeners, Mesh, Peer, PeerIdentities, ProxyTuning,
+    SharedAnswer, defaults,
 };
 
 const LABEL_RULE: &str =
@@ -36,6 +36,11 @@ pub(super) fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Config
     let identity = IdentityFiles {
         certificate: v.path("identity.certificate", &raw.identity.certificate),
         private_key: v.path("identity.privateKey", &raw.identity.private_key),
+        trust_bundle: raw
+            .identity
+            .trust_bundle
+            .as_deref()
+            .map(|p| v.path("identity.trustBundle", p)),
     };
     let listeners = v.listeners(&raw.listeners);
     let advertise = v.advertise(raw.advertise.as_ref(), &raw.exports, &listeners);
@@ -43,6 +48,7 @@ pub(super) fn validate(raw: RawConfig, base_dir: &Path) -> Result<Config, Config
     let exports = v.exports(&raw.exports, &raw.mesh.name, &peer_names);
     let peers = v.peers(&raw.peers, mesh.as_ref().map(|m| &m.trust_domain));
     let imports = v.imports(&raw.imports);
+    v.followed_bundles_need_a_cache(&raw.peers, &imports);
     let federation = v.federation(&raw.federation);
     let proxy = v.proxy(&raw.proxy);
     let drain = v.drain(&raw.drain);
@@ -439,17 +445,99 @@ impl Validator<'_> {
                     defaults::API_VERSION
                 }
             };
-            if let (Some(trust_domain), true) = (trust_domain, self.errors.len() == errors_before) {
+            let identities = trust_domain
+                .as_ref()
+                .map(|td| self.peer_identities(&at, td, p.identities.as_deref()));
+            if let (Some(trust_domain), Some(identities), true) =
+                (trust_domain, identities, self.errors.len() == errors_before)
+            {
                 out.push(Peer {
                     name: p.name.clone(),
                     trust_domain,
                     trust_bundle,
                     federation,
                     api_version,
+                    identities,
+                    follow_trust_bundle: p.follow_trust_bundle.unwrap_or(false),
                 });
             }
         }
         out
+    }
+
+    /// A learned bundle must survive a restart: after the peer's rollover
+    /// the file bundle no longer admits it, so `followTrustBundle` needs
+    /// `imports.cacheDir`, where the learned bundle is kept.
+    fn followed_bundles_need_a_cache(&mut self, peers: &[RawPeer], imports: &Imports) {
+        if imports.cache_dir.is_some() {
+            return;
+        }
+        for (i, p) in peers.iter().enumerate() {
+            if p.follow_trust_bundle == Some(true) {
+                self.error(
+                    format!("peers[{i}].followTrustBundle"),
+                    "requires imports.cacheDir: the bundle learned from the peer is kept there, so a restart after the peer's CA rollover still trusts it",
+                );
+            }
+        }
+    }
+
+    /// `peers[i].identities`: absent means the peer's Elsinore gateway ID;
+    /// each entry is a SPIFFE ID of the peer's trust domain, or
+    /// `spiffe://<trustDomain>/*` alone for any of its identities.
+    fn peer_identities(
+        &mut self,
+        at: &str,
+        td: &TrustDomain,
+        raw: Option<&[String]>,
+    ) -> PeerIdentities {
+        let Some(raw) = raw else {
+            return PeerIdentities::gateway_of(td);
+        };
+        if raw.is_empty() {
+            self.error(
+                format!("{at}.identities"),
+                "must not be empty: leave the key out for the default (the peer's gateway, spiffe://<trustDomain>/ns/elsinore/sa/gateway), or list spiffe://<trustDomain>/* to allow any identity of the peer",
+            );
+            return PeerIdentities::Only(Vec::new());
+        }
+        let wildcard = format!("spiffe://{td}/*");
+        let mut any = false;
+        let mut ids: Vec<SpiffeId> = Vec::new();
+        for (j, entry) in raw.iter().enumerate() {
+            let path = format!("{at}.identities[{j}]");
+            if *entry == wildcard {
+                any = true;
+                continue;
+            }
+            if entry.ends_with("/*") {
+                self.error(
+                    path,
+                    format!("{entry:?}: the only wildcard is {wildcard:?} (any identity of the peer's trust domain); a path prefix cannot be matched"),
+                );
+                continue;
+            }
+            match SpiffeId::from_str(entry) {
+                Err(e) => self.error(path, e.to_string()),
+                Ok(id) if id.trust_domain() != td => self.error(
+                    path,
+                    format!(
+                        "{entry:?} is in trust domain {:?}, not the peer's ({:?}, peers[].trustDomain)",
+                        id.trust_domain().as_str(),
+                        td.as_str()
+                    ),
+                ),
+                Ok(id) if ids.contains(&id) => {
+                    self.error(path, format!("{entry:?} is listed twice"));
+                }
+                Ok(id) => ids.push(id),
+            }
+        }
+        if any {
+            PeerIdentities::AnyInTrustDomain
+        } else {
+            PeerIdentities::Only(ids)
+        }
     }
 
     fn duration(&mut self, path: &str, s: Option<&str>, default: Duration) -> Duration {

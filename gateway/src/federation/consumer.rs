@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 
 use elsinore_federation_api::ApiVersion;
 use elsinore_federation_api::message::{
-    self, Rejected, ResponseError, SNAPSHOT_SIZE_HEADER, WINDOW_HEADER,
+    self, Rejected, ResponseError, SNAPSHOT_SIZE_HEADER, TRUST_BUNDLE_HEADER, WINDOW_HEADER,
 };
 use elsinore_federation_api::proto::federation::resourcediscovery::{
     v1alpha1 as rd1, v1alpha2 as rd2,
@@ -293,15 +293,24 @@ impl ConsumerTask {
         let credentials = Arc::clone(&self.credentials);
         let peer = self.peer.config.name.clone();
         let target = self.address.clone();
+        // The owner's certificate chain of the last dial: a bundle the
+        // owner publishes is judged against it (credentials::learned).
+        let chain = Arc::new(std::sync::Mutex::new(None));
+        let dialed = Arc::clone(&chain);
         // Every connection tonic makes is a fresh mTLS dial to the peer.
         let connector = tower::service_fn(move |_uri: http::Uri| {
             let target = target.clone();
+            let dialed = Arc::clone(&dialed);
             // The material published now: a rotation reaches the next dial.
             let config = credentials.current().federation_clients.get(&peer).cloned();
             async move {
                 let config =
                     config.ok_or_else(|| std::io::Error::other("no trust bundle for this peer"))?;
-                super::transport::dial_mtls(&target.host, target.port, config).await
+                let io = super::transport::dial_mtls(&target.host, target.port, config).await?;
+                if let Ok(mut slot) = dialed.lock() {
+                    *slot = super::transport::server_chain(&io);
+                }
+                Ok::<_, std::io::Error>(io)
             }
         });
         let channel = Endpoint::from_shared(format!("http://{address}"))
@@ -366,11 +375,39 @@ impl ConsumerTask {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("1");
         tracing::info!(snapshot_size = ?size, window = granted, "federation stream open");
+        if let Some(pem) = headers
+            .get_bin(TRUST_BUNDLE_HEADER)
+            .and_then(|v| v.to_bytes().ok())
+        {
+            let chain = chain.lock().ok().and_then(|mut c| c.take());
+            self.learn_bundle(pem.to_vec(), chain).await;
+        }
         let removed = session.on_stream_open(Instant::now(), size);
         if !removed.is_empty() {
             tracing::info!(removed = ?removed, "empty snapshot: removed entries the owner no longer has");
         }
         Ok(wire)
+    }
+
+    /// Hands a bundle the owner published on this (authenticated) stream to
+    /// the credentials, which decide (`peers[].followTrustBundle`).
+    async fn learn_bundle(
+        &self,
+        pem: Vec<u8>,
+        chain: Option<Vec<rustls::pki_types::CertificateDer<'static>>>,
+    ) {
+        let credentials = Arc::clone(&self.credentials);
+        let peer = self.peer.config.name.clone();
+        let learned =
+            tokio::task::spawn_blocking(move || credentials.learn(&peer, &pem, chain.as_deref()))
+                .await;
+        match learned {
+            Ok(Ok(outcome)) => tracing::debug!(?outcome, "published trust bundle"),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "trust bundle published by the peer refused")
+            }
+            Err(error) => tracing::error!(%error, "learning the peer's trust bundle failed"),
+        }
     }
 
     fn restore_cache(&self, session: &mut ConsumerSession) {

@@ -1,8 +1,10 @@
 //! The owner side on the wire: our `DiscoveryService` for both API versions.
 //! Each stream gets one task that owns an [`OwnerSession`] ([`session`], the
 //! sans-I/O state machine beside this file); this file only authenticates
-//! the caller, negotiates the window, and moves messages between tonic and
-//! the session. It must not encode or decode protos itself: the
+//! the caller (its trust domain names the peer, its SPIFFE ID must be one
+//! of the peer's `identities`), negotiates the window, publishes our trust
+//! bundle in the response metadata (ending streams when it changes), and
+//! moves messages between tonic and the session. It must not encode or decode protos itself: the
 //! version-neutral messages and their v1alpha1/v1alpha2 codec are
 //! `elsinore_federation_api::message`'s.
 
@@ -13,7 +15,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use elsinore_federation_api::message::{self, Operation, SNAPSHOT_SIZE_HEADER, WINDOW_HEADER};
+use elsinore_federation_api::message::{
+    self, Operation, SNAPSHOT_SIZE_HEADER, TRUST_BUNDLE_HEADER, WINDOW_HEADER,
+};
 use elsinore_federation_api::proto::federation::resourcediscovery::{
     v1alpha1 as rd1, v1alpha2 as rd2,
 };
@@ -25,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use self::session::{AckOutcome, Op, Outgoing, OwnerSession, OwnerSettings};
-use super::status::OwnerCounters;
+use super::status::{OwnerCounters, StreamRefusal};
 use super::transport::PeerConn;
 use crate::state::{PeerState, Shared};
 
@@ -46,6 +50,8 @@ pub struct OwnerService {
     shared: Arc<Shared>,
     options: OwnerOptions,
     shutdown: CancellationToken,
+    /// Where our published trust bundle comes from; `None` = none.
+    credentials: Option<Arc<crate::credentials::Credentials>>,
 }
 
 /// The consumer's requests, whatever version they came in.
@@ -57,30 +63,51 @@ impl OwnerService {
             shared,
             options,
             shutdown,
+            credentials: None,
         }
     }
 
-    /// Identifies the caller by the trust domain of its verified SPIFFE ID.
+    /// Publishes our trust bundle (`identity.trustBundle`) on every stream,
+    /// and ends open streams when it changes so consumers read the new one.
+    pub fn publishing(mut self, credentials: Arc<crate::credentials::Credentials>) -> Self {
+        self.credentials = Some(credentials);
+        self
+    }
+
+    /// Identifies the caller: the trust domain of its verified SPIFFE ID
+    /// names the peer, and the ID must be one of that peer's `identities`
+    /// (any workload of the peer's mesh holds a certificate of its trust
+    /// domain; only the listed ones speak for the peer). A refusal is a gRPC
+    /// status, not a TLS alert, so the caller's operator reads why.
     fn authenticate<T>(&self, request: &Request<T>) -> Result<Arc<PeerState>, Status> {
+        let refusals = &self.shared.stream_refusals;
         let conn = request
             .extensions()
             .get::<PeerConn>()
             .ok_or_else(|| Status::unauthenticated("no verified client certificate"))?;
-        let id = conn
-            .spiffe_id
-            .as_ref()
-            .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))?;
-        match self.shared.peer_for(id.trust_domain()) {
-            Some(peer) => Ok(peer.clone()),
-            None => {
-                tracing::warn!(client.addr = %conn.remote, spiffe_id = %id, "refused federation stream from a trust domain that is not a configured peer");
-                Err(Status::unauthenticated(format!(
-                    "trust domain {} is not a federated peer of mesh {}",
-                    id.trust_domain(),
-                    self.shared.mesh
-                )))
-            }
+        let id = conn.spiffe_id.as_ref().map_err(|e| {
+            refusals.bump(StreamRefusal::NoPeerIdentity);
+            tracing::warn!(client.addr = %conn.remote, reason = StreamRefusal::NoPeerIdentity.label(), "refused federation stream: client certificate: {e}");
+            Status::unauthenticated(format!("client certificate: {e}"))
+        })?;
+        let Some(peer) = self.shared.peer_for(id.trust_domain()) else {
+            refusals.bump(StreamRefusal::UnknownPeer);
+            tracing::warn!(client.addr = %conn.remote, spiffe_id = %id, reason = StreamRefusal::UnknownPeer.label(), "refused federation stream from a trust domain that is not a configured peer");
+            return Err(Status::unauthenticated(format!(
+                "trust domain {} is not a federated peer of mesh {}",
+                id.trust_domain(),
+                self.shared.mesh
+            )));
+        };
+        if !peer.config.allows(id) {
+            refusals.bump(StreamRefusal::IdentityNotAllowed);
+            tracing::warn!(client.addr = %conn.remote, spiffe_id = %id, peer = %peer.config.name, reason = StreamRefusal::IdentityNotAllowed.label(), "refused federation stream: the identity is not one of the peer's allowed identities (peers[].identities)");
+            return Err(Status::permission_denied(format!(
+                "{id} may not speak for peer {} of mesh {} (not in its allowed identities)",
+                peer.config.name, self.shared.mesh
+            )));
         }
+        Ok(peer.clone())
     }
 
     /// Negotiates the window: only a caller that asked (another Elsinore)
@@ -110,10 +137,19 @@ impl OwnerService {
         });
         let exports = self.shared.exports.subscribe();
         let shutdown = self.shutdown.clone();
+        let published = self.credentials.as_ref().map(|c| {
+            // Subscribed before reading: a change after this read ends the stream.
+            let changes = c.published_changes();
+            (changes, c.current().published_bundle.clone())
+        });
+        let (changes, bundle) = match published {
+            Some((changes, bundle)) => (Some(changes), bundle),
+            None => (None, None),
+        };
         let span = tracing::info_span!("owner_stream", peer = %peer.config.name, version = %version, window = negotiated);
         tokio::spawn(tracing::Instrument::instrument(
             drive(
-                session, peer, snapshot, inbound, exports, tx, encode, shutdown,
+                session, peer, snapshot, inbound, exports, tx, encode, shutdown, changes,
             ),
             span,
         ));
@@ -123,6 +159,12 @@ impl OwnerService {
             .insert(SNAPSHOT_SIZE_HEADER, size.into());
         if let Some(w) = window {
             response.metadata_mut().insert(WINDOW_HEADER, w.into());
+        }
+        if let Some(pem) = bundle {
+            response.metadata_mut().insert_bin(
+                TRUST_BUNDLE_HEADER,
+                tonic::metadata::MetadataValue::from_bytes(&pem),
+            );
         }
         Ok(response)
     }
@@ -138,11 +180,12 @@ async fn drive<M: Send + 'static>(
     tx: mpsc::Sender<Result<M, Status>>,
     encode: fn(&message::Response) -> M,
     shutdown: CancellationToken,
+    bundle_changes: Option<tokio::sync::watch::Receiver<u64>>,
 ) {
     let counters = &peer.owner;
     OwnerCounters::bump(&counters.streams_total);
     OwnerCounters::bump(&counters.streams_open);
-    let end = run_stream(
+    let stream = run_stream(
         &mut session,
         &peer,
         snapshot,
@@ -151,8 +194,15 @@ async fn drive<M: Send + 'static>(
         &tx,
         encode,
         &shutdown,
-    )
-    .await;
+    );
+    // The bundle travels in the response headers, sent once: a consumer
+    // reads a new one on its next stream, so a change ends this one.
+    let end = tokio::select! {
+        end = stream => end,
+        () = bundle_changed(bundle_changes) => Err(Status::unavailable(
+            "the owner's trust bundle changed: reconnect to read the new one",
+        )),
+    };
     counters
         .streams_open
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -251,6 +301,17 @@ async fn run_stream<M: Send + 'static>(
                     .map_err(|e| Status::deadline_exceeded(e.to_string()))?;
             }
         }
+    }
+}
+
+async fn bundle_changed(changes: Option<tokio::sync::watch::Receiver<u64>>) {
+    match changes {
+        Some(mut changes) => {
+            if changes.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
     }
 }
 

@@ -99,3 +99,52 @@ impl OwnerCounters {
         counter.load(Ordering::Relaxed)
     }
 }
+
+/// Why a federation stream was refused before any catalog moved (a bounded
+/// metric label, like the ingress's refusal reasons).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamRefusal {
+    /// The verified certificate carries no usable SPIFFE ID.
+    NoPeerIdentity,
+    /// The SPIFFE ID's trust domain is not a configured peer.
+    UnknownPeer,
+    /// The trust domain is a peer's, but the ID is not in its `identities`.
+    IdentityNotAllowed,
+}
+
+impl StreamRefusal {
+    pub const ALL: [StreamRefusal; 3] = [
+        StreamRefusal::NoPeerIdentity,
+        StreamRefusal::UnknownPeer,
+        StreamRefusal::IdentityNotAllowed,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            StreamRefusal::NoPeerIdentity => "no_peer_identity",
+            StreamRefusal::UnknownPeer => "unknown_peer",
+            StreamRefusal::IdentityNotAllowed => "identity_not_allowed",
+        }
+    }
+}
+
+/// Federation streams refused, by reason (the owner side bumps them).
+#[derive(Debug, Default)]
+pub struct StreamRefusals {
+    counts: [AtomicU64; StreamRefusal::ALL.len()],
+}
+
+impl StreamRefusals {
+    pub fn bump(&self, reason: StreamRefusal) {
+        self.counts[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, reason: StreamRefusal) -> u64 {
+        self.counts[reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// Every reason with its count, for /metrics.
+    pub fn all(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        StreamRefusal::ALL.iter().map(|r| (r.label(), self.get(*r)))
+    }
+}

@@ -170,6 +170,15 @@ pub async fn dial_mtls(
     Ok(TokioIo::new(tls))
 }
 
+/// The certificate chain the server presented on a connection made by
+/// [`dial_mtls`] (verified by its handshake).
+pub fn server_chain(
+    io: &TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
+) -> Option<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    let certs = io.inner().get_ref().1.peer_certificates()?;
+    Some(certs.iter().map(|c| c.clone().into_owned()).collect())
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {

@@ -1,6 +1,7 @@
 //! The ingress's gate: per accepted TCP connection, the mTLS handshake
 //! with our gateway identity, the peer named by the trust domain of its
-//! verified SPIFFE ID, the route chosen by SNI and the export's consent to
+//! verified SPIFFE ID (which must be one of that peer's allowed
+//! identities), the route chosen by SNI and the export's consent to
 //! that peer; then the connection is handed to the HTTP or the stream
 //! stage by the export's protocol. Every refusal is counted, logged with
 //! its reason and closed with a close_notify before any application data
@@ -192,6 +193,15 @@ pub(super) async fn handle(tcp: TcpStream, inner: &Arc<Inner>) {
     };
     let peer_name = peer.config.name.clone();
     span.record("peer", peer_name.as_str());
+    // Any workload of the peer's mesh holds a certificate of its trust
+    // domain; only the peer's listed identities (by default its gateway)
+    // may reach our exports on its behalf.
+    if !peer.config.allows(&peer_id) {
+        let detail = format!(
+            "peer identity {peer_id} may not speak for peer {peer_name} (not in peers[].identities)"
+        );
+        return refuse(inner, Refusal::IdentityNotAllowed, &detail, Some(tls)).await;
+    }
 
     let Some(sni) = server_name.as_deref().map(normalize_host) else {
         let detail = format!("peer {peer_name} ({peer_id}) sent no sni");

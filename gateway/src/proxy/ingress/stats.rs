@@ -23,10 +23,13 @@ pub enum Refusal {
     UnknownSni,
     /// The export does not list the peer.
     Unauthorized,
+    /// The SPIFFE ID is in a peer's trust domain but not one of that
+    /// peer's `identities`.
+    IdentityNotAllowed,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 8] = [
+    pub const ALL: [Refusal; 9] = [
         Refusal::Overloaded,
         Refusal::HandshakeFailed,
         Refusal::HandshakeTimeout,
@@ -35,6 +38,7 @@ impl Refusal {
         Refusal::NoSni,
         Refusal::UnknownSni,
         Refusal::Unauthorized,
+        Refusal::IdentityNotAllowed,
     ];
 
     /// A bounded metric / log label.
@@ -48,6 +52,7 @@ impl Refusal {
             Refusal::NoSni => "no_sni",
             Refusal::UnknownSni => "unknown_sni",
             Refusal::Unauthorized => "unauthorized",
+            Refusal::IdentityNotAllowed => "identity_not_allowed",
         }
     }
 
