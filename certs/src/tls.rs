@@ -276,6 +276,61 @@ pub fn client_config_with_versions(
     Ok(Arc::new(config))
 }
 
+/// What both verifiers share: their own check of a chain, behind the cache
+/// of chains that passed.
+trait CachedCheck {
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), CertError>;
+
+    fn verified(&self) -> &VerifiedChains;
+
+    fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), rustls::Error> {
+        self.verified()
+            .check(end_entity, intermediates, now, || {
+                self.check(end_entity, intermediates, now)
+            })
+            .map_err(reject)
+    }
+}
+
+/// The handshake-signature checks, the same for both verifiers (the client
+/// and the server verifier traits each ask for these three): rustls's own,
+/// with the verifier's `algs`.
+macro_rules! signature_checks {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.algs.supported_schemes()
+        }
+    };
+}
+
 #[derive(Debug)]
 struct SpiffeClientVerifier {
     bundles: BTreeMap<TrustDomain, TrustBundle>,
@@ -283,7 +338,11 @@ struct SpiffeClientVerifier {
     verified: VerifiedChains,
 }
 
-impl SpiffeClientVerifier {
+impl CachedCheck for SpiffeClientVerifier {
+    fn verified(&self) -> &VerifiedChains {
+        &self.verified
+    }
+
     fn check(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -330,7 +389,9 @@ impl SpiffeClientVerifier {
             })
         }
     }
+}
 
+impl SpiffeClientVerifier {
     fn known(&self) -> String {
         self.bundles
             .keys()
@@ -361,35 +422,11 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.verified
-            .check(end_entity, intermediates, now, || {
-                self.check(end_entity, intermediates, now)
-            })
+        self.verify(end_entity, intermediates, now)
             .map(|()| ClientCertVerified::assertion())
-            .map_err(reject)
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
+    signature_checks!();
 }
 
 #[derive(Debug)]
@@ -400,7 +437,11 @@ struct SpiffeServerVerifier {
     verified: VerifiedChains,
 }
 
-impl SpiffeServerVerifier {
+impl CachedCheck for SpiffeServerVerifier {
+    fn verified(&self) -> &VerifiedChains {
+        &self.verified
+    }
+
     fn check(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -454,35 +495,11 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.verified
-            .check(end_entity, intermediates, now, || {
-                self.check(end_entity, intermediates, now)
-            })
+        self.verify(end_entity, intermediates, now)
             .map(|()| ServerCertVerified::assertion())
-            .map_err(reject)
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
+    signature_checks!();
 }
 
 #[cfg(test)]
