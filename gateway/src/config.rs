@@ -134,6 +134,33 @@ pub struct Peer {
     /// Address of the peer's federation API to dial; `None` = only serve this peer.
     pub federation: Option<HostPort>,
     pub api_version: ApiVersion,
+    // issue 13 item 5 (dial direction)
+    /// Which side of each stream between us is the gRPC client.
+    pub dial: DialMode,
+}
+
+/// Which side dials the Hamlet streams with one peer (`peers[].dial`).
+/// Both streams between us go the same way: the one carrying our imports
+/// from the peer and the one carrying our exports to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DialMode {
+    /// The usual direction: the consumer dials the owner. We dial the peer
+    /// (at `federation`) for our imports; it dials us for our exports.
+    #[default]
+    Consumer,
+    /// The owner dials the consumer and pushes (Hamlet v1alpha2 only): we
+    /// dial the peer (at `federation`) to push our exports; it dials us to
+    /// push its own, and we accept as the consumer.
+    Owner,
+}
+
+impl DialMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DialMode::Consumer => "consumer",
+            DialMode::Owner => "owner",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

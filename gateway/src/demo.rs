@@ -174,6 +174,7 @@ fn config(
                 port: other_federation.port(),
             }),
             api_version: ApiVersion::V1alpha2,
+            dial: crate::config::DialMode::Consumer,
         }],
         imports: Imports {
             stale_after: defaults::STALE_AFTER,

@@ -545,6 +545,8 @@ pub struct PeerSpec {
     pub federation: Option<String>,
     /// `None` = the gateway's default (v1alpha2).
     pub api_version: Option<String>,
+    /// `peers[].dial`: `consumer` or `owner`; `None` = the default.
+    pub dial: Option<String>,
 }
 
 impl PeerSpec {
@@ -557,6 +559,7 @@ impl PeerSpec {
             trust_bundle: trust_bundle.to_path_buf(),
             federation: None,
             api_version: None,
+            dial: None,
         }
     }
 
@@ -569,6 +572,13 @@ impl PeerSpec {
     /// `v1alpha1` or `v1alpha2` (anything else tests validation).
     pub fn api_version(mut self, version: &str) -> Self {
         self.api_version = Some(version.to_owned());
+        self
+    }
+
+    /// `peers[].dial`: `owner` makes every stream with this peer go the
+    /// owner-dials way (anything else tests validation).
+    pub fn dial_by(mut self, side: &str) -> Self {
+        self.dial = Some(side.to_owned());
         self
     }
 }
@@ -796,6 +806,9 @@ impl RenderCtx {
             }
             if let Some(v) = &p.api_version {
                 let _ = writeln!(y, "    apiVersion: {}", q(v));
+            }
+            if let Some(d) = &p.dial {
+                let _ = writeln!(y, "    dial: {}", q(d));
             }
         }
         if spec.stale_after.is_some() || spec.cache_dir.is_some() {

@@ -54,6 +54,7 @@ fn peer(p: &Peer) -> Value {
         trust_bundle,
         federation,
         api_version,
+        dial,
     } = p;
     json!({
         "name": name,
@@ -61,6 +62,7 @@ fn peer(p: &Peer) -> Value {
         "trustBundle": path(trust_bundle),
         "federation": federation.as_ref().map(host_port),
         "apiVersion": api_version.as_str(),
+        "dial": dial.as_str(),
     })
 }
 

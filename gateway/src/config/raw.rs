@@ -82,6 +82,8 @@ pub(super) struct RawPeer {
     pub trust_bundle: String,
     pub federation: Option<String>,
     pub api_version: Option<String>,
+    // issue 13 item 5 (dial direction)
+    pub dial: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
