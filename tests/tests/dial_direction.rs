@@ -538,3 +538,39 @@ async fn a_stream_in_the_unexpected_direction_is_refused_naming_the_key() {
     })
     .await;
 }
+
+/// Two gateways that disagree: A's owner expects to push to B, B's
+/// consumer dials A as usual. B gets A's first request where it waits for
+/// responses: it stops with the key to fix instead of waiting forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_answered_the_wrong_way_stops_naming_the_key() {
+    run_test(async {
+        let a = MeshFixture::new("mesh-a").await;
+        let b = MeshFixture::new("mesh-b").await;
+        let ga = a
+            .start(
+                &ConfigSpec::new()
+                    .export(ExportSpec::new("reviews", &["mesh-b"]))
+                    .peer(b.peer().dial_by("owner")),
+            )
+            .await;
+        let gb = b.start(&ConfigSpec::new().peer(a.dial())).await;
+        let consumer = wait_for("B's consumer of A to stop", WAIT, || async {
+            let consumer = gb.consumer("mesh-a").await;
+            (consumer["state"] == "failed")
+                .then(|| consumer.clone())
+                .ok_or(consumer.to_string())
+        })
+        .await;
+        let detail = consumer["detail"].as_str().unwrap_or_default();
+        assert!(
+            detail.contains(
+                "sent a request on the stream we dialed as its consumer (peers[0].dial: consumer)"
+            ),
+            "{consumer}"
+        );
+        gb.stop().await;
+        ga.stop().await;
+    })
+    .await;
+}

@@ -89,6 +89,8 @@ enum Wire {
         rx: Streaming<rd2::BidirectionalStream>,
         tx: mpsc::Sender<rd2::BidirectionalStream>,
         context: String,
+        /// What a request from the owner ends the stream with.
+        wrong_way: tonic::Status,
     },
     V1 {
         rx: Streaming<rd1::StreamResponse>,
@@ -109,10 +111,16 @@ enum Wire {
 impl Wire {
     async fn next(&mut self) -> Result<Option<Received>, tonic::Status> {
         match self {
-            Wire::V2 { rx, .. } => loop {
+            Wire::V2 { rx, wrong_way, .. } => loop {
                 let Some(m) = rx.message().await? else {
                     return Ok(None);
                 };
+                // An owner that sends requests is waiting for us to push:
+                // its config says the owner dials. Waiting on would hang
+                // both sides without a word.
+                if m.request.is_some() {
+                    return Err(wrong_way.clone());
+                }
                 match message::Response::from_v1alpha2(m) {
                     // A bidirectional wrapper without a response carries nothing for us.
                     Err(Rejected {
@@ -422,6 +430,7 @@ impl ConsumerTask {
                         rx: response.into_inner(),
                         tx,
                         context,
+                        wrong_way: accept::answered_wrong_way(&self.shared, &self.peer),
                     },
                     headers,
                 )

@@ -90,13 +90,7 @@ fn header<'a, T>(request: &'a Request<T>, name: &str) -> Option<&'a str> {
 /// What a stream in the direction `peer`'s config does not expect is
 /// refused with: `InvalidArgument` naming the key to change.
 pub fn wrong_direction(shared: &Shared, peer: &PeerState) -> Status {
-    let name = &peer.config.name;
-    let index = shared
-        .peers
-        .iter()
-        .position(|p| p.config.name == *name)
-        .unwrap_or_default();
-    let key = format!("peers[{index}].dial");
+    let (name, key) = (&peer.config.name, dial_key(shared, peer));
     Status::invalid_argument(match peer.config.dial {
         DialMode::Consumer => format!(
             "peer {name:?} is configured to dial us as a consumer ({key}: consumer) but sent a response, as an owner pushing its catalog does; to accept its pushes set {key}: owner"
@@ -105,6 +99,31 @@ pub fn wrong_direction(shared: &Shared, peer: &PeerState) -> Status {
             "peer {name:?} is configured to dial us as an owner and push ({key}: owner) but sent a request, as a consumer does; to serve it as a consumer set {key}: consumer"
         ),
     })
+}
+
+/// What ends a stream *we* dialed when the peer answers it the other way
+/// round (its config says the other side dials): `InvalidArgument` naming
+/// the key both sides must agree on.
+pub fn answered_wrong_way(shared: &Shared, peer: &PeerState) -> Status {
+    let (name, key) = (&peer.config.name, dial_key(shared, peer));
+    Status::invalid_argument(match peer.config.dial {
+        DialMode::Consumer => format!(
+            "peer {name:?} sent a request on the stream we dialed as its consumer ({key}: consumer), as a consumer waiting for its owner's push does; both sides must agree on who dials ({key})"
+        ),
+        DialMode::Owner => format!(
+            "peer {name:?} sent a response on the stream we dialed as its owner ({key}: owner), as an owner pushing its catalog does; both sides must agree on who dials ({key})"
+        ),
+    })
+}
+
+/// `peers[i].dial` of `peer`, as the config spells it.
+fn dial_key(shared: &Shared, peer: &PeerState) -> String {
+    let index = shared
+        .peers
+        .iter()
+        .position(|p| p.config.name == peer.config.name)
+        .unwrap_or_default();
+    format!("peers[{index}].dial")
 }
 
 /// The next stream handed over, when accepting; never, when dialing.

@@ -27,6 +27,7 @@ use tonic::{Code, Request, Status};
 use super::session::{OwnerSession, OwnerSettings};
 use super::{OwnerOptions, drive};
 use crate::config::HostPort;
+use crate::federation::consumer::accept::answered_wrong_way;
 use crate::federation::consumer::session::{ConsumerSettings, backoff_delay};
 use crate::state::{PeerState, Shared};
 
@@ -146,13 +147,12 @@ impl OwnerDialer {
             window,
             "stream to the consumer open"
         );
-        let inbound = inbound.map(|m| {
+        let wrong_way = answered_wrong_way(&self.shared, &self.peer);
+        let inbound = inbound.map(move |m| {
             message::Request::from_v1alpha2(m?).map_err(|e| match e {
                 // The consumer pushes responses: it expects to be the
                 // owner, as its config and ours disagree on who dials.
-                RequestError::NotARequest => Status::invalid_argument(
-                    "the peer sent a response on a stream we dialed as its owner (peers[].dial: owner); it must answer as a consumer",
-                ),
+                RequestError::NotARequest => wrong_way.clone(),
             })
         });
         let session = OwnerSession::new(OwnerSettings {
