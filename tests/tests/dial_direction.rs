@@ -574,3 +574,50 @@ async fn a_consumer_answered_the_wrong_way_stops_naming_the_key() {
     })
     .await;
 }
+
+/// One accepted stream per peer: a second stream from the same owner
+/// replaces the open one (which ends with ABORTED) and carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_push_stream_from_the_same_owner_replaces_the_open_one() {
+    run_test(async {
+        let b = MeshFixture::new("mesh-b").await;
+        let (foreign, identity) = foreign_mesh(FOREIGN).await;
+        let gb = b
+            .start(
+                &ConfigSpec::new()
+                    .peer(foreign.peer().dial_by("owner"))
+                    .snapshot_quiet_period("300ms"),
+            )
+            .await;
+        let mut old = push_to(&gb, &b, &identity, &[]).await;
+        let ctx = first_request(&mut old).await;
+        let alpha = service_v2("alpha", "alpha.foreign.global", 9001);
+        assert_eq!(
+            push_one(&mut old, upsert_v2("o1", &ctx, &alpha)).await.0,
+            CODE_OK
+        );
+        gb.wait_imported(FOREIGN, &["alpha"]).await;
+
+        let mut new = push_to(&gb, &b, &identity, &[]).await;
+        let ctx = first_request(&mut new).await;
+        let ended = old.recv().await.expect_err("the old stream must end");
+        let status = ended
+            .downcast_ref::<tonic::Status>()
+            .unwrap_or_else(|| panic!("not a gRPC status: {ended:#}"));
+        assert_eq!(status.code(), tonic::Code::Aborted, "{status:?}");
+        assert!(
+            status.message().contains("replaced by a newer stream"),
+            "{status:?}"
+        );
+        let beta = service_v2("beta", "beta.foreign.global", 9002);
+        assert_eq!(
+            push_one(&mut new, upsert_v2("n1", &ctx, &beta)).await.0,
+            CODE_OK
+        );
+        // The new stream's snapshot (beta only) reconciles alpha away.
+        gb.wait_imported(FOREIGN, &["beta"]).await;
+        assert_eq!(gb.consumer(FOREIGN).await["reconnects"], 1);
+        gb.stop().await;
+    })
+    .await;
+}
