@@ -219,9 +219,8 @@ impl ConsumerTask {
     }
 
     async fn run_dialing(&self, address: &HostPort, writer: Option<&CacheWriter>) {
-        let mut session = ConsumerSession::new(self.settings.clone());
         let mut stats = Counters::default();
-        self.restore_cache(&mut session);
+        let mut session = self.new_session();
         self.publish(&session, &stats);
         let mut attempt_at = Instant::now();
         loop {
@@ -469,6 +468,14 @@ impl ConsumerTask {
             tracing::info!(removed = ?removed, "empty snapshot: removed entries the owner no longer has");
         }
         Ok(wire)
+    }
+
+    /// The session of this task, whichever side dials: set up once, with
+    /// what the cache holds.
+    fn new_session(&self) -> ConsumerSession {
+        let mut session = ConsumerSession::new(self.settings.clone());
+        self.restore_cache(&mut session);
+        session
     }
 
     fn restore_cache(&self, session: &mut ConsumerSession) {

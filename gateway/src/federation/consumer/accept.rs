@@ -141,13 +141,12 @@ pub(super) async fn run(
     incoming: &mut mpsc::Receiver<Accepted>,
     writer: Option<&CacheWriter>,
 ) {
-    let mut session = ConsumerSession::new(task.settings.clone());
     // We cannot make the owner dial: readiness does not wait for it.
     let mut stats = Counters {
         attempted: true,
         ..Counters::default()
     };
-    task.restore_cache(&mut session);
+    let mut session = task.new_session();
     task.publish(&session, &stats);
     let mut next_stream: Option<Accepted> = None;
     let mut opened_before = false;
