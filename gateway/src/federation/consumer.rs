@@ -156,10 +156,12 @@ impl Wire {
     }
 
     /// Ends a stream we accepted with `status` (the dialing owner sees it);
-    /// a stream we dialed ends when it is dropped.
-    async fn fail(&self, status: tonic::Status) {
+    /// a stream we dialed ends when it is dropped. Best effort: the stream
+    /// being ended may be a dead connection whose queue no longer drains,
+    /// and waiting on it would stall this peer's consumer.
+    fn fail(&self, status: tonic::Status) {
         if let Wire::Accepted { tx, .. } = self {
-            let _ = tx.send(Err(status)).await;
+            let _ = tx.try_send(Err(status));
         }
     }
 
@@ -344,7 +346,7 @@ impl ConsumerTask {
                 },
                 next = wire.next() => match next {
                     Err(status) => {
-                        wire.fail(status.clone()).await;
+                        wire.fail(status.clone());
                         return StreamEnd::Closed(close_reason(&status));
                     }
                     Ok(None) => return StreamEnd::Closed(CloseReason::Other(CLEAN_END.to_owned())),

@@ -186,8 +186,9 @@ pub(super) async fn run(
                 tracing::info!("the owner opened a new stream; it replaces the open one");
                 wire.fail(Status::aborted(
                     "replaced by a newer stream from the same peer",
-                ))
-                .await;
+                ));
+                task.publish(&session, &stats);
+                task.save_cache(writer, &session);
                 next_stream = Some(*newer);
             }
             StreamEnd::Closed(reason) => {
