@@ -283,7 +283,9 @@ pub fn peers_json(shared: &Shared) -> Value {
                     "nacks": OwnerCounters::get(&o.nacks),
                     "unknownNonces": OwnerCounters::get(&o.unknown_nonces),
                     "lastNack": owner_last_nack.map(|(s, m)| json!({"service": s, "message": m})),
+                    "window": OwnerCounters::get(&o.window),
                 },
+                "dial": p.config.dial.as_str(),
             })
         })
         .collect();
@@ -347,6 +349,7 @@ mod tests {
                 port: 15001,
             }),
             api_version: ApiVersion::V1alpha2,
+            dial: crate::config::DialMode::Consumer,
         }
     }
 

@@ -146,6 +146,9 @@ pub struct Peer {
     /// Accept the CA bundle this peer publishes on our stream to it (see
     /// docs/federation.md). Default false.
     pub follow_trust_bundle: bool,
+    // issue 13 item 5 (dial direction)
+    /// Which side of each stream between us is the gRPC client.
+    pub dial: DialMode,
 }
 
 /// Which SPIFFE IDs of a peer's trust domain may act for that peer
@@ -202,6 +205,30 @@ impl Peer {
     /// Whether `id` may act for this peer (see [`PeerIdentities::allows`]).
     pub fn allows(&self, id: &SpiffeId) -> bool {
         self.identities.allows(&self.trust_domain, id)
+    }
+}
+
+/// Which side dials the Hamlet streams with one peer (`peers[].dial`).
+/// Both streams between us go the same way: the one carrying our imports
+/// from the peer and the one carrying our exports to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DialMode {
+    /// The usual direction: the consumer dials the owner. We dial the peer
+    /// (at `federation`) for our imports; it dials us for our exports.
+    #[default]
+    Consumer,
+    /// The owner dials the consumer and pushes (Hamlet v1alpha2 only): we
+    /// dial the peer (at `federation`) to push our exports; it dials us to
+    /// push its own, and we accept as the consumer.
+    Owner,
+}
+
+impl DialMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DialMode::Consumer => "consumer",
+            DialMode::Owner => "owner",
+        }
     }
 }
 

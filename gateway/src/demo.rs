@@ -177,6 +177,7 @@ fn config(
             api_version: ApiVersion::V1alpha2,
             identities: crate::config::PeerIdentities::gateway_of(&other.td),
             follow_trust_bundle: false,
+            dial: crate::config::DialMode::Consumer,
         }],
         imports: Imports {
             stale_after: defaults::STALE_AFTER,

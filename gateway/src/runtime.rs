@@ -21,10 +21,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::ExportCatalog;
-use crate::config::{Config, Drain};
+use crate::config::{Config, DialMode, Drain};
 use crate::credentials::Credentials;
-use crate::federation::consumer::ConsumerTask;
 use crate::federation::consumer::session::ConsumerSettings;
+use crate::federation::consumer::{ConsumerTask, Source};
+use crate::federation::owner::dial::OwnerDialer;
 use crate::federation::owner::{OwnerOptions, OwnerService, OwnerServiceV1alpha1};
 use crate::proxy::ProxyContext;
 use crate::proxy::egress::EgressStats;
@@ -188,16 +189,27 @@ impl Gateway {
             shutdown.clone(),
         ));
 
-        // Owner side: one gRPC server for both API versions.
-        let owner = OwnerService::new(
-            shared.clone(),
-            OwnerOptions {
-                max_window: config.federation.window,
-                ack_timeout: config.federation.ack_timeout,
-            },
-            shutdown.clone(),
-        )
-        .publishing(Arc::clone(&credentials));
+        // Owner side: one gRPC server for both API versions. Peers whose
+        // owner dials us push through it too: their streams go to their
+        // consumer task over these channels.
+        let mut pushes = std::collections::HashMap::new();
+        let mut push_receivers = std::collections::HashMap::new();
+        for peer in shared
+            .peers
+            .iter()
+            .filter(|p| p.config.dial == DialMode::Owner)
+        {
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            pushes.insert(peer.config.name.clone(), tx);
+            push_receivers.insert(peer.config.name.clone(), rx);
+        }
+        let owner_options = OwnerOptions {
+            max_window: config.federation.window,
+            ack_timeout: config.federation.ack_timeout,
+        };
+        let owner = OwnerService::new(shared.clone(), owner_options.clone(), shutdown.clone())
+            .accepting(pushes)
+            .publishing(Arc::clone(&credentials));
         let (incoming, accept_task) = crate::federation::transport::accept_mtls(
             federation,
             Arc::clone(&credentials),
@@ -233,7 +245,9 @@ impl Gateway {
             }
         });
 
-        // Consumer side: one task per peer we dial.
+        // Consumer side: one task per peer we import from, dialing it
+        // (`dial: consumer`) or taking the streams it opens (`dial: owner`).
+        // Owner side, `dial: owner`: one task per peer that dials it.
         let settings = ConsumerSettings {
             stale_after: config.imports.stale_after,
             snapshot_quiet_period: config.federation.snapshot_quiet_period,
@@ -241,20 +255,38 @@ impl Gateway {
             backoff_max: config.federation.backoff_max,
         };
         for peer in &shared.peers {
-            let Some(address) = peer.config.federation.clone() else {
-                continue;
+            let source = match (peer.config.dial, peer.config.federation.clone()) {
+                (DialMode::Consumer, Some(address)) => Some(Source::Dial(address)),
+                (DialMode::Consumer, None) => None,
+                (DialMode::Owner, address) => {
+                    if let Some(address) = address {
+                        tasks.spawn(
+                            OwnerDialer {
+                                shared: shared.clone(),
+                                peer: peer.clone(),
+                                address,
+                                credentials: Arc::clone(&credentials),
+                                options: owner_options.clone(),
+                                backoff: settings.clone(),
+                                shutdown: shutdown.clone(),
+                            }
+                            .run(),
+                        );
+                    }
+                    push_receivers.remove(&peer.config.name).map(Source::Accept)
+                }
             };
+            let Some(source) = source else { continue };
             let task = ConsumerTask {
                 shared: shared.clone(),
                 peer: peer.clone(),
-                address,
                 credentials: Arc::clone(&credentials),
                 settings: settings.clone(),
                 window: config.federation.window,
                 cache_dir: config.imports.cache_dir.clone(),
                 shutdown: shutdown.clone(),
             };
-            tasks.spawn(task.run());
+            tasks.spawn(task.run(source));
         }
 
         tasks.spawn(run_merger(

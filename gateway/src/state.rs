@@ -64,13 +64,16 @@ pub fn new_shared(mesh: String, exports: ExportCatalog, peers: &[Peer]) -> Arc<S
     let peers: Vec<Arc<PeerState>> = peers
         .iter()
         .map(|p| {
+            // A peer whose owner dials us is imported from whether or not we
+            // know its address, and readiness cannot wait for it to dial.
+            let pushed = p.dial == crate::config::DialMode::Owner;
             let initial = ConsumerView {
-                state: if p.federation.is_some() {
+                state: if p.federation.is_some() || pushed {
                     ConsumerState::Connecting
                 } else {
                     ConsumerState::Idle
                 },
-                attempted: p.federation.is_none(),
+                attempted: p.federation.is_none() || pushed,
                 ..ConsumerView::default()
             };
             Arc::new(PeerState {

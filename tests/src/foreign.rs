@@ -11,6 +11,11 @@
 //! [`ConsumerV1`]); as an owner it terminates mTLS itself and serves the
 //! generated `DiscoveryService` ([`serve_v2`], [`serve_v1`]), handing every
 //! stream Elsinore opens to the test script, which answers step by step.
+//! In v1alpha2 either side may be the gRPC client (the spec's owner behind
+//! NAT), so both roles also go the other way: as an owner it dials an
+//! Elsinore consumer and pushes ([`PushingOwnerV2`]), and as a consumer it
+//! serves the stream an Elsinore owner dials ([`serve_consumer_v2`],
+//! [`DialedConsumerV2`]).
 
 use std::io;
 use std::net::SocketAddr;
@@ -474,6 +479,226 @@ pub async fn serve_v1(
     let router = Server::builder().add_service(
         rd1::discovery_service_server::DiscoveryServiceServer::new(ScriptedV1 { streams }),
     );
+    Ok((spawn_server(identity, elsinore, router).await?, rx))
+}
+
+// ---------------------------------------------------------------------------
+// v1alpha2, the owner dials: the gRPC client pushes responses.
+// ---------------------------------------------------------------------------
+
+/// A v1alpha2 stream the foreign owner opened to an Elsinore consumer: it
+/// pushes responses in its request stream and reads the consumer's
+/// requests (the first request, ACKs, NACKs) from the response stream.
+pub struct PushingOwnerV2 {
+    tx: mpsc::Sender<rd2::BidirectionalStream>,
+    rx: Streaming<rd2::BidirectionalStream>,
+    /// Elsinore's response headers.
+    pub headers: MetadataMap,
+}
+
+impl PushingOwnerV2 {
+    /// Opens the stream without sending anything: the consumer speaks
+    /// first, with its initial request. No Elsinore headers are sent.
+    pub async fn open(channel: Channel) -> anyhow::Result<PushingOwnerV2> {
+        Self::open_with(channel, &[]).await
+    }
+
+    /// Like [`PushingOwnerV2::open`], with request metadata (to play an
+    /// owner that knows one of Elsinore's extensions).
+    pub async fn open_with(
+        channel: Channel,
+        metadata: &[(&'static str, &str)],
+    ) -> anyhow::Result<PushingOwnerV2> {
+        let (tx, rx) = mpsc::channel(16);
+        let mut request = Request::new(ReceiverStream::new(rx));
+        for (key, value) in metadata {
+            request.metadata_mut().insert(*key, value.parse()?);
+        }
+        let mut client = rd2::discovery_service_client::DiscoveryServiceClient::new(channel);
+        let response = tokio::time::timeout(STEP, client.establish_stream(request))
+            .await
+            .context("EstablishStream (v1alpha2, owner dialing) timed out")??;
+        let headers = response.metadata().clone();
+        Ok(PushingOwnerV2 {
+            tx,
+            rx: response.into_inner(),
+            headers,
+        })
+    }
+
+    /// The consumer's next request, within [`STEP`]. A status that ends
+    /// the stream is returned as the error (a `tonic::Status` inside).
+    pub async fn recv(&mut self) -> anyhow::Result<rd2::StreamRequest> {
+        let message = tokio::time::timeout(STEP, self.rx.message())
+            .await
+            .map_err(|_| anyhow!("no request from the consumer within {STEP:?}"))??
+            .ok_or_else(|| anyhow!("the consumer closed the stream"))?;
+        match message {
+            rd2::BidirectionalStream {
+                request: Some(r),
+                response: None,
+            } => Ok(r),
+            other => bail!("the consumer sent a wrapper without exactly a request: {other:?}"),
+        }
+    }
+
+    /// Pushes one response.
+    pub async fn send(&self, response: rd2::StreamResponse) -> anyhow::Result<()> {
+        self.tx
+            .send(rd2::BidirectionalStream {
+                request: None,
+                response: Some(response),
+            })
+            .await
+            .map_err(|_| anyhow!("push stream closed"))
+    }
+
+    /// Sends a wrapper as it is (to play a peer that got the direction wrong).
+    pub async fn send_raw(&self, message: rd2::BidirectionalStream) -> anyhow::Result<()> {
+        self.tx
+            .send(message)
+            .await
+            .map_err(|_| anyhow!("push stream closed"))
+    }
+}
+
+/// One v1alpha2 stream an Elsinore owner dialed to the foreign consumer:
+/// the script sends requests in the response stream and reads responses
+/// from the request stream.
+pub struct DialedConsumerV2 {
+    /// Elsinore's request headers.
+    pub metadata: MetadataMap,
+    inbound: Streaming<rd2::BidirectionalStream>,
+    outbound: mpsc::Sender<Result<rd2::BidirectionalStream, Status>>,
+}
+
+impl DialedConsumerV2 {
+    /// Sends the first request (no nonce, no status) with `context`.
+    pub async fn start(&self, context: &str) -> anyhow::Result<()> {
+        self.request(rd2::StreamRequest {
+            resource_url: TYPE_URL_V2.to_owned(),
+            response_nonce: String::new(),
+            status: None,
+            context: context.to_owned(),
+        })
+        .await
+    }
+
+    /// The owner's next response, or an error if none arrives within [`STEP`].
+    pub async fn next(&mut self) -> anyhow::Result<rd2::StreamResponse> {
+        self.next_within(STEP)
+            .await?
+            .ok_or_else(|| anyhow!("no response within {STEP:?}"))
+    }
+
+    /// The next response if one arrives within `wait`.
+    pub async fn next_within(
+        &mut self,
+        wait: Duration,
+    ) -> anyhow::Result<Option<rd2::StreamResponse>> {
+        let Ok(message) = tokio::time::timeout(wait, self.inbound.message()).await else {
+            return Ok(None);
+        };
+        let message = message?.ok_or_else(|| anyhow!("the owner closed the stream"))?;
+        match message {
+            rd2::BidirectionalStream {
+                response: Some(r),
+                request: None,
+            } => Ok(Some(r)),
+            other => bail!("the owner sent a wrapper without exactly a response: {other:?}"),
+        }
+    }
+
+    pub async fn ack(&self, nonce: &str) -> anyhow::Result<()> {
+        self.answer(nonce, CODE_OK, "").await
+    }
+
+    pub async fn nack(&self, nonce: &str, message: &str) -> anyhow::Result<()> {
+        self.answer(nonce, CODE_INVALID_ARGUMENT, message).await
+    }
+
+    async fn answer(&self, nonce: &str, code: i32, message: &str) -> anyhow::Result<()> {
+        self.request(rd2::StreamRequest {
+            resource_url: TYPE_URL_V2.to_owned(),
+            response_nonce: nonce.to_owned(),
+            status: Some(rpc::Status {
+                code,
+                message: message.to_owned(),
+                details: vec![],
+            }),
+            context: String::new(),
+        })
+        .await
+    }
+
+    async fn request(&self, request: rd2::StreamRequest) -> anyhow::Result<()> {
+        self.outbound
+            .send(Ok(rd2::BidirectionalStream {
+                request: Some(request),
+                response: None,
+            }))
+            .await
+            .map_err(|_| anyhow!("response stream closed"))
+    }
+}
+
+/// The scripted v1alpha2 consumer service: every stream goes to the test.
+struct ScriptedConsumerV2 {
+    streams: mpsc::Sender<DialedConsumerV2>,
+    /// An `elsinore-window` answer, to play a consumer that knows the
+    /// extension; `None` = a foreign consumer.
+    grant: Option<u32>,
+}
+
+#[tonic::async_trait]
+impl rd2::discovery_service_server::DiscoveryService for ScriptedConsumerV2 {
+    type EstablishStreamStream = ReceiverStream<Result<rd2::BidirectionalStream, Status>>;
+
+    async fn establish_stream(
+        &self,
+        request: Request<Streaming<rd2::BidirectionalStream>>,
+    ) -> Result<Response<Self::EstablishStreamStream>, Status> {
+        let (outbound, rx) = mpsc::channel(16);
+        let stream = DialedConsumerV2 {
+            metadata: request.metadata().clone(),
+            inbound: request.into_inner(),
+            outbound,
+        };
+        self.streams
+            .send(stream)
+            .await
+            .map_err(|_| Status::unavailable("the script is gone"))?;
+        let mut response = Response::new(ReceiverStream::new(rx));
+        if let Some(window) = self.grant {
+            response
+                .metadata_mut()
+                .insert("elsinore-window", window.into());
+        }
+        Ok(response)
+    }
+}
+
+/// Starts a foreign v1alpha2 consumer that Elsinore owners dial to push;
+/// their streams arrive on the receiver.
+pub async fn serve_consumer_v2(
+    identity: &Identity,
+    elsinore: &TrustBundle,
+) -> anyhow::Result<(ForeignServer, mpsc::Receiver<DialedConsumerV2>)> {
+    serve_consumer_v2_granting(identity, elsinore, None).await
+}
+
+/// Like [`serve_consumer_v2`], answering every stream's headers with
+/// `elsinore-window: grant` when given (no header otherwise).
+pub async fn serve_consumer_v2_granting(
+    identity: &Identity,
+    elsinore: &TrustBundle,
+    grant: Option<u32>,
+) -> anyhow::Result<(ForeignServer, mpsc::Receiver<DialedConsumerV2>)> {
+    let (streams, rx) = mpsc::channel(4);
+    let router =
+        Server::builder().add_service(rd2::discovery_service_server::DiscoveryServiceServer::new(
+            ScriptedConsumerV2 { streams, grant },
+        ));
     Ok((spawn_server(identity, elsinore, router).await?, rx))
 }
 

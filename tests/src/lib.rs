@@ -550,6 +550,8 @@ pub struct PeerSpec {
     pub identities: Vec<String>,
     /// `followTrustBundle`.
     pub follow_trust_bundle: bool,
+    /// `peers[].dial`: `consumer` or `owner`; `None` = the default.
+    pub dial: Option<String>,
 }
 
 impl PeerSpec {
@@ -564,6 +566,7 @@ impl PeerSpec {
             api_version: None,
             identities: Vec::new(),
             follow_trust_bundle: false,
+            dial: None,
         }
     }
 
@@ -597,6 +600,13 @@ impl PeerSpec {
     /// `followTrustBundle: true` (needs `imports.cacheDir`).
     pub fn follow_trust_bundle(mut self) -> Self {
         self.follow_trust_bundle = true;
+        self
+    }
+
+    /// `peers[].dial`: `owner` makes every stream with this peer go the
+    /// owner-dials way (anything else tests validation).
+    pub fn dial_by(mut self, side: &str) -> Self {
+        self.dial = Some(side.to_owned());
         self
     }
 }
@@ -842,6 +852,9 @@ impl RenderCtx {
             }
             if p.follow_trust_bundle {
                 y.push_str("    followTrustBundle: true\n");
+            }
+            if let Some(d) = &p.dial {
+                let _ = writeln!(y, "    dial: {}", q(d));
             }
         }
         if spec.stale_after.is_some() || spec.cache_dir.is_some() {

@@ -164,6 +164,7 @@ pub(crate) mod tests {
             trust_bundle: format!("certs/{name}/ca.pem").into(),
             federation: None,
             api_version: ApiVersion::V1alpha2,
+            dial: crate::config::DialMode::Consumer,
         }
     }
 

@@ -35,6 +35,10 @@ pub const FQDN_SUFFIX: &str = "global";
 /// Wire version spoken to a peer unless `apiVersion` says otherwise.
 pub const API_VERSION: ApiVersion = ApiVersion::V1alpha2;
 
+/// Which side dials a peer's streams unless `dial` says otherwise: the
+/// consumer, as the spec's usual case.
+pub const DIAL: super::DialMode = super::DialMode::Consumer;
+
 /// How long imports outlive a lost stream.
 pub const STALE_AFTER: Duration = Duration::from_secs(5 * 60);
 

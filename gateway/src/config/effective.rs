@@ -56,6 +56,7 @@ fn peer(p: &Peer) -> Value {
         api_version,
         identities,
         follow_trust_bundle,
+        dial,
     } = p;
     json!({
         "name": name,
@@ -65,6 +66,7 @@ fn peer(p: &Peer) -> Value {
         "apiVersion": api_version.as_str(),
         "identities": identities.to_strings(trust_domain),
         "followTrustBundle": follow_trust_bundle,
+        "dial": dial.as_str(),
     })
 }
 

@@ -87,6 +87,8 @@ pub(super) struct RawPeer {
     pub identities: Option<Vec<String>>,
     // Issue 13, item 4 (trust bundles that follow the peer).
     pub follow_trust_bundle: Option<bool>,
+    // issue 13 item 5 (dial direction)
+    pub dial: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -150,6 +150,7 @@ fn full_example_parses_to_typed_values() {
             api_version: ApiVersion::V1alpha2,
             identities: PeerIdentities::gateway_of(&"mesh-b.example".parse().unwrap()),
             follow_trust_bundle: false,
+            dial: crate::config::DialMode::Consumer,
         }],
         imports: Imports {
             stale_after: Duration::from_secs(300),
@@ -219,6 +220,11 @@ fn export_and_peer_defaults() {
     let p = &c.peers[0];
     assert_eq!(p.api_version, ApiVersion::V1alpha2);
     assert_eq!(p.federation, None);
+    assert_eq!(
+        p.dial,
+        crate::config::DialMode::Consumer,
+        "the consumer dials by default"
+    );
 
     let c = ok(&format!(
         "{}listeners: {{ ingress: \"127.0.0.1:18443\" }}\n",
@@ -1183,5 +1189,42 @@ fn follow_trust_bundle_needs_a_cache_and_our_bundle_is_a_path() {
             .as_str()
             .unwrap()
             .ends_with("certs/own.pem")
+    );
+}
+
+/// `peers[].dial`: which side of the peer's streams dials; the owner's push
+/// exists only in v1alpha2, so v1alpha1 with `dial: owner` is refused.
+#[test]
+fn peer_dial_direction() {
+    use crate::config::DialMode;
+    let c = ok(&with_peers(&[
+        "{ name: mesh-b, trustDomain: mesh-b.example, trustBundle: b.pem, federation: \"gw.b:8008\", dial: owner }",
+        "{ name: mesh-c, trustDomain: mesh-c.example, trustBundle: c.pem, dial: consumer }",
+        "{ name: mesh-d, trustDomain: mesh-d.example, trustBundle: d.pem, dial: owner }",
+    ]));
+    assert_eq!(c.peers[0].dial, DialMode::Owner);
+    assert_eq!(c.peers[1].dial, DialMode::Consumer);
+    assert_eq!(
+        c.peers[2].dial,
+        DialMode::Owner,
+        "no federation: we only accept its pushes"
+    );
+    assert_eq!(
+        crate::config::effective::to_json(&c)["peers"][0]["dial"],
+        "owner"
+    );
+    assert_err(
+        &with_peers(&[
+            "{ name: mesh-b, trustDomain: mesh-b.example, trustBundle: b.pem, federation: \"gw.b:8008\", apiVersion: v1alpha1, dial: owner }",
+        ]),
+        "peers[0].dial",
+        &["owner needs apiVersion v1alpha2", "v1alpha1"],
+    );
+    assert_err(
+        &with_peers(&[
+            "{ name: mesh-b, trustDomain: mesh-b.example, trustBundle: b.pem, dial: Owner }",
+        ]),
+        "peers[0].dial",
+        &["unknown dial direction \"Owner\" (expected one of consumer, owner)"],
     );
 }

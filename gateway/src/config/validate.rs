@@ -18,7 +18,7 @@ use super::raw::{
     RawProxy,
 };
 use super::{
-    Advertise, ApiVersion, Config, ConfigError, ConfigErrors, Drain, EgressMode, Export,
+    Advertise, ApiVersion, Config, ConfigError, ConfigErrors, DialMode, Drain, EgressMode, Export,
     FederationTuning, IdentityFiles, Imports, Listeners, Mesh, Peer, PeerIdentities, ProxyTuning,
     SharedAnswer, defaults,
 };
@@ -445,6 +445,7 @@ impl Validator<'_> {
                     defaults::API_VERSION
                 }
             };
+            let dial = self.dial(&at, p.dial.as_deref(), api_version);
             let identities = trust_domain
                 .as_ref()
                 .map(|td| self.peer_identities(&at, td, p.identities.as_deref()));
@@ -459,6 +460,7 @@ impl Validator<'_> {
                     api_version,
                     identities,
                     follow_trust_bundle: p.follow_trust_bundle.unwrap_or(false),
+                    dial,
                 });
             }
         }
@@ -538,6 +540,30 @@ impl Validator<'_> {
         } else {
             PeerIdentities::Only(ids)
         }
+    }
+
+    /// `peers[i].dial`: v1alpha1 cannot carry an owner's push (its stream
+    /// has a request type and a response type, not one wrapper for both).
+    fn dial(&mut self, at: &str, raw: Option<&str>, api_version: ApiVersion) -> DialMode {
+        let dial = match raw {
+            None => defaults::DIAL,
+            Some("consumer") => DialMode::Consumer,
+            Some("owner") => DialMode::Owner,
+            Some(other) => {
+                self.error(
+                    format!("{at}.dial"),
+                    format!("unknown dial direction {other:?} (expected one of consumer, owner)"),
+                );
+                return defaults::DIAL;
+            }
+        };
+        if dial == DialMode::Owner && api_version == ApiVersion::V1alpha1 {
+            self.error(
+                format!("{at}.dial"),
+                "owner needs apiVersion v1alpha2: a v1alpha1 stream cannot carry an owner's push (the consumer always dials)".to_owned(),
+            );
+        }
+        dial
     }
 
     fn duration(&mut self, path: &str, s: Option<&str>, default: Duration) -> Duration {

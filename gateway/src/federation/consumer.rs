@@ -1,12 +1,16 @@
-//! The consumer side on the wire: one task per peer with a `federation`
-//! address. It dials the peer over mTLS, opens the stream in the peer's API
-//! version, feeds every response to the [`ConsumerSession`], sends back its
-//! ACK/NACK, publishes the imports, persists them to the cache, and
-//! reconnects with backoff when the session says so. The protocol decisions
-//! are [`session`]'s (the sans-I/O state machine beside this file) and the
-//! wire encoding is `elsinore_federation_api::message`'s; this file must not
-//! decide what a response means nor build a proto by hand.
+//! The consumer side on the wire: one task per peer we import from. In the
+//! usual direction (`dial: consumer`) it dials the peer over mTLS, opens the
+//! stream in the peer's API version and reconnects with backoff when the
+//! session says so; for a peer whose owner dials us (`dial: owner`) it takes
+//! the streams the federation server accepted from that peer instead
+//! ([`accept`]). Either way the same loop feeds every response to the
+//! [`ConsumerSession`], sends back its ACK/NACK, publishes the imports and
+//! persists them to the cache. The protocol decisions are [`session`]'s (the
+//! sans-I/O state machine beside this file) and the wire encoding is
+//! `elsinore_federation_api::message`'s; this file must not decide what a
+//! response means nor build a proto by hand.
 
+pub mod accept;
 pub mod session;
 
 use std::sync::Arc;
@@ -23,7 +27,6 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
 use tonic::{Code, Request, Streaming};
 
 use self::session::{AfterClose, CloseReason, ConsumerSession, ConsumerSettings, Reply, SyncState};
@@ -49,13 +52,32 @@ const CLEAN_END: &str = "owner closed the stream";
 pub struct ConsumerTask {
     pub shared: Arc<Shared>,
     pub peer: Arc<PeerState>,
-    pub address: HostPort,
     /// Our identity and this peer's bundle are read from here on every dial.
     pub credentials: Arc<crate::credentials::Credentials>,
     pub settings: ConsumerSettings,
     pub window: u32,
     pub cache_dir: Option<std::path::PathBuf>,
     pub shutdown: CancellationToken,
+}
+
+/// Where the streams of one consumer task come from.
+pub enum Source {
+    /// We dial the owner at this address (`dial: consumer`).
+    Dial(HostPort),
+    /// The owner dials us and pushes (`dial: owner`): the federation server
+    /// hands over each stream it accepted from this peer.
+    Accept(mpsc::Receiver<accept::Accepted>),
+}
+
+/// How one stream ended, seen from the loop that serves it.
+enum StreamEnd {
+    /// The gateway is shutting down.
+    Shutdown,
+    /// The stream (or the dial) ended; what it means for retrying.
+    Closed(CloseReason),
+    /// A newer stream from the same owner arrived (accepting only): it
+    /// replaces this one.
+    Replaced(Box<accept::Accepted>),
 }
 
 /// One owner response as the codec read it.
@@ -67,20 +89,38 @@ enum Wire {
         rx: Streaming<rd2::BidirectionalStream>,
         tx: mpsc::Sender<rd2::BidirectionalStream>,
         context: String,
+        /// What a request from the owner ends the stream with.
+        wrong_way: tonic::Status,
     },
     V1 {
         rx: Streaming<rd1::StreamResponse>,
         tx: mpsc::Sender<rd1::StreamRequest>,
+    },
+    /// A v1alpha2 stream the owner opened to us: we are the gRPC server, so
+    /// our requests go out in the response stream.
+    Accepted {
+        rx: Streaming<rd2::BidirectionalStream>,
+        tx: mpsc::Sender<Result<rd2::BidirectionalStream, tonic::Status>>,
+        context: String,
+        /// What a request from the owner is refused with: it names the
+        /// config key (built once, when the stream is accepted).
+        wrong_direction: tonic::Status,
     },
 }
 
 impl Wire {
     async fn next(&mut self) -> Result<Option<Received>, tonic::Status> {
         match self {
-            Wire::V2 { rx, .. } => loop {
+            Wire::V2 { rx, wrong_way, .. } => loop {
                 let Some(m) = rx.message().await? else {
                     return Ok(None);
                 };
+                // An owner that sends requests is waiting for us to push:
+                // its config says the owner dials. Waiting on would hang
+                // both sides without a word.
+                if m.request.is_some() {
+                    return Err(wrong_way.clone());
+                }
                 match message::Response::from_v1alpha2(m) {
                     // A bidirectional wrapper without a response carries nothing for us.
                     Err(Rejected {
@@ -91,12 +131,45 @@ impl Wire {
                 }
             },
             Wire::V1 { rx, .. } => Ok(rx.message().await?.map(message::Response::from_v1alpha1)),
+            Wire::Accepted {
+                rx,
+                wrong_direction,
+                ..
+            } => loop {
+                let Some(m) = rx.message().await? else {
+                    return Ok(None);
+                };
+                // A peer that sends requests thinks it is our consumer: the
+                // two configs disagree on who dials, and no catalog flows.
+                if m.request.is_some() {
+                    return Err(wrong_direction.clone());
+                }
+                match message::Response::from_v1alpha2(m) {
+                    Err(Rejected {
+                        error: ResponseError::NotAResponse,
+                        ..
+                    }) => continue,
+                    received => return Ok(Some(received)),
+                }
+            },
+        }
+    }
+
+    /// Ends a stream we accepted with `status` (the dialing owner sees it);
+    /// a stream we dialed ends when it is dropped. Best effort: the stream
+    /// being ended may be a dead connection whose queue no longer drains,
+    /// and waiting on it would stall this peer's consumer.
+    fn fail(&self, status: tonic::Status) {
+        if let Wire::Accepted { tx, .. } = self {
+            let _ = tx.try_send(Err(status));
         }
     }
 
     async fn reply(&mut self, reply: Reply) -> bool {
         let (version, context) = match self {
-            Wire::V2 { context, .. } => (ApiVersion::V1alpha2, context.clone()),
+            Wire::V2 { context, .. } | Wire::Accepted { context, .. } => {
+                (ApiVersion::V1alpha2, context.clone())
+            }
             Wire::V1 { .. } => (ApiVersion::V1alpha1, String::new()),
         };
         let request = match reply {
@@ -108,6 +181,7 @@ impl Wire {
         match self {
             Wire::V2 { tx, .. } => tx.send(request.to_v1alpha2()).await.is_ok(),
             Wire::V1 { tx, .. } => tx.send(request.to_v1alpha1()).await.is_ok(),
+            Wire::Accepted { tx, .. } => tx.send(Ok(request.to_v1alpha2())).await.is_ok(),
         }
     }
 }
@@ -123,23 +197,32 @@ fn close_reason(status: &tonic::Status) -> CloseReason {
 
 impl ConsumerTask {
     /// Runs until shutdown, then waits for the last cache write.
-    pub async fn run(self) {
+    pub async fn run(self, source: Source) {
         let name = self.peer.config.name.clone();
-        let span = tracing::info_span!("consumer", peer = %name, address = %self.address);
         let writer = self
             .cache_dir
             .clone()
             .map(|dir| CacheWriter::spawn(dir, name.clone()));
-        tracing::Instrument::instrument(self.run_inner(writer.as_ref()), span).await;
+        match source {
+            Source::Dial(address) => {
+                let span = tracing::info_span!("consumer", peer = %name, address = %address);
+                let run = self.run_dialing(&address, writer.as_ref());
+                tracing::Instrument::instrument(run, span).await;
+            }
+            Source::Accept(mut incoming) => {
+                let span = tracing::info_span!("consumer", peer = %name, dial = "owner");
+                let run = accept::run(&self, &mut incoming, writer.as_ref());
+                tracing::Instrument::instrument(run, span).await;
+            }
+        }
         if let Some(writer) = writer {
             writer.close().await;
         }
     }
 
-    async fn run_inner(&self, writer: Option<&CacheWriter>) {
-        let mut session = ConsumerSession::new(self.settings.clone());
+    async fn run_dialing(&self, address: &HostPort, writer: Option<&CacheWriter>) {
         let mut stats = Counters::default();
-        self.restore_cache(&mut session);
+        let mut session = self.new_session();
         self.publish(&session, &stats);
         let mut attempt_at = Instant::now();
         loop {
@@ -159,33 +242,26 @@ impl ConsumerTask {
                     self.save_cache(writer, &session);
                 }
             }
-            let end = self.one_stream(&mut session, &mut stats, writer).await;
-            let Some(reason) = end else {
-                return self.save_cache(writer, &session);
+            let mut wire = tokio::select! {
+                _ = self.shutdown.cancelled() => return self.save_cache(writer, &session),
+                opened = self.open(address, &mut session) => opened,
             };
-            let ended = match &reason {
-                // Draining or restarting: not an error. Imports stay (stale
-                // after `staleAfter`) and we dial again with backoff.
-                CloseReason::Other(text) if text == CLEAN_END => {
-                    tracing::info!(
-                        "owner ended the stream cleanly; keeping its imports until staleAfter"
-                    );
-                    "the owner ended the stream cleanly (draining or restarting)".to_owned()
+            let end = match &mut wire {
+                Ok(wire) => {
+                    stats.connected = true;
+                    self.serve(&mut session, &mut stats, writer, wire, None)
+                        .await
                 }
-                CloseReason::Unauthenticated(text)
-                | CloseReason::InvalidArgument(text)
-                | CloseReason::Other(text) => {
-                    tracing::warn!(reason = ?reason, "federation stream lost");
-                    format!("stream lost: {text}")
+                Err(status) => StreamEnd::Closed(close_reason(status)),
+            };
+            let reason = match end {
+                StreamEnd::Closed(reason) => reason,
+                // Dialing: nothing hands over a stream.
+                StreamEnd::Shutdown | StreamEnd::Replaced(_) => {
+                    return self.save_cache(writer, &session);
                 }
             };
-            if stats.connected {
-                stats.last_stream_end = Some(ended);
-            }
-            if session.stats().snapshot_complete {
-                stats.synced_until = Some(SystemTime::now());
-            }
-            match session.on_stream_closed(Instant::now(), reason, rand::random::<f64>()) {
+            match self.stream_ended(&mut session, &mut stats, reason, rand::random::<f64>()) {
                 AfterClose::ReconnectAt(at) => {
                     stats.reconnects += 1;
                     attempt_at = at;
@@ -195,28 +271,58 @@ impl ConsumerTask {
                     stats.failed = Some(reason);
                 }
             }
-            stats.connected = false;
-            stats.attempted = true;
             self.publish(&session, &stats);
             self.save_cache(writer, &session);
         }
     }
 
-    /// One connection attempt and stream. `None` = shutdown.
-    async fn one_stream(
+    /// The bookkeeping of a stream (or dial) that ended, in both directions.
+    fn stream_ended(
+        &self,
+        session: &mut ConsumerSession,
+        stats: &mut Counters,
+        reason: CloseReason,
+        jitter: f64,
+    ) -> AfterClose {
+        let ended = match &reason {
+            // Draining or restarting: not an error. Imports stay (stale
+            // after `staleAfter`) and we dial again with backoff.
+            CloseReason::Other(text) if text == CLEAN_END => {
+                tracing::info!(
+                    "owner ended the stream cleanly; keeping its imports until staleAfter"
+                );
+                "the owner ended the stream cleanly (draining or restarting)".to_owned()
+            }
+            CloseReason::Unauthenticated(text)
+            | CloseReason::InvalidArgument(text)
+            | CloseReason::Other(text) => {
+                tracing::warn!(reason = ?reason, "federation stream lost");
+                format!("stream lost: {text}")
+            }
+        };
+        if stats.connected {
+            stats.last_stream_end = Some(ended);
+        }
+        if session.stats().snapshot_complete {
+            stats.synced_until = Some(SystemTime::now());
+        }
+        let after = session.on_stream_closed(Instant::now(), reason, jitter);
+        stats.connected = false;
+        stats.attempted = true;
+        after
+    }
+
+    /// Serves one open stream until it ends: every response to the session,
+    /// its ACK/NACK back, imports published and saved in batches. With
+    /// `incoming` (accepting), a newer stream from the owner ends this one.
+    async fn serve(
         &self,
         session: &mut ConsumerSession,
         stats: &mut Counters,
         writer: Option<&CacheWriter>,
-    ) -> Option<CloseReason> {
-        let mut wire = tokio::select! {
-            _ = self.shutdown.cancelled() => return None,
-            opened = self.open(session) => match opened {
-                Ok(wire) => wire,
-                Err(status) => return Some(close_reason(&status)),
-            },
-        };
-        stats.connected = true;
+        wire: &mut Wire,
+        mut incoming: Option<&mut mpsc::Receiver<accept::Accepted>>,
+    ) -> StreamEnd {
         self.publish(session, stats);
         let mut dirty_since: Option<Instant> = None;
         let mut last_save = Instant::now();
@@ -233,10 +339,17 @@ impl ConsumerTask {
                 (a, b) => a.or(b),
             };
             tokio::select! {
-                _ = self.shutdown.cancelled() => return None,
+                _ = self.shutdown.cancelled() => return StreamEnd::Shutdown,
+                newer = accept::next(&mut incoming) => match newer {
+                    Some(newer) => return StreamEnd::Replaced(Box::new(newer)),
+                    None => return StreamEnd::Shutdown,
+                },
                 next = wire.next() => match next {
-                    Err(status) => return Some(close_reason(&status)),
-                    Ok(None) => return Some(CloseReason::Other(CLEAN_END.to_owned())),
+                    Err(status) => {
+                        wire.fail(status.clone());
+                        return StreamEnd::Closed(close_reason(&status));
+                    }
+                    Ok(None) => return StreamEnd::Closed(CloseReason::Other(CLEAN_END.to_owned())),
                     Ok(Some(r)) => {
                         let was_complete = session.stats().snapshot_complete;
                         let service = match &r {
@@ -252,7 +365,7 @@ impl ConsumerTask {
                             tracing::warn!(%service, %message, "NACKed an entry");
                         }
                         if !wire.reply(reply).await {
-                            return Some(CloseReason::Other("request stream closed".to_owned()));
+                            return StreamEnd::Closed(CloseReason::Other("request stream closed".to_owned()));
                         }
                         dirty_since.get_or_insert_with(Instant::now);
                         unsaved = true;
@@ -288,41 +401,21 @@ impl ConsumerTask {
         }
     }
 
-    async fn open(&self, session: &mut ConsumerSession) -> Result<Wire, tonic::Status> {
-        let address = self.address.to_string();
-        let credentials = Arc::clone(&self.credentials);
-        let peer = self.peer.config.name.clone();
-        let target = self.address.clone();
+    async fn open(
+        &self,
+        address: &HostPort,
+        session: &mut ConsumerSession,
+    ) -> Result<Wire, tonic::Status> {
         // The owner's certificate chain of the last dial: a bundle the
         // owner publishes is judged against it (credentials::learned).
-        let chain = Arc::new(std::sync::Mutex::new(None));
-        let dialed = Arc::clone(&chain);
-        // Every connection tonic makes is a fresh mTLS dial to the peer.
-        let connector = tower::service_fn(move |_uri: http::Uri| {
-            let target = target.clone();
-            let dialed = Arc::clone(&dialed);
-            // The material published now: a rotation reaches the next dial.
-            let config = credentials.current().federation_clients.get(&peer).cloned();
-            async move {
-                let config =
-                    config.ok_or_else(|| std::io::Error::other("no trust bundle for this peer"))?;
-                let io = super::transport::dial_mtls(&target.host, target.port, config).await?;
-                if let Ok(mut slot) = dialed.lock() {
-                    *slot = super::transport::server_chain(&io);
-                }
-                Ok::<_, std::io::Error>(io)
-            }
-        });
-        let channel = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| tonic::Status::invalid_argument(format!("peer address {address}: {e}")))?
-            .connect_timeout(Duration::from_secs(10))
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .connect_with_connector(connector)
-            .await
-            .map_err(|e| {
-                tonic::Status::unavailable(format!("dial {address}: {}", error_chain(&e)))
-            })?;
+        let chain: super::transport::ChainSlot = Arc::default();
+        let channel = super::transport::connect_channel(
+            Arc::clone(&self.credentials),
+            &self.peer.config.name,
+            address,
+            Some(Arc::clone(&chain)),
+        )
+        .await?;
         let window = self.window.to_string();
         let (wire, headers) = match self.peer.config.api_version {
             ApiVersion::V1alpha2 => {
@@ -342,6 +435,7 @@ impl ConsumerTask {
                         rx: response.into_inner(),
                         tx,
                         context,
+                        wrong_way: accept::answered_wrong_way(&self.shared, &self.peer),
                     },
                     headers,
                 )
@@ -408,6 +502,14 @@ impl ConsumerTask {
             }
             Err(error) => tracing::error!(%error, "learning the peer's trust bundle failed"),
         }
+    }
+
+    /// The session of this task, whichever side dials: set up once, with
+    /// what the cache holds.
+    fn new_session(&self) -> ConsumerSession {
+        let mut session = ConsumerSession::new(self.settings.clone());
+        self.restore_cache(&mut session);
+        session
     }
 
     fn restore_cache(&self, session: &mut ConsumerSession) {
@@ -507,17 +609,6 @@ fn insert_header<T>(request: &mut Request<T>, window: &str) {
     if let Ok(v) = window.parse() {
         request.metadata_mut().insert(WINDOW_HEADER, v);
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        cur = inner.source();
-    }
-    s
 }
 
 type CacheEntries = Arc<Vec<(Arc<elsinore_federation_api::FederatedService>, SystemTime)>>;

@@ -7,16 +7,23 @@
 //! moves messages between tonic and the session. It must not encode or decode protos itself: the
 //! version-neutral messages and their v1alpha1/v1alpha2 codec are
 //! `elsinore_federation_api::message`'s.
+//!
+//! The same server is where a peer configured `dial: owner` pushes its own
+//! catalog: such a stream is handed to that peer's consumer task
+//! (`consumer::accept`), not served here. When *we* are the owner that
+//! dials, [`dial`] opens the stream and runs the same session through
+//! [`drive`].
 
+pub mod dial;
 pub mod session;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use elsinore_federation_api::message::{
-    self, Operation, SNAPSHOT_SIZE_HEADER, TRUST_BUNDLE_HEADER, WINDOW_HEADER,
+    self, Operation, RequestError, SNAPSHOT_SIZE_HEADER, TRUST_BUNDLE_HEADER, WINDOW_HEADER,
 };
 use elsinore_federation_api::proto::federation::resourcediscovery::{
     v1alpha1 as rd1, v1alpha2 as rd2,
@@ -29,8 +36,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use self::session::{AckOutcome, Op, Outgoing, OwnerSession, OwnerSettings};
+use super::consumer::accept::{self, Accepted};
 use super::status::{OwnerCounters, StreamRefusal};
 use super::transport::PeerConn;
+use crate::config::DialMode;
 use crate::state::{PeerState, Shared};
 
 /// How long a consumer may take to send its first request.
@@ -52,6 +61,8 @@ pub struct OwnerService {
     shutdown: CancellationToken,
     /// Where our published trust bundle comes from; `None` = none.
     credentials: Option<Arc<crate::credentials::Credentials>>,
+    /// Peer name → its consumer task, for peers whose owner dials us.
+    accepting: Arc<HashMap<String, mpsc::Sender<Accepted>>>,
 }
 
 /// The consumer's requests, whatever version they came in.
@@ -64,6 +75,7 @@ impl OwnerService {
             options,
             shutdown,
             credentials: None,
+            accepting: Arc::default(),
         }
     }
 
@@ -71,6 +83,13 @@ impl OwnerService {
     /// and ends open streams when it changes so consumers read the new one.
     pub fn publishing(mut self, credentials: Arc<crate::credentials::Credentials>) -> Self {
         self.credentials = Some(credentials);
+        self
+    }
+
+    /// Streams from the peers named here (configured `dial: owner`) are
+    /// pushes: they go to that peer's consumer task.
+    pub fn accepting(mut self, accepting: HashMap<String, mpsc::Sender<Accepted>>) -> Self {
+        self.accepting = Arc::new(accepting);
         self
     }
 
@@ -170,8 +189,11 @@ impl OwnerService {
     }
 }
 
+/// Runs one owner stream (either direction) to its end and keeps the
+/// peer's owner counters. Returns whether the whole snapshot was sent, so
+/// that a dialer can tell a stream that worked from one that failed early.
 #[allow(clippy::too_many_arguments)]
-async fn drive<M: Send + 'static>(
+pub(crate) async fn drive<M: Send + 'static>(
     mut session: OwnerSession,
     peer: Arc<PeerState>,
     snapshot: BTreeMap<String, Arc<FederatedService>>,
@@ -181,8 +203,12 @@ async fn drive<M: Send + 'static>(
     encode: fn(&message::Response) -> M,
     shutdown: CancellationToken,
     bundle_changes: Option<tokio::sync::watch::Receiver<u64>>,
-) {
+) -> bool {
     let counters = &peer.owner;
+    counters.window.store(
+        u64::from(session.settings().window),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     OwnerCounters::bump(&counters.streams_total);
     OwnerCounters::bump(&counters.streams_open);
     let stream = run_stream(
@@ -215,6 +241,7 @@ async fn drive<M: Send + 'static>(
             let _ = tx.send(Err(status)).await;
         }
     }
+    session.snapshot_sent()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -345,16 +372,27 @@ fn response(out: Outgoing) -> message::Response {
 
 #[tonic::async_trait]
 impl rd2::discovery_service_server::DiscoveryService for OwnerService {
-    type EstablishStreamStream = ReceiverStream<Result<rd2::BidirectionalStream, Status>>;
+    type EstablishStreamStream = accept::PushStream;
 
     async fn establish_stream(
         &self,
         request: Request<Streaming<rd2::BidirectionalStream>>,
     ) -> Result<Response<Self::EstablishStreamStream>, Status> {
         let peer = self.authenticate(&request)?;
+        if peer.config.dial == DialMode::Owner {
+            let to = self
+                .accepting
+                .get(&peer.config.name)
+                .ok_or_else(|| Status::unavailable("this peer's consumer is not running"))?;
+            return accept::handoff(&self.shared, &peer, request, to, self.options.max_window)
+                .await;
+        }
         let window = self.negotiate_window(&request);
-        let inbound = request.into_inner().map(|m| {
-            message::Request::from_v1alpha2(m?).map_err(|e| Status::invalid_argument(e.to_string()))
+        let wrong_direction = accept::wrong_direction(&self.shared, &peer);
+        let inbound = request.into_inner().map(move |m| {
+            message::Request::from_v1alpha2(m?).map_err(|e| match e {
+                RequestError::NotARequest => wrong_direction.clone(),
+            })
         });
         self.open(
             peer,
@@ -379,6 +417,11 @@ impl rd1::discovery_service_server::DiscoveryService for OwnerServiceV1alpha1 {
         request: Request<Streaming<rd1::StreamRequest>>,
     ) -> Result<Response<Self::EstablishStreamStream>, Status> {
         let peer = self.0.authenticate(&request)?;
+        if peer.config.dial == DialMode::Owner {
+            // v1alpha1 has no owner's push: this peer's config and ours
+            // disagree on who dials.
+            return Err(accept::wrong_direction(&self.0.shared, &peer));
+        }
         let window = self.0.negotiate_window(&request);
         let inbound = request
             .into_inner()

@@ -88,6 +88,9 @@ pub struct OwnerCounters {
     pub unknown_nonces: AtomicU64,
     /// Last NACK received: (service name, message). Touched only on NACK.
     pub last_nack: Mutex<Option<(String, String)>>,
+    /// The window of the last stream opened (either direction): 1 with a
+    /// foreign peer, what was negotiated with another Elsinore.
+    pub window: AtomicU64,
 }
 
 impl OwnerCounters {

@@ -170,13 +170,69 @@ pub async fn dial_mtls(
     Ok(TokioIo::new(tls))
 }
 
+/// Where [`connect_channel`] keeps the chain the peer presented.
+pub type ChainSlot = Arc<std::sync::Mutex<Option<Vec<rustls::pki_types::CertificateDer<'static>>>>>;
+
 /// The certificate chain the server presented on a connection made by
 /// [`dial_mtls`] (verified by its handshake).
-pub fn server_chain(
+fn server_chain(
     io: &TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
 ) -> Option<Vec<rustls::pki_types::CertificateDer<'static>>> {
     let certs = io.inner().get_ref().1.peer_certificates()?;
     Some(certs.iter().map(|c| c.clone().into_owned()).collect())
+}
+
+/// An HTTP/2 channel to a peer's federation listener at `address`: every
+/// connection tonic makes is a fresh mTLS dial with the material published
+/// at that moment for `peer` (a rotation reaches the next dial). Both
+/// directions dial through it: our consumer for the usual stream, our owner
+/// for a peer configured `dial: owner`. With `chain`, the certificate chain
+/// the peer presented on the last dial is kept there (a bundle the peer
+/// publishes is judged against it: `credentials::learned`).
+pub async fn connect_channel(
+    credentials: Arc<crate::credentials::Credentials>,
+    peer: &str,
+    address: &crate::config::HostPort,
+    chain: Option<ChainSlot>,
+) -> Result<tonic::transport::Channel, tonic::Status> {
+    let shown = address.to_string();
+    let peer = peer.to_owned();
+    let target = address.clone();
+    let connector = tower::service_fn(move |_uri: http::Uri| {
+        let target = target.clone();
+        let chain = chain.clone();
+        let config = credentials.current().federation_clients.get(&peer).cloned();
+        async move {
+            let config = config.ok_or_else(|| io::Error::other("no trust bundle for this peer"))?;
+            let io = dial_mtls(&target.host, target.port, config).await?;
+            if let Some(slot) = chain
+                && let Ok(mut slot) = slot.lock()
+            {
+                *slot = server_chain(&io);
+            }
+            Ok::<_, io::Error>(io)
+        }
+    });
+    tonic::transport::Endpoint::from_shared(format!("http://{shown}"))
+        .map_err(|e| tonic::Status::invalid_argument(format!("peer address {shown}: {e}")))?
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .http2_keep_alive_interval(std::time::Duration::from_secs(30))
+        .keep_alive_timeout(std::time::Duration::from_secs(10))
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("dial {shown}: {}", error_chain(&e))))
+}
+
+/// An error with its sources, for one log line.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
 }
 
 #[cfg(test)]

@@ -587,20 +587,29 @@ impl ConsumerSession {
 
     /// The reconnect delay for the current count of consecutive failures.
     fn backoff_delay(&self, jitter: f64) -> Duration {
-        let exponent = self.failures.saturating_sub(1).min(31);
-        let base = self
-            .settings
-            .backoff_initial
-            .saturating_mul(1u32 << exponent)
-            .min(self.settings.backoff_max);
-        let jitter = if jitter.is_finite() {
-            jitter.clamp(0.0, 1.0)
-        } else {
-            0.0
-        };
-        base.mul_f64(0.5 + jitter / 2.0)
-            .clamp(MIN_BACKOFF, self.settings.backoff_max)
+        backoff_delay(&self.settings, self.failures, jitter)
     }
+}
+
+/// The reconnect delay after `failures` consecutive failures (at least 1):
+/// `backoff_initial` doubled per failure, capped at `backoff_max`, scaled by
+/// `0.5 + jitter / 2`, never below one second. Also what an owner that dials
+/// (`dial: owner`) waits between attempts.
+pub fn backoff_delay(settings: &ConsumerSettings, failures: u32, jitter: f64) -> Duration {
+    // Raised here too, so a caller with raw settings cannot go below the spec.
+    let max = settings.backoff_max.max(MIN_BACKOFF);
+    let exponent = failures.saturating_sub(1).min(31);
+    let base = settings
+        .backoff_initial
+        .max(MIN_BACKOFF)
+        .saturating_mul(1u32 << exponent)
+        .min(max);
+    let jitter = if jitter.is_finite() {
+        jitter.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    base.mul_f64(0.5 + jitter / 2.0).clamp(MIN_BACKOFF, max)
 }
 
 /// Removes every import whose name is not in `keep`; returns the names
