@@ -123,7 +123,9 @@ struct Setup {
     b_spec: ConfigSpec,
 }
 
-async fn setup(follow: bool) -> Setup {
+/// `dial`: who dials both streams (`peers[].dial`); with `owner`, A dials B
+/// and publishes its bundle in its request headers.
+async fn setup(follow: bool, dial: &str) -> Setup {
     let a = MeshFixture::data_plane(A).await;
     let b = MeshFixture::data_plane(B).await;
     let web = Backend::http1("web").await;
@@ -143,11 +145,13 @@ async fn setup(follow: bool) -> Setup {
                         .port(8080)
                         .backend(&web.host_port()),
                 )
-                .peer(b.peer()),
+                // Only a dialing owner needs B's address.
+                .peer(if dial == "owner" { b.dial() } else { b.peer() }.dial_by(dial)),
         )
         .await;
-    let mut peer =
-        PeerSpec::new(A, a.trust_domain.as_str(), &b_trusts_a).federation(a.federation_addr);
+    let mut peer = PeerSpec::new(A, a.trust_domain.as_str(), &b_trusts_a)
+        .federation(a.federation_addr)
+        .dial_by(dial);
     if follow {
         peer = peer.follow_trust_bundle();
     }
@@ -166,8 +170,20 @@ async fn setup(follow: bool) -> Setup {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peers_ca_rollover_needs_no_edit_on_a_consumer_that_follows_it() {
+    rollover_followed("consumer").await;
+}
+
+/// The same rollover when the owner dials and pushes (`dial: owner`): the
+/// bundle comes in A's request headers, judged against the client
+/// certificate B's listener verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_rollover_is_followed_when_the_owner_dials() {
+    rollover_followed("owner").await;
+}
+
+async fn rollover_followed(dial: &str) {
     run_test(async {
-        let mut s = setup(true).await;
+        let mut s = setup(true, dial).await;
         let gb = s.b.start(&s.b_spec).await;
         gb.wait_imported(A, &["web"]).await;
         request_ok(&gb, "before the rollover").await;
@@ -237,7 +253,7 @@ async fn a_peers_ca_rollover_needs_no_edit_on_a_consumer_that_follows_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_follow_a_peers_new_ca_is_refused_as_before() {
     run_test(async {
-        let mut s = setup(false).await;
+        let mut s = setup(false, "consumer").await;
         let gb = s.b.start(&s.b_spec).await;
         gb.wait_imported(A, &["web"]).await;
 

@@ -29,6 +29,10 @@ use crate::config::defaults::FEDERATION_HANDSHAKE_TIMEOUT as HANDSHAKE_TIMEOUT;
 pub struct PeerConn {
     pub remote: SocketAddr,
     pub spiffe_id: Result<SpiffeId, String>,
+    /// The certificate chain the client presented, as its handshake
+    /// verified it: a bundle an owner that dialed us publishes is judged
+    /// against it (`credentials::learned`).
+    pub chain: Arc<[rustls::pki_types::CertificateDer<'static>]>,
 }
 
 /// A TLS-terminated connection that exposes [`PeerConn`] to tonic.
@@ -124,12 +128,21 @@ pub fn accept_mtls(
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
+                        let presented = tls.get_ref().1.peer_certificates();
                         let spiffe_id =
-                            elsinore_certs::peer_spiffe_id(tls.get_ref().1.peer_certificates())
-                                .map_err(|e| e.to_string());
+                            elsinore_certs::peer_spiffe_id(presented).map_err(|e| e.to_string());
+                        let chain = presented
+                            .unwrap_or_default()
+                            .iter()
+                            .map(|c| c.clone().into_owned())
+                            .collect();
                         let conn = MtlsConn {
                             inner: tls,
-                            info: PeerConn { remote, spiffe_id },
+                            info: PeerConn {
+                                remote,
+                                spiffe_id,
+                                chain,
+                            },
                             _slot: slot,
                         };
                         let _ = tx.send(Ok(conn)).await;

@@ -21,8 +21,11 @@
 //! direction.
 
 use elsinore_federation_api::ApiVersion;
-use elsinore_federation_api::message::{self, SNAPSHOT_SIZE_HEADER, WINDOW_HEADER};
+use elsinore_federation_api::message::{
+    self, SNAPSHOT_SIZE_HEADER, TRUST_BUNDLE_HEADER, WINDOW_HEADER,
+};
 use elsinore_federation_api::proto::federation::resourcediscovery::v1alpha2 as rd2;
+use rustls::pki_types::CertificateDer;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
@@ -32,6 +35,7 @@ use super::session::{CloseReason, ConsumerSession};
 use super::{CacheWriter, ConsumerTask, Counters, StreamEnd, Wire};
 use crate::config::DialMode;
 use crate::federation::owner::sleep_until_opt;
+use crate::federation::transport::PeerConn;
 use crate::state::{PeerState, Shared};
 
 /// A stream the owner opened to us, as the gRPC handler hands it over.
@@ -43,6 +47,9 @@ pub struct Accepted {
     announced: Option<usize>,
     /// The window we granted, if the owner offered one.
     window: Option<u32>,
+    /// The trust bundle a dialing Elsinore publishes in its request
+    /// headers, with the client chain its connection was verified by.
+    bundle: Option<(Vec<u8>, Vec<CertificateDer<'static>>)>,
     wrong_direction: Status,
 }
 
@@ -63,6 +70,18 @@ pub async fn handoff(
     let window = header(&request, WINDOW_HEADER)
         .and_then(|v| v.parse::<u32>().ok())
         .map(|offered| offered.clamp(1, our_window.max(1)));
+    let bundle = request
+        .metadata()
+        .get_bin(TRUST_BUNDLE_HEADER)
+        .and_then(|v| v.to_bytes().ok())
+        .map(|pem| {
+            let chain = request
+                .extensions()
+                .get::<PeerConn>()
+                .map(|c| c.chain.to_vec())
+                .unwrap_or_default();
+            (pem.to_vec(), chain)
+        });
     // Room for a full window of replies, so the loop never waits on the
     // owner to read them while the owner waits on us.
     let (outbound, rx) = mpsc::channel(window.unwrap_or(1) as usize + 8);
@@ -71,6 +90,7 @@ pub async fn handoff(
         outbound,
         announced,
         window,
+        bundle,
         wrong_direction: wrong_direction(shared, peer),
     };
     to.send(accepted)
@@ -220,6 +240,7 @@ async fn open(
         outbound,
         announced,
         window,
+        bundle,
         wrong_direction,
     } = accepted;
     let context = format!("elsinore/{}", task.shared.mesh);
@@ -233,6 +254,9 @@ async fn open(
         window = window.unwrap_or(1),
         "federation stream accepted from the owner"
     );
+    if let Some((pem, chain)) = bundle {
+        task.learn_bundle(pem, Some(chain)).await;
+    }
     let removed = session.on_stream_open(Instant::now(), announced);
     if !removed.is_empty() {
         tracing::info!(removed = ?removed, "empty snapshot: removed entries the owner no longer has");

@@ -16,7 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use elsinore_federation_api::ApiVersion;
-use elsinore_federation_api::message::{self, RequestError, SNAPSHOT_SIZE_HEADER, WINDOW_HEADER};
+use elsinore_federation_api::message::{
+    self, RequestError, SNAPSHOT_SIZE_HEADER, TRUST_BUNDLE_HEADER, WINDOW_HEADER,
+};
 use elsinore_federation_api::proto::federation::resourcediscovery::v1alpha2 as rd2;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
@@ -117,6 +119,16 @@ impl OwnerDialer {
         request
             .metadata_mut()
             .insert(WINDOW_HEADER, max_window.into());
+        // Our trust bundle, as on a stream the consumer dials (there in the
+        // response headers). Subscribed before reading: a change after
+        // this read ends the stream, and the next dial carries the new one.
+        let bundle_changes = self.credentials.published_changes();
+        if let Some(pem) = &self.credentials.current().published_bundle {
+            request.metadata_mut().insert_bin(
+                TRUST_BUNDLE_HEADER,
+                tonic::metadata::MetadataValue::from_bytes(pem),
+            );
+        }
         let mut client = rd2::discovery_service_client::DiscoveryServiceClient::new(channel)
             .max_decoding_message_size(16 * 1024 * 1024);
         let response = client.establish_stream(request).await?;
@@ -131,6 +143,7 @@ impl OwnerDialer {
             tx,
             snapshot,
             window,
+            bundle_changes,
         })
     }
 
@@ -142,6 +155,7 @@ impl OwnerDialer {
             tx,
             snapshot,
             window,
+            bundle_changes,
         } = stream;
         tracing::info!(
             snapshot_size = snapshot.len(),
@@ -170,9 +184,7 @@ impl OwnerDialer {
             tx,
             message::Response::to_v1alpha2,
             self.shutdown.clone(),
-            // Our trust bundle travels only on streams the consumer dials
-            // (in its response headers); a dialed push carries none.
-            None,
+            Some(bundle_changes),
         )
         .await
     }
@@ -184,4 +196,5 @@ struct Opened {
     tx: mpsc::Sender<Result<rd2::BidirectionalStream, Status>>,
     snapshot: std::collections::BTreeMap<String, Arc<elsinore_federation_api::FederatedService>>,
     window: u32,
+    bundle_changes: tokio::sync::watch::Receiver<u64>,
 }
