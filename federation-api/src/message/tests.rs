@@ -231,7 +231,7 @@ fn a_v1alpha2_wrapper_without_a_request_is_not_a_request() {
     // The owner's stream status; unchanged since it first went on the wire.
     assert_eq!(
         err.to_string(),
-        "expected a request; an owner pushing to us (response messages) is not supported"
+        "expected a request, got a response: the peer pushes as an owner on a stream where it should consume"
     );
     let empty = rd2::BidirectionalStream::default();
     assert_eq!(
