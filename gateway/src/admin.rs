@@ -342,6 +342,8 @@ mod tests {
                 port: 15001,
             }),
             api_version: ApiVersion::V1alpha2,
+            allowed_names: vec!["global".to_owned()],
+            limits: crate::config::PeerLimits::default(),
         }
     }
 

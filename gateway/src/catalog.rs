@@ -5,6 +5,7 @@
 //! the federation and proxy rooms read it, never the other way round.
 
 pub(crate) mod cache;
+pub mod claims;
 pub(crate) mod exports;
 pub mod imports;
 

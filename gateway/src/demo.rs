@@ -174,6 +174,8 @@ fn config(
                 port: other_federation.port(),
             }),
             api_version: ApiVersion::V1alpha2,
+            allowed_names: vec!["global".to_owned()],
+            limits: crate::config::PeerLimits::default(),
         }],
         imports: Imports {
             stale_after: defaults::STALE_AFTER,

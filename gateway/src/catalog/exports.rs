@@ -161,6 +161,8 @@ pub(crate) mod tests {
             trust_bundle: format!("certs/{name}/ca.pem").into(),
             federation: None,
             api_version: ApiVersion::V1alpha2,
+            allowed_names: vec!["global".to_owned()],
+            limits: crate::config::PeerLimits::default(),
         }
     }
 

@@ -54,13 +54,32 @@ fn peer(p: &Peer) -> Value {
         trust_bundle,
         federation,
         api_version,
+        allowed_names,
+        limits,
     } = p;
+    let crate::config::PeerLimits {
+        services,
+        instances_per_service,
+        endpoints_per_service,
+        message_bytes,
+        metadata_entries,
+        metadata_bytes,
+    } = limits;
     json!({
         "name": name,
         "trustDomain": trust_domain.as_str(),
         "trustBundle": path(trust_bundle),
         "federation": federation.as_ref().map(host_port),
         "apiVersion": api_version.as_str(),
+        "allowedNames": allowed_names,
+        "limits": {
+            "services": services,
+            "instancesPerService": instances_per_service,
+            "endpointsPerService": endpoints_per_service,
+            "messageBytes": message_bytes,
+            "metadataEntries": metadata_entries,
+            "metadataBytes": metadata_bytes,
+        },
     })
 }
 
