@@ -272,6 +272,7 @@ pub fn peers_json(shared: &Shared) -> Value {
                     "lastAck": c.last_ack_at.map(unix),
                     "lastNack": c.last_nack.as_ref().map(|(s, m)| json!({"service": s, "message": m})),
                     "imported": c.services.len(),
+                    "refused": c.refused.iter().map(|(rule, n)| (rule.as_str().to_owned(), json!(n))).collect::<serde_json::Map<_, _>>(),
                 },
                 "owner": {
                     "streamsOpen": OwnerCounters::get(&o.streams_open),

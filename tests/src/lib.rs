@@ -545,6 +545,8 @@ pub struct PeerSpec {
     pub federation: Option<String>,
     /// `None` = the gateway's default (v1alpha2).
     pub api_version: Option<String>,
+    /// Further keys of this peer, as (key, YAML flow value), in order.
+    pub extra: Vec<(String, String)>,
 }
 
 impl PeerSpec {
@@ -557,6 +559,7 @@ impl PeerSpec {
             trust_bundle: trust_bundle.to_path_buf(),
             federation: None,
             api_version: None,
+            extra: Vec::new(),
         }
     }
 
@@ -569,6 +572,13 @@ impl PeerSpec {
     /// `v1alpha1` or `v1alpha2` (anything else tests validation).
     pub fn api_version(mut self, version: &str) -> Self {
         self.api_version = Some(version.to_owned());
+        self
+    }
+
+    /// Any other key of this peer, its value written as given (YAML flow
+    /// syntax), e.g. `.key("allowedNames", "[mesh-c.global]")`.
+    pub fn key(mut self, key: &str, yaml: &str) -> Self {
+        self.extra.push((key.to_owned(), yaml.to_owned()));
         self
     }
 }
@@ -796,6 +806,9 @@ impl RenderCtx {
             }
             if let Some(v) = &p.api_version {
                 let _ = writeln!(y, "    apiVersion: {}", q(v));
+            }
+            for (key, value) in &p.extra {
+                let _ = writeln!(y, "    {key}: {value}");
             }
         }
         if spec.stale_after.is_some() || spec.cache_dir.is_some() {

@@ -75,6 +75,8 @@ pub struct ConsumerView {
     pub synced_until: Option<SystemTime>,
     pub last_nack: Option<(String, String)>,
     pub services: Vec<Arc<FederatedService>>,
+    /// Entries refused by a claim rule (names, limits), by rule.
+    pub refused: std::collections::BTreeMap<crate::catalog::claims::Rule, u64>,
 }
 
 /// Owner-side counters for one peer (atomics: updated per message, read by admin).

@@ -8,7 +8,8 @@
 //! deterministic unit test. Decoding and validation of the wire message
 //! happen in the federation-api codec (`on_message` takes its result); the
 //! caller also applies the returned changes to the catalog and the on-disk
-//! cache.
+//! cache. What the peer may claim (names, limits) is `catalog::claims`'s
+//! rule; the session applies it to every upsert and NACKs a refusal.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -17,6 +18,8 @@ use std::time::Duration;
 use elsinore_federation_api::FederatedService;
 use elsinore_federation_api::message::{self as wire, Rejected, Response, ResponseError};
 use tokio::time::Instant;
+
+use crate::catalog::claims::{Claims, Rule};
 
 /// The spec asks for a reconnect backoff of at least one second.
 const MIN_BACKOFF: Duration = Duration::from_secs(1);
@@ -89,6 +92,9 @@ pub struct Handled {
     /// Names removed because this response completed the snapshot and they
     /// were not in it (reconciliation); usually empty.
     pub reconciled: Vec<String>,
+    /// The claim rule that refused this response, if one did (the reply is
+    /// then a NACK naming it).
+    pub refused: Option<Rule>,
 }
 
 /// Why a stream (or a dial attempt) ended, as far as retrying is concerned.
@@ -147,6 +153,8 @@ pub struct ConsumerStats {
     pub snapshot_complete: bool,
     /// Whether a stream is open.
     pub connected: bool,
+    /// Entries refused by a claim rule, by rule (`catalog::claims`).
+    pub refused: BTreeMap<Rule, u64>,
 }
 
 /// The stream currently open, and its snapshot in progress.
@@ -177,6 +185,8 @@ enum Outcome {
     Rejected {
         name: Option<String>,
         message: String,
+        /// Set when a claim rule refused it.
+        rule: Option<Rule>,
     },
 }
 
@@ -194,6 +204,7 @@ pub struct ConsumerSession {
     /// Consecutive failed streams or dials since the last completed snapshot.
     failures: u32,
     stats: ConsumerStats,
+    claims: Claims,
 }
 
 impl ConsumerSession {
@@ -210,7 +221,26 @@ impl ConsumerSession {
             stale_since: None,
             failures: 0,
             stats: ConsumerStats::default(),
+            claims: Claims::default(),
         }
+    }
+
+    /// The claim rules for this peer; until set, the product defaults
+    /// (names under `global`, default limits, no local exports known).
+    pub fn set_claims(&mut self, claims: Claims) {
+        self.claims = claims;
+    }
+
+    /// The claim rules in force, e.g. to update this mesh's export names.
+    pub fn claims_mut(&mut self) -> &mut Claims {
+        &mut self.claims
+    }
+
+    /// The gRPC decoder refused a message over `limits.messageBytes`; the
+    /// stream ends (the caller reports it through
+    /// [`Self::on_stream_closed`]). Counted as a refusal by that rule.
+    pub fn on_message_too_large(&mut self) {
+        *self.stats.refused.entry(Rule::MessageBytes).or_default() += 1;
     }
 
     /// Restores entries from the on-disk cache at start-up, before the first
@@ -296,6 +326,7 @@ impl ConsumerSession {
         service: Result<FederatedService, String>,
     ) -> Handled {
         self.stats.messages += 1;
+        let mut refused = None;
         let outcome = if self.stream.is_some() {
             self.apply(now, resource_id, op, service)
         } else {
@@ -304,6 +335,7 @@ impl ConsumerSession {
             Outcome::Rejected {
                 name: non_empty(resource_id),
                 message: "response received with no stream open".to_owned(),
+                rule: None,
             }
         };
 
@@ -326,10 +358,23 @@ impl ConsumerSession {
                 };
                 (self.ack(now, nonce), change)
             }
-            Outcome::Rejected { name, message } => {
-                if let (Some(stream), Some(name)) = (self.stream.as_mut(), &name) {
+            Outcome::Rejected {
+                name,
+                message,
+                rule,
+            } => {
+                // Only a held name needs keeping through reconciliation; not
+                // recording the others bounds `seen` by what is held, however
+                // many names a hostile owner has refused.
+                if let (Some(stream), Some(name)) = (self.stream.as_mut(), &name)
+                    && self.imports.contains_key(name)
+                {
                     stream.seen.insert(name.clone());
                 }
+                if let Some(rule) = rule {
+                    *self.stats.refused.entry(rule).or_default() += 1;
+                }
+                refused = rule;
                 self.stats.nacks += 1;
                 self.stats.last_nack = Some((name.unwrap_or_default(), message.clone()));
                 let reply = Reply::Nack {
@@ -353,6 +398,7 @@ impl ConsumerSession {
             reply,
             change,
             reconciled,
+            refused,
         }
     }
 
@@ -499,6 +545,7 @@ impl ConsumerSession {
                 Err(problem) => Outcome::Rejected {
                     name: non_empty(resource_id),
                     message: rejection(resource_id, &problem),
+                    rule: None,
                 },
                 Ok(service) if !resource_id.is_empty() && service.name != resource_id => {
                     Outcome::Rejected {
@@ -507,9 +554,19 @@ impl ConsumerSession {
                             resource_id,
                             &format!("resource_id does not match service name {:?}", service.name),
                         ),
+                        rule: None,
                     }
                 }
                 Ok(service) => {
+                    let held = self.imports.contains_key(&service.name);
+                    if let Err(refusal) = self.claims.check(&service, self.imports.len(), held) {
+                        // The old entry of that name, if any, stays.
+                        return Outcome::Rejected {
+                            message: rejection(&service.name, &refusal.message),
+                            name: Some(service.name),
+                            rule: Some(refusal.rule),
+                        };
+                    }
                     let name = service.name.clone();
                     self.imports.insert(
                         name.clone(),
@@ -530,6 +587,7 @@ impl ConsumerSession {
                         return Outcome::Rejected {
                             name: None,
                             message: rejection("", &format!("delete names no service: {problem}")),
+                            rule: None,
                         };
                     }
                 };
@@ -539,6 +597,7 @@ impl ConsumerSession {
             Operation::Unknown(code) => Outcome::Rejected {
                 name: non_empty(resource_id),
                 message: rejection(resource_id, &format!("unknown operation {code}")),
+                rule: None,
             },
         }
     }
