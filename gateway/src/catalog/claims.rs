@@ -194,9 +194,20 @@ impl Claims {
         replaces: bool,
     ) -> Result<(), Refusal> {
         self.check_name("fqdn", &service.fqdn)?;
+        let mut name = String::new();
         for (i, instance) in service.instances.iter().enumerate() {
-            let name = service.instance_fqdn(instance);
-            self.check_name(&format!("instances[{i}] name"), &name)?;
+            // One buffer for every instance: this runs for each entry of a
+            // 100,000-service snapshot.
+            name.clear();
+            name.push_str(&instance.id);
+            name.push('.');
+            name.push_str(&service.fqdn);
+            if let Some((rule, why)) = self.name_refusal(&name) {
+                return Err(Refusal {
+                    rule,
+                    message: format!("instances[{i}] name {name:?} is {why}"),
+                });
+            }
         }
         self.check_limits(service, held, replaces)
     }
@@ -204,13 +215,20 @@ impl Claims {
     /// Whether this peer may claim `name`; `what` names the field in the
     /// refusal (`fqdn`, `instances[0] name`).
     pub fn check_name(&self, what: &str, name: &str) -> Result<(), Refusal> {
-        let name = normalize(name);
-        let refuse = |rule, why: String| {
-            Err(Refusal {
+        match self.name_refusal(name) {
+            None => Ok(()),
+            Some((rule, why)) => Err(Refusal {
                 rule,
-                message: format!("{what} {name:?} is {why}"),
-            })
-        };
+                message: format!("{what} {:?} is {why}", normalize(name)),
+            }),
+        }
+    }
+
+    /// The rule `name` breaks and why (the end of the refusal's message),
+    /// or `None` when this peer may claim it.
+    fn name_refusal(&self, name: &str) -> Option<(Rule, String)> {
+        let name = normalize(name);
+        let refuse = |rule, why: String| Some((rule, why));
         if let Some(zone) = reserved_zone(&name) {
             let rule = match zone {
                 ReservedZone::IpLiteral => Rule::IpLiteral,
@@ -260,7 +278,7 @@ impl Claims {
                 ),
             );
         }
-        Ok(())
+        None
     }
 
     fn check_limits(

@@ -115,7 +115,13 @@ impl ReservedZone {
 /// The reserved zone `name` falls in, if any. `name` is compared in lower
 /// case with one trailing dot ignored; it need not be a valid DNS name.
 pub fn reserved_zone(name: &str) -> Option<ReservedZone> {
-    let lower = name.to_ascii_lowercase();
+    // Borrowed in the usual case (the consumer checks every name it
+    // imports): only a name with upper case is copied.
+    let lower: std::borrow::Cow<'_, str> = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        name.to_ascii_lowercase().into()
+    } else {
+        name.into()
+    };
     let name = lower.strip_suffix('.').unwrap_or(&lower);
     if name.starts_with('[') || name.parse::<IpAddr>().is_ok() {
         return Some(ReservedZone::IpLiteral);
