@@ -163,8 +163,8 @@ async fn a_hostile_owner_is_refused_rule_by_rule_while_valid_imports_keep_routin
             .start(
                 &ConfigSpec::new()
                     .snapshot_quiet_period("300ms")
-                    // A local export of B: its name is B's alone.
-                    .export(ExportSpec::new("ledger", &[]))
+                    // A local export of B (seen by A): its name is B's alone.
+                    .export(ExportSpec::new("ledger", &[A]))
                     .peer(
                         PeerSpec::new(A, a.trust_domain.as_str(), &a.ca_pem)
                             .federation(server.addr)
@@ -304,6 +304,42 @@ async fn a_hostile_owner_is_refused_rule_by_rule_while_valid_imports_keep_routin
         for (rule, n) in expected {
             assert_eq!(refused[rule], n, "{rule}: {refused}");
         }
+        // What B holds from A and refused, as `elsinore catalog --as-peer`
+        // shows it; and what A receives from B.
+        let seen = gb.get_json(&format!("/catalog?peer={A}")).await;
+        assert_eq!(seen["receives"][0]["fqdn"], "ledger.mesh-b.global", "{seen:#}");
+        let held: Vec<(String, String)> = seen["held"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e["name"].as_str().unwrap().to_owned(), e["state"].as_str().unwrap().to_owned()))
+            .collect();
+        assert_eq!(
+            held,
+            [("after", "imported"), ("reviews", "imported"), ("s2", "imported")]
+                .map(|(n, s)| (n.to_owned(), s.to_owned())),
+            "{seen:#}"
+        );
+        let refused: Vec<(String, String)> = seen["refused"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e["name"].as_str().unwrap().to_owned(), e["rule"].as_str().unwrap().to_owned()))
+            .collect();
+        assert_eq!(
+            refused,
+            [
+                ("k8s", "cluster-local"),
+                ("ip", "ip-literal"),
+                ("stars", "other-peer"),
+                ("ledger", "local-export"),
+                ("elsewhere", "allowed-names"),
+                ("many", "limits.instancesPerService"),
+                ("s4", "limits.services"),
+            ]
+            .map(|(n, r)| (n.to_owned(), r.to_owned())),
+            "{seen:#}"
+        );
         let metrics = http1_send(gb.admin_addr, get("127.0.0.1", "/metrics"))
             .await
             .unwrap()

@@ -517,6 +517,7 @@ impl ConsumerTask {
             last_nack: s.last_nack.clone(),
             synced_until: counters.synced_until,
             refused: s.refused.clone(),
+            refusals: session.refusals().iter().cloned().collect(),
             services: session
                 .imports()
                 .values()

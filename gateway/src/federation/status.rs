@@ -77,6 +77,8 @@ pub struct ConsumerView {
     pub services: Vec<Arc<FederatedService>>,
     /// Entries refused by a claim rule (names, limits), by rule.
     pub refused: std::collections::BTreeMap<crate::catalog::claims::Rule, u64>,
+    /// The entries refused lately, oldest first (bounded, one per name).
+    pub refusals: Vec<crate::federation::consumer::session::RefusalRecord>,
 }
 
 /// Owner-side counters for one peer (atomics: updated per message, read by admin).

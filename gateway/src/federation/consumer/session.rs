@@ -11,7 +11,7 @@
 //! cache. What the peer may claim (names, limits) is `catalog::claims`'s
 //! rule; the session applies it to every upsert and NACKs a refusal.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +23,23 @@ use crate::catalog::claims::{Claims, Rule};
 
 /// The spec asks for a reconnect backoff of at least one second.
 const MIN_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Refused entries remembered per peer, for `/catalog?peer=`.
+pub const REFUSALS_KEPT: usize = 64;
+/// Bytes of a refusal's message kept (a NACK may quote a value as long as
+/// a whole message).
+const REFUSAL_MESSAGE_KEPT: usize = 512;
+
+/// One entry refused lately: its name (empty if unknown), the FQDN it
+/// claimed (empty if it was not decoded), the claim rule (`None`: invalid
+/// on the wire), and the NACK's message, cut to 512 bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusalRecord {
+    pub name: String,
+    pub fqdn: String,
+    pub rule: Option<Rule>,
+    pub message: String,
+}
 
 /// Timing knobs of one consumer session (already validated config).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -187,6 +204,8 @@ enum Outcome {
         message: String,
         /// Set when a claim rule refused it.
         rule: Option<Rule>,
+        /// The FQDN the entry claimed, when it was decoded; else empty.
+        fqdn: String,
     },
 }
 
@@ -205,6 +224,9 @@ pub struct ConsumerSession {
     failures: u32,
     stats: ConsumerStats,
     claims: Claims,
+    /// The last [`REFUSALS_KEPT`] entries refused, one per name, oldest
+    /// first: what `/catalog?peer=` shows as refused.
+    refusals: VecDeque<RefusalRecord>,
 }
 
 impl ConsumerSession {
@@ -222,7 +244,25 @@ impl ConsumerSession {
             failures: 0,
             stats: ConsumerStats::default(),
             claims: Claims::default(),
+            refusals: VecDeque::new(),
         }
+    }
+
+    /// The entries of this peer refused lately (NACKed, by a claim rule or
+    /// as invalid), oldest first, at most [`REFUSALS_KEPT`], one per name;
+    /// a name later imported or deleted leaves the list.
+    pub fn refusals(&self) -> &VecDeque<RefusalRecord> {
+        &self.refusals
+    }
+
+    /// Keeps `record` as the latest refusal of its name, dropping the
+    /// oldest one beyond the bound (a hostile owner may send millions).
+    fn record_refusal(&mut self, record: RefusalRecord) {
+        self.refusals.retain(|r| r.name != record.name);
+        if self.refusals.len() >= REFUSALS_KEPT {
+            self.refusals.pop_front();
+        }
+        self.refusals.push_back(record);
     }
 
     /// The claim rules for this peer; until set, the product defaults
@@ -336,11 +376,13 @@ impl ConsumerSession {
                 name: non_empty(resource_id),
                 message: "response received with no stream open".to_owned(),
                 rule: None,
+                fqdn: String::new(),
             }
         };
 
         let (reply, change) = match outcome {
             Outcome::Upserted(name) => {
+                self.refusals.retain(|r| r.name != name);
                 if let Some(stream) = self.stream.as_mut() {
                     stream.seen.insert(name.clone());
                     stream.fresh.insert(name.clone());
@@ -348,6 +390,7 @@ impl ConsumerSession {
                 (self.ack(now, nonce), Change::Upserted(name))
             }
             Outcome::Deleted { name, existed } => {
+                self.refusals.retain(|r| r.name != name);
                 if let Some(stream) = self.stream.as_mut() {
                     stream.fresh.remove(&name);
                 }
@@ -362,7 +405,14 @@ impl ConsumerSession {
                 name,
                 message,
                 rule,
+                fqdn,
             } => {
+                self.record_refusal(RefusalRecord {
+                    name: name.clone().unwrap_or_default(),
+                    fqdn,
+                    rule,
+                    message: truncated(&message),
+                });
                 // Only a held name needs keeping through reconciliation; not
                 // recording the others bounds `seen` by what is held, however
                 // many names a hostile owner has refused.
@@ -546,6 +596,7 @@ impl ConsumerSession {
                     name: non_empty(resource_id),
                     message: rejection(resource_id, &problem),
                     rule: None,
+                    fqdn: String::new(),
                 },
                 Ok(service) if !resource_id.is_empty() && service.name != resource_id => {
                     Outcome::Rejected {
@@ -555,6 +606,7 @@ impl ConsumerSession {
                             &format!("resource_id does not match service name {:?}", service.name),
                         ),
                         rule: None,
+                        fqdn: String::new(),
                     }
                 }
                 Ok(service) => {
@@ -565,6 +617,7 @@ impl ConsumerSession {
                             message: rejection(&service.name, &refusal.message),
                             name: Some(service.name),
                             rule: Some(refusal.rule),
+                            fqdn: service.fqdn,
                         };
                     }
                     let name = service.name.clone();
@@ -588,6 +641,7 @@ impl ConsumerSession {
                             name: None,
                             message: rejection("", &format!("delete names no service: {problem}")),
                             rule: None,
+                            fqdn: String::new(),
                         };
                     }
                 };
@@ -598,6 +652,7 @@ impl ConsumerSession {
                 name: non_empty(resource_id),
                 message: rejection(resource_id, &format!("unknown operation {code}")),
                 rule: None,
+                fqdn: String::new(),
             },
         }
     }
@@ -678,6 +733,18 @@ fn drop_all_but(imports: &mut BTreeMap<String, Imported>, keep: &BTreeSet<String
 
 fn non_empty(name: &str) -> Option<String> {
     (!name.is_empty()).then(|| name.to_owned())
+}
+
+/// `message` cut to [`REFUSAL_MESSAGE_KEPT`] bytes, at a character boundary.
+fn truncated(message: &str) -> String {
+    if message.len() <= REFUSAL_MESSAGE_KEPT {
+        return message.to_owned();
+    }
+    let mut end = REFUSAL_MESSAGE_KEPT;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &message[..end])
 }
 
 /// A NACK message naming the resource and the problem.

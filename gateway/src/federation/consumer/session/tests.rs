@@ -338,6 +338,68 @@ fn per_service_limits_are_nacked() {
 }
 
 #[test]
+fn refusals_are_remembered_bounded_one_per_name_until_imported() {
+    let t = t0();
+    let mut s = ConsumerSession::new(settings());
+    s.on_stream_open(t, None);
+    s.on_response(
+        t,
+        "1",
+        "k8s",
+        Operation::Upsert,
+        Ok(with_fqdn("k8s", "a.cluster.local")),
+    );
+    s.on_response(t, "2", "bad", Operation::Upsert, Err("x".repeat(2000)));
+    let records: Vec<_> = s.refusals().iter().cloned().collect();
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[0].name, "k8s");
+    assert_eq!(records[0].fqdn, "a.cluster.local");
+    assert_eq!(records[0].rule, Some(Rule::ClusterLocal));
+    assert!(
+        records[0].message.contains("cluster-local zone"),
+        "{records:?}"
+    );
+    assert_eq!(records[1].rule, None);
+    assert!(
+        records[1].message.len() <= 512 + '…'.len_utf8(),
+        "{}",
+        records[1].message.len()
+    );
+    // The same name again: one record, the latest.
+    s.on_response(
+        t,
+        "3",
+        "k8s",
+        Operation::Upsert,
+        Ok(with_fqdn("k8s", "k8s.localhost")),
+    );
+    let names: Vec<_> = s.refusals().iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["bad", "k8s"]);
+    assert_eq!(s.refusals()[1].rule, Some(Rule::Localhost));
+    // Imported after all: no longer refused.
+    upsert(&mut s, t, "k8s");
+    let names: Vec<_> = s.refusals().iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["bad"]);
+    // A flood keeps the last REFUSALS_KEPT.
+    for i in 0..1000 {
+        let name = format!("n{i}");
+        s.on_response(
+            t,
+            "n",
+            &name,
+            Operation::Upsert,
+            Ok(with_fqdn(&name, "10.0.0.1")),
+        );
+    }
+    assert_eq!(s.refusals().len(), REFUSALS_KEPT);
+    assert_eq!(s.refusals().back().unwrap().name, "n999");
+    assert_eq!(
+        s.refusals().front().unwrap().name,
+        format!("n{}", 1000 - REFUSALS_KEPT)
+    );
+}
+
+#[test]
 fn an_oversized_message_is_counted_by_its_rule() {
     let mut s = ConsumerSession::new(settings());
     s.on_message_too_large();
