@@ -289,11 +289,22 @@ impl ConsumerSession {
     /// overwritten. The restored entries then behave like imports from a
     /// lost stream: the state becomes `Disconnected { since: now - youngest
     /// age }`, so staleness keeps counting from the cache's time, and the
-    /// next completed snapshot reconciles them.
+    /// next completed snapshot reconciles them. Entries the claim rules in
+    /// force refuse are dropped too (set them first: [`Self::set_claims`]).
     pub fn restore(&mut self, entries: Vec<(FederatedService, Duration)>, now: Instant) {
         let mut youngest: Option<Duration> = None;
         for (service, age) in entries {
             if age >= self.settings.stale_after || self.imports.contains_key(&service.name) {
+                continue;
+            }
+            // The cache was written under the config of its day: an entry
+            // the peer may no longer claim (allowedNames narrowed, a new
+            // export of ours, lower limits) is not brought back.
+            if self
+                .claims
+                .check(&service, self.imports.len(), false)
+                .is_err()
+            {
                 continue;
             }
             youngest = Some(youngest.map_or(age, |y| y.min(age)));

@@ -400,6 +400,32 @@ fn refusals_are_remembered_bounded_one_per_name_until_imported() {
 }
 
 #[test]
+fn restore_drops_cached_entries_the_rules_in_force_refuse() {
+    let t = t0();
+    let mut s = ConsumerSession::new(settings());
+    s.set_claims(Claims::new(
+        "mesh-a",
+        ["mesh-a.global".to_owned()],
+        Vec::new(),
+        crate::config::PeerLimits {
+            services: 2,
+            ..Default::default()
+        },
+    ));
+    s.restore(
+        vec![
+            (svc("a", ""), secs(1)),
+            (with_fqdn("k8s", "k8s.default.svc.cluster.local"), secs(1)),
+            (with_fqdn("moved", "moved.elsewhere.global"), secs(1)),
+            (svc("b", ""), secs(1)),
+            (svc("c", ""), secs(1)),
+        ],
+        t,
+    );
+    assert_eq!(names(&s), ["a", "b"]);
+}
+
+#[test]
 fn an_oversized_message_is_counted_by_its_rule() {
     let mut s = ConsumerSession::new(settings());
     s.on_message_too_large();
