@@ -210,6 +210,14 @@ fn no_peer_shadows_a_more_specific_suffix_of_another() {
             .starts_with("instances[0] name \"mesh-c.stars.global\""),
         "{r}"
     );
+    // A peer allowed that very name as well shadows nobody.
+    let also = Claims::new(
+        "mesh-b",
+        ["global".to_owned(), "mesh-c.stars.global".to_owned()],
+        vec![("mesh-c".to_owned(), "mesh-c.stars.global".to_owned())],
+        PeerLimits::default(),
+    );
+    also.check(&s, 0, false).unwrap();
     // A name only label-wise alike is not under it.
     c.check_name("fqdn", "x.xmesh-c.global").unwrap();
     // The same suffix on two peers is no shadowing: aliasing sorts it out.

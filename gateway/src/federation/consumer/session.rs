@@ -621,8 +621,12 @@ impl ConsumerSession {
                     }
                 }
                 Ok(service) => {
-                    let held = self.imports.contains_key(&service.name);
-                    if let Err(refusal) = self.claims.check(&service, self.imports.len(), held) {
+                    // Whether it replaces a held entry only matters at the
+                    // services limit: spare the second lookup below it.
+                    let held = self.imports.len();
+                    let replaces = held >= self.claims.limits().services
+                        && self.imports.contains_key(&service.name);
+                    if let Err(refusal) = self.claims.check(&service, held, replaces) {
                         // The old entry of that name, if any, stays.
                         return Outcome::Rejected {
                             message: rejection(&service.name, &refusal.message),
