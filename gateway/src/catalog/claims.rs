@@ -184,7 +184,9 @@ impl Claims {
 
     /// Whether `service` may be imported from this peer, which holds
     /// `held` services now; `replaces` says whether a service of that name
-    /// is among them (an update never counts against `limits.services`).
+    /// is among them (an update never counts against `limits.services`;
+    /// only read when `held` is at the limit, so a caller may spare the
+    /// lookup below it).
     /// Names first (the FQDN, then each instance's `<id>.<fqdn>`), then the
     /// limits; the first broken rule is returned.
     pub fn check(
