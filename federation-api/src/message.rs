@@ -140,7 +140,9 @@ pub struct Response {
 pub enum RequestError {
     /// A v1alpha2 wrapper without a request: the peer is pushing responses
     /// to an owner.
-    #[error("expected a request, got a response: the peer pushes as an owner on a stream where it should consume")]
+    #[error(
+        "expected a request, got a response: the peer pushes as an owner on a stream where it should consume"
+    )]
     NotARequest,
 }
 

@@ -1,4 +1,5 @@
-//! The admin HTTP listener: `/live`, `/ready`, `/catalog`, `/peers`,
+//! The admin HTTP listener: `/live`, `/ready`, `/catalog` (and
+//! `/catalog?peer=NAME`, the catalog as one peer sees it), `/peers`,
 //! `/config`, `/metrics`. Read only; it reads the shared snapshots and
 //! never blocks the other rooms.
 
@@ -87,6 +88,30 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                     StatusCode::SERVICE_UNAVAILABLE,
                     &format!("not ready: waiting for {}\n", waiting.join(", ")),
                 )
+            }
+        }
+        "/catalog" if query_peer(req).is_some() => {
+            let peer = query_peer(req).unwrap_or_default();
+            match peer_catalog_json(shared, &peer) {
+                Some(doc) => json_response(doc),
+                None => {
+                    let known: Vec<&str> = shared
+                        .peers
+                        .iter()
+                        .map(|p| p.config.name.as_str())
+                        .collect();
+                    text(
+                        StatusCode::NOT_FOUND,
+                        &format!(
+                            "unknown peer {peer:?} (configured peers: {})\n",
+                            if known.is_empty() {
+                                "none".to_owned()
+                            } else {
+                                known.join(", ")
+                            }
+                        ),
+                    )
+                }
             }
         }
         "/catalog" => {
@@ -246,6 +271,133 @@ pub fn config_json(status: &crate::reload::ConfigStatus) -> Value {
     })
 }
 
+/// The `peer` parameter of the query string, if any (peer names are DNS
+/// labels: nothing to percent-decode).
+fn query_peer(req: &Request<Incoming>) -> Option<String> {
+    req.uri()
+        .query()?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("peer="))
+        .map(str::to_owned)
+}
+
+/// A service as JSON, every field of the domain type (what the owner
+/// encodes, or what we decoded).
+fn service_json(s: &elsinore_federation_api::FederatedService) -> Value {
+    let elsinore_federation_api::FederatedService {
+        name,
+        description,
+        tags,
+        labels,
+        fqdn,
+        endpoints,
+        sans,
+        instances,
+    } = s;
+    let map = |m: &elsinore_federation_api::StringMap| {
+        m.iter()
+            .map(|(k, v)| (k.clone(), json!(v)))
+            .collect::<serde_json::Map<_, _>>()
+    };
+    json!({
+        "name": name,
+        "description": description,
+        "tags": tags,
+        "labels": map(labels),
+        "fqdn": fqdn,
+        "endpoints": endpoints.iter().map(|e| json!({
+            "address": e.address,
+            "port": e.port,
+            "labels": e.labels,
+            "description": e.description,
+        })).collect::<Vec<_>>(),
+        "sans": sans,
+        "instances": instances.iter().map(|i| json!({
+            "id": i.id,
+            "protocol": i.protocol.as_str(),
+            "metadata": map(&i.metadata),
+            "endpointSelector": i.endpoint_selector,
+            "description": i.description,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// `/catalog?peer=NAME`: what `peer` receives from us (our exports it may
+/// see, as the owner encodes them in its API version: encoded and decoded
+/// again, so a field the version cannot carry is not shown) and what we
+/// hold from it, each entry with its state: `imported` (under its own
+/// FQDN), `aliased` (under `registeredAs`), `dropped` (its alias was taken
+/// too), and the entries refused lately (`refused`, with the rule and the
+/// NACK's message). `None` for a peer not in the config.
+pub fn peer_catalog_json(shared: &Shared, peer: &str) -> Option<Value> {
+    use elsinore_federation_api::{decode_any, encode_any};
+    let state = shared.peers.iter().find(|p| p.config.name == peer)?;
+    let version = state.config.api_version;
+    let receives: Vec<Value> = shared
+        .exports
+        .borrow()
+        .visible_to(peer)
+        .values()
+        .map(|svc| {
+            let any = encode_any(svc, version);
+            let mut doc = match decode_any(&any, version) {
+                Ok(sent) => service_json(&sent),
+                // Our own exports always decode; say so if one did not.
+                Err(e) => json!({ "name": svc.name, "error": e.to_string() }),
+            };
+            doc["encodedBytes"] = json!(any.value.len());
+            doc
+        })
+        .collect();
+    let view = state.consumer.borrow().clone();
+    let imports = shared.imports.borrow().clone();
+    let registered: BTreeMap<&str, (&str, bool)> = imports
+        .for_peer(peer)
+        .map(|(fqdn, r)| (r.name.as_str(), (fqdn, r.alias)))
+        .collect();
+    let mut held: Vec<Value> = view
+        .services
+        .iter()
+        .map(|svc| {
+            let (state, registered_as) = match registered.get(svc.name.as_str()) {
+                Some((fqdn, false)) => ("imported", Some(*fqdn)),
+                Some((fqdn, true)) => ("aliased", Some(*fqdn)),
+                None => ("dropped", None),
+            };
+            json!({
+                "name": svc.name,
+                "fqdn": svc.fqdn,
+                "state": state,
+                "registeredAs": registered_as,
+            })
+        })
+        .collect();
+    held.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    let refused: Vec<Value> = view
+        .refusals
+        .iter()
+        .map(|r| {
+            json!({
+                "name": r.name,
+                "fqdn": r.fqdn,
+                "state": "refused",
+                "rule": r.rule.map_or("invalid", |rule| rule.as_str()),
+                "message": r.message,
+                "heldFromBefore": view.services.iter().any(|s| s.name == r.name),
+            })
+        })
+        .collect();
+    Some(json!({
+        "mesh": shared.mesh,
+        "peer": peer,
+        "apiVersion": version.as_str(),
+        "receives": receives,
+        "held": held,
+        "refused": refused,
+        "consumer": { "state": view.state, "detail": view.detail },
+    }))
+}
+
 /// The `/peers` document: both roles of every peer.
 pub fn peers_json(shared: &Shared) -> Value {
     let tls = shared.tls_status.snapshot();
@@ -274,6 +426,7 @@ pub fn peers_json(shared: &Shared) -> Value {
                     "lastAck": c.last_ack_at.map(unix),
                     "lastNack": c.last_nack.as_ref().map(|(s, m)| json!({"service": s, "message": m})),
                     "imported": c.services.len(),
+                    "refused": c.refused.iter().map(|(rule, n)| (rule.as_str().to_owned(), json!(n))).collect::<serde_json::Map<_, _>>(),
                 },
                 "owner": {
                     "streamsOpen": OwnerCounters::get(&o.streams_open),
@@ -350,7 +503,120 @@ mod tests {
             }),
             api_version: ApiVersion::V1alpha2,
             dial: crate::config::DialMode::Consumer,
+            allowed_names: vec!["global".to_owned()],
+            limits: crate::config::PeerLimits::default(),
         }
+    }
+
+    fn svc(name: &str, fqdn: &str) -> Arc<elsinore_federation_api::FederatedService> {
+        use elsinore_federation_api::{Endpoint, FederatedService, Instance, Protocol, StringMap};
+        Arc::new(FederatedService {
+            name: name.into(),
+            description: String::new(),
+            tags: Vec::new(),
+            labels: StringMap::new(),
+            fqdn: fqdn.into(),
+            endpoints: vec![Endpoint {
+                address: "192.0.2.1".into(),
+                port: 15443,
+                labels: Vec::new(),
+                description: String::new(),
+            }],
+            sans: vec!["spiffe://mesh-b.example/gw".into()],
+            instances: vec![Instance {
+                id: "v1".into(),
+                protocol: Protocol::Http,
+                metadata: StringMap::new(),
+                endpoint_selector: Vec::new(),
+                description: String::new(),
+            }],
+        })
+    }
+
+    /// What a peer receives (our exports it may see, as encoded for its
+    /// version) and what we hold from it: imported, aliased, dropped,
+    /// refused with the rule.
+    #[test]
+    fn catalog_as_a_peer_sees_it() {
+        use crate::catalog::claims::Rule;
+        use crate::federation::consumer::session::RefusalRecord;
+        let mut b = peer("mesh-b", true);
+        b.api_version = ApiVersion::V1alpha1;
+        let peers = [b, peer("mesh-c", true)];
+        let cfg = crate::config::Config::from_yaml_str(
+            "mesh: { name: mesh-a, trustDomain: mesh-a.example }
+identity: { certificate: c.pem, privateKey: k.pem }
+advertise: { address: gw.mesh-a.example, port: 15443 }
+exports:
+  - { name: reviews, protocol: HTTP, backends: [\"10.0.0.1:9080\"], peers: [mesh-b] }
+  - { name: secret, protocol: HTTP, backends: [\"10.0.0.1:9081\"], peers: [mesh-c] }
+peers:
+  - { name: mesh-b, trustDomain: mesh-b.example, trustBundle: b.pem }
+  - { name: mesh-c, trustDomain: mesh-c.example, trustBundle: c.pem }
+",
+            std::path::Path::new("/"),
+        )
+        .unwrap();
+        let id = elsinore_certs::SpiffeId::gateway("mesh-a.example".parse().unwrap());
+        let exports = ExportCatalog::from_config(&cfg, &id);
+        let shared = new_shared("mesh-a".into(), exports.clone(), &peers);
+        let from_b = vec![
+            svc("ratings", "ratings.global"),
+            svc("details", "details.global"),
+        ];
+        let from_c = vec![svc("ratings", "ratings.global")];
+        // mesh-c's ratings wins nothing: mesh-b is listed first.
+        let view = crate::catalog::imports::merge(
+            &exports,
+            &[("mesh-b".into(), from_b.clone()), ("mesh-c".into(), from_c)],
+            &Default::default(),
+        );
+        shared.imports.send_replace(Arc::new(view));
+        shared.peers[0]
+            .consumer
+            .send_replace(Arc::new(ConsumerView {
+                services: from_b,
+                refusals: vec![RefusalRecord {
+                    name: "k8s".into(),
+                    fqdn: "kubernetes.default.svc.cluster.local".into(),
+                    rule: Some(Rule::ClusterLocal),
+                    message: "rejected service \"k8s\": fqdn ... cluster-local".into(),
+                }],
+                ..ConsumerView::default()
+            }));
+
+        let doc = peer_catalog_json(&shared, "mesh-b").unwrap();
+        assert_eq!(doc["apiVersion"], "v1alpha1");
+        let receives = doc["receives"].as_array().unwrap();
+        assert_eq!(receives.len(), 1, "{doc:#}");
+        assert_eq!(receives[0]["name"], "reviews");
+        assert_eq!(receives[0]["fqdn"], "reviews.mesh-a.global");
+        assert_eq!(receives[0]["sans"][0], id.to_string(), "{doc:#}");
+        assert!(receives[0]["encodedBytes"].as_u64().unwrap() > 0);
+        // As v1alpha1 carries it: protocols only, so no SNI or PORT.
+        assert_eq!(receives[0]["instances"][0]["id"], "http", "{doc:#}");
+        assert_eq!(receives[0]["instances"][0]["metadata"], json!({}));
+        assert_eq!(doc["held"][0]["name"], "details");
+        assert_eq!(doc["held"][0]["state"], "imported");
+        assert_eq!(doc["held"][0]["registeredAs"], "details.global");
+        assert_eq!(doc["held"][1]["name"], "ratings");
+        assert_eq!(doc["held"][1]["state"], "imported");
+        assert_eq!(doc["refused"][0]["name"], "k8s");
+        assert_eq!(doc["refused"][0]["state"], "refused");
+        assert_eq!(doc["refused"][0]["rule"], "cluster-local");
+        assert_eq!(doc["refused"][0]["heldFromBefore"], false);
+
+        shared.peers[1]
+            .consumer
+            .send_replace(Arc::new(ConsumerView {
+                services: vec![svc("ratings", "ratings.global")],
+                ..ConsumerView::default()
+            }));
+        let doc = peer_catalog_json(&shared, "mesh-c").unwrap();
+        assert_eq!(doc["receives"][0]["name"], "secret", "{doc:#}");
+        assert_eq!(doc["held"][0]["state"], "aliased", "{doc:#}");
+        assert_eq!(doc["held"][0]["registeredAs"], "ratings.mesh-c.global");
+        assert!(peer_catalog_json(&shared, "mesh-x").is_none());
     }
 
     /// Not ready until the listeners are bound and every dialed peer has

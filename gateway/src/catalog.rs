@@ -8,6 +8,7 @@
 //! way round.
 
 pub(crate) mod cache;
+pub mod claims;
 pub(crate) mod exports;
 #[cfg(test)]
 pub(crate) mod fixtures;

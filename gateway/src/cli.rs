@@ -88,6 +88,11 @@ pub enum Command {
     Catalog {
         #[arg(long, env = "ELSINORE_ADMIN", default_value = "127.0.0.1:15000")]
         admin: String,
+        /// Show the catalog as this peer sees it instead: what it receives
+        /// from us, and what we hold from it with each entry's state
+        /// (imported, aliased, dropped, refused and why).
+        #[arg(long, env = "ELSINORE_AS_PEER", value_name = "NAME")]
+        as_peer: Option<String>,
     },
     /// Ask a DNS server (e.g. a gateway's DNS listener) for a name's IPv4
     /// addresses over UDP and print them, one per line; what `dig +short`
@@ -183,7 +188,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { dir } => demo(dir).await,
-        Command::Catalog { admin } => catalog(&admin).await,
+        Command::Catalog { admin, as_peer } => catalog(&admin, as_peer.as_deref()).await,
         Command::Resolve { name, dns } => resolve(&name, dns).await,
         Command::Completions { shell } => {
             use clap::CommandFactory;
@@ -427,8 +432,8 @@ async fn demo(dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
 /// answering together. A wrong address must give an error, not a hang.
 const CATALOG_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-async fn catalog(admin: &str) -> anyhow::Result<ExitCode> {
-    match tokio::time::timeout(CATALOG_TIMEOUT, fetch_catalog(admin)).await {
+async fn catalog(admin: &str, as_peer: Option<&str>) -> anyhow::Result<ExitCode> {
+    match tokio::time::timeout(CATALOG_TIMEOUT, fetch_catalog(admin, as_peer)).await {
         Ok(result) => result,
         Err(_) => anyhow::bail!(
             "admin listener {admin} did not answer GET /catalog within {CATALOG_TIMEOUT:?}"
@@ -436,7 +441,7 @@ async fn catalog(admin: &str) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn fetch_catalog(admin: &str) -> anyhow::Result<ExitCode> {
+async fn fetch_catalog(admin: &str, as_peer: Option<&str>) -> anyhow::Result<ExitCode> {
     use http_body_util::BodyExt;
     let stream = tokio::net::TcpStream::connect(admin)
         .await
@@ -447,7 +452,16 @@ async fn fetch_catalog(admin: &str) -> anyhow::Result<ExitCode> {
             .await
             .with_context(context)?;
     tokio::spawn(conn);
-    let req = http::Request::get("/catalog")
+    let path = match as_peer {
+        // A peer name is a DNS label; anything else cannot name a peer and
+        // must not be pasted into the query string.
+        Some(peer) if !elsinore_federation_api::is_dns_label(peer) => {
+            anyhow::bail!("--as-peer {peer:?} is not a peer name (a DNS label)")
+        }
+        Some(peer) => format!("/catalog?peer={peer}"),
+        None => "/catalog".to_owned(),
+    };
+    let req = http::Request::get(path.as_str())
         .header(http::header::HOST, admin)
         .body(http_body_util::Empty::<hyper::body::Bytes>::new())?;
     let resp = sender.send_request(req).await.with_context(context)?;
@@ -460,8 +474,16 @@ async fn fetch_catalog(admin: &str) -> anyhow::Result<ExitCode> {
         .to_bytes();
     // Something else listening there (a backend, another service) must not
     // pass for an empty or odd catalog.
-    let is_catalog = serde_json::from_slice::<serde_json::Value>(&body)
-        .is_ok_and(|v| v.get("exports").is_some() && v.get("imports").is_some());
+    let is_catalog = serde_json::from_slice::<serde_json::Value>(&body).is_ok_and(|v| {
+        if as_peer.is_some() {
+            v.get("receives").is_some() && v.get("held").is_some()
+        } else {
+            v.get("exports").is_some() && v.get("imports").is_some()
+        }
+    });
+    if status == http::StatusCode::NOT_FOUND && body.starts_with(b"unknown peer") {
+        anyhow::bail!("{admin}: {}", String::from_utf8_lossy(&body).trim_end());
+    }
     if !status.is_success() || !is_catalog {
         let text = String::from_utf8_lossy(&body);
         let text: String = text.chars().take(200).collect();

@@ -22,6 +22,7 @@ mod tests;
 mod validate;
 
 pub use names::parse_host_port;
+pub use names::{ReservedZone, reserved_zone};
 
 /// A fully validated gateway configuration. Paths are already resolved
 /// relative to the config file's directory.
@@ -149,6 +150,12 @@ pub struct Peer {
     // issue 13 item 5 (dial direction)
     /// Which side of each stream between us is the gRPC client.
     pub dial: DialMode,
+    /// DNS suffixes the peer's imports must fall under (lower case, no
+    /// leading or trailing dot); a name equal to a suffix is under it.
+    /// Default `[global]`; empty = the peer may claim no name.
+    pub allowed_names: Vec<String>,
+    /// How much the peer may make us hold (`limits`).
+    pub limits: PeerLimits,
 }
 
 /// Which SPIFFE IDs of a peer's trust domain may act for that peer
@@ -228,6 +235,39 @@ impl DialMode {
         match self {
             DialMode::Consumer => "consumer",
             DialMode::Owner => "owner",
+        }
+    }
+}
+
+/// How much one peer may make us hold (config key `peers[].limits`, all
+/// optional). Checked per entry by the consumer (`catalog::claims`);
+/// `message_bytes` by the gRPC decoder, before a message is decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerLimits {
+    /// Services held from this peer. Default 200,000.
+    pub services: usize,
+    /// Instances of one service. Default 256.
+    pub instances_per_service: usize,
+    /// Endpoints of one service. Default 256.
+    pub endpoints_per_service: usize,
+    /// Encoded size of one message on the stream. Default 4 MiB.
+    pub message_bytes: usize,
+    /// Entries of one metadata map (a service's labels, an instance's
+    /// metadata). Default 64.
+    pub metadata_entries: usize,
+    /// Bytes of keys and values of one metadata map. Default 16 KiB.
+    pub metadata_bytes: usize,
+}
+
+impl Default for PeerLimits {
+    fn default() -> Self {
+        PeerLimits {
+            services: defaults::LIMIT_SERVICES,
+            instances_per_service: defaults::LIMIT_INSTANCES_PER_SERVICE,
+            endpoints_per_service: defaults::LIMIT_ENDPOINTS_PER_SERVICE,
+            message_bytes: defaults::LIMIT_MESSAGE_BYTES,
+            metadata_entries: defaults::LIMIT_METADATA_ENTRIES,
+            metadata_bytes: defaults::LIMIT_METADATA_BYTES,
         }
     }
 }

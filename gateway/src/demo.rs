@@ -178,6 +178,8 @@ fn config(
             identities: crate::config::PeerIdentities::gateway_of(&other.td),
             follow_trust_bundle: false,
             dial: crate::config::DialMode::Consumer,
+            allowed_names: vec!["global".to_owned()],
+            limits: crate::config::PeerLimits::default(),
         }],
         imports: Imports {
             stale_after: defaults::STALE_AFTER,

@@ -280,6 +280,25 @@ pub fn render(shared: &Shared, ingress: &IngressStats, egress: &EgressStats) -> 
             .map(|(reason, n)| (format!("reason=\"{reason}\""), n))
             .collect::<Vec<_>>(),
     );
+    let refused: Vec<(String, u64)> = peers
+        .iter()
+        .flat_map(|p| {
+            let view = p.consumer.borrow().clone();
+            crate::catalog::claims::Rule::ALL.map(|rule| {
+                (
+                    format!("peer=\"{}\",rule=\"{rule}\"", p.config.name),
+                    view.refused.get(&rule).copied().unwrap_or(0),
+                )
+            })
+        })
+        .collect();
+    family(
+        &mut out,
+        "elsinore_imports_refused_total",
+        "counter",
+        "Entries a peer sent that a claim rule refused (NACKed, or the stream ended for limits.messageBytes), by rule.",
+        &refused,
+    );
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     family(
         &mut out,

@@ -221,19 +221,30 @@ impl Gateway {
         tasks.spawn(async move {
             let _ = accept_task.await;
         });
+        // Requests of the consumers we serve are small; the pushes of
+        // owners that dial us are catalogs: one decoder limit serves all
+        // streams of the server, so it is the largest `limits.messageBytes`
+        // among the peers that push.
+        let push_limit = shared
+            .peers
+            .iter()
+            .filter(|p| p.config.dial == DialMode::Owner)
+            .map(|p| p.config.limits.message_bytes)
+            .max()
+            .unwrap_or(crate::config::defaults::LIMIT_MESSAGE_BYTES);
         let server_shutdown = shutdown.clone();
         tasks.spawn(async move {
             let result = tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
                 .add_service(
                     rd2::discovery_service_server::DiscoveryServiceServer::new(owner.clone())
-                        .max_decoding_message_size(16 * 1024 * 1024),
+                        .max_decoding_message_size(push_limit),
                 )
                 .add_service(
                     rd1::discovery_service_server::DiscoveryServiceServer::new(
                         OwnerServiceV1alpha1(owner),
                     )
-                    .max_decoding_message_size(16 * 1024 * 1024),
+                    .max_decoding_message_size(crate::config::defaults::LIMIT_MESSAGE_BYTES),
                 )
                 .serve_with_incoming_shutdown(
                     ReceiverStream::new(incoming),

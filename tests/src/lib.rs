@@ -552,6 +552,8 @@ pub struct PeerSpec {
     pub follow_trust_bundle: bool,
     /// `peers[].dial`: `consumer` or `owner`; `None` = the default.
     pub dial: Option<String>,
+    /// Further keys of this peer, as (key, YAML flow value), in order.
+    pub extra: Vec<(String, String)>,
 }
 
 impl PeerSpec {
@@ -567,6 +569,7 @@ impl PeerSpec {
             identities: Vec::new(),
             follow_trust_bundle: false,
             dial: None,
+            extra: Vec::new(),
         }
     }
 
@@ -607,6 +610,13 @@ impl PeerSpec {
     /// owner-dials way (anything else tests validation).
     pub fn dial_by(mut self, side: &str) -> Self {
         self.dial = Some(side.to_owned());
+        self
+    }
+
+    /// Any other key of this peer, its value written as given (YAML flow
+    /// syntax), e.g. `.key("allowedNames", "[mesh-c.global]")`.
+    pub fn key(mut self, key: &str, yaml: &str) -> Self {
+        self.extra.push((key.to_owned(), yaml.to_owned()));
         self
     }
 }
@@ -855,6 +865,9 @@ impl RenderCtx {
             }
             if let Some(d) = &p.dial {
                 let _ = writeln!(y, "    dial: {}", q(d));
+            }
+            for (key, value) in &p.extra {
+                let _ = writeln!(y, "    {key}: {value}");
             }
         }
         if spec.stale_after.is_some() || spec.cache_dir.is_some() {

@@ -109,7 +109,11 @@ async fn foreign_owner_dials_elsinore_consumer_and_pushes() {
         let (foreign, identity) = foreign_mesh(FOREIGN).await;
         // No `federation` address: we never dial this peer, it dials us.
         let spec = ConfigSpec::new()
-            .peer(scripted_peer(&foreign).dial_by("owner"))
+            .peer(
+                scripted_peer(&foreign)
+                    .dial_by("owner")
+                    .key("allowedNames", "[foreign.global]"),
+            )
             .stale_after("4s")
             .snapshot_quiet_period("300ms")
             .cache_dir(&b.cache_dir());
@@ -136,6 +140,12 @@ async fn foreign_owner_dials_elsinore_consumer_and_pushes() {
             message.contains("broken"),
             "the NACK names the entry: {message}"
         );
+        // The peer's claim rules hold on a pushed stream too: a name
+        // outside its allowedNames is refused naming the rule.
+        let outside = service_v2("outside", "outside.elsewhere.global", 9004);
+        let (code, message) = push_one(&mut push, upsert_v2("n2b", &ctx, &outside)).await;
+        assert_eq!(code, CODE_INVALID_ARGUMENT, "{message}");
+        assert!(message.contains("allowedNames"), "{message}");
         let beta = service_v2("beta", "beta.foreign.global", 9003);
         assert_eq!(
             push_one(&mut push, upsert_v2("n3", &ctx, &beta)).await.0,

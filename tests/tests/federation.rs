@@ -512,14 +512,23 @@ async fn an_import_colliding_with_a_local_export_is_aliased() {
                     .peer(b.peer()),
             )
             .await;
-        let gb = b
-            .start(
-                &ConfigSpec::new()
-                    .export(ExportSpec::new("ratings", &[A]).fqdn("ratings.shared.global"))
-                    .peer(a.dial()),
-            )
-            .await;
+        // B imports `ratings`, then exports a service with the same FQDN
+        // (sent after B's export exists, the entry would be refused: rule
+        // local-export, see hostile_owner.rs).
+        let mut gb = b.start(&ConfigSpec::new().peer(a.dial())).await;
         gb.wait_imported(A, &["ratings", "reviews"]).await;
+        gb.rewrite_exports(vec![
+            ExportSpec::new("ratings", &[A]).fqdn("ratings.shared.global"),
+        ]);
+        wait_for("B to alias A's ratings", WAIT, || async {
+            let imported = gb.imported(A).await;
+            (imported
+                .get("ratings")
+                .is_some_and(|r| r["aliased"] == true))
+            .then_some(())
+            .ok_or(format!("{imported:?}"))
+        })
+        .await;
 
         let imported = gb.imported(A).await;
         let ratings = &imported["ratings"];

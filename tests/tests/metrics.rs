@@ -476,19 +476,22 @@ async fn every_family_moves_with_federation_and_data_plane_traffic() {
             )
             .peer(b.peer());
         let ga = a.start(&a_spec).await;
-        // B exports a local service with the FQDN of A's `ratings`, which is
-        // therefore aliased (a collision); its egress listeners take two
+        // B then exports a local service with the FQDN of A's `ratings`,
+        // which is therefore aliased (a collision; sent after the export
+        // exists it would be refused); its egress listeners take two
         // connections each.
-        let gb = b
+        let mut gb = b
             .start(
                 &ConfigSpec::new()
-                    .export(ExportSpec::new("ratings", &[]).fqdn("ratings.shared.global"))
                     .peer(a.dial())
                     .proxy("maxConnections", "2"),
             )
             .await;
         gb.wait_imported(A, &["broken", "capped", "ratings", "reviews"])
             .await;
+        gb.rewrite_exports(vec![
+            ExportSpec::new("ratings", &[]).fqdn("ratings.shared.global"),
+        ]);
 
         // Catalog gauges and the federation stream, both ends.
         let sb = wait_scrape(gb.admin_addr, "B's federation metrics", |s| {

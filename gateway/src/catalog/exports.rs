@@ -165,6 +165,8 @@ pub(crate) mod tests {
             federation: None,
             api_version: ApiVersion::V1alpha2,
             dial: crate::config::DialMode::Consumer,
+            allowed_names: vec!["global".to_owned()],
+            limits: crate::config::PeerLimits::default(),
         }
     }
 

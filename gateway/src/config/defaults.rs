@@ -39,6 +39,29 @@ pub const API_VERSION: ApiVersion = ApiVersion::V1alpha2;
 /// consumer, as the spec's usual case.
 pub const DIAL: super::DialMode = super::DialMode::Consumer;
 
+/// DNS suffixes a peer's imports must fall under unless its `allowedNames`
+/// say otherwise: the `.global` zone every Elsinore export defaults to.
+pub const ALLOWED_NAMES: &[&str] = &[FQDN_SUFFIX];
+
+/// Services held from one peer: twice the catalog the `catalog` benchmark
+/// imports from one peer (100,000, which peaks at 142 MiB of consumer RSS
+/// in BENCHMARKS.md), so about 300 MiB at the sizes measured there. Lower
+/// it for peers that export a handful.
+pub const LIMIT_SERVICES: usize = 200_000;
+/// Instances of one imported service.
+pub const LIMIT_INSTANCES_PER_SERVICE: usize = 256;
+/// Endpoints of one imported service.
+pub const LIMIT_ENDPOINTS_PER_SERVICE: usize = 256;
+/// Encoded size of one federation message: gRPC's customary default.
+pub const LIMIT_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Smallest and largest `limits.messageBytes` the config accepts.
+pub const MIN_MESSAGE_BYTES: usize = 1024;
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+/// Entries of one metadata map (service labels, instance metadata).
+pub const LIMIT_METADATA_ENTRIES: usize = 64;
+/// Bytes of keys and values of one metadata map.
+pub const LIMIT_METADATA_BYTES: usize = 16 * 1024;
+
 /// How long imports outlive a lost stream.
 pub const STALE_AFTER: Duration = Duration::from_secs(5 * 60);
 

@@ -57,7 +57,17 @@ fn peer(p: &Peer) -> Value {
         identities,
         follow_trust_bundle,
         dial,
+        allowed_names,
+        limits,
     } = p;
+    let crate::config::PeerLimits {
+        services,
+        instances_per_service,
+        endpoints_per_service,
+        message_bytes,
+        metadata_entries,
+        metadata_bytes,
+    } = limits;
     json!({
         "name": name,
         "trustDomain": trust_domain.as_str(),
@@ -67,6 +77,15 @@ fn peer(p: &Peer) -> Value {
         "identities": identities.to_strings(trust_domain),
         "followTrustBundle": follow_trust_bundle,
         "dial": dial.as_str(),
+        "allowedNames": allowed_names,
+        "limits": {
+            "services": services,
+            "instancesPerService": instances_per_service,
+            "endpointsPerService": endpoints_per_service,
+            "messageBytes": message_bytes,
+            "metadataEntries": metadata_entries,
+            "metadataBytes": metadata_bytes,
+        },
     })
 }
 

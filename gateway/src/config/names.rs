@@ -80,6 +80,72 @@ pub fn parse_host_port(s: &str) -> Result<HostPort, String> {
     })
 }
 
+/// A zone no peer may claim whatever its `allowedNames` say
+/// (docs/federation.md, "Names a peer may claim"). The rule lives here,
+/// with the other pure name rules, because both the config (which refuses
+/// such an `allowedNames` entry) and the consumer's claim check
+/// (`catalog::claims`) apply it, and the config must not import the catalog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReservedZone {
+    /// Something a resolver would take for an address: the last label is
+    /// all digits (`10.0.0.1`, `1.2.3.4.5`) or a hex number (`0x7f`, as
+    /// `inet_aton` reads it), a bracketed IPv6 literal, or anything that
+    /// parses as an IP address.
+    IpLiteral,
+    /// `localhost` and names under it (RFC 6761).
+    Localhost,
+    /// Kubernetes' cluster-local names: `cluster.local` and names under it,
+    /// and any name whose last label is `svc` (what `<svc>.<ns>.svc`
+    /// becomes after the pod's search path).
+    ClusterLocal(&'static str),
+}
+
+impl ReservedZone {
+    /// Why no peer may claim a name in this zone, naming the zone.
+    pub fn describe(self) -> &'static str {
+        match self {
+            ReservedZone::IpLiteral => "an IP literal",
+            ReservedZone::Localhost => "under localhost",
+            ReservedZone::ClusterLocal("svc") => "under the cluster-local zone svc",
+            ReservedZone::ClusterLocal(_) => "under the cluster-local zone cluster.local",
+        }
+    }
+}
+
+/// The reserved zone `name` falls in, if any. `name` is compared in lower
+/// case with one trailing dot ignored; it need not be a valid DNS name.
+pub fn reserved_zone(name: &str) -> Option<ReservedZone> {
+    // Borrowed in the usual case (the consumer checks every name it
+    // imports): only a name with upper case is copied.
+    let lower: std::borrow::Cow<'_, str> = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        name.to_ascii_lowercase().into()
+    } else {
+        name.into()
+    };
+    let name = lower.strip_suffix('.').unwrap_or(&lower);
+    if name.starts_with('[') || name.parse::<IpAddr>().is_ok() {
+        return Some(ReservedZone::IpLiteral);
+    }
+    let last = name.rsplit('.').next().unwrap_or(name);
+    let digits = !last.is_empty() && last.bytes().all(|b| b.is_ascii_digit());
+    let hex = last
+        .strip_prefix("0x")
+        .is_some_and(|h| h.bytes().all(|b| b.is_ascii_hexdigit()));
+    if digits || hex {
+        return Some(ReservedZone::IpLiteral);
+    }
+    if last == "localhost" {
+        return Some(ReservedZone::Localhost);
+    }
+    if last == "svc" {
+        return Some(ReservedZone::ClusterLocal("svc"));
+    }
+    if name == "cluster.local" || name.ends_with(".cluster.local") {
+        return Some(ReservedZone::ClusterLocal("cluster.local"));
+    }
+    None
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -109,6 +175,40 @@ mod tests {
         assert!(!is_dns_name(&format!("{}.x", "a.".repeat(126))));
         assert!(is_host("Reviews.Default.svc."));
         assert!(is_host("::1"));
+    }
+
+    #[test]
+    fn reserved_zones() {
+        use ReservedZone::*;
+        for (name, zone) in [
+            ("10.0.0.1", Some(IpLiteral)),
+            ("1.2.3.4.5", Some(IpLiteral)),
+            ("reviews.0x7f", Some(IpLiteral)),
+            ("a.0X7F.", Some(IpLiteral)),
+            ("[::1]", Some(IpLiteral)),
+            ("::1", Some(IpLiteral)),
+            ("reviews.1a", None),
+            ("0x.global", None),
+            ("localhost", Some(Localhost)),
+            ("db.LOCALHOST.", Some(Localhost)),
+            ("localhost.global", None),
+            ("mylocalhost", None),
+            (
+                "kubernetes.default.svc.cluster.local",
+                Some(ClusterLocal("cluster.local")),
+            ),
+            ("cluster.local", Some(ClusterLocal("cluster.local"))),
+            ("Cluster.Local.", Some(ClusterLocal("cluster.local"))),
+            ("mycluster.local", None),
+            ("reviews.default.svc", Some(ClusterLocal("svc"))),
+            ("svc", Some(ClusterLocal("svc"))),
+            ("svc.global", None),
+            ("reviews.mesh-a.global", None),
+            ("global", None),
+            ("", None),
+        ] {
+            assert_eq!(reserved_zone(name), zone, "{name:?}");
+        }
     }
 
     #[test]

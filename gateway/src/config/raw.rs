@@ -89,6 +89,22 @@ pub(super) struct RawPeer {
     pub follow_trust_bundle: Option<bool>,
     // issue 13 item 5 (dial direction)
     pub dial: Option<String>,
+    pub allowed_names: Option<Vec<String>>,
+    #[serde(default)]
+    pub limits: RawLimits,
+}
+
+// Wide integers, as for ports: an out-of-range value is a validation error
+// naming its path.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RawLimits {
+    pub services: Option<i64>,
+    pub instances_per_service: Option<i64>,
+    pub endpoints_per_service: Option<i64>,
+    pub message_bytes: Option<i64>,
+    pub metadata_entries: Option<i64>,
+    pub metadata_bytes: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -151,6 +151,8 @@ fn full_example_parses_to_typed_values() {
             identities: PeerIdentities::gateway_of(&"mesh-b.example".parse().unwrap()),
             follow_trust_bundle: false,
             dial: crate::config::DialMode::Consumer,
+            allowed_names: vec!["global".to_owned()],
+            limits: crate::config::PeerLimits::default(),
         }],
         imports: Imports {
             stale_after: Duration::from_secs(300),
@@ -1226,5 +1228,106 @@ fn peer_dial_direction() {
         ]),
         "peers[0].dial",
         &["unknown dial direction \"Owner\" (expected one of consumer, owner)"],
+    );
+}
+
+#[test]
+fn peer_allowed_names_default_normalize_and_refuse_reserved_zones() {
+    let c = ok(&with_peers(&[
+        "{ name: mesh-b, trustDomain: mesh-b.example, trustBundle: b.pem }",
+        "{ name: mesh-c, trustDomain: mesh-c.example, trustBundle: c.pem, allowedNames: [.Mesh-C.Global., example.com] }",
+        "{ name: mesh-d, trustDomain: mesh-d.example, trustBundle: d.pem, allowedNames: [] }",
+    ]));
+    assert_eq!(c.peers[0].allowed_names, ["global"]);
+    assert_eq!(c.peers[1].allowed_names, ["mesh-c.global", "example.com"]);
+    assert!(c.peers[2].allowed_names.is_empty());
+    let peer = |names: &str| {
+        with_peers(&[&format!(
+            "{{ name: mesh-b, trustDomain: mesh-b.example, trustBundle: b.pem, allowedNames: [{names}] }}"
+        )])
+    };
+    for (names, path, needle) in [
+        (
+            "global, cluster.local",
+            "peers[0].allowedNames[1]",
+            "\"cluster.local\" is under the cluster-local zone cluster.local, which no peer may claim",
+        ),
+        (
+            "default.svc",
+            "peers[0].allowedNames[0]",
+            "cluster-local zone svc",
+        ),
+        (
+            "\"10.0.0.0\"",
+            "peers[0].allowedNames[0]",
+            "\"10.0.0.0\" is an IP literal",
+        ),
+        ("\"[::1]\"", "peers[0].allowedNames[0]", "IP literal"),
+        ("LocalHost", "peers[0].allowedNames[0]", "under localhost"),
+        (
+            "\"\"",
+            "peers[0].allowedNames[0]",
+            "not a DNS name or label",
+        ),
+        (
+            "a_b.global",
+            "peers[0].allowedNames[0]",
+            "\"a_b.global\" is not a DNS name",
+        ),
+        (
+            "global, Global.",
+            "peers[0].allowedNames[1]",
+            "\"global\" is listed twice (also peers[0].allowedNames[0])",
+        ),
+    ] {
+        assert_err(&peer(names), path, &[needle]);
+    }
+}
+
+#[test]
+fn peer_limits_default_and_ranges() {
+    let c = ok(&with_peers(&[
+        "{ name: mesh-b, trustDomain: mesh-b.example, trustBundle: b.pem }",
+        "{ name: mesh-c, trustDomain: mesh-c.example, trustBundle: c.pem, limits: { services: 10, instancesPerService: 2, endpointsPerService: 3, messageBytes: 65536, metadataEntries: 4, metadataBytes: 512 } }",
+    ]));
+    assert_eq!(c.peers[0].limits, PeerLimits::default());
+    assert_eq!(c.peers[0].limits.services, 200_000);
+    assert_eq!(c.peers[0].limits.message_bytes, 4 * 1024 * 1024);
+    assert_eq!(
+        c.peers[1].limits,
+        PeerLimits {
+            services: 10,
+            instances_per_service: 2,
+            endpoints_per_service: 3,
+            message_bytes: 65536,
+            metadata_entries: 4,
+            metadata_bytes: 512,
+        }
+    );
+    let peer = |limits: &str| {
+        with_peers(&[&format!(
+            "{{ name: mesh-b, trustDomain: mesh-b.example, trustBundle: b.pem, limits: {{ {limits} }} }}"
+        )])
+    };
+    assert_err(
+        &peer("services: 0"),
+        "peers[0].limits.services",
+        &["0 is out of range 1..=10000000"],
+    );
+    assert_err(
+        &peer("messageBytes: 100"),
+        "peers[0].limits.messageBytes",
+        &["100 is out of range 1024..=268435456"],
+    );
+    assert_err(
+        &peer("metadataEntries: -1"),
+        "peers[0].limits.metadataEntries",
+        &["-1 is out of range"],
+    );
+    let errors = errs(&peer("instancesPerService: 1, bogus: 2"));
+    assert!(
+        errors.iter().any(|e| e.message.contains("bogus")),
+        "{}",
+        ConfigErrors(errors.clone())
     );
 }

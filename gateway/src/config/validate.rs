@@ -446,6 +446,8 @@ impl Validator<'_> {
                 }
             };
             let dial = self.dial(&at, p.dial.as_deref(), api_version);
+            let allowed_names = self.allowed_names(&at, p.allowed_names.as_deref());
+            let limits = self.limits(&at, &p.limits);
             let identities = trust_domain
                 .as_ref()
                 .map(|td| self.peer_identities(&at, td, p.identities.as_deref()));
@@ -461,6 +463,8 @@ impl Validator<'_> {
                     identities,
                     follow_trust_bundle: p.follow_trust_bundle.unwrap_or(false),
                     dial,
+                    allowed_names,
+                    limits,
                 });
             }
         }
@@ -564,6 +568,116 @@ impl Validator<'_> {
             );
         }
         dial
+    }
+
+    /// `peers[i].allowedNames`: DNS suffixes, written with or without a
+    /// leading or trailing dot, in any case; stored in lower case without
+    /// them. A suffix in a zone no peer may claim is refused, since every
+    /// name under it would be refused anyway.
+    fn allowed_names(&mut self, at: &str, raw: Option<&[String]>) -> Vec<String> {
+        let Some(raw) = raw else {
+            return defaults::ALLOWED_NAMES
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect();
+        };
+        let mut out: Vec<String> = Vec::new();
+        for (j, name) in raw.iter().enumerate() {
+            let path = format!("{at}.allowedNames[{j}]");
+            let lower = name.to_ascii_lowercase();
+            let trimmed = lower.strip_prefix('.').unwrap_or(&lower);
+            let suffix = trimmed.strip_suffix('.').unwrap_or(trimmed).to_owned();
+            if let Some(zone) = super::reserved_zone(&suffix) {
+                self.error(
+                    path,
+                    format!("{name:?} is {}, which no peer may claim", zone.describe()),
+                );
+            } else if !is_dns_label(&suffix) && !is_dns_name(&suffix) {
+                self.error(
+                    path,
+                    format!("{name:?} is not a DNS name or label (e.g. global, mesh-b.global)"),
+                );
+            } else if let Some(first) = out.iter().position(|s| *s == suffix) {
+                self.error(
+                    path,
+                    format!("{suffix:?} is listed twice (also {at}.allowedNames[{first}])"),
+                );
+            } else {
+                out.push(suffix);
+            }
+        }
+        out
+    }
+
+    /// `peers[i].limits`: each a count of at least 1 (`messageBytes` within
+    /// its own range).
+    fn limits(&mut self, at: &str, raw: &super::raw::RawLimits) -> super::PeerLimits {
+        let super::raw::RawLimits {
+            services,
+            instances_per_service,
+            endpoints_per_service,
+            message_bytes,
+            metadata_entries,
+            metadata_bytes,
+        } = raw;
+        let mut count = |key: &str, v: Option<i64>, default: usize, min: usize, max: usize| {
+            let Some(n) = v else { return default };
+            match usize::try_from(n) {
+                Ok(n) if (min..=max).contains(&n) => n,
+                _ => {
+                    self.error(
+                        format!("{at}.limits.{key}"),
+                        format!("{n} is out of range {min}..={max}"),
+                    );
+                    default
+                }
+            }
+        };
+        const MAX_COUNT: usize = 10_000_000;
+        super::PeerLimits {
+            services: count(
+                "services",
+                *services,
+                defaults::LIMIT_SERVICES,
+                1,
+                MAX_COUNT,
+            ),
+            instances_per_service: count(
+                "instancesPerService",
+                *instances_per_service,
+                defaults::LIMIT_INSTANCES_PER_SERVICE,
+                1,
+                MAX_COUNT,
+            ),
+            endpoints_per_service: count(
+                "endpointsPerService",
+                *endpoints_per_service,
+                defaults::LIMIT_ENDPOINTS_PER_SERVICE,
+                1,
+                MAX_COUNT,
+            ),
+            message_bytes: count(
+                "messageBytes",
+                *message_bytes,
+                defaults::LIMIT_MESSAGE_BYTES,
+                defaults::MIN_MESSAGE_BYTES,
+                defaults::MAX_MESSAGE_BYTES,
+            ),
+            metadata_entries: count(
+                "metadataEntries",
+                *metadata_entries,
+                defaults::LIMIT_METADATA_ENTRIES,
+                1,
+                MAX_COUNT,
+            ),
+            metadata_bytes: count(
+                "metadataBytes",
+                *metadata_bytes,
+                defaults::LIMIT_METADATA_BYTES,
+                1,
+                defaults::MAX_MESSAGE_BYTES,
+            ),
+        }
     }
 
     fn duration(&mut self, path: &str, s: Option<&str>, default: Duration) -> Duration {

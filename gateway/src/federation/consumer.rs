@@ -33,6 +33,7 @@ use self::session::{AfterClose, CloseReason, ConsumerSession, ConsumerSettings, 
 use super::owner::sleep_until_opt;
 use super::status::{ConsumerState, ConsumerView};
 use crate::catalog::cache;
+use crate::catalog::claims::{Claims, Rule};
 use crate::config::HostPort;
 use crate::state::{PeerState, Shared};
 
@@ -165,6 +166,35 @@ impl Wire {
         }
     }
 
+    /// Tells the owner, before the stream is dropped, that a message broke
+    /// `limits.messageBytes`: a status without a nonce (none could be read),
+    /// code `RESOURCE_EXHAUSTED`. An owner counts it as an unknown nonce.
+    async fn refuse_oversized(&mut self, message: String) {
+        let (version, context) = match self {
+            Wire::V2 { context, .. } => (ApiVersion::V1alpha2, context.clone()),
+            Wire::V1 { .. } => (ApiVersion::V1alpha1, String::new()),
+            // We are the gRPC server: the stream ends with the status itself.
+            Wire::Accepted { .. } => {
+                self.fail(tonic::Status::resource_exhausted(message));
+                return;
+            }
+        };
+        let mut request = message::Request::nack(version, String::new(), message, context);
+        if let Some(status) = request.status.as_mut() {
+            status.code = Code::ResourceExhausted as i32;
+        }
+        // Bounded: the stream is being abandoned, a stuck owner must not
+        // hold the reconnect up.
+        let sent = async {
+            match self {
+                Wire::V2 { tx, .. } => drained(tx, tx.send(request.to_v1alpha2()).await).await,
+                Wire::V1 { tx, .. } => drained(tx, tx.send(request.to_v1alpha1()).await).await,
+                Wire::Accepted { .. } => {}
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), sent).await;
+    }
+
     async fn reply(&mut self, reply: Reply) -> bool {
         let (version, context) = match self {
             Wire::V2 { context, .. } | Wire::Accepted { context, .. } => {
@@ -183,6 +213,17 @@ impl Wire {
             Wire::V1 { tx, .. } => tx.send(request.to_v1alpha1()).await.is_ok(),
             Wire::Accepted { tx, .. } => tx.send(Ok(request.to_v1alpha2())).await.is_ok(),
         }
+    }
+}
+
+/// Waits until the transport took everything queued on `tx` (so a last
+/// message goes out before the stream is dropped).
+async fn drained<T, E>(tx: &mpsc::Sender<T>, sent: Result<(), E>) {
+    if sent.is_err() {
+        return;
+    }
+    while tx.capacity() < tx.max_capacity() && !tx.is_closed() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -222,7 +263,7 @@ impl ConsumerTask {
 
     async fn run_dialing(&self, address: &HostPort, writer: Option<&CacheWriter>) {
         let mut stats = Counters::default();
-        let mut session = self.new_session();
+        let mut session = self.new_session(&mut stats);
         self.publish(&session, &stats);
         let mut attempt_at = Instant::now();
         loop {
@@ -345,6 +386,20 @@ impl ConsumerTask {
                     None => return StreamEnd::Shutdown,
                 },
                 next = wire.next() => match next {
+                    Err(status) if status.code() == Code::OutOfRange
+                        && status.message().contains("message length too large") =>
+                    {
+                        // tonic refused it before decoding: memory stays bounded.
+                        let limit = self.peer.config.limits.message_bytes;
+                        let message = format!(
+                            "a message broke limits.messageBytes ({limit}): {}; ending the stream",
+                            status.message()
+                        );
+                        tracing::warn!(rule = %Rule::MessageBytes, %message, "refused a message from the owner");
+                        session.on_message_too_large();
+                        wire.refuse_oversized(message.clone()).await;
+                        return StreamEnd::Closed(CloseReason::Other(format!("ResourceExhausted: {message}")));
+                    }
                     Err(status) => {
                         wire.fail(status.clone());
                         return StreamEnd::Closed(close_reason(&status));
@@ -356,13 +411,20 @@ impl ConsumerTask {
                             Ok(r) => r.resource_id.clone(),
                             Err(r) => r.resource_id.clone(),
                         };
+                        self.refresh_local_names(session, stats);
                         let handled = session.on_message(Instant::now(), r);
                         let reply = handled.reply;
                         if !handled.reconciled.is_empty() {
                             tracing::info!(removed = ?handled.reconciled, "snapshot complete: removed entries the owner no longer has");
                         }
-                        if let Reply::Nack { message, .. } = &reply {
-                            tracing::warn!(%service, %message, "NACKed an entry");
+                        match (&reply, handled.refused) {
+                            (Reply::Nack { message, .. }, Some(rule)) => {
+                                tracing::warn!(%service, %rule, %message, "refused an entry the peer may not claim");
+                            }
+                            (Reply::Nack { message, .. }, None) => {
+                                tracing::warn!(%service, %message, "NACKed an entry");
+                            }
+                            (Reply::Ack { .. }, _) => {}
                         }
                         if !wire.reply(reply).await {
                             return StreamEnd::Closed(CloseReason::Other("request stream closed".to_owned()));
@@ -427,7 +489,7 @@ impl ConsumerTask {
                 insert_header(&mut request, &window);
                 let mut client =
                     rd2::discovery_service_client::DiscoveryServiceClient::new(channel)
-                        .max_decoding_message_size(16 * 1024 * 1024);
+                        .max_decoding_message_size(self.peer.config.limits.message_bytes);
                 let response = client.establish_stream(request).await?;
                 let headers = response.metadata().clone();
                 (
@@ -448,7 +510,7 @@ impl ConsumerTask {
                 insert_header(&mut request, &window);
                 let mut client =
                     rd1::discovery_service_client::DiscoveryServiceClient::new(channel)
-                        .max_decoding_message_size(16 * 1024 * 1024);
+                        .max_decoding_message_size(self.peer.config.limits.message_bytes);
                 let response = client.establish_stream(request).await?;
                 let headers = response.metadata().clone();
                 (
@@ -505,11 +567,31 @@ impl ConsumerTask {
     }
 
     /// The session of this task, whichever side dials: set up once, with
-    /// what the cache holds.
-    fn new_session(&self) -> ConsumerSession {
+    /// the claim rules for this peer and what the cache holds (restored
+    /// through those rules).
+    fn new_session(&self, stats: &mut Counters) -> ConsumerSession {
         let mut session = ConsumerSession::new(self.settings.clone());
+        let peers: Vec<_> = self.shared.peers.iter().map(|p| p.config.clone()).collect();
+        session.set_claims(Claims::for_peer(&self.peer.config, &peers));
+        self.refresh_local_names(&mut session, stats);
         self.restore_cache(&mut session);
         session
+    }
+
+    /// Tells the claim rules this mesh's export names when they changed
+    /// (a reload) since the last look. A read of the watch per message: no
+    /// lock is held beyond the borrow.
+    fn refresh_local_names(&self, session: &mut ConsumerSession, counters: &mut Counters) {
+        let exports = Arc::clone(&self.shared.exports.borrow());
+        if counters
+            .exports_seen
+            .as_ref()
+            .is_some_and(|seen| Arc::ptr_eq(seen, &exports))
+        {
+            return;
+        }
+        session.claims_mut().set_local(exports.fqdns());
+        counters.exports_seen = Some(exports);
     }
 
     fn restore_cache(&self, session: &mut ConsumerSession) {
@@ -580,6 +662,8 @@ impl ConsumerTask {
             last_ack_at: s.last_ack_at.map(|t| SystemTime::now() - t.elapsed()),
             last_nack: s.last_nack.clone(),
             synced_until: counters.synced_until,
+            refused: s.refused.clone(),
+            refusals: session.refusals().iter().cloned().collect(),
             services: session
                 .imports()
                 .values()
@@ -603,6 +687,8 @@ struct Counters {
     failed: Option<String>,
     /// When the last stream with a complete snapshot ended.
     synced_until: Option<SystemTime>,
+    /// The export catalog the claim rules last saw.
+    exports_seen: Option<Arc<crate::catalog::ExportCatalog>>,
 }
 
 fn insert_header<T>(request: &mut Request<T>, window: &str) {

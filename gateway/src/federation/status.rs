@@ -75,6 +75,10 @@ pub struct ConsumerView {
     pub synced_until: Option<SystemTime>,
     pub last_nack: Option<(String, String)>,
     pub services: Vec<Arc<FederatedService>>,
+    /// Entries refused by a claim rule (names, limits), by rule.
+    pub refused: std::collections::BTreeMap<crate::catalog::claims::Rule, u64>,
+    /// The entries refused lately, oldest first (bounded, one per name).
+    pub refusals: Vec<crate::federation::consumer::session::RefusalRecord>,
 }
 
 /// Owner-side counters for one peer (atomics: updated per message, read by admin).

@@ -59,6 +59,59 @@ fn catalog_prints_the_catalog_of_a_running_gateway() {
     }
 }
 
+#[test]
+fn catalog_as_peer_prints_what_that_peer_sees_and_refuses_an_unknown_peer() {
+    let net = Net::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, config) = mesh_a(&net, dir.path());
+    let mut p = Proc::run("mesh-a", &config, &[]);
+    p.wait_ready(a.admin);
+    let admin = a.admin.to_string();
+    let served = get_json(a.admin, "/catalog?peer=mesh-b").unwrap();
+    for (args, env) in [
+        (
+            vec!["catalog", "--admin", admin.as_str(), "--as-peer", "mesh-b"],
+            vec![],
+        ),
+        (
+            vec!["catalog", "--admin", admin.as_str()],
+            vec![("ELSINORE_AS_PEER", "mesh-b")],
+        ),
+    ] {
+        let (status, stdout, stderr) = run_to_end(&args, &env, COMMAND_BOUND);
+        assert_eq!(status.map(|s| s.code()), Some(Some(0)), "{stderr}");
+        let printed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(printed, served);
+        assert_eq!(printed["peer"], "mesh-b");
+        let receives = printed["receives"].as_array().unwrap();
+        assert_eq!(receives.len(), 1, "{printed:#}");
+        assert_eq!(receives[0]["fqdn"], "reviews.mesh-a.global");
+        assert_eq!(
+            receives[0]["instances"][0]["metadata"]["SNI"],
+            "reviews.mesh-a.global"
+        );
+        assert_eq!(printed["held"], serde_json::json!([]));
+        assert_eq!(printed["refused"], serde_json::json!([]));
+    }
+    let (status, _, stderr) = run_to_end(
+        &["catalog", "--admin", admin.as_str(), "--as-peer", "mesh-x"],
+        &[],
+        COMMAND_BOUND,
+    );
+    assert_ne!(status.map(|s| s.code()), Some(Some(0)));
+    assert!(
+        stderr.contains("unknown peer \"mesh-x\" (configured peers: mesh-b)"),
+        "{stderr}"
+    );
+    let (status, _, stderr) = run_to_end(
+        &["catalog", "--admin", admin.as_str(), "--as-peer", "a&b=c"],
+        &[],
+        COMMAND_BOUND,
+    );
+    assert_ne!(status.map(|s| s.code()), Some(Some(0)));
+    assert!(stderr.contains("is not a peer name"), "{stderr}");
+}
+
 /// Runs `elsinore catalog --admin addr` and requires a non-zero exit within
 /// [`COMMAND_BOUND`], nothing on stdout, and every one of `needles` in the
 /// error.

@@ -166,7 +166,7 @@ pub(super) async fn run(
         attempted: true,
         ..Counters::default()
     };
-    let mut session = task.new_session();
+    let mut session = task.new_session(&mut stats);
     task.publish(&session, &stats);
     let mut next_stream: Option<Accepted> = None;
     let mut opened_before = false;

@@ -8,9 +8,10 @@
 //! deterministic unit test. Decoding and validation of the wire message
 //! happen in the federation-api codec (`on_message` takes its result); the
 //! caller also applies the returned changes to the catalog and the on-disk
-//! cache.
+//! cache. What the peer may claim (names, limits) is `catalog::claims`'s
+//! rule; the session applies it to every upsert and NACKs a refusal.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,8 +19,27 @@ use elsinore_federation_api::FederatedService;
 use elsinore_federation_api::message::{self as wire, Rejected, Response, ResponseError};
 use tokio::time::Instant;
 
+use crate::catalog::claims::{Claims, Rule};
+
 /// The spec asks for a reconnect backoff of at least one second.
 const MIN_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Refused entries remembered per peer, for `/catalog?peer=`.
+pub const REFUSALS_KEPT: usize = 64;
+/// Bytes of a refusal's message kept (a NACK may quote a value as long as
+/// a whole message).
+const REFUSAL_MESSAGE_KEPT: usize = 512;
+
+/// One entry refused lately: its name (empty if unknown), the FQDN it
+/// claimed (empty if it was not decoded), the claim rule (`None`: invalid
+/// on the wire), and the NACK's message, cut to 512 bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusalRecord {
+    pub name: String,
+    pub fqdn: String,
+    pub rule: Option<Rule>,
+    pub message: String,
+}
 
 /// Timing knobs of one consumer session (already validated config).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,6 +109,9 @@ pub struct Handled {
     /// Names removed because this response completed the snapshot and they
     /// were not in it (reconciliation); usually empty.
     pub reconciled: Vec<String>,
+    /// The claim rule that refused this response, if one did (the reply is
+    /// then a NACK naming it).
+    pub refused: Option<Rule>,
 }
 
 /// Why a stream (or a dial attempt) ended, as far as retrying is concerned.
@@ -147,6 +170,8 @@ pub struct ConsumerStats {
     pub snapshot_complete: bool,
     /// Whether a stream is open.
     pub connected: bool,
+    /// Entries refused by a claim rule, by rule (`catalog::claims`).
+    pub refused: BTreeMap<Rule, u64>,
 }
 
 /// The stream currently open, and its snapshot in progress.
@@ -177,6 +202,10 @@ enum Outcome {
     Rejected {
         name: Option<String>,
         message: String,
+        /// Set when a claim rule refused it.
+        rule: Option<Rule>,
+        /// The FQDN the entry claimed, when it was decoded; else empty.
+        fqdn: String,
     },
 }
 
@@ -194,6 +223,10 @@ pub struct ConsumerSession {
     /// Consecutive failed streams or dials since the last completed snapshot.
     failures: u32,
     stats: ConsumerStats,
+    claims: Claims,
+    /// The last [`REFUSALS_KEPT`] entries refused, one per name, oldest
+    /// first: what `/catalog?peer=` shows as refused.
+    refusals: VecDeque<RefusalRecord>,
 }
 
 impl ConsumerSession {
@@ -210,7 +243,44 @@ impl ConsumerSession {
             stale_since: None,
             failures: 0,
             stats: ConsumerStats::default(),
+            claims: Claims::default(),
+            refusals: VecDeque::new(),
         }
+    }
+
+    /// The entries of this peer refused lately (NACKed, by a claim rule or
+    /// as invalid), oldest first, at most [`REFUSALS_KEPT`], one per name;
+    /// a name later imported or deleted leaves the list.
+    pub fn refusals(&self) -> &VecDeque<RefusalRecord> {
+        &self.refusals
+    }
+
+    /// Keeps `record` as the latest refusal of its name, dropping the
+    /// oldest one beyond the bound (a hostile owner may send millions).
+    fn record_refusal(&mut self, record: RefusalRecord) {
+        self.refusals.retain(|r| r.name != record.name);
+        if self.refusals.len() >= REFUSALS_KEPT {
+            self.refusals.pop_front();
+        }
+        self.refusals.push_back(record);
+    }
+
+    /// The claim rules for this peer; until set, the product defaults
+    /// (names under `global`, default limits, no local exports known).
+    pub fn set_claims(&mut self, claims: Claims) {
+        self.claims = claims;
+    }
+
+    /// The claim rules in force, e.g. to update this mesh's export names.
+    pub fn claims_mut(&mut self) -> &mut Claims {
+        &mut self.claims
+    }
+
+    /// The gRPC decoder refused a message over `limits.messageBytes`; the
+    /// stream ends (the caller reports it through
+    /// [`Self::on_stream_closed`]). Counted as a refusal by that rule.
+    pub fn on_message_too_large(&mut self) {
+        *self.stats.refused.entry(Rule::MessageBytes).or_default() += 1;
     }
 
     /// Restores entries from the on-disk cache at start-up, before the first
@@ -219,11 +289,22 @@ impl ConsumerSession {
     /// overwritten. The restored entries then behave like imports from a
     /// lost stream: the state becomes `Disconnected { since: now - youngest
     /// age }`, so staleness keeps counting from the cache's time, and the
-    /// next completed snapshot reconciles them.
+    /// next completed snapshot reconciles them. Entries the claim rules in
+    /// force refuse are dropped too (set them first: [`Self::set_claims`]).
     pub fn restore(&mut self, entries: Vec<(FederatedService, Duration)>, now: Instant) {
         let mut youngest: Option<Duration> = None;
         for (service, age) in entries {
             if age >= self.settings.stale_after || self.imports.contains_key(&service.name) {
+                continue;
+            }
+            // The cache was written under the config of its day: an entry
+            // the peer may no longer claim (allowedNames narrowed, a new
+            // export of ours, lower limits) is not brought back.
+            if self
+                .claims
+                .check(&service, self.imports.len(), false)
+                .is_err()
+            {
                 continue;
             }
             youngest = Some(youngest.map_or(age, |y| y.min(age)));
@@ -296,6 +377,7 @@ impl ConsumerSession {
         service: Result<FederatedService, String>,
     ) -> Handled {
         self.stats.messages += 1;
+        let mut refused = None;
         let outcome = if self.stream.is_some() {
             self.apply(now, resource_id, op, service)
         } else {
@@ -304,11 +386,14 @@ impl ConsumerSession {
             Outcome::Rejected {
                 name: non_empty(resource_id),
                 message: "response received with no stream open".to_owned(),
+                rule: None,
+                fqdn: String::new(),
             }
         };
 
         let (reply, change) = match outcome {
             Outcome::Upserted(name) => {
+                self.refusals.retain(|r| r.name != name);
                 if let Some(stream) = self.stream.as_mut() {
                     stream.seen.insert(name.clone());
                     stream.fresh.insert(name.clone());
@@ -316,6 +401,7 @@ impl ConsumerSession {
                 (self.ack(now, nonce), Change::Upserted(name))
             }
             Outcome::Deleted { name, existed } => {
+                self.refusals.retain(|r| r.name != name);
                 if let Some(stream) = self.stream.as_mut() {
                     stream.fresh.remove(&name);
                 }
@@ -326,10 +412,30 @@ impl ConsumerSession {
                 };
                 (self.ack(now, nonce), change)
             }
-            Outcome::Rejected { name, message } => {
-                if let (Some(stream), Some(name)) = (self.stream.as_mut(), &name) {
+            Outcome::Rejected {
+                name,
+                message,
+                rule,
+                fqdn,
+            } => {
+                self.record_refusal(RefusalRecord {
+                    name: name.clone().unwrap_or_default(),
+                    fqdn,
+                    rule,
+                    message: truncated(&message),
+                });
+                // Only a held name needs keeping through reconciliation; not
+                // recording the others bounds `seen` by what is held, however
+                // many names a hostile owner has refused.
+                if let (Some(stream), Some(name)) = (self.stream.as_mut(), &name)
+                    && self.imports.contains_key(name)
+                {
                     stream.seen.insert(name.clone());
                 }
+                if let Some(rule) = rule {
+                    *self.stats.refused.entry(rule).or_default() += 1;
+                }
+                refused = rule;
                 self.stats.nacks += 1;
                 self.stats.last_nack = Some((name.unwrap_or_default(), message.clone()));
                 let reply = Reply::Nack {
@@ -353,6 +459,7 @@ impl ConsumerSession {
             reply,
             change,
             reconciled,
+            refused,
         }
     }
 
@@ -499,6 +606,8 @@ impl ConsumerSession {
                 Err(problem) => Outcome::Rejected {
                     name: non_empty(resource_id),
                     message: rejection(resource_id, &problem),
+                    rule: None,
+                    fqdn: String::new(),
                 },
                 Ok(service) if !resource_id.is_empty() && service.name != resource_id => {
                     Outcome::Rejected {
@@ -507,9 +616,25 @@ impl ConsumerSession {
                             resource_id,
                             &format!("resource_id does not match service name {:?}", service.name),
                         ),
+                        rule: None,
+                        fqdn: String::new(),
                     }
                 }
                 Ok(service) => {
+                    // Whether it replaces a held entry only matters at the
+                    // services limit: spare the second lookup below it.
+                    let held = self.imports.len();
+                    let replaces = held >= self.claims.limits().services
+                        && self.imports.contains_key(&service.name);
+                    if let Err(refusal) = self.claims.check(&service, held, replaces) {
+                        // The old entry of that name, if any, stays.
+                        return Outcome::Rejected {
+                            message: rejection(&service.name, &refusal.message),
+                            name: Some(service.name),
+                            rule: Some(refusal.rule),
+                            fqdn: service.fqdn,
+                        };
+                    }
                     let name = service.name.clone();
                     self.imports.insert(
                         name.clone(),
@@ -530,6 +655,8 @@ impl ConsumerSession {
                         return Outcome::Rejected {
                             name: None,
                             message: rejection("", &format!("delete names no service: {problem}")),
+                            rule: None,
+                            fqdn: String::new(),
                         };
                     }
                 };
@@ -539,6 +666,8 @@ impl ConsumerSession {
             Operation::Unknown(code) => Outcome::Rejected {
                 name: non_empty(resource_id),
                 message: rejection(resource_id, &format!("unknown operation {code}")),
+                rule: None,
+                fqdn: String::new(),
             },
         }
     }
@@ -628,6 +757,18 @@ fn drop_all_but(imports: &mut BTreeMap<String, Imported>, keep: &BTreeSet<String
 
 fn non_empty(name: &str) -> Option<String> {
     (!name.is_empty()).then(|| name.to_owned())
+}
+
+/// `message` cut to [`REFUSAL_MESSAGE_KEPT`] bytes, at a character boundary.
+fn truncated(message: &str) -> String {
+    if message.len() <= REFUSAL_MESSAGE_KEPT {
+        return message.to_owned();
+    }
+    let mut end = REFUSAL_MESSAGE_KEPT;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &message[..end])
 }
 
 /// A NACK message naming the resource and the problem.

@@ -130,7 +130,7 @@ impl OwnerDialer {
             );
         }
         let mut client = rd2::discovery_service_client::DiscoveryServiceClient::new(channel)
-            .max_decoding_message_size(16 * 1024 * 1024);
+            .max_decoding_message_size(self.peer.config.limits.message_bytes);
         let response = client.establish_stream(request).await?;
         let window = response
             .metadata()

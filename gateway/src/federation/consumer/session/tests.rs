@@ -164,6 +164,274 @@ fn nack_keeps_old_entry_and_counts_as_seen() {
     assert_eq!(stats.last_ack_at, Some(t + secs(3)));
 }
 
+fn with_fqdn(name: &str, fqdn: &str) -> FederatedService {
+    FederatedService {
+        fqdn: fqdn.to_owned(),
+        ..svc(name, "")
+    }
+}
+
+#[track_caller]
+fn nack_message(h: &Handled) -> &str {
+    match &h.reply {
+        Reply::Nack { message, .. } => message,
+        other => panic!("expected a NACK, got {other:?}"),
+    }
+}
+
+#[test]
+fn claim_refusals_are_nacked_by_rule_and_the_stream_goes_on() {
+    let t = t0();
+    let mut s = ConsumerSession::new(settings());
+    s.on_stream_open(t, None);
+    upsert(&mut s, t, "a");
+    for (name, fqdn, rule, needle) in [
+        (
+            "k8s",
+            "kubernetes.default.svc.cluster.local",
+            Rule::ClusterLocal,
+            "fqdn \"kubernetes.default.svc.cluster.local\" is under the cluster-local zone cluster.local, which no peer may claim",
+        ),
+        ("ip", "10.0.0.1", Rule::IpLiteral, "is an IP literal"),
+        (
+            "elsewhere",
+            "x.example.com",
+            Rule::NotAllowed,
+            "allowedNames: global",
+        ),
+    ] {
+        let h = s.on_response(t, "n", name, Operation::Upsert, Ok(with_fqdn(name, fqdn)));
+        let message = nack_message(&h);
+        assert!(
+            message.starts_with(&format!("rejected service {name:?}: ")),
+            "{message}"
+        );
+        assert!(message.contains(needle), "{message}");
+        assert_eq!(h.refused, Some(rule));
+        assert_eq!(h.change, Change::Unchanged);
+    }
+    // A valid entry after them is imported; the earlier one stays.
+    let h = upsert(&mut s, t, "b");
+    assert_eq!(
+        h.reply,
+        Reply::Ack {
+            nonce: "n-b".into()
+        }
+    );
+    assert_eq!(h.refused, None);
+    assert_eq!(names(&s), ["a", "b"]);
+    let stats = s.stats();
+    assert_eq!((stats.acks, stats.nacks), (2, 3));
+    assert_eq!(
+        stats.refused,
+        BTreeMap::from([
+            (Rule::IpLiteral, 1),
+            (Rule::ClusterLocal, 1),
+            (Rule::NotAllowed, 1)
+        ])
+    );
+    // Refused names the session never held are not remembered as seen.
+    assert_eq!(s.stream.as_ref().unwrap().seen.len(), 2);
+    // Neither do they survive into the snapshot's reconciliation.
+    assert!(s.on_tick(t + QUIET).is_empty());
+    assert_eq!(names(&s), ["a", "b"]);
+}
+
+#[test]
+fn a_refused_update_keeps_the_held_entry_through_reconciliation() {
+    let t = t0();
+    let mut s = lost_stream_with(&["a", "b"], t);
+    s.on_stream_open(t + secs(1), Some(2));
+    let h = s.on_response(
+        t + secs(1),
+        "n1",
+        "a",
+        Operation::Upsert,
+        Ok(with_fqdn("a", "a.localhost")),
+    );
+    assert!(nack_message(&h).contains("under localhost"), "{h:?}");
+    assert_eq!(h.refused, Some(Rule::Localhost));
+    let h = upsert(&mut s, t + secs(1), "b");
+    assert!(h.reconciled.is_empty(), "{h:?}");
+    assert_eq!(names(&s), ["a", "b"]);
+    assert_eq!(s.imports()["a"].service.fqdn, "a.mesh-a.global");
+}
+
+#[test]
+fn our_export_names_are_refused_once_known() {
+    let t = t0();
+    let mut s = ConsumerSession::new(settings());
+    s.on_stream_open(t, None);
+    upsert(&mut s, t, "reviews");
+    s.claims_mut()
+        .set_local(["reviews.mesh-a.global".to_owned()]);
+    let h = upsert(&mut s, t, "reviews");
+    assert!(nack_message(&h).contains("own exports"), "{h:?}");
+    assert_eq!(h.refused, Some(Rule::LocalExport));
+    // The entry held from before stays (the merge aliases it: local wins).
+    assert_eq!(names(&s), ["reviews"]);
+}
+
+#[test]
+fn the_services_limit_refuses_new_names_not_updates() {
+    let t = t0();
+    let mut s = ConsumerSession::new(settings());
+    s.set_claims(Claims::new(
+        "mesh-a",
+        ["global".to_owned()],
+        Vec::new(),
+        crate::config::PeerLimits {
+            services: 2,
+            ..Default::default()
+        },
+    ));
+    s.on_stream_open(t, None);
+    upsert(&mut s, t, "a");
+    upsert(&mut s, t, "b");
+    let h = upsert(&mut s, t, "c");
+    let message = nack_message(&h);
+    assert!(
+        message.contains("3, more than limits.services allows for peer mesh-a (2)"),
+        "{message}"
+    );
+    assert_eq!(h.refused, Some(Rule::Services));
+    assert_eq!(
+        upsert(&mut s, t, "a").reply,
+        Reply::Ack {
+            nonce: "n-a".into()
+        }
+    );
+    s.on_response(t, "d", "b", Operation::Delete, Err("delete".into()));
+    assert_eq!(upsert(&mut s, t, "c").refused, None);
+    assert_eq!(names(&s), ["a", "c"]);
+}
+
+#[test]
+fn per_service_limits_are_nacked() {
+    let t = t0();
+    let mut s = ConsumerSession::new(settings());
+    s.set_claims(Claims::new(
+        "mesh-a",
+        ["global".to_owned()],
+        Vec::new(),
+        crate::config::PeerLimits {
+            endpoints_per_service: 1,
+            ..Default::default()
+        },
+    ));
+    s.on_stream_open(t, None);
+    let endpoint = elsinore_federation_api::Endpoint {
+        address: "192.0.2.1".into(),
+        port: 1,
+        labels: Vec::new(),
+        description: String::new(),
+    };
+    let mut service = svc("a", "");
+    service.endpoints = vec![endpoint.clone(), endpoint];
+    let h = s.on_response(t, "n", "a", Operation::Upsert, Ok(service));
+    assert!(
+        nack_message(&h).contains("limits.endpointsPerService"),
+        "{h:?}"
+    );
+    assert_eq!(h.refused, Some(Rule::EndpointsPerService));
+    assert!(s.imports().is_empty());
+}
+
+#[test]
+fn refusals_are_remembered_bounded_one_per_name_until_imported() {
+    let t = t0();
+    let mut s = ConsumerSession::new(settings());
+    s.on_stream_open(t, None);
+    s.on_response(
+        t,
+        "1",
+        "k8s",
+        Operation::Upsert,
+        Ok(with_fqdn("k8s", "a.cluster.local")),
+    );
+    s.on_response(t, "2", "bad", Operation::Upsert, Err("x".repeat(2000)));
+    let records: Vec<_> = s.refusals().iter().cloned().collect();
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[0].name, "k8s");
+    assert_eq!(records[0].fqdn, "a.cluster.local");
+    assert_eq!(records[0].rule, Some(Rule::ClusterLocal));
+    assert!(
+        records[0].message.contains("cluster-local zone"),
+        "{records:?}"
+    );
+    assert_eq!(records[1].rule, None);
+    assert!(
+        records[1].message.len() <= 512 + '…'.len_utf8(),
+        "{}",
+        records[1].message.len()
+    );
+    // The same name again: one record, the latest.
+    s.on_response(
+        t,
+        "3",
+        "k8s",
+        Operation::Upsert,
+        Ok(with_fqdn("k8s", "k8s.localhost")),
+    );
+    let names: Vec<_> = s.refusals().iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["bad", "k8s"]);
+    assert_eq!(s.refusals()[1].rule, Some(Rule::Localhost));
+    // Imported after all: no longer refused.
+    upsert(&mut s, t, "k8s");
+    let names: Vec<_> = s.refusals().iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["bad"]);
+    // A flood keeps the last REFUSALS_KEPT.
+    for i in 0..1000 {
+        let name = format!("n{i}");
+        s.on_response(
+            t,
+            "n",
+            &name,
+            Operation::Upsert,
+            Ok(with_fqdn(&name, "10.0.0.1")),
+        );
+    }
+    assert_eq!(s.refusals().len(), REFUSALS_KEPT);
+    assert_eq!(s.refusals().back().unwrap().name, "n999");
+    assert_eq!(
+        s.refusals().front().unwrap().name,
+        format!("n{}", 1000 - REFUSALS_KEPT)
+    );
+}
+
+#[test]
+fn restore_drops_cached_entries_the_rules_in_force_refuse() {
+    let t = t0();
+    let mut s = ConsumerSession::new(settings());
+    s.set_claims(Claims::new(
+        "mesh-a",
+        ["mesh-a.global".to_owned()],
+        Vec::new(),
+        crate::config::PeerLimits {
+            services: 2,
+            ..Default::default()
+        },
+    ));
+    s.restore(
+        vec![
+            (svc("a", ""), secs(1)),
+            (with_fqdn("k8s", "k8s.default.svc.cluster.local"), secs(1)),
+            (with_fqdn("moved", "moved.elsewhere.global"), secs(1)),
+            (svc("b", ""), secs(1)),
+            (svc("c", ""), secs(1)),
+        ],
+        t,
+    );
+    assert_eq!(names(&s), ["a", "b"]);
+}
+
+#[test]
+fn an_oversized_message_is_counted_by_its_rule() {
+    let mut s = ConsumerSession::new(settings());
+    s.on_message_too_large();
+    assert_eq!(s.stats().refused, BTreeMap::from([(Rule::MessageBytes, 1)]));
+}
+
 #[test]
 fn upsert_replaces_and_records_confirmation_time() {
     let t = t0();
