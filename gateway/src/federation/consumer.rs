@@ -10,7 +10,7 @@
 //! `elsinore_federation_api::message`'s; this file must not decide what a
 //! response means nor build a proto by hand.
 
-pub mod accept;
+pub(crate) mod accept;
 pub mod session;
 
 use std::sync::Arc;

@@ -14,8 +14,8 @@
 //! dials, [`dial`] opens the stream and runs the same session through
 //! [`drive`].
 
-pub mod dial;
-pub mod session;
+pub(crate) mod dial;
+pub(crate) mod session;
 
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
