@@ -112,47 +112,17 @@ enum Wire {
 impl Wire {
     async fn next(&mut self) -> Result<Option<Received>, tonic::Status> {
         match self {
-            Wire::V2 { rx, wrong_way, .. } => loop {
-                let Some(m) = rx.message().await? else {
-                    return Ok(None);
-                };
-                // An owner that sends requests is waiting for us to push:
-                // its config says the owner dials. Waiting on would hang
-                // both sides without a word.
-                if m.request.is_some() {
-                    return Err(wrong_way.clone());
-                }
-                match message::Response::from_v1alpha2(m) {
-                    // A bidirectional wrapper without a response carries nothing for us.
-                    Err(Rejected {
-                        error: ResponseError::NotAResponse,
-                        ..
-                    }) => continue,
-                    received => return Ok(Some(received)),
-                }
-            },
+            // An owner that sends requests on a stream we dialed is waiting
+            // for us to push (its config says the owner dials); one that
+            // sends requests on a stream it dialed to us thinks it is our
+            // consumer. Either way no catalog flows: end it naming the key.
+            Wire::V2 { rx, wrong_way, .. } => next_v2(rx, wrong_way).await,
             Wire::V1 { rx, .. } => Ok(rx.message().await?.map(message::Response::from_v1alpha1)),
             Wire::Accepted {
                 rx,
                 wrong_direction,
                 ..
-            } => loop {
-                let Some(m) = rx.message().await? else {
-                    return Ok(None);
-                };
-                // A peer that sends requests thinks it is our consumer: the
-                // two configs disagree on who dials, and no catalog flows.
-                if m.request.is_some() {
-                    return Err(wrong_direction.clone());
-                }
-                match message::Response::from_v1alpha2(m) {
-                    Err(Rejected {
-                        error: ResponseError::NotAResponse,
-                        ..
-                    }) => continue,
-                    received => return Ok(Some(received)),
-                }
-            },
+            } => next_v2(rx, wrong_direction).await,
         }
     }
 
@@ -212,6 +182,30 @@ impl Wire {
             Wire::V2 { tx, .. } => tx.send(request.to_v1alpha2()).await.is_ok(),
             Wire::V1 { tx, .. } => tx.send(request.to_v1alpha1()).await.is_ok(),
             Wire::Accepted { tx, .. } => tx.send(Ok(request.to_v1alpha2())).await.is_ok(),
+        }
+    }
+}
+
+/// The next response on a v1alpha2 stream, whichever side dialed it; a
+/// request instead ends the stream with `wrong_way`.
+async fn next_v2(
+    rx: &mut Streaming<rd2::BidirectionalStream>,
+    wrong_way: &tonic::Status,
+) -> Result<Option<Received>, tonic::Status> {
+    loop {
+        let Some(m) = rx.message().await? else {
+            return Ok(None);
+        };
+        if m.request.is_some() {
+            return Err(wrong_way.clone());
+        }
+        match message::Response::from_v1alpha2(m) {
+            // A bidirectional wrapper without a response carries nothing for us.
+            Err(Rejected {
+                error: ResponseError::NotAResponse,
+                ..
+            }) => continue,
+            received => return Ok(Some(received)),
         }
     }
 }
