@@ -270,72 +270,9 @@ struct CachedInstance {
     pub description: String,
 }
 
-// The conversions destructure exhaustively so a new domain field fails to
-// compile until the file format handles it.
-
-impl From<&FederatedService> for CachedService {
-    fn from(s: &FederatedService) -> Self {
-        let FederatedService {
-            name,
-            description,
-            tags,
-            labels,
-            fqdn,
-            endpoints,
-            sans,
-            instances,
-        } = s;
-        CachedService {
-            name: name.clone(),
-            description: description.clone(),
-            tags: tags.clone(),
-            labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            fqdn: fqdn.clone(),
-            endpoints: endpoints.iter().map(CachedEndpoint::from).collect(),
-            sans: sans.clone(),
-            instances: instances.iter().map(CachedInstance::from).collect(),
-        }
-    }
-}
-
-impl From<&Endpoint> for CachedEndpoint {
-    fn from(e: &Endpoint) -> Self {
-        let Endpoint {
-            address,
-            port,
-            labels,
-            description,
-        } = e;
-        CachedEndpoint {
-            address: address.clone(),
-            port: *port,
-            labels: labels.clone(),
-            description: description.clone(),
-        }
-    }
-}
-
-impl From<&Instance> for CachedInstance {
-    fn from(i: &Instance) -> Self {
-        let Instance {
-            id,
-            protocol,
-            metadata,
-            endpoint_selector,
-            description,
-        } = i;
-        CachedInstance {
-            id: id.clone(),
-            protocol: protocol.as_str().to_owned(),
-            metadata: metadata
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            endpoint_selector: endpoint_selector.clone(),
-            description: description.clone(),
-        }
-    }
-}
+// The reading conversion destructures exhaustively, as the writing one
+// (`ServiceOut`) does: a new domain field fails to compile here until the
+// file format handles it.
 
 impl TryFrom<CachedService> for FederatedService {
     type Error = UnknownProtocol;
@@ -571,6 +508,74 @@ mod tests {
 
     use super::*;
     use elsinore_federation_api::Protocol;
+
+    // The owned form of the file, built from the domain type: what the
+    // borrowing writer (`ServiceOut`) must produce to the byte, checked by
+    // `streamed_file_equals_the_owned_document` below. Exhaustive, like the production
+    // conversions.
+    impl From<&FederatedService> for CachedService {
+        fn from(s: &FederatedService) -> Self {
+            let FederatedService {
+                name,
+                description,
+                tags,
+                labels,
+                fqdn,
+                endpoints,
+                sans,
+                instances,
+            } = s;
+            CachedService {
+                name: name.clone(),
+                description: description.clone(),
+                tags: tags.clone(),
+                labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                fqdn: fqdn.clone(),
+                endpoints: endpoints.iter().map(CachedEndpoint::from).collect(),
+                sans: sans.clone(),
+                instances: instances.iter().map(CachedInstance::from).collect(),
+            }
+        }
+    }
+
+    impl From<&Endpoint> for CachedEndpoint {
+        fn from(e: &Endpoint) -> Self {
+            let Endpoint {
+                address,
+                port,
+                labels,
+                description,
+            } = e;
+            CachedEndpoint {
+                address: address.clone(),
+                port: *port,
+                labels: labels.clone(),
+                description: description.clone(),
+            }
+        }
+    }
+
+    impl From<&Instance> for CachedInstance {
+        fn from(i: &Instance) -> Self {
+            let Instance {
+                id,
+                protocol,
+                metadata,
+                endpoint_selector,
+                description,
+            } = i;
+            CachedInstance {
+                id: id.clone(),
+                protocol: protocol.as_str().to_owned(),
+                metadata: metadata
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                endpoint_selector: endpoint_selector.clone(),
+                description: description.clone(),
+            }
+        }
+    }
 
     fn service(name: &str, protocol: Protocol) -> FederatedService {
         FederatedService {
