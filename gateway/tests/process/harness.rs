@@ -49,6 +49,10 @@ pub fn wait_for<T>(
 /// taken by another test between reservation and the gateway's bind.
 pub struct Net {
     prefix: [u8; 3],
+    /// Ports handed out so far: a probe port is released at once, so the
+    /// kernel may offer it again to the next probe (two listeners of one
+    /// gateway on one port: the config is refused).
+    given: Mutex<std::collections::HashSet<SocketAddr>>,
 }
 
 impl Net {
@@ -58,7 +62,10 @@ impl Net {
             // A probe bind: the block is usable (and, very likely, unused).
             let probe = Ipv4Addr::new(prefix[0], prefix[1], prefix[2], 1);
             if TcpListener::bind((probe, 0)).is_ok() {
-                return Net { prefix };
+                return Net {
+                    prefix,
+                    given: Mutex::default(),
+                };
             }
         }
     }
@@ -75,7 +82,7 @@ impl Net {
         loop {
             let tcp = TcpListener::bind((ip, 0)).expect("bind a probe on the test's block");
             let addr = tcp.local_addr().unwrap();
-            if UdpSocket::bind(addr).is_ok() {
+            if UdpSocket::bind(addr).is_ok() && self.given.lock().unwrap().insert(addr) {
                 return addr;
             }
         }
