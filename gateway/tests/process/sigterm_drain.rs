@@ -35,10 +35,16 @@ where
     }
 }
 
-/// A free loopback port (the kernel's pick, released for the gateway).
-async fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap().port()
+/// Three distinct free loopback ports (the kernel's picks, released for
+/// the gateway: a released port may be offered again, so they are held
+/// until all three are known).
+async fn free_ports() -> (u16, u16, u16) {
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
+    }
+    let port = |i: usize| held[i].local_addr().unwrap().port();
+    (port(0), port(1), port(2))
 }
 
 /// The status of GET `path` on the admin listener, 0 if it does not answer.
@@ -115,7 +121,7 @@ async fn run() {
         }
     });
 
-    let (admin, ingress, federation) = (free_port().await, free_port().await, free_port().await);
+    let (admin, ingress, federation) = free_ports().await;
     let config = dir.path().join("mesh-a.yaml");
     write(
         &config,
