@@ -138,17 +138,7 @@ impl ConsumerV2 {
         &mut self,
         wait: Duration,
     ) -> anyhow::Result<Option<rd2::StreamResponse>> {
-        let Ok(message) = tokio::time::timeout(wait, self.rx.message()).await else {
-            return Ok(None);
-        };
-        let message = message?.ok_or_else(|| anyhow!("owner closed the stream"))?;
-        match message {
-            rd2::BidirectionalStream {
-                response: Some(r),
-                request: None,
-            } => Ok(Some(r)),
-            other => bail!("owner sent a wrapper without exactly a response: {other:?}"),
-        }
+        next_response(&mut self.rx, wait).await
     }
 
     /// ACK: status OK with the response's nonce. The context is only sent
@@ -165,20 +155,46 @@ impl ConsumerV2 {
     async fn reply(&self, nonce: &str, code: i32, message: &str) -> anyhow::Result<()> {
         self.tx
             .send(rd2::BidirectionalStream {
-                request: Some(rd2::StreamRequest {
-                    resource_url: TYPE_URL_V2.to_owned(),
-                    response_nonce: nonce.to_owned(),
-                    status: Some(rpc::Status {
-                        code,
-                        message: message.to_owned(),
-                        details: vec![],
-                    }),
-                    context: String::new(),
-                }),
+                request: Some(status_request(nonce, code, message)),
                 response: None,
             })
             .await
             .map_err(|_| anyhow!("request stream closed"))
+    }
+}
+
+/// The owner's next response on a v1alpha2 stream, whichever side dialed
+/// it, if one arrives within `wait`. `Streaming::message` keeps its state in
+/// the stream, so giving up on it loses nothing.
+async fn next_response(
+    rx: &mut Streaming<rd2::BidirectionalStream>,
+    wait: Duration,
+) -> anyhow::Result<Option<rd2::StreamResponse>> {
+    let Ok(message) = tokio::time::timeout(wait, rx.message()).await else {
+        return Ok(None);
+    };
+    let message = message?.ok_or_else(|| anyhow!("the owner closed the stream"))?;
+    match message {
+        rd2::BidirectionalStream {
+            response: Some(r),
+            request: None,
+        } => Ok(Some(r)),
+        other => bail!("the owner sent a wrapper without exactly a response: {other:?}"),
+    }
+}
+
+/// An ACK (`CODE_OK`) or NACK of `nonce`. The context is only sent on the
+/// first request, as the spec asks; later requests leave it empty.
+fn status_request(nonce: &str, code: i32, message: &str) -> rd2::StreamRequest {
+    rd2::StreamRequest {
+        resource_url: TYPE_URL_V2.to_owned(),
+        response_nonce: nonce.to_owned(),
+        status: Some(rpc::Status {
+            code,
+            message: message.to_owned(),
+            details: vec![],
+        }),
+        context: String::new(),
     }
 }
 
@@ -596,17 +612,7 @@ impl DialedConsumerV2 {
         &mut self,
         wait: Duration,
     ) -> anyhow::Result<Option<rd2::StreamResponse>> {
-        let Ok(message) = tokio::time::timeout(wait, self.inbound.message()).await else {
-            return Ok(None);
-        };
-        let message = message?.ok_or_else(|| anyhow!("the owner closed the stream"))?;
-        match message {
-            rd2::BidirectionalStream {
-                response: Some(r),
-                request: None,
-            } => Ok(Some(r)),
-            other => bail!("the owner sent a wrapper without exactly a response: {other:?}"),
-        }
+        next_response(&mut self.inbound, wait).await
     }
 
     pub async fn ack(&self, nonce: &str) -> anyhow::Result<()> {
@@ -618,17 +624,7 @@ impl DialedConsumerV2 {
     }
 
     async fn answer(&self, nonce: &str, code: i32, message: &str) -> anyhow::Result<()> {
-        self.request(rd2::StreamRequest {
-            resource_url: TYPE_URL_V2.to_owned(),
-            response_nonce: nonce.to_owned(),
-            status: Some(rpc::Status {
-                code,
-                message: message.to_owned(),
-                details: vec![],
-            }),
-            context: String::new(),
-        })
-        .await
+        self.request(status_request(nonce, code, message)).await
     }
 
     async fn request(&self, request: rd2::StreamRequest) -> anyhow::Result<()> {

@@ -1069,6 +1069,20 @@ impl GatewayHandle {
         .await;
     }
 
+    /// Waits until this gateway published TLS material of `generation` or
+    /// later (a rotation it has taken).
+    pub async fn wait_generation(&self, generation: u64, what: &str) {
+        wait_for(what, WAIT, || async {
+            let now = self.gateway.credentials.generation();
+            if now >= generation {
+                Ok(())
+            } else {
+                Err(format!("{} is at generation {now}", self.mesh))
+            }
+        })
+        .await;
+    }
+
     /// Waits (up to `timeout`) until `imports.<peer>.state` is `state`.
     pub async fn wait_state(&self, peer: &str, state: &str, timeout: Duration) {
         let desc = format!("mesh {}: imports.{peer}.state to be {state:?}", self.mesh);

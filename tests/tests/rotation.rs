@@ -18,7 +18,7 @@ use std::time::Duration;
 use elsinore_certs::{Ca, Identity, Issued, TrustBundle};
 use elsinore_gateway::proxy::ingress::Refusal;
 use elsinore_tests::{
-    Backend, ConfigSpec, ExportSpec, GatewayHandle, MeshFixture, PeerSpec, WAIT, get, http1_send,
+    Backend, ConfigSpec, ExportSpec, MeshFixture, PeerSpec, WAIT, admin_get, get, http1_send,
     run_test, tls_connect, tls_connect_sni, wait_for,
 };
 use rustls::pki_types::CertificateDer;
@@ -170,42 +170,6 @@ async fn echo(vip: SocketAddr, payload: &[u8]) -> std::io::Result<Vec<u8>> {
     Ok(back)
 }
 
-/// GET `path` on an admin listener: (status, body).
-async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let exchange = async {
-        let mut s = TcpStream::connect(addr).await?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
-        s.write_all(request.as_bytes()).await?;
-        let mut text = String::new();
-        s.read_to_string(&mut text).await?;
-        Ok::<_, std::io::Error>(text)
-    };
-    let text = tokio::time::timeout(WAIT, exchange).await.unwrap().unwrap();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
-/// Waits until `gateway` published TLS material of `generation` or later.
-async fn wait_generation(gateway: &GatewayHandle, generation: u64, what: &str) {
-    wait_for(what, WAIT, || async {
-        let now = gateway.gateway.credentials.generation();
-        if now >= generation {
-            Ok(())
-        } else {
-            Err(format!("{} is at generation {now}", gateway.mesh))
-        }
-    })
-    .await;
-}
-
 /// The leaf certificate `addr` presents to a fresh handshake, verified
 /// against `ca` alone, with `client` as our identity.
 async fn served_leaf(
@@ -301,16 +265,16 @@ async fn identities_and_bundles_rotate_under_traffic_without_a_failed_request() 
         );
         replace_file(&a_trusts_b, &(b.ca.cert_pem() + &b_ca2.cert_pem()));
         replace_file(&b_trusts_a, &(a.ca.cert_pem() + &a_ca2.cert_pem()));
-        wait_generation(&ga, 2, "A to take B's old+new bundle").await;
-        wait_generation(&gb, 2, "B to take A's old+new bundle").await;
+        ga.wait_generation(2, "A to take B's old+new bundle").await;
+        gb.wait_generation(2, "B to take A's old+new bundle").await;
         traffic.progress(3, "with old+new bundles").await;
 
         // Step 2: both identities move to certificates of the new CAs.
         let (a2, b2) = (issue(&a_ca2, &a), issue(&b_ca2, &b));
         a_secret.swap(&identity_files(&a2));
         b_secret.swap(&identity_files(&b2));
-        wait_generation(&ga, 3, "A to take its new identity").await;
-        wait_generation(&gb, 3, "B to take its new identity").await;
+        ga.wait_generation(3, "A to take its new identity").await;
+        gb.wait_generation(3, "B to take its new identity").await;
         // The next handshake presents the new certificate, on the data
         // plane and on the federation API, verified against the new CA alone.
         let client = identity(&b2);
@@ -346,8 +310,8 @@ async fn identities_and_bundles_rotate_under_traffic_without_a_failed_request() 
         // can pass now, so traffic after this proves both sides present them.
         replace_file(&a_trusts_b, &b_ca2.cert_pem());
         replace_file(&b_trusts_a, &a_ca2.cert_pem());
-        wait_generation(&ga, 4, "A to take B's new-only bundle").await;
-        wait_generation(&gb, 4, "B to take A's new-only bundle").await;
+        ga.wait_generation(4, "A to take B's new-only bundle").await;
+        gb.wait_generation(4, "B to take A's new-only bundle").await;
         traffic.progress(3, "with new-only bundles").await;
 
         // A broken new certificate is refused, naming the file; A keeps
@@ -482,7 +446,7 @@ async fn no_session_resumes_across_a_rotation() {
         // B's CA leaves A's bundle.
         let b_ca2 = Ca::new(&b.trust_domain).unwrap();
         replace_file(&a_trusts_b, &b_ca2.cert_pem());
-        wait_generation(&ga, 2, "A to take B's new bundle").await;
+        ga.wait_generation(2, "A to take B's new bundle").await;
         let refused_before = ga.ingress_stats().refused(Refusal::HandshakeFailed);
         let after = exchange(config.clone()).await;
         assert!(

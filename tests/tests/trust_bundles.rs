@@ -62,18 +62,6 @@ fn issue(ca: &Ca, mesh: &MeshFixture) -> Issued {
         .unwrap()
 }
 
-async fn wait_generation(gateway: &GatewayHandle, generation: u64, what: &str) {
-    wait_for(what, WAIT, || async {
-        let now = gateway.gateway.credentials.generation();
-        if now >= generation {
-            Ok(())
-        } else {
-            Err(format!("{} is at generation {now}", gateway.mesh))
-        }
-    })
-    .await;
-}
-
 /// Waits until B's `/peers` shows A trusted from `source` by CAs whose
 /// SHA-256 fingerprints satisfy `check`; returns them.
 async fn wait_trust(
@@ -207,7 +195,7 @@ async fn rollover_followed(dial: &str) {
 
         // Step 2: A's certificate moves to the new CA.
         s.a_secret.swap(&issue(&ca2, &s.a));
-        wait_generation(&s.ga, 3, "A to take its new identity").await;
+        s.ga.wait_generation(3, "A to take its new identity").await;
         request_ok(&gb, "A on its new certificate").await;
 
         // Step 3: A publishes the new CA only. B reconnects (A presents the
@@ -259,7 +247,7 @@ async fn without_follow_a_peers_new_ca_is_refused_as_before() {
 
         let ca2 = Ca::new(&s.a.trust_domain).unwrap();
         replace_file(&s.a_own, &(s.a.ca.cert_pem() + &ca2.cert_pem()));
-        wait_generation(&s.ga, 2, "A to publish old+new").await;
+        s.ga.wait_generation(2, "A to publish old+new").await;
         // The change ended B's stream; B is back on A's old certificate.
         wait_for("B's second stream to A", WAIT, || async {
             let total = s.ga.owner(B).await["streamsTotal"].as_u64().unwrap_or(0);
@@ -268,7 +256,7 @@ async fn without_follow_a_peers_new_ca_is_refused_as_before() {
         .await;
         gb.wait_state(A, "synced", WAIT).await;
         s.a_secret.swap(&issue(&ca2, &s.a));
-        wait_generation(&s.ga, 3, "A to take its new identity").await;
+        s.ga.wait_generation(3, "A to take its new identity").await;
         let before = gb.consumer(A).await["reconnects"].as_u64().unwrap_or(0);
         // A's streams end; B's redials meet A's new certificate, which its
         // file's CA does not vouch for.
