@@ -2,8 +2,10 @@
 //! types, for both Hamlet versions, plus packing into and out of
 //! `google.protobuf.Any`. Every import normalizes and validates, so a
 //! [`FederatedService`] that came from a peer always satisfies
-//! [`FederatedService::validate`]. Proto structs are destructured without
-//! `..`, so a field added to a `.proto` fails to compile here until handled.
+//! [`FederatedService::validate`]. Every conversion builds its output as a
+//! whole struct literal (no `..`): a field added to a `.proto` fails to
+//! compile in the exports, one added to the domain types in the imports,
+//! so neither is dropped unnoticed.
 //!
 //! # v1alpha1 mapping
 //!
@@ -70,6 +72,20 @@ fn trimmed<T>(mut v: Vec<T>) -> Vec<T> {
     v
 }
 
+/// `convert` applied to each item with its index, into a fresh vector of
+/// the exact length (`collect` would reuse the proto vector's spare room in
+/// place).
+fn each<T, U>(
+    items: Vec<T>,
+    mut convert: impl FnMut(usize, T) -> Result<U, ValidationError>,
+) -> Result<Vec<U>, ValidationError> {
+    let mut out = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        out.push(convert(i, item)?);
+    }
+    Ok(out)
+}
+
 fn port_from_wire(i: usize, port: u32) -> Result<u16, ValidationError> {
     match u16::try_from(port) {
         Ok(p) if p != 0 => Ok(p),
@@ -102,41 +118,23 @@ impl TryFrom<v1alpha2::FederatedService> for FederatedService {
             instances,
         } = p;
 
-        // Fresh vectors of the exact length rather than `collect`, which
-        // would reuse the proto vectors' spare room in place.
-        let mut domain_endpoints = Vec::with_capacity(endpoints.len());
-        for (i, e) in endpoints.into_iter().enumerate() {
-            let v1alpha2::federated_service::Endpoint {
-                address,
-                port,
-                labels,
-                description,
-            } = e;
-            domain_endpoints.push(Endpoint {
-                address,
-                port: port_from_wire(i, port)?,
-                labels: trimmed(labels),
-                description,
-            });
-        }
-
-        let mut domain_instances = Vec::with_capacity(instances.len());
-        for (i, inst) in instances.into_iter().enumerate() {
-            let v1alpha2::federated_service::Instance {
-                id,
-                protocol,
-                metadata,
-                endpoint_selector,
-                description,
-            } = inst;
-            domain_instances.push(Instance {
-                id,
-                protocol: parse_protocol(format!("instances[{i}].protocol"), &protocol)?,
-                metadata: metadata.into_iter().collect(),
-                endpoint_selector: trimmed(endpoint_selector),
-                description,
-            });
-        }
+        let domain_endpoints = each(endpoints, |i, e| {
+            Ok(Endpoint {
+                address: e.address,
+                port: port_from_wire(i, e.port)?,
+                labels: trimmed(e.labels),
+                description: e.description,
+            })
+        })?;
+        let domain_instances = each(instances, |i, inst| {
+            Ok(Instance {
+                id: inst.id,
+                protocol: parse_protocol(format!("instances[{i}].protocol"), &inst.protocol)?,
+                metadata: inst.metadata.into_iter().collect(),
+                endpoint_selector: trimmed(inst.endpoint_selector),
+                description: inst.description,
+            })
+        })?;
 
         let svc = FederatedService {
             name,
@@ -153,63 +151,40 @@ impl TryFrom<v1alpha2::FederatedService> for FederatedService {
     }
 }
 
+/// A string map as the protos' `map<string, string>`.
+fn proto_map(m: &StringMap) -> std::collections::HashMap<String, String> {
+    m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
 /// Exports `svc` as a `v1alpha2` message. Every domain field has a home, so
 /// this is lossless.
 pub fn to_v1alpha2(svc: &FederatedService) -> v1alpha2::FederatedService {
-    let FederatedService {
-        name,
-        description,
-        tags,
-        labels,
-        fqdn,
-        endpoints,
-        sans,
-        instances,
-    } = svc;
     v1alpha2::FederatedService {
-        name: name.clone(),
-        description: description.clone(),
-        tags: tags.clone(),
-        labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-        fqdn: fqdn.clone(),
-        endpoints: endpoints
+        name: svc.name.clone(),
+        description: svc.description.clone(),
+        tags: svc.tags.clone(),
+        labels: proto_map(&svc.labels),
+        fqdn: svc.fqdn.clone(),
+        endpoints: svc
+            .endpoints
             .iter()
-            .map(|e| {
-                let Endpoint {
-                    address,
-                    port,
-                    labels,
-                    description,
-                } = e;
-                v1alpha2::federated_service::Endpoint {
-                    address: address.clone(),
-                    port: u32::from(*port),
-                    labels: labels.clone(),
-                    description: description.clone(),
-                }
+            .map(|e| v1alpha2::federated_service::Endpoint {
+                address: e.address.clone(),
+                port: u32::from(e.port),
+                labels: e.labels.clone(),
+                description: e.description.clone(),
             })
             .collect(),
-        sans: sans.clone(),
-        instances: instances
+        sans: svc.sans.clone(),
+        instances: svc
+            .instances
             .iter()
-            .map(|inst| {
-                let Instance {
-                    id,
-                    protocol,
-                    metadata,
-                    endpoint_selector,
-                    description,
-                } = inst;
-                v1alpha2::federated_service::Instance {
-                    id: id.clone(),
-                    protocol: protocol.as_str().to_owned(),
-                    metadata: metadata
-                        .iter()
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect(),
-                    endpoint_selector: endpoint_selector.clone(),
-                    description: description.clone(),
-                }
+            .map(|inst| v1alpha2::federated_service::Instance {
+                id: inst.id.clone(),
+                protocol: inst.protocol.as_str().to_owned(),
+                metadata: proto_map(&inst.metadata),
+                endpoint_selector: inst.endpoint_selector.clone(),
+                description: inst.description.clone(),
             })
             .collect(),
     }
@@ -242,20 +217,15 @@ pub fn from_v1alpha1(p: v1alpha1::FederatedService) -> Result<FederatedService, 
         endpoints,
     } = p;
 
-    let endpoints = endpoints
-        .into_iter()
-        .enumerate()
-        .map(|(i, e)| {
-            let v1alpha1::federated_service::Endpoint { address, port } = e;
-            Ok(Endpoint {
-                address,
-                port: port_from_wire(i, port)?,
-                labels: Vec::new(),
-                description: String::new(),
-            })
+    let endpoints = each(endpoints, |i, e| {
+        let v1alpha1::federated_service::Endpoint { address, port } = e;
+        Ok(Endpoint {
+            address,
+            port: port_from_wire(i, port)?,
+            labels: Vec::new(),
+            description: String::new(),
         })
-        .collect::<Result<Vec<_>, ValidationError>>()?;
-    let endpoints = trimmed(endpoints);
+    })?;
 
     let mut instances: Vec<Instance> = Vec::new();
     for (i, raw) in protocols.iter().enumerate() {
@@ -294,34 +264,27 @@ pub fn from_v1alpha1(p: v1alpha1::FederatedService) -> Result<FederatedService, 
 }
 
 /// Exports `svc` as a `v1alpha1` message per the mapping in the module docs.
+/// It reads only the fields v1alpha1 carries; the module docs list what it
+/// drops.
 pub fn to_v1alpha1(svc: &FederatedService) -> v1alpha1::FederatedService {
-    let FederatedService {
-        name,
-        description,
-        tags,
-        labels,
-        fqdn,
-        endpoints,
-        sans,
-        instances,
-    } = svc;
     let mut protocols: Vec<String> = Vec::new();
-    for inst in instances {
+    for inst in &svc.instances {
         let p = inst.protocol.as_str();
         if !protocols.iter().any(|q| q == p) {
             protocols.push(p.to_owned());
         }
     }
     v1alpha1::FederatedService {
-        name: name.clone(),
-        description: description.clone(),
-        tags: tags.clone(),
-        labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-        fqdn: fqdn.clone(),
-        id: name.clone(),
-        san: sans.first().cloned().unwrap_or_default(),
+        name: svc.name.clone(),
+        description: svc.description.clone(),
+        tags: svc.tags.clone(),
+        labels: proto_map(&svc.labels),
+        fqdn: svc.fqdn.clone(),
+        id: svc.name.clone(),
+        san: svc.sans.first().cloned().unwrap_or_default(),
         protocols,
-        endpoints: endpoints
+        endpoints: svc
+            .endpoints
             .iter()
             .map(|e| v1alpha1::federated_service::Endpoint {
                 address: e.address.clone(),

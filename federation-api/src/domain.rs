@@ -4,6 +4,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use serde::{Deserialize, Serialize};
+
 /// The application protocol of a service instance (closed set from the spec).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocol {
@@ -196,22 +198,26 @@ impl<'a> IntoIterator for &'a StringMap {
 }
 
 /// Where the owner exposes a service (typically its ingress gateway).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Endpoint {
     /// IP address or FQDN.
     pub address: String,
     pub port: u16,
+    #[serde(deserialize_with = "crate::json::trimmed")]
     pub labels: Vec<String>,
     pub description: String,
 }
 
 /// One backing instance of a service.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Instance {
     pub id: String,
     pub protocol: Protocol,
     /// Reserved keys: `SNI`, `HOSTNAME`, `PORT`.
     pub metadata: StringMap,
+    #[serde(deserialize_with = "crate::json::trimmed")]
     pub endpoint_selector: Vec<String>,
     pub description: String,
 }
@@ -244,15 +250,21 @@ impl Instance {
 }
 
 /// A service one mesh exports to another. Always the full object, never a diff.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Its JSON form (admin API, import cache) is in [`crate::json`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct FederatedService {
     pub name: String,
     pub description: String,
+    #[serde(deserialize_with = "crate::json::trimmed")]
     pub tags: Vec<String>,
     pub labels: StringMap,
     pub fqdn: String,
+    #[serde(deserialize_with = "crate::json::trimmed")]
     pub endpoints: Vec<Endpoint>,
+    #[serde(deserialize_with = "crate::json::trimmed")]
     pub sans: Vec<String>,
+    #[serde(deserialize_with = "crate::json::trimmed")]
     pub instances: Vec<Instance>,
 }
 

@@ -1,13 +1,15 @@
 //! The Hamlet federation API: protos for `v1alpha2` and `v1alpha1`, the
 //! generated tonic/prost code, the catalog domain types and conversions in
-//! both directions with validation, and the version-neutral stream messages
-//! with their v1alpha1/v1alpha2 codec ([`message`]). This crate does no I/O
-//! and knows nothing of the gateway.
+//! both directions with validation, the version-neutral stream messages
+//! with their v1alpha1/v1alpha2 codec ([`message`]), and the domain types'
+//! JSON form ([`json`]). This crate does no I/O and knows nothing of the
+//! gateway.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod convert;
 pub mod domain;
+pub mod json;
 pub mod message;
 pub mod validate;
 

@@ -281,47 +281,6 @@ fn query_peer(req: &Request<Incoming>) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// A service as JSON, every field of the domain type (what the owner
-/// encodes, or what we decoded).
-fn service_json(s: &elsinore_federation_api::FederatedService) -> Value {
-    let elsinore_federation_api::FederatedService {
-        name,
-        description,
-        tags,
-        labels,
-        fqdn,
-        endpoints,
-        sans,
-        instances,
-    } = s;
-    let map = |m: &elsinore_federation_api::StringMap| {
-        m.iter()
-            .map(|(k, v)| (k.clone(), json!(v)))
-            .collect::<serde_json::Map<_, _>>()
-    };
-    json!({
-        "name": name,
-        "description": description,
-        "tags": tags,
-        "labels": map(labels),
-        "fqdn": fqdn,
-        "endpoints": endpoints.iter().map(|e| json!({
-            "address": e.address,
-            "port": e.port,
-            "labels": e.labels,
-            "description": e.description,
-        })).collect::<Vec<_>>(),
-        "sans": sans,
-        "instances": instances.iter().map(|i| json!({
-            "id": i.id,
-            "protocol": i.protocol.as_str(),
-            "metadata": map(&i.metadata),
-            "endpointSelector": i.endpoint_selector,
-            "description": i.description,
-        })).collect::<Vec<_>>(),
-    })
-}
-
 /// `/catalog?peer=NAME`: what `peer` receives from us (our exports it may
 /// see, as the owner encodes them in its API version: encoded and decoded
 /// again, so a field the version cannot carry is not shown) and what we
@@ -341,7 +300,7 @@ pub fn peer_catalog_json(shared: &Shared, peer: &str) -> Option<Value> {
         .map(|svc| {
             let any = encode_any(svc, version);
             let mut doc = match decode_any(&any, version) {
-                Ok(sent) => service_json(&sent),
+                Ok(sent) => json!(sent),
                 // Our own exports always decode; say so if one did not.
                 Err(e) => json!({ "name": svc.name, "error": e.to_string() }),
             };
