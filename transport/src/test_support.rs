@@ -2,11 +2,11 @@
 //! inside each socket-level test ([`limit`]), a bounded wait on a
 //! condition ([`wait_until`]: tests wait on what they need, never on a
 //! fixed sleep), and a stream that records how much work was done before
-//! each write ([`Recording`]). Compiled only for tests.
+//! each write ([`recording`]). Compiled only for tests.
 
 mod recording;
 
-pub use recording::Recording;
+pub use recording::recording;
 
 use std::future::Future;
 use std::time::Duration;

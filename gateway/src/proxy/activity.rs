@@ -1,16 +1,14 @@
-//! Idle detection for proxied connections: [`ActivityIo`] records when
+//! Idle detection for proxied connections: [`watched`] records when
 //! bytes last moved through a stream and [`Activity::idle`] resolves once
 //! nothing moved for a while. Shared by ingress and egress; costs one
 //! relaxed atomic store per read or write, no timer reset per chunk.
 
-use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::io::{InspectReader, InspectWriter};
 use tokio_util::sync::CancellationToken;
 
 /// When bytes last moved on a connection (milliseconds since `epoch`; an
@@ -60,61 +58,57 @@ impl Activity {
     }
 }
 
-/// A stream that records [`Activity`] on every read and write.
-pub(crate) struct ActivityIo<T> {
-    pub(crate) inner: T,
-    pub(crate) activity: Arc<Activity>,
+/// `io`, recording on `activity` every read and write that moved bytes
+/// (tokio-util's inspectors: one call per read and per buffer written).
+pub(crate) fn watched<T>(
+    io: T,
+    activity: &Arc<Activity>,
+) -> impl AsyncRead + AsyncWrite + Unpin + Send + use<T>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let on_write = Arc::clone(activity);
+    let on_read = Arc::clone(activity);
+    InspectReader::new(
+        InspectWriter::new(io, move |_: &[u8]| on_write.touch()),
+        move |read: &[u8]| {
+            // Also called at end of stream, with nothing read.
+            if !read.is_empty() {
+                on_read.touch();
+            }
+        },
+    )
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.touch();
-        }
-        res
-    }
-}
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::time::{Instant, advance};
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let res = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        res
-    }
+    /// Writes and reads that move bytes push the idle deadline back; the
+    /// end of the stream (a read of nothing) does not.
+    #[tokio::test(start_paused = true)]
+    async fn moving_bytes_is_activity_and_the_end_of_the_stream_is_not() {
+        let ms = Duration::from_millis;
+        let start = Instant::now();
+        let activity = Arc::new(Activity::new());
+        let (ours, mut theirs) = tokio::io::duplex(64);
+        let mut io = watched(ours, &activity);
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
+        advance(ms(100)).await;
+        io.write_all(b"x").await.unwrap();
+        activity.idle(ms(250)).await;
+        assert_eq!(start.elapsed(), ms(350));
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let res = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        res
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        theirs.write_all(b"y").await.unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(io.read(&mut buf).await.unwrap(), 1);
+        drop(theirs);
+        advance(ms(100)).await;
+        assert_eq!(io.read(&mut buf).await.unwrap(), 0);
+        activity.idle(ms(250)).await;
+        assert_eq!(start.elapsed(), ms(600));
     }
 }

@@ -349,7 +349,7 @@ pub type ResponseBody = RecvBody<OpenStream>;
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
-    use crate::test_support::Recording;
+    use crate::test_support::recording;
     use http::HeaderMap;
     use http_body::Frame;
     use http_body_util::{BodyExt, Empty, Full, StreamBody};
@@ -448,7 +448,7 @@ mod tests {
         let addr = echo_server().await;
         // For every write: how many request tasks had started by then.
         let started = Arc::new(AtomicUsize::new(0));
-        let (io, writes) = Recording::new(TcpStream::connect(addr).await.unwrap(), &started);
+        let (io, writes) = recording(TcpStream::connect(addr).await.unwrap(), &started);
         let tx = handshake(io, tracing::Span::none()).await.unwrap();
         // The handshake's own frames go out first: a whole exchange has
         // crossed once its response is read.

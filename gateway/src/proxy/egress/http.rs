@@ -24,7 +24,7 @@ use super::routes::{AuthorityMemo, Route, Routes, View, no_endpoints, request_ho
 use super::stats::EgressStats;
 use super::{Egress, RespBody};
 use crate::catalog::routes::{Mode, VipEntry};
-use crate::proxy::activity::{Activity, ActivityIo};
+use crate::proxy::activity::{Activity, watched};
 use crate::proxy::error::{ErrorKind, ProxyError, Side, is_grpc};
 
 impl Egress {
@@ -64,10 +64,7 @@ impl Egress {
 
     async fn serve_h2c(self: Arc<Self>, tcp: TcpStream, client: SocketAddr, route: Route) {
         let activity = Arc::new(Activity::new());
-        let io = ActivityIo {
-            inner: tcp,
-            activity: activity.clone(),
-        };
+        let io = watched(tcp, &activity);
         let idle = self.ctx.tuning.idle_timeout;
         let stop = async {
             let reason = activity.idle_or_shutdown(idle, &self.ctx.shutdown).await;

@@ -29,7 +29,7 @@ use super::handshake::Inner;
 use super::routes::{HttpBackend, check_authority, sni_authority};
 use super::stats::{IngressStats, bump};
 use super::{PeerBody, PeerStream};
-use crate::proxy::activity::{Activity, ActivityIo};
+use crate::proxy::activity::{Activity, watched};
 use crate::proxy::error::{ErrorKind, ProxyError, Side, is_grpc};
 use crate::proxy::{
     IdentityTrailersStripped, PEER_IDENTITY_HEADER, refuse_userinfo, strip_identity_headers,
@@ -58,10 +58,7 @@ pub(super) async fn serve_http(tls: PeerStream, conn: Arc<HttpConn>, inner: &Inn
     let tuning = inner.tuning();
     let activity = Arc::new(Activity::new());
     let h2 = tls.alpn_protocol() == Some(b"h2");
-    let io = ActivityIo {
-        inner: tls,
-        activity: Arc::clone(&activity),
-    };
+    let io = watched(tls, &activity);
     let idle = tuning.idle_timeout;
     if h2 {
         // What peer gateways speak: HTTP/2, served in this task.

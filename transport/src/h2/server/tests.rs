@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::h2::client::{self as h2client, SendError, Sender};
-use crate::test_support::Recording;
+use crate::test_support::recording;
 use http::HeaderMap;
 use http_body::Frame;
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
@@ -151,7 +151,7 @@ async fn responses_finished_together_leave_in_parts() {
     tokio::spawn(async move {
         let (tcp, _) = l.accept().await.unwrap();
         // For every write: how many handlers had answered by then.
-        let (io, writes) = Recording::new(tcp, &counter);
+        let (io, writes) = recording(tcp, &counter);
         let _ = recorded.send(writes);
         serve(io, SETTINGS, std::future::pending(), handler).await
     });
