@@ -107,48 +107,57 @@ impl TryFrom<v1alpha2::FederatedService> for FederatedService {
     /// Imports a `v1alpha2` message: parses ports and protocols, normalizes
     /// the fqdn and checks every `v1alpha2` rule.
     fn try_from(p: v1alpha2::FederatedService) -> Result<Self, Self::Error> {
-        let v1alpha2::FederatedService {
-            name,
-            description,
-            tags,
-            labels,
-            fqdn,
-            endpoints,
-            sans,
-            instances,
-        } = p;
-
-        let domain_endpoints = each(endpoints, |i, e| {
-            Ok(Endpoint {
-                address: e.address,
-                port: port_from_wire(i, e.port)?,
-                labels: trimmed(e.labels),
-                description: e.description,
-            })
-        })?;
-        let domain_instances = each(instances, |i, inst| {
-            Ok(Instance {
-                id: inst.id,
-                protocol: parse_protocol(format!("instances[{i}].protocol"), &inst.protocol)?,
-                metadata: inst.metadata.into_iter().collect(),
-                endpoint_selector: trimmed(inst.endpoint_selector),
-                description: inst.description,
-            })
-        })?;
-
-        let svc = FederatedService {
-            name,
-            description,
-            tags: trimmed(tags),
-            labels: labels.into_iter().collect(),
-            fqdn: normalize_fqdn(fqdn),
-            endpoints: domain_endpoints,
-            sans: trimmed(sans),
-            instances: domain_instances,
-        };
-        svc.validate(ApiVersion::V1alpha2)?;
-        Ok(svc)
+        import(p, ApiVersion::V1alpha2)
     }
+}
+
+/// A `v1alpha2` message, or the one a `v1alpha1` message maps to, as a
+/// service checked against every rule of `version`.
+fn import(
+    p: v1alpha2::FederatedService,
+    version: ApiVersion,
+) -> Result<FederatedService, ValidationError> {
+    let v1alpha2::FederatedService {
+        name,
+        description,
+        tags,
+        labels,
+        fqdn,
+        endpoints,
+        sans,
+        instances,
+    } = p;
+
+    let domain_endpoints = each(endpoints, |i, e| {
+        Ok(Endpoint {
+            address: e.address,
+            port: port_from_wire(i, e.port)?,
+            labels: trimmed(e.labels),
+            description: e.description,
+        })
+    })?;
+    let domain_instances = each(instances, |i, inst| {
+        Ok(Instance {
+            id: inst.id,
+            protocol: parse_protocol(format!("instances[{i}].protocol"), &inst.protocol)?,
+            metadata: inst.metadata.into_iter().collect(),
+            endpoint_selector: trimmed(inst.endpoint_selector),
+            description: inst.description,
+        })
+    })?;
+
+    let svc = FederatedService {
+        name,
+        description,
+        tags: trimmed(tags),
+        labels: labels.into_iter().collect(),
+        fqdn: normalize_fqdn(fqdn),
+        endpoints: domain_endpoints,
+        sans: trimmed(sans),
+        instances: domain_instances,
+    };
+    svc.validate(version)?;
+    Ok(svc)
 }
 
 /// A string map as the protos' `map<string, string>`.
@@ -199,9 +208,9 @@ impl TryFrom<v1alpha1::FederatedService> for FederatedService {
     }
 }
 
-/// Imports a `v1alpha1` message per the mapping in the module docs, then
-/// checks every `v1alpha1` rule. Unknown protocols fail with field
-/// `protocols[i]`.
+/// Imports a `v1alpha1` message as the `v1alpha2` message the mapping in
+/// the module docs gives, then checks every `v1alpha1` rule. Unknown
+/// protocols fail with field `protocols[i]`.
 pub fn from_v1alpha1(p: v1alpha1::FederatedService) -> Result<FederatedService, ValidationError> {
     let v1alpha1::FederatedService {
         name,
@@ -217,41 +226,42 @@ pub fn from_v1alpha1(p: v1alpha1::FederatedService) -> Result<FederatedService, 
         endpoints,
     } = p;
 
-    let endpoints = each(endpoints, |i, e| {
-        let v1alpha1::federated_service::Endpoint { address, port } = e;
-        Ok(Endpoint {
-            address,
-            port: port_from_wire(i, port)?,
-            labels: Vec::new(),
-            description: String::new(),
-        })
-    })?;
-
-    let mut instances: Vec<Instance> = Vec::new();
+    // Ports first, as a v1alpha1 message has always been checked; the
+    // v1alpha2 import checks them again under the same field names.
+    for (i, e) in endpoints.iter().enumerate() {
+        port_from_wire(i, e.port)?;
+    }
+    let mut instances: Vec<v1alpha2::federated_service::Instance> = Vec::new();
     for (i, raw) in protocols.iter().enumerate() {
-        let protocol = parse_protocol(format!("protocols[{i}]"), raw)?;
+        let protocol = parse_protocol(format!("protocols[{i}]"), raw)?.as_str();
         // A repeated protocol would give two instances the same id; it says
         // nothing new, so the first one stands.
         if instances.iter().any(|inst| inst.protocol == protocol) {
             continue;
         }
-        instances.push(Instance {
-            id: protocol.as_str().to_ascii_lowercase(),
-            protocol,
-            metadata: StringMap::new(),
+        instances.push(v1alpha2::federated_service::Instance {
+            id: protocol.to_ascii_lowercase(),
+            protocol: protocol.to_owned(),
+            metadata: std::collections::HashMap::new(),
             endpoint_selector: Vec::new(),
             description: String::new(),
         });
     }
-    let instances = trimmed(instances);
-
-    let svc = FederatedService {
+    let mapped = v1alpha2::FederatedService {
         name,
         description,
-        tags: trimmed(tags),
-        labels: labels.into_iter().collect(),
-        fqdn: normalize_fqdn(fqdn),
-        endpoints,
+        tags,
+        labels,
+        fqdn,
+        endpoints: endpoints
+            .into_iter()
+            .map(|e| v1alpha2::federated_service::Endpoint {
+                address: e.address,
+                port: e.port,
+                labels: Vec::new(),
+                description: String::new(),
+            })
+            .collect(),
         sans: if san.is_empty() {
             Vec::new()
         } else {
@@ -259,8 +269,7 @@ pub fn from_v1alpha1(p: v1alpha1::FederatedService) -> Result<FederatedService, 
         },
         instances,
     };
-    svc.validate(ApiVersion::V1alpha1)?;
-    Ok(svc)
+    import(mapped, ApiVersion::V1alpha1)
 }
 
 /// Exports `svc` as a `v1alpha1` message per the mapping in the module docs.
