@@ -476,11 +476,8 @@ impl ConsumerTask {
         let (wire, headers) = match self.peer.config.api_version {
             ApiVersion::V1alpha2 => {
                 let context = format!("elsinore/{}", self.shared.mesh);
-                let (tx, rx) = mpsc::channel(self.window as usize + 8);
                 let first = message::Request::initial(ApiVersion::V1alpha2, context.clone());
-                let _ = tx.send(first.to_v1alpha2()).await;
-                let mut request = Request::new(ReceiverStream::new(rx));
-                insert_header(&mut request, &window);
+                let (tx, request) = self.opening(first.to_v1alpha2(), &window).await;
                 let mut client =
                     rd2::discovery_service_client::DiscoveryServiceClient::new(channel)
                         .max_decoding_message_size(self.peer.config.limits.message_bytes);
@@ -497,11 +494,8 @@ impl ConsumerTask {
                 )
             }
             ApiVersion::V1alpha1 => {
-                let (tx, rx) = mpsc::channel(self.window as usize + 8);
                 let first = message::Request::initial(ApiVersion::V1alpha1, String::new());
-                let _ = tx.send(first.to_v1alpha1()).await;
-                let mut request = Request::new(ReceiverStream::new(rx));
-                insert_header(&mut request, &window);
+                let (tx, request) = self.opening(first.to_v1alpha1(), &window).await;
                 let mut client =
                     rd1::discovery_service_client::DiscoveryServiceClient::new(channel)
                         .max_decoding_message_size(self.peer.config.limits.message_bytes);
@@ -537,6 +531,22 @@ impl ConsumerTask {
             tracing::info!(removed = ?removed, "empty snapshot: removed entries the owner no longer has");
         }
         Ok(wire)
+    }
+
+    /// The request side of a stream we dial, in either version's messages:
+    /// its sender, and the request that carries `first` and our window.
+    async fn opening<M>(
+        &self,
+        first: M,
+        window: &str,
+    ) -> (mpsc::Sender<M>, Request<ReceiverStream<M>>) {
+        let (tx, rx) = mpsc::channel(self.window as usize + 8);
+        let _ = tx.send(first).await;
+        let mut request = Request::new(ReceiverStream::new(rx));
+        if let Ok(v) = window.parse() {
+            request.metadata_mut().insert(WINDOW_HEADER, v);
+        }
+        (tx, request)
     }
 
     /// Hands a bundle the owner published on this (authenticated) stream to
@@ -683,12 +693,6 @@ struct Counters {
     synced_until: Option<SystemTime>,
     /// The export catalog the claim rules last saw.
     exports_seen: Option<Arc<crate::catalog::ExportCatalog>>,
-}
-
-fn insert_header<T>(request: &mut Request<T>, window: &str) {
-    if let Ok(v) = window.parse() {
-        request.metadata_mut().insert(WINDOW_HEADER, v);
-    }
 }
 
 type CacheEntries = Arc<Vec<(Arc<elsinore_federation_api::FederatedService>, SystemTime)>>;
