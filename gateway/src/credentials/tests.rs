@@ -7,7 +7,9 @@ use elsinore_certs::{Ca, SpiffeId};
 use rustls::pki_types::pem::PemObject;
 
 use super::*;
+use crate::credentials::follow::LearnOutcome;
 use crate::credentials::status::epoch_secs;
+use std::time::SystemTime;
 
 struct Files {
     _dir: tempfile::TempDir,
