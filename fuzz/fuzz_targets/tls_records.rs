@@ -24,18 +24,17 @@
 //! of it is delivered; the server ends promptly.
 #![no_main]
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use aws_lc_rs::hkdf;
+use elsinore_fuzz::Loopback;
 use elsinore_fuzz::tls::{SERVER_NAME, ServerIdentity, provider, server_identity};
 use elsinore_gateway::proxy::tls;
 use libfuzzer_sys::fuzz_target;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 
 /// The last client application traffic secret rustls logged.
 #[derive(Debug, Default)]
@@ -78,9 +77,7 @@ const SUITES: [Suite; 3] = [
 ];
 
 struct Fixture {
-    rt: tokio::runtime::Runtime,
-    listener: TcpListener,
-    addr: SocketAddr,
+    net: Loopback,
     server: Arc<rustls::ServerConfig>,
     clients: Vec<(Arc<rustls::ClientConfig>, Arc<LastSecret>)>,
 }
@@ -88,14 +85,6 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime");
-        let listener = rt
-            .block_on(TcpListener::bind("127.0.0.1:0"))
-            .expect("a loopback listener");
-        let addr = listener.local_addr().expect("its address");
         let ServerIdentity { chain, key, roots } = server_identity();
         // The record layer does not care how the client authenticated.
         let server = rustls::ServerConfig::builder_with_provider(provider())
@@ -130,9 +119,7 @@ fn fixture() -> &'static Fixture {
         })
         .collect();
         Fixture {
-            rt,
-            listener,
-            addr,
+            net: Loopback::new(),
             server,
             clients,
         }
@@ -260,9 +247,8 @@ fuzz_target!(|input: &[u8]| {
     let suite = SUITES[which];
     let (client_config, log) = &f.clients[which];
 
-    f.rt.block_on(async {
-        let client_io = TcpStream::connect(f.addr).await.expect("connect");
-        let (server_io, _) = f.listener.accept().await.expect("accept");
+    f.net.rt.block_on(async {
+        let (client_io, server_io) = f.net.connect().await;
         let connector = tokio_rustls::TlsConnector::from(client_config.clone());
         let name = ServerName::try_from(SERVER_NAME).expect("a name");
         let (client, server) = tokio::join!(

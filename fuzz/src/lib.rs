@@ -1,11 +1,15 @@
 //! What the fuzz targets share: feeding a body decoder from memory in
 //! pieces of chosen sizes, so that a target can check that the verdict does
 //! not depend on how the bytes arrived (a TCP stream may split them
-//! anywhere), and a few small helpers.
+//! anywhere), a loopback socket pair per input for the targets that drive a
+//! real connection, and a few small helpers.
+
+use std::net::SocketAddr;
 
 use bytes::BytesMut;
 use elsinore_transport::fuzzing::h1::{BodyDecoder, BodyFraming};
 use http::HeaderMap;
+use tokio::net::{TcpListener, TcpStream};
 
 /// A tiny deterministic generator (splitmix64) for piece sizes, seeded
 /// from the input so a crash reproduces.
@@ -183,6 +187,37 @@ pub fn parse_u64(digits: &[u8]) -> Option<u64> {
         return None;
     }
     std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// A loopback listener on a single-threaded runtime, made once per fuzz
+/// process: each input then gets a fresh connection from it, without the
+/// cost of a runtime and a bound port per input.
+#[derive(Debug)]
+pub struct Loopback {
+    pub rt: tokio::runtime::Runtime,
+    listener: TcpListener,
+    addr: SocketAddr,
+}
+
+impl Loopback {
+    pub fn new() -> Self {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let listener = rt
+            .block_on(TcpListener::bind("127.0.0.1:0"))
+            .expect("a loopback listener");
+        let addr = listener.local_addr().expect("its address");
+        Loopback { rt, listener, addr }
+    }
+
+    /// A new connection: the client's end, then the server's.
+    pub async fn connect(&self) -> (TcpStream, TcpStream) {
+        let client = TcpStream::connect(self.addr).await.expect("connect");
+        let (server, _) = self.listener.accept().await.expect("accept");
+        (client, server)
+    }
 }
 
 /// TLS identities minted per process: a server leaf for `svc.a.example`
