@@ -45,19 +45,52 @@ fn reject(e: CertError) -> rustls::Error {
     rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
 }
 
-/// Verifies `end_entity` (plus the peer's `intermediates`) up to one of
-/// `anchors`, for the given extended key usage.
-fn verify_chain(
-    end_entity: &CertificateDer<'_>,
-    intermediates: &[CertificateDer<'_>],
-    anchors: &[TrustAnchor<'_>],
+/// A peer's chain as one handshake presented it, and the signature
+/// algorithms to check it with: what every policy verifies against its own
+/// anchors.
+struct Presented<'a> {
+    end_entity: &'a CertificateDer<'a>,
+    intermediates: &'a [CertificateDer<'a>],
     now: UnixTime,
-    usage: webpki::KeyUsage,
-    algs: &WebPkiSupportedAlgorithms,
-) -> Result<(), webpki::Error> {
-    let ee = webpki::EndEntityCert::try_from(end_entity)?;
-    ee.verify_for_usage(algs.all, anchors, intermediates, now, usage, None, None)
+    algs: &'a WebPkiSupportedAlgorithms,
+}
+
+impl Presented<'_> {
+    /// Verifies the chain up to one of `anchors`, for the given extended
+    /// key usage.
+    fn verifies_to(
+        &self,
+        anchors: &[TrustAnchor<'_>],
+        usage: webpki::KeyUsage,
+    ) -> Result<(), webpki::Error> {
+        let ee = webpki::EndEntityCert::try_from(self.end_entity)?;
+        ee.verify_for_usage(
+            self.algs.all,
+            anchors,
+            self.intermediates,
+            self.now,
+            usage,
+            None,
+            None,
+        )
         .map(|_| ())
+    }
+
+    /// [`Self::verifies_to`] `bundle`'s CAs, failing with the error that
+    /// names the leaf's `id` and the bundle.
+    fn verifies_to_bundle(
+        &self,
+        bundle: &TrustBundle,
+        id: &SpiffeId,
+        usage: webpki::KeyUsage,
+    ) -> Result<(), CertError> {
+        self.verifies_to(bundle.anchors(), usage)
+            .map_err(|e| CertError::ChainInvalid {
+                id: id.clone(),
+                against: format!("the trust bundle of {}", bundle.trust_domain()),
+                reason: e.to_string(),
+            })
+    }
 }
 
 /// Peer chains that passed a verifier's checks, by their exact bytes, so
@@ -158,15 +191,15 @@ pub fn chain_verifies(bundle: &TrustBundle, chain: &[CertificateDer<'_>]) -> boo
         return false;
     };
     let provider = provider();
-    verify_chain(
-        leaf,
+    let presented = Presented {
+        end_entity: leaf,
         intermediates,
-        bundle.anchors(),
-        UnixTime::now(),
-        webpki::KeyUsage::server_auth(),
-        &provider.signature_verification_algorithms,
-    )
-    .is_ok()
+        now: UnixTime::now(),
+        algs: &provider.signature_verification_algorithms,
+    };
+    presented
+        .verifies_to(bundle.anchors(), webpki::KeyUsage::server_auth())
+        .is_ok()
 }
 
 /// Builds the server side of mTLS.
@@ -216,11 +249,10 @@ pub fn server_config_with_versions(
         }
     }
     let provider = provider();
-    let verifier = SpiffeClientVerifier {
-        bundles: by_domain,
-        algs: provider.signature_verification_algorithms,
-        verified: VerifiedChains::default(),
-    };
+    let verifier = SpiffeVerifier::new(
+        ClientPolicy { bundles: by_domain },
+        provider.signature_verification_algorithms,
+    );
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(versions)?
         .with_client_cert_verifier(Arc::new(verifier))
@@ -261,12 +293,13 @@ pub fn client_config_with_versions(
     versions: &[&'static rustls::SupportedProtocolVersion],
 ) -> Result<Arc<rustls::ClientConfig>, CertError> {
     let provider = provider();
-    let verifier = SpiffeServerVerifier {
-        bundle: peer.clone(),
-        allowed_ids: allowed_ids.map(<[SpiffeId]>::to_vec),
-        algs: provider.signature_verification_algorithms,
-        verified: VerifiedChains::default(),
-    };
+    let verifier = SpiffeVerifier::new(
+        ServerPolicy {
+            bundle: peer.clone(),
+            allowed_ids: allowed_ids.map(<[SpiffeId]>::to_vec),
+        },
+        provider.signature_verification_algorithms,
+    );
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(versions)?
         .dangerous()
@@ -276,25 +309,59 @@ pub fn client_config_with_versions(
     Ok(Arc::new(config))
 }
 
-/// What both verifiers share: their own check of a chain, behind the cache
-/// of chains that passed.
-trait CachedCheck {
+/// What one side of mTLS demands of its peer beyond what every peer must
+/// be (an SVID): given the SPIFFE ID the leaf claims, already parsed, which
+/// anchors the chain must verify to and which IDs are the peer.
+trait PeerPolicy {
+    fn check(&self, id: SpiffeId, chain: &Presented<'_>) -> Result<(), CertError>;
+}
+
+/// A verifier of either direction: the SPIFFE ID extraction, the signature
+/// algorithms and the cache of chains that passed are the same for both;
+/// only the `policy` differs.
+#[derive(Debug)]
+struct SpiffeVerifier<P> {
+    policy: P,
+    algs: WebPkiSupportedAlgorithms,
+    verified: VerifiedChains,
+}
+
+impl<P: PeerPolicy> SpiffeVerifier<P> {
+    /// A verifier with an empty cache: the cache is only valid for this
+    /// policy, so a new policy always comes with a new one.
+    fn new(policy: P, algs: WebPkiSupportedAlgorithms) -> Self {
+        SpiffeVerifier {
+            policy,
+            algs,
+            verified: VerifiedChains::default(),
+        }
+    }
+
+    /// The policy's verdict on the chain, without the cache.
     fn check(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
-    ) -> Result<(), CertError>;
+    ) -> Result<(), CertError> {
+        let id = spiffe_id_of(end_entity)?;
+        let chain = Presented {
+            end_entity,
+            intermediates,
+            now,
+            algs: &self.algs,
+        };
+        self.policy.check(id, &chain)
+    }
 
-    fn verified(&self) -> &VerifiedChains;
-
+    /// [`Self::check`] behind the cache, as rustls wants the verdict.
     fn verify(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<(), rustls::Error> {
-        self.verified()
+        self.verified
             .check(end_entity, intermediates, now, || {
                 self.check(end_entity, intermediates, now)
             })
@@ -331,55 +398,26 @@ macro_rules! signature_checks {
     };
 }
 
+/// The server's policy for client certificates (see [`server_config`]): a
+/// known trust domain's own bundle, or, for an unknown one, any of ours.
 #[derive(Debug)]
-struct SpiffeClientVerifier {
+struct ClientPolicy {
     bundles: BTreeMap<TrustDomain, TrustBundle>,
-    algs: WebPkiSupportedAlgorithms,
-    verified: VerifiedChains,
 }
 
-impl CachedCheck for SpiffeClientVerifier {
-    fn verified(&self) -> &VerifiedChains {
-        &self.verified
-    }
-
-    fn check(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<(), CertError> {
-        let id = spiffe_id_of(end_entity)?;
+impl PeerPolicy for ClientPolicy {
+    fn check(&self, id: SpiffeId, chain: &Presented<'_>) -> Result<(), CertError> {
         let usage = webpki::KeyUsage::client_auth();
         if let Some(bundle) = self.bundles.get(id.trust_domain()) {
-            return verify_chain(
-                end_entity,
-                intermediates,
-                bundle.anchors(),
-                now,
-                usage,
-                &self.algs,
-            )
-            .map_err(|e| CertError::ChainInvalid {
-                against: format!("the trust bundle of {}", bundle.trust_domain()),
-                id,
-                reason: e.to_string(),
-            });
+            return chain.verifies_to_bundle(bundle, &id, usage);
         }
         // Unknown trust domain: accept only what one of our own bundles
         // vouches for, and leave the refusal to the application (see
         // `server_config`).
-        let verified = self.bundles.values().any(|b| {
-            verify_chain(
-                end_entity,
-                intermediates,
-                b.anchors(),
-                now,
-                usage,
-                &self.algs,
-            )
-            .is_ok()
-        });
+        let verified = self
+            .bundles
+            .values()
+            .any(|b| chain.verifies_to(b.anchors(), usage).is_ok());
         if verified {
             Ok(())
         } else {
@@ -391,7 +429,7 @@ impl CachedCheck for SpiffeClientVerifier {
     }
 }
 
-impl SpiffeClientVerifier {
+impl ClientPolicy {
     fn known(&self) -> String {
         self.bundles
             .keys()
@@ -401,7 +439,7 @@ impl SpiffeClientVerifier {
     }
 }
 
-impl ClientCertVerifier for SpiffeClientVerifier {
+impl ClientCertVerifier for SpiffeVerifier<ClientPolicy> {
     fn offer_client_auth(&self) -> bool {
         true
     }
@@ -429,39 +467,18 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     signature_checks!();
 }
 
+/// The client's policy for one peer's server certificate (see
+/// [`client_config`]): that peer's bundle, its trust domain, and the
+/// allowed IDs if any.
 #[derive(Debug)]
-struct SpiffeServerVerifier {
+struct ServerPolicy {
     bundle: TrustBundle,
     allowed_ids: Option<Vec<SpiffeId>>,
-    algs: WebPkiSupportedAlgorithms,
-    verified: VerifiedChains,
 }
 
-impl CachedCheck for SpiffeServerVerifier {
-    fn verified(&self) -> &VerifiedChains {
-        &self.verified
-    }
-
-    fn check(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<(), CertError> {
-        let id = spiffe_id_of(end_entity)?;
-        verify_chain(
-            end_entity,
-            intermediates,
-            self.bundle.anchors(),
-            now,
-            webpki::KeyUsage::server_auth(),
-            &self.algs,
-        )
-        .map_err(|e| CertError::ChainInvalid {
-            id: id.clone(),
-            against: format!("the trust bundle of {}", self.bundle.trust_domain()),
-            reason: e.to_string(),
-        })?;
+impl PeerPolicy for ServerPolicy {
+    fn check(&self, id: SpiffeId, chain: &Presented<'_>) -> Result<(), CertError> {
+        chain.verifies_to_bundle(&self.bundle, &id, webpki::KeyUsage::server_auth())?;
         // The bundle's CA may sign for other trust domains too (a shared
         // root); only IDs of the peer's own trust domain are the peer.
         if id.trust_domain() != self.bundle.trust_domain() {
@@ -486,7 +503,7 @@ impl CachedCheck for SpiffeServerVerifier {
     }
 }
 
-impl ServerCertVerifier for SpiffeServerVerifier {
+impl ServerCertVerifier for SpiffeVerifier<ServerPolicy> {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -524,13 +541,14 @@ mod tests {
         (bundle, identity)
     }
 
-    fn verifier(bundle: TrustBundle) -> SpiffeServerVerifier {
-        SpiffeServerVerifier {
-            bundle,
-            allowed_ids: None,
-            algs: provider().signature_verification_algorithms,
-            verified: VerifiedChains::default(),
-        }
+    fn verifier(bundle: TrustBundle) -> SpiffeVerifier<ServerPolicy> {
+        SpiffeVerifier::new(
+            ServerPolicy {
+                bundle,
+                allowed_ids: None,
+            },
+            provider().signature_verification_algorithms,
+        )
     }
 
     #[test]

@@ -11,48 +11,32 @@
 //! records of the four content types with legal lengths.
 #![no_main]
 
-use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use elsinore_fuzz::Loopback;
 use elsinore_fuzz::tls::{mtls_server_config, records, whole_records};
 use elsinore_gateway::proxy::tls;
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 
 struct Fixture {
-    rt: tokio::runtime::Runtime,
-    listener: TcpListener,
-    addr: SocketAddr,
+    net: Loopback,
     config: Arc<rustls::ServerConfig>,
 }
 
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
-    FIXTURE.get_or_init(|| {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime");
-        let listener = rt
-            .block_on(TcpListener::bind("127.0.0.1:0"))
-            .expect("a loopback listener");
-        let addr = listener.local_addr().expect("its address");
-        Fixture {
-            rt,
-            listener,
-            addr,
-            config: mtls_server_config(),
-        }
+    FIXTURE.get_or_init(|| Fixture {
+        net: Loopback::new(),
+        config: mtls_server_config(),
     })
 }
 
 fuzz_target!(|input: &[u8]| {
     let f = fixture();
-    f.rt.block_on(async {
-        let mut client = TcpStream::connect(f.addr).await.expect("connect");
-        let (server_io, _) = f.listener.accept().await.expect("accept");
+    f.net.rt.block_on(async {
+        let (mut client, server_io) = f.net.connect().await;
         let server = tls::accept(f.config.clone(), server_io);
         let client = async {
             // The server may refuse before reading everything.

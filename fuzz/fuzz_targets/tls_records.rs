@@ -1,7 +1,8 @@
 //! The record layer's read path (`transport/src/tls.rs`, `TlsStream` as
 //! `accept` returns it) fed valid AEAD records with hostile inner
 //! plaintext. Each input runs a real TLS 1.3 handshake over loopback
-//! (rustls client, our `accept`), then takes the client's traffic secret
+//! (a rustls client that verifies our certificate against its CA, our
+//! `accept`), then takes the client's traffic secret
 //! (from rustls's key log) and writes records sealed under it: so the
 //! records open, and what the fuzzer controls is what is inside them.
 //!
@@ -23,66 +24,17 @@
 //! of it is delivered; the server ends promptly.
 #![no_main]
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use aws_lc_rs::hkdf;
-use elsinore_fuzz::tls::{SERVER_NAME, provider, server_identity};
+use elsinore_fuzz::Loopback;
+use elsinore_fuzz::tls::{SERVER_NAME, ServerIdentity, provider, server_identity};
 use elsinore_gateway::proxy::tls;
 use libfuzzer_sys::fuzz_target;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-
-/// The client verifies nothing: the server under test is ours.
-#[derive(Debug)]
-struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
 
 /// The last client application traffic secret rustls logged.
 #[derive(Debug, Default)]
@@ -125,9 +77,7 @@ const SUITES: [Suite; 3] = [
 ];
 
 struct Fixture {
-    rt: tokio::runtime::Runtime,
-    listener: TcpListener,
-    addr: SocketAddr,
+    net: Loopback,
     server: Arc<rustls::ServerConfig>,
     clients: Vec<(Arc<rustls::ClientConfig>, Arc<LastSecret>)>,
 }
@@ -135,15 +85,7 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime");
-        let listener = rt
-            .block_on(TcpListener::bind("127.0.0.1:0"))
-            .expect("a loopback listener");
-        let addr = listener.local_addr().expect("its address");
-        let (chain, key) = server_identity();
+        let ServerIdentity { chain, key, roots } = server_identity();
         // The record layer does not care how the client authenticated.
         let server = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -162,13 +104,11 @@ fn fixture() -> &'static Fixture {
         .map(|suite| {
             let mut p = rustls::crypto::aws_lc_rs::default_provider();
             p.cipher_suites = vec![suite];
-            let p = Arc::new(p);
             let log = Arc::new(LastSecret::default());
-            let mut config = rustls::ClientConfig::builder_with_provider(p.clone())
+            let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(p))
                 .with_protocol_versions(&[&rustls::version::TLS13])
                 .expect("TLS 1.3")
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(AnyServer(p)))
+                .with_root_certificates(roots.clone())
                 .with_no_client_auth();
             config.key_log = log.clone();
             config.enable_secret_extraction = true;
@@ -179,9 +119,7 @@ fn fixture() -> &'static Fixture {
         })
         .collect();
         Fixture {
-            rt,
-            listener,
-            addr,
+            net: Loopback::new(),
             server,
             clients,
         }
@@ -309,9 +247,8 @@ fuzz_target!(|input: &[u8]| {
     let suite = SUITES[which];
     let (client_config, log) = &f.clients[which];
 
-    f.rt.block_on(async {
-        let client_io = TcpStream::connect(f.addr).await.expect("connect");
-        let (server_io, _) = f.listener.accept().await.expect("accept");
+    f.net.rt.block_on(async {
+        let (client_io, server_io) = f.net.connect().await;
         let connector = tokio_rustls::TlsConnector::from(client_config.clone());
         let name = ServerName::try_from(SERVER_NAME).expect("a name");
         let (client, server) = tokio::join!(

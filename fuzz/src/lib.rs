@@ -1,11 +1,15 @@
 //! What the fuzz targets share: feeding a body decoder from memory in
 //! pieces of chosen sizes, so that a target can check that the verdict does
 //! not depend on how the bytes arrived (a TCP stream may split them
-//! anywhere), and a few small helpers.
+//! anywhere), a loopback socket pair per input for the targets that drive a
+//! real connection, and a few small helpers.
+
+use std::net::SocketAddr;
 
 use bytes::BytesMut;
 use elsinore_transport::fuzzing::h1::{BodyDecoder, BodyFraming};
 use http::HeaderMap;
+use tokio::net::{TcpListener, TcpStream};
 
 /// A tiny deterministic generator (splitmix64) for piece sizes, seeded
 /// from the input so a crash reproduces.
@@ -185,12 +189,45 @@ pub fn parse_u64(digits: &[u8]) -> Option<u64> {
     std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
-/// A TLS server identity minted once per process: a self-signed leaf for
-/// `svc.a.example`, and a separate CA as the client-certificate root.
+/// A loopback listener on a single-threaded runtime, made once per fuzz
+/// process: each input then gets a fresh connection from it, without the
+/// cost of a runtime and a bound port per input.
+#[derive(Debug)]
+pub struct Loopback {
+    pub rt: tokio::runtime::Runtime,
+    listener: TcpListener,
+    addr: SocketAddr,
+}
+
+impl Loopback {
+    pub fn new() -> Self {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let listener = rt
+            .block_on(TcpListener::bind("127.0.0.1:0"))
+            .expect("a loopback listener");
+        let addr = listener.local_addr().expect("its address");
+        Loopback { rt, listener, addr }
+    }
+
+    /// A new connection: the client's end, then the server's.
+    pub async fn connect(&self) -> (TcpStream, TcpStream) {
+        let client = TcpStream::connect(self.addr).await.expect("connect");
+        let (server, _) = self.listener.accept().await.expect("accept");
+        (client, server)
+    }
+}
+
+/// TLS identities minted per process: a server leaf for `svc.a.example`
+/// issued by a CA its clients trust, and a separate CA as the
+/// client-certificate root.
 pub mod tls {
     use std::sync::Arc;
 
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    use rustls::RootCertStore;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
     pub const SERVER_NAME: &str = "svc.a.example";
@@ -199,34 +236,52 @@ pub mod tls {
         Arc::new(rustls::crypto::aws_lc_rs::default_provider())
     }
 
-    /// The leaf certificate and its key.
-    pub fn server_identity() -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    /// A fresh CA: the root store that trusts it, and its issuer.
+    fn ca(name: &str) -> (Arc<RootCertStore>, Issuer<'static, KeyPair>) {
+        let key = KeyPair::generate().expect("a key pair");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let cert = params.self_signed(&key).expect("a CA certificate");
+        let mut roots = RootCertStore::empty();
+        roots.add(cert.der().clone()).expect("the CA as a root");
+        (Arc::new(roots), Issuer::new(params, key))
+    }
+
+    /// A server's certificate chain and key, and the roots a client verifies
+    /// them with.
+    pub struct ServerIdentity {
+        pub chain: Vec<CertificateDer<'static>>,
+        pub key: PrivateKeyDer<'static>,
+        pub roots: Arc<RootCertStore>,
+    }
+
+    /// A leaf for [`SERVER_NAME`] (DNS SAN) issued by a fresh CA, so that a
+    /// client with `roots` verifies it as it would any server.
+    pub fn server_identity() -> ServerIdentity {
+        let (roots, issuer) = ca("elsinore fuzz server CA");
         let key = KeyPair::generate().expect("a key pair");
         let cert = CertificateParams::new(vec![SERVER_NAME.to_owned()])
             .expect("certificate params")
-            .self_signed(&key)
-            .expect("a self-signed certificate");
-        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        (vec![cert.der().clone()], der)
+            .signed_by(&key, &issuer)
+            .expect("a leaf certificate");
+        ServerIdentity {
+            chain: vec![cert.der().clone()],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            roots,
+        }
     }
 
     /// A server config as the ingress builds it: TLS 1.2 and 1.3, client
     /// certificates required (chained to a CA no fuzz input has a
     /// certificate from), passed through the gateway's `server_config`.
     pub fn mtls_server_config() -> Arc<rustls::ServerConfig> {
-        let ca_key = KeyPair::generate().expect("a key pair");
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca = params.self_signed(&ca_key).expect("a CA certificate");
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(ca.der().clone()).expect("the CA as a root");
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            Arc::new(roots),
-            provider(),
-        )
-        .build()
-        .expect("a client verifier");
-        let (chain, key) = server_identity();
+        let (client_roots, _) = ca("elsinore fuzz client CA");
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(client_roots, provider())
+                .build()
+                .expect("a client verifier");
+        let ServerIdentity { chain, key, .. } = server_identity();
         let mut config = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .expect("protocol versions")
