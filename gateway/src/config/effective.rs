@@ -278,6 +278,143 @@ peers:
         Config::from_yaml_str(&text, Path::new("/etc/elsinore")).unwrap()
     }
 
+    /// A config that sets every key of the YAML file, each to a value
+    /// other than its default.
+    const EVERY_KEY: &str = "mesh: { name: mesh-a, trustDomain: mesh-a.example }
+identity: { certificate: certs/gw.pem, privateKey: certs/gw.key, trustBundle: certs/own.pem }
+listeners:
+  federation: \"0.0.0.0:18008\"
+  admin: \"127.0.0.1:15100\"
+  ingress: \"0.0.0.0:15443\"
+  egress: \"127.0.0.1:15101\"
+  dns: \"127.0.0.1:15153\"
+advertise: { address: gw.mesh-a.example, port: 16443 }
+exports:
+  - name: reviews
+    fqdn: Reviews.Mesh-A.Global.
+    protocol: GRPC
+    port: 9081
+    backends: [\"reviews.default.svc.cluster.local:9080\", \"10.0.0.1:9080\"]
+    peers: [mesh-b]
+peers:
+  - name: mesh-b
+    trustDomain: mesh-b.example
+    trustBundle: certs/b/ca.pem
+    federation: \"gw.mesh-b.example:8008\"
+    apiVersion: v1alpha1
+    identities: [\"spiffe://mesh-b.example/ns/prod/sa/web\"]
+    followTrustBundle: true
+    dial: consumer
+    allowedNames: [.Mesh-B.Global.]
+    limits:
+      services: 100
+      instancesPerService: 20
+      endpointsPerService: 30
+      messageBytes: 1048576
+      metadataEntries: 8
+      metadataBytes: 4096
+imports:
+  staleAfter: 5m
+  cacheDir: /var/lib/elsinore
+  portOverrides: { ratings.mesh-b.global: 8080 }
+federation:
+  window: 128
+  ackTimeout: 20s
+  snapshotQuietPeriod: 3s
+  backoff: { initial: 2s, max: 1m }
+proxy:
+  vipRange: 127.78.0.0/24
+  connectTimeout: 3s
+  handshakeTimeout: 4s
+  idleTimeout: 90s
+  requestTimeout: 2m
+  maxConnections: 1000
+  http2MaxConcurrentStreams: 50
+  tlsResumption: false
+  yieldToClients: true
+  mode: shared
+  shared: { answer: 10.96.0.10, bind: 10.0.0.2 }
+  vipListenerBudget: 64
+drain: { delay: 7s, timeout: 45s }
+";
+
+    /// All of what `/config` shows for [`EVERY_KEY`], value by value.
+    #[test]
+    fn json_of_a_config_with_every_key() {
+        let c = Config::from_yaml_str(EVERY_KEY, Path::new("/etc/elsinore")).unwrap();
+        let expected = json!({
+            "mesh": { "name": "mesh-a", "trustDomain": "mesh-a.example" },
+            "identity": {
+                "certificate": "/etc/elsinore/certs/gw.pem",
+                "privateKey": "/etc/elsinore/certs/gw.key",
+                "trustBundle": "/etc/elsinore/certs/own.pem",
+            },
+            "listeners": {
+                "federation": "0.0.0.0:18008",
+                "admin": "127.0.0.1:15100",
+                "ingress": "0.0.0.0:15443",
+                "egress": "127.0.0.1:15101",
+                "dns": "127.0.0.1:15153",
+            },
+            "advertise": { "address": "gw.mesh-a.example", "port": 16443 },
+            "exports": [{
+                "name": "reviews",
+                "fqdn": "reviews.mesh-a.global",
+                "protocol": "GRPC",
+                "port": 9081,
+                "backends": ["reviews.default.svc.cluster.local:9080", "10.0.0.1:9080"],
+                "peers": ["mesh-b"],
+            }],
+            "peers": [{
+                "name": "mesh-b",
+                "trustDomain": "mesh-b.example",
+                "trustBundle": "/etc/elsinore/certs/b/ca.pem",
+                "federation": "gw.mesh-b.example:8008",
+                "apiVersion": "v1alpha1",
+                "identities": ["spiffe://mesh-b.example/ns/prod/sa/web"],
+                "followTrustBundle": true,
+                "dial": "consumer",
+                "allowedNames": ["mesh-b.global"],
+                "limits": {
+                    "services": 100,
+                    "instancesPerService": 20,
+                    "endpointsPerService": 30,
+                    "messageBytes": 1048576,
+                    "metadataEntries": 8,
+                    "metadataBytes": 4096,
+                },
+            }],
+            "imports": {
+                "staleAfter": "5m",
+                "cacheDir": "/var/lib/elsinore",
+                "portOverrides": { "ratings.mesh-b.global": 8080 },
+            },
+            "federation": {
+                "window": 128,
+                "ackTimeout": "20s",
+                "snapshotQuietPeriod": "3s",
+                "backoffInitial": "2s",
+                "backoffMax": "1m",
+            },
+            "proxy": {
+                "vipRange": "127.78.0.0/24",
+                "connectTimeout": "3s",
+                "handshakeTimeout": "4s",
+                "idleTimeout": "1m 30s",
+                "requestTimeout": "2m",
+                "maxConnections": 1000,
+                "http2MaxConcurrentStreams": 50,
+                "tlsResumption": false,
+                "yieldToClients": true,
+                "mode": "shared",
+                "shared": { "answer": "10.96.0.10", "bind": "10.0.0.2" },
+                "vipListenerBudget": 64,
+            },
+            "drain": { "delay": "7s", "timeout": "45s" },
+        });
+        assert_eq!(to_json(&c), expected);
+    }
+
     #[test]
     fn json_spells_keys_as_yaml_and_fills_defaults() {
         let v = to_json(&config("proxy: { idleTimeout: 90s }\n"));
