@@ -1,11 +1,13 @@
 //! The YAML shape exactly as users write it: camelCase keys, unknown keys
 //! rejected, everything a string or integer. Nothing here is checked beyond
 //! what serde does; `validate` turns it into the typed config so every
-//! error can name its YAML path.
+//! error can name its YAML path. Tests serialize it back, to list the keys
+//! a file can set (`effective`'s completeness test).
 
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct RawConfig {
     pub mesh: RawMesh,
@@ -29,6 +31,7 @@ pub(super) struct RawConfig {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct RawMesh {
     pub name: String,
@@ -36,6 +39,7 @@ pub(super) struct RawMesh {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct RawIdentity {
     pub certificate: String,
@@ -44,6 +48,7 @@ pub(super) struct RawIdentity {
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct RawListeners {
     pub federation: Option<String>,
@@ -56,6 +61,7 @@ pub(super) struct RawListeners {
 // Ports are wide integers here so that 0 or 70000 become a validation error
 // naming the path, rather than serde's bare "invalid u16".
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct RawAdvertise {
     pub address: String,
@@ -63,6 +69,7 @@ pub(super) struct RawAdvertise {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct RawExport {
     pub name: String,
@@ -76,6 +83,7 @@ pub(super) struct RawExport {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct RawPeer {
     pub name: String,
@@ -97,6 +105,7 @@ pub(super) struct RawPeer {
 // Wide integers, as for ports: an out-of-range value is a validation error
 // naming its path.
 #[derive(Debug, Default, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct RawLimits {
     pub services: Option<i64>,
@@ -108,6 +117,7 @@ pub(super) struct RawLimits {
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct RawImports {
     pub stale_after: Option<String>,
@@ -118,6 +128,7 @@ pub(super) struct RawImports {
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct RawFederation {
     pub window: Option<i64>,
@@ -128,6 +139,7 @@ pub(super) struct RawFederation {
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct RawBackoff {
     pub initial: Option<String>,
@@ -135,6 +147,7 @@ pub(super) struct RawBackoff {
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct RawProxy {
     pub vip_range: Option<String>,
@@ -153,6 +166,7 @@ pub(super) struct RawProxy {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct RawShared {
     pub answer: String,
@@ -160,6 +174,7 @@ pub(super) struct RawShared {
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct RawDrain {
     pub delay: Option<String>,

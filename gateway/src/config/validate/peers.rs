@@ -250,14 +250,6 @@ impl Validator<'_> {
     /// `peers[i].limits`: each a count of at least 1 (`messageBytes` within
     /// its own range).
     pub(super) fn limits(&mut self, at: &str, raw: &RawLimits) -> PeerLimits {
-        let RawLimits {
-            services,
-            instances_per_service,
-            endpoints_per_service,
-            message_bytes,
-            metadata_entries,
-            metadata_bytes,
-        } = raw;
         let mut count = |key: &str, v: Option<i64>, default: usize, min: usize, max: usize| {
             let Some(n) = v else { return default };
             match usize::try_from(n) {
@@ -275,42 +267,42 @@ impl Validator<'_> {
         PeerLimits {
             services: count(
                 "services",
-                *services,
+                raw.services,
                 defaults::LIMIT_SERVICES,
                 1,
                 MAX_COUNT,
             ),
             instances_per_service: count(
                 "instancesPerService",
-                *instances_per_service,
+                raw.instances_per_service,
                 defaults::LIMIT_INSTANCES_PER_SERVICE,
                 1,
                 MAX_COUNT,
             ),
             endpoints_per_service: count(
                 "endpointsPerService",
-                *endpoints_per_service,
+                raw.endpoints_per_service,
                 defaults::LIMIT_ENDPOINTS_PER_SERVICE,
                 1,
                 MAX_COUNT,
             ),
             message_bytes: count(
                 "messageBytes",
-                *message_bytes,
+                raw.message_bytes,
                 defaults::LIMIT_MESSAGE_BYTES,
                 defaults::MIN_MESSAGE_BYTES,
                 defaults::MAX_MESSAGE_BYTES,
             ),
             metadata_entries: count(
                 "metadataEntries",
-                *metadata_entries,
+                raw.metadata_entries,
                 defaults::LIMIT_METADATA_ENTRIES,
                 1,
                 MAX_COUNT,
             ),
             metadata_bytes: count(
                 "metadataBytes",
-                *metadata_bytes,
+                raw.metadata_bytes,
                 defaults::LIMIT_METADATA_BYTES,
                 1,
                 defaults::MAX_MESSAGE_BYTES,
