@@ -9,7 +9,7 @@ use std::str::FromStr;
 
 use elsinore_certs::{SpiffeId, TrustDomain};
 
-use super::{LABEL_RULE, Validator};
+use super::Validator;
 use crate::config::names::{is_dns_label, is_dns_name, parse_host_port, reserved_zone};
 use crate::config::raw::{RawLimits, RawPeer};
 use crate::config::{ApiVersion, DialMode, Imports, Peer, PeerIdentities, PeerLimits, defaults};
@@ -22,18 +22,7 @@ impl Validator<'_> {
         for (i, p) in raw.iter().enumerate() {
             let at = format!("peers[{i}]");
             let errors_before = self.errors.len();
-            if !is_dns_label(&p.name) {
-                self.error(
-                    format!("{at}.name"),
-                    format!("{:?} is not a DNS label ({LABEL_RULE})", p.name),
-                );
-            } else if let Some(first) = names.insert(&p.name, i) {
-                names.insert(&p.name, first);
-                self.error(
-                    format!("{at}.name"),
-                    format!("duplicate peer name {:?} (also peers[{first}])", p.name),
-                );
-            }
+            self.item_name("peers", "peer", i, &p.name, &mut names);
             let trust_domain = self.trust_domain(&format!("{at}.trustDomain"), &p.trust_domain);
             if let Some(td) = &trust_domain {
                 if own == Some(td) {
