@@ -1,13 +1,11 @@
 //! The YAML shape exactly as users write it: camelCase keys, unknown keys
 //! rejected, everything a string or integer. Nothing here is checked beyond
 //! what serde does; `validate` turns it into the typed config so every
-//! error can name its YAML path. Tests serialize it back, to list the keys
-//! a file can set (`effective`'s completeness test).
+//! error can name its YAML path.
 
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
-#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct RawConfig {
     pub mesh: RawMesh,
@@ -31,7 +29,6 @@ pub(super) struct RawConfig {
 }
 
 #[derive(Debug, Deserialize)]
-#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct RawMesh {
     pub name: String,
@@ -39,7 +36,6 @@ pub(super) struct RawMesh {
 }
 
 #[derive(Debug, Deserialize)]
-#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct RawIdentity {
     pub certificate: String,
@@ -48,7 +44,6 @@ pub(super) struct RawIdentity {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct RawListeners {
     pub federation: Option<String>,
@@ -61,7 +56,6 @@ pub(super) struct RawListeners {
 // Ports are wide integers here so that 0 or 70000 become a validation error
 // naming the path, rather than serde's bare "invalid u16".
 #[derive(Debug, Deserialize)]
-#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct RawAdvertise {
     pub address: String,
@@ -69,7 +63,6 @@ pub(super) struct RawAdvertise {
 }
 
 #[derive(Debug, Deserialize)]
-#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct RawExport {
     pub name: String,
@@ -83,7 +76,6 @@ pub(super) struct RawExport {
 }
 
 #[derive(Debug, Deserialize)]
-#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct RawPeer {
     pub name: String,
@@ -105,7 +97,6 @@ pub(super) struct RawPeer {
 // Wide integers, as for ports: an out-of-range value is a validation error
 // naming its path.
 #[derive(Debug, Default, Deserialize)]
-#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct RawLimits {
     pub services: Option<i64>,
@@ -117,7 +108,6 @@ pub(super) struct RawLimits {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct RawImports {
     pub stale_after: Option<String>,
@@ -128,7 +118,6 @@ pub(super) struct RawImports {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct RawFederation {
     pub window: Option<i64>,
@@ -139,7 +128,6 @@ pub(super) struct RawFederation {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct RawBackoff {
     pub initial: Option<String>,
@@ -147,7 +135,6 @@ pub(super) struct RawBackoff {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct RawProxy {
     pub vip_range: Option<String>,
@@ -166,7 +153,6 @@ pub(super) struct RawProxy {
 }
 
 #[derive(Debug, Deserialize)]
-#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct RawShared {
     pub answer: String,
@@ -174,7 +160,6 @@ pub(super) struct RawShared {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub(super) struct RawDrain {
     pub delay: Option<String>,
