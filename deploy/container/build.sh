@@ -6,13 +6,13 @@
 #    lists, the dynamic loader, /etc/passwd and /etc/group for uid 65532,
 # 3. builds deploy/container/Containerfile on it (FROM scratch: no registry).
 # CONTAINER_ENGINE picks the engine (default: podman with the runc runtime
-# and cgroupfs manager, which is what works on the CI machines; set
-# CONTAINER_ENGINE=docker elsewhere). Prints the image size at the end.
+# and cgroupfs manager, which is what works on the CI machines, see
+# deploy/lib.sh; set CONTAINER_ENGINE=docker elsewhere). Prints the image
+# size at the end.
 set -euo pipefail
-here="$(cd "$(dirname "$0")" && pwd)"
-repo="$(cd "$here/../.." && pwd)"
+. "$(dirname "$0")/../lib.sh"
 tag="${1:-localhost/elsinore:dev}"
-engine="${CONTAINER_ENGINE:-podman --runtime runc --cgroup-manager=cgroupfs}"
+engine="${CONTAINER_ENGINE:-${PODMAN[*]}}"
 
 bin="${ELSINORE_BIN:-}"
 if [ -z "$bin" ]; then

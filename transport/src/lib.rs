@@ -17,8 +17,9 @@
 //!   into TLS records on the way out;
 //! - the one accept loop every listener runs ([`accept`]: connection cap,
 //!   back-off on a failed accept, drain);
-//! - what HTTP/1.1 and HTTP/2 share ([`http`]: the hop-by-hop fields and
-//!   the body error type) and the data plane's error type ([`error`]:
+//! - what HTTP/1.1 and HTTP/2 share ([`http`]: the hop-by-hop fields, the
+//!   body error type, and the body and request-handler traits the loops
+//!   are generic over) and the data plane's error type ([`error`]:
 //!   which side failed, and the HTTP status, gRPC code and
 //!   `x-elsinore-error` kind it maps to).
 //!

@@ -262,6 +262,30 @@ impl Validator<'_> {
         }
     }
 
+    /// `<list>[i].name`, for a list whose items are named (exports, peers):
+    /// a DNS label that no earlier item has. `item` is what an item is
+    /// called in the message; `seen` maps each name so far to its index.
+    fn item_name<'r>(
+        &mut self,
+        list: &str,
+        item: &str,
+        i: usize,
+        name: &'r str,
+        seen: &mut HashMap<&'r str, usize>,
+    ) {
+        let path = format!("{list}[{i}].name");
+        if !is_dns_label(name) {
+            self.error(path, format!("{name:?} is not a DNS label ({LABEL_RULE})"));
+        } else if let Some(first) = seen.get(name) {
+            self.error(
+                path,
+                format!("duplicate {item} name {name:?} (also {list}[{first}])"),
+            );
+        } else {
+            seen.insert(name, i);
+        }
+    }
+
     /// Long because it checks each field of each export in file order, so
     /// every error names its YAML path; the checks are independent.
     fn exports(&mut self, raw: &[RawExport], mesh_name: &str, peer_names: &[&str]) -> Vec<Export> {
@@ -271,18 +295,7 @@ impl Validator<'_> {
         for (i, e) in raw.iter().enumerate() {
             let at = format!("exports[{i}]");
             let errors_before = self.errors.len();
-            if !is_dns_label(&e.name) {
-                self.error(
-                    format!("{at}.name"),
-                    format!("{:?} is not a DNS label ({LABEL_RULE})", e.name),
-                );
-            } else if let Some(first) = names.insert(&e.name, i) {
-                names.insert(&e.name, first);
-                self.error(
-                    format!("{at}.name"),
-                    format!("duplicate export name {:?} (also exports[{first}])", e.name),
-                );
-            }
+            self.item_name("exports", "export", i, &e.name, &mut names);
             let fqdn = match &e.fqdn {
                 Some(f) => {
                     let lower = f.to_ascii_lowercase();

@@ -56,7 +56,7 @@ use std::pin::{Pin, pin};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body;
@@ -66,8 +66,8 @@ use tokio::net::tcp::WriteHalf;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::framing::{self, Delimit, Framing, HEAD_CHUNK, WRITE_COALESCE, WriteBodyError};
-use super::server::BoxError;
 use crate::error::{ErrorKind, ProxyError};
+use crate::http::BytesBody;
 
 /// Idle connections kept per export; more are closed when they come back.
 /// As many as the streams a busy peer runs at once, so that a steady load
@@ -206,8 +206,7 @@ impl H1Client {
     /// go as they are, except the framing ones, which are ours.
     pub async fn send<B>(&self, req: Request<B>) -> Result<Response<ResponseBody>, ProxyError>
     where
-        B: Body<Data = Bytes> + Send,
-        B::Error: Into<BoxError>,
+        B: BytesBody + Send,
     {
         let (parts, body) = req.into_parts();
         let mut body = pin!(body);
@@ -390,8 +389,7 @@ async fn exchange<B>(
     is_head: bool,
 ) -> Result<(Head, BytesMut, bool), Failed>
 where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
+    B: BytesBody,
 {
     let addr = &conn.addr;
     let (mut rd, mut wr) = conn.io.split();
@@ -455,8 +453,7 @@ async fn write_body<B>(
     addr: &str,
 ) -> Result<(), WriteError>
 where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
+    B: BytesBody,
 {
     let io_err = |e: io::Error| {
         WriteError::Upstream(upstream(

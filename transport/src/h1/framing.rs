@@ -20,7 +20,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use crate::http::BoxError;
+use crate::http::{BoxError, BytesBody};
 
 /// The largest message head (request or status line and fields) accepted.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -582,8 +582,7 @@ pub(crate) async fn write_body<W, B>(
 ) -> Result<(), WriteBodyError>
 where
     W: AsyncWrite + Unpin,
-    B: Body<Data = Bytes> + ?Sized,
-    B::Error: Into<BoxError>,
+    B: BytesBody + ?Sized,
 {
     let mut sent: u64 = 0;
     let mut trailers = None;

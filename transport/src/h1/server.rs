@@ -36,7 +36,7 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body::{Body, Frame};
+use http_body::Frame;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -51,6 +51,7 @@ use super::framing::{
 };
 use crate::error::ErrorKind;
 use crate::handoff;
+use crate::http::{BytesBody, Handler};
 
 /// How long a finished response waits for the request body to be handed
 /// back before the connection is closed instead of reused.
@@ -134,17 +135,14 @@ async fn next_request(
 /// Serves requests on `tcp` until the client closes, an error, the idle
 /// timeout, or `shutdown` (checked between requests: one in flight is
 /// finished first).
-pub async fn serve<F, Fut, B>(
+pub async fn serve<H>(
     tcp: TcpStream,
     settings: &Settings,
     shutdown: &CancellationToken,
-    mut handler: F,
+    handler: H,
 ) -> Result<Served, ConnError>
 where
-    F: FnMut(Request<RequestBody>) -> Fut,
-    Fut: Future<Output = Response<B>>,
-    B: Body<Data = Bytes> + Unpin,
-    B::Error: Into<BoxError>,
+    H: Handler<RequestBody, Body: Unpin>,
 {
     let (rd, mut wr) = tcp.into_split();
     // The first request head is due `header_timeout` after the connection
@@ -194,12 +192,7 @@ where
         // One request and its response, boxed: an idle connection's task
         // then holds only the wait above, not the state of an exchange.
         let keep_alive = Box::pin(exchange(
-            &mut rd,
-            &mut wr,
-            &mut buf,
-            head_due,
-            *settings,
-            &mut handler,
+            &mut rd, &mut wr, &mut buf, head_due, *settings, &handler,
         ))
         .await?;
         if !keep_alive || shutdown.is_cancelled() {
@@ -211,19 +204,16 @@ where
 
 /// Reads one request, has it handled and writes the response. Returns
 /// whether the connection may carry another request.
-async fn exchange<F, Fut, B>(
+async fn exchange<H>(
     rd: &mut Option<OwnedReadHalf>,
     wr: &mut OwnedWriteHalf,
     buf: &mut BytesMut,
     head_due: Instant,
     settings: Settings,
-    handler: &mut F,
+    handler: &H,
 ) -> Result<bool, ConnError>
 where
-    F: FnMut(Request<RequestBody>) -> Fut,
-    Fut: Future<Output = Response<B>>,
-    B: Body<Data = Bytes> + Unpin,
-    B::Error: Into<BoxError>,
+    H: Handler<RequestBody, Body: Unpin>,
 {
     let Some(reader) = rd.as_mut() else {
         return Ok(false);
@@ -527,8 +517,7 @@ async fn write_response<B>(
     yield_every: u32,
 ) -> Result<(), ConnError>
 where
-    B: Body<Data = Bytes> + Unpin,
-    B::Error: Into<BoxError>,
+    B: BytesBody + Unpin,
 {
     let (parts, mut body) = resp.into_parts();
     let status = parts.status;

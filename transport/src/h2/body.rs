@@ -16,6 +16,7 @@ use http::header::CONTENT_LENGTH;
 use http_body::{Body, Frame, SizeHint};
 
 use super::BoxError;
+use crate::http::BytesBody;
 
 /// A body read straight from its HTTP/2 stream. `G` is held for as long as
 /// the body lives (the client counts open streams with it).
@@ -118,8 +119,7 @@ pub async fn pipe<B>(
     on_body_error: Reason,
 ) -> Result<(), PipeError>
 where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
+    B: BytesBody,
 {
     let mut body = pin!(body);
     // A chunk in hand that waits for capacity, and whether it is the last.

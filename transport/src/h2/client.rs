@@ -29,12 +29,11 @@ use bytes::Bytes;
 use h2::client::SendRequest;
 use h2::{Ping, Reason};
 use http::{Request, Response};
-use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::Instrument;
 
-use super::BoxError;
 use super::body::{self as h2body, RecvBody};
+use crate::http::BytesBody;
 
 /// How often a connection with open streams is pinged.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
@@ -272,8 +271,7 @@ impl Sender {
     /// carry an absolute URI and no connection-specific fields.
     pub async fn send<B>(&self, req: Request<B>) -> Result<Response<ResponseBody>, SendError<B>>
     where
-        B: Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<BoxError>,
+        B: BytesBody + Send + 'static,
     {
         let mut tx = self.tx.clone();
         if let Err(e) = poll_fn(|cx| tx.poll_ready(cx)).await {
@@ -406,8 +404,7 @@ mod tests {
 
     async fn sent<B>(tx: &Sender, req: Request<B>) -> Response<ResponseBody>
     where
-        B: Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<BoxError>,
+        B: BytesBody + Send + 'static,
     {
         match tx.send(req).await {
             Ok(resp) => resp,

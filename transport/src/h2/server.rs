@@ -44,8 +44,8 @@ use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Sleep;
 
-use super::BoxError;
 use super::body::{self as h2body, RecvBody};
+use crate::http::Handler;
 
 const STREAM_WINDOW: u32 = 1024 * 1024;
 const CONN_WINDOW: u32 = 1024 * 1024;
@@ -108,18 +108,15 @@ pub enum Ended {
 ///
 /// Long because the accept, the exchanges in flight, the reset guard and
 /// the graceful stop are polled together in this one task.
-pub async fn serve<T, F, Fut, B>(
+pub async fn serve<T, H>(
     io: T,
     settings: Settings,
     stop: impl Future<Output = ()>,
-    handler: F,
+    handler: H,
 ) -> Result<Ended, h2::Error>
 where
     T: AsyncRead + AsyncWrite + Unpin,
-    F: Fn(Request<RecvBody>) -> Fut,
-    Fut: Future<Output = Response<B>>,
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
+    H: Handler<RecvBody>,
 {
     let handshake = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
@@ -241,17 +238,11 @@ fn refuse_connect(mut respond: SendResponse<Bytes>) {
 /// argument and pinned), and that state is allocated and filled for every
 /// request. Resolves to whether the stream got its response head (false:
 /// the client reset it first).
-async fn exchange<F, Fut, B>(
-    handler: &F,
+async fn exchange<H: Handler<RecvBody>>(
+    handler: &H,
     req: Request<RecvBody>,
     mut respond: SendResponse<Bytes>,
-) -> bool
-where
-    F: Fn(Request<RecvBody>) -> Fut,
-    Fut: Future<Output = Response<B>>,
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
+) -> bool {
     let mut response = pin!(handler(req));
     let response = poll_fn(|cx| {
         if let Poll::Ready(r) = response.as_mut().poll(cx) {

@@ -9,7 +9,7 @@ use std::str::FromStr;
 
 use elsinore_certs::{SpiffeId, TrustDomain};
 
-use super::{LABEL_RULE, Validator};
+use super::Validator;
 use crate::config::names::{is_dns_label, is_dns_name, parse_host_port, reserved_zone};
 use crate::config::raw::{RawLimits, RawPeer};
 use crate::config::{ApiVersion, DialMode, Imports, Peer, PeerIdentities, PeerLimits, defaults};
@@ -22,18 +22,7 @@ impl Validator<'_> {
         for (i, p) in raw.iter().enumerate() {
             let at = format!("peers[{i}]");
             let errors_before = self.errors.len();
-            if !is_dns_label(&p.name) {
-                self.error(
-                    format!("{at}.name"),
-                    format!("{:?} is not a DNS label ({LABEL_RULE})", p.name),
-                );
-            } else if let Some(first) = names.insert(&p.name, i) {
-                names.insert(&p.name, first);
-                self.error(
-                    format!("{at}.name"),
-                    format!("duplicate peer name {:?} (also peers[{first}])", p.name),
-                );
-            }
+            self.item_name("peers", "peer", i, &p.name, &mut names);
             let trust_domain = self.trust_domain(&format!("{at}.trustDomain"), &p.trust_domain);
             if let Some(td) = &trust_domain {
                 if own == Some(td) {
@@ -250,14 +239,6 @@ impl Validator<'_> {
     /// `peers[i].limits`: each a count of at least 1 (`messageBytes` within
     /// its own range).
     pub(super) fn limits(&mut self, at: &str, raw: &RawLimits) -> PeerLimits {
-        let RawLimits {
-            services,
-            instances_per_service,
-            endpoints_per_service,
-            message_bytes,
-            metadata_entries,
-            metadata_bytes,
-        } = raw;
         let mut count = |key: &str, v: Option<i64>, default: usize, min: usize, max: usize| {
             let Some(n) = v else { return default };
             match usize::try_from(n) {
@@ -275,42 +256,42 @@ impl Validator<'_> {
         PeerLimits {
             services: count(
                 "services",
-                *services,
+                raw.services,
                 defaults::LIMIT_SERVICES,
                 1,
                 MAX_COUNT,
             ),
             instances_per_service: count(
                 "instancesPerService",
-                *instances_per_service,
+                raw.instances_per_service,
                 defaults::LIMIT_INSTANCES_PER_SERVICE,
                 1,
                 MAX_COUNT,
             ),
             endpoints_per_service: count(
                 "endpointsPerService",
-                *endpoints_per_service,
+                raw.endpoints_per_service,
                 defaults::LIMIT_ENDPOINTS_PER_SERVICE,
                 1,
                 MAX_COUNT,
             ),
             message_bytes: count(
                 "messageBytes",
-                *message_bytes,
+                raw.message_bytes,
                 defaults::LIMIT_MESSAGE_BYTES,
                 defaults::MIN_MESSAGE_BYTES,
                 defaults::MAX_MESSAGE_BYTES,
             ),
             metadata_entries: count(
                 "metadataEntries",
-                *metadata_entries,
+                raw.metadata_entries,
                 defaults::LIMIT_METADATA_ENTRIES,
                 1,
                 MAX_COUNT,
             ),
             metadata_bytes: count(
                 "metadataBytes",
-                *metadata_bytes,
+                raw.metadata_bytes,
                 defaults::LIMIT_METADATA_BYTES,
                 1,
                 defaults::MAX_MESSAGE_BYTES,

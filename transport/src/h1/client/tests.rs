@@ -6,6 +6,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use bytes::Bytes;
 use http::HeaderValue;
 use http_body::Frame;
 use tokio::io::AsyncReadExt;
@@ -15,6 +16,7 @@ use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use tokio::net::TcpListener;
 
 use super::*;
+use crate::http::BytesBody;
 
 /// What the scripted backend does with one request.
 enum Act {
@@ -166,8 +168,7 @@ async fn bounded<T>(f: impl Future<Output = T>) -> T {
 
 async fn send<B>(c: &H1Client, req: Request<B>) -> Result<Response<ResponseBody>, ProxyError>
 where
-    B: Body<Data = Bytes> + Send,
-    B::Error: Into<BoxError>,
+    B: BytesBody + Send,
 {
     bounded(c.send(req)).await
 }

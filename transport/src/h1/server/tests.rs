@@ -2,6 +2,7 @@
 //! strategies here also drive `differential_tests`.
 
 use super::*;
+use http_body::Body;
 use http_body_util::{BodyExt, Full};
 use std::collections::VecDeque;
 use std::convert::Infallible;

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::h2::client::{self as h2client, SendError, Sender};
+use crate::http::BytesBody;
 use crate::test_support::recording;
 use http::HeaderMap;
 use http_body::Frame;
@@ -50,8 +51,7 @@ async fn one_connection<F, Fut, B>(
 where
     F: Fn(Request<RecvBody>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Response<B>> + Send + 'static,
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    B: BytesBody + Send + 'static,
 {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -85,8 +85,7 @@ async fn raw_client(addr: SocketAddr) -> h2::client::SendRequest<Bytes> {
 
 async fn send<B>(tx: &Sender, method: &str, path: &str, body: B) -> Response<h2client::ResponseBody>
 where
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    B: BytesBody + Send + 'static,
 {
     let req = Request::builder()
         .method(method)
