@@ -11,9 +11,9 @@
 
 use std::path::Path;
 
+use elsinore_gateway::catalog::routes::TablePlan;
 use elsinore_gateway::config::Config;
 use elsinore_gateway::config::effective::{changed_keys, to_json};
-use elsinore_gateway::catalog::routes::TablePlan;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: &[u8]| {

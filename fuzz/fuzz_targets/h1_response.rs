@@ -13,7 +13,9 @@
 
 use elsinore_fuzz::{decode_both_ways, list_values, parse_u64};
 use elsinore_transport::fuzzing::h1::BodyFraming;
-use elsinore_transport::fuzzing::h1client::{ResponseFraming, ResponseVerdict, parse_response_head};
+use elsinore_transport::fuzzing::h1client::{
+    ResponseFraming, ResponseVerdict, parse_response_head,
+};
 use http::StatusCode;
 use libfuzzer_sys::fuzz_target;
 

@@ -16,11 +16,11 @@
 //! NACK changes no import.
 #![no_main]
 
+use elsinore_federation_api::message::{Operation, Rejected, Response};
 use elsinore_federation_api::proto::federation::resourcediscovery::{
     v1alpha1 as rd1, v1alpha2 as rd2,
 };
 use elsinore_federation_api::proto::federation::types::{v1alpha1 as t1, v1alpha2 as t2};
-use elsinore_federation_api::message::{Operation, Rejected, Response};
 use elsinore_federation_api::{ApiVersion, FederatedService, decode_any, encode_any, type_url};
 use elsinore_gateway::federation::consumer::session::{
     Change, ConsumerSession, ConsumerSettings, Reply,
