@@ -50,25 +50,7 @@ impl Credentials {
         if !source.follow {
             return Ok(LearnOutcome::NotFollowed);
         }
-        if pem.len() > learned::MAX_PUBLISHED_BYTES {
-            return Err(format!(
-                "the bundle peer {peer} published is {} bytes, more than {}",
-                pem.len(),
-                learned::MAX_PUBLISHED_BYTES
-            ));
-        }
-        let origin = PeerSource {
-            file: PathBuf::from(format!("<the bundle published by peer {peer}>")),
-            ..source.clone()
-        };
-        let bundle = load_bundle(&origin, pem).map_err(|r| r.to_string())?;
-        if bundle.roots().len() > learned::MAX_PUBLISHED_CAS {
-            return Err(format!(
-                "the bundle peer {peer} published holds {} CAs, more than {}",
-                bundle.roots().len(),
-                learned::MAX_PUBLISHED_CAS
-            ));
-        }
+        let bundle = published_bundle(source, pem)?;
         let chains = server_chain.is_some_and(|c| elsinore_certs::chain_verifies(&bundle, c));
         let mut seen = self
             .seen
@@ -162,6 +144,33 @@ impl Credentials {
             tracing::error!(peer, error = %e, "cannot remove the learned trust bundle file");
         }
     }
+}
+
+/// The bundle `source`'s peer published, in `pem`: at most
+/// [`learned::MAX_PUBLISHED_BYTES`], CAs of its trust domain, at most
+/// [`learned::MAX_PUBLISHED_CAS`] of them.
+fn published_bundle(source: &PeerSource, pem: &[u8]) -> Result<TrustBundle, String> {
+    let peer = &source.name;
+    if pem.len() > learned::MAX_PUBLISHED_BYTES {
+        return Err(format!(
+            "the bundle peer {peer} published is {} bytes, more than {}",
+            pem.len(),
+            learned::MAX_PUBLISHED_BYTES
+        ));
+    }
+    let origin = PeerSource {
+        file: PathBuf::from(format!("<the bundle published by peer {peer}>")),
+        ..source.clone()
+    };
+    let bundle = load_bundle(&origin, pem).map_err(|r| r.to_string())?;
+    if bundle.roots().len() > learned::MAX_PUBLISHED_CAS {
+        return Err(format!(
+            "the bundle peer {peer} published holds {} CAs, more than {}",
+            bundle.roots().len(),
+            learned::MAX_PUBLISHED_CAS
+        ));
+    }
+    Ok(bundle)
 }
 
 /// Each peer's bundle in use: what it published (followed peers that did),

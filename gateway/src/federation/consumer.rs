@@ -383,16 +383,7 @@ impl ConsumerTask {
                     Err(status) if status.code() == Code::OutOfRange
                         && status.message().contains("message length too large") =>
                     {
-                        // tonic refused it before decoding: memory stays bounded.
-                        let limit = self.peer.config.limits.message_bytes;
-                        let message = format!(
-                            "a message broke limits.messageBytes ({limit}): {}; ending the stream",
-                            status.message()
-                        );
-                        tracing::warn!(rule = %Rule::MessageBytes, %message, "refused a message from the owner");
-                        session.on_message_too_large();
-                        wire.refuse_oversized(message.clone()).await;
-                        return StreamEnd::Closed(CloseReason::Other(format!("ResourceExhausted: {message}")));
+                        return self.refuse_oversized(session, wire, &status).await;
                     }
                     Err(status) => {
                         wire.fail(status.clone());
@@ -411,15 +402,7 @@ impl ConsumerTask {
                         if !handled.reconciled.is_empty() {
                             tracing::info!(removed = ?handled.reconciled, "snapshot complete: removed entries the owner no longer has");
                         }
-                        match (&reply, handled.refused) {
-                            (Reply::Nack { message, .. }, Some(rule)) => {
-                                tracing::warn!(%service, %rule, %message, "refused an entry the peer may not claim");
-                            }
-                            (Reply::Nack { message, .. }, None) => {
-                                tracing::warn!(%service, %message, "NACKed an entry");
-                            }
-                            (Reply::Ack { .. }, _) => {}
-                        }
+                        log_nack(&service, &reply, handled.refused);
                         if !wire.reply(reply).await {
                             return StreamEnd::Closed(CloseReason::Other("request stream closed".to_owned()));
                         }
@@ -455,6 +438,25 @@ impl ConsumerTask {
                 }
             }
         }
+    }
+
+    /// Ends the stream on a message over `limits.messageBytes`, which
+    /// tonic refused before decoding it (so memory stays bounded).
+    async fn refuse_oversized(
+        &self,
+        session: &mut ConsumerSession,
+        wire: &mut Wire,
+        status: &tonic::Status,
+    ) -> StreamEnd {
+        let limit = self.peer.config.limits.message_bytes;
+        let message = format!(
+            "a message broke limits.messageBytes ({limit}): {}; ending the stream",
+            status.message()
+        );
+        tracing::warn!(rule = %Rule::MessageBytes, %message, "refused a message from the owner");
+        session.on_message_too_large();
+        wire.refuse_oversized(message.clone()).await;
+        StreamEnd::Closed(CloseReason::Other(format!("ResourceExhausted: {message}")))
     }
 
     async fn open(
@@ -693,6 +695,19 @@ struct Counters {
     synced_until: Option<SystemTime>,
     /// The export catalog the claim rules last saw.
     exports_seen: Option<Arc<crate::catalog::ExportCatalog>>,
+}
+
+/// A NACK, in the log: a refused claim names its rule.
+fn log_nack(service: &str, reply: &Reply, refused: Option<Rule>) {
+    match (reply, refused) {
+        (Reply::Nack { message, .. }, Some(rule)) => {
+            tracing::warn!(%service, %rule, %message, "refused an entry the peer may not claim");
+        }
+        (Reply::Nack { message, .. }, None) => {
+            tracing::warn!(%service, %message, "NACKed an entry");
+        }
+        (Reply::Ack { .. }, _) => {}
+    }
 }
 
 type CacheEntries = Arc<Vec<(Arc<elsinore_federation_api::FederatedService>, SystemTime)>>;
