@@ -18,3 +18,17 @@ pub mod routes;
 pub use cache::CacheError;
 pub use exports::{ExportCatalog, ExportedService};
 pub use imports::{Collision, ImportsView, Owner, Resolution, Resolved};
+
+use std::borrow::Cow;
+
+/// A name as the catalog compares it: lower case, without a trailing dot.
+/// Borrowed when already so (the wire's validation guarantees that for
+/// every FQDN a peer sends), so this rarely allocates.
+pub(crate) fn normalized(name: &str) -> Cow<'_, str> {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(name.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(name)
+    }
+}

@@ -82,11 +82,11 @@ pub struct Listeners {
     pub federation: SocketAddr,
     /// Admin HTTP. Default 127.0.0.1:15000.
     pub admin: SocketAddr,
-    /// Data plane listeners (later issues). Default 0.0.0.0:15443.
+    /// Peers' data-plane traffic (mTLS); `None` = off. Default 0.0.0.0:15443.
     pub ingress: Option<SocketAddr>,
-    /// Default 127.0.0.1:15001.
+    /// Local apps' traffic to imports; `None` = off. Default 127.0.0.1:15001.
     pub egress: Option<SocketAddr>,
-    /// Default 127.0.0.1:15053.
+    /// DNS answers for imported names; `None` = off. Default 127.0.0.1:15053.
     pub dns: Option<SocketAddr>,
 }
 
@@ -138,16 +138,13 @@ pub struct Peer {
     /// Address of the peer's federation API to dial; `None` = only serve this peer.
     pub federation: Option<HostPort>,
     pub api_version: ApiVersion,
-    // Who may speak for this peer (issue 13, item 3).
     /// The SPIFFE IDs of this peer allowed to open the federation stream,
     /// reach the ingress, and answer our dials. Default: the peer's
     /// Elsinore gateway ID only.
     pub identities: PeerIdentities,
-    // Trust bundles that follow the peer (issue 13, item 4).
     /// Accept the CA bundle this peer publishes on our stream to it (see
     /// docs/federation.md). Default false.
     pub follow_trust_bundle: bool,
-    // issue 13 item 5 (dial direction)
     /// Which side of each stream between us is the gRPC client.
     pub dial: DialMode,
     /// DNS suffixes the peer's imports must fall under (lower case, no

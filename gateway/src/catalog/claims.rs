@@ -12,11 +12,12 @@
 //! [`crate::config::reserved_zone`]'s, which the config also applies to
 //! `allowedNames` itself.
 
-use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fmt;
 
 use elsinore_federation_api::{FederatedService, StringMap};
+
+use super::normalized;
 
 use crate::config::{Peer, PeerLimits, ReservedZone, defaults, reserved_zone};
 
@@ -174,7 +175,7 @@ impl Claims {
     pub fn set_local(&mut self, fqdns: impl IntoIterator<Item = String>) {
         self.local = fqdns
             .into_iter()
-            .map(|f| normalize(&f).into_owned())
+            .map(|f| normalized(&f).into_owned())
             .collect();
     }
 
@@ -202,7 +203,7 @@ impl Claims {
         // suffix (a name under one would have refused the FQDN). Checked
         // without building the name: this runs for every entry of a
         // 100,000-service snapshot.
-        let fqdn = normalize(&service.fqdn);
+        let fqdn = normalized(&service.fqdn);
         for (i, instance) in service.instances.iter().enumerate() {
             let id = instance.id.as_str();
             let spells = |s: &str| {
@@ -253,7 +254,7 @@ impl Claims {
             None => Ok(()),
             Some((rule, why)) => Err(Refusal {
                 rule,
-                message: format!("{what} {:?} is {why}", normalize(name)),
+                message: format!("{what} {:?} is {why}", normalized(name)),
             }),
         }
     }
@@ -261,7 +262,7 @@ impl Claims {
     /// The rule `name` breaks and why (the end of the refusal's message),
     /// or `None` when this peer may claim it.
     fn name_refusal(&self, name: &str) -> Option<(Rule, String)> {
-        let name = normalize(name);
+        let name = normalized(name);
         let refuse = |rule, why: String| Some((rule, why));
         if let Some(zone) = reserved_zone(&name) {
             let rule = match zone {
@@ -341,21 +342,24 @@ impl Claims {
                 l.services,
             );
         }
-        if service.instances.len() > l.instances_per_service {
-            return over(
+        let counts = [
+            (
                 Rule::InstancesPerService,
-                "instances:".to_owned(),
+                "instances:",
                 service.instances.len(),
                 l.instances_per_service,
-            );
-        }
-        if service.endpoints.len() > l.endpoints_per_service {
-            return over(
+            ),
+            (
                 Rule::EndpointsPerService,
-                "endpoints:".to_owned(),
+                "endpoints:",
                 service.endpoints.len(),
                 l.endpoints_per_service,
-            );
+            ),
+        ];
+        for (rule, what, n, max) in counts {
+            if n > max {
+                return over(rule, what.to_owned(), n, max);
+            }
         }
         let maps = std::iter::once(("labels".to_owned(), &service.labels)).chain(
             service
@@ -396,21 +400,10 @@ fn is_under(name: &str, suffix: &str) -> bool {
             && name.as_bytes()[name.len() - suffix.len() - 1] == b'.')
 }
 
-/// Lower case, one trailing dot removed; borrowed when already so (the
-/// wire's validation guarantees that for every FQDN a peer sends).
-fn normalize(name: &str) -> Cow<'_, str> {
-    let name = name.strip_suffix('.').unwrap_or(name);
-    if name.bytes().any(|b| b.is_ascii_uppercase()) {
-        Cow::Owned(name.to_ascii_lowercase())
-    } else {
-        Cow::Borrowed(name)
-    }
-}
-
 /// A suffix as compared: lower case, no dot at either end.
 fn suffix(s: &str) -> String {
     let s = s.strip_prefix('.').unwrap_or(s);
-    normalize(s).into_owned()
+    normalized(s).into_owned()
 }
 
 fn map_bytes(map: &StringMap) -> usize {

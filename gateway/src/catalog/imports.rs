@@ -8,14 +8,13 @@
 //! entries of the previous view, so a rebuild allocates only for what
 //! changed).
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
 
 use elsinore_federation_api::FederatedService;
 
-use super::ExportCatalog;
+use super::{ExportCatalog, normalized};
 
 /// An imported service as registered under a name in this mesh.
 #[derive(Debug, Clone, PartialEq)]
@@ -109,7 +108,7 @@ impl ImportsView {
     /// tests ask: the data plane looks names up in the VIP table.
     #[cfg(test)]
     pub fn lookup(&self, fqdn: &str) -> Option<&Resolved> {
-        let key = normalize(fqdn);
+        let key = normalized(fqdn);
         if let Some(r) = self.by_fqdn.get(key.as_ref()) {
             return Some(r);
         }
@@ -147,17 +146,6 @@ pub fn alias_for(service_name: &str, peer: &str) -> String {
     )
 }
 
-/// Registered names are compared lower case, without a trailing dot.
-/// Imports arrive normalized already, so this rarely allocates.
-fn normalize(fqdn: &str) -> Cow<'_, str> {
-    let trimmed = fqdn.strip_suffix('.').unwrap_or(fqdn);
-    if trimmed.bytes().any(|b| b.is_ascii_uppercase()) {
-        Cow::Owned(trimmed.to_ascii_lowercase())
-    } else {
-        Cow::Borrowed(trimmed)
-    }
-}
-
 /// Resolves every import to the name it is registered under.
 ///
 /// `local_fqdns` are our own exports' FQDNs; `peers` lists each peer with
@@ -191,7 +179,7 @@ pub fn resolve_reusing(
 ) -> ImportsView {
     let local: BTreeSet<String> = local_fqdns
         .iter()
-        .map(|f| normalize(f).into_owned())
+        .map(|f| normalized(f).into_owned())
         .collect();
     let mut by_fqdn: BTreeMap<Arc<str>, Arc<Resolved>> = BTreeMap::new();
     let mut losers = Vec::new();
@@ -211,7 +199,7 @@ pub fn resolve_reusing(
         let mut services: Vec<&Arc<FederatedService>> = services.iter().collect();
         services.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.fqdn.cmp(&b.fqdn)));
         for service in services {
-            let key = normalize(&service.fqdn);
+            let key = normalized(&service.fqdn);
             if let Some(owner) = holder(&by_fqdn, &key) {
                 losers.push((peer, service, owner));
                 continue;

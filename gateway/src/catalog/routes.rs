@@ -614,7 +614,7 @@ mod tests {
         v
     }
 
-    /// Item 6 of issue 15: replicas that receive the same catalog in
+    /// Replicas that receive the same catalog in
     /// different orders (one service at a time, in different sequences,
     /// with some withdrawn and re-added on the way) end with the same
     /// table. A /24 with 200 names makes hash collisions certain, so a

@@ -83,11 +83,8 @@ pub(super) struct RawPeer {
     pub trust_bundle: String,
     pub federation: Option<String>,
     pub api_version: Option<String>,
-    // Issue 13, item 3 (who may call).
     pub identities: Option<Vec<String>>,
-    // Issue 13, item 4 (trust bundles that follow the peer).
     pub follow_trust_bundle: Option<bool>,
-    // issue 13 item 5 (dial direction)
     pub dial: Option<String>,
     pub allowed_names: Option<Vec<String>>,
     #[serde(default)]

@@ -483,17 +483,15 @@ impl ConsumerTask {
                 let mut client =
                     rd2::discovery_service_client::DiscoveryServiceClient::new(channel)
                         .max_decoding_message_size(self.peer.config.limits.message_bytes);
-                let response = client.establish_stream(request).await?;
-                let headers = response.metadata().clone();
-                (
-                    Wire::V2 {
-                        rx: response.into_inner(),
-                        tx,
-                        context,
-                        wrong_way: accept::answered_wrong_way(&self.shared, &self.peer),
-                    },
-                    headers,
-                )
+                let (headers, rx, _) = client.establish_stream(request).await?.into_parts();
+                let wrong_way = accept::answered_wrong_way(&self.shared, &self.peer);
+                let wire = Wire::V2 {
+                    rx,
+                    tx,
+                    context,
+                    wrong_way,
+                };
+                (wire, headers)
             }
             ApiVersion::V1alpha1 => {
                 let first = message::Request::initial(ApiVersion::V1alpha1, String::new());
@@ -501,15 +499,8 @@ impl ConsumerTask {
                 let mut client =
                     rd1::discovery_service_client::DiscoveryServiceClient::new(channel)
                         .max_decoding_message_size(self.peer.config.limits.message_bytes);
-                let response = client.establish_stream(request).await?;
-                let headers = response.metadata().clone();
-                (
-                    Wire::V1 {
-                        rx: response.into_inner(),
-                        tx,
-                    },
-                    headers,
-                )
+                let (headers, rx, _) = client.establish_stream(request).await?.into_parts();
+                (Wire::V1 { rx, tx }, headers)
             }
         };
         let size = headers
