@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 use hickory_resolver::TokioResolver;
-use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig};
+use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 
 /// The process-wide resolver, built on first use. A global because the
@@ -27,12 +27,27 @@ use hickory_resolver::net::runtime::TokioRuntimeProvider;
 /// that opened them; the gateway has one runtime, so that is always alive.
 static SYSTEM: OnceLock<Option<TokioResolver>> = OnceLock::new();
 
+/// The longest a "no such name" answer is believed. A name server may say
+/// a day (RFC 2308 lets the zone's SOA decide; the root zone's is a day):
+/// a peer whose name is created after we first asked for it (a new
+/// Service, a DNS record still propagating, a container network still
+/// registering its peers) is then reached within seconds of existing, not
+/// the next day or at a restart. A name that does not exist costs one
+/// query per name in this time.
+const NEGATIVE_TTL_MAX: Duration = Duration::from_secs(5);
+
+/// What every resolver of the gateway does besides asking its servers.
+fn options(opts: &mut ResolverOpts) {
+    // Names in /etc/hosts must resolve as they do for the OS.
+    opts.use_hosts_file = ResolveHosts::Always;
+    opts.negative_max_ttl = Some(NEGATIVE_TTL_MAX);
+}
+
 fn system_resolver() -> Option<&'static TokioResolver> {
     SYSTEM
         .get_or_init(|| {
             let built = TokioResolver::builder_tokio().and_then(|mut builder| {
-                // Names in /etc/hosts must resolve as they do for the OS.
-                builder.options_mut().use_hosts_file = ResolveHosts::Always;
+                options(builder.options_mut());
                 builder.build()
             });
             match built {
@@ -86,7 +101,7 @@ pub fn use_name_servers(servers: &[SocketAddr]) -> Result<(), NameServersError> 
         ResolverConfig::from_name_servers(name_servers),
         TokioRuntimeProvider::default(),
     );
-    builder.options_mut().use_hosts_file = ResolveHosts::Always;
+    options(builder.options_mut());
     let resolver = builder.build().map_err(|e| NameServersError::Build {
         servers: servers
             .iter()
@@ -234,6 +249,7 @@ mod tests {
     use std::collections::BTreeSet;
     use std::net::{Ipv4Addr, Ipv6Addr};
     use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
     use tokio::net::{TcpListener, UdpSocket};
     use tokio_util::sync::CancellationToken;
@@ -375,5 +391,86 @@ mod tests {
         })
         .await
         .unwrap();
+    }
+
+    /// A name server on loopback that says the name does not exist, with
+    /// the root zone's SOA (negative TTL: a day), until `exists` is set;
+    /// then it answers 192.0.2.7 for A (and nothing for AAAA).
+    async fn name_server_of_a_name_yet_to_exist(exists: Arc<AtomicBool>) -> SocketAddr {
+        use hickory_proto::op::{Message, Metadata, ResponseCode};
+        use hickory_proto::rr::rdata::{A, SOA};
+        use hickory_proto::rr::{Name, RData, Record, RecordType};
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = udp.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 1500];
+            while let Ok((n, from)) = udp.recv_from(&mut buf).await {
+                let request = Message::from_vec(&buf[..n]).unwrap();
+                let mut response = Message::response(request.metadata.id, request.metadata.op_code);
+                response.metadata = Metadata::response_from_request(&request.metadata);
+                response.add_queries(request.queries.iter().cloned());
+                let query = &request.queries[0];
+                if !exists.load(Ordering::SeqCst) {
+                    response.metadata.response_code = ResponseCode::NXDomain;
+                    let soa = SOA::new(
+                        Name::from_ascii("a.root-servers.net.").unwrap(),
+                        Name::from_ascii("nstld.verisign-grs.com.").unwrap(),
+                        1,
+                        1800,
+                        900,
+                        604_800,
+                        86_400,
+                    );
+                    response.add_authority(Record::from_rdata(
+                        Name::root(),
+                        86_400,
+                        RData::SOA(soa),
+                    ));
+                } else if query.query_type() == RecordType::A {
+                    let a = RData::A(A::new(192, 0, 2, 7));
+                    response.add_answer(Record::from_rdata(query.name().clone(), 60, a));
+                }
+                let _ = udp.send_to(&response.to_vec().unwrap(), from).await;
+            }
+        });
+        addr
+    }
+
+    /// A name that did not exist when first asked is found once it does,
+    /// within seconds, though its name server said to believe "no such
+    /// name" for a day.
+    #[tokio::test]
+    async fn a_name_that_comes_to_exist_is_found_within_seconds() {
+        let _limit = crate::test_support::limit();
+        let exists = Arc::new(AtomicBool::new(false));
+        let server = name_server_of_a_name_yet_to_exist(Arc::clone(&exists)).await;
+        let mut ns = NameServerConfig::udp(server.ip());
+        for conn in &mut ns.connections {
+            conn.port = server.port();
+        }
+        let mut builder = TokioResolver::builder_with_config(
+            ResolverConfig::from_name_servers(vec![ns]),
+            TokioRuntimeProvider::default(),
+        );
+        options(builder.options_mut());
+        builder.options_mut().use_hosts_file = ResolveHosts::Never;
+        let resolver = builder.build().unwrap();
+
+        let err = resolve_with(&resolver, "peer.example.", 8008)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
+        exists.store(true, Ordering::SeqCst);
+        let addrs = crate::test_support::wait_until(
+            "the name to resolve",
+            NEGATIVE_TTL_MAX * 3,
+            || async {
+                resolve_with(&resolver, "peer.example.", 8008)
+                    .await
+                    .map_err(|e| e.to_string())
+            },
+        )
+        .await;
+        assert_eq!(addrs, vec![SocketAddr::from(([192, 0, 2, 7], 8008))]);
     }
 }
