@@ -67,7 +67,7 @@ fn normalize_fqdn(mut fqdn: String) -> String {
 /// push), and a consumer keeps every imported service until it is
 /// withdrawn: with 100,000 imports the spare room was a quarter of the
 /// heap, so vectors that outlive the message are cut to their length.
-fn trimmed<T>(mut v: Vec<T>) -> Vec<T> {
+pub(crate) fn trimmed<T>(mut v: Vec<T>) -> Vec<T> {
     v.shrink_to_fit();
     v
 }

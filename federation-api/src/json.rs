@@ -64,16 +64,14 @@ impl<'de> Deserialize<'de> for StringMap {
     }
 }
 
-/// A vector cut to its length. Deserializers grow vectors by pushing (room
-/// for four on the first push); a restored import lives for hours.
+/// A vector cut to its length ([`crate::convert::trimmed`]): deserializers
+/// grow vectors by pushing too, and a restored import lives for hours.
 pub(crate) fn trimmed<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
 where
     D: Deserializer<'de>,
     T: Deserialize<'de>,
 {
-    let mut v = Vec::<T>::deserialize(deserializer)?;
-    v.shrink_to_fit();
-    Ok(v)
+    Vec::<T>::deserialize(deserializer).map(crate::convert::trimmed)
 }
 
 #[cfg(test)]
